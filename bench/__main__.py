@@ -1,0 +1,24 @@
+"""`python -m bench` runs every benchmark in BENCHES; `python -m bench NAME [NAME ...] [--option ...]`
+runs those, passing the options on (e.g. `python -m bench cache_read --rows 20000`)."""
+
+import importlib
+import sys
+
+BENCHES = ["cache_read", "train_heads"]
+
+
+def main(argv: list[str]) -> int:
+    n = next((i for i, a in enumerate(argv) if a.startswith("-")), len(argv))
+    names, options = argv[:n] or BENCHES, argv[n:]
+    unknown = [n for n in names if n not in BENCHES]
+    if unknown:
+        print(f"unknown benchmark(s) {unknown}; known: {BENCHES}", file=sys.stderr)
+        return 2
+    for name in names:
+        print(f"== bench {name}", flush=True)
+        importlib.import_module(f"bench.{name}").main(options)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
