@@ -1,0 +1,222 @@
+"""urm: the command line. Parses arguments, calls one `pipeline` function, prints the result.
+
+Each command's options come from the typed stage configs in pipeline/config.py (help text
+included), so `--help`, presets and the docs share one source. Every option can also be set as an
+environment variable URM_<OPTION> (which is how `make VAR=...` reaches it). Heavy imports (torch,
+transformers) happen inside the commands so `urm --help` is instant.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import sys
+import typing
+from typing import Optional
+
+import typer
+
+from pipeline import config as C
+
+app = typer.Typer(
+    help="Train uncertainty-aware reward models (URM) on cached LLM embeddings.\n\n"
+    "The job: `urm extract` (backbone -> Parquet feature cache), `urm train-heads` (value head, "
+    "then gating), `urm export` (Hugging Face model dir). Start with the offline demo: "
+    "`make extract train-heads export`.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+cache_app = typer.Typer(help="Inspect feature caches.", no_args_is_help=True)
+app.add_typer(cache_app, name="cache")
+
+PRESET_HELP = "Preset: a name under configs/ (demo, urm-llama3.1-8b) or a path to a .toml file."
+
+
+def fail(message: str, code: int = 1) -> typing.NoReturn:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+def _option_type(hint) -> type:
+    """Optional[X] for a config field typed X or X | None (options default to None = 'not given')."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return Optional[args[0] if args else hint]
+
+
+def _config_params(*stages: str) -> list[inspect.Parameter]:
+    params, seen = [], set()
+    for stage in stages:
+        cls = C.STAGES[stage]
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if not f.metadata.get("cli", True) or f.name in seen:
+                continue
+            seen.add(f.name)
+            flag = "--" + f.name.replace("_", "-")
+            decls = [f"{flag}/--no-{flag[2:]}"] if hints[f.name] is bool else [flag]
+            option = typer.Option(
+                None, *decls, help=f.metadata["help"] + f"  [default: {f.default!r}]"
+                if f.default is not dataclasses.MISSING else f.metadata["help"],
+                envvar=f"URM_{f.name.upper()}", show_default=False, rich_help_panel=stage,
+            )
+            params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY,
+                                            default=option, annotation=_option_type(hints[f.name])))
+    return params
+
+
+def with_config(*stages: str):
+    """Add the options of these stage configs to a command; the command receives `configs`
+    (stage -> resolved config) in place of them, resolved as preset < option / URM_ variable."""
+
+    def decorate(func):
+        own = [p for name, p in inspect.signature(func).parameters.items() if name != "configs"]
+        extra = _config_params(*stages)
+        preset = inspect.Parameter("preset", inspect.Parameter.KEYWORD_ONLY, annotation=str,
+                                   default=typer.Option(C.DEFAULT_PRESET, "--preset", "-p",
+                                                        help=PRESET_HELP, envvar="URM_PRESET"))
+        own_names = {p.name for p in own}
+
+        @functools.wraps(func)
+        def wrapper(**kwargs):
+            overrides = {p.name: kwargs.pop(p.name) for p in extra}
+            name = kwargs.pop("preset")
+            try:
+                configs = {s: C.load_config(s, name, overrides) for s in stages}
+            except C.ConfigError as e:
+                fail(str(e), 2)
+            return func(configs=configs, **{k: v for k, v in kwargs.items() if k in own_names})
+
+        wrapper.__signature__ = inspect.Signature(own + [preset] + extra)
+        return wrapper
+
+    return decorate
+
+
+def run_or_fail(fn, *args, **kwargs):
+    """Call a pipeline function; expected failures (bad data, bad config, ...) become one clear line."""
+    from pipeline.errors import USER_ERRORS
+
+    try:
+        return fn(*args, **kwargs)
+    except USER_ERRORS as e:
+        fail(str(e))
+    except KeyboardInterrupt:
+        typer.secho("interrupted: complete parts are kept; run the same command again to resume.",
+                    err=True, fg=typer.colors.YELLOW)
+        raise typer.Exit(130)
+
+
+def not_built(command: str, issue: str) -> typing.NoReturn:
+    fail(f"`urm {command}` is not built yet ({issue}).", 3)
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+@app.command()
+@with_config("extract")
+def extract(
+    names: Optional[list[str]] = typer.Argument(None, help="Datasets of the preset to extract (default: all)."),
+    source: Optional[str] = typer.Option(None, help="Extract this one source instead (hub id, file, synthetic:...)."),
+    kind: Optional[str] = typer.Option(None, help="With --source: ratings or preferences."),
+    name: Optional[str] = typer.Option(None, help="With --source: cache folder name under CACHE_DIR."),
+    format: Optional[str] = typer.Option(None, help="With --source: preference format (default: detect)."),
+    limit: Optional[int] = typer.Option(None, help="Keep only the first N rows (pairs) of each dataset."),
+    configs: dict = None,
+):
+    """Run the frozen backbone once over the datasets; cache last-token hidden states as Parquet.
+
+    Example: urm extract --preset demo            (both demo datasets)
+             urm extract --source ../shared/data/pandalm-test.jsonl --kind preferences --name pandalm
+    """
+    from pipeline.extract import run_extract
+
+    run_or_fail(run_extract, configs["extract"], names=names, source=source, kind=kind, name=name,
+                format=format, limit=limit)
+
+
+@app.command("train-heads")
+@with_config("value_head", "gating")
+def train_heads(configs: dict = None):
+    """Stage 1 (value head on ratings) then stage 2 (gating on preferences), on cached features.
+
+    Example: urm train-heads --preset demo --loss nll --ensemble 4
+    """
+    from pipeline.train import train_gating, train_value_head
+
+    run_or_fail(train_value_head, configs["value_head"])
+    run_or_fail(train_gating, configs["gating"])
+
+
+@app.command("train-value-head")
+@with_config("value_head")
+def train_value_head_cmd(configs: dict = None):
+    """Stage 1 only: fit the Gaussian value head on the ratings cache.
+
+    Example: urm train-value-head --preset demo --loss nll
+    """
+    from pipeline.train import train_value_head
+
+    run_or_fail(train_value_head, configs["value_head"])
+
+
+@app.command("train-gating")
+@with_config("gating")
+def train_gating_cmd(configs: dict = None):
+    """Stage 2 only: fit the gating layer with the Bradley-Terry loss (value head frozen).
+
+    Example: urm train-gating --preset demo --gate softmax
+    """
+    from pipeline.train import train_gating
+
+    run_or_fail(train_gating, configs["gating"])
+
+
+@app.command()
+@with_config("export")
+def export(configs: dict = None):
+    """Stitch the trained heads onto the backbone as a Hugging Face model directory.
+
+    Example: urm export --preset demo --out-dir runs/demo/model
+    """
+    not_built("export", "issue 6")
+
+
+@app.command()
+def evaluate(
+    model_dir: str = typer.Argument(..., help="Heads folder or exported model directory."),
+):
+    """Evaluate a reward model on cached preference data (accuracy, calibration, uncertainty)."""
+    not_built("evaluate", "no issue yet")
+
+
+@app.command()
+@with_config("score")
+def score(
+    model_dir: str = typer.Argument(..., help="Exported model directory."),
+    input: str = typer.Option(..., "--input", "-i", help="Conversations or chosen/rejected pairs."),
+    output: Optional[str] = typer.Option(None, "--output", "-o", help="JSONL output (default: stdout)."),
+    configs: dict = None,
+):
+    """Score conversations (or pairs) with an exported model: score, std, per-attribute means/stds.
+
+    Example: urm score runs/demo/model --input ../shared/data/pandalm-test.jsonl -o scores.jsonl
+    """
+    not_built("score", "issue 6")
+
+
+@cache_app.command("info")
+def cache_info(path: str = typer.Argument(..., help="A cache folder (holding _manifest.json).")):
+    """Print a cache's manifest summary and row counts.
+
+    Example: urm cache info cache/demo/ratings
+    """
+    from pipeline.cache import cache_info as info
+
+    typer.echo(run_or_fail(info, path))
+
+
+if __name__ == "__main__":
+    sys.exit(app())

