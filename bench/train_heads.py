@@ -1,0 +1,137 @@
+"""How fast the two training stages run at the published model's shapes, against this machine's matmul peak.
+
+Shapes of URM-LLaMa-3.1-8B's training: 20k ratings (HelpSteer2) and 80k pairs (Skywork 80K) =
+160k rows, d = 4096, random float16 features held in memory, random labels. Stage 1: one full
+epoch of ``fit_value_head`` after a warm-up epoch (the per-epoch training time it records,
+validation excluded). Stage 2: the real inner loop (``gate_epoch``) over a fixed number of steps
+after warm-up steps, with the URM gate (hidden = d) and the frozen head's outputs precomputed.
+
+FLOPs model (per example; the features need no gradient, so the first layer has no input grad):
+  stage 1: forward 2 d 2K M, backward (weight grad only) the same: 2 x forward.
+  stage 2: per row forward F = 2 (d h + h h + h K); backward = weight grads (F) + input grads of
+  layers 2-3 (2 (h h + h K)); two rows (chosen, rejected) per pair. About 3 x forward.
+The share of peak is achieved FLOP/s over a torch.mm of 4096 x 4096 fp32 timed in the same run.
+Figures go to bench/results/train_heads.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import torch
+
+from bench import machine_info, write_result
+from pipeline.config import GatingConfig, ValueHeadConfig
+from pipeline.heads import Heads
+from pipeline.train import fit_value_head, frozen_outputs, gate_epoch, with_gate
+
+K = 5
+
+
+def matmul_gflops(n: int = 4096, repeats: int = 3) -> float:
+    """Best-of-``repeats`` fp32 torch.mm throughput (GFLOP/s) after one warm-up."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    best = min(_timed(lambda: torch.mm(a, b)) for _ in range(repeats))
+    return 2 * n**3 / best / 1e9
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def random_features(rows: int, d: int, seed: int) -> torch.Tensor:
+    """[rows, d] float16 N(0, 1), made in chunks (no full float32 copy)."""
+    g = torch.Generator().manual_seed(seed)
+    out = torch.empty(rows, d, dtype=torch.float16)
+    for i in range(0, rows, 8192):
+        out[i:i + 8192] = torch.randn(min(8192, rows - i), d, generator=g)
+    return out
+
+
+def bench_stage1(rows: int, d: int, members: int, batch_size: int) -> dict:
+    x = random_features(rows, d, seed=0)
+    y = torch.randint(0, 5, (rows, K), generator=torch.Generator().manual_seed(1)).float()
+    cfg = ValueHeadConfig(loss="nll", epochs=2, patience=10, batch_size=batch_size, ensemble=members,
+                          device="cpu")
+    t = time.perf_counter()
+    fit = fit_value_head(x, y, cfg, log=lambda line: None)
+    total = time.perf_counter() - t
+    epoch = fit.history[-1]  # the second epoch: code paths and caches warm
+    examples = epoch["examples_per_s"] * epoch["seconds"]  # members x training rows
+    flops = 2 * (2 * d * 2 * K) * examples  # forward + weight grad
+    return {"rows": rows, "train_rows": examples / members, "members": members, "batch_size": batch_size,
+            "epoch_seconds": epoch["seconds"], "examples_per_s": examples / epoch["seconds"],
+            "rows_per_s": examples / members / epoch["seconds"],
+            "feature_gb_per_s": examples * d * 2 / epoch["seconds"] / 1e9,  # float16 rows gathered
+            "flops_per_example": 4 * d * 2 * K, "gflops_per_s": flops / epoch["seconds"] / 1e9,
+            "fit_seconds_2_epochs_with_validation": total}
+
+
+def bench_stage2(pairs: int, d: int, hidden: int, batch_size: int, steps: int, warmup: int) -> dict:
+    chosen, rejected = random_features(pairs, d, seed=2), random_features(pairs, d, seed=3)
+    value = Heads(d, K)
+    cfg = GatingConfig(gate="urm", gate_hidden=hidden, gate_batch_size=batch_size, device="cpu")
+    heads = with_gate(value, cfg)
+    t = time.perf_counter()
+    (mu_c, _), (mu_r, _) = frozen_outputs(heads, chosen), frozen_outputs(heads, rejected)
+    precompute = time.perf_counter() - t
+    params = [p for p in heads.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    order = torch.randperm(pairs, generator=torch.Generator().manual_seed(0))
+    gate_epoch(heads, opt, chosen, rejected, mu_c, mu_r, order[:warmup * batch_size], batch_size)
+    timed = order[warmup * batch_size:(warmup + steps) * batch_size]
+    seconds = _timed(lambda: gate_epoch(heads, opt, chosen, rejected, mu_c, mu_r, timed, batch_size))
+    forward_row = 2 * (d * hidden + hidden * hidden + hidden * K)
+    per_pair = 2 * (2 * forward_row + 2 * (hidden * hidden + hidden * K))
+    return {"pairs": pairs, "rows": 2 * pairs, "hidden": hidden, "gate": "urm", "batch_size": batch_size,
+            "steps_timed": steps, "warmup_steps": warmup, "seconds": seconds,
+            "pairs_per_s": len(timed) / seconds, "rows_per_s": 2 * len(timed) / seconds,
+            "epoch_seconds_estimate": pairs * 0.9 / (len(timed) / seconds),
+            "flops_per_pair": per_pair, "forward_flops_per_pair": 2 * forward_row,
+            "gflops_per_s": per_pair * len(timed) / seconds / 1e9,
+            "frozen_head_precompute_seconds": precompute}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(prog="python -m bench train_heads")
+    ap.add_argument("--ratings", type=int, default=20_000)
+    ap.add_argument("--pairs", type=int, default=80_000)
+    ap.add_argument("--dim", type=int, default=4096)
+    ap.add_argument("--members", type=int, default=1, help="stage-1 ensemble size M")
+    ap.add_argument("--stage1-batch", type=int, default=1024)
+    ap.add_argument("--stage2-batch", type=int, default=512)
+    ap.add_argument("--stage2-steps", type=int, default=20, help="timed stage-2 steps (after warm-up)")
+    ap.add_argument("--stage2-warmup", type=int, default=2)
+    ap.add_argument("--gate-hidden", type=int, default=None, help="default: d (the published URM)")
+    args = ap.parse_args(argv or [])
+    load_before = list(os.getloadavg())
+    peak = matmul_gflops()
+    s1 = bench_stage1(args.ratings, args.dim, args.members, args.stage1_batch)
+    s2 = bench_stage2(args.pairs, args.dim, args.gate_hidden or args.dim, args.stage2_batch,
+                      args.stage2_steps, args.stage2_warmup)
+    peak_after = matmul_gflops()
+    for s in (s1, s2):
+        s["share_of_matmul_peak"] = s["gflops_per_s"] / max(peak, peak_after)
+    result = {
+        "what": "stage-1 and stage-2 training throughput on CPU at URM-LLaMa-3.1-8B shapes, random "
+                "float16 features in memory; share of the fp32 torch.mm peak measured in the same run",
+        "config": vars(args), "torch_threads": torch.get_num_threads(),
+        "matmul_4096_fp32_gflops": {"before": peak, "after": peak_after},
+        "flops_model": __doc__.split("FLOPs model")[1].split("Figures go")[0].strip(),
+        "stage1": s1, "stage2": s2, "load_average_before": load_before, "machine": machine_info(),
+    }
+    path = write_result("train_heads", result)
+    print(f"matmul fp32 {peak:.0f} / {peak_after:.0f} GFLOP/s (before / after)\n"
+          f"stage 1: {s1['examples_per_s']:.0f} examples/s (epoch of {s1['train_rows']:.0f} rows in "
+          f"{s1['epoch_seconds']:.2f} s), {s1['feature_gb_per_s']:.2f} GB/s of float16 features, "
+          f"{s1['gflops_per_s']:.1f} GFLOP/s = {s1['share_of_matmul_peak']:.1%} of peak\n"
+          f"stage 2: {s2['pairs_per_s']:.0f} pairs/s ({s2['steps_timed']} steps of {s2['batch_size']} in "
+          f"{s2['seconds']:.1f} s; epoch ~{s2['epoch_seconds_estimate']:.0f} s), {s2['gflops_per_s']:.1f} "
+          f"GFLOP/s = {s2['share_of_matmul_peak']:.1%} of peak\n"
+          f"load {load_before} -> {result['machine']['load_average']}\n-> {path}")
+    return result

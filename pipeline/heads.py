@@ -1,0 +1,171 @@
+"""The reward heads on a cached hidden state h: value head, gates, and the score math (METHOD.md 1, 4).
+
+Parameter names are the export's tensor names: ``score.weight`` [2K, d] (rows interleaved
+mu_1, s_1, mu_2, s_2, ...), ``ensemble.weight`` [M, 2K, d] for an ensemble, ``weights.*`` for the
+URM gate and ``softmax_gate.*`` for the ArmoRM-style gate. ``Heads.forward`` is the whole scoring
+math, reused unchanged by the export.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+GATES = ("urm", "softmax")
+SOFTMAX_GATE_HIDDEN = 1024  # ArmoRM's GatingNetwork: hidden_dim=1024, n_hidden=3, bias, T=10
+SOFTMAX_GATE_LAYERS = 3
+
+
+# ----------------------------------------------------------------------------------------------
+# Pure functions (METHOD.md 1)
+
+
+def split_mean_logstd(out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Interleaved value-head output [..., 2K] -> (mu [..., K], log_sigma [..., K])."""
+    return out[..., 0::2], out[..., 1::2]
+
+
+def score(w: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
+    """s = sum_k w_k mu_k."""
+    return (w * mu).sum(-1)
+
+
+def score_variance(w: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Var s = sum_k w_k^2 sigma_k^2 (attributes treated as independent)."""
+    return (w.square() * sigma.square()).sum(-1)
+
+
+def p_chosen_bt(s_a: torch.Tensor, s_b: torch.Tensor) -> torch.Tensor:
+    """P(A > B) under Bradley-Terry: sigmoid(s_A - s_B)."""
+    return torch.sigmoid(s_a - s_b)
+
+
+def p_chosen_gaussian(s_a, s_b, var_a, var_b) -> torch.Tensor:
+    """P(A > B) under independent Gaussian scores: Phi((s_A - s_B) / sqrt(Var_A + Var_B))."""
+    return torch.special.ndtr((s_a - s_b) / torch.sqrt(var_a + var_b))
+
+
+def unstandardize(weight, bias, mean, std) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fold label standardisation into a value head trained on (y - mean) / std (METHOD.md 2).
+
+    mu = std * (W_mu h + b_mu) + mean and log sigma = (W_s h + b_s) + log std, so the mu rows of the
+    weight scale by std, the mu biases become std * b_mu + mean, the log-sigma biases gain log std.
+    ``weight`` [..., 2K, d], ``bias`` [..., 2K] (zeros if the head had none), ``mean``/``std`` [K].
+    """
+    row_scale = torch.stack([std, torch.ones_like(std)], -1).flatten()  # (std_1, 1, std_2, 1, ...)
+    row_shift = torch.stack([mean, std.log()], -1).flatten()  # (mean_1, log std_1, ...)
+    return weight * row_scale[:, None], bias * row_scale + row_shift
+
+
+# ----------------------------------------------------------------------------------------------
+# Modules
+
+
+def init_linear_(layer: nn.Linear, generator: torch.Generator | None) -> nn.Linear:
+    """nn.Linear's default init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)), drawn from ``generator``."""
+    bound = 1.0 / math.sqrt(layer.in_features)
+    with torch.no_grad():
+        layer.weight.uniform_(-bound, bound, generator=generator)
+        if layer.bias is not None:
+            layer.bias.uniform_(-bound, bound, generator=generator)
+    return layer
+
+
+class ValueEnsemble(nn.Module):
+    """M value heads in one batched weight [M, 2K, d] (M = 1 is a single head): h -> [M, B, 2K]."""
+
+    def __init__(self, d: int, k: int, members: int = 1, bias: bool = False,
+                 generators: list[torch.Generator] | None = None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(members, 2 * k, d))
+        self.bias = nn.Parameter(torch.zeros(members, 2 * k)) if bias else None
+        for m, g in enumerate(generators or [None] * members):  # member m: its own seed (METHOD 4)
+            layer = init_linear_(nn.Linear(d, 2 * k, bias=bias), g)
+            with torch.no_grad():
+                self.weight[m] = layer.weight
+                if bias:
+                    self.bias[m] = layer.bias
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """h [B, d] (shared by all members) or [M, B, d] (one minibatch per member) -> [M, B, 2K]."""
+        # W h^T rather than h W^T: same numbers, but autograd's weight gradient is then a fat
+        # [2K, B] x [B, d] product instead of a skinny one, ~3x faster on CPU at d = 4096.
+        out = torch.matmul(self.weight, h.transpose(-1, -2)).transpose(-1, -2)  # shared h broadcasts
+        return out if self.bias is None else out + self.bias[:, None, :]
+
+
+def mlp(d: int, hidden: int, k: int, n_hidden: int, act: type[nn.Module]) -> nn.Sequential:
+    """Linear(d,h) -> act -> (Linear(h,h) -> act) * (n_hidden - 1) -> Linear(h,k)."""
+    layers: list[nn.Module] = []
+    for i in range(n_hidden):
+        layers += [nn.Linear(d if i == 0 else hidden, hidden), act()]
+    return nn.Sequential(*layers, nn.Linear(hidden, k))
+
+
+def urm_gate(d: int, k: int, hidden: int | None = None) -> nn.Sequential:
+    """The published URM gate: Linear(d,h) -> SELU -> Linear(h,h) -> SELU -> Linear(h,K), unnormalised."""
+    return mlp(d, hidden or d, k, 2, nn.SELU)
+
+
+class SoftmaxGate(nn.Module):
+    """ArmoRM-style gate: ReLU MLP, softmax(x / T) over the ATTRIBUTE axis, times a learned scale.
+
+    The softmax runs over dim -1 (attributes), never over chosen/rejected (ArmoRM's trainer bug,
+    METHOD.md 3), so each row's weights sum to ``scale``.
+    """
+
+    def __init__(self, d: int, k: int, hidden: int | None = None, temperature: float = 10.0):
+        super().__init__()
+        self.layers = mlp(d, hidden or SOFTMAX_GATE_HIDDEN, k, SOFTMAX_GATE_LAYERS, nn.ReLU)
+        self.scale = nn.Parameter(torch.ones(1))
+        self.temperature = temperature
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return F.softmax(self.layers(h) / self.temperature, dim=-1) * self.scale
+
+
+class Heads(nn.Module):
+    """h [B, d] -> score, its std, per-attribute mu/sigma, gate weights (and the ensemble's spread).
+
+    Without a gate (stage 1 only) the weights are equal, w_k = 1/K. With an ensemble (M > 1)
+    ``score.weight`` is the member average, so mu is exactly the ensemble-mean mu (the head is
+    linear) and sigma the members' geometric mean; ``ensemble_std`` is the std (unbiased, over M)
+    of the members' scores under the same weights: the epistemic part (METHOD.md 4).
+    """
+
+    def __init__(self, d: int, k: int, members: int = 1, bias: bool = False, gate: str | None = None,
+                 gate_hidden: int | None = None, temperature: float = 10.0):
+        super().__init__()
+        self.d, self.k, self.members = d, k, members
+        self.meta: dict = {}  # heads.json, filled by heads_io.load_heads
+        self.score = nn.Linear(d, 2 * k, bias=bias)
+        self.ensemble = ValueEnsemble(d, k, members, bias) if members > 1 else None
+        self.gate = gate
+        self.weights = urm_gate(d, k, gate_hidden) if gate == "urm" else None
+        self.softmax_gate = SoftmaxGate(d, k, gate_hidden, temperature) if gate == "softmax" else None
+        if gate not in (None, *GATES):
+            raise ValueError(f"unknown gate {gate!r}: use one of {GATES}")
+
+    def gate_weights(self, h: torch.Tensor) -> torch.Tensor:
+        """w(h) [B, K]: the gate's output, or 1/K each without a gate."""
+        if self.weights is not None:
+            return self.weights(h)
+        if self.softmax_gate is not None:
+            return self.softmax_gate(h)
+        return h.new_full((h.shape[0], self.k), 1.0 / self.k)
+
+    def forward(self, h: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = h.to(self.score.weight.dtype)
+        mu, log_sigma = split_mean_logstd(self.score(h))
+        sigma = log_sigma.exp()
+        w = self.gate_weights(h)
+        out = {"score": score(w, mu), "score_std": score_variance(w, sigma).sqrt(),
+               "mu": mu, "sigma": sigma, "weights": w}
+        if self.ensemble is not None:
+            member_mu, _ = split_mean_logstd(self.ensemble(h))  # [M, B, K]
+            out["ensemble_scores"] = score(w, member_mu).T  # [B, M]
+            out["ensemble_std"] = out["ensemble_scores"].std(-1)
+        return out
