@@ -27,8 +27,9 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain help: long option names and env vars stay readable at 80 columns
 )
-cache_app = typer.Typer(help="Inspect feature caches.", no_args_is_help=True)
+cache_app = typer.Typer(help="Inspect feature caches.", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(cache_app, name="cache")
 
 PRESET_HELP = "Preset: a name under configs/ (demo, urm-llama3.1-8b) or a path to a .toml file."
@@ -56,11 +57,9 @@ def _config_params(*stages: str) -> list[inspect.Parameter]:
             seen.add(f.name)
             flag = "--" + f.name.replace("_", "-")
             decls = [f"{flag}/--no-{flag[2:]}"] if hints[f.name] is bool else [flag]
-            option = typer.Option(
-                None, *decls, help=f.metadata["help"] + f"  [default: {f.default!r}]"
-                if f.default is not dataclasses.MISSING else f.metadata["help"],
-                envvar=f"URM_{f.name.upper()}", show_default=False, rich_help_panel=stage,
-            )
+            shown = "" if f.default in (None, dataclasses.MISSING) else f"  [default: {f.default}, unless the preset sets it]"
+            option = typer.Option(None, *decls, help=f.metadata["help"] + shown,
+                                  envvar=f"URM_{f.name.upper()}", show_default=False)
             params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY,
                                             default=option, annotation=_option_type(hints[f.name])))
     return params
@@ -108,6 +107,16 @@ def run_or_fail(fn, *args, **kwargs):
         raise typer.Exit(130)
 
 
+def report_training(summary: dict) -> None:
+    val = summary["val"]
+    if "accuracy" in val:
+        line = (f"gate: val accuracy {val['accuracy']:.4f} (equal weights {val['equal_weights']['accuracy']:.4f}), "
+                f"BT loss {val['bt_loss']:.4f}")
+    else:
+        line = f"value head: val MSE {val['mse']:.4f}, Pearson r {val['pearson']:.3f}, NLL {val['nll']:.3f}"
+    typer.echo(f"{line}; heads saved in {summary['heads_dir']}")
+
+
 def not_built(command: str, issue: str) -> typing.NoReturn:
     fail(f"`urm {command}` is not built yet ({issue}).", 3)
 
@@ -128,6 +137,7 @@ def extract(
 ):
     """Run the frozen backbone once over the datasets; cache last-token hidden states as Parquet.
 
+    \b
     Example: urm extract --preset demo            (both demo datasets)
              urm extract --source ../shared/data/pandalm-test.jsonl --kind preferences --name pandalm
     """
@@ -142,12 +152,13 @@ def extract(
 def train_heads(configs: dict = None):
     """Stage 1 (value head on ratings) then stage 2 (gating on preferences), on cached features.
 
+    \b
     Example: urm train-heads --preset demo --loss nll --ensemble 4
     """
     from pipeline.train import train_gating, train_value_head
 
-    run_or_fail(train_value_head, configs["value_head"])
-    run_or_fail(train_gating, configs["gating"])
+    report_training(run_or_fail(train_value_head, configs["value_head"]))
+    report_training(run_or_fail(train_gating, configs["gating"]))
 
 
 @app.command("train-value-head")
@@ -155,11 +166,12 @@ def train_heads(configs: dict = None):
 def train_value_head_cmd(configs: dict = None):
     """Stage 1 only: fit the Gaussian value head on the ratings cache.
 
+    \b
     Example: urm train-value-head --preset demo --loss nll
     """
     from pipeline.train import train_value_head
 
-    run_or_fail(train_value_head, configs["value_head"])
+    report_training(run_or_fail(train_value_head, configs["value_head"]))
 
 
 @app.command("train-gating")
@@ -167,11 +179,12 @@ def train_value_head_cmd(configs: dict = None):
 def train_gating_cmd(configs: dict = None):
     """Stage 2 only: fit the gating layer with the Bradley-Terry loss (value head frozen).
 
+    \b
     Example: urm train-gating --preset demo --gate softmax
     """
     from pipeline.train import train_gating
 
-    run_or_fail(train_gating, configs["gating"])
+    report_training(run_or_fail(train_gating, configs["gating"]))
 
 
 @app.command()
@@ -179,6 +192,7 @@ def train_gating_cmd(configs: dict = None):
 def export(configs: dict = None):
     """Stitch the trained heads onto the backbone as a Hugging Face model directory.
 
+    \b
     Example: urm export --preset demo --out-dir runs/demo/model
     """
     not_built("export", "issue 6")
@@ -202,6 +216,7 @@ def score(
 ):
     """Score conversations (or pairs) with an exported model: score, std, per-attribute means/stds.
 
+    \b
     Example: urm score runs/demo/model --input ../shared/data/pandalm-test.jsonl -o scores.jsonl
     """
     not_built("score", "issue 6")
@@ -211,6 +226,7 @@ def score(
 def cache_info(path: str = typer.Argument(..., help="A cache folder (holding _manifest.json).")):
     """Print a cache's manifest summary and row counts.
 
+    \b
     Example: urm cache info cache/demo/ratings
     """
     from pipeline.cache import cache_info as info

@@ -4,6 +4,7 @@
 import json
 import os
 import platform
+import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -46,3 +47,35 @@ def write_result(name: str, result: dict) -> Path:
     tmp.write_text(json.dumps(result, indent=2) + "\n")
     os.replace(tmp, final)
     return final
+
+
+def timed(fn) -> float:
+    """Wall seconds of one call."""
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def matmul_gflops(n: int = 4096, repeats: int = 3) -> float:
+    """This machine's fp32 matmul rate: best-of-``repeats`` torch.mm of n x n (GFLOP/s) after a warm-up."""
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    best = min(timed(lambda: torch.mm(a, b)) for _ in range(repeats))
+    return 2 * n**3 / best / 1e9
+
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+HH_RLHF = SHARED_DATA / "hh-rlhf-harmless-base-test.jsonl.gz"
+
+
+def shortest_real_pairs(n: int = 200, source: Path = HH_RLHF) -> list:
+    """The n pairs of a real preference file with the fewest characters (multi-turn, mixed lengths):
+    real rows that a 2-core CPU embeds in minutes. Used by the SmolLM2 tests and benchmarks."""
+    from pipeline.preferences import load_preferences
+
+    pairs, _ = load_preferences(str(source))
+    size = [sum(len(m["content"]) for m in p.chosen + p.rejected) for p in pairs]
+    keep = sorted(range(len(pairs)), key=lambda i: (size[i], i))[:n]
+    return [pairs[i] for i in sorted(keep)]

@@ -22,26 +22,12 @@ import time
 
 import torch
 
-from bench import machine_info, write_result
+from bench import machine_info, matmul_gflops, timed, write_result
 from pipeline.config import GatingConfig, ValueHeadConfig
 from pipeline.heads import Heads
 from pipeline.train import fit_value_head, frozen_outputs, gate_epoch, with_gate
 
 K = 5
-
-
-def matmul_gflops(n: int = 4096, repeats: int = 3) -> float:
-    """Best-of-``repeats`` fp32 torch.mm throughput (GFLOP/s) after one warm-up."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    torch.mm(a, b)
-    best = min(_timed(lambda: torch.mm(a, b)) for _ in range(repeats))
-    return 2 * n**3 / best / 1e9
-
-
-def _timed(fn) -> float:
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
 
 
 def random_features(rows: int, d: int, seed: int) -> torch.Tensor:
@@ -81,19 +67,19 @@ def bench_stage2(pairs: int, d: int, hidden: int, batch_size: int, steps: int, w
     (mu_c, _), (mu_r, _) = frozen_outputs(heads, chosen), frozen_outputs(heads, rejected)
     precompute = time.perf_counter() - t
     params = [p for p in heads.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(params, lr=cfg.gate_lr, weight_decay=cfg.gate_weight_decay)
     order = torch.randperm(pairs, generator=torch.Generator().manual_seed(0))
     gate_epoch(heads, opt, chosen, rejected, mu_c, mu_r, order[:warmup * batch_size], batch_size)
-    timed = order[warmup * batch_size:(warmup + steps) * batch_size]
-    seconds = _timed(lambda: gate_epoch(heads, opt, chosen, rejected, mu_c, mu_r, timed, batch_size))
+    timed_order = order[warmup * batch_size:(warmup + steps) * batch_size]
+    seconds = timed(lambda: gate_epoch(heads, opt, chosen, rejected, mu_c, mu_r, timed_order, batch_size))
     forward_row = 2 * (d * hidden + hidden * hidden + hidden * K)
     per_pair = 2 * (2 * forward_row + 2 * (hidden * hidden + hidden * K))
     return {"pairs": pairs, "rows": 2 * pairs, "hidden": hidden, "gate": "urm", "batch_size": batch_size,
             "steps_timed": steps, "warmup_steps": warmup, "seconds": seconds,
-            "pairs_per_s": len(timed) / seconds, "rows_per_s": 2 * len(timed) / seconds,
-            "epoch_seconds_estimate": pairs * 0.9 / (len(timed) / seconds),
+            "pairs_per_s": len(timed_order) / seconds, "rows_per_s": 2 * len(timed_order) / seconds,
+            "epoch_seconds_estimate": pairs * 0.9 / (len(timed_order) / seconds),
             "flops_per_pair": per_pair, "forward_flops_per_pair": 2 * forward_row,
-            "gflops_per_s": per_pair * len(timed) / seconds / 1e9,
+            "gflops_per_s": per_pair * len(timed_order) / seconds / 1e9,
             "frozen_head_precompute_seconds": precompute}
 
 

@@ -130,22 +130,26 @@ class GatingConfig:
 class ExportConfig:
     """`urm export`: stitch the heads onto the backbone as a Hugging Face model directory."""
 
-    backbone: str = opt(SMOLLM2_GGUF, "Backbone the cache was extracted with (see `urm extract --help`).")
+    backbone: str | None = opt(None, "Backbone to export onto (default: the one the heads' cache was "
+                               "extracted with, from heads.json); see `urm extract --help`.")
     revision: str | None = opt(None, "Hub revision of the backbone.")
     heads_dir: str = opt("runs/demo/heads", "Trained heads folder.")
     out_dir: str = opt("runs/demo/model", "Where the exported model directory goes.")
     overwrite: bool = opt(False, "Replace an existing export.")
+    link: bool = opt(True, "Hardlink the backbone's shard files into the export (no bytes copied; do not then "
+                     "modify the export in place); --no-link copies them.")
 
 
 @dataclass
 class ScoreConfig:
     """`urm score`: batched scoring with uncertainty from an exported model directory."""
 
-    max_tokens_per_batch: int = opt(8192, "Token budget per forward pass.")
-    dtype: str = opt("auto", "Compute dtype: auto, float32, bfloat16, float16.")
-    device: str = opt("auto", "Device: auto, cpu, cuda, ...")
+    max_tokens_per_batch: int = opt(8192, "Token budget per forward pass (padded batch size x longest row).")
+    dtype: str = opt("auto", "Compute dtype: auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16.")
+    device: str = opt("auto", "Device: auto (cuda if available, else cpu), cpu, cuda, ...")
     format: str | None = opt(None, "Input format for pairs (default: detect from the columns).")
-    skip_invalid: bool = opt(False, "Skip malformed input rows instead of stopping.")
+    skip_invalid: bool = opt(False, "Skip malformed input rows (counted) instead of stopping.")
+    limit: int | None = opt(None, "Score only the first N rows (pairs) of the input.")
 
 
 STAGES: dict[str, type] = {
@@ -191,7 +195,11 @@ def load_config(stage: str, preset: str | None = DEFAULT_PRESET, overrides: dict
     values: dict[str, Any] = {}
     data = read_preset(preset) if preset else {}
     source = preset_path(preset) if preset else "defaults"
-    values.update({k: v for k, v in data.items() if k in names and not isinstance(v, dict)})
+    shared = {k: v for k, v in data.items() if not isinstance(v, dict)}
+    known = {f.name for c in STAGES.values() for f in dataclasses.fields(c)}
+    if set(shared) - known:
+        raise ConfigError(f"{source}: unknown top-level keys {sorted(set(shared) - known)}; known: {sorted(known)}")
+    values.update({k: v for k, v in shared.items() if k in names})
     section = data.get(stage, {})
     unknown = set(section) - names
     if unknown:
@@ -201,7 +209,7 @@ def load_config(stage: str, preset: str | None = DEFAULT_PRESET, overrides: dict
         values["datasets"] = {
             name: DatasetSpec(name=name, **spec) for name, spec in data.get("datasets", {}).items()
         }
-    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None and k in names})
     try:
         return cls(**values)
     except TypeError as e:

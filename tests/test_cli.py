@@ -129,3 +129,33 @@ def test_extract_end_to_end_on_a_tiny_model(tmp_path):
     assert "prefs: 12 rows cached" in result.output
     info = runner.invoke(app, ["cache", "info", str(tmp_path / "cache" / "prefs")])
     assert info.exit_code == 0 and "chosen" in info.output
+
+
+def test_extract_then_train_heads_through_the_cli(tmp_path):
+    """The job's first two steps end to end on a tiny model, every value given on the command line."""
+    from pipeline.heads_io import load_heads
+    from tiny_models import build_tiny_llama
+
+    model = build_tiny_llama(tmp_path / "m")
+    preset = tmp_path / "tiny.toml"
+    preset.write_text(
+        f'cache_dir = "{tmp_path / "cache"}"\nheads_dir = "{tmp_path / "heads"}"\nbackbone = "{model}"\n'
+        '[datasets.ratings]\nkind = "ratings"\nsource = "synthetic:ratings?n=40&seed=0"\n'
+        '[datasets.preferences]\nkind = "preferences"\nsource = "synthetic:preferences?n=30&seed=1"\n'
+    )
+    assert runner.invoke(app, ["extract", "-p", str(preset), "--device", "cpu"]).exit_code == 0
+    result = runner.invoke(app, ["train-heads", "-p", str(preset), "--device", "cpu", "--epochs", "3",
+                                 "--gate-epochs", "2", "--loss", "nll", "--ensemble", "2"])
+    assert result.exit_code == 0, result.output
+    assert "value head: val MSE" in result.output and "gate: val accuracy" in result.output
+    heads = load_heads(tmp_path / "heads")
+    assert heads.members == 2 and heads.gate == "urm"
+    assert heads.meta["value_head"]["config"]["epochs"] == 3
+    assert heads.meta["gating"]["config"]["gate_epochs"] == 2
+
+
+def test_unknown_top_level_preset_key_is_refused(tmp_path):
+    bad = tmp_path / "typo.toml"
+    bad.write_text('cach_dir = "x"\n')
+    with pytest.raises(ConfigError, match="unknown top-level keys.*cach_dir"):
+        load_config("value_head", str(bad))

@@ -7,6 +7,7 @@ import dataclasses
 import pytest
 import torch
 
+from bench.sigma_recovery import NOISE, STAGE1, linear_ratings
 from pipeline import ATTRIBUTES
 from pipeline.cache import CacheSpec, open_writer
 from pipeline.config import GatingConfig, ValueHeadConfig
@@ -14,21 +15,8 @@ from pipeline.heads import Heads
 from pipeline.heads_io import HeadsError, load_heads, save_heads
 from pipeline.train import fit_gate, fit_value_head, train_gating, train_value_head
 
-NOISE = torch.tensor([0.2, 0.4, 0.6, 0.8, 1.0])  # true label noise std per attribute
 K = len(ATTRIBUTES)
 QUIET = dict(log=lambda line: None)
-
-
-def linear_ratings(n=4000, d=32, seed=0):
-    """Features h (float16, h[0] = 1: real hidden states carry a constant direction) and labels
-    y = h A + 2 + noise of std NOISE_k: the best value head has sigma_k = NOISE_k exactly."""
-    g = torch.Generator().manual_seed(seed)
-    h = torch.randn(n, d, generator=g)
-    h[:, 0] = 1.0
-    h = h.half()
-    a = torch.randn(d, K, generator=g) * 0.5
-    y = h.float() @ a + 2.0 + torch.randn(n, K, generator=g) * NOISE
-    return h, y
 
 
 def prompt_dependent_pairs(n=4000, d=16, seed=0):
@@ -77,7 +65,6 @@ def write_cache(path, embedding, labels=None, *, backbone="tiny/backbone", templ
     return str(path)
 
 
-STAGE1 = dict(lr=1e-2, batch_size=256, epochs=300, patience=20, device="cpu")
 STAGE2 = dict(gate_lr=1e-2, gate_batch_size=256, gate_epochs=15, gate_patience=5, device="cpu", gate_hidden=32)
 
 
