@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from pipeline.errors import UserError
+from pipeline.sources import file_sha256
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -91,14 +92,6 @@ def local_gguf(spec: str) -> Path | None:
             raise BackboneError(f"backbone GGUF file not found: {path}")
         return path
     return None
-
-
-def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def weights_fingerprint(directory: Path, sample: int = 1 << 16) -> str:

@@ -63,6 +63,7 @@ import pyarrow.parquet as pq
 
 from pipeline import ATTRIBUTES, __version__
 from pipeline.errors import UserError
+from pipeline.sources import file_sha256
 
 if TYPE_CHECKING:  # torch is imported where tensors are made: writing and `cache info` don't need it
     import torch
@@ -435,7 +436,7 @@ def _write_parquet_atomic(folder: Path, name: str, table: pa.Table, row_group_ro
 
     _atomic_write(folder, name, write)
     path = folder / name
-    return {"file": name, "bytes": path.stat().st_size, "sha256": _sha256(path)}
+    return {"file": name, "bytes": path.stat().st_size, "sha256": file_sha256(path)}
 
 
 def _atomic_write(folder: Path, name: str, write) -> None:
@@ -498,21 +499,9 @@ def _part_problem(folder: Path, part: dict, verify: bool) -> str | None:
         return "is missing"
     if size != part["bytes"]:
         return f"has {size} bytes, the manifest says {part['bytes']}"
-    if verify and _sha256(path) != part["sha256"]:
+    if verify and file_sha256(path) != part["sha256"]:
         return "has changed since it was written (sha256 differs)"
     return None
-
-
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest() if hasattr(hashlib, "file_digest") else _sha256_loop(f)
-
-
-def _sha256_loop(f) -> str:
-    h = hashlib.sha256()
-    while chunk := f.read(1 << 22):
-        h.update(chunk)
-    return h.hexdigest()
 
 
 def _fingerprint(m: dict) -> str:

@@ -345,16 +345,18 @@ def is_blank(text: str) -> bool:
 # Fingerprint
 
 
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    """sha256 of a file's bytes, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes (streamed)."""
     try:
         with open(path, "rb") as fh:
-            while block := fh.read(chunk):
+            if hasattr(hashlib, "file_digest"):  # Python >= 3.11
+                return hashlib.file_digest(fh, "sha256").hexdigest()
+            digest = hashlib.sha256()
+            while block := fh.read(1 << 22):
                 digest.update(block)
+            return digest.hexdigest()
     except OSError as err:
         raise DataError(path, None, None, f"cannot read file ({type(err).__name__}: {err})") from err
-    return digest.hexdigest()
 
 
 def fingerprint(source: str, split: str = "train", format: str | None = None, limit: int | None = None) -> str:

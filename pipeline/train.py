@@ -20,6 +20,7 @@ from torch import nn
 from pipeline import ATTRIBUTES
 from pipeline import losses
 from pipeline import metrics as M
+from pipeline.backbone import resolve_device
 from pipeline.config import GatingConfig, ValueHeadConfig, to_dict
 from pipeline.errors import UserError
 from pipeline.heads import (GATES, Heads, ValueEnsemble, init_linear_, p_chosen_bt, p_chosen_gaussian,
@@ -43,13 +44,6 @@ class Fit:
 
 # ----------------------------------------------------------------------------------------------
 # Shared pieces
-
-
-def resolve_device(name: str) -> torch.device:
-    """'auto' -> cuda if available, else cpu."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def split_rows(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
