@@ -7,6 +7,8 @@
 PRESET ?= demo
 VENV   ?= .venv
 PYTHON ?= python3
+# VENV_FLAGS=--system-site-packages lets the venv see (and keep) a torch installed outside it.
+VENV_FLAGS ?=
 # The torch to install when the venv has none. On the project machines this resolves to the CPU
 # wheel on disk; on a user's machine it is the regular PyPI wheel. An existing torch is kept.
 TORCH  ?= torch==2.13.0
@@ -23,7 +25,7 @@ help:
 	@echo "make bench        run the benchmarks, results in bench/results/*.json"
 
 $(STAMP): pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -e ".[test]"
