@@ -63,8 +63,10 @@ def main(argv: list[str] | None = None) -> dict:
                                       max_tokens_per_batch=4096))
     extract_seconds = time.perf_counter() - t0
     heads_dir = str(cache / "heads")
+    # 450 training rows: small minibatches, so that an epoch is more than one optimiser step
     stage1 = train_value_head(ValueHeadConfig(cache_dir=str(cache), heads_dir=heads_dir, loss=args.loss,
-                                              seed=args.seed, device="cpu"))
+                                              batch_size=32, patience=20, epochs=400, seed=args.seed,
+                                              device="cpu"))
     stage2 = train_gating(GatingConfig(cache_dir=str(cache), heads_dir=heads_dir, gate="urm",
                                        seed=args.seed, device="cpu", gate_val_fraction=0.2))
     gate, equal = stage2["val"], stage2["val"]["equal_weights"]
