@@ -58,6 +58,14 @@ def split_rows(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, to
     return perm[n_val:], perm[:n_val]
 
 
+def warn_few_steps(log, rows: int, batch_size: int, option: str) -> None:
+    """Early stopping counts epochs: with one or two steps per epoch it stops long before convergence."""
+    steps = math.ceil(rows / batch_size)
+    if steps < 4:
+        log(f"note: {rows} training rows in batches of {batch_size} = {steps} optimiser step(s) per epoch; "
+            f"early stopping may end training too soon: consider {option} {max(16, rows // 16)}")
+
+
 class EarlyStopping:
     """Per-member early stopping on a validation criterion; keeps and restores the best weights.
 
@@ -168,6 +176,7 @@ def fit_value_head(features: torch.Tensor, labels: torch.Tensor, cfg: ValueHeadC
     noise = torch.Generator(device=device).manual_seed(cfg.seed)
     stopper = EarlyStopping(list(model.parameters()), cfg.patience, members)
     x_val, y_val = x[val], y[val]
+    warn_few_steps(log, len(train), cfg.batch_size, "--batch-size")
     history = []
     for epoch in range(1, cfg.epochs + 1):
         t0 = time.perf_counter()
@@ -283,6 +292,7 @@ def fit_gate(chosen: torch.Tensor, rejected: torch.Tensor, value: Heads, cfg: Ga
     opt = torch.optim.AdamW(params, lr=cfg.gate_lr, weight_decay=cfg.gate_weight_decay)
     order_gen = torch.Generator().manual_seed(cfg.seed)
     stopper = EarlyStopping(params, cfg.gate_patience)
+    warn_few_steps(log, len(train), cfg.gate_batch_size, "--gate-batch-size")
     history = []
     for epoch in range(1, cfg.gate_epochs + 1):
         t0 = time.perf_counter()

@@ -226,3 +226,13 @@ def test_gate_on_an_ensemble_keeps_every_member_frozen():
     assert not fit.heads.ensemble.weight.requires_grad
     out = fit.heads(chosen[:5].float())
     assert out["ensemble_scores"].shape == (5, 3) and torch.allclose(out["weights"].sum(-1), fit.heads.softmax_gate.scale)
+
+
+def test_one_step_epochs_are_pointed_out():
+    lines = []
+    h, y = linear_ratings(n=300, d=8)
+    fit_value_head(h, y, ValueHeadConfig(**{**STAGE1, "epochs": 1, "batch_size": 1024}), log=lines.append)
+    assert any("1 optimiser step(s) per epoch" in line and "--batch-size 16" in line for line in lines)
+    quiet = []
+    fit_value_head(h, y, ValueHeadConfig(**{**STAGE1, "epochs": 1, "batch_size": 32}), log=quiet.append)
+    assert not any(line.startswith("note:") for line in quiet)
