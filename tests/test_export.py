@@ -1,0 +1,387 @@
+"""`urm export` on tiny random Llamas: the export loads with AutoModelForSequenceClassification, its weights are
+the heads' and the backbone's bit for bit (shards hardlinked or, where they must be, rewritten), and it
+scores like the heads on the backbone's hidden state whatever the padding, holes or doubled BOS."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from cli import app
+from pipeline import ATTRIBUTES
+from pipeline.backbone import load_backbone, weights_fingerprint
+from pipeline.config import ExportConfig
+from pipeline.export import ExportError, export_model
+from pipeline.extract import embed_all
+from pipeline.heads import Heads
+from pipeline.heads_io import load_heads, save_heads
+from pipeline.render import chat_template_hash, render_ids
+from tiny_models import build_tiny_llama
+
+K = len(ATTRIBUTES)
+QUIET = dict(log=lambda line: None)
+CONVERSATIONS = [
+    [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}],
+    [{"role": "user", "content": "Explain gradient descent in simple words."},
+     {"role": "assistant", "content": "Take small steps downhill on the loss, then repeat."}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of France?"},
+     {"role": "assistant", "content": "Paris."}, {"role": "user", "content": "Thanks!"},
+     {"role": "assistant", "content": "You are welcome."}],
+]
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers (also used by test_score.py and test_export_compat.py)
+
+
+def tokenizer_of(directory):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(directory)
+
+
+def cache_identity_of(backbone_dir: Path, hidden_size: int) -> dict:
+    """The cache identity heads.json would hold had the heads been trained on a cache of this backbone."""
+    return {"path": "cache/tiny/ratings", "fingerprint": "fp-tiny", "backbone": str(backbone_dir),
+            "backbone_revision": weights_fingerprint(backbone_dir),
+            "chat_template_hash": chat_template_hash(tokenizer_of(backbone_dir)), "hidden_size": hidden_size}
+
+
+def random_heads_dir(directory: Path, backbone_dir: Path, d: int = 64, members: int = 1, gate: str | None = "urm",
+                     bias: bool = False, seed: int = 0, identity: dict | None = None) -> Path:
+    """A heads folder with seeded random heads (weights visibly non-zero) claiming ``backbone_dir``."""
+    torch.manual_seed(seed)
+    heads = Heads(d, K, members=members, bias=bias, gate=gate, gate_hidden=16 if gate else None)
+    with torch.no_grad():
+        for p in heads.parameters():
+            p.normal_(0.0, 0.2)
+    meta = {"attributes": list(ATTRIBUTES), "label_scaling": None,
+            "value_head": {"cache": identity or cache_identity_of(backbone_dir, d), "config": {"loss": "nll"},
+                           "epochs_run": 1, "best_epoch": [1], "val": {"mse": 0.5, "per_attribute": {}}}}
+    save_heads(directory, heads, meta)
+    return directory
+
+
+def export_tiny(root: Path, *, reward_model: bool = False, members: int = 1, gate: str | None = "urm",
+                bias: bool = False, backbone: Path | None = None, name: str = "model") -> tuple[Path, Path, Path]:
+    """(backbone dir, heads dir, export dir) of a tiny Llama with random heads, exported."""
+    bb = backbone or build_tiny_llama(root / "backbone", reward_model=reward_model)
+    heads = random_heads_dir(root / f"heads-{name}", bb, members=members, gate=gate, bias=bias)
+    out = root / name
+    export_model(ExportConfig(backbone=str(bb), heads_dir=str(heads), out_dir=str(out)), **QUIET)
+    return bb, heads, out
+
+
+def load_export(directory, **kwargs):
+    from transformers import AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification.from_pretrained(directory, trust_remote_code=True, **kwargs).eval()
+
+
+def expected_from_heads(backbone_dir: Path, heads_dir: Path, conversations) -> dict:
+    """The training path: extraction's hidden states (pipeline.extract) through pipeline.heads.Heads."""
+    backbone = load_backbone(str(backbone_dir), dtype="float32", device="cpu")
+    h, base = embed_all(backbone, render_ids(backbone.tokenizer, conversations), max_tokens=4096)
+    with torch.no_grad():
+        out = load_heads(heads_dir)(torch.from_numpy(h))
+    return {**out, "base_score": None if base is None else torch.from_numpy(base)}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny causal-LM backbone with a 3-member ensemble + URM gate, exported."""
+    return export_tiny(tmp_path_factory.mktemp("export"), members=3)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny):
+    return load_export(tiny[2])
+
+
+# ----------------------------------------------------------------------------------------------
+# What the export holds
+
+
+def test_export_directory_holds_code_config_weights_tokenizer_and_card(tiny):
+    bb, heads_dir, out = tiny
+    names = {p.name for p in out.iterdir()}
+    assert names == {"config.json", "modeling_urm.py", "configuration_urm.py", "model.safetensors.index.json", "model-backbone.safetensors",
+                     "urm-heads.safetensors", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+                     "README.md", "heads.json", "urm_export.json"}
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temp dir left
+    config = json.loads((out / "config.json").read_text())
+    assert config["auto_map"] == {"AutoConfig": "configuration_urm.URMConfig",
+                                  "AutoModelForSequenceClassification": "modeling_urm.URMForSequenceClassification"}
+    assert config["model_type"] == "llama" and config["urm"]["attributes"] == list(ATTRIBUTES)
+    assert config["urm"]["members"] == 3 and config["urm"]["gate"] == "urm"
+    index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    assert index["score.weight"] == index["ensemble.weight"] == "urm-heads.safetensors"
+    assert index["model.norm.weight"] == "model-backbone.safetensors"
+    # The backbone's file is reused, not written: same inode (a hardlink).
+    assert os.stat(out / "model-backbone.safetensors").st_ino == os.stat(bb / "model.safetensors").st_ino
+    card = (out / "README.md").read_text()
+    assert all(name in card for name in ATTRIBUTES) and f'model_name = "{out}"' in card
+    assert "fp-tiny" in card and "score_std" in card  # cache fingerprint, uncertainty outputs
+    record = json.loads((out / "urm_export.json").read_text())
+    assert record["shards"] == {"model-backbone.safetensors": "linked"}
+
+
+def test_weights_are_bit_identical_to_the_heads_and_the_backbone(tiny):
+    bb, heads_dir, out = tiny
+    from transformers import AutoModelForSequenceClassification
+
+    model, info = AutoModelForSequenceClassification.from_pretrained(out, trust_remote_code=True,
+                                                                     output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    state = model.state_dict()
+    heads = load_file(str(heads_dir / "heads.safetensors"))
+    backbone = load_file(str(bb / "model.safetensors"))
+    assert heads and all(torch.equal(state[k], v) for k, v in heads.items())
+    backbone_keys = [k for k in backbone if k.startswith("model.")]
+    assert len(backbone_keys) > 10 and all(torch.equal(state[k], backbone[k]) for k in backbone_keys)
+    assert set(state) == set(heads) | set(backbone_keys)
+
+
+def test_scores_equal_the_heads_on_the_extracted_hidden_state(tiny, tiny_model):
+    bb, heads_dir, out = tiny
+    expected = expected_from_heads(bb, heads_dir, CONVERSATIONS)
+    tok = tokenizer_of(out)
+    for i, ids in enumerate(render_ids(tok, CONVERSATIONS)):
+        with torch.no_grad():
+            got = tiny_model(torch.tensor([ids]))
+        torch.testing.assert_close(got.logits[0, 0], expected["score"][i], atol=1e-5, rtol=0)
+        torch.testing.assert_close(got.score_std[0], expected["score_std"][i], atol=1e-5, rtol=1e-5)
+        for name, key in (("attribute_means", "mu"), ("attribute_stds", "sigma"), ("gating_weights", "weights"),
+                          ("ensemble_scores", "ensemble_scores"), ("ensemble_std", "ensemble_std")):
+            torch.testing.assert_close(getattr(got, name)[0], expected[key][i], atol=1e-5, rtol=1e-5)
+        assert got.ensemble_scores.shape == (1, 3) and got.base_score is None
+
+
+def test_padding_side_holes_and_doubled_bos_do_not_change_the_score(tiny, tiny_model):
+    tok = tokenizer_of(tiny[2])
+    bos, pad = tok.bos_token_id, tok.pad_token_id
+    ids = render_ids(tok, CONVERSATIONS)
+    assert all(x[0] == bos and x[1] != bos for x in ids)  # one BOS, as rendered
+    with torch.no_grad():
+        single = torch.stack([tiny_model(torch.tensor([x])).logits[0, 0] for x in ids])
+
+        def batch(rows, left: bool, hole_at_first: bool = False):
+            width = max(map(len, rows)) + 2
+            x, mask = torch.full((len(rows), width), pad), torch.zeros(len(rows), width, dtype=torch.long)
+            for i, r in enumerate(rows):
+                span = slice(width - len(r), width) if left else slice(0, len(r))
+                x[i, span], mask[i, span] = torch.tensor(r), 1
+                if hole_at_first:
+                    mask[i, span.start] = 0
+            return tiny_model(x, attention_mask=mask).logits[:, 0]
+
+        doubled = [[bos] + x for x in ids]
+        cases = {"right padding": batch(ids, left=False), "left padding": batch(ids, left=True),
+                 # RewardBench: a doubled BOS masked out by zeroing its mask entry -> a hole after left padding
+                 "hole (left)": batch(doubled, left=True, hole_at_first=True),
+                 "hole (right)": batch(doubled, left=False, hole_at_first=True),
+                 "double BOS": torch.stack([tiny_model(torch.tensor([x])).logits[0, 0] for x in doubled]),
+                 "triple BOS, left padded": batch([[bos, bos] + x for x in ids], left=True)}
+    for name, got in cases.items():
+        torch.testing.assert_close(got, single, atol=1e-5, rtol=0, msg=name)
+
+
+def test_the_exported_code_imports_only_torch_and_transformers():
+    import ast
+
+    import pipeline.configuration_urm as C
+    import pipeline.modeling_urm as M
+
+    for module in (M, C):
+        tree = ast.parse(Path(module.__file__).read_text())
+        roots = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        roots |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 0}
+        siblings = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 1}
+        assert roots <= {"torch", "transformers", "dataclasses", "typing"}, roots
+        assert siblings <= {"configuration_urm"}, siblings  # the other exported file
+
+
+def test_config_is_the_backbones_own_without_remote_code_and_urm_config_with_it(tiny):
+    """AutoConfig in auto_map, yet model_type stays the backbone's: no custom code (and no prompt)
+    is needed to read the config or the tokenizer, as the usage snippet's AutoTokenizer does."""
+    from transformers import AutoConfig, AutoTokenizer, LlamaConfig
+
+    out = tiny[2]
+    plain = AutoConfig.from_pretrained(out)
+    assert type(plain) is LlamaConfig and plain.urm["members"] == 3
+    remote = AutoConfig.from_pretrained(out, trust_remote_code=True)
+    assert type(remote).__name__ == "URMConfig" and isinstance(remote, LlamaConfig)
+    assert remote.urm == plain.urm and remote.hidden_size == plain.hidden_size
+    assert "from transformers import LlamaConfig as BackboneConfig" in (out / "configuration_urm.py").read_text()
+    AutoTokenizer.from_pretrained(out)  # would stop at a prompt if model_type were custom
+
+
+def test_return_dict_false_gives_a_tuple_starting_with_the_logits(tiny_model):
+    x = torch.tensor([[0, 5, 6, 7, 1]])
+    with torch.no_grad():
+        as_dict, as_tuple = tiny_model(x), tiny_model(x, return_dict=False)
+    assert isinstance(as_tuple, tuple) and torch.equal(as_tuple[0], as_dict.logits)
+    assert as_dict.logits.shape == (1, 1)
+    assert len(as_tuple) == 7  # logits, score_std, means, stds, weights, ensemble_scores, ensemble_std
+
+
+def test_text_classification_pipeline_returns_the_score(tiny, tiny_model):
+    from transformers import pipeline
+
+    out = tiny[2]
+    tok = tokenizer_of(out)
+    text = tok.apply_chat_template(CONVERSATIONS[1], tokenize=False)
+    classify = pipeline("text-classification", model=str(out), trust_remote_code=True)
+    got = classify(text, function_to_apply="none")[0]
+    with torch.no_grad():
+        enc = tok(text, return_tensors="pt")  # adds a second BOS: the guard drops it
+        expected = tiny_model(**enc).logits[0][0].item()
+    assert got["label"] == "score" and got["score"] == pytest.approx(expected, abs=1e-5)
+
+
+def test_reward_model_backbone_keeps_its_own_head_as_base_score(tmp_path):
+    bb, heads_dir, out = export_tiny(tmp_path, reward_model=True)
+    assert json.loads((out / "urm_export.json").read_text())["shards"] == {"model-backbone.safetensors": "rewritten"}
+    model = load_export(out)
+    original = load_file(str(bb / "model.safetensors"))
+    assert torch.equal(model.base_score.weight, original["score.weight"])  # renamed, bit-identical
+    assert torch.equal(model.score.weight, load_file(str(heads_dir / "heads.safetensors"))["score.weight"])
+    expected = expected_from_heads(bb, heads_dir, CONVERSATIONS)  # base_score: the classifier's own head on h
+    ids = render_ids(tokenizer_of(out), CONVERSATIONS)
+    with torch.no_grad():
+        got = torch.stack([model(torch.tensor([x])).base_score[0] for x in ids])
+        scores = torch.stack([model(torch.tensor([x])).logits[0, 0] for x in ids])
+    torch.testing.assert_close(got, expected["base_score"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(scores, expected["score"], atol=1e-5, rtol=0)
+    assert got.abs().min() > 1e-3  # a visible head, not zeros
+
+
+@pytest.mark.parametrize("gate, members, bias", [("softmax", 1, True), (None, 2, False)])
+def test_other_gates_ensembles_and_biases_export(tmp_path, gate, members, bias):
+    bb, heads_dir, out = export_tiny(tmp_path, gate=gate, members=members, bias=bias)
+    expected = expected_from_heads(bb, heads_dir, CONVERSATIONS)
+    model = load_export(out)
+    ids = render_ids(tokenizer_of(out), CONVERSATIONS)
+    with torch.no_grad():
+        got = [model(torch.tensor([x])) for x in ids]
+    torch.testing.assert_close(torch.stack([g.logits[0, 0] for g in got]), expected["score"], atol=1e-5, rtol=0)
+    if gate is None:
+        assert torch.allclose(got[0].gating_weights, torch.full((1, K), 1 / K))
+    if members > 1:
+        torch.testing.assert_close(torch.stack([g.ensemble_std[0] for g in got]), expected["ensemble_std"],
+                                   atol=1e-5, rtol=1e-5)
+
+
+def sharded_and_bare_copies(root: Path, bb: Path) -> dict[str, Path]:
+    """The same tiny backbone saved three more ways: sharded with an index, and as a bare LlamaModel."""
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(bb)
+    tok = tokenizer_of(bb)
+    dirs = {"sharded": root / "sharded", "bare": root / "bare"}
+    model.save_pretrained(dirs["sharded"], max_shard_size="20KB")
+    model.model.save_pretrained(dirs["bare"])  # keys without the "model." prefix
+    for d in dirs.values():
+        tok.save_pretrained(d)
+    return dirs
+
+
+def test_sharded_and_bare_checkpoints_export_to_the_same_model(tmp_path):
+    bb = build_tiny_llama(tmp_path / "backbone")
+    reference = None
+    for kind, directory in {"single": bb, **sharded_and_bare_copies(tmp_path, bb)}.items():
+        heads = random_heads_dir(tmp_path / f"heads-{kind}", directory)
+        out = tmp_path / f"model-{kind}"
+        record = export_model(ExportConfig(backbone=str(directory), heads_dir=str(heads), out_dir=str(out)), **QUIET)
+        if kind == "sharded":
+            assert len(record["shards"]) > 2 and set(record["shards"].values()) == {"linked"}
+            shard = sorted(record["shards"])[0]
+            assert os.stat(out / shard).st_ino == os.stat(directory / shard).st_ino
+        if kind == "bare":
+            assert set(record["shards"].values()) == {"rewritten"}
+        model = load_export(out)
+        assert all(k.startswith(("model.", "score.", "weights.")) for k in model.state_dict())
+        with torch.no_grad():
+            scores = model(torch.tensor([[0, 5, 6, 7, 8, 1]])).logits
+        reference = scores if reference is None else reference
+        torch.testing.assert_close(scores, reference, atol=1e-6, rtol=0, msg=kind)
+
+
+# ----------------------------------------------------------------------------------------------
+# Refusals, atomicity, the command line
+
+
+def test_heads_for_another_hidden_size_are_refused(tmp_path):
+    bb = build_tiny_llama(tmp_path / "backbone")
+    heads = random_heads_dir(tmp_path / "heads", bb, d=32, identity={**cache_identity_of(bb, 32)})
+    with pytest.raises(ExportError, match="hidden size 32 but backbone .* has hidden_size 64"):
+        export_model(ExportConfig(backbone=str(bb), heads_dir=str(heads), out_dir=str(tmp_path / "m")), **QUIET)
+    assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("backbone_revision", "sha256-sampled:other", "at revision sha256-sampled:other"),
+    ("chat_template_hash", "0123456789abcdef", "chat template hash 0123456789abcdef"),
+])
+def test_heads_from_another_backbone_are_refused(tmp_path, field, value, message):
+    bb = build_tiny_llama(tmp_path / "backbone")
+    heads = random_heads_dir(tmp_path / "heads", bb, identity={**cache_identity_of(bb, 64), field: value})
+    with pytest.raises(ExportError, match=message):
+        export_model(ExportConfig(backbone=str(bb), heads_dir=str(heads), out_dir=str(tmp_path / "m")), **QUIET)
+
+
+def test_an_existing_out_dir_needs_overwrite(tmp_path):
+    bb, heads, out = export_tiny(tmp_path)
+    cfg = ExportConfig(backbone=str(bb), heads_dir=str(heads), out_dir=str(out))
+    with pytest.raises(ExportError, match="already exists; pass --overwrite"):
+        export_model(cfg, **QUIET)
+    (out / "stale.txt").write_text("old export")
+    export_model(ExportConfig(**{**cfg.__dict__, "overwrite": True}), **QUIET)
+    assert not (out / "stale.txt").exists() and (out / "config.json").is_file()
+    assert os.stat(out / "model-backbone.safetensors").st_ino == os.stat(bb / "model.safetensors").st_ino
+    with pytest.raises(ExportError, match="an input of the export"):
+        export_model(ExportConfig(backbone=str(bb), heads_dir=str(heads), out_dir=str(heads), overwrite=True), **QUIET)
+
+
+def test_a_failed_export_leaves_nothing_behind(tmp_path, monkeypatch):
+    import pipeline.export as E
+
+    bb = build_tiny_llama(tmp_path / "backbone")
+    heads = random_heads_dir(tmp_path / "heads", bb)
+
+    def broken(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(E, "write_index", broken)
+    with pytest.raises(OSError, match="disk full"):
+        export_model(ExportConfig(backbone=str(bb), heads_dir=str(heads), out_dir=str(tmp_path / "m")), **QUIET)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["backbone", "heads"]
+
+
+def test_copy_instead_of_hardlink_and_backbone_from_heads_json(tmp_path):
+    bb = build_tiny_llama(tmp_path / "backbone")
+    heads = random_heads_dir(tmp_path / "heads", bb)
+    out = tmp_path / "m"
+    record = export_model(ExportConfig(backbone=None, heads_dir=str(heads), out_dir=str(out), link=False), **QUIET)
+    assert record["backbone"]["spec"] == str(bb)  # value_head.cache.backbone
+    assert record["shards"] == {"model-backbone.safetensors": "copied"}
+    assert os.stat(out / "model-backbone.safetensors").st_ino != os.stat(bb / "model.safetensors").st_ino
+
+
+def test_cli_export_end_to_end_and_its_errors_are_one_line(tmp_path):
+    bb = build_tiny_llama(tmp_path / "backbone")
+    heads = random_heads_dir(tmp_path / "heads", bb)
+    runner = CliRunner()
+    args = ["export", "--backbone", str(bb), "--heads-dir", str(heads), "--out-dir", str(tmp_path / "m")]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "exported" in result.output and (tmp_path / "m" / "config.json").is_file()
+    again = runner.invoke(app, args)
+    assert again.exit_code == 1 and "already exists; pass --overwrite" in again.output
+    assert "Traceback" not in again.output

@@ -1,0 +1,234 @@
+"""`urm score` (batched, with uncertainty) against the exported model one conversation at a time, the seed's
+usage snippet against `urm score`, and, on SmolLM2 (slow), the export against the heads on cached features."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from cli import app
+from pipeline import ATTRIBUTES
+from pipeline.render import render_ids
+from test_export import CONVERSATIONS, QUIET, export_tiny, load_export, tokenizer_of
+
+runner = CliRunner()
+
+SEED_SNIPPET = '''import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+model_name = "LxzGordon/URM-llama3.1-8B"
+model = AutoModelForSequenceClassification.from_pretrained(model_name, device_map='auto', trust_remote_code=True)
+tokenizer = AutoTokenizer.from_pretrained(model_name)
+prompt = "What is the range of the numeric output of a sigmoid node in a neural network?"
+response1 = "The output of a sigmoid node is bounded between -1 and 1."
+response2 = "The output of a sigmoid node is bounded between 0 and 1."
+resp1 = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response1}]
+resp2 = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response2}]
+resp1 = tokenizer.apply_chat_template(resp1, tokenize=False)
+resp2 = tokenizer.apply_chat_template(resp2, tokenize=False)
+resp1 = tokenizer(resp1, return_tensors="pt").to(model.device)
+resp2 = tokenizer(resp2, return_tensors="pt").to(model.device)
+with torch.no_grad():
+    score1 = model(resp1['input_ids'],attention_mask=resp1['attention_mask']).logits[0][0].item()
+    score2 = model(resp2['input_ids'],attention_mask=resp2['attention_mask']).logits[0][0].item()
+print(score1,score2)
+'''
+PROMPT = "What is the range of the numeric output of a sigmoid node in a neural network?"
+SNIPPET_ROWS = [
+    {"id": "resp1", "messages": [{"role": "user", "content": PROMPT}, {"role": "assistant",
+                                 "content": "The output of a sigmoid node is bounded between -1 and 1."}]},
+    {"id": "resp2", "messages": [{"role": "user", "content": PROMPT}, {"role": "assistant",
+                                 "content": "The output of a sigmoid node is bounded between 0 and 1."}]},
+]
+
+
+def run_seed_snippet(model_dir: Path, tmp_path: Path) -> tuple[float, float]:
+    """The seed's snippet verbatim but for model_name, in a fresh interpreter; its printed scores."""
+    script = tmp_path / "seed_snippet.py"
+    script.write_text(SEED_SNIPPET.replace('"LxzGordon/URM-llama3.1-8B"', repr(str(model_dir))))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                          stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stderr[-3000:]
+    # Exactly the printed line: no "run the custom code? [y/N]" prompt from AutoTokenizer on the way.
+    assert len(done.stdout.strip().splitlines()) == 1, done.stdout
+    score1, score2 = map(float, done.stdout.split())
+    return score1, score2
+
+
+def urm_score(model_dir: Path, rows_file: Path, *options: str) -> list[dict]:
+    """`urm score` through the CLI, JSONL on stdout parsed."""
+    result = runner.invoke(app, ["score", str(model_dir), "--input", str(rows_file), "--device", "cpu", *options])
+    assert result.exit_code == 0, result.output
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny reward-model backbone, 2-member ensemble + URM gate, exported."""
+    return export_tiny(tmp_path_factory.mktemp("score"), reward_model=True, members=2)
+
+
+# ----------------------------------------------------------------------------------------------
+# Tiny model (fast)
+
+
+def test_batched_scores_equal_the_model_one_conversation_at_a_time(tiny, write_jsonl):
+    out = tiny[2]
+    rows = [{"id": f"c{i}", "messages": c} for i, c in enumerate(CONVERSATIONS * 3)]
+    got = urm_score(out, write_jsonl("convs.jsonl", rows), "--max-tokens-per-batch", "64")  # several batches
+    assert [r["id"] for r in got] == [r["id"] for r in rows]  # input order kept
+    model = load_export(out)
+    ids = render_ids(tokenizer_of(out), [r["messages"] for r in rows])
+    for row, x in zip(got, ids):
+        with torch.no_grad():
+            one = model(torch.tensor([x]))
+        assert row["score"] == pytest.approx(one.logits[0, 0].item(), abs=1e-5)
+        assert row["score_std"] == pytest.approx(one.score_std[0].item(), rel=1e-5)
+        assert list(row["mean"]) == list(ATTRIBUTES)
+        assert list(row["mean"].values()) == pytest.approx(one.attribute_means[0].tolist(), abs=1e-5)
+        assert list(row["std"].values()) == pytest.approx(one.attribute_stds[0].tolist(), rel=1e-5)
+        assert list(row["weight"].values()) == pytest.approx(one.gating_weights[0].tolist(), abs=1e-5)
+        assert row["ensemble_scores"] == pytest.approx(one.ensemble_scores[0].tolist(), abs=1e-5)
+        assert row["base_score"] == pytest.approx(one.base_score[0].item(), abs=1e-5)
+    # the score's std is sqrt(sum_k w_k^2 sigma_k^2) of the row's own numbers (METHOD.md 1)
+    r = got[0]
+    var = sum(r["weight"][a] ** 2 * r["std"][a] ** 2 for a in ATTRIBUTES)
+    assert r["score_std"] == pytest.approx(math.sqrt(var), rel=1e-4)
+
+
+def test_pairs_get_both_sides_and_both_probabilities(tiny, write_jsonl, tmp_path):
+    rows = [{"id": "p1", "prompt": "What is 2+2?", "chosen": "4", "rejected": "5", "subset": "math"},
+            {"id": "p2", "prompt": "Capital of France?", "chosen": "Paris.", "rejected": "Lyon.", "subset": "geo"}]
+    output = tmp_path / "out" / "scores.jsonl"
+    result = runner.invoke(app, ["score", str(tiny[2]), "-i", str(write_jsonl("pairs.jsonl", rows)), "-o", str(output)])
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "" and "scored 2 pairs" in result.stderr  # the summary goes to stderr
+    assert [p.name for p in output.parent.iterdir()] == ["scores.jsonl"]  # no temp file left
+    got = [json.loads(line) for line in output.read_text().splitlines()]
+    assert [(g["id"], g["subset"]) for g in got] == [("p1", "math"), ("p2", "geo")]
+    for g in got:
+        c, r = g["chosen"], g["rejected"]
+        diff = c["score"] - r["score"]
+        assert g["p_chosen_bt"] == pytest.approx(1 / (1 + math.exp(-diff)), rel=1e-6)
+        z = diff / math.sqrt(c["score_std"] ** 2 + r["score_std"] ** 2)
+        assert g["p_chosen_gaussian"] == pytest.approx(0.5 * (1 + math.erf(z / math.sqrt(2))), rel=1e-6)
+    # the chosen side scores as the same conversation given alone
+    alone = urm_score(tiny[2], write_jsonl("one.jsonl", [{"id": "x", "messages": [
+        {"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}]}]))
+    assert got[0]["chosen"]["score"] == pytest.approx(alone[0]["score"], abs=1e-5)
+
+
+def test_helpsteer2_rows_are_conversations(tiny, write_jsonl):
+    rows = [{"prompt": "What is 2+2?", "response": "4", "helpfulness": 4}]
+    got = urm_score(tiny[2], write_jsonl("hs2.jsonl", rows))
+    assert len(got) == 1 and got[0]["id"] == "hs2:1" and "chosen" not in got[0]
+
+
+def test_scoring_something_that_is_not_an_export_is_one_clear_line(tiny, write_jsonl):
+    convs = write_jsonl("c.jsonl", [{"messages": CONVERSATIONS[0]}])
+    result = runner.invoke(app, ["score", str(tiny[0]), "-i", str(convs)])  # the backbone, not an export
+    assert result.exit_code == 1 and "no 'urm' section, so not a model exported by `urm export`" in result.output
+    bad = write_jsonl("bad.jsonl", [{"messages": [{"role": "user", "content": "no reply"}]}])
+    result = runner.invoke(app, ["score", str(tiny[2]), "-i", str(bad)])
+    assert result.exit_code == 1 and "must end with an assistant turn" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_seed_snippet_runs_on_an_export_and_matches_urm_score(tiny, write_jsonl, tmp_path):
+    score1, score2 = run_seed_snippet(tiny[2], tmp_path)  # templated text tokenised again: two BOS here
+    got = urm_score(tiny[2], write_jsonl("snippet.jsonl", SNIPPET_ROWS))
+    assert score1 != score2
+    assert [score1, score2] == pytest.approx([got[0]["score"], got[1]["score"]], abs=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# SmolLM2-135M (slow): extract a few rows, train small heads on the cache, export once for all tests
+
+SMOLLM2_ROWS = "synthetic:ratings?n=24&seed=0"
+
+
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory):
+    from pipeline.cache import read_features
+    from pipeline.config import SMOLLM2_GGUF, DatasetSpec, ExportConfig, ExtractConfig, GatingConfig, ValueHeadConfig
+    from pipeline.export import export_model
+    from pipeline.extract import run_extract
+    from pipeline.heads_io import save_heads
+    from pipeline.train import cache_identity, fit_gate, fit_value_head, stage_meta
+
+    root = tmp_path_factory.mktemp("smollm2")
+    spec = DatasetSpec(name="ratings", kind="ratings", source=SMOLLM2_ROWS)
+    run_extract(ExtractConfig(backbone=SMOLLM2_GGUF, cache_dir=str(root / "cache"), storage_dtype="float32",
+                              dtype="float32", device="cpu", max_tokens_per_batch=4096, datasets={"ratings": spec}))
+    cache = root / "cache" / "ratings"
+    features = read_features(cache)
+    identity = cache_identity(str(cache), features.manifest)
+    x, n = features.embedding, len(features) // 2
+    vcfg = ValueHeadConfig(loss="nll", epochs=30, patience=30, batch_size=8, lr=1e-3, ensemble=2, val_fraction=0.25,
+                           device="cpu")
+    value = fit_value_head(x, features.labels, vcfg, **QUIET)
+    gcfg = GatingConfig(gate="urm", gate_hidden=32, gate_epochs=3, gate_batch_size=4, gate_lr=1e-3,
+                        gate_val_fraction=0.25, device="cpu")
+    gated = fit_gate(x[:n], x[n:2 * n], value.heads, gcfg, **QUIET)  # any pairs: the gate only has to exist
+    meta = {"attributes": list(ATTRIBUTES), "label_scaling": value.label_scaling,
+            "value_head": stage_meta(vcfg, value, identity), "gating": stage_meta(gcfg, gated, identity)}
+    save_heads(root / "heads", gated.heads, meta)
+    out = root / "model"
+    export_model(ExportConfig(heads_dir=str(root / "heads"), out_dir=str(out)), **QUIET)  # backbone from heads.json
+    return SimpleNamespace(root=root, cache=cache, heads=root / "heads", out=out, features=features)
+
+
+@pytest.mark.slow
+def test_smollm2_export_scores_equal_the_heads_on_cached_features(smollm2):
+    from pipeline.config import ScoreConfig
+    from pipeline.heads_io import load_heads
+    from pipeline.score import score_file
+
+    output = smollm2.root / "scores.jsonl"
+    score_file(str(smollm2.out), SMOLLM2_ROWS, str(output),
+               ScoreConfig(device="cpu", dtype="float32", max_tokens_per_batch=2048), log=lambda line: None)
+    got = {r["id"]: r for r in map(json.loads, output.read_text().splitlines())}
+    with torch.no_grad():
+        expected = load_heads(smollm2.heads)(smollm2.features.embedding)
+    ids = list(smollm2.features.id)
+    assert sorted(got) == sorted(ids) and len(ids) == 24
+    diff = {
+        "score": max(abs(got[i]["score"] - expected["score"][j].item()) for j, i in enumerate(ids)),
+        "score_std": max(abs(got[i]["score_std"] - expected["score_std"][j].item()) for j, i in enumerate(ids)),
+        "mean": max(abs(got[i]["mean"][a] - expected["mu"][j, k].item())
+                    for j, i in enumerate(ids) for k, a in enumerate(ATTRIBUTES)),
+        "ensemble_std": max(abs(got[i]["ensemble_std"] - expected["ensemble_std"][j].item()) for j, i in enumerate(ids)),
+    }
+    print(f"SmolLM2 export vs heads on cached features, max abs diff: {diff}")
+    assert max(diff.values()) <= 1e-4, diff
+    assert expected["score"].std() > 1e-3  # scores that differ across rows: a real comparison
+
+
+@pytest.mark.slow
+def test_smollm2_seed_snippet_matches_urm_score(smollm2, write_jsonl, tmp_path):
+    score1, score2 = run_seed_snippet(smollm2.out, tmp_path)
+    got = urm_score(smollm2.out, write_jsonl("snippet.jsonl", SNIPPET_ROWS), "--dtype", "float32")
+    print(f"SmolLM2 snippet {score1:.6f} {score2:.6f}; urm score {got[0]['score']:.6f} {got[1]['score']:.6f}")
+    assert [score1, score2] == pytest.approx([got[0]["score"], got[1]["score"]], abs=1e-4)
+
+
+@pytest.mark.slow
+def test_smollm2_export_scores_the_same_under_transformers_457(smollm2, tmp_path):
+    from test_export_compat import TF457_VERSION, require_tf457, scores_here, scores_under
+
+    require_tf457()
+    conversations = [r["messages"] for r in SNIPPET_ROWS]
+    ids = render_ids(tokenizer_of(smollm2.out), conversations)
+    old = scores_under(smollm2.out, conversations, ids, tmp_path)
+    new = scores_here(smollm2.out, conversations, ids)
+    print(f"SmolLM2 transformers {TF457_VERSION}: {old}; 5.x: {new}")
+    assert old["version"] == TF457_VERSION
+    assert old["ids"] == pytest.approx(new["ids"], abs=1e-4)
+    assert old["snippet"] == pytest.approx(new["ids"], abs=1e-4)
