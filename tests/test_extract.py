@@ -229,3 +229,37 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(tiny_dir, tmp_path):
     a, b = read_features(tmp_path / "clean" / "ratings"), read_features(cache / "ratings")
     assert a.id.tolist() == b.id.tolist()
     assert torch.equal(a.embedding, b.embedding) and torch.equal(a.labels, b.labels, equal_nan=True) if False else np.array_equal(a.labels.numpy(), b.labels.numpy(), equal_nan=True)
+
+
+CTRL_C_SCRIPT = """
+import sys, time
+sys.path.insert(0, {tests!r})
+import pipeline.extract as ex
+slow = ex.embed_batch
+def embed_batch(*a, **k):
+    time.sleep(0.15)
+    return slow(*a, **k)
+ex.embed_batch = embed_batch
+from cli import app
+app(["extract", "--backbone", {model!r}, "--cache-dir", {cache!r}, "--device", "cpu", "--part-rows", "8",
+     "--source", "synthetic:ratings?n=30&seed=0", "--kind", "ratings", "--name", "ratings"])
+"""
+
+
+def test_ctrl_c_stops_cleanly_and_the_next_run_finishes(tiny_dir, tmp_path):
+    cache = tmp_path / "cache"
+    script = CTRL_C_SCRIPT.format(tests=str(ROOT / "tests"), model=str(tiny_dir), cache=str(cache))
+    child = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    manifest = cache / "ratings" / "_manifest.json"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (manifest.exists() and json.loads(manifest.read_text()).get("parts")):
+        time.sleep(0.05)
+    child.send_signal(signal.SIGINT)
+    _, err = child.communicate(timeout=60)
+    assert child.returncode == 130, err
+    assert "interrupted: complete parts are kept" in err and "Traceback" not in err
+    assert not [p for p in (cache / "ratings").iterdir() if p.name.startswith(".")]  # no temp file left
+    stats = run_extract(extract_config(tiny_dir, cache, datasets={
+        "ratings": DatasetSpec("ratings", "ratings", "synthetic:ratings?n=30&seed=0")}), names=["ratings"])
+    assert stats["ratings"].parts_skipped >= 1 and stats["ratings"].rows == 30
