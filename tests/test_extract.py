@@ -193,18 +193,27 @@ def test_too_long_rows_are_dropped_and_counted_pairs_whole(tiny_dir, tmp_path, t
     assert read_manifest(tmp_path / "preferences")["dropped_rows"] == (~kept).sum()
 
 
-KILL_SCRIPT = """
+SLOW_EMBED = """
 import sys, time
 sys.path.insert(0, {tests!r})
 import pipeline.extract as ex
-from test_extract import extract_config
 slow = ex.embed_batch
 def embed_batch(*a, **k):
     time.sleep(0.15)
     return slow(*a, **k)
 ex.embed_batch = embed_batch
+"""
+KILL_SCRIPT = SLOW_EMBED + """
+from test_extract import extract_config
 ex.run_extract(extract_config({model!r}, {cache!r}), names=["ratings"])
 """
+
+
+def wait_for_a_complete_part(manifest: Path, timeout: float = 120) -> None:
+    """Return once the child has recorded at least one complete part in the manifest."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and not (manifest.exists() and json.loads(manifest.read_text()).get("parts")):
+        time.sleep(0.05)
 
 
 def test_sigkill_mid_run_then_resume_equals_uninterrupted(tiny_dir, tmp_path):
@@ -214,12 +223,8 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(tiny_dir, tmp_path):
     child = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
     manifest = cache / "ratings" / "_manifest.json"
-    deadline = time.time() + 120
-    while time.time() < deadline:  # kill once at least one part is complete, mid-way through the next
-        if manifest.exists() and json.loads(manifest.read_text()).get("parts"):
-            break
-        time.sleep(0.05)
-    time.sleep(0.2)
+    wait_for_a_complete_part(manifest)
+    time.sleep(0.2)  # kill mid-way through the next part
     os.kill(child.pid, signal.SIGKILL)
     child.wait()
     done = len(json.loads(manifest.read_text())["parts"])
@@ -228,18 +233,11 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(tiny_dir, tmp_path):
     assert stats.parts_skipped == done and stats.parts_written == 4 - done
     a, b = read_features(tmp_path / "clean" / "ratings"), read_features(cache / "ratings")
     assert a.id.tolist() == b.id.tolist()
-    assert torch.equal(a.embedding, b.embedding) and torch.equal(a.labels, b.labels, equal_nan=True) if False else np.array_equal(a.labels.numpy(), b.labels.numpy(), equal_nan=True)
+    assert torch.equal(a.embedding, b.embedding)
+    assert np.array_equal(a.labels.numpy(), b.labels.numpy(), equal_nan=True)
 
 
-CTRL_C_SCRIPT = """
-import sys, time
-sys.path.insert(0, {tests!r})
-import pipeline.extract as ex
-slow = ex.embed_batch
-def embed_batch(*a, **k):
-    time.sleep(0.15)
-    return slow(*a, **k)
-ex.embed_batch = embed_batch
+CTRL_C_SCRIPT = SLOW_EMBED + """
 from cli import app
 app(["extract", "--backbone", {model!r}, "--cache-dir", {cache!r}, "--device", "cpu", "--part-rows", "8",
      "--source", "synthetic:ratings?n=30&seed=0", "--kind", "ratings", "--name", "ratings"])
@@ -251,10 +249,7 @@ def test_ctrl_c_stops_cleanly_and_the_next_run_finishes(tiny_dir, tmp_path):
     script = CTRL_C_SCRIPT.format(tests=str(ROOT / "tests"), model=str(tiny_dir), cache=str(cache))
     child = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
-    manifest = cache / "ratings" / "_manifest.json"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (manifest.exists() and json.loads(manifest.read_text()).get("parts")):
-        time.sleep(0.05)
+    wait_for_a_complete_part(cache / "ratings" / "_manifest.json")
     child.send_signal(signal.SIGINT)
     _, err = child.communicate(timeout=60)
     assert child.returncode == 130, err
