@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import time
 
-import numpy as np
 import torch
 
 from bench import HH_RLHF, machine_info, matmul_gflops, shortest_real_pairs, write_result

@@ -120,7 +120,7 @@ def convert_gguf(gguf: Path, out_root: Path | None = None) -> Path:
     leaves a half directory; it is named by the file's hash so a changed file converts again.
     """
     from safetensors.torch import save_file
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     digest = file_sha256(gguf)
     out = (out_root or backbone_cache_dir()) / f"{gguf.stem}-{digest[:12]}"

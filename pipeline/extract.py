@@ -10,7 +10,7 @@ atomically, so a run killed at any moment resumes where it stopped.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -160,7 +160,6 @@ class ExtractStats:
     parts_written: int = 0
     parts_skipped: int = 0
     seconds: float = 0.0
-    extra: dict = field(default_factory=dict)
 
     @property
     def padding_share(self) -> float:
