@@ -15,20 +15,24 @@ TORCH  ?= torch==2.13.0
 PY     := $(VENV)/bin/python
 URM    := $(VENV)/bin/urm
 STAMP  := $(VENV)/.installed
-# transformers 4.57 beside the venv, for the test that loads an export under 4.57 as under 5.x
-# (tests/test_export_compat.py). Only the packages whose versions differ go there; torch, safetensors,
-# numpy, requests, ... come from the venv (PYTHONPATH=$(TF457) puts these first).
+# Side environments for tests/test_export_compat.py, which checks that an export scores the same where
+# users load it: transformers 4.57 beside the venv (only the packages whose versions differ; torch,
+# safetensors, numpy, ... come from the venv: PYTHONPATH=$(TF457) puts these first), and RewardBench's
+# runner (its wheel alone: the test loads the one file of it it needs, which imports torch alone).
 TF457  := .venv-tf457
 TF457_STAMP := $(TF457)/.installed
 TF457_PACKAGES := "transformers==4.57.6" "huggingface_hub>=0.34,<1.0" "tokenizers>=0.22,<=0.23.0"
+REWARDBENCH := .venv-rewardbench
+REWARDBENCH_STAMP := $(REWARDBENCH)/.installed
 # `make score INPUT=file.jsonl [OUTPUT=scores.jsonl]` scores with the PRESET's export.
 MODEL  ?= runs/$(PRESET)/model
 
-.PHONY: install test test-all extract train-heads train-value-head train-gating export score bench clean-cache help
+.PHONY: install test test-fast extract train-heads train-value-head train-gating export score bench clean-cache help
 
 help:
 	@echo "make install      create $(VENV) and install the project with its test extras"
-	@echo "make test         install if needed, then run the test suite"
+	@echo "make test         install if needed, then run every test tier (what CI runs)"
+	@echo "make test-fast    the fast tier only (unit tests; what a plain \`pytest\` runs)"
 	@echo "make extract train-heads export   the whole job (PRESET=$(PRESET))"
 	@echo "make score INPUT=file.jsonl       score conversations or pairs with the export (MODEL=$(MODEL))"
 	@echo "make bench        run the benchmarks, results in bench/results/*.json"
@@ -47,11 +51,21 @@ $(TF457_STAMP): | $(STAMP)
 	PYTHONPATH=$(TF457) $(PY) -c "import transformers; assert transformers.__version__ == '4.57.6'"
 	touch $(TF457_STAMP)
 
-install: $(STAMP) $(TF457_STAMP)
+$(REWARDBENCH_STAMP): | $(STAMP)
+	rm -rf $(REWARDBENCH)
+	$(PY) -m pip install -q --no-deps --target $(REWARDBENCH) "rewardbench==0.1.4"
+	test -f $(REWARDBENCH)/rewardbench/models/pipeline.py
+	touch $(REWARDBENCH_STAMP)
 
-# URM_REQUIRE_TF457=1: the 4.57 compatibility test fails (rather than skips) without $(TF457).
-test: $(STAMP) $(TF457_STAMP)
-	URM_REQUIRE_TF457=1 $(PY) -m pytest
+install: $(STAMP) $(TF457_STAMP) $(REWARDBENCH_STAMP)
+
+# Every tier: -m "" lifts the fast-tier filter of pyproject.toml's addopts. URM_REQUIRE_COMPAT=1: the
+# compatibility tests fail (rather than skip) without $(TF457) and $(REWARDBENCH).
+test: install
+	URM_REQUIRE_COMPAT=1 $(PY) -m pytest -m ""
+
+test-fast: $(STAMP)
+	$(PY) -m pytest
 
 extract: $(STAMP)
 	$(URM) extract --preset $(PRESET)

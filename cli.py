@@ -1,4 +1,4 @@
-"""urm: the command line. Parses arguments, calls one `pipeline` function, prints the result.
+"""urm: the command line. Parses arguments, calls one recipe (pipeline.recipes), prints the result.
 
 Each command's options come from the typed stage configs in pipeline/config.py (help text
 included), so `--help`, presets and the docs share one source. Every option can also be set as an
@@ -8,7 +8,6 @@ transformers) happen inside the commands so `urm --help` is instant.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import inspect
 import sys
@@ -32,7 +31,8 @@ app = typer.Typer(
 cache_app = typer.Typer(help="Inspect feature caches.", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(cache_app, name="cache")
 
-PRESET_HELP = "Preset: a name under configs/ (demo, urm-llama3.1-8b) or a path to a .toml file."
+PRESET_HELP = (f"Preset: a name ({', '.join(C.preset_names())}, shipped in pipeline/configs/) or a path to a "
+               ".toml file; artifacts go to cache/PRESET and runs/PRESET unless it says otherwise.")
 
 
 def fail(message: str, code: int = 1) -> typing.NoReturn:
@@ -49,19 +49,18 @@ def _option_type(hint) -> type:
 def _config_params(*stages: str) -> list[inspect.Parameter]:
     params, seen = [], set()
     for stage in stages:
-        cls = C.STAGES[stage]
-        hints = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            if not f.metadata.get("cli", True) or f.name in seen:
+        for o in C.options(C.STAGES[stage]):
+            if not o.cli or o.name in seen:
                 continue
-            seen.add(f.name)
-            flag = "--" + f.name.replace("_", "-")
-            decls = [f"{flag}/--no-{flag[2:]}"] if hints[f.name] is bool else [flag]
-            shown = "" if f.default in (None, dataclasses.MISSING) else f"  [default: {f.default}, unless the preset sets it]"
-            option = typer.Option(None, *decls, help=f.metadata["help"] + shown,
-                                  envvar=f"URM_{f.name.upper()}", show_default=False)
-            params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY,
-                                            default=option, annotation=_option_type(hints[f.name])))
+            seen.add(o.name)
+            flag = "--" + o.name.replace("_", "-")
+            decls = [f"{flag}/--no-{flag[2:]}"] if o.type is bool else [flag]
+            default = o.shown or o.default
+            shown = "" if default is None else f"  [default: {default}, unless the preset sets it]"
+            option = typer.Option(None, *decls, help=o.help + shown, envvar=f"URM_{o.name.upper()}",
+                                  show_default=False)
+            params.append(inspect.Parameter(o.name, inspect.Parameter.KEYWORD_ONLY,
+                                            default=option, annotation=_option_type(o.type)))
     return params
 
 
@@ -128,11 +127,6 @@ def not_built(command: str, issue: str) -> typing.NoReturn:
 @with_config("extract")
 def extract(
     names: Optional[list[str]] = typer.Argument(None, help="Datasets of the preset to extract (default: all)."),
-    source: Optional[str] = typer.Option(None, help="Extract this one source instead (hub id, file, synthetic:...)."),
-    kind: Optional[str] = typer.Option(None, help="With --source: ratings or preferences."),
-    name: Optional[str] = typer.Option(None, help="With --source: cache folder name under CACHE_DIR."),
-    format: Optional[str] = typer.Option(None, help="With --source: preference format (default: detect)."),
-    limit: Optional[int] = typer.Option(None, help="Keep only the first N rows (pairs) of each dataset."),
     configs: dict = None,
 ):
     """Run the frozen backbone once over the datasets; cache last-token hidden states as Parquet.
@@ -141,10 +135,9 @@ def extract(
     Example: urm extract --preset demo            (both demo datasets)
              urm extract --source ../shared/data/pandalm-test.jsonl --kind preferences --name pandalm
     """
-    from pipeline.extract import run_extract
+    from pipeline.recipes.extract import run_extract
 
-    run_or_fail(run_extract, configs["extract"], names=names, source=source, kind=kind, name=name,
-                format=format, limit=limit)
+    run_or_fail(run_extract, configs["extract"], names=names)
 
 
 @app.command("train-heads")
@@ -155,7 +148,7 @@ def train_heads(configs: dict = None):
     \b
     Example: urm train-heads --preset demo --loss nll --ensemble 4
     """
-    from pipeline.train import train_gating, train_value_head
+    from pipeline.recipes.train import train_gating, train_value_head
 
     report_training(run_or_fail(train_value_head, configs["value_head"]))
     report_training(run_or_fail(train_gating, configs["gating"]))
@@ -169,7 +162,7 @@ def train_value_head_cmd(configs: dict = None):
     \b
     Example: urm train-value-head --preset demo --loss nll
     """
-    from pipeline.train import train_value_head
+    from pipeline.recipes.train import train_value_head
 
     report_training(run_or_fail(train_value_head, configs["value_head"]))
 
@@ -182,7 +175,7 @@ def train_gating_cmd(configs: dict = None):
     \b
     Example: urm train-gating --preset demo --gate softmax
     """
-    from pipeline.train import train_gating
+    from pipeline.recipes.train import train_gating
 
     report_training(run_or_fail(train_gating, configs["gating"]))
 
@@ -195,7 +188,7 @@ def export(configs: dict = None):
     \b
     Example: urm export --preset demo --out-dir runs/demo/model
     """
-    from pipeline.export import export_model, summary
+    from pipeline.recipes.export import export_model, summary
 
     typer.echo(summary(run_or_fail(export_model, configs["export"])))
 
@@ -225,7 +218,7 @@ def score(
     \b
     Example: urm score runs/demo/model --input ../shared/data/pandalm-test.jsonl -o scores.jsonl
     """
-    from pipeline.score import score_file, summary
+    from pipeline.recipes.score import score_file, summary
 
     result = run_or_fail(score_file, model_dir, input, output, configs["score"])
     typer.echo(summary(result), err=True)
@@ -238,7 +231,7 @@ def cache_info(path: str = typer.Argument(..., help="A cache folder (holding _ma
     \b
     Example: urm cache info cache/demo/ratings
     """
-    from pipeline.cache import cache_info as info
+    from pipeline.recipes.cache_info import cache_info as info
 
     typer.echo(run_or_fail(info, path))
 

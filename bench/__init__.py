@@ -1,7 +1,6 @@
 """Benchmarks: `python -m bench` (or `make bench`) runs every module in bench.__main__.BENCHES;
 `python -m bench NAME` runs one. Each writes its figures to bench/results/NAME.json."""
 
-import json
 import os
 import platform
 import time
@@ -40,13 +39,10 @@ def _cpu_model() -> str:
 
 
 def write_result(name: str, result: dict) -> Path:
-    """Write bench/results/NAME.json atomically (temporary file, then rename)."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    final = RESULTS / f"{name}.json"
-    tmp = RESULTS / f"{name}.json.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, final)
-    return final
+    """Write bench/results/NAME.json atomically."""
+    from pipeline.atomic import write_json
+
+    return write_json(RESULTS / f"{name}.json", result)
 
 
 def timed(fn) -> float:
@@ -70,12 +66,8 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 HH_RLHF = SHARED_DATA / "hh-rlhf-harmless-base-test.jsonl.gz"
 
 
-def shortest_real_pairs(n: int = 200, source: Path = HH_RLHF) -> list:
-    """The n pairs of a real preference file with the fewest characters (multi-turn, mixed lengths):
-    real rows that a 2-core CPU embeds in minutes. Used by the SmolLM2 tests and benchmarks."""
-    from pipeline.preferences import load_preferences
+def shortest_real_pairs(n: int) -> list:
+    """The n shortest real hh-rlhf pairs (pipeline.testing.shortest_real_pairs)."""
+    from pipeline.testing import shortest_real_pairs as shortest
 
-    pairs, _ = load_preferences(str(source))
-    size = [sum(len(m["content"]) for m in p.chosen + p.rejected) for p in pairs]
-    keep = sorted(range(len(pairs)), key=lambda i: (size[i], i))[:n]
-    return [pairs[i] for i in sorted(keep)]
+    return shortest(n, HH_RLHF)

@@ -9,9 +9,9 @@ heads (d = 576, URM gate):
 every `urm export` also pays fixed costs: hashing the 93 MB GGUF to find its converted copy, loading
 the tokenizer twice, building the backbone on the meta device).
 Scoring, over the same conversations (the 50 shortest real hh-rlhf pairs = 100 conversations):
-  ours_batched      pipeline.score.score_ids, what `urm score` runs: length-sorted token-budget batches
+  ours_batched      pipeline.scoring.score_ids, what `urm score` runs: length-sorted token-budget batches
   one_at_a_time     the exported model called once per conversation (the usage snippet's loop)
-  urm_score_e2e     pipeline.score.score_file end to end (model load, rendering, JSONL written)
+  urm_score_e2e     pipeline.recipes.score.score_file end to end (model load, rendering, JSONL written)
 Writes bench/results/export_speed.json, with the load average before and after.
 """
 
@@ -36,16 +36,18 @@ def smollm2_heads(directory: Path) -> tuple[Path, dict]:
     from pipeline.backbone import open_backbone
     from pipeline.config import SMOLLM2_GGUF
     from pipeline.heads import Heads
-    from pipeline.heads_io import save_heads
+    from pipeline.heads_io import CacheIdentity, HeadsMeta, StageRecord, save_heads
     from pipeline.render import chat_template_hash
 
-    path, revision, config, tokenizer = open_backbone(SMOLLM2_GGUF)
+    files = open_backbone(SMOLLM2_GGUF)
     torch.manual_seed(0)
-    heads = Heads(config.hidden_size, len(ATTRIBUTES), gate="urm")
-    identity = {"path": "bench", "fingerprint": "bench", "backbone": SMOLLM2_GGUF, "backbone_revision": revision,
-                "chat_template_hash": chat_template_hash(tokenizer), "hidden_size": config.hidden_size}
-    save_heads(directory, heads, {"attributes": list(ATTRIBUTES), "value_head": {"cache": identity}})
-    return directory, {"backbone_dir": path, "backbone_bytes": sum(p.stat().st_size for p in Path(path).iterdir())}
+    heads = Heads(files.hidden_size, len(ATTRIBUTES), gate="urm")
+    identity = CacheIdentity("bench", "bench", SMOLLM2_GGUF, files.revision, chat_template_hash(files.tokenizer),
+                             files.hidden_size)
+    meta = HeadsMeta(list(ATTRIBUTES), heads.d, heads.architecture, StageRecord(config={}, cache=identity))
+    save_heads(directory, heads, meta)
+    return directory, {"backbone_dir": files.path,
+                       "backbone_bytes": sum(p.stat().st_size for p in Path(files.path).iterdir())}
 
 
 def bytes_written(out: Path, backbone_dir: Path) -> int:
@@ -57,7 +59,7 @@ def bytes_written(out: Path, backbone_dir: Path) -> int:
 def run_exports(root: Path, heads: Path, backbone_dir: Path, repeats: int) -> dict:
     """Best of ``repeats`` wall times of each way (after one warm-up export), and the bytes each writes."""
     from pipeline.config import ExportConfig
-    from pipeline.export import export_model
+    from pipeline.recipes.export import export_model
     from pipeline.modeling_urm import URMForSequenceClassification
     from transformers import AutoConfig
 
@@ -96,7 +98,8 @@ def one_at_a_time(model, ids: list[list[int]]) -> float:
 def run_scoring(model_dir: Path, pairs, max_tokens: int, root: Path) -> dict:
     from pipeline.config import ScoreConfig
     from pipeline.render import render_ids
-    from pipeline.score import load_scorer, score_file, score_ids
+    from pipeline.recipes.score import score_file
+    from pipeline.scoring import load_scorer, score_ids
 
     model, tokenizer = load_scorer(str(model_dir), "float32", "cpu")
     conversations = [c for p in pairs for c in (p.chosen, p.rejected)]

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 
@@ -26,18 +25,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def write_pairs_jsonl(pairs, path: Path) -> None:
     """Pairs as conversational chosen/rejected message lists (TRL's format), atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        for p in pairs:
-            f.write(json.dumps({"id": p.pair_id, "chosen": p.chosen, "rejected": p.rejected}) + "\n")
-    os.replace(tmp, path)
+    from pipeline.atomic import write_text
+
+    write_text(path, "".join(json.dumps({"id": p.pair_id, "chosen": p.chosen, "rejected": p.rejected}) + "\n"
+                             for p in pairs))
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from pipeline.config import SMOLLM2_GGUF, DatasetSpec, ExtractConfig, GatingConfig, ValueHeadConfig
-    from pipeline.extract import run_extract
-    from pipeline.train import train_gating, train_value_head
+    from pipeline.config import SMOLLM2_GGUF, DatasetSpec, ExtractConfig, GatingConfig, ValueHeadConfig, build
+    from pipeline.recipes.extract import run_extract
+    from pipeline.recipes.train import train_gating, train_value_head
 
     ap = argparse.ArgumentParser(prog="python -m bench gating_real")
     ap.add_argument("--pairs", type=int, default=1200, help="shortest real hh-rlhf pairs to use")
@@ -64,11 +61,11 @@ def main(argv: list[str] | None = None) -> dict:
     extract_seconds = time.perf_counter() - t0
     heads_dir = str(cache / "heads")
     # 450 training rows: small minibatches, so that an epoch is more than one optimiser step
-    stage1 = train_value_head(ValueHeadConfig(cache_dir=str(cache), heads_dir=heads_dir, loss=args.loss,
-                                              batch_size=32, patience=20, epochs=400, seed=args.seed,
-                                              device="cpu"))
-    stage2 = train_gating(GatingConfig(cache_dir=str(cache), heads_dir=heads_dir, gate="urm",
-                                       seed=args.seed, device="cpu", gate_val_fraction=0.2))
+    stage1 = train_value_head(build(ValueHeadConfig, dict(cache_dir=str(cache), heads_dir=heads_dir, loss=args.loss,
+                                                          batch_size=32, patience=20, epochs=400, seed=args.seed,
+                                                          device="cpu")))
+    stage2 = train_gating(build(GatingConfig, dict(cache_dir=str(cache), heads_dir=heads_dir, gate="urm",
+                                                   seed=args.seed, device="cpu", gate_val_fraction=0.2)))
     gate, equal = stage2["val"], stage2["val"]["equal_weights"]
     result = {
         "what": __doc__.split("\n")[0],

@@ -1,7 +1,7 @@
 """Which stage-1 loss learns the noise? Value heads on features with a known noise std per attribute.
 
 Features h (d = 32, h[0] = 1) and labels y = h A + 2 + noise with std NOISE_k per attribute, so the
-best value head has sigma_k = NOISE_k exactly. Each loss (nll, beta-nll, reparam) trains through
+best value head has sigma_k = NOISE_k exactly (pipeline.testing.linear_ratings). Each loss (nll, beta-nll, reparam) trains through
 the public entry point (`train_value_head`) on a cache written by the real writer; reported: the
 validation mean sigma per attribute beside the true std, MSE, and 90% interval coverage.
 `tests/test_train.py` asserts the same experiment (nll within 10%, reparam shrinking sigma).
@@ -15,28 +15,13 @@ import tempfile
 import torch
 
 from bench import machine_info, write_result
-
-NOISE = torch.tensor([0.2, 0.4, 0.6, 0.8, 1.0])  # true label noise std per attribute
-STAGE1 = dict(lr=1e-2, batch_size=256, epochs=300, patience=20, device="cpu")
-
-
-def linear_ratings(n=4000, d=32, seed=0):
-    """Features h (float16, h[0] = 1: real hidden states carry a constant direction) and labels
-    y = h A + 2 + noise of std NOISE_k: the best value head has sigma_k = NOISE_k exactly."""
-    g = torch.Generator().manual_seed(seed)
-    h = torch.randn(n, d, generator=g)
-    h[:, 0] = 1.0
-    h = h.half()
-    a = torch.randn(d, len(NOISE), generator=g) * 0.5
-    y = h.float() @ a + 2.0 + torch.randn(n, len(NOISE), generator=g) * NOISE
-    return h, y
-
+from pipeline.testing import LINEAR_RATINGS_TRAINING, NOISE, linear_ratings
 
 def main(argv: list[str] | None = None) -> dict:
     from pipeline import ATTRIBUTES
     from pipeline.cache import CacheSpec, open_writer
-    from pipeline.config import ValueHeadConfig
-    from pipeline.train import train_value_head
+    from pipeline.config import ValueHeadConfig, build
+    from pipeline.recipes.train import train_value_head
 
     h, y = linear_ratings()
     out = {}
@@ -50,7 +35,8 @@ def main(argv: list[str] | None = None) -> dict:
                                   embedding=h, labels=y.numpy()))
         writer.finish(1)
         for loss in ("nll", "beta-nll", "reparam"):
-            cfg = ValueHeadConfig(ratings_cache=f"{tmp}/ratings", heads_dir=f"{tmp}/{loss}", loss=loss, **STAGE1)
+            cfg = build(ValueHeadConfig, dict(ratings_cache=f"{tmp}/ratings", heads_dir=f"{tmp}/{loss}", loss=loss,
+                                              **LINEAR_RATINGS_TRAINING))
             val = train_value_head(cfg, log=lambda line: None)["val"]
             per = val["per_attribute"]
             out[loss] = {"mean_sigma": {a: per[a]["mean_sigma"] for a in ATTRIBUTES},

@@ -23,9 +23,9 @@ import time
 import torch
 
 from bench import machine_info, matmul_gflops, timed, write_result
-from pipeline.config import GatingConfig, ValueHeadConfig
+from pipeline.config import GatingConfig, ValueHeadConfig, build
 from pipeline.heads import Heads
-from pipeline.train import fit_value_head, frozen_outputs, gate_epoch, with_gate
+from pipeline.trainers import adamw, fit_value_head, frozen_outputs, gate_epoch, with_gate
 
 K = 5
 
@@ -42,8 +42,8 @@ def random_features(rows: int, d: int, seed: int) -> torch.Tensor:
 def bench_stage1(rows: int, d: int, members: int, batch_size: int) -> dict:
     x = random_features(rows, d, seed=0)
     y = torch.randint(0, 5, (rows, K), generator=torch.Generator().manual_seed(1)).float()
-    cfg = ValueHeadConfig(loss="nll", epochs=2, patience=10, batch_size=batch_size, ensemble=members,
-                          device="cpu")
+    cfg = build(ValueHeadConfig, dict(loss="nll", epochs=2, patience=10, batch_size=batch_size, ensemble=members,
+                                       device="cpu"))
     t = time.perf_counter()
     fit = fit_value_head(x, y, cfg, log=lambda line: None)
     total = time.perf_counter() - t
@@ -61,13 +61,13 @@ def bench_stage1(rows: int, d: int, members: int, batch_size: int) -> dict:
 def bench_stage2(pairs: int, d: int, hidden: int, batch_size: int, steps: int, warmup: int) -> dict:
     chosen, rejected = random_features(pairs, d, seed=2), random_features(pairs, d, seed=3)
     value = Heads(d, K)
-    cfg = GatingConfig(gate="urm", gate_hidden=hidden, gate_batch_size=batch_size, device="cpu")
+    cfg = build(GatingConfig, dict(gate="urm", gate_hidden=hidden, gate_batch_size=batch_size, device="cpu"))
     heads = with_gate(value, cfg)
     t = time.perf_counter()
     (mu_c, _), (mu_r, _) = frozen_outputs(heads, chosen), frozen_outputs(heads, rejected)
     precompute = time.perf_counter() - t
     params = [p for p in heads.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.gate_lr, weight_decay=cfg.gate_weight_decay)
+    opt = adamw(params, cfg.optim)
     order = torch.randperm(pairs, generator=torch.Generator().manual_seed(0))
     gate_epoch(heads, opt, chosen, rejected, mu_c, mu_r, order[:warmup * batch_size], batch_size)
     timed_order = order[warmup * batch_size:(warmup + steps) * batch_size]

@@ -16,13 +16,12 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from pipeline.atomic import atomic_directory
 from pipeline.errors import UserError
 from pipeline.sources import file_sha256
 
@@ -126,9 +125,7 @@ def convert_gguf(gguf: Path, out_root: Path | None = None) -> Path:
     out = (out_root or backbone_cache_dir()) / f"{gguf.stem}-{digest[:12]}"
     if (out / "urm_source.json").is_file():
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:
         kwargs = dict(gguf_file=gguf.name)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kwargs)
@@ -144,9 +141,6 @@ def convert_gguf(gguf: Path, out_root: Path | None = None) -> Path:
         tokenizer.save_pretrained(tmp)
         source = {"gguf": str(gguf), "sha256": digest}
         (tmp / "urm_source.json").write_text(json.dumps(source, indent=2))
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
@@ -173,10 +167,27 @@ def is_reward_model(config) -> bool:
     return any(a.endswith("ForSequenceClassification") for a in archs) and config.num_labels == 1
 
 
-def open_backbone(spec: str, revision: str | None = None) -> tuple[str, str, object, object]:
-    """Resolve a backbone and load its config and tokenizer (cheap): (path, revision, config, tokenizer).
+@dataclass
+class BackboneFiles:
+    """A resolved backbone whose config and tokenizer are loaded but not its weights (cheap)."""
 
-    Extraction uses this to check a cache against the backbone before paying for the weights.
+    spec: str  # the backbone as given (hub id, path, package:...)
+    path: str  # what from_pretrained reads: a local directory or a hub id
+    revision: str  # hub commit, or a hash of the weights for local files, or "unknown"
+    requested_revision: str | None  # the hub revision asked for (None = the default branch)
+    config: object
+    tokenizer: object
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config.hidden_size
+
+
+def open_backbone(spec: str, revision: str | None = None) -> BackboneFiles:
+    """Resolve a backbone and load its config and tokenizer, not its weights.
+
+    Extraction checks a cache against this before paying for the weights, and loads the weights
+    from it (``load_weights``) only when some part is still to be written.
     """
     from transformers import AutoConfig, AutoTokenizer
 
@@ -187,17 +198,13 @@ def open_backbone(spec: str, revision: str | None = None) -> tuple[str, str, obj
         tokenizer = AutoTokenizer.from_pretrained(path, **hub)
     except OSError as e:
         raise BackboneError(f"cannot load backbone {spec!r}: {e}") from None
-    return path, known_revision or getattr(config, "_commit_hash", None) or "unknown", config, tokenizer
+    resolved = known_revision or getattr(config, "_commit_hash", None) or "unknown"
+    return BackboneFiles(spec, path, resolved, revision, config, tokenizer)
 
 
-def load_backbone(
-    spec: str,
-    revision: str | None = None,
-    dtype: str = "auto",
-    device: str = "auto",
-    attn_implementation: str = "sdpa",
-) -> Backbone:
-    """Load a frozen backbone (eval mode, no grad) and its tokenizer onto ``device``."""
+def load_weights(files: BackboneFiles, dtype: str = "auto", device: str = "auto",
+                 attn_implementation: str = "sdpa") -> Backbone:
+    """Load an opened backbone's weights, frozen (eval mode, no grad), onto ``device``."""
     from transformers import AutoModel, AutoModelForSequenceClassification
 
     if attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
@@ -205,26 +212,22 @@ def load_backbone(
                             "(pip install flash-attn); or use sdpa")
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
-    path, resolved_revision, config, tokenizer = open_backbone(spec, revision)
     kwargs = dict(dtype=torch_dtype, attn_implementation=attn_implementation)
-    if revision:
-        kwargs["revision"] = revision
-    if is_reward_model(config):
-        reward_model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
+    if files.requested_revision:
+        kwargs["revision"] = files.requested_revision
+    if is_reward_model(files.config):
+        reward_model = AutoModelForSequenceClassification.from_pretrained(files.path, **kwargs)
         model, score_head = reward_model.base_model, reward_model.score
     else:
-        model, score_head = AutoModel.from_pretrained(path, **kwargs), None
+        model, score_head = AutoModel.from_pretrained(files.path, **kwargs), None
     model.to(dev).eval().requires_grad_(False)
     if score_head is not None:
         score_head.to(dev).eval().requires_grad_(False)
-    return Backbone(
-        model=model,
-        tokenizer=tokenizer,
-        score_head=score_head,
-        name=spec,
-        path=path,
-        revision=resolved_revision,
-        hidden_size=config.hidden_size,
-        device=dev,
-        dtype=torch_dtype,
-    )
+    return Backbone(model=model, tokenizer=files.tokenizer, score_head=score_head, name=files.spec, path=files.path,
+                    revision=files.revision, hidden_size=files.hidden_size, device=dev, dtype=torch_dtype)
+
+
+def load_backbone(spec: str, revision: str | None = None, dtype: str = "auto", device: str = "auto",
+                  attn_implementation: str = "sdpa") -> Backbone:
+    """Open a backbone and load its weights (``open_backbone`` then ``load_weights``)."""
+    return load_weights(open_backbone(spec, revision), dtype, device, attn_implementation)

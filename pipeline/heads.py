@@ -1,9 +1,14 @@
-"""The reward heads on a cached hidden state h: value head, gates, and the score math (METHOD.md 1, 4).
+"""The reward heads on a last-token hidden state h, and the score math (METHOD.md 1, 4).
+
+The one scoring module: training and `urm score` import it from this package, and `urm export`
+copies this file into every export, where ``modeling_urm.py`` imports it as a sibling file of the
+model repo. So it imports only torch.
 
 Parameter names are the export's tensor names: ``score.weight`` [2K, d] (rows interleaved
 mu_1, s_1, mu_2, s_2, ...), ``ensemble.weight`` [M, 2K, d] for an ensemble, ``weights.*`` for the
-URM gate and ``softmax_gate.*`` for the ArmoRM-style gate. ``Heads.forward`` is the whole scoring
-math, reused unchanged by the export.
+URM gate and ``softmax_gate.*`` for the ArmoRM-style gate. ``build_heads`` gives any module these
+submodules (``Heads`` here, ``URMForSequenceClassification`` in an export) and ``head_outputs``
+is the whole score math on them, under the output names used everywhere (``OUTPUTS``).
 """
 
 from __future__ import annotations
@@ -17,10 +22,24 @@ from torch import nn
 GATES = ("urm", "softmax")
 SOFTMAX_GATE_HIDDEN = 1024  # ArmoRM's GatingNetwork: hidden_dim=1024, n_hidden=3, bias, T=10
 SOFTMAX_GATE_LAYERS = 3
+SOFTMAX_GATE_TEMPERATURE = 10.0
+# What the heads say about each row, in this order ([B] or [B, K] / [B, M]); an exported model
+# returns the same names, with the score as ``logits`` [B, 1] (the Hugging Face convention).
+OUTPUTS = ("score", "score_std", "attribute_means", "attribute_stds", "gating_weights",
+           "ensemble_scores", "ensemble_std")
 
 
 # ----------------------------------------------------------------------------------------------
-# Pure functions (METHOD.md 1)
+# Pure functions (METHOD.md 1, 5)
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position of the last 1 in each row of the mask: right or left padding, holes allowed.
+
+    h is read there, never at a position found from the pad id (which may equal EOS, METHOD.md 5).
+    """
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (attention_mask.to(positions.dtype) * positions).argmax(dim=1)
 
 
 def split_mean_logstd(out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,18 +136,65 @@ class SoftmaxGate(nn.Module):
     METHOD.md 3), so each row's weights sum to ``scale``.
     """
 
-    def __init__(self, d: int, k: int, hidden: int | None = None, temperature: float = 10.0):
+    def __init__(self, d: int, k: int, hidden: int | None = None, temperature: float | None = None):
         super().__init__()
         self.layers = mlp(d, hidden or SOFTMAX_GATE_HIDDEN, k, SOFTMAX_GATE_LAYERS, nn.ReLU)
         self.scale = nn.Parameter(torch.ones(1))
-        self.temperature = temperature
+        self.temperature = SOFTMAX_GATE_TEMPERATURE if temperature is None else float(temperature)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return F.softmax(self.layers(h) / self.temperature, dim=-1) * self.scale
 
 
+# ----------------------------------------------------------------------------------------------
+# The heads: built onto a module, then the score math on them
+
+
+def build_heads(module: nn.Module, d: int, k: int, members: int = 1, bias: bool = False, gate: str | None = None,
+                gate_hidden: int | None = None, temperature: float | None = None) -> dict:
+    """Give ``module`` the heads, under the export's tensor names; returns the resolved architecture
+    (these keyword arguments with the gate's actual hidden width and temperature)."""
+    if gate not in (None, *GATES):
+        raise ValueError(f"unknown gate {gate!r}: use one of {GATES}")
+    module.score = nn.Linear(d, 2 * k, bias=bias)
+    module.ensemble = ValueEnsemble(d, k, members, bias) if members > 1 else None
+    module.weights = urm_gate(d, k, gate_hidden) if gate == "urm" else None
+    module.softmax_gate = SoftmaxGate(d, k, gate_hidden, temperature) if gate == "softmax" else None
+    first = module.weights[0] if module.weights is not None else (
+        module.softmax_gate.layers[0] if module.softmax_gate is not None else None)
+    return {"members": members, "bias": bias, "gate": gate,
+            "gate_hidden": first.out_features if first is not None else None,
+            "temperature": module.softmax_gate.temperature if module.softmax_gate is not None else None}
+
+
+def gate_weights(heads: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """w(h) [B, K]: the gate's output, or 1/K each without a gate (stage 1 only)."""
+    if heads.weights is not None:
+        return heads.weights(h)
+    if heads.softmax_gate is not None:
+        return heads.softmax_gate(h)
+    k = heads.score.out_features // 2
+    return h.new_full((h.shape[0], k), 1.0 / k)
+
+
+def head_outputs(heads: nn.Module, h: torch.Tensor) -> dict[str, torch.Tensor]:
+    """h [B, d] -> ``OUTPUTS``: the score, its std, per-attribute means, stds and gate weights, and
+    with an ensemble each member's score under the same weights and their std (METHOD.md 1, 4)."""
+    h = h.to(heads.score.weight.dtype)
+    mu, log_sigma = split_mean_logstd(heads.score(h))
+    sigma = log_sigma.exp()
+    w = gate_weights(heads, h)
+    out = {"score": score(w, mu), "score_std": score_variance(w, sigma).sqrt(),
+           "attribute_means": mu, "attribute_stds": sigma, "gating_weights": w}
+    if heads.ensemble is not None:
+        member_mu, _ = split_mean_logstd(heads.ensemble(h))  # [M, B, K]
+        out["ensemble_scores"] = score(w, member_mu).T  # [B, M]
+        out["ensemble_std"] = out["ensemble_scores"].std(-1)
+    return out
+
+
 class Heads(nn.Module):
-    """h [B, d] -> score, its std, per-attribute mu/sigma, gate weights (and the ensemble's spread).
+    """h [B, d] -> ``head_outputs``: score, its std, per-attribute mu/sigma, gate weights, ensemble spread.
 
     Without a gate (stage 1 only) the weights are equal, w_k = 1/K. With an ensemble (M > 1)
     ``score.weight`` is the member average, so mu is exactly the ensemble-mean mu (the head is
@@ -137,35 +203,21 @@ class Heads(nn.Module):
     """
 
     def __init__(self, d: int, k: int, members: int = 1, bias: bool = False, gate: str | None = None,
-                 gate_hidden: int | None = None, temperature: float = 10.0):
+                 gate_hidden: int | None = None, temperature: float | None = None):
         super().__init__()
-        self.d, self.k, self.members = d, k, members
-        self.meta: dict = {}  # heads.json, filled by heads_io.load_heads
-        self.score = nn.Linear(d, 2 * k, bias=bias)
-        self.ensemble = ValueEnsemble(d, k, members, bias) if members > 1 else None
-        self.gate = gate
-        self.weights = urm_gate(d, k, gate_hidden) if gate == "urm" else None
-        self.softmax_gate = SoftmaxGate(d, k, gate_hidden, temperature) if gate == "softmax" else None
-        if gate not in (None, *GATES):
-            raise ValueError(f"unknown gate {gate!r}: use one of {GATES}")
+        self.d, self.k = d, k
+        self.architecture = build_heads(self, d, k, members, bias, gate, gate_hidden, temperature)
+
+    @property
+    def members(self) -> int:
+        return self.architecture["members"]
+
+    @property
+    def gate(self) -> str | None:
+        return self.architecture["gate"]
 
     def gate_weights(self, h: torch.Tensor) -> torch.Tensor:
-        """w(h) [B, K]: the gate's output, or 1/K each without a gate."""
-        if self.weights is not None:
-            return self.weights(h)
-        if self.softmax_gate is not None:
-            return self.softmax_gate(h)
-        return h.new_full((h.shape[0], self.k), 1.0 / self.k)
+        return gate_weights(self, h)
 
     def forward(self, h: torch.Tensor) -> dict[str, torch.Tensor]:
-        h = h.to(self.score.weight.dtype)
-        mu, log_sigma = split_mean_logstd(self.score(h))
-        sigma = log_sigma.exp()
-        w = self.gate_weights(h)
-        out = {"score": score(w, mu), "score_std": score_variance(w, sigma).sqrt(),
-               "mu": mu, "sigma": sigma, "weights": w}
-        if self.ensemble is not None:
-            member_mu, _ = split_mean_logstd(self.ensemble(h))  # [M, B, K]
-            out["ensemble_scores"] = score(w, member_mu).T  # [B, M]
-            out["ensemble_std"] = out["ensemble_scores"].std(-1)
-        return out
+        return head_outputs(self, h)

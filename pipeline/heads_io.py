@@ -1,51 +1,124 @@
-"""The heads folder: ``heads.safetensors`` (tensors under their export names) + ``heads.json`` (meta).
+"""The heads folder: ``heads.safetensors`` (tensors under their export names) + ``heads.json`` (``HeadsMeta``).
 
-``heads.json`` holds the format version, the hidden size, the attribute names, the ``architecture``
-(the keyword arguments of ``heads.Heads``: members, bias, gate, gate_hidden, temperature), the
-label scaling, and one section per trained stage (``value_head``, ``gating``) with its resolved
-config, per-epoch history, final validation metrics and the identity of the cache it was trained on.
-Both files are written to a temp file then renamed, so a crash never leaves half a file.
+``HeadsMeta`` is the one description of heads.json: the format version, the hidden size, the
+attribute names, the ``architecture`` (the keyword arguments of ``heads.Heads``), the label
+scaling, and one ``StageRecord`` per trained stage (``value_head``, ``gating``) with its resolved
+config, the identity of the cache it was trained on (``CacheIdentity``), its per-epoch history and
+final validation metrics. Training writes it; export, the model card, scoring and the tests read it
+through these types. Both files are written atomically (pipeline.atomic).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from pipeline.atomic import atomic_write, write_text
 from pipeline.errors import UserError
 from pipeline.heads import Heads
 
 FORMAT_VERSION = 1
 TENSORS = "heads.safetensors"
 META = "heads.json"
+LABEL_SCALING_NOTE = (
+    "The saved weights predict on the label scale (0-4). With standardized labels the head was "
+    "trained on (y - mean) / std and then folded back: mu rows of score.weight scaled by std, "
+    "score.bias mu entries = std * b_mu + mean, log-sigma entries + log(std) "
+    "(pipeline.heads.unstandardize).")
 
 
 class HeadsError(UserError):
     """A heads folder that is missing, unreadable or does not fit what is asked of it."""
 
 
-def _replace_atomically(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
+@dataclass
+class CacheIdentity:
+    """What identifies the cache a stage was trained on: where, its content, and what made it."""
+
+    path: str
+    fingerprint: str | None = None
+    backbone: str | None = None
+    backbone_revision: str | None = None
+    chat_template_hash: str | None = None
+    hidden_size: int | None = None
+
+    # Two caches whose features come from different backbones or renderings cannot feed one model.
+    FEATURE_FIELDS = ("backbone", "backbone_revision", "chat_template_hash", "hidden_size")
+
+    @classmethod
+    def of(cls, path, manifest: dict) -> "CacheIdentity":
+        """The identity of the cache at ``path`` from its manifest."""
+        return cls(str(path), manifest.get("fingerprint"), **{k: manifest.get(k) for k in cls.FEATURE_FIELDS})
+
+    def feature_differences(self, other: "CacheIdentity") -> list[str]:
+        """The fields that say the two caches' features were made differently."""
+        return [k for k in self.FEATURE_FIELDS if getattr(self, k) != getattr(other, k)]
 
 
-def save_heads(directory: str | os.PathLike, heads: Heads, meta: dict) -> Path:
-    """Write ``heads`` and ``meta`` (plus format version and architecture) into ``directory``."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    tensors = {name: t.detach().cpu().contiguous().clone() for name, t in heads.state_dict().items()}
-    meta = {**meta, "format_version": FORMAT_VERSION, "hidden_size": heads.d,
-            "architecture": architecture(heads)}
-    _replace_atomically(directory / TENSORS, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
-    text = json.dumps(_finite(meta), indent=2, allow_nan=False) + "\n"
-    _replace_atomically(directory / META, lambda p: p.write_text(text))
-    return directory
+@dataclass
+class LabelScaling:
+    """Per-attribute mean and std the labels were standardised with (folded back into the weights)."""
+
+    standardized: bool
+    mean: list[float]
+    std: list[float]
+    note: str = LABEL_SCALING_NOTE
+
+
+@dataclass
+class StageRecord:
+    """One trained stage: its resolved config, the cache it read, per-epoch history, final metrics."""
+
+    config: dict
+    cache: CacheIdentity
+    epochs_run: int = 0
+    best_epoch: list[int] = field(default_factory=list)
+    history: list[dict] = field(default_factory=list)
+    val: dict = field(default_factory=dict)  # metric name -> value; "per_attribute" -> name -> metrics
+
+
+@dataclass
+class HeadsMeta:
+    """heads.json. ``architecture`` is what ``Heads(hidden_size, len(attributes), **architecture)``
+    takes (members, bias, gate, gate_hidden, temperature); a stage not trained yet is None."""
+
+    attributes: list[str]
+    hidden_size: int
+    architecture: dict
+    value_head: StageRecord
+    label_scaling: LabelScaling | None = None
+    gating: StageRecord | None = None
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> dict:
+        return _finite(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, data: dict, where: Path) -> "HeadsMeta":
+        """Parse heads.json; HeadsError naming the file and the key for anything missing or wrong."""
+        if data.get("format_version") != FORMAT_VERSION:
+            raise HeadsError(f"{where}: format_version {data.get('format_version')} (this code reads "
+                             f"{FORMAT_VERSION}); retrain the heads with this version")
+        try:
+            scaling = data.get("label_scaling")
+            return cls(attributes=list(data["attributes"]), hidden_size=int(data["hidden_size"]),
+                       architecture=dict(data["architecture"]), value_head=_stage(data["value_head"]),
+                       label_scaling=LabelScaling(**scaling) if scaling else None,
+                       gating=_stage(data["gating"]) if data.get("gating") else None)
+        except (KeyError, TypeError, ValueError) as e:
+            raise HeadsError(f"{where}: not a heads.json this version reads ({type(e).__name__}: {e}); "
+                             "retrain the heads") from None
+
+
+def _stage(data: dict) -> StageRecord:
+    return StageRecord(**{**data, "cache": CacheIdentity(**data["cache"])})
 
 
 def _finite(value):
@@ -59,30 +132,37 @@ def _finite(value):
     return value
 
 
-def architecture(heads: Heads) -> dict:
-    """The keyword arguments that rebuild ``heads`` (besides d and k)."""
-    gate = heads.softmax_gate
-    hidden = heads.weights[0].out_features if heads.weights is not None else (
-        gate.layers[0].out_features if gate is not None else None)
-    return {"members": heads.members, "bias": heads.score.bias is not None, "gate": heads.gate,
-            "gate_hidden": hidden, "temperature": gate.temperature if gate is not None else None}
+def save_heads(directory: str | os.PathLike, heads: Heads, meta: HeadsMeta) -> Path:
+    """Write ``heads`` and ``meta`` into ``directory`` (hidden size and architecture from ``heads``)."""
+    directory = Path(directory)
+    meta = dataclasses.replace(meta, hidden_size=heads.d, architecture=dict(heads.architecture),
+                               format_version=FORMAT_VERSION)
+    tensors = {name: t.detach().cpu().contiguous().clone() for name, t in heads.state_dict().items()}
+    atomic_write(directory / TENSORS, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    write_text(directory / META, json.dumps(meta.to_json(), indent=2, allow_nan=False) + "\n")
+    return directory
 
 
-def load_heads(directory: str | os.PathLike, device: str | torch.device = "cpu") -> Heads:
-    """Rebuild the ``Heads`` saved in ``directory``; its ``meta`` attribute holds heads.json."""
+def read_meta(directory: str | os.PathLike) -> HeadsMeta:
+    """The ``HeadsMeta`` of the heads folder ``directory`` (HeadsError when missing or unreadable)."""
     directory = Path(directory)
     if not (directory / META).is_file() or not (directory / TENSORS).is_file():
         raise HeadsError(f"{directory}: no trained heads here ({META} + {TENSORS}); "
                          "train the value head first: `urm train-value-head`")
-    meta = json.loads((directory / META).read_text())
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise HeadsError(f"{directory / META}: format_version {meta.get('format_version')} "
-                         f"(this code reads {FORMAT_VERSION}); retrain the heads with this version")
-    arch = {key: value for key, value in meta["architecture"].items() if value is not None}
-    heads = Heads(meta["hidden_size"], len(meta["attributes"]), **arch)
+    try:
+        data = json.loads((directory / META).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise HeadsError(f"{directory / META}: unreadable ({e}); retrain the heads") from None
+    return HeadsMeta.from_json(data, directory / META)
+
+
+def load_heads(directory: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[Heads, HeadsMeta]:
+    """The ``Heads`` saved in ``directory`` and their ``HeadsMeta``."""
+    directory = Path(directory)
+    meta = read_meta(directory)
+    heads = Heads(meta.hidden_size, len(meta.attributes), **meta.architecture)
     try:
         heads.load_state_dict(load_file(str(directory / TENSORS)))
     except RuntimeError as e:
         raise HeadsError(f"{directory / TENSORS} does not match {META}: {e}; retrain the heads") from None
-    heads.meta = meta
-    return heads.to(device)
+    return heads.to(device), meta

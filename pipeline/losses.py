@@ -72,6 +72,8 @@ def stage1_criterion(name: str, mu, log_sigma, y) -> torch.Tensor:
     return reparam_expected_loss(mu, log_sigma, y) if name == "reparam" else nll_loss(mu, log_sigma, y)
 
 
-def bt_loss(s_chosen: torch.Tensor, s_rejected: torch.Tensor) -> torch.Tensor:
-    """Bradley-Terry loss: mean over pairs of -log sigmoid(s_chosen - s_rejected)."""
-    return -F.logsigmoid(s_chosen - s_rejected).mean()
+def bt_loss(s_chosen: torch.Tensor, s_rejected: torch.Tensor, margin: torch.Tensor | None = None) -> torch.Tensor:
+    """Bradley-Terry loss: mean over pairs of -log sigmoid(s_chosen - s_rejected), or with ``margin``
+    TRL's margin-aware form -log sigmoid(s_chosen - s_rejected - margin) (METHOD.md 3)."""
+    diff = s_chosen - s_rejected
+    return -F.logsigmoid(diff if margin is None else diff - margin).mean()

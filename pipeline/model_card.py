@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from pipeline.heads_io import HeadsMeta, StageRecord
+
 USAGE = '''```python
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -32,11 +34,11 @@ def _fmt(value) -> str:
     return f"{value:.4g}" if isinstance(value, (int, float)) and not isinstance(value, bool) else "n/a"
 
 
-def attribute_table(meta: dict) -> str:
+def attribute_table(meta: HeadsMeta) -> str:
     """One row per attribute: stage-1 validation metrics and the gate's mean weight."""
-    names = meta["attributes"]
-    per = ((meta.get("value_head") or {}).get("val") or {}).get("per_attribute") or {}
-    gate = ((meta.get("gating") or {}).get("val") or {})
+    names = meta.attributes
+    per = meta.value_head.val.get("per_attribute") or {}
+    gate = meta.gating.val if meta.gating else {}
     w_mean, w_std = gate.get("weights_mean") or {}, gate.get("weights_std") or {}
     rows = ["| k | attribute | val MSE | val Pearson r | val NLL | mean sigma | 50% / 90% coverage | gate weight (mean +- std across prompts) |",
             "|---|---|---|---|---|---|---|---|"]
@@ -48,17 +50,17 @@ def attribute_table(meta: dict) -> str:
     return "\n".join(rows)
 
 
-def stage_section(title: str, stage: dict | None, keys: tuple[str, ...]) -> str:
+def stage_section(title: str, stage: StageRecord | None, keys: tuple[str, ...]) -> str:
     """A stage's cache identity, config and final validation metrics."""
-    if not stage:
+    if stage is None:
         return f"### {title}\n\nNot trained.\n"
-    cache, config, val = stage.get("cache") or {}, stage.get("config") or {}, stage.get("val") or {}
+    cache, val = stage.cache, stage.val
     lines = [f"### {title}", "",
-             f"- cache: `{cache.get('path')}` (fingerprint `{cache.get('fingerprint')}`), backbone "
-             f"`{cache.get('backbone')}` at `{cache.get('backbone_revision')}`, chat template hash "
-             f"`{cache.get('chat_template_hash')}`",
-             f"- config: `{json.dumps({k: v for k, v in config.items() if k not in ('device',)})}`",
-             f"- epochs run: {stage.get('epochs_run')}, best epoch: {stage.get('best_epoch')}",
+             f"- cache: `{cache.path}` (fingerprint `{cache.fingerprint}`), backbone "
+             f"`{cache.backbone}` at `{cache.backbone_revision}`, chat template hash "
+             f"`{cache.chat_template_hash}`",
+             f"- config: `{json.dumps({k: v for k, v in stage.config.items() if k not in ('device',)})}`",
+             f"- epochs run: {stage.epochs_run}, best epoch: {stage.best_epoch}",
              "- validation: " + ", ".join(f"{k} {_fmt(val.get(k))}" for k in keys if k in val)]
     if "equal_weights" in val:
         eq = val["equal_weights"]
@@ -67,8 +69,8 @@ def stage_section(title: str, stage: dict | None, keys: tuple[str, ...]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def uncertainty_note(meta: dict) -> str:
-    loss = ((meta.get("value_head") or {}).get("config") or {}).get("loss")
+def uncertainty_note(meta: HeadsMeta) -> str:
+    loss = meta.value_head.config.get("loss")
     note = ("Each attribute k has a Gaussian N(mu_k, sigma_k^2) (`attribute_means`, `attribute_stds`). With the "
             "attributes treated as independent, the score s = sum_k w_k mu_k has variance "
             "Var s = sum_k w_k^2 sigma_k^2 (`score_std` = its square root). For two responses A and B: "
@@ -81,7 +83,7 @@ def uncertainty_note(meta: dict) -> str:
     return note
 
 
-def model_card(meta: dict, record: dict, urm: dict) -> str:
+def model_card(meta: HeadsMeta, record: dict, urm: dict) -> str:
     """The README.md text of an export."""
     backbone = record["backbone"]
     members = urm["members"]
@@ -122,9 +124,9 @@ def model_card(meta: dict, record: dict, urm: dict) -> str:
         attribute_table(meta),
         "",
         "## Training data and metrics", "",
-        stage_section("Stage 1: value head (attribute regression)", meta.get("value_head"),
+        stage_section("Stage 1: value head (attribute regression)", meta.value_head,
                       ("mse", "pearson", "nll", "mean_sigma", "coverage50", "coverage90")),
-        stage_section("Stage 2: gating (Bradley-Terry on preference pairs)", meta.get("gating"),
+        stage_section("Stage 2: gating (Bradley-Terry on preference pairs)", meta.gating,
                       ("accuracy", "bt_loss", "ece", "brier", "ece_gaussian", "brier_gaussian")),
         "## Usage", "",
         USAGE.format(name=record["config"]["out_dir"]),

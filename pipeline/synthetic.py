@@ -43,17 +43,16 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
-import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from pipeline import ATTRIBUTES
+from pipeline.atomic import atomic_write
+from pipeline.ratings import split_helpsteer2_prompt
 from pipeline.records import PreferencePair, RatingRow
 
 TURN_USER = "\n<extra_id_1>User\n"
 TURN_ASSISTANT = "\n<extra_id_1>Assistant\n"
-_TURN_RE = re.compile(r"\n<extra_id_1>(User|Assistant)\n")
 
 PAIR_WEIGHTS = {"helpfulness": 1.0, "correctness": 0.5, "coherence": 0.25, "complexity": 0.0, "verbosity": -0.1}
 SUBSETS = ("correctness", "coherence", "verbosity", "helpfulness")
@@ -673,15 +672,6 @@ def _disrupt(sents: list[str], coherence: int, rng: random.Random) -> list[str]:
 # ----------------------------------------------------------------------------- rows
 
 
-def prompt_to_messages(prompt: str) -> list[dict]:
-    """Split a HelpSteer2 prompt (turns joined by `<extra_id_1>User/Assistant` markers) into messages."""
-    parts = _TURN_RE.split(prompt)
-    messages = [{"role": "user", "content": parts[0]}]
-    for marker, content in zip(parts[1::2], parts[2::2]):
-        messages.append({"role": marker.lower(), "content": content})
-    return messages
-
-
 GREETINGS = (("Hi, can you help me with a few questions?", "Of course! What would you like to know?"),
              ("I have some homework questions.", "Sure, go ahead and ask."),
              ("Hello! I need some help.", "Happy to help. What is your question?"))
@@ -724,7 +714,7 @@ def make_ratings(n: int, seed: int = 0) -> list[RatingRow]:
     """The rows of `helpsteer2_records(n, seed)` as RatingRows (multi-turn prompts split into turns)."""
     rows = []
     for i, rec in enumerate(helpsteer2_records(n, seed)):
-        messages = prompt_to_messages(rec["prompt"]) + [{"role": "assistant", "content": rec["response"]}]
+        messages = split_helpsteer2_prompt(rec["prompt"]) + [{"role": "assistant", "content": rec["response"]}]
         rows.append(RatingRow(f"synthetic-ratings-s{seed}-{i}", messages, [float(rec[a]) for a in ATTRIBUTES]))
     return rows
 
@@ -754,7 +744,7 @@ def make_preferences(n: int, seed: int = 0) -> list[PreferencePair]:
         subset = rng.choice(SUBSETS)
         task = sample_task(rng)
         other = sample_task(rng, exclude=task.family)
-        messages = prompt_to_messages(_prompt(task, rng, key))
+        messages = split_helpsteer2_prompt(_prompt(task, rng, key))
         spec_a, spec_b = _pair_specs(subset, rng)
         reward_a, reward_b = true_reward(labels_for(spec_a)), true_reward(labels_for(spec_b))
         assert reward_a != reward_b, (spec_a, spec_b)  # every driver changes the reward, by construction
@@ -771,19 +761,10 @@ def make_preferences(n: int, seed: int = 0) -> list[PreferencePair]:
 
 
 def write_helpsteer2_jsonl(path: str | os.PathLike, n: int, seed: int = 0) -> Path:
-    """Write `helpsteer2_records(n, seed)` as JSON lines, atomically (temp file in the same folder, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+    """Write `helpsteer2_records(n, seed)` as JSON lines, atomically (pipeline.atomic)."""
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
             for rec in helpsteer2_records(n, seed):
                 f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
+
+    return atomic_write(path, write)

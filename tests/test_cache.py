@@ -15,8 +15,11 @@ import pyarrow.parquet as pq
 import pytest
 
 import pipeline.cache as C
-from pipeline.cache import (CacheError, CacheIncomplete, CacheInputError, CacheMismatch, CacheSpec, cache_info,
-                            open_writer, read_features, read_manifest, read_pairs, verify_cache)
+import pipeline.parquet_pages as P
+from pipeline.cache import CacheError, CacheIncomplete, CacheInputError, CacheMismatch, CacheSpec, open_writer, read_manifest
+from pipeline.cache_reader import read_features, read_pairs, verify_cache
+from pipeline.recipes.cache_info import cache_info
+from pipeline.sources import file_sha256
 
 D = 24
 ROWS = 60  # per part
@@ -111,16 +114,43 @@ def test_role_filter_and_fast_path_equals_pyarrow(tmp_path, monkeypatch):
     md = pq.ParquetFile(tmp_path / "c" / "part-00000.parquet").metadata
     assert md.num_row_groups == 2
     fast_pages = []
-    real = C._plain_pages
-    monkeypatch.setattr(C, "_plain_pages", lambda *a: fast_pages.append(1) or real(*a))
+    real = P.plain_pages
+    monkeypatch.setattr(P, "plain_pages", lambda *a: fast_pages.append(1) or real(*a))
     fast = read_features(tmp_path / "c", role="rejected")
     assert fast_pages and set(fast.role) == {"rejected"} and len(fast) == 3 * ROWS // 2
-    monkeypatch.setattr(C, "_plain_pages", lambda *a: None)  # force pyarrow's decoder
+    monkeypatch.setattr(P, "plain_pages", lambda *a: None)  # force pyarrow's decoder
     slow = read_features(tmp_path / "c", role="rejected")
     assert np.array_equal(bits(fast.embedding), bits(slow.embedding))
     assert len(fast_pages) == 6  # 3 parts x 2 row groups, each walked page by page
     want = np.concatenate([p["embedding"] for p in parts]).astype(np.float16)[1::2]
     assert np.array_equal(bits(fast.embedding), bits(want))
+
+
+def test_margin_round_trips_and_caches_without_the_column_still_read(tmp_path):
+    parts = write_cache(tmp_path / "c", kind="preferences", n_parts=2)  # no margin given: null
+    assert np.isnan(read_features(tmp_path / "c").margin.numpy()).all()
+    w = open_writer(tmp_path / "m", make_spec(kind="preferences"))
+    margin = [1.5, 1.5, None, None] + [0.25] * (ROWS - 4)  # a pair's margin on both of its rows
+    w.write_part(0, {**make_part(0, kind="preferences"), "margin": margin})
+    w.finish(1)
+    pairs = read_pairs(tmp_path / "m")
+    got = pairs.chosen.margin.numpy()
+    assert got[0] == 1.5 and np.isnan(got[1]) and (got[2:] == 0.25).all()
+    assert np.array_equal(pairs.rejected.margin.numpy(), got, equal_nan=True)
+    # A part written before the margin column existed (the same part without it) reads as all null.
+    old = pq.read_table(tmp_path / "c" / "part-00000.parquet").drop_columns(["margin"])
+    pq.write_table(old, tmp_path / "c" / "part-00000.parquet", **C._parquet_options())
+    manifest = json.loads((tmp_path / "c" / C.MANIFEST).read_text())
+    file = tmp_path / "c" / "part-00000.parquet"
+    manifest["parts"][0].update(bytes=file.stat().st_size, sha256=file_sha256(file))
+    del manifest["columns"]["margin"]
+    (tmp_path / "c" / C.MANIFEST).write_text(json.dumps(manifest))
+    f = read_features(tmp_path / "c", verify=True)
+    assert len(f) == 2 * ROWS and np.isnan(f.margin.numpy()).all()
+    assert list(f.id) == [i for p in parts for i in p["id"]]
+    # Writing into such a cache would mix two schemas: refused, naming the fix.
+    with pytest.raises(CacheMismatch, match=r"older version of this package \(without the column\(s\) \['margin'\]\).*--overwrite"):
+        open_writer(tmp_path / "c", make_spec(kind="preferences"), n_parts=2).write_part(1, make_part(1, kind="preferences"))
 
 
 def test_empty_part_and_large_values_in_float32(tmp_path):
@@ -140,7 +170,7 @@ def test_pandas_opens_the_folder(tmp_path):
     (tmp_path / "c" / f".part-00009.parquet.{os.getpid()}.tmp").write_bytes(b"half")  # hidden: ignored
     df = pd.read_parquet(tmp_path / "c")
     assert list(df.columns) == ["id", "source", "subset", "pair_id", "role", "n_tokens", "embedding", "labels",
-                                "base_score"]
+                                "base_score", "margin"]
     assert list(df["id"]) == list(expected(parts, "float16")["id"])
     assert np.array_equal(np.stack(df["embedding"].to_numpy()), expected(parts, "float16")["embedding"])
 
@@ -317,6 +347,7 @@ def _child(folder: str, point: str) -> None:
     write_cache(folder, n_parts=4)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("point", KILL_POINTS)
 def test_killed_writer_leaves_no_half_part_and_resumes(tmp_path, point):
     folder = tmp_path / "c"

@@ -28,6 +28,7 @@ def test_help_lists_every_command():
     assert "info" in cache_help.output
 
 
+@pytest.mark.integration
 def test_installed_urm_command_runs():
     urm = shutil.which("urm") or str(Path(sys.executable).parent / "urm")
     out = subprocess.run([urm, "--help"], capture_output=True, text=True, timeout=60)
@@ -74,13 +75,45 @@ def test_bad_presets_are_clear(tmp_path):
         load_config("extract", str(bad))
 
 
-def test_env_variable_overrides_reach_the_command(tmp_path):
+def test_env_variable_overrides_reach_the_command(tmp_path, monkeypatch):
     preset = tmp_path / "p.toml"
-    preset.write_text('[datasets.x]\nkind = "ratings"\nsource = "synthetic:ratings?n=2"\n')
+    preset.write_text('[datasets.x]\nkind = "ratings"\nsource = "synthetic:ratings?n=2"\n[extract]\nmax_length = 99\n')
     result = runner.invoke(app, ["extract", "--preset", str(preset), "nosuch"],
                            env={"URM_MAX_LENGTH": "12"})
     assert result.exit_code != 0
     assert "unknown dataset(s) ['nosuch']" in result.output
+    # What the recipe receives: the variable beats the preset, the option beats the variable, and the
+    # paths are named after the preset (cache/p) unless it sets them.
+    import pipeline.recipes.extract as recipe
+
+    seen = []
+    monkeypatch.setattr(recipe, "run_extract", lambda cfg, names=None: seen.append((cfg, names)) or {})
+    env = {"URM_MAX_LENGTH": "12", "URM_SOURCE": "synthetic:ratings?n=3", "URM_KIND": "ratings"}
+    assert runner.invoke(app, ["extract", "--preset", str(preset), "x"], env=env).exit_code == 0
+    assert runner.invoke(app, ["extract", "--preset", str(preset), "--max-length", "7"], env=env).exit_code == 0
+    assert runner.invoke(app, ["extract", "--preset", str(preset)]).exit_code == 0
+    (by_env, names), (by_option, _), (by_preset, _) = seen
+    assert by_env.max_length == 12 and names == ["x"] and by_env.source == "synthetic:ratings?n=3"
+    assert by_env.kind == "ratings" and by_env.cache_dir == "cache/p"
+    assert by_option.max_length == 7 and by_preset.max_length == 99 and by_preset.source is None
+
+
+def test_training_options_of_both_stages_reach_their_configs(tmp_path, monkeypatch):
+    """`urm train-heads` takes both stages' options: shared ones (--seed) set both, prefixed ones one."""
+    import pipeline.recipes.train as recipe
+
+    seen = {}
+    monkeypatch.setattr(recipe, "train_value_head", lambda cfg: seen.update(value=cfg) or {"val": {}})
+    monkeypatch.setattr(recipe, "train_gating", lambda cfg: seen.update(gating=cfg) or {"val": {}})
+    monkeypatch.setattr("cli.report_training", lambda summary: None)
+    args = ["train-heads", "--seed", "5", "--lr", "0.5", "--gate-lr", "0.25", "--use-margin", "--heads-dir", "h"]
+    result = runner.invoke(app, args, env={"URM_GATE_EPOCHS": "2"})
+    assert result.exit_code == 0, result.output
+    value, gating = seen["value"], seen["gating"]
+    assert value.run.seed == gating.run.seed == 5 and value.run.heads_dir == gating.run.heads_dir == "h"
+    assert value.optim.lr == 0.5 and gating.optim.lr == 0.25 and gating.use_margin
+    assert gating.optim.epochs == 2 and value.optim.epochs == 400  # the demo preset's stage-1 epochs
+    assert value.run.cache_dir == "cache/demo"  # named after the default preset
 
 
 def write_small_cache(path: Path) -> None:
@@ -118,6 +151,7 @@ def test_extract_bad_data_is_one_clear_line(tmp_path):
     assert "bad.jsonl, row 1, field 'rejected'" in result.output
 
 
+@pytest.mark.integration
 def test_extract_end_to_end_on_a_tiny_model(tmp_path):
     from tiny_models import build_tiny_llama
 
@@ -131,6 +165,7 @@ def test_extract_end_to_end_on_a_tiny_model(tmp_path):
     assert info.exit_code == 0 and "chosen" in info.output
 
 
+@pytest.mark.integration
 def test_extract_then_train_heads_through_the_cli(tmp_path):
     """The job's first two steps end to end on a tiny model, every value given on the command line."""
     from pipeline.heads_io import load_heads
@@ -148,10 +183,10 @@ def test_extract_then_train_heads_through_the_cli(tmp_path):
                                  "--gate-epochs", "2", "--loss", "nll", "--ensemble", "2"])
     assert result.exit_code == 0, result.output
     assert "value head: val MSE" in result.output and "gate: val accuracy" in result.output
-    heads = load_heads(tmp_path / "heads")
+    heads, meta = load_heads(tmp_path / "heads")
     assert heads.members == 2 and heads.gate == "urm"
-    assert heads.meta["value_head"]["config"]["epochs"] == 3
-    assert heads.meta["gating"]["config"]["gate_epochs"] == 2
+    assert meta.value_head.config["epochs"] == 3
+    assert meta.gating.config["gate_epochs"] == 2
 
 
 def test_unknown_top_level_preset_key_is_refused(tmp_path):

@@ -4,6 +4,7 @@ scores like the heads on the backbone's hidden state whatever the padding, holes
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -15,81 +16,27 @@ from typer.testing import CliRunner
 
 from cli import app
 from pipeline import ATTRIBUTES
-from pipeline.backbone import load_backbone, weights_fingerprint
+from pipeline.backbone import load_backbone
 from pipeline.config import ExportConfig
-from pipeline.export import ExportError, export_model
-from pipeline.extract import embed_all
-from pipeline.heads import Heads
-from pipeline.heads_io import load_heads, save_heads
-from pipeline.render import chat_template_hash, render_ids
-from tiny_models import build_tiny_llama
+from pipeline.embedding import embed_all
+from pipeline.heads_io import load_heads
+from pipeline.model_dir import ExportError
+from pipeline.recipes.export import export_model
+from pipeline.render import render_ids
+from tiny_models import (CONVERSATIONS, QUIET, build_tiny_llama, cache_identity_of, export_tiny, load_export,
+                         random_heads_dir, tokenizer_of)
 
+pytestmark = pytest.mark.integration  # every test exports (and loads) a model
 K = len(ATTRIBUTES)
-QUIET = dict(log=lambda line: None)
-CONVERSATIONS = [
-    [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}],
-    [{"role": "user", "content": "Explain gradient descent in simple words."},
-     {"role": "assistant", "content": "Take small steps downhill on the loss, then repeat."}],
-    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of France?"},
-     {"role": "assistant", "content": "Paris."}, {"role": "user", "content": "Thanks!"},
-     {"role": "assistant", "content": "You are welcome."}],
-]
-
-
-# ----------------------------------------------------------------------------------------------
-# Helpers (also used by test_score.py and test_export_compat.py)
-
-
-def tokenizer_of(directory):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(directory)
-
-
-def cache_identity_of(backbone_dir: Path, hidden_size: int) -> dict:
-    """The cache identity heads.json would hold had the heads been trained on a cache of this backbone."""
-    return {"path": "cache/tiny/ratings", "fingerprint": "fp-tiny", "backbone": str(backbone_dir),
-            "backbone_revision": weights_fingerprint(backbone_dir),
-            "chat_template_hash": chat_template_hash(tokenizer_of(backbone_dir)), "hidden_size": hidden_size}
-
-
-def random_heads_dir(directory: Path, backbone_dir: Path, d: int = 64, members: int = 1, gate: str | None = "urm",
-                     bias: bool = False, seed: int = 0, identity: dict | None = None) -> Path:
-    """A heads folder with seeded random heads (weights visibly non-zero) claiming ``backbone_dir``."""
-    torch.manual_seed(seed)
-    heads = Heads(d, K, members=members, bias=bias, gate=gate, gate_hidden=16 if gate else None)
-    with torch.no_grad():
-        for p in heads.parameters():
-            p.normal_(0.0, 0.2)
-    meta = {"attributes": list(ATTRIBUTES), "label_scaling": None,
-            "value_head": {"cache": identity or cache_identity_of(backbone_dir, d), "config": {"loss": "nll"},
-                           "epochs_run": 1, "best_epoch": [1], "val": {"mse": 0.5, "per_attribute": {}}}}
-    save_heads(directory, heads, meta)
-    return directory
-
-
-def export_tiny(root: Path, *, reward_model: bool = False, members: int = 1, gate: str | None = "urm",
-                bias: bool = False, backbone: Path | None = None, name: str = "model") -> tuple[Path, Path, Path]:
-    """(backbone dir, heads dir, export dir) of a tiny Llama with random heads, exported."""
-    bb = backbone or build_tiny_llama(root / "backbone", reward_model=reward_model)
-    heads = random_heads_dir(root / f"heads-{name}", bb, members=members, gate=gate, bias=bias)
-    out = root / name
-    export_model(ExportConfig(backbone=str(bb), heads_dir=str(heads), out_dir=str(out)), **QUIET)
-    return bb, heads, out
-
-
-def load_export(directory, **kwargs):
-    from transformers import AutoModelForSequenceClassification
-
-    return AutoModelForSequenceClassification.from_pretrained(directory, trust_remote_code=True, **kwargs).eval()
 
 
 def expected_from_heads(backbone_dir: Path, heads_dir: Path, conversations) -> dict:
-    """The training path: extraction's hidden states (pipeline.extract) through pipeline.heads.Heads."""
+    """The training path: extraction's hidden states (pipeline.embedding) through pipeline.heads.Heads."""
     backbone = load_backbone(str(backbone_dir), dtype="float32", device="cpu")
     h, base = embed_all(backbone, render_ids(backbone.tokenizer, conversations), max_tokens=4096)
+    heads, _ = load_heads(heads_dir)
     with torch.no_grad():
-        out = load_heads(heads_dir)(torch.from_numpy(h))
+        out = heads(torch.from_numpy(h))
     return {**out, "base_score": None if base is None else torch.from_numpy(base)}
 
 
@@ -111,7 +58,7 @@ def tiny_model(tiny):
 def test_export_directory_holds_code_config_weights_tokenizer_and_card(tiny):
     bb, heads_dir, out = tiny
     names = {p.name for p in out.iterdir()}
-    assert names == {"config.json", "modeling_urm.py", "configuration_urm.py", "model.safetensors.index.json", "model-backbone.safetensors",
+    assert names == {"config.json", "modeling_urm.py", "heads.py", "configuration_urm.py", "model.safetensors.index.json", "model-backbone.safetensors",
                      "urm-heads.safetensors", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
                      "README.md", "heads.json", "urm_export.json"}
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temp dir left
@@ -157,9 +104,8 @@ def test_scores_equal_the_heads_on_the_extracted_hidden_state(tiny, tiny_model):
             got = tiny_model(torch.tensor([ids]))
         torch.testing.assert_close(got.logits[0, 0], expected["score"][i], atol=1e-5, rtol=0)
         torch.testing.assert_close(got.score_std[0], expected["score_std"][i], atol=1e-5, rtol=1e-5)
-        for name, key in (("attribute_means", "mu"), ("attribute_stds", "sigma"), ("gating_weights", "weights"),
-                          ("ensemble_scores", "ensemble_scores"), ("ensemble_std", "ensemble_std")):
-            torch.testing.assert_close(getattr(got, name)[0], expected[key][i], atol=1e-5, rtol=1e-5)
+        for name in ("attribute_means", "attribute_stds", "gating_weights", "ensemble_scores", "ensemble_std"):
+            torch.testing.assert_close(getattr(got, name)[0], expected[name][i], atol=1e-5, rtol=1e-5)
         assert got.ensemble_scores.shape == (1, 3) and got.base_score is None
 
 
@@ -192,19 +138,27 @@ def test_padding_side_holes_and_doubled_bos_do_not_change_the_score(tiny, tiny_m
         torch.testing.assert_close(got, single, atol=1e-5, rtol=0, msg=name)
 
 
-def test_the_exported_code_imports_only_torch_and_transformers():
+def test_the_exported_code_imports_only_torch_transformers_and_its_siblings(tiny):
+    """The export ships the package's own heads.py (the one scoring module) beside modeling_urm.py."""
     import ast
 
-    import pipeline.configuration_urm as C
-    import pipeline.modeling_urm as M
+    from pipeline.model_dir import CODE_FILES
 
-    for module in (M, C):
-        tree = ast.parse(Path(module.__file__).read_text())
+    out, package = tiny[2], Path(__file__).parents[1] / "pipeline"
+    allowed = {"modeling_urm.py": ({"torch", "transformers", "dataclasses", "typing"}, {"configuration_urm", "heads"}),
+               "heads.py": ({"torch", "math", "__future__"}, set()),
+               "configuration_urm.py": ({"transformers"}, set())}
+    assert set(CODE_FILES) == set(allowed)
+    for name, (roots_allowed, siblings_allowed) in allowed.items():
+        code = (out / name).read_text()
+        if name != "configuration_urm.py":  # that one gets the backbone's config class written in
+            assert code == (package / name).read_text(), name
+        tree = ast.parse(code)
         roots = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         roots |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 0}
         siblings = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 1}
-        assert roots <= {"torch", "transformers", "dataclasses", "typing"}, roots
-        assert siblings <= {"configuration_urm"}, siblings  # the other exported file
+        assert roots <= roots_allowed, (name, roots)
+        assert siblings <= siblings_allowed, (name, siblings)
 
 
 def test_config_is_the_backbones_own_without_remote_code_and_urm_config_with_it(tiny):
@@ -319,7 +273,7 @@ def test_sharded_and_bare_checkpoints_export_to_the_same_model(tmp_path):
 
 def test_heads_for_another_hidden_size_are_refused(tmp_path):
     bb = build_tiny_llama(tmp_path / "backbone")
-    heads = random_heads_dir(tmp_path / "heads", bb, d=32, identity={**cache_identity_of(bb, 32)})
+    heads = random_heads_dir(tmp_path / "heads", bb, d=32, identity=cache_identity_of(bb, 32))
     with pytest.raises(ExportError, match="hidden size 32 but backbone .* has hidden_size 64"):
         export_model(ExportConfig(backbone=str(bb), heads_dir=str(heads), out_dir=str(tmp_path / "m")), **QUIET)
     assert not (tmp_path / "m").exists()
@@ -331,7 +285,8 @@ def test_heads_for_another_hidden_size_are_refused(tmp_path):
 ])
 def test_heads_from_another_backbone_are_refused(tmp_path, field, value, message):
     bb = build_tiny_llama(tmp_path / "backbone")
-    heads = random_heads_dir(tmp_path / "heads", bb, identity={**cache_identity_of(bb, 64), field: value})
+    heads = random_heads_dir(tmp_path / "heads", bb, identity=dataclasses.replace(cache_identity_of(bb, 64),
+                                                                                  **{field: value}))
     with pytest.raises(ExportError, match=message):
         export_model(ExportConfig(backbone=str(bb), heads_dir=str(heads), out_dir=str(tmp_path / "m")), **QUIET)
 
@@ -350,7 +305,7 @@ def test_an_existing_out_dir_needs_overwrite(tmp_path):
 
 
 def test_a_failed_export_leaves_nothing_behind(tmp_path, monkeypatch):
-    import pipeline.export as E
+    import pipeline.recipes.export as E
 
     bb = build_tiny_llama(tmp_path / "backbone")
     heads = random_heads_dir(tmp_path / "heads", bb)
@@ -362,6 +317,21 @@ def test_a_failed_export_leaves_nothing_behind(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         export_model(ExportConfig(backbone=str(bb), heads_dir=str(heads), out_dir=str(tmp_path / "m")), **QUIET)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["backbone", "heads"]
+
+
+def test_the_backbone_is_opened_and_its_template_hashed_once_per_export(tmp_path, monkeypatch):
+    import pipeline.backbone as B
+    import pipeline.render as R
+
+    bb = build_tiny_llama(tmp_path / "backbone")
+    heads = random_heads_dir(tmp_path / "heads", bb)
+    opened, hashed = [], []
+    real_resolve, real_hash = B.resolve_backbone, R.chat_template_hash
+    monkeypatch.setattr(B, "resolve_backbone", lambda *a: opened.append(a) or real_resolve(*a))
+    monkeypatch.setattr(R, "chat_template_hash", lambda tok: hashed.append(tok) or real_hash(tok))
+    export_model(ExportConfig(backbone=str(bb), heads_dir=str(heads), out_dir=str(tmp_path / "m")), **QUIET)
+    assert len(opened) == 1
+    assert len(hashed) == 2  # the backbone's tokenizer, and the exported one (checked to render the same)
 
 
 def test_copy_instead_of_hardlink_and_backbone_from_heads_json(tmp_path):

@@ -15,19 +15,15 @@ import pytest
 import torch
 
 from pipeline.backbone import load_backbone
-from pipeline.cache import read_features, read_manifest, read_pairs
+from pipeline.batching import pad_right, plan_batches
+from pipeline.cache import read_manifest
+from pipeline.cache_reader import read_features, read_pairs
 from pipeline.config import DatasetSpec, ExtractConfig
-from pipeline.extract import (
-    embed_all,
-    embed_batch,
-    keep_mask,
-    last_token_index,
-    pad_right,
-    part_bounds,
-    plan_batches,
-    run_extract,
-)
+from pipeline.embedding import backbone_forward, embed_all
+from pipeline.heads import last_token_index
+from pipeline.recipes.extract import run_extract
 from pipeline.render import render_ids
+from pipeline.rows import keep_mask, part_bounds
 from pipeline.synthetic import make_preferences, make_ratings
 from tiny_models import build_tiny_llama
 
@@ -108,7 +104,7 @@ def test_batched_features_equal_one_at_a_time(tiny):
     ids = render_ids(tiny.tokenizer, conversations(24))
     assert len({len(x) for x in ids}) > 5  # mixed lengths
     batched, _ = embed_all(tiny, ids, max_tokens=400)
-    single = np.stack([embed_batch(tiny, [x])[0][0] for x in ids])
+    single = np.stack([embed_all(tiny, [x], max_tokens=400)[0][0] for x in ids])
     assert np.abs(batched - single).max() <= 1e-5
 
 
@@ -118,7 +114,7 @@ def test_last_token_is_the_true_last_token_when_eos_equals_pad(tiny):
     input_ids, mask = pad_right(ids, tiny.tokenizer.pad_token_id)
     with torch.inference_mode():
         hidden = tiny.model(input_ids=input_ids, attention_mask=mask).last_hidden_state
-    batched, _ = embed_batch(tiny, ids)
+        batched = backbone_forward(tiny, input_ids, mask)["embedding"].numpy()
     for i, x in enumerate(ids):
         with torch.inference_mode():
             alone = tiny.model(input_ids=torch.tensor([x])).last_hidden_state[0, -1]
@@ -149,17 +145,25 @@ def test_base_score_equals_the_checkpoints_own_classifier(tiny_rm_dir):
 # ---------------------------------------------------------------------------------------------- run
 
 
+RATINGS = "synthetic:ratings?n=30&seed=0"
+PREFERENCES = "synthetic:preferences?n=20&seed=1"
+
+
+def extract_options(model_dir, cache_dir, **kw) -> dict:
+    """The tests' extraction settings, as plain values (a child process rebuilds them)."""
+    return {**dict(backbone=str(model_dir), cache_dir=str(cache_dir), device="cpu", storage_dtype="float32",
+                   part_rows=8, max_tokens_per_batch=2048, max_length=1024), **kw}
+
+
 def extract_config(model_dir, cache_dir, **kw) -> ExtractConfig:
     datasets = {
-        "ratings": DatasetSpec("ratings", "ratings", "synthetic:ratings?n=30&seed=0"),
-        "preferences": DatasetSpec("preferences", "preferences", "synthetic:preferences?n=20&seed=1"),
+        "ratings": DatasetSpec("ratings", "ratings", RATINGS),
+        "preferences": DatasetSpec("preferences", "preferences", PREFERENCES),
     }
-    base = dict(backbone=str(model_dir), cache_dir=str(cache_dir), datasets=datasets, device="cpu",
-                storage_dtype="float32", part_rows=8, max_tokens_per_batch=2048, max_length=1024)
-    base.update(kw)
-    return ExtractConfig(**base)
+    return ExtractConfig(**{"datasets": datasets, **extract_options(model_dir, cache_dir, **kw)})
 
 
+@pytest.mark.integration
 def test_run_extract_writes_ratings_and_pairs(tiny_rm_dir, tmp_path, tiny):
     cfg = extract_config(tiny_rm_dir, tmp_path)
     stats = run_extract(cfg)
@@ -171,6 +175,9 @@ def test_run_extract_writes_ratings_and_pairs(tiny_rm_dir, tmp_path, tiny):
     assert not torch.isnan(ratings.base_score).any()
     pairs = read_pairs(tmp_path / "preferences")
     assert pairs.chosen.pair_id.tolist() == [p.pair_id for p in make_preferences(20, 1)]
+    margins = np.array([p.margin for p in make_preferences(20, 1)], dtype=np.float32)  # carried, not dropped
+    assert np.array_equal(pairs.chosen.margin.numpy(), margins) and (margins > 0).all()
+    assert np.array_equal(pairs.rejected.margin.numpy(), margins) and np.isnan(ratings.margin.numpy()).all()
     assert (pairs.chosen.role == "chosen").all() and (pairs.rejected.role == "rejected").all()
     manifest = read_manifest(tmp_path / "ratings")
     assert manifest["complete"] and manifest["hidden_size"] == 64
@@ -179,6 +186,7 @@ def test_run_extract_writes_ratings_and_pairs(tiny_rm_dir, tmp_path, tiny):
     assert again["ratings"].parts_written == 0 and again["ratings"].parts_skipped == 4
 
 
+@pytest.mark.integration
 def test_too_long_rows_are_dropped_and_counted_pairs_whole(tiny_dir, tmp_path, tiny):
     pairs = make_preferences(20, 1)
     ids = render_ids(tiny.tokenizer, [c for p in pairs for c in (p.chosen, p.rejected)])
@@ -193,19 +201,32 @@ def test_too_long_rows_are_dropped_and_counted_pairs_whole(tiny_dir, tmp_path, t
     assert read_manifest(tmp_path / "preferences")["dropped_rows"] == (~kept).sum()
 
 
+@pytest.mark.integration
+def test_the_backbone_is_opened_once_per_run(tiny_dir, tmp_path, monkeypatch):
+    """Resolving a backbone hashes its weights (a GGUF in full): once a run, for every dataset."""
+    import pipeline.backbone as B
+
+    calls = []
+    real = B.resolve_backbone
+    monkeypatch.setattr(B, "resolve_backbone", lambda *a: calls.append(a) or real(*a))
+    stats = run_extract(extract_config(tiny_dir, tmp_path))
+    assert set(stats) == {"ratings", "preferences"} and stats["ratings"].parts_written == 4
+    assert len(calls) == 1
+
+
 SLOW_EMBED = """
-import sys, time
-sys.path.insert(0, {tests!r})
-import pipeline.extract as ex
-slow = ex.embed_batch
-def embed_batch(*a, **k):
+import time
+import pipeline.embedding as embedding
+fast = embedding.backbone_forward
+def backbone_forward(*a, **k):
     time.sleep(0.15)
-    return slow(*a, **k)
-ex.embed_batch = embed_batch
+    return fast(*a, **k)
+embedding.backbone_forward = backbone_forward
 """
 KILL_SCRIPT = SLOW_EMBED + """
-from test_extract import extract_config
-ex.run_extract(extract_config({model!r}, {cache!r}), names=["ratings"])
+from pipeline.config import DatasetSpec, ExtractConfig
+from pipeline.recipes.extract import run_extract
+run_extract(ExtractConfig(**{config}), names=["ratings"])
 """
 
 
@@ -216,10 +237,12 @@ def wait_for_a_complete_part(manifest: Path, timeout: float = 120) -> None:
         time.sleep(0.05)
 
 
+@pytest.mark.integration
 def test_sigkill_mid_run_then_resume_equals_uninterrupted(tiny_dir, tmp_path):
     run_extract(extract_config(tiny_dir, tmp_path / "clean"), names=["ratings"])
     cache = tmp_path / "killed"
-    script = KILL_SCRIPT.format(tests=str(ROOT / "tests"), model=str(tiny_dir), cache=str(cache))
+    options = extract_options(tiny_dir, cache, datasets={"ratings": DatasetSpec("ratings", "ratings", RATINGS)})
+    script = KILL_SCRIPT.format(config=repr(options))
     child = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
     manifest = cache / "ratings" / "_manifest.json"
@@ -240,13 +263,14 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(tiny_dir, tmp_path):
 CTRL_C_SCRIPT = SLOW_EMBED + """
 from cli import app
 app(["extract", "--backbone", {model!r}, "--cache-dir", {cache!r}, "--device", "cpu", "--part-rows", "8",
-     "--source", "synthetic:ratings?n=30&seed=0", "--kind", "ratings", "--name", "ratings"])
+     "--source", {ratings!r}, "--kind", "ratings", "--name", "ratings"])
 """
 
 
+@pytest.mark.integration
 def test_ctrl_c_stops_cleanly_and_the_next_run_finishes(tiny_dir, tmp_path):
     cache = tmp_path / "cache"
-    script = CTRL_C_SCRIPT.format(tests=str(ROOT / "tests"), model=str(tiny_dir), cache=str(cache))
+    script = CTRL_C_SCRIPT.format(model=str(tiny_dir), cache=str(cache), ratings=RATINGS)
     child = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
     wait_for_a_complete_part(cache / "ratings" / "_manifest.json")
@@ -256,5 +280,5 @@ def test_ctrl_c_stops_cleanly_and_the_next_run_finishes(tiny_dir, tmp_path):
     assert "interrupted: complete parts are kept" in err and "Traceback" not in err
     assert not [p for p in (cache / "ratings").iterdir() if p.name.startswith(".")]  # no temp file left
     stats = run_extract(extract_config(tiny_dir, cache, datasets={
-        "ratings": DatasetSpec("ratings", "ratings", "synthetic:ratings?n=30&seed=0")}), names=["ratings"])
+        "ratings": DatasetSpec("ratings", "ratings", RATINGS)}), names=["ratings"])
     assert stats["ratings"].parts_skipped >= 1 and stats["ratings"].rows == 30

@@ -18,16 +18,16 @@ def smollm2():
 
 
 def test_batched_equals_one_at_a_time_on_200_real_pairs(smollm2, shared_data):
-    from bench import HH_RLHF, shortest_real_pairs
-    from pipeline.extract import embed_all, embed_batch
+    from pipeline.embedding import embed_all
     from pipeline.render import render_ids
+    from pipeline.testing import shortest_real_pairs
 
-    pairs = shortest_real_pairs(200, shared_data / HH_RLHF.name)
+    pairs = shortest_real_pairs(200, shared_data / "hh-rlhf-harmless-base-test.jsonl.gz")
     ids = render_ids(smollm2.tokenizer, [c for p in pairs for c in (p.chosen, p.rejected)])
     assert len(ids) == 400 and len({len(x) for x in ids}) > 20
     # SmolLM2's EOS is its pad token and ends every rendered conversation: the pick must survive it.
     assert all(x[-2] == smollm2.tokenizer.eos_token_id == smollm2.tokenizer.pad_token_id for x in ids)
     batched, _ = embed_all(smollm2, ids, max_tokens=4096)
-    single = np.stack([embed_batch(smollm2, [x])[0][0] for x in ids])
+    single = np.stack([embed_all(smollm2, [x], max_tokens=4096)[0][0] for x in ids])
     diff = np.abs(batched - single).max()
     assert diff <= 1e-4, f"max abs diff {diff}"

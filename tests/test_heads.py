@@ -10,7 +10,8 @@ import torch
 
 from pipeline.heads import (Heads, SoftmaxGate, ValueEnsemble, p_chosen_bt, p_chosen_gaussian, score,
                             score_variance, split_mean_logstd, unstandardize, urm_gate)
-from pipeline.heads_io import HeadsError, load_heads, save_heads
+from pipeline.heads_io import CacheIdentity, HeadsError, load_heads, save_heads
+from tiny_models import heads_meta
 
 
 def test_split_is_interleaved():
@@ -65,12 +66,13 @@ def test_heads_forward_is_the_method_math():
     raw = h @ heads.score.weight.T
     mu, sigma = raw[:, 0::2], raw[:, 1::2].exp()
     w = heads.weights(h)
-    assert torch.allclose(out["mu"], mu) and torch.allclose(out["sigma"], sigma) and torch.equal(out["weights"], w)
+    assert torch.allclose(out["attribute_means"], mu) and torch.allclose(out["attribute_stds"], sigma)
+    assert torch.equal(out["gating_weights"], w)
     assert torch.allclose(out["score"], (w * mu).sum(-1))
     assert torch.allclose(out["score_std"], (w ** 2 * sigma ** 2).sum(-1).sqrt())
     assert "ensemble_scores" not in out
     plain = Heads(6, 3)(h)  # no gate yet: equal weights 1/K
-    assert torch.allclose(plain["weights"], torch.full((5, 3), 1 / 3))
+    assert torch.allclose(plain["gating_weights"], torch.full((5, 3), 1 / 3))
 
 
 def test_ensemble_mean_head_and_spread():
@@ -115,11 +117,15 @@ def test_unstandardize_folds_the_label_scaling():
 def test_heads_folder_round_trip(tmp_path, gate):
     torch.manual_seed(0)
     heads = Heads(8, 5, members=2, bias=gate == "softmax", gate=gate, gate_hidden=6, temperature=2.0)
-    save_heads(tmp_path, heads, {"attributes": list("abcde"), "note": math.nan})
+    meta = heads_meta(heads, CacheIdentity("cache/x"))
+    meta.value_head.val["nll"] = math.nan
+    save_heads(tmp_path, heads, meta)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["heads.json", "heads.safetensors"]  # no .tmp left
-    meta = json.loads((tmp_path / "heads.json").read_text())  # strict JSON: NaN saved as null
-    assert meta["note"] is None and meta["hidden_size"] == 8 and meta["architecture"]["gate"] == gate
-    loaded = load_heads(tmp_path)
+    saved = json.loads((tmp_path / "heads.json").read_text())  # strict JSON: NaN saved as null
+    assert saved["value_head"]["val"]["nll"] is None and saved["hidden_size"] == 8
+    assert saved["architecture"]["gate"] == gate
+    loaded, loaded_meta = load_heads(tmp_path)
+    assert loaded_meta.architecture == heads.architecture and loaded_meta.value_head.cache.path == "cache/x"
     h = torch.randn(3, 8)
     a, b = heads(h), loaded(h)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

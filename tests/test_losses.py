@@ -113,3 +113,12 @@ def test_regression_report_names_each_attribute():
     report = M.regression_report(mu, log_sigma, y, ["a", "b"])
     assert report["mse"] == pytest.approx(1.0) and report["mean_sigma"] == pytest.approx(1.0)
     assert set(report["per_attribute"]) == {"a", "b"}
+
+
+def test_margin_aware_bt_loss_by_hand():
+    """TRL's margin-aware form: -log sigmoid(s_c - s_r - margin); margin 0 is the plain BT loss."""
+    s_c, s_r, margin = torch.tensor([2.0, 0.5]), torch.tensor([1.0, 1.0]), torch.tensor([1.5, -0.5])
+    by_hand = (math.log1p(math.exp(-(1.0 - 1.5))) + math.log1p(math.exp(-(-0.5 + 0.5)))) / 2
+    assert losses.bt_loss(s_c, s_r, margin).item() == pytest.approx(by_hand, rel=1e-6)
+    assert losses.bt_loss(s_c, s_r, torch.zeros(2)).item() == pytest.approx(losses.bt_loss(s_c, s_r).item())
+    assert losses.bt_loss(s_c, s_r, margin).item() > losses.bt_loss(s_c, s_r).item()  # a wider gap is asked

@@ -28,6 +28,7 @@ def ratings_cache(path: Path, n: int = 80, d: int = 12) -> Path:
     return path
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.name)
 def test_notebook_runs_on_a_cache(notebook, tmp_path, monkeypatch):
     monkeypatch.setenv("URM_NOTEBOOK_CACHE", str(ratings_cache(tmp_path / "ratings")))

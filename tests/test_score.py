@@ -17,8 +17,10 @@ from typer.testing import CliRunner
 from cli import app
 from pipeline import ATTRIBUTES
 from pipeline.render import render_ids
-from test_export import CONVERSATIONS, QUIET, export_tiny, load_export, tokenizer_of
+from tiny_models import (CONVERSATIONS, QUIET, TF457_VERSION, export_tiny, load_export, require_tf457, scores_here,
+                         scores_under, tokenizer_of)
 
+pytestmark = pytest.mark.integration  # every test exports (and loads) a model
 runner = CliRunner()
 
 SEED_SNIPPET = '''import torch
@@ -91,15 +93,15 @@ def test_batched_scores_equal_the_model_one_conversation_at_a_time(tiny, write_j
             one = model(torch.tensor([x]))
         assert row["score"] == pytest.approx(one.logits[0, 0].item(), abs=1e-5)
         assert row["score_std"] == pytest.approx(one.score_std[0].item(), rel=1e-5)
-        assert list(row["mean"]) == list(ATTRIBUTES)
-        assert list(row["mean"].values()) == pytest.approx(one.attribute_means[0].tolist(), abs=1e-5)
-        assert list(row["std"].values()) == pytest.approx(one.attribute_stds[0].tolist(), rel=1e-5)
-        assert list(row["weight"].values()) == pytest.approx(one.gating_weights[0].tolist(), abs=1e-5)
+        assert list(row["attribute_means"]) == list(ATTRIBUTES)
+        assert list(row["attribute_means"].values()) == pytest.approx(one.attribute_means[0].tolist(), abs=1e-5)
+        assert list(row["attribute_stds"].values()) == pytest.approx(one.attribute_stds[0].tolist(), rel=1e-5)
+        assert list(row["gating_weights"].values()) == pytest.approx(one.gating_weights[0].tolist(), abs=1e-5)
         assert row["ensemble_scores"] == pytest.approx(one.ensemble_scores[0].tolist(), abs=1e-5)
         assert row["base_score"] == pytest.approx(one.base_score[0].item(), abs=1e-5)
     # the score's std is sqrt(sum_k w_k^2 sigma_k^2) of the row's own numbers (METHOD.md 1)
     r = got[0]
-    var = sum(r["weight"][a] ** 2 * r["std"][a] ** 2 for a in ATTRIBUTES)
+    var = sum(r["gating_weights"][a] ** 2 * r["attribute_stds"][a] ** 2 for a in ATTRIBUTES)
     assert r["score_std"] == pytest.approx(math.sqrt(var), rel=1e-4)
 
 
@@ -156,12 +158,13 @@ SMOLLM2_ROWS = "synthetic:ratings?n=24&seed=0"
 
 @pytest.fixture(scope="module")
 def smollm2(tmp_path_factory):
-    from pipeline.cache import read_features
-    from pipeline.config import SMOLLM2_GGUF, DatasetSpec, ExportConfig, ExtractConfig, GatingConfig, ValueHeadConfig
-    from pipeline.export import export_model
-    from pipeline.extract import run_extract
-    from pipeline.heads_io import save_heads
-    from pipeline.train import cache_identity, fit_gate, fit_value_head, stage_meta
+    from pipeline.cache_reader import read_features
+    from pipeline.config import SMOLLM2_GGUF, DatasetSpec, ExportConfig, ExtractConfig, GatingConfig, ValueHeadConfig, build
+    from pipeline.heads_io import CacheIdentity, HeadsMeta, save_heads
+    from pipeline.recipes.export import export_model
+    from pipeline.recipes.extract import run_extract
+    from pipeline.recipes.train import stage_record
+    from pipeline.trainers import fit_gate, fit_value_head
 
     root = tmp_path_factory.mktemp("smollm2")
     spec = DatasetSpec(name="ratings", kind="ratings", source=SMOLLM2_ROWS)
@@ -169,16 +172,17 @@ def smollm2(tmp_path_factory):
                               dtype="float32", device="cpu", max_tokens_per_batch=4096, datasets={"ratings": spec}))
     cache = root / "cache" / "ratings"
     features = read_features(cache)
-    identity = cache_identity(str(cache), features.manifest)
+    identity = CacheIdentity.of(cache, features.manifest)
     x, n = features.embedding, len(features) // 2
-    vcfg = ValueHeadConfig(loss="nll", epochs=30, patience=30, batch_size=8, lr=1e-3, ensemble=2, val_fraction=0.25,
-                           device="cpu")
+    vcfg = build(ValueHeadConfig, dict(loss="nll", epochs=30, patience=30, batch_size=8, lr=1e-3, ensemble=2,
+                                       val_fraction=0.25, device="cpu"))
     value = fit_value_head(x, features.labels, vcfg, **QUIET)
-    gcfg = GatingConfig(gate="urm", gate_hidden=32, gate_epochs=3, gate_batch_size=4, gate_lr=1e-3,
-                        gate_val_fraction=0.25, device="cpu")
+    gcfg = build(GatingConfig, dict(gate="urm", gate_hidden=32, gate_epochs=3, gate_batch_size=4, gate_lr=1e-3,
+                                    gate_val_fraction=0.25, device="cpu"))
     gated = fit_gate(x[:n], x[n:2 * n], value.heads, gcfg, **QUIET)  # any pairs: the gate only has to exist
-    meta = {"attributes": list(ATTRIBUTES), "label_scaling": value.label_scaling,
-            "value_head": stage_meta(vcfg, value, identity), "gating": stage_meta(gcfg, gated, identity)}
+    meta = HeadsMeta(attributes=list(ATTRIBUTES), hidden_size=gated.heads.d, architecture=gated.heads.architecture,
+                     value_head=stage_record(vcfg, value, identity), label_scaling=value.label_scaling,
+                     gating=stage_record(gcfg, gated, identity))
     save_heads(root / "heads", gated.heads, meta)
     out = root / "model"
     export_model(ExportConfig(heads_dir=str(root / "heads"), out_dir=str(out)), **QUIET)  # backbone from heads.json
@@ -189,20 +193,20 @@ def smollm2(tmp_path_factory):
 def test_smollm2_export_scores_equal_the_heads_on_cached_features(smollm2):
     from pipeline.config import ScoreConfig
     from pipeline.heads_io import load_heads
-    from pipeline.score import score_file
+    from pipeline.recipes.score import score_file
 
     output = smollm2.root / "scores.jsonl"
     score_file(str(smollm2.out), SMOLLM2_ROWS, str(output),
                ScoreConfig(device="cpu", dtype="float32", max_tokens_per_batch=2048), log=lambda line: None)
     got = {r["id"]: r for r in map(json.loads, output.read_text().splitlines())}
     with torch.no_grad():
-        expected = load_heads(smollm2.heads)(smollm2.features.embedding)
+        expected = load_heads(smollm2.heads)[0](smollm2.features.embedding)
     ids = list(smollm2.features.id)
     assert sorted(got) == sorted(ids) and len(ids) == 24
     diff = {
         "score": max(abs(got[i]["score"] - expected["score"][j].item()) for j, i in enumerate(ids)),
         "score_std": max(abs(got[i]["score_std"] - expected["score_std"][j].item()) for j, i in enumerate(ids)),
-        "mean": max(abs(got[i]["mean"][a] - expected["mu"][j, k].item())
+        "mean": max(abs(got[i]["attribute_means"][a] - expected["attribute_means"][j, k].item())
                     for j, i in enumerate(ids) for k, a in enumerate(ATTRIBUTES)),
         "ensemble_std": max(abs(got[i]["ensemble_std"] - expected["ensemble_std"][j].item()) for j, i in enumerate(ids)),
     }
@@ -221,8 +225,6 @@ def test_smollm2_seed_snippet_matches_urm_score(smollm2, write_jsonl, tmp_path):
 
 @pytest.mark.slow
 def test_smollm2_export_scores_the_same_under_transformers_457(smollm2, tmp_path):
-    from test_export_compat import TF457_VERSION, require_tf457, scores_here, scores_under
-
     require_tf457()
     conversations = [r["messages"] for r in SNIPPET_ROWS]
     ids = render_ids(tokenizer_of(smollm2.out), conversations)

@@ -22,6 +22,9 @@ EXPECTED = {
     "anthropic-helpful-subset.jsonl": ("rewardbench", 1137, 0),
     "pandalm-test.jsonl": ("rewardbench", 894, 52),
 }
+# Real rows rated on the five HelpSteer attributes, in NeMo-Aligner's SteerLM and regression-RM formats
+# (see its README); the rating loaders do not read these formats yet (issue 10).
+RATING_FILES = {"steerlm-attributes-sample512.jsonl", "nemo-regression-rm-sample8.jsonl"}
 
 
 @lru_cache(maxsize=None)
@@ -41,7 +44,7 @@ def line_count(path: Path) -> int:
 
 def test_every_file_is_expected(shared_data):
     files = {p.name for p in shared_data.iterdir() if p.name != "README.md"}
-    assert files == set(EXPECTED)
+    assert files == set(EXPECTED) | RATING_FILES
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))

@@ -8,6 +8,7 @@ import re
 import pytest
 
 from pipeline import ATTRIBUTES
+from pipeline.ratings import split_helpsteer2_prompt
 from pipeline.records import PreferencePair, RatingRow
 from pipeline.synthetic import (
     PAIR_WEIGHTS,
@@ -20,7 +21,6 @@ from pipeline.synthetic import (
     labels_for,
     make_preferences,
     make_ratings,
-    prompt_to_messages,
     render,
     sample_task,
     true_reward,
@@ -185,7 +185,7 @@ def test_ratings_rows():
         roles = [m["role"] for m in row.messages]
         assert roles == ["user", "assistant"] * (len(roles) // 2)
         assert all(isinstance(m["content"], str) and m["content"].strip() for m in row.messages)
-        assert row.messages[:-1] == prompt_to_messages(rec["prompt"])
+        assert row.messages[:-1] == split_helpsteer2_prompt(rec["prompt"])
     assert any(len(r.messages) == 4 for r in rows)
 
 

@@ -6,13 +6,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench.sigma_recovery import NOISE, STAGE1, linear_ratings
 from pipeline import ATTRIBUTES
 from pipeline.cache import CacheSpec, open_writer
-from pipeline.config import GatingConfig, ValueHeadConfig
+from pipeline.config import GatingConfig, ValueHeadConfig, build
+from pipeline.errors import UserError
 from pipeline.heads import Heads
-from pipeline.heads_io import HeadsError, load_heads, save_heads
-from pipeline.train import fit_gate, fit_value_head, train_gating, train_value_head
+from pipeline.heads_io import CacheIdentity, HeadsError, load_heads, save_heads
+from pipeline.recipes.train import train_gating, train_value_head
+from pipeline.testing import LINEAR_RATINGS_TRAINING as STAGE1
+from pipeline.testing import NOISE, linear_ratings
+from pipeline.trainers import fit_gate, fit_value_head
+from tiny_models import heads_meta
 
 K = len(ATTRIBUTES)
 QUIET = dict(log=lambda line: None)
@@ -73,7 +77,7 @@ STAGE2 = dict(gate_lr=1e-2, gate_batch_size=256, gate_epochs=15, gate_patience=5
 
 def small_fit(**overrides):
     h, y = linear_ratings(n=600, d=8)
-    cfg = ValueHeadConfig(**{**STAGE1, "epochs": 4, "batch_size": 64, **overrides})
+    cfg = build(ValueHeadConfig, {**STAGE1, "epochs": 4, "batch_size": 64, **overrides})
     return fit_value_head(h, y, cfg, **QUIET), h, y
 
 
@@ -107,10 +111,10 @@ def test_early_stopping_restores_the_best_epoch():
 def test_standardized_labels_are_folded_back_to_the_label_scale():
     fit, h, y = small_fit(loss="nll", epochs=40, standardize_labels=True)
     assert fit.heads.score.bias is not None  # mu = std * (W h + b) + mean needs a bias
-    assert fit.label_scaling["mean"][0] == pytest.approx(y[:, 0].mean().item(), abs=0.2)
+    assert fit.label_scaling.mean[0] == pytest.approx(y[:, 0].mean().item(), abs=0.2)
     # The saved weights predict on the label scale: val MSE = the label noise variance.
     assert fit.val["mse"] == pytest.approx(NOISE.square().mean().item(), rel=0.15)
-    assert fit.heads(h)["mu"].mean().item() == pytest.approx(y.mean().item(), abs=0.1)
+    assert fit.heads(h)["attribute_means"].mean().item() == pytest.approx(y.mean().item(), abs=0.1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -120,7 +124,7 @@ def test_standardized_labels_are_folded_back_to_the_label_scale():
 @pytest.mark.parametrize("gate", ["urm", "softmax"])
 def test_gate_weights_follow_the_prompt_and_beat_equal_weights(gate):
     chosen, rejected = prompt_dependent_pairs()
-    fit = fit_gate(chosen, rejected, identity_value_head(), GatingConfig(gate=gate, **STAGE2), **QUIET)
+    fit = fit_gate(chosen, rejected, identity_value_head(), build(GatingConfig, dict(gate=gate, **STAGE2)), **QUIET)
     val, equal = fit.val, fit.val["equal_weights"]
     assert equal["accuracy"] < 0.7 and val["accuracy"] > 0.94  # gating wins by a wide margin
     w_std, w_mean = val["weights_std"], val["weights_mean"]
@@ -134,7 +138,7 @@ def test_stage2_is_deterministic_and_leaves_the_value_head_alone():
     chosen, rejected = prompt_dependent_pairs(n=500)
     value = identity_value_head()
     before = {k: v.clone() for k, v in value.state_dict().items()}
-    cfg = GatingConfig(gate="urm", **{**STAGE2, "gate_epochs": 3})
+    cfg = build(GatingConfig, {"gate": "urm", **STAGE2, "gate_epochs": 3})
     a, b = fit_gate(chosen, rejected, value, cfg, **QUIET), fit_gate(chosen, rejected, value, cfg, **QUIET)
     for (name, x), (_, y) in zip(a.heads.state_dict().items(), b.heads.state_dict().items()):
         assert torch.equal(x, y), name
@@ -143,16 +147,40 @@ def test_stage2_is_deterministic_and_leaves_the_value_head_alone():
     assert all(torch.equal(v, before[k]) for k, v in value.state_dict().items())
 
 
+def test_margin_aware_gate_widens_the_gap_the_margin_asks_for():
+    """-log sigmoid(s_c - s_r - margin): margin 0 trains exactly as plain BT; a margin of 3 asks each
+    chosen score to clear the rejected one by 3, and the gate learns wider gaps (METHOD.md 3)."""
+    chosen, rejected = prompt_dependent_pairs(n=1000)
+    value, n = identity_value_head(), len(chosen)
+    cfg = {"gate": "urm", **STAGE2, "gate_epochs": 5}
+    plain = fit_gate(chosen, rejected, value, build(GatingConfig, cfg), **QUIET)
+    with_margin = build(GatingConfig, {**cfg, "use_margin": True})
+    zero = fit_gate(chosen, rejected, value, with_margin, margin=torch.zeros(n), **QUIET)
+    wide = fit_gate(chosen, rejected, value, with_margin, margin=torch.full((n,), 3.0), **QUIET)
+    assert all(torch.equal(a, b) for a, b in zip(plain.heads.state_dict().values(), zero.heads.state_dict().values()))
+
+    def mean_gap(fit):
+        with torch.no_grad():
+            return (fit.heads(chosen.float())["score"] - fit.heads(rejected.float())["score"]).mean().item()
+
+    assert mean_gap(wide) > 1.5 * mean_gap(plain) > 0
+    assert "bt_margin_loss" in wide.val and "bt_margin_loss" not in plain.val
+    assert wide.val["bt_margin_loss"] > wide.val["bt_loss"]
+    with pytest.raises(UserError, match="--use-margin needs each pair's margin"):
+        fit_gate(chosen, rejected, value, with_margin, **QUIET)
+
+
 # ----------------------------------------------------------------------------------------------
 # The public entry points on real caches
 
 
+@pytest.mark.integration
 def test_nll_recovers_the_noise_std_and_reparam_shrinks_it(tmp_path):
     h, y = linear_ratings()
     cache = write_cache(tmp_path / "ratings", h, y.numpy())
     sigma = {}
     for loss in ("nll", "reparam"):
-        cfg = ValueHeadConfig(ratings_cache=cache, heads_dir=str(tmp_path / loss), loss=loss, **STAGE1)
+        cfg = build(ValueHeadConfig, dict(ratings_cache=cache, heads_dir=str(tmp_path / loss), loss=loss, **STAGE1))
         summary = train_value_head(cfg, **QUIET)
         sigma[loss] = torch.tensor([summary["val"]["per_attribute"][a]["mean_sigma"] for a in ATTRIBUTES])
     # nll: calibrated, every attribute's sigma within 10% of the true noise std (METHOD.md 2).
@@ -160,38 +188,37 @@ def test_nll_recovers_the_noise_std_and_reparam_shrinks_it(tmp_path):
     # reparam: E[loss] = (mu - y)^2 + sigma^2 drives sigma towards 0, whatever the true noise.
     assert (sigma["reparam"] < 0.5 * sigma["nll"]).all(), sigma["reparam"]
     assert sigma["reparam"].mean() < 0.2 * NOISE.mean(), sigma["reparam"]
-    meta = load_heads(tmp_path / "nll").meta
-    assert meta["value_head"]["cache"]["fingerprint"] and meta["value_head"]["cache"]["backbone"] == "tiny/backbone"
-    assert meta["value_head"]["config"]["loss"] == "nll" and meta["attributes"] == list(ATTRIBUTES)
-    assert len(meta["value_head"]["history"]) == meta["value_head"]["epochs_run"]
+    _, meta = load_heads(tmp_path / "nll")
+    assert meta.value_head.cache.fingerprint and meta.value_head.cache.backbone == "tiny/backbone"
+    assert meta.value_head.config["loss"] == "nll" and meta.attributes == list(ATTRIBUTES)
+    assert len(meta.value_head.history) == meta.value_head.epochs_run
 
 
 def value_head_folder(tmp_path, ratings_cache) -> str:
     """A heads folder holding ``identity_value_head`` as if trained on ``ratings_cache``."""
     from pipeline.cache import read_manifest
-    from pipeline.train import cache_identity
 
     folder = str(tmp_path / "heads")
-    meta = {"attributes": list(ATTRIBUTES), "label_scaling": None,
-            "value_head": {"cache": cache_identity(ratings_cache, read_manifest(ratings_cache))}}
-    save_heads(folder, identity_value_head(), meta)
+    heads = identity_value_head()
+    save_heads(folder, heads, heads_meta(heads, CacheIdentity.of(ratings_cache, read_manifest(ratings_cache))))
     return folder
 
 
+@pytest.mark.integration
 def test_train_gating_adds_the_gate_and_keeps_the_value_head(tmp_path):
     chosen, rejected = prompt_dependent_pairs()
     ratings = write_cache(tmp_path / "ratings", chosen[:100], torch.zeros(100, K).numpy())
     prefs = write_cache(tmp_path / "prefs", (chosen, rejected))
     heads_dir = value_head_folder(tmp_path, ratings)
-    before = load_heads(heads_dir).score.weight.clone()
-    summary = train_gating(GatingConfig(preferences_cache=prefs, heads_dir=heads_dir, **STAGE2), **QUIET)
+    before = load_heads(heads_dir)[0].score.weight.clone()
+    summary = train_gating(build(GatingConfig, dict(preferences_cache=prefs, heads_dir=heads_dir, **STAGE2)), **QUIET)
     assert summary["val"]["accuracy"] > 0.94 and summary["val"]["equal_weights"]["accuracy"] < 0.7
-    heads = load_heads(heads_dir)
+    heads, meta = load_heads(heads_dir)
     assert torch.equal(heads.score.weight, before)  # bit-identical after stage 2
-    assert heads.weights is not None and heads.meta["gating"]["config"]["gate"] == "urm"
-    assert heads.meta["gating"]["cache"]["path"] == prefs
+    assert heads.weights is not None and meta.gating.config["gate"] == "urm"
+    assert meta.gating.cache.path == prefs
     out = heads(chosen[:4].float())
-    assert set(out) == {"score", "score_std", "mu", "sigma", "weights"}
+    assert set(out) == {"score", "score_std", "attribute_means", "attribute_stds", "gating_weights"}
 
 
 @pytest.mark.parametrize("field, value", [("backbone", "other/backbone"), ("chat_template_hash", "tmpl-1")])
@@ -202,8 +229,18 @@ def test_train_gating_refuses_a_cache_from_another_backbone(tmp_path, field, val
     prefs = write_cache(tmp_path / "prefs", (chosen, rejected), **kwargs)
     heads_dir = value_head_folder(tmp_path, ratings)
     with pytest.raises(HeadsError, match=rf"{field} is '{value}' there") as err:
-        train_gating(GatingConfig(preferences_cache=prefs, heads_dir=heads_dir, **STAGE2), **QUIET)
+        train_gating(build(GatingConfig, dict(preferences_cache=prefs, heads_dir=heads_dir, **STAGE2)), **QUIET)
     assert prefs in str(err.value) and ratings in str(err.value)  # names both caches
+
+
+def test_train_gating_with_margins_needs_every_pairs_margin(tmp_path):
+    chosen, rejected = prompt_dependent_pairs(n=50)
+    ratings = write_cache(tmp_path / "ratings", chosen, torch.zeros(50, K).numpy())
+    prefs = write_cache(tmp_path / "prefs", (chosen, rejected))  # a dataset without margins
+    heads_dir = value_head_folder(tmp_path, ratings)
+    with pytest.raises(UserError, match=r"prefs: 50 of 50 pairs have no margin, which --use-margin needs"):
+        train_gating(build(GatingConfig, dict(preferences_cache=prefs, heads_dir=heads_dir, use_margin=True, **STAGE2)),
+                     **QUIET)
 
 
 def test_train_gating_refuses_another_hidden_size(tmp_path):
@@ -212,26 +249,28 @@ def test_train_gating_refuses_another_hidden_size(tmp_path):
     prefs = write_cache(tmp_path / "prefs", (chosen[:, :8], rejected[:, :8]))
     heads_dir = value_head_folder(tmp_path, ratings)
     with pytest.raises(HeadsError, match="hidden_size is 8 there but 16"):
-        train_gating(GatingConfig(preferences_cache=prefs, heads_dir=heads_dir, **STAGE2), **QUIET)
+        train_gating(build(GatingConfig, dict(preferences_cache=prefs, heads_dir=heads_dir, **STAGE2)), **QUIET)
 
 
 def test_gate_on_an_ensemble_keeps_every_member_frozen():
     chosen, rejected = prompt_dependent_pairs(n=300)
     value = Heads(16, K, members=3)
     before = {k: v.clone() for k, v in value.state_dict().items()}
-    fit = fit_gate(chosen, rejected, value, GatingConfig(gate="softmax", **{**STAGE2, "gate_epochs": 2}), **QUIET)
+    fit = fit_gate(chosen, rejected, value, build(GatingConfig, {"gate": "softmax", **STAGE2, "gate_epochs": 2}),
+                   **QUIET)
     after = fit.heads.state_dict()
     assert all(torch.equal(after[k], v) for k, v in before.items())
     assert not fit.heads.ensemble.weight.requires_grad
     out = fit.heads(chosen[:5].float())
-    assert out["ensemble_scores"].shape == (5, 3) and torch.allclose(out["weights"].sum(-1), fit.heads.softmax_gate.scale)
+    assert out["ensemble_scores"].shape == (5, 3)
+    assert torch.allclose(out["gating_weights"].sum(-1), fit.heads.softmax_gate.scale)
 
 
 def test_one_step_epochs_are_pointed_out():
     lines = []
     h, y = linear_ratings(n=300, d=8)
-    fit_value_head(h, y, ValueHeadConfig(**{**STAGE1, "epochs": 1, "batch_size": 1024}), log=lines.append)
+    fit_value_head(h, y, build(ValueHeadConfig, {**STAGE1, "epochs": 1, "batch_size": 1024}), log=lines.append)
     assert any("1 optimiser step(s) per epoch" in line and "--batch-size 16" in line for line in lines)
     quiet = []
-    fit_value_head(h, y, ValueHeadConfig(**{**STAGE1, "epochs": 1, "batch_size": 32}), log=quiet.append)
+    fit_value_head(h, y, build(ValueHeadConfig, {**STAGE1, "epochs": 1, "batch_size": 32}), log=quiet.append)
     assert not any(line.startswith("note:") for line in quiet)

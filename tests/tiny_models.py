@@ -1,4 +1,5 @@
-"""Tiny random Llama backbones and a small BPE tokenizer with a BOS, built offline for fast tests.
+"""Tiny random Llama backbones, random heads on them and their exports, built offline for fast tests;
+and the side environments an export is checked in (transformers 4.57, RewardBench's runner).
 
 The tokenizer is Llama-3-like where it matters: its chat template writes the BOS itself, its
 default encoding also adds a BOS (so tokenising templated text again gives two, the seed snippet's
@@ -7,9 +8,28 @@ case), every turn ends with EOS, and pad == EOS (so a conversation ends in a tok
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
 import torch
+
+from pipeline import ATTRIBUTES
+
+ROOT = Path(__file__).resolve().parents[1]
+K = len(ATTRIBUTES)
+QUIET = dict(log=lambda line: None)
+CONVERSATIONS = [
+    [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}],
+    [{"role": "user", "content": "Explain gradient descent in simple words."},
+     {"role": "assistant", "content": "Take small steps downhill on the loss, then repeat."}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of France?"},
+     {"role": "assistant", "content": "Paris."}, {"role": "user", "content": "Thanks!"},
+     {"role": "assistant", "content": "You are welcome."}],
+]
 
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}"
@@ -67,3 +87,127 @@ def build_tiny_llama(directory: Path, reward_model: bool = False, seed: int = 0,
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+# ----------------------------------------------------------------------------------------------
+# Random heads on a tiny backbone, and their export
+
+
+def tokenizer_of(directory):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(directory)
+
+
+def cache_identity_of(backbone_dir: Path, hidden_size: int):
+    """The cache identity heads.json would hold had the heads been trained on a cache of this backbone."""
+    from pipeline.backbone import weights_fingerprint
+    from pipeline.heads_io import CacheIdentity
+    from pipeline.render import chat_template_hash
+
+    return CacheIdentity(path="cache/tiny/ratings", fingerprint="fp-tiny", backbone=str(backbone_dir),
+                         backbone_revision=weights_fingerprint(backbone_dir),
+                         chat_template_hash=chat_template_hash(tokenizer_of(backbone_dir)), hidden_size=hidden_size)
+
+
+def heads_meta(heads, identity, **stages):
+    """A HeadsMeta for ``heads`` as if stage 1 (nll) had been trained on the cache ``identity``."""
+    from pipeline.heads_io import HeadsMeta, StageRecord
+
+    value = StageRecord(config={"loss": "nll"}, cache=identity, epochs_run=1, best_epoch=[1],
+                        val={"mse": 0.5, "per_attribute": {}})
+    return HeadsMeta(attributes=list(ATTRIBUTES), hidden_size=heads.d, architecture=heads.architecture,
+                     value_head=value, **stages)
+
+
+def random_heads_dir(directory: Path, backbone_dir: Path, d: int = 64, members: int = 1, gate: str | None = "urm",
+                     bias: bool = False, seed: int = 0, identity=None) -> Path:
+    """A heads folder with seeded random heads (weights visibly non-zero) claiming ``backbone_dir``."""
+    from pipeline.heads import Heads
+    from pipeline.heads_io import save_heads
+
+    torch.manual_seed(seed)
+    heads = Heads(d, K, members=members, bias=bias, gate=gate, gate_hidden=16 if gate else None)
+    with torch.no_grad():
+        for p in heads.parameters():
+            p.normal_(0.0, 0.2)
+    save_heads(directory, heads, heads_meta(heads, identity or cache_identity_of(backbone_dir, d)))
+    return directory
+
+
+def export_tiny(root: Path, *, reward_model: bool = False, members: int = 1, gate: str | None = "urm",
+                bias: bool = False, backbone: Path | None = None, name: str = "model") -> tuple[Path, Path, Path]:
+    """(backbone dir, heads dir, export dir) of a tiny Llama with random heads, exported."""
+    from pipeline.config import ExportConfig
+    from pipeline.recipes.export import export_model
+
+    bb = backbone or build_tiny_llama(root / "backbone", reward_model=reward_model)
+    heads = random_heads_dir(root / f"heads-{name}", bb, members=members, gate=gate, bias=bias)
+    out = root / name
+    export_model(ExportConfig(backbone=str(bb), heads_dir=str(heads), out_dir=str(out)), **QUIET)
+    return bb, heads, out
+
+
+def load_export(directory, **kwargs):
+    from transformers import AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification.from_pretrained(directory, trust_remote_code=True, **kwargs).eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# Side environments: transformers 4.57 and RewardBench's runner, installed beside the venv by make
+
+TF457 = ROOT / ".venv-tf457"
+TF457_VERSION = "4.57.6"
+REWARDBENCH = ROOT / ".venv-rewardbench"
+
+# Scores under whatever transformers is importable: the rendered ids as given, and the seed snippet's
+# way (templated text tokenised again, so a second BOS where the tokenizer adds one).
+SCRIPT = r'''
+import json, sys, torch, transformers
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+model_dir, inputs = sys.argv[1], json.loads(open(sys.argv[2]).read())
+model = AutoModelForSequenceClassification.from_pretrained(model_dir, device_map="auto", trust_remote_code=True)
+tokenizer = AutoTokenizer.from_pretrained(model_dir)
+with torch.no_grad():
+    ids = [model(torch.tensor([x], device=model.device)).logits[0][0].item() for x in inputs["ids"]]
+    texts = [tokenizer.apply_chat_template(c, tokenize=False) for c in inputs["conversations"]]
+    snippet = [model(**tokenizer(t, return_tensors="pt").to(model.device)).logits[0][0].item() for t in texts]
+print(json.dumps({"version": transformers.__version__, "ids": ids, "snippet": snippet}))
+'''
+
+
+def require_side_env(path: Path, what: str) -> Path:
+    """A side environment `make install` builds, or a skip (a plain pytest run) / a failure
+    (URM_REQUIRE_COMPAT=1, as `make test` and so CI set it)."""
+    if not path.is_dir() or not any(path.iterdir()):
+        reason = f"{path} not found: {what} is installed there by `make install` (or `make test`), which CI runs"
+        if os.environ.get("URM_REQUIRE_COMPAT") == "1":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return path
+
+
+def require_tf457() -> Path:
+    return require_side_env(TF457, f"transformers {TF457_VERSION}")
+
+
+def scores_under(model_dir: Path, conversations, ids, tmp_path: Path, tf457: bool = True) -> dict:
+    """Run SCRIPT in a fresh interpreter, under transformers 4.57 (tf457) or the installed 5.x."""
+    (tmp_path / "score_script.py").write_text(SCRIPT)
+    inputs = tmp_path / "inputs.json"
+    inputs.write_text(json.dumps({"conversations": conversations, "ids": ids}))
+    env = {**os.environ, "PYTHONPATH": str(require_tf457()) if tf457 else "", "TRANSFORMERS_VERBOSITY": "error"}
+    done = subprocess.run([sys.executable, str(tmp_path / "score_script.py"), str(model_dir), str(inputs)],
+                          capture_output=True, text=True, env=env, timeout=300, stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def scores_here(model_dir: Path, conversations, ids) -> dict:
+    """SCRIPT's numbers under the installed transformers 5.x, in this process."""
+    model, tokenizer = load_export(model_dir), tokenizer_of(model_dir)
+    texts = [tokenizer.apply_chat_template(c, tokenize=False) for c in conversations]
+    with torch.no_grad():
+        return {"ids": [model(torch.tensor([x])).logits[0][0].item() for x in ids],
+                "snippet": [model(**tokenizer(t, return_tensors="pt")).logits[0][0].item() for t in texts]}

@@ -1,16 +1,16 @@
-"""The two training stages on cached features: plain AdamW loops over in-memory tensors.
+"""The two trainers on in-memory features: plain AdamW loops, no framework.
 
-Stage 1 fits the Gaussian value head(s) on a ratings cache (METHOD.md 2, 4); stage 2 fits the gate
-with the Bradley-Terry loss on a preference cache, value head frozen (METHOD.md 3). Features stay
-on the device in their stored dtype (float16 halves the memory); each minibatch is gathered with a
-shuffled index tensor and cast to float32: no DataLoader, no per-row Python. Every random draw
-comes from a seeded generator, so two runs on CPU give bit-identical weights.
+``fit_value_head`` fits the Gaussian value head(s) on features and labels (METHOD.md 2, 4);
+``fit_gate`` fits the gate with the Bradley-Terry loss on pairs, value head frozen (METHOD.md 3).
+Features stay on the device in their stored dtype (float16 halves the memory); each minibatch is
+gathered with a shuffled index tensor and cast to float32: no DataLoader, no per-row Python. Every
+random draw comes from a seeded generator, so two runs on CPU give bit-identical weights. Reading
+caches and writing the heads folder is the recipe's (pipeline.recipes.train).
 """
 
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import dataclass
 
@@ -21,14 +21,13 @@ from pipeline import ATTRIBUTES
 from pipeline import losses
 from pipeline import metrics as M
 from pipeline.backbone import resolve_device
-from pipeline.config import GatingConfig, ValueHeadConfig, to_dict
+from pipeline.config import GatingConfig, Optimization, ValueHeadConfig
 from pipeline.errors import UserError
 from pipeline.heads import (GATES, Heads, ValueEnsemble, init_linear_, p_chosen_bt, p_chosen_gaussian,
                             score, score_variance, split_mean_logstd, unstandardize)
-from pipeline.heads_io import HeadsError, load_heads, save_heads
+from pipeline.heads_io import HeadsError, LabelScaling
 
 EVAL_ROWS = 8192  # rows per chunk when evaluating on a whole split (bounds the float32 copy)
-IDENTITY = ("backbone", "backbone_revision", "chat_template_hash", "hidden_size")  # must match across caches
 
 
 @dataclass
@@ -39,23 +38,28 @@ class Fit:
     history: list[dict]
     val: dict
     best_epoch: list[int]
-    label_scaling: dict | None = None
+    label_scaling: LabelScaling | None = None
 
 
 # ----------------------------------------------------------------------------------------------
 # Shared pieces
 
 
-def split_rows(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def split_rows(n: int, val_fraction: float, seed: int,
+               option: str = "--val-fraction") -> tuple[torch.Tensor, torch.Tensor]:
     """A seeded random (train, validation) split of range(n)."""
     if not 0 < val_fraction < 1:
-        raise UserError(f"val_fraction must be in (0, 1), got {val_fraction}: set --val-fraction 0.1")
+        raise UserError(f"val_fraction must be in (0, 1), got {val_fraction}: set {option} 0.1")
     n_val = round(n * val_fraction)
     if n_val < 1 or n_val >= n:
         raise UserError(f"{n} rows cannot be split with val_fraction {val_fraction}: "
-                        "extract more rows or change --val-fraction")
+                        f"extract more rows or change {option}")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     return perm[n_val:], perm[:n_val]
+
+
+def adamw(params, optim: Optimization) -> torch.optim.AdamW:
+    return torch.optim.AdamW(params, lr=optim.lr, weight_decay=optim.weight_decay)
 
 
 def warn_few_steps(log, rows: int, batch_size: int, option: str) -> None:
@@ -127,8 +131,8 @@ def predict_members(model: ValueEnsemble, x: torch.Tensor, mean, std) -> tuple[t
 def stage1_epoch(model, opt, x, y, order, cfg: ValueHeadConfig, noise) -> float:
     """One pass over ``order`` [M, n] (each member's own shuffle); returns the mean member loss."""
     total = torch.zeros((), device=x.device)
-    for i in range(0, order.shape[1], cfg.batch_size):
-        idx = order[:, i:i + cfg.batch_size]  # [M, b]
+    for i in range(0, order.shape[1], cfg.optim.batch_size):
+        idx = order[:, i:i + cfg.optim.batch_size]  # [M, b]
         mu, log_sigma = split_mean_logstd(model(x[idx].float()))  # [M, b, K]
         # Sum over members: each member's gradient is that of its own mean loss.
         loss = losses.stage1_loss(cfg.loss, mu, log_sigma, y[idx], beta=cfg.beta, generator=noise).sum()
@@ -161,24 +165,24 @@ def fit_value_head(features: torch.Tensor, labels: torch.Tensor, cfg: ValueHeadC
     """Stage 1: fit ``cfg.ensemble`` Gaussian value heads on features [N, d] and labels [N, K] (NaN = missing)."""
     if cfg.loss not in losses.STAGE1_LOSSES:
         raise UserError(f"unknown loss {cfg.loss!r}: use one of {losses.STAGE1_LOSSES} (--loss)")
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.run.device)
     x, y = features.to(device), labels.to(device, torch.float32)
-    train, val = (i.to(device) for i in split_rows(len(x), cfg.val_fraction, cfg.seed))
+    train, val = (i.to(device) for i in split_rows(len(x), cfg.optim.val_fraction, cfg.run.seed))
     if torch.isnan(y[train]).all():
         raise UserError("the ratings have no labels at all: is this a preference cache? "
                         "Point --ratings-cache at a cache extracted from a ratings dataset")
     k, members = y.shape[1], cfg.ensemble
     mean, std = label_scaling(y[train]) if cfg.standardize_labels else (y.new_zeros(k), y.new_ones(k))
     y_train = (y - mean) / std  # NaN stays NaN
-    gens = [torch.Generator().manual_seed(cfg.seed + m) for m in range(members)]  # METHOD.md 4
+    gens = [torch.Generator().manual_seed(cfg.run.seed + m) for m in range(members)]  # METHOD.md 4
     model = ValueEnsemble(x.shape[1], k, members, cfg.bias, gens).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    noise = torch.Generator(device=device).manual_seed(cfg.seed)
-    stopper = EarlyStopping(list(model.parameters()), cfg.patience, members)
+    opt = adamw(model.parameters(), cfg.optim)
+    noise = torch.Generator(device=device).manual_seed(cfg.run.seed)
+    stopper = EarlyStopping(list(model.parameters()), cfg.optim.patience, members)
     x_val, y_val = x[val], y[val]
-    warn_few_steps(log, len(train), cfg.batch_size, "--batch-size")
+    warn_few_steps(log, len(train), cfg.optim.batch_size, "--batch-size")
     history = []
-    for epoch in range(1, cfg.epochs + 1):
+    for epoch in range(1, cfg.optim.epochs + 1):
         t0 = time.perf_counter()
         order = torch.stack([train[torch.randperm(len(train), generator=g).to(device)] for g in gens])
         train_loss = stage1_epoch(model, opt, x, y_train, order, cfg, noise)
@@ -197,7 +201,7 @@ def fit_value_head(features: torch.Tensor, labels: torch.Tensor, cfg: ValueHeadC
             break
     stopper.restore()
     heads = value_heads(model, mean, std, bias=cfg.bias or cfg.standardize_labels)
-    scaling = {"standardized": cfg.standardize_labels, "mean": mean.tolist(), "std": std.tolist()}
+    scaling = LabelScaling(cfg.standardize_labels, mean.tolist(), std.tolist())
     return Fit(heads, history, evaluate_value_head(heads, x_val, y_val, names),
                stopper.best_epoch.tolist(), scaling)
 
@@ -221,14 +225,13 @@ def with_gate(value: Heads, cfg: GatingConfig) -> Heads:
                   gate_hidden=cfg.gate_hidden, temperature=cfg.temperature)
     frozen = {n: t for n, t in value.state_dict().items() if n.startswith(("score.", "ensemble."))}
     heads.load_state_dict(frozen, strict=False)
-    g = torch.Generator().manual_seed(cfg.seed)
+    g = torch.Generator().manual_seed(cfg.run.seed)
     gate = heads.weights if heads.weights is not None else heads.softmax_gate
     for layer in gate.modules():
         if isinstance(layer, nn.Linear):
             init_linear_(layer, g)
     for name, p in heads.named_parameters():
         p.requires_grad_(not name.startswith(("score.", "ensemble.")))
-    heads.meta = dict(value.meta)
     return heads
 
 
@@ -238,14 +241,14 @@ def frozen_outputs(heads: Heads, x: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return split_mean_logstd(torch.cat([heads.score(x[rows].float()) for rows in _chunks(len(x))]))
 
 
-def gate_epoch(heads: Heads, opt, xc, xr, mu_c, mu_r, order, batch_size: int) -> float:
-    """One pass over the pairs in ``order``; returns the mean BT loss."""
+def gate_epoch(heads: Heads, opt, xc, xr, mu_c, mu_r, order, batch_size: int, margin=None) -> float:
+    """One pass over the pairs in ``order``; returns the mean BT loss (margin-aware with ``margin`` [N])."""
     total = torch.zeros((), device=xc.device)
     for i in range(0, len(order), batch_size):
         idx = order[i:i + batch_size]
         w = heads.gate_weights(torch.cat([xc[idx], xr[idx]]).float())  # one pass for both sides
         s_chosen, s_rejected = score(w, torch.cat([mu_c[idx], mu_r[idx]])).chunk(2)
-        loss = losses.bt_loss(s_chosen, s_rejected)
+        loss = losses.bt_loss(s_chosen, s_rejected, None if margin is None else margin[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -254,8 +257,9 @@ def gate_epoch(heads: Heads, opt, xc, xr, mu_c, mu_r, order, batch_size: int) ->
 
 
 @torch.no_grad()
-def pair_report(weights_fn, xc, xr, mu_c, ls_c, mu_r, ls_r, names=ATTRIBUTES) -> dict:
-    """Stage-2 metrics of gate ``weights_fn`` (h -> w [B, K]) on pairs, and its weights' spread."""
+def pair_report(weights_fn, xc, xr, mu_c, ls_c, mu_r, ls_r, margin=None, names=ATTRIBUTES) -> dict:
+    """Stage-2 metrics of gate ``weights_fn`` (h -> w [B, K]) on pairs, and its weights' spread;
+    with ``margin`` [N] also the margin-aware BT loss (``bt_margin_loss``)."""
     w_c = torch.cat([weights_fn(xc[rows].float()) for rows in _chunks(len(xc))])
     w_r = torch.cat([weights_fn(xr[rows].float()) for rows in _chunks(len(xr))])
     s_c, s_r = score(w_c, mu_c), score(w_r, mu_r)
@@ -266,7 +270,8 @@ def pair_report(weights_fn, xc, xr, mu_c, ls_c, mu_r, ls_r, names=ATTRIBUTES) ->
             "ece": M.ece(p_bt), "brier": M.brier(p_bt),
             "ece_gaussian": M.ece(p_gauss), "brier_gaussian": M.brier(p_gauss),
             "weights_mean": dict(zip(names, w_c.mean(0).tolist())),
-            "weights_std": dict(zip(names, spread.tolist()))}
+            "weights_std": dict(zip(names, spread.tolist())),
+            **({} if margin is None else {"bt_margin_loss": losses.bt_loss(s_c, s_r, margin).item()})}
 
 
 def equal_weights(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -275,35 +280,44 @@ def equal_weights(x: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def fit_gate(chosen: torch.Tensor, rejected: torch.Tensor, value: Heads, cfg: GatingConfig,
-             names=ATTRIBUTES, log=print) -> Fit:
-    """Stage 2: fit a gate with the BT loss on pairs (chosen, rejected [N, d]); ``value`` stays frozen."""
+             names=ATTRIBUTES, log=print, margin: torch.Tensor | None = None) -> Fit:
+    """Stage 2: fit a gate with the BT loss on pairs (chosen, rejected [N, d]); ``value`` stays frozen.
+
+    With ``cfg.use_margin`` the loss is TRL's margin-aware -log sigmoid(s_c - s_r - margin) over each
+    pair's ``margin`` [N] (METHOD.md 3), and early stopping watches that loss on validation.
+    """
     if chosen.shape[1] != value.d:
         raise HeadsError(f"the pairs have hidden size {chosen.shape[1]} but the value head expects "
                          f"{value.d}: extract the preferences with the value head's backbone")
-    device = resolve_device(cfg.device)
+    if cfg.use_margin and margin is None:
+        raise UserError("--use-margin needs each pair's margin; these pairs have none")
+    device = resolve_device(cfg.run.device)
     heads = with_gate(value, cfg).to(device)
     xc, xr = chosen.to(device), rejected.to(device)
+    m = margin.to(device, torch.float32) if cfg.use_margin else None
     (mu_c, ls_c), (mu_r, ls_r) = frozen_outputs(heads, xc), frozen_outputs(heads, xr)
-    train, val = (i.to(device) for i in split_rows(len(xc), cfg.gate_val_fraction, cfg.seed))
-    val_pairs = (xc[val], xr[val], mu_c[val], ls_c[val], mu_r[val], ls_r[val])
+    train, val = (i.to(device) for i in split_rows(len(xc), cfg.optim.val_fraction, cfg.run.seed,
+                                                   "--gate-val-fraction"))
+    val_pairs = (xc[val], xr[val], mu_c[val], ls_c[val], mu_r[val], ls_r[val], None if m is None else m[val])
+    criterion = "bt_loss" if m is None else "bt_margin_loss"
     equal = pair_report(lambda h: equal_weights(h, value.k), *val_pairs, names=names)
     log(f"equal weights (w_k = 1/K): val accuracy {equal['accuracy']:.4f}  bt {equal['bt_loss']:.4f}")
     params = [p for p in heads.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.gate_lr, weight_decay=cfg.gate_weight_decay)
-    order_gen = torch.Generator().manual_seed(cfg.seed)
-    stopper = EarlyStopping(params, cfg.gate_patience)
-    warn_few_steps(log, len(train), cfg.gate_batch_size, "--gate-batch-size")
+    opt = adamw(params, cfg.optim)
+    order_gen = torch.Generator().manual_seed(cfg.run.seed)
+    stopper = EarlyStopping(params, cfg.optim.patience)
+    warn_few_steps(log, len(train), cfg.optim.batch_size, "--gate-batch-size")
     history = []
-    for epoch in range(1, cfg.gate_epochs + 1):
+    for epoch in range(1, cfg.optim.epochs + 1):
         t0 = time.perf_counter()
         order = train[torch.randperm(len(train), generator=order_gen).to(device)]
-        train_loss = gate_epoch(heads, opt, xc, xr, mu_c, mu_r, order, cfg.gate_batch_size)
+        train_loss = gate_epoch(heads, opt, xc, xr, mu_c, mu_r, order, cfg.optim.batch_size, m)
         seconds = time.perf_counter() - t0
         report = pair_report(heads.gate_weights, *val_pairs, names=names)
-        better = stopper.update(torch.tensor([report["bt_loss"]]), epoch)
+        better = stopper.update(torch.tensor([report[criterion]]), epoch)
         history.append({"epoch": epoch, "train_loss": train_loss, "seconds": seconds,
                         "pairs_per_s": len(order) / seconds, **report})
-        log(f"gate epoch {epoch:3d}  train bt {train_loss:.4f}  val bt {report['bt_loss']:.4f}  "
+        log(f"gate epoch {epoch:3d}  train bt {train_loss:.4f}  val bt {report[criterion]:.4f}  "
             f"acc {report['accuracy']:.4f} (equal {equal['accuracy']:.4f})  "
             f"w std {sum(report['weights_std'].values()) / value.k:.3f}  {seconds:.1f}s"
             f"{'  *' if better.any() else ''}")
@@ -312,76 +326,3 @@ def fit_gate(chosen: torch.Tensor, rejected: torch.Tensor, value: Heads, cfg: Ga
     stopper.restore()
     val_report = pair_report(heads.gate_weights, *val_pairs, names=names)
     return Fit(heads, history, {**val_report, "equal_weights": equal}, stopper.best_epoch.tolist())
-
-
-# ----------------------------------------------------------------------------------------------
-# Public entry points (the CLI calls these)
-
-
-def cache_identity(path: str, manifest: dict) -> dict:
-    """What identifies a cache for the heads: its path, fingerprint, backbone, template, hidden size."""
-    return {"path": str(path), "fingerprint": manifest.get("fingerprint"),
-            **{key: manifest.get(key) for key in IDENTITY}}
-
-
-def check_same_backbone(ratings: dict, preferences: dict, heads_dir: str) -> None:
-    """Refuse a preference cache made with another backbone / template / hidden size (UserError)."""
-    for key in IDENTITY:
-        if ratings.get(key) != preferences.get(key):
-            raise HeadsError(
-                f"preference cache {preferences['path']} differs from the ratings cache "
-                f"{ratings['path']} that the value head in {heads_dir} was trained on: {key} is "
-                f"{preferences.get(key)!r} there but {ratings.get(key)!r} for the ratings. Extract both "
-                "caches with the same backbone and chat template (`urm extract`), or retrain the value "
-                "head on a matching ratings cache.")
-
-
-def stage_meta(cfg, fit: Fit, identity: dict) -> dict:
-    """The heads.json section of one stage: config, cache, per-epoch history, final metrics."""
-    return {"config": to_dict(cfg), "cache": identity, "best_epoch": fit.best_epoch,
-            "epochs_run": len(fit.history), "history": fit.history, "val": fit.val}
-
-
-def train_value_head(cfg: ValueHeadConfig, log=print) -> dict:
-    """Stage 1 from the ratings cache into ``cfg.heads_dir``; returns a summary dict."""
-    from pipeline.cache import read_features
-
-    path = cfg.ratings_cache or os.path.join(cfg.cache_dir, "ratings")
-    features = read_features(path, device=resolve_device(cfg.device))
-    if features.manifest.get("kind") != "ratings":
-        raise UserError(f"{path} is a {features.manifest.get('kind')!r} cache; stage 1 needs a ratings "
-                        "cache: set --ratings-cache to one extracted from a ratings dataset")
-    names = list(features.manifest.get("label_names") or ATTRIBUTES)
-    t0 = time.perf_counter()
-    fit = fit_value_head(features.embedding, features.labels, cfg, names, log)
-    scaling = {**fit.label_scaling, "note": LABEL_SCALING_NOTE}
-    meta = {"attributes": names, "label_scaling": scaling,
-            "value_head": stage_meta(cfg, fit, cache_identity(path, features.manifest))}
-    save_heads(cfg.heads_dir, fit.heads, meta)
-    return {"heads_dir": cfg.heads_dir, "rows": len(features.embedding), "epochs_run": len(fit.history),
-            "best_epoch": fit.best_epoch, "seconds": time.perf_counter() - t0, "val": fit.val}
-
-
-LABEL_SCALING_NOTE = (
-    "The saved weights predict on the label scale (0-4). With standardized labels the head was "
-    "trained on (y - mean) / std and then folded back: mu rows of score.weight scaled by std, "
-    "score.bias mu entries = std * b_mu + mean, log-sigma entries + log(std) "
-    "(pipeline.heads.unstandardize).")
-
-
-def train_gating(cfg: GatingConfig, log=print) -> dict:
-    """Stage 2 from the preference cache; adds the gate to the heads in ``cfg.heads_dir``."""
-    from pipeline.cache import read_manifest, read_pairs
-
-    value = load_heads(cfg.heads_dir)
-    path = cfg.preferences_cache or os.path.join(cfg.cache_dir, "preferences")
-    identity = cache_identity(path, read_manifest(path))
-    check_same_backbone(value.meta["value_head"]["cache"], identity, cfg.heads_dir)
-    pairs = read_pairs(path, device=resolve_device(cfg.device))
-    t0 = time.perf_counter()
-    fit = fit_gate(pairs.chosen.embedding, pairs.rejected.embedding, value, cfg,
-                   value.meta["attributes"], log)
-    save_heads(cfg.heads_dir, fit.heads, {**value.meta, "gating": stage_meta(cfg, fit, identity)})
-    return {"heads_dir": cfg.heads_dir, "pairs": len(pairs.chosen.embedding),
-            "epochs_run": len(fit.history), "best_epoch": fit.best_epoch,
-            "seconds": time.perf_counter() - t0, "val": fit.val}

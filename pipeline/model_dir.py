@@ -1,9 +1,9 @@
-"""Export: stitch trained heads onto the backbone as a Hugging Face model directory (`urm export`).
+"""The files of an exported Hugging Face model directory: shards, index, config, code, tokenizer.
 
-The export is ``AutoModelForSequenceClassification``-loadable with ``trust_remote_code=True``
-(transformers 4.57.x and 5.x): modeling_urm.py (copied from this package), config.json (the
-backbone's config plus a ``urm`` section and ``auto_map``), the weights, the tokenizer with its chat
-template, a model card README.md, heads.json (the heads' provenance) and urm_export.json (this run).
+The export (pipeline.recipes.export) is ``AutoModelForSequenceClassification``-loadable with
+``trust_remote_code=True`` (transformers 4.57.x and 5.x): ``modeling_urm.py``, ``heads.py`` and
+``configuration_urm.py`` (copied from this package), config.json (the backbone's config plus a
+``urm`` section and ``auto_map``), the weights and the tokenizer with its chat template.
 
 Weights, without loading the model: the backbone's safetensors shard files are reused as they are
 (hardlinked when the file system allows, else copied), the heads go in one more shard
@@ -18,9 +18,6 @@ a time, tensors bit-identical, only renamed):
     anew with it renamed ``base_score.*`` (the other shards are still linked);
   - every shard of a checkpoint whose backbone keys lack the ``model.`` prefix (a bare
     ``LlamaModel`` save, or another prefix): written with the prefix.
-A GGUF backbone is dequantised once into a safetensors directory (pipeline.backbone.convert_gguf)
-whose file is then reused the same way. The export is built in a temp dir beside ``out_dir`` and
-renamed into place, so a failed export leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -28,8 +25,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,13 +32,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from pipeline import __version__
-from pipeline.config import ExportConfig, to_dict
 from pipeline.errors import UserError
-from pipeline.heads_io import META, TENSORS, load_heads
+from pipeline.heads_io import META, HeadsMeta
 
 PACKAGE = Path(__file__).resolve().parent
-CODE_FILES = ("modeling_urm.py", "configuration_urm.py")
+CODE_FILES = ("modeling_urm.py", "heads.py", "configuration_urm.py")  # the exported model's code
 HEADS_SHARD = "urm-heads.safetensors"
 SINGLE_FILE_SHARD = "model-backbone.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -82,26 +75,24 @@ class ShardPlan:
 # Checks
 
 
-def check_heads_fit(heads, meta: dict, spec: str, revision: str, config, tokenizer, heads_dir) -> None:
-    """Refuse heads trained on another backbone: hidden size, weights revision, chat template."""
-    from pipeline.render import chat_template_hash
-
-    cache = (meta.get("value_head") or {}).get("cache") or {}
+def check_heads_fit(meta: HeadsMeta, files, template: str, heads_dir) -> None:
+    """Refuse heads trained on another backbone (``files``: pipeline.backbone.BackboneFiles): hidden
+    size, weights revision, chat template (``template``, the backbone's chat_template_hash)."""
+    cache, spec = meta.value_head.cache, files.spec
     where = Path(heads_dir) / META
-    if heads.d != config.hidden_size:
-        raise ExportError(f"{where}: the heads take hidden size {heads.d} but backbone {spec!r} has "
-                          f"hidden_size {config.hidden_size}; export onto the backbone the heads were "
-                          f"trained on ({cache.get('backbone', 'see value_head.cache.backbone')}), "
+    if meta.hidden_size != files.hidden_size:
+        raise ExportError(f"{where}: the heads take hidden size {meta.hidden_size} but backbone {spec!r} has "
+                          f"hidden_size {files.hidden_size}; export onto the backbone the heads were "
+                          f"trained on ({cache.backbone or 'see value_head.cache.backbone'}), "
                           "or retrain the heads on a cache of this backbone")
-    trained = cache.get("backbone_revision")
+    trained, revision = cache.backbone_revision, files.revision
     if trained not in (None, "unknown") and revision not in (None, "unknown") and trained != revision:
-        raise ExportError(f"{where}: the heads were trained on features of {cache.get('backbone')!r} at "
+        raise ExportError(f"{where}: the heads were trained on features of {cache.backbone!r} at "
                           f"revision {trained}, but backbone {spec!r} is at {revision}: other weights. "
                           "Export onto the same backbone (--backbone, --revision) or re-extract and retrain")
-    template = chat_template_hash(tokenizer)
-    if cache.get("chat_template_hash") not in (None, template):
+    if cache.chat_template_hash not in (None, template):
         raise ExportError(f"{where}: the heads were trained on conversations rendered with chat template "
-                          f"hash {cache['chat_template_hash']}, but backbone {spec!r} renders with {template}; "
+                          f"hash {cache.chat_template_hash}, but backbone {spec!r} renders with {template}; "
                           "export onto the backbone (and tokenizer) the cache was extracted with")
 
 
@@ -259,13 +250,12 @@ def _itemsize(dtype: str) -> int:
 # Config, code, tokenizer
 
 
-def urm_section(heads, meta: dict, reward_model: bool, base_bias: bool) -> dict:
+def urm_section(meta: HeadsMeta, reward_model: bool, base_bias: bool) -> dict:
     """config.json's ``urm`` section: what shapes the heads (read by modeling_urm.urm_settings)."""
-    arch = meta.get("architecture", {})
-    return {"format_version": 1, "attributes": list(meta["attributes"]), "members": heads.members,
-            "value_bias": heads.score.bias is not None, "gate": heads.gate, "gate_hidden": arch.get("gate_hidden"),
-            "gate_temperature": arch.get("temperature") or 10.0, "base_score": reward_model,
-            "base_score_bias": base_bias}
+    arch = meta.architecture
+    return {"format_version": 1, "attributes": list(meta.attributes), "members": arch["members"],
+            "value_bias": arch["bias"], "gate": arch["gate"], "gate_hidden": arch["gate_hidden"],
+            "gate_temperature": arch["temperature"], "base_score": reward_model, "base_score_bias": base_bias}
 
 
 def write_config(config, urm: dict, tmp: Path) -> dict:
@@ -291,14 +281,16 @@ def write_config(config, urm: dict, tmp: Path) -> dict:
 
 
 def write_code(config, tmp: Path) -> None:
-    """modeling_urm.py as it is, configuration_urm.py with the backbone's config class imported."""
+    """modeling_urm.py and heads.py as they are, configuration_urm.py with the backbone's config class imported."""
     import transformers
 
     name = type(config).__name__
     if getattr(transformers, name, None) is not type(config):
         raise ExportError(f"the backbone's config class {name} is not importable from transformers; "
                           "the export supports backbones whose architecture transformers ships")
-    shutil.copyfile(PACKAGE / "modeling_urm.py", tmp / "modeling_urm.py")
+    for file in CODE_FILES:
+        if file != "configuration_urm.py":
+            shutil.copyfile(PACKAGE / file, tmp / file)
     code = (PACKAGE / "configuration_urm.py").read_text()
     assert BACKBONE_CONFIG_LINE in code
     (tmp / "configuration_urm.py").write_text(
@@ -334,79 +326,3 @@ def check_tokenizer_round_trip(tmp: Path, template: str) -> None:
     if got != template:
         raise ExportError(f"the exported tokenizer renders with chat template hash {got}, the backbone's with "
                           f"{template}: please report this (backbone tokenizer files could not be carried over)")
-
-
-# ----------------------------------------------------------------------------------------------
-# Entry point
-
-
-def export_model(cfg: ExportConfig, log=print) -> dict:
-    """Write the Hugging Face model directory ``cfg.out_dir``; returns what was done (urm_export.json)."""
-    from pipeline.backbone import is_reward_model, open_backbone
-    from pipeline.model_card import model_card
-    from pipeline.render import chat_template_hash
-
-    t0 = time.perf_counter()
-    heads_dir, out = Path(cfg.heads_dir), Path(cfg.out_dir)
-    heads = load_heads(heads_dir)
-    meta = heads.meta
-    spec = cfg.backbone or ((meta.get("value_head") or {}).get("cache") or {}).get("backbone")
-    if not spec:
-        raise ExportError(f"{heads_dir / META} names no backbone (value_head.cache.backbone); pass --backbone")
-    path, revision, config, tokenizer = open_backbone(spec, cfg.revision)
-    check_heads_fit(heads, meta, spec, revision, config, tokenizer, heads_dir)
-    directory = checkpoint_dir(path, cfg.revision)
-    check_out_dir(out, cfg.overwrite, [directory, heads_dir])
-    reward_model = is_reward_model(config)
-    plan = plan_shards(directory, config, reward_model)
-    if plan.extra:
-        log(f"not used by the reward model (left in the shards, ignored on load): {', '.join(plan.extra[:5])}"
-            + (" ..." if len(plan.extra) > 5 else ""))
-    base_bias = any(v == "base_score.bias" for m in plan.files.values() for v in m.values())
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
-        shards = place_shards(directory, plan, tmp, cfg.link)
-        shutil.copyfile(heads_dir / TENSORS, tmp / HEADS_SHARD)
-        with safe_open(str(tmp / HEADS_SHARD), framework="pt") as f:
-            heads_keys = list(f.keys())
-        write_index(tmp, plan, heads_keys)
-        config_json = write_config(config, urm_section(heads, meta, reward_model, base_bias), tmp)
-        write_code(config, tmp)
-        template = chat_template_hash(tokenizer)
-        write_tokenizer(tokenizer, directory, tmp)
-        check_tokenizer_round_trip(tmp, template)
-        shutil.copyfile(heads_dir / META, tmp / META)
-        record = {"format_version": 1, "pipeline_version": __version__, "config": to_dict(cfg),
-                  "backbone": {"spec": spec, "path": str(directory), "revision": revision,
-                               "chat_template_hash": template, "reward_model": reward_model},
-                  "heads_dir": str(heads_dir), "shards": shards, "unused_tensors": plan.extra}
-        (tmp / "README.md").write_text(model_card(meta, record, config_json["urm"]))
-        record["seconds"] = time.perf_counter() - t0
-        (tmp / "urm_export.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
-        replace_dir(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return {**record, "out_dir": str(out)}
-
-
-def replace_dir(tmp: Path, out: Path) -> None:
-    """Move the finished ``tmp`` to ``out``; an old ``out`` is moved aside first, then removed."""
-    old = None
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-        os.replace(out, old / out.name)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def summary(record: dict) -> str:
-    """One line for the CLI."""
-    counts = {}
-    for how in record["shards"].values():
-        counts[how] = counts.get(how, 0) + 1
-    shards = ", ".join(f"{n} {how}" for how, n in sorted(counts.items()))
-    return (f"exported {record['out_dir']} in {record['seconds']:.1f} s (backbone shards: {shards}; "
-            f"heads from {record['heads_dir']}). Load it with AutoModelForSequenceClassification."
-            f"from_pretrained({record['out_dir']!r}, trust_remote_code=True), or `urm score {record['out_dir']} -i FILE`")

@@ -1,0 +1,55 @@
+"""`urm cache info`: a person's summary of a feature cache: what made it, its size, rows per group."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.cache import MANIFEST, read_manifest
+
+
+def cache_info(path) -> str:
+    """A human summary of a cache (complete or not): what made it, its size, rows per group."""
+    folder = Path(path)
+    m = read_manifest(folder)
+    parts = m["parts"]
+    size = sum(p["bytes"] for p in parts) + (folder / MANIFEST).stat().st_size
+    state = "complete" if m.get("complete") else "INCOMPLETE: run `urm extract` again to finish it"
+    lines = [
+        f"{folder}  ({state})",
+        f"  backbone       {m['backbone']} @ {m.get('backbone_revision') or 'unknown revision'}",
+        f"  hidden size    {m['hidden_size']}, stored as {m['storage_dtype']}",
+        f"  max_length     {m['max_length']}",
+        f"  chat template  {m['chat_template_hash']}",
+        f"  dataset        {m['dataset']} (fingerprint {m['dataset_fingerprint']})",
+        f"  kind           {m['kind']}; labels {', '.join(m['label_names'])}",
+        f"  rows           {m['rows']} ({m['dropped_rows']} dropped: longer than max_length)",
+        f"  parts          {len(parts)} of {m.get('n_parts') or '?'} complete, {_human_bytes(size)} on disk",
+        f"  created        {m.get('created')}" + (f", completed {m['completed']}" if m.get("completed") else ""),
+        f"  fingerprint    {m.get('fingerprint') or '(none until complete)'}",
+        f"  written by     urm-pipeline {m.get('package_version')}, cache format {m.get('format_version')}",
+    ]
+    if m.get("extra"):
+        lines.append(f"  extra          {json.dumps(m['extra'], sort_keys=True)}")
+    return "\n".join(lines + _group_counts(folder, parts))
+
+
+def _group_counts(folder: Path, parts: list) -> list[str]:
+    keys = ["source", "subset", "role"]
+    tables = [pq.read_table(folder / p["file"], columns=keys) for p in parts if (folder / p["file"]).exists()]
+    if not tables:
+        return []
+    counts = pa.concat_tables(tables).group_by(keys).aggregate([([], "count_all")]).sort_by([(k, "ascending") for k in keys])
+    rows = [["-" if r[k] is None else str(r[k]) for k in keys + ["count_all"]] for r in counts.to_pylist()]
+    header = ["source", "subset", "role", "rows"]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    fmt = "    " + "  ".join(f"{{:<{w}}}" for w in widths[:-1]) + f"  {{:>{widths[-1]}}}"
+    return ["  rows by source / subset / role:", fmt.format(*header)] + [fmt.format(*r) for r in rows]
+
+
+def _human_bytes(n: float) -> str:
+    unit = next((u for u in ("B", "KB", "MB", "GB") if n < 1024 ** (("B", "KB", "MB", "GB").index(u) + 1)), "TB")
+    return f"{n / 1024 ** ('B', 'KB', 'MB', 'GB', 'TB').index(unit):.1f} {unit}"

@@ -1,0 +1,81 @@
+"""`urm export`: stitch trained heads onto the backbone as a Hugging Face model directory.
+
+The wiring: read the heads folder, open the backbone they were trained on (or the one named),
+refuse a mismatch (hidden size, weights revision, chat template), then build the directory in a
+temporary folder beside ``out_dir`` (pipeline.model_dir: shards linked or rewritten, merged index,
+config.json, the shipped code, tokenizer, model card, heads.json, urm_export.json) and rename it
+into place, so a failed export leaves nothing behind. A GGUF backbone is exported from its
+converted safetensors copy (pipeline.backbone.convert_gguf).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+from safetensors import safe_open
+
+from pipeline import __version__
+from pipeline.atomic import atomic_directory
+from pipeline.config import ExportConfig, to_dict
+from pipeline.heads_io import META, TENSORS, load_heads
+from pipeline.model_dir import (HEADS_SHARD, ExportError, check_heads_fit, check_out_dir, check_tokenizer_round_trip,
+                                checkpoint_dir, place_shards, plan_shards, urm_section, write_code, write_config,
+                                write_index, write_tokenizer)
+
+
+def export_model(cfg: ExportConfig, log=print) -> dict:
+    """Write the Hugging Face model directory ``cfg.out_dir``; returns what was done (urm_export.json)."""
+    from pipeline.backbone import is_reward_model, open_backbone
+    from pipeline.model_card import model_card
+    from pipeline.render import chat_template_hash
+
+    t0 = time.perf_counter()
+    heads_dir, out = Path(cfg.heads_dir), Path(cfg.out_dir)
+    _, meta = load_heads(heads_dir)  # the tensors are checked against heads.json
+    spec = cfg.backbone or meta.value_head.cache.backbone
+    if not spec:
+        raise ExportError(f"{heads_dir / META} names no backbone (value_head.cache.backbone); pass --backbone")
+    files = open_backbone(spec, cfg.revision)
+    template = chat_template_hash(files.tokenizer)
+    check_heads_fit(meta, files, template, heads_dir)
+    directory = checkpoint_dir(files.path, cfg.revision)
+    check_out_dir(out, cfg.overwrite, [directory, heads_dir])
+    reward_model = is_reward_model(files.config)
+    plan = plan_shards(directory, files.config, reward_model)
+    if plan.extra:
+        log(f"not used by the reward model (left in the shards, ignored on load): {', '.join(plan.extra[:5])}"
+            + (" ..." if len(plan.extra) > 5 else ""))
+    base_bias = any(v == "base_score.bias" for m in plan.files.values() for v in m.values())
+    with atomic_directory(out) as tmp:
+        shards = place_shards(directory, plan, tmp, cfg.link)
+        shutil.copyfile(heads_dir / TENSORS, tmp / HEADS_SHARD)
+        with safe_open(str(tmp / HEADS_SHARD), framework="pt") as f:
+            heads_keys = list(f.keys())
+        write_index(tmp, plan, heads_keys)
+        config_json = write_config(files.config, urm_section(meta, reward_model, base_bias), tmp)
+        write_code(files.config, tmp)
+        write_tokenizer(files.tokenizer, directory, tmp)
+        check_tokenizer_round_trip(tmp, template)
+        shutil.copyfile(heads_dir / META, tmp / META)
+        record = {"format_version": 1, "pipeline_version": __version__, "config": to_dict(cfg),
+                  "backbone": {"spec": spec, "path": str(directory), "revision": files.revision,
+                               "chat_template_hash": template, "reward_model": reward_model},
+                  "heads_dir": str(heads_dir), "shards": shards, "unused_tensors": plan.extra}
+        (tmp / "README.md").write_text(model_card(meta, record, config_json["urm"]))
+        record["seconds"] = time.perf_counter() - t0
+        (tmp / "urm_export.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+    return {**record, "out_dir": str(out)}
+
+
+def summary(record: dict) -> str:
+    """One line for the CLI."""
+    counts = {}
+    for how in record["shards"].values():
+        counts[how] = counts.get(how, 0) + 1
+    shards = ", ".join(f"{n} {how}" for how, n in sorted(counts.items()))
+    return (f"exported {record['out_dir']} in {record['seconds']:.1f} s (backbone shards: {shards}; "
+            f"heads from {record['heads_dir']}). Load it with AutoModelForSequenceClassification."
+            f"from_pretrained({record['out_dir']!r}, trust_remote_code=True), or `urm score {record['out_dir']} -i FILE`")

@@ -1,0 +1,114 @@
+"""`urm score`: conversations or pairs through an exported model -> JSONL with uncertainty.
+
+The wiring: read the input (conversations, or pairs in any format pipeline.preferences reads),
+load the exported model, render every conversation the way the heads were trained on
+(pipeline.render), score in token-budget batches (pipeline.scoring), write one JSON line per
+conversation or pair atomically (or to stdout), and return the throughput for the summary line.
+
+One JSON line per conversation: ``id`` and the heads' outputs (``score``, ``score_std``, and per
+attribute ``attribute_means``, ``attribute_stds``, ``gating_weights`` keyed by attribute name; with
+an ensemble ``ensemble_scores`` and ``ensemble_std``; ``base_score`` when the backbone was a reward
+model). One line per pair: ``id``, ``subset``, ``chosen`` and ``rejected`` (each as above, without
+id), ``p_chosen_bt`` = sigmoid(s_c - s_r) and ``p_chosen_gaussian`` = Phi((s_c - s_r) /
+sqrt(var_c + var_r)) (METHOD.md 1).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import numpy as np
+
+from pipeline.atomic import write_text
+from pipeline.config import ScoreConfig
+from pipeline.scoring import ScoreError, pair_probabilities, row_scores
+
+
+def load_input(source: str, cfg: ScoreConfig):
+    """(kind, items, report): conversations, or preference pairs in any format pipeline.preferences reads."""
+    from pipeline.conversations import input_kind, load_conversations
+    from pipeline.preferences import load_preferences
+
+    kind = "pairs" if cfg.format else input_kind(source)
+    if kind == "pairs":
+        items, report = load_preferences(source, format=cfg.format, skip_invalid=cfg.skip_invalid, limit=cfg.limit)
+    else:
+        items, report = load_conversations(source, skip_invalid=cfg.skip_invalid, limit=cfg.limit)
+    if not items:
+        raise ScoreError(f"{source}: no rows to score ({report.rows_skipped} skipped)")
+    return kind, items, report
+
+
+def flatten(kind: str, items) -> list[list[dict]]:
+    """The conversations to embed: one per conversation, or chosen then rejected per pair."""
+    if kind == "pairs":
+        return [conv for p in items for conv in (p.chosen, p.rejected)]
+    return [c.messages for c in items]
+
+
+def output_rows(kind: str, items, out: dict[str, np.ndarray], names: list[str]):
+    """One JSON-ready dict per conversation or pair, in input order."""
+    if kind == "conversations":
+        for i, conv in enumerate(items):
+            yield {"id": conv.id, **row_scores(out, i, names)}
+        return
+    for j, pair in enumerate(items):
+        chosen, rejected = row_scores(out, 2 * j, names), row_scores(out, 2 * j + 1, names)
+        yield {"id": pair.pair_id, "subset": pair.subset, "chosen": chosen, "rejected": rejected,
+               **pair_probabilities(chosen, rejected)}
+
+
+def write_jsonl(rows, output: str | None) -> int:
+    """Write rows to ``output`` atomically, or to stdout when None; returns how many."""
+    lines = [json.dumps(row, allow_nan=False) + "\n" for row in rows]
+    if output is None:
+        sys.stdout.writelines(lines)
+        sys.stdout.flush()
+    else:
+        write_text(output, "".join(lines))
+    return len(lines)
+
+
+def score_file(model_dir: str, source: str, output: str | None, cfg: ScoreConfig, log=None) -> dict:
+    """Score every row of ``source`` with the exported model in ``model_dir``; JSONL to ``output``."""
+    from tqdm.auto import tqdm
+
+    from pipeline.render import render_ids
+    from pipeline.scoring import load_scorer, score_ids
+
+    log = log or (lambda line: print(line, file=sys.stderr))
+    kind, items, report = load_input(source, cfg)
+    log(report.summary())
+    model, tokenizer = load_scorer(model_dir, cfg.dtype, cfg.device)
+    ids = render_ids(tokenizer, flatten(kind, items))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    counts = {"tokens": 0, "padded_tokens": 0}
+    bar = tqdm(total=len(ids), unit="row", desc="score", dynamic_ncols=True, file=sys.stderr)
+
+    def on_batch(n, tokens, padded):
+        counts["tokens"] += tokens
+        counts["padded_tokens"] += padded
+        bar.update(n)
+
+    started = time.perf_counter()
+    try:
+        out = score_ids(model, ids, cfg.max_tokens_per_batch, pad_id, on_batch)
+    finally:
+        bar.close()
+    seconds = time.perf_counter() - started
+    names = list(model.config.urm["attributes"])
+    written = write_jsonl(output_rows(kind, items, out, names), output)
+    return {"kind": kind, "rows": written, "conversations": len(ids), **counts, "seconds": seconds,
+            "rows_per_s": len(ids) / seconds if seconds else 0.0,
+            "tokens_per_s": counts["tokens"] / seconds if seconds else 0.0,
+            "output": output or "<stdout>"}
+
+
+def summary(result: dict) -> str:
+    """One line for the CLI (on stderr, so stdout stays pure JSONL)."""
+    what = "pairs" if result["kind"] == "pairs" else "conversations"
+    return (f"scored {result['rows']} {what} ({result['conversations']} conversations, {result['tokens']} tokens) "
+            f"in {result['seconds']:.1f} s = {result['rows_per_s']:.1f} rows/s, {result['tokens_per_s']:.0f} tok/s "
+            f"-> {result['output']}")

@@ -1,0 +1,90 @@
+"""`urm train-value-head`, `urm train-gating` (and `urm train-heads`, both): the training stages' wiring.
+
+Stage 1 reads the ratings cache, fits the value head (``pipeline.trainers.fit_value_head``) and
+writes a heads folder; stage 2 reads the heads and a preference cache made with the same backbone
+and template, fits the gate (``fit_gate``) and adds it to the folder. Each stage records in
+heads.json (``HeadsMeta``) its config, the cache it read, its history and its validation metrics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+
+import torch
+
+from pipeline import ATTRIBUTES
+from pipeline.backbone import resolve_device
+from pipeline.config import GatingConfig, ValueHeadConfig, to_dict
+from pipeline.errors import UserError
+from pipeline.heads_io import CacheIdentity, HeadsError, HeadsMeta, StageRecord, load_heads, save_heads
+from pipeline.trainers import Fit
+
+
+def stage_record(cfg, fit: Fit, cache: CacheIdentity) -> StageRecord:
+    """The heads.json section of one stage: config, cache, per-epoch history, final metrics."""
+    return StageRecord(config=to_dict(cfg), cache=cache, epochs_run=len(fit.history), best_epoch=fit.best_epoch,
+                       history=fit.history, val=fit.val)
+
+
+def check_same_backbone(ratings: CacheIdentity, preferences: CacheIdentity, heads_dir: str) -> None:
+    """Refuse a preference cache made with another backbone / template / hidden size (HeadsError)."""
+    differences = ratings.feature_differences(preferences)
+    if differences:
+        key = differences[0]
+        raise HeadsError(
+            f"preference cache {preferences.path} differs from the ratings cache {ratings.path} that the "
+            f"value head in {heads_dir} was trained on: {key} is {getattr(preferences, key)!r} there but "
+            f"{getattr(ratings, key)!r} for the ratings. Extract both caches with the same backbone and chat "
+            "template (`urm extract`), or retrain the value head on a matching ratings cache.")
+
+
+def train_value_head(cfg: ValueHeadConfig, log=print) -> dict:
+    """Stage 1 from the ratings cache into ``cfg.run.heads_dir``; returns a summary dict."""
+    from pipeline.cache_reader import read_features
+    from pipeline.trainers import fit_value_head
+
+    path = cfg.ratings_cache or os.path.join(cfg.run.cache_dir, "ratings")
+    features = read_features(path, device=resolve_device(cfg.run.device))
+    if features.manifest.get("kind") != "ratings":
+        raise UserError(f"{path} is a {features.manifest.get('kind')!r} cache; stage 1 needs a ratings "
+                        "cache: set --ratings-cache to one extracted from a ratings dataset")
+    names = list(features.manifest.get("label_names") or ATTRIBUTES)
+    t0 = time.perf_counter()
+    fit = fit_value_head(features.embedding, features.labels, cfg, names, log)
+    meta = HeadsMeta(attributes=names, hidden_size=fit.heads.d, architecture=fit.heads.architecture,
+                     value_head=stage_record(cfg, fit, CacheIdentity.of(path, features.manifest)),
+                     label_scaling=fit.label_scaling)
+    save_heads(cfg.run.heads_dir, fit.heads, meta)
+    return {"heads_dir": cfg.run.heads_dir, "rows": len(features.embedding), "epochs_run": len(fit.history),
+            "best_epoch": fit.best_epoch, "seconds": time.perf_counter() - t0, "val": fit.val}
+
+
+def pair_margins(path: str, margin: torch.Tensor) -> torch.Tensor:
+    """Each pair's margin for the margin-aware loss; every pair must have one."""
+    missing = int(torch.isnan(margin).sum())
+    if missing:
+        raise UserError(f"{path}: {missing} of {len(margin)} pairs have no margin, which --use-margin needs "
+                        "(UltraFeedback's scores, or a `margin` column in the data); train without --use-margin")
+    return margin
+
+
+def train_gating(cfg: GatingConfig, log=print) -> dict:
+    """Stage 2 from the preference cache; adds the gate to the heads in ``cfg.run.heads_dir``."""
+    from pipeline.cache import read_manifest
+    from pipeline.cache_reader import read_pairs
+    from pipeline.trainers import fit_gate
+
+    value, meta = load_heads(cfg.run.heads_dir)
+    path = cfg.preferences_cache or os.path.join(cfg.run.cache_dir, "preferences")
+    identity = CacheIdentity.of(path, read_manifest(path))
+    check_same_backbone(meta.value_head.cache, identity, cfg.run.heads_dir)
+    pairs = read_pairs(path, device=resolve_device(cfg.run.device))
+    margin = pair_margins(path, pairs.chosen.margin) if cfg.use_margin else None
+    t0 = time.perf_counter()
+    fit = fit_gate(pairs.chosen.embedding, pairs.rejected.embedding, value, cfg, meta.attributes, log, margin)
+    save_heads(cfg.run.heads_dir, fit.heads, dataclasses.replace(meta, gating=stage_record(cfg, fit, identity)))
+    return {"heads_dir": cfg.run.heads_dir, "pairs": len(pairs.chosen.embedding),
+            "epochs_run": len(fit.history), "best_epoch": fit.best_epoch,
+            "seconds": time.perf_counter() - t0, "val": fit.val}
