@@ -198,7 +198,7 @@ def evaluate(
     model_dir: str = typer.Argument(..., help="Heads folder or exported model directory."),
 ):
     """Evaluate a reward model on cached preference data (accuracy, calibration, uncertainty)."""
-    not_built("evaluate", "no issue yet")
+    not_built("evaluate", "issue 10")
 
 
 @app.command()
