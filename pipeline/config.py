@@ -312,9 +312,10 @@ def load_config(stage: str, preset: str | None = DEFAULT_PRESET, overrides: dict
     """Build the config of ``stage`` from defaults, the preset, then non-None ``overrides`` (flat names)."""
     cls = STAGES[stage]
     names = {o.name for o in options(cls)}
+    source = preset_path(preset) if preset else None
     data = read_preset(preset) if preset else {}
-    source = preset_path(preset) if preset else "defaults"
-    values: dict[str, Any] = {k: v for k, v in run_paths(Path(preset).stem).items() if k in names} if preset else {}
+    values: dict[str, Any] = {k: v for k, v in run_paths(source.stem).items() if k in names} if source else {}
+    source = source or "defaults"
     shared = {k: v for k, v in data.items() if not isinstance(v, dict)}
     known = {o.name for c in STAGES.values() for o in options(c)}
     if set(shared) - known:

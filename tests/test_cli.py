@@ -62,6 +62,9 @@ def test_preset_then_overrides():
     assert load_config("extract", "demo", {"max_length": 77, "dtype": None}).max_length == 77
     big = load_config("extract", "urm-llama3.1-8b")
     assert big.backbone == "Skywork/Skywork-Reward-Llama-3.1-8B"
+    assert big.cache_dir == "cache/urm-llama3.1-8b"  # named after the preset, dots and all
+    assert load_config("export", "urm-llama3.1-8b").out_dir == "runs/urm-llama3.1-8b/model"
+    assert load_config("value_head", "demo").run.heads_dir == "runs/demo/heads"
     assert big.datasets["ratings"].source == "nvidia/HelpSteer2"
     assert big.datasets["preferences"].source == "Skywork/Skywork-Reward-Preference-80K-v0.1"
 
