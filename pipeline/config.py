@@ -70,7 +70,7 @@ class DatasetSpec:
     name: str
     kind: str  # "ratings" | "preferences"
     source: str  # hub id, local file, or "synthetic:ratings?n=..&seed=.." / "synthetic:preferences?..."
-    format: str | None = None  # preference format name; None = detect from the columns
+    format: str | None = None  # rating or preference format name; None = detect from the columns
     split: str = "train"  # for hub datasets
     limit: int | None = None  # keep the first N rows (pairs), for quick runs
 
@@ -124,7 +124,8 @@ class ExtractConfig:
                              "synthetic:...); needs --kind.")
     kind: str | None = opt(None, "With --source: ratings or preferences.")
     name: str | None = opt(None, "With --source: its cache folder name under CACHE_DIR (default: from the source).")
-    format: str | None = opt(None, "With --source: the preference format (default: detect from the columns).")
+    format: str | None = opt(None, "With --source: the data format, a rating or a pair format (default: detect "
+                             "from the columns).")
     limit: int | None = opt(None, "Keep only the first N rows (pairs) of each dataset.")
     cache_dir: str = opt(DEFAULT_PATHS["cache_dir"], "Folder holding one cache folder per dataset.",
                          shown="cache/PRESET")

@@ -1,8 +1,9 @@
 """Conversations to score, one per row -> ``Conversation``; and which kind of rows a scoring input holds.
 
 A conversation row is either ``{"messages": [{role, content}, ...], "id"?: ...}`` (the chat-template
-form, ending with the assistant turn to judge) or a HelpSteer2-schema row (``prompt`` + ``response``;
-any ratings are ignored). ``synthetic:ratings?...`` sources give the generator's rating rows.
+form, ending with the assistant turn to judge) or a row in any rating format pipeline.ratings reads
+(HelpSteer2 ``prompt`` + ``response``, SteerLM ``conversations``, NeMo regression ``text``; any
+ratings are ignored). ``synthetic:ratings?...`` sources give the generator's rating rows.
 A scoring input whose rows hold ``chosen`` / ``rejected`` (any format of pipeline.preferences) is a
 pair input instead: ``input_kind`` tells the two apart from the first row.
 """
@@ -13,10 +14,9 @@ from dataclasses import dataclass
 from functools import partial
 
 from pipeline.preferences import check_ends_with_assistant, messages_from
-from pipeline.ratings import load_ratings, split_helpsteer2_prompt
+from pipeline.ratings import PARSERS, detect_format, load_ratings
 from pipeline.records import DataError, LoadReport, Message
-from pipeline.sources import (RowError, collect, is_blank, iter_records, peek_record, record_id, require_text,
-                              source_kind, source_stem)
+from pipeline.sources import (RowError, collect, is_blank, iter_records, peek_record, record_id, source_kind, source_stem)
 
 PAIR_COLUMNS = ("chosen", "rejected", "reject", "conversation_input")
 
@@ -33,12 +33,13 @@ def parse_conversation(record: dict, row: int, stem: str) -> tuple[Conversation,
     """A ``messages`` row or a HelpSteer2 prompt/response row -> (Conversation, id, id column); RowError."""
     if "messages" in record:
         messages = check_ends_with_assistant(messages_from(record["messages"], "messages"), "messages")
-    elif "prompt" in record and "response" in record:
-        messages = split_helpsteer2_prompt(require_text(record, "prompt"))
-        messages.append({"role": "assistant", "content": require_text(record, "response")})
     else:
-        raise RowError("messages", "expected a 'messages' list (or HelpSteer2 'prompt' + 'response'); "
-                       f"the row has {sorted(record)[:8]}")
+        try:
+            rating_messages, _ = PARSERS[detect_format(record)]
+        except ValueError:
+            raise RowError("messages", "expected a 'messages' list (or a rating row: HelpSteer2 'prompt' + "
+                           f"'response', SteerLM 'conversations', NeMo 'text'); the row has {sorted(record)[:8]}") from None
+        messages = rating_messages(record)
     row_id, column = record_id(record, ("id",), f"{stem}:{row}")
     return Conversation(row_id, messages), row_id, column
 

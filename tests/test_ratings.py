@@ -330,3 +330,56 @@ def test_fingerprint(write_jsonl, tmp_path):
     assert fingerprint("synthetic:ratings?n=3") != fingerprint("synthetic:ratings?n=4")
     with pytest.raises(DataError, match="file not found"):
         fingerprint(str(tmp_path / "missing.jsonl"))
+
+
+# ----------------------------------------------------------------------------------------------
+# NeMo-Aligner's formats: SteerLM SFT rows and regression reward-model rows
+
+STEERLM = {"system": "", "mask": "User", "dataset": "x", "conversations": [
+    {"from": "User", "value": MULTI_TURN, "label": None},
+    {"from": "Assistant", "value": "36.", "label": "helpfulness:4,correctness:3,quality:9,coherence:4,complexity:1,verbosity:0"}]}
+NEMO = {"text": "<extra_id_0>System\nBe helpful.\n<extra_id_1>User\nWhat is 2+2?\n<extra_id_1>Assistant\n4.\n"
+                "<extra_id_1>User\nAnd times 3?\n<extra_id_1>Assistant\n12.\n<extra_id_2>",
+        "label": [-100, -100, -100, -100, 4, 3, -100, 2, 1]}
+
+
+def test_steerlm_and_nemo_regression_rows_are_rating_rows(write_jsonl):
+    rows, report = load_ratings(str(write_jsonl("steer.jsonl", [STEERLM])))
+    assert report.format == "steerlm"
+    assert rows[0].messages == split_helpsteer2_prompt(MULTI_TURN) + [{"role": "assistant", "content": "36."}]
+    assert rows[0].labels == [4.0, 3.0, 4.0, 1.0, 0.0]  # other attribute names (quality) ignored
+    rows, report = load_ratings(str(write_jsonl("nemo.jsonl", [NEMO])))
+    assert report.format == "nemo-regression"
+    assert rows[0].messages == [{"role": "system", "content": "Be helpful."}, {"role": "user", "content": "What is 2+2?"},
+                                {"role": "assistant", "content": "4."}, {"role": "user", "content": "And times 3?"},
+                                {"role": "assistant", "content": "12."}]
+    assert rows[0].labels[:2] == [4.0, 3.0] and math.isnan(rows[0].labels[2]) and rows[0].labels[3:] == [2.0, 1.0]
+    named, _ = load_ratings(str(write_jsonl("n2.jsonl", [NEMO])), format="nemo-regression")
+    assert named[0].labels[:2] == [4.0, 3.0]
+
+
+@pytest.mark.parametrize("record, field, message", [
+    ({**STEERLM, "conversations": []}, "conversations", "non-empty list"),
+    ({**STEERLM, "conversations": [{"from": "Bot", "value": "x", "label": None}]}, "conversations[0].from", "unknown speaker"),
+    ({**STEERLM, "conversations": STEERLM["conversations"][:1]}, "conversations[0].from", "last turn must be the Assistant"),
+    ({**STEERLM, "conversations": [STEERLM["conversations"][0], {**STEERLM["conversations"][1], "label": None}]},
+     "conversations[1].label", "expected the ratings"),
+    ({**STEERLM, "conversations": [STEERLM["conversations"][0], {**STEERLM["conversations"][1], "label": "helpfulness:7"}]},
+     "conversations[1].label.helpfulness", "out of range 0-4"),
+    ({**NEMO, "label": [1, 2]}, "label", "expected 5 ratings"),
+    ({**NEMO, "label": [-100] * 4 + [1, 2, "x", 3, 4]}, "label[6]", "must be a number"),
+    ({**NEMO, "text": "no markers"}, "text", "text before the first turn marker"),
+    ({**NEMO, "text": "<extra_id_1>User\nonly a question\n<extra_id_2>"}, "text", "last turn must be the Assistant"),
+])
+def test_nemo_formats_bad_rows_are_located(write_jsonl, record, field, message):
+    path = write_jsonl("bad.jsonl", [record])
+    fmt = "steerlm" if "conversations" in record else "nemo-regression"
+    with pytest.raises(DataError, match=located(path, 1, field) + ".*" + re.escape(message)):
+        load_ratings(str(path), format=fmt)
+
+
+def test_unknown_rating_columns_and_format_are_clear(write_jsonl):
+    with pytest.raises(DataError, match="cannot tell the rating format from the columns.*steerlm"):
+        load_ratings(str(write_jsonl("odd.jsonl", [{"question": "x"}])))
+    with pytest.raises(DataError, match="unknown rating format 'steer'"):
+        load_ratings(str(write_jsonl("ok.jsonl", [STEERLM])), format="steer")

@@ -23,8 +23,9 @@ EXPECTED = {
     "pandalm-test.jsonl": ("rewardbench", 894, 52),
 }
 # Real rows rated on the five HelpSteer attributes, in NeMo-Aligner's SteerLM and regression-RM formats
-# (see its README); the rating loaders do not read these formats yet (issue 10).
-RATING_FILES = {"steerlm-attributes-sample512.jsonl", "nemo-regression-rm-sample8.jsonl"}
+# file -> (format detected, rows = lines, rows whose prompt holds earlier turns)
+RATING_FILES = {"steerlm-attributes-sample512.jsonl": ("steerlm", 512, 329),
+                "nemo-regression-rm-sample8.jsonl": ("nemo-regression", 8, 0)}
 
 
 @lru_cache(maxsize=None)
@@ -44,7 +45,7 @@ def line_count(path: Path) -> int:
 
 def test_every_file_is_expected(shared_data):
     files = {p.name for p in shared_data.iterdir() if p.name != "README.md"}
-    assert files == set(EXPECTED) | RATING_FILES
+    assert files == set(EXPECTED) | set(RATING_FILES)
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
@@ -141,3 +142,21 @@ def test_fingerprint_of_real_file_is_stable_and_content_based(shared_data, tmp_p
     assert fingerprint(str(copy)) == fp
     copy.write_bytes(src.read_bytes() + b"\n")
     assert fingerprint(str(copy)) != fp
+
+
+@pytest.mark.parametrize("name", sorted(RATING_FILES))
+def test_rating_file_loads_with_readme_counts(shared_data, name):
+    from pipeline import ATTRIBUTES
+    from pipeline.ratings import load_ratings
+
+    fmt, rows, multi_turn = RATING_FILES[name]
+    got, report = load_ratings(str(shared_data / name))
+    assert (report.format, report.rows_loaded, report.rows_skipped) == (fmt, rows, 0) and rows == line_count(shared_data / name)
+    assert all(r.messages[-1]["role"] == "assistant" and len(r.labels) == len(ATTRIBUTES) for r in got)
+    assert sum(len([m for m in r.messages if m["role"] == "user"]) > 1 for r in got) == multi_turn
+    labels = [r.labels for r in got]
+    assert all(0 <= v <= 4 for row in labels for v in row)  # every rating present, in range
+    if fmt == "steerlm":  # the README's skew: coherence is 4 in 502 of 512 rows
+        assert sum(row[ATTRIBUTES.index("coherence")] == 4 for row in labels) == 502
+    else:  # NeMo's first four labels are -100 (missing); the last five, HelpSteer2's, are all there
+        assert got[0].labels == [4.0, 4.0, 4.0, 3.0, 2.0] and got[0].messages[0]["role"] == "system"

@@ -84,7 +84,8 @@ def load_rows(spec: DatasetSpec, skip_invalid: bool, limit: int | None):
     from pipeline.rows import pair_rows, rating_rows
 
     if spec.kind == "ratings":
-        records, report = load_ratings(spec.source, split=spec.split, skip_invalid=skip_invalid, limit=limit)
+        records, report = load_ratings(spec.source, format=spec.format, split=spec.split, skip_invalid=skip_invalid,
+                                       limit=limit)
         rows = rating_rows(records)
     else:
         records, report = load_preferences(spec.source, format=spec.format, split=spec.split,
