@@ -156,6 +156,10 @@ class ValueHeadConfig:
                      "carry a near-constant direction that serves as one).")
     standardize_labels: bool = opt(False, "Train on standardised labels; the saved head predicts on the "
                                    "label scale again (mu = std * head + mean, so it then has a bias).")
+    calibrate: bool = opt(True, "Refit sigma on a held-out calibration split (Gaussian NLL, means frozen) so that it "
+                          "is the size of the held-out error; --no-calibrate keeps sigma as the loss left it "
+                          "(reparam drives it to 0).")
+    calibration_fraction: float = opt(0.1, "Share of rows held out for the sigma calibration.")
     optim: Optimization = group(Optimization(), prefix="")
 
 
@@ -170,6 +174,8 @@ class GatingConfig:
     temperature: float | None = opt(None, "Softmax gate temperature T in softmax(x / T) (default: ArmoRM's 10).")
     use_margin: bool = opt(False, "Margin-aware BT loss -log sigmoid(s_c - s_r - margin) with each pair's "
                            "margin column (UltraFeedback's score gap, a dataset's own margin; TRL's RewardTrainer).")
+    pair_temperature: bool = opt(True, "Fit one temperature for each pair probability (BT and Gaussian) on the "
+                                 "validation pairs, used by the export and `urm score`; --no-pair-temperature keeps T = 1.")
     optim: Optimization = group(Optimization(lr=1e-4, epochs=20, batch_size=512, patience=3), prefix="gate_")
 
 

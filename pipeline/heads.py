@@ -57,14 +57,14 @@ def score_variance(w: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     return (w.square() * sigma.square()).sum(-1)
 
 
-def p_chosen_bt(s_a: torch.Tensor, s_b: torch.Tensor) -> torch.Tensor:
-    """P(A > B) under Bradley-Terry: sigmoid(s_A - s_B)."""
-    return torch.sigmoid(s_a - s_b)
+def p_chosen_bt(s_a: torch.Tensor, s_b: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """P(A > B) under Bradley-Terry: sigmoid((s_A - s_B) / T), T fitted on validation pairs (METHOD.md 2)."""
+    return torch.sigmoid((s_a - s_b) / temperature)
 
 
-def p_chosen_gaussian(s_a, s_b, var_a, var_b) -> torch.Tensor:
-    """P(A > B) under independent Gaussian scores: Phi((s_A - s_B) / sqrt(Var_A + Var_B))."""
-    return torch.special.ndtr((s_a - s_b) / torch.sqrt(var_a + var_b))
+def p_chosen_gaussian(s_a, s_b, var_a, var_b, temperature: float = 1.0) -> torch.Tensor:
+    """P(A > B) under independent Gaussian scores: Phi((s_A - s_B) / (T sqrt(Var_A + Var_B)))."""
+    return torch.special.ndtr((s_a - s_b) / (temperature * torch.sqrt(var_a + var_b)))
 
 
 def unstandardize(weight, bias, mean, std) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,9 +2,10 @@
 
 ``HeadsMeta`` is the one description of heads.json: the format version, the hidden size, the
 attribute names, the ``architecture`` (the keyword arguments of ``heads.Heads``), the label
-scaling, and one ``StageRecord`` per trained stage (``value_head``, ``gating``) with its resolved
+scaling, one ``StageRecord`` per trained stage (``value_head``, ``gating``) with its resolved
 config, the identity of the cache it was trained on (``CacheIdentity``), its per-epoch history and
-final validation metrics. Training writes it; export, the model card, scoring and the tests read it
+final validation metrics, and how the stated uncertainty was calibrated (``SigmaCalibration``,
+``PairCalibration``, with the validation metrics before and after). Training writes it; export, the model card, scoring and the tests read it
 through these types. Both files are written atomically (pipeline.atomic).
 """
 
@@ -85,6 +86,31 @@ class StageRecord:
 
 
 @dataclass
+class SigmaCalibration:
+    """How the value head's sigma was obtained, and its interval metrics on the validation split
+    before and after (coverage50 / coverage90 / nll / mean_sigma, overall and per attribute)."""
+
+    method: str  # "calibrated" (log-sigma rows refit on a held-out split) | "as trained"
+    loss: str  # the stage-1 loss that trained the means (and sigma before calibration)
+    calibration_rows: int
+    before: dict
+    after: dict
+    fitted: dict = field(default_factory=dict)  # "score" / "ensemble": the (a, b) per member and attribute
+
+
+@dataclass
+class PairCalibration:
+    """The temperatures of P(chosen > rejected), fitted on validation pairs, and the calibration metrics
+    there before (T = 1) and after (ece, brier, ece_gaussian, brier_gaussian)."""
+
+    temperature_bt: float
+    temperature_gaussian: float
+    validation_pairs: int
+    before: dict
+    after: dict
+
+
+@dataclass
 class HeadsMeta:
     """heads.json. ``architecture`` is what ``Heads(hidden_size, len(attributes), **architecture)``
     takes (members, bias, gate, gate_hidden, temperature); a stage not trained yet is None."""
@@ -95,6 +121,8 @@ class HeadsMeta:
     value_head: StageRecord
     label_scaling: LabelScaling | None = None
     gating: StageRecord | None = None
+    sigma_calibration: SigmaCalibration | None = None
+    pair_calibration: PairCalibration | None = None
     format_version: int = FORMAT_VERSION
 
     def to_json(self) -> dict:
@@ -107,11 +135,13 @@ class HeadsMeta:
             raise HeadsError(f"{where}: format_version {data.get('format_version')} (this code reads "
                              f"{FORMAT_VERSION}); retrain the heads with this version")
         try:
-            scaling = data.get("label_scaling")
+            scaling, sigma, pairs = (data.get(k) for k in ("label_scaling", "sigma_calibration", "pair_calibration"))
             return cls(attributes=list(data["attributes"]), hidden_size=int(data["hidden_size"]),
                        architecture=dict(data["architecture"]), value_head=_stage(data["value_head"]),
                        label_scaling=LabelScaling(**scaling) if scaling else None,
-                       gating=_stage(data["gating"]) if data.get("gating") else None)
+                       gating=_stage(data["gating"]) if data.get("gating") else None,
+                       sigma_calibration=SigmaCalibration(**sigma) if sigma else None,
+                       pair_calibration=PairCalibration(**pairs) if pairs else None)
         except (KeyError, TypeError, ValueError) as e:
             raise HeadsError(f"{where}: not a heads.json this version reads ({type(e).__name__}: {e}); "
                              "retrain the heads") from None

@@ -70,17 +70,35 @@ def stage_section(title: str, stage: StageRecord | None, keys: tuple[str, ...]) 
 
 
 def uncertainty_note(meta: HeadsMeta) -> str:
-    loss = meta.value_head.config.get("loss")
-    note = ("Each attribute k has a Gaussian N(mu_k, sigma_k^2) (`attribute_means`, `attribute_stds`). With the "
+    """How the stated uncertainty was obtained, and what it measured on held-out data."""
+    loss, sigma, pairs = meta.value_head.config.get("loss"), meta.sigma_calibration, meta.pair_calibration
+    note = ["Each attribute k has a Gaussian N(mu_k, sigma_k^2) (`attribute_means`, `attribute_stds`). With the "
             "attributes treated as independent, the score s = sum_k w_k mu_k has variance "
             "Var s = sum_k w_k^2 sigma_k^2 (`score_std` = its square root). For two responses A and B: "
-            "P(A > B) = sigmoid(s_A - s_B) under Bradley-Terry, and Phi((s_A - s_B) / sqrt(Var_A + Var_B)) "
-            "under the Gaussians (`urm score` on pairs writes both).")
-    if loss == "reparam":
-        note += ("\n\n**This value head was trained with the `reparam` loss**, whose expected value is "
-                 "(mu - y)^2 + sigma^2: it pushes sigma towards 0, so the stds are not calibrated "
-                 "(see the coverage columns above). Train with `--loss nll` for meaningful uncertainty.")
-    return note
+            "P(A > B) = sigmoid((s_A - s_B) / T_bt) under Bradley-Terry, and Phi((s_A - s_B) / (T_gauss "
+            "sqrt(Var_A + Var_B))) under the Gaussians (`model.p_chosen(out_a, out_b)`; `urm score` on pairs "
+            "writes both)."]
+    if sigma is not None and sigma.method == "calibrated":
+        b, a = sigma.before, sigma.after
+        note.append(f"**How sigma was obtained.** The means were trained with the `{loss}` loss; then, with the "
+                    f"means frozen, each log-sigma row was refit by Gaussian NLL on {sigma.calibration_rows} held-out "
+                    "calibration rows the means never saw (log sigma <- a log sigma + b, per attribute). On the "
+                    f"validation split, the central 90% interval covered {_fmt(b.get('coverage90'))} of the labels "
+                    f"before and {_fmt(a.get('coverage90'))} after (50%: {_fmt(b.get('coverage50'))} -> "
+                    f"{_fmt(a.get('coverage50'))}; nominal 0.9 and 0.5).")
+    elif loss == "reparam":
+        note.append("**This value head was trained with the `reparam` loss and not calibrated**: its expected "
+                    "value is (mu - y)^2 + sigma^2, which pushes sigma towards 0, so the stds are far too small "
+                    "(see the coverage columns above). Train with calibration (the default) or `--loss nll`.")
+    else:
+        note.append(f"**How sigma was obtained.** Trained with the `{loss}` loss on the training rows, not "
+                    "recalibrated on held-out data (see the coverage columns above).")
+    if pairs is not None:
+        note.append(f"**Pair probabilities.** T_bt = {_fmt(pairs.temperature_bt)} and T_gauss = "
+                    f"{_fmt(pairs.temperature_gaussian)}, fitted by NLL on {pairs.validation_pairs} validation pairs; "
+                    f"ECE there {_fmt(pairs.before.get('ece'))} -> {_fmt(pairs.after.get('ece'))} (BT) and "
+                    f"{_fmt(pairs.before.get('ece_gaussian'))} -> {_fmt(pairs.after.get('ece_gaussian'))} (Gaussian).")
+    return "\n\n".join(note)
 
 
 def model_card(meta: HeadsMeta, record: dict, urm: dict) -> str:

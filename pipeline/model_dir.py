@@ -252,10 +252,13 @@ def _itemsize(dtype: str) -> int:
 
 def urm_section(meta: HeadsMeta, reward_model: bool, base_bias: bool) -> dict:
     """config.json's ``urm`` section: what shapes the heads (read by modeling_urm.urm_settings)."""
-    arch = meta.architecture
+    arch, pairs = meta.architecture, meta.pair_calibration
+    temperature = {"bt": pairs.temperature_bt, "gaussian": pairs.temperature_gaussian} if pairs else {"bt": 1.0,
+                                                                                                    "gaussian": 1.0}
     return {"format_version": 1, "attributes": list(meta.attributes), "members": arch["members"],
             "value_bias": arch["bias"], "gate": arch["gate"], "gate_hidden": arch["gate_hidden"],
-            "gate_temperature": arch["temperature"], "base_score": reward_model, "base_score_bias": base_bias}
+            "gate_temperature": arch["temperature"], "base_score": reward_model, "base_score_bias": base_bias,
+            "pair_temperature": temperature}
 
 
 def write_config(config, urm: dict, tmp: Path) -> dict:

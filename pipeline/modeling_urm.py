@@ -38,7 +38,7 @@ from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
 from transformers.utils import ModelOutput
 
 from .configuration_urm import URMConfig
-from .heads import build_heads, head_outputs, last_token_index
+from .heads import build_heads, head_outputs, last_token_index, p_chosen_bt, p_chosen_gaussian
 
 # ----------------------------------------------------------------------------------------------
 # Which positions to read
@@ -88,6 +88,12 @@ def urm_settings(config) -> dict:
     return settings
 
 
+def pair_temperatures(config) -> dict:
+    """The temperatures of P(chosen > rejected), fitted on validation pairs ({"bt": T, "gaussian": T};
+    1 and 1 for an export made before they were)."""
+    return urm_settings(config).get("pair_temperature") or {"bt": 1.0, "gaussian": 1.0}
+
+
 def backbone_model(config) -> nn.Module:
     """The backbone's base model (LlamaModel, ...) for ``config.model_type``, weights under ``model.*``."""
     return getattr(transformers, MODEL_MAPPING_NAMES[config.model_type])(config)
@@ -135,6 +141,15 @@ class URMForSequenceClassification(PreTrainedModel):
 
     def set_input_embeddings(self, value):
         self.model.set_input_embeddings(value)
+
+    def p_chosen(self, chosen: URMOutput, rejected: URMOutput) -> dict:
+        """P(chosen > rejected) for each row of two outputs, under Bradley-Terry and under the Gaussian
+        scores, at the temperatures fitted on validation pairs (METHOD.md 1, 2)."""
+        t = pair_temperatures(self.config)
+        s_c, s_r = chosen.logits[:, 0], rejected.logits[:, 0]
+        return {"p_chosen_bt": p_chosen_bt(s_c, s_r, t["bt"]),
+                "p_chosen_gaussian": p_chosen_gaussian(s_c, s_r, chosen.score_std.square(), rejected.score_std.square(),
+                                                       t["gaussian"])}
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None,
                 return_dict=None, **kwargs):

@@ -68,10 +68,12 @@ def row_scores(out: dict[str, np.ndarray], i: int, names: list[str]) -> dict:
     return row
 
 
-def pair_probabilities(chosen: dict, rejected: dict) -> dict:
-    """P(chosen > rejected) under Bradley-Terry and under the Gaussian scores (METHOD.md 1)."""
+def pair_probabilities(chosen: dict, rejected: dict, temperature: dict | None = None) -> dict:
+    """P(chosen > rejected) under Bradley-Terry and under the Gaussian scores (METHOD.md 1), at the
+    export's temperatures (``{"bt": T, "gaussian": T}``, fitted on validation pairs)."""
+    t = temperature or {"bt": 1.0, "gaussian": 1.0}
     s_c, s_r = torch.tensor(chosen["score"], dtype=torch.float64), torch.tensor(rejected["score"], dtype=torch.float64)
     var_c = torch.tensor(chosen["score_std"], dtype=torch.float64).square()
     var_r = torch.tensor(rejected["score_std"], dtype=torch.float64).square()
-    return {"p_chosen_bt": p_chosen_bt(s_c, s_r).item(),
-            "p_chosen_gaussian": p_chosen_gaussian(s_c, s_r, var_c, var_r).item()}
+    return {"p_chosen_bt": p_chosen_bt(s_c, s_r, t["bt"]).item(),
+            "p_chosen_gaussian": p_chosen_gaussian(s_c, s_r, var_c, var_r, t["gaussian"]).item()}

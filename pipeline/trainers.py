@@ -10,7 +10,6 @@ caches and writing the heads folder is the recipe's (pipeline.recipes.train).
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 
@@ -21,11 +20,13 @@ from pipeline import ATTRIBUTES
 from pipeline import losses
 from pipeline import metrics as M
 from pipeline.backbone import resolve_device
-from pipeline.config import GatingConfig, Optimization, ValueHeadConfig
+from pipeline.config import GatingConfig, ValueHeadConfig
 from pipeline.errors import UserError
+from pipeline.optimization import EarlyStopping, adamw, split_rows, warn_few_steps
 from pipeline.heads import (GATES, Heads, ValueEnsemble, init_linear_, p_chosen_bt, p_chosen_gaussian,
                             score, score_variance, split_mean_logstd, unstandardize)
-from pipeline.heads_io import HeadsError, LabelScaling
+from pipeline.calibration import calibrate_heads, fit_temperature, sigma_report
+from pipeline.heads_io import HeadsError, LabelScaling, PairCalibration, SigmaCalibration
 
 EVAL_ROWS = 8192  # rows per chunk when evaluating on a whole split (bounds the float32 copy)
 
@@ -39,70 +40,7 @@ class Fit:
     val: dict
     best_epoch: list[int]
     label_scaling: LabelScaling | None = None
-
-
-# ----------------------------------------------------------------------------------------------
-# Shared pieces
-
-
-def split_rows(n: int, val_fraction: float, seed: int,
-               option: str = "--val-fraction") -> tuple[torch.Tensor, torch.Tensor]:
-    """A seeded random (train, validation) split of range(n)."""
-    if not 0 < val_fraction < 1:
-        raise UserError(f"val_fraction must be in (0, 1), got {val_fraction}: set {option} 0.1")
-    n_val = round(n * val_fraction)
-    if n_val < 1 or n_val >= n:
-        raise UserError(f"{n} rows cannot be split with val_fraction {val_fraction}: "
-                        f"extract more rows or change {option}")
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    return perm[n_val:], perm[:n_val]
-
-
-def adamw(params, optim: Optimization) -> torch.optim.AdamW:
-    return torch.optim.AdamW(params, lr=optim.lr, weight_decay=optim.weight_decay)
-
-
-def warn_few_steps(log, rows: int, batch_size: int, option: str) -> None:
-    """Early stopping counts epochs: with one or two steps per epoch it stops long before convergence."""
-    steps = math.ceil(rows / batch_size)
-    if steps < 4:
-        log(f"note: {rows} training rows in batches of {batch_size} = {steps} optimiser step(s) per epoch; "
-            f"early stopping may end training too soon: consider {option} {max(16, rows // 16)}")
-
-
-class EarlyStopping:
-    """Per-member early stopping on a validation criterion; keeps and restores the best weights.
-
-    ``members`` = M for parameters stacked on a leading member axis (an ensemble stops member by
-    member), or None for one model.
-    """
-
-    def __init__(self, params: list[torch.Tensor], patience: int, members: int | None = None):
-        self.views = [p.data if members else p.data.unsqueeze(0) for p in params]
-        self.saved = [v.clone() for v in self.views]
-        m = members or 1
-        self.best = torch.full((m,), math.inf)
-        self.best_epoch = torch.zeros(m, dtype=torch.long)
-        self.bad = torch.zeros(m, dtype=torch.long)
-        self.patience = patience
-
-    def update(self, criterion: torch.Tensor, epoch: int) -> torch.Tensor:
-        """Record this epoch's criterion [M]; returns which members improved."""
-        better = criterion.detach().cpu().double() < self.best
-        for view, saved in zip(self.views, self.saved):
-            saved[better.to(saved.device)] = view[better.to(view.device)]
-        self.best = torch.where(better, criterion.detach().cpu().double(), self.best)
-        self.best_epoch[better] = epoch
-        self.bad = torch.where(better, 0, self.bad + 1)
-        return better
-
-    @property
-    def done(self) -> bool:
-        return bool((self.bad >= self.patience).all())
-
-    def restore(self) -> None:
-        for view, saved in zip(self.views, self.saved):
-            view.copy_(saved)
+    calibration: SigmaCalibration | PairCalibration | None = None
 
 
 def _chunks(n: int, size: int = EVAL_ROWS):
@@ -167,7 +105,11 @@ def fit_value_head(features: torch.Tensor, labels: torch.Tensor, cfg: ValueHeadC
         raise UserError(f"unknown loss {cfg.loss!r}: use one of {losses.STAGE1_LOSSES} (--loss)")
     device = resolve_device(cfg.run.device)
     x, y = features.to(device), labels.to(device, torch.float32)
-    train, val = (i.to(device) for i in split_rows(len(x), cfg.optim.val_fraction, cfg.run.seed))
+    train, val = split_rows(len(x), cfg.optim.val_fraction, cfg.run.seed)
+    cal = train[:0]
+    if cfg.calibrate:  # the means never see the calibration rows (the validation rows stay as without)
+        train, cal = split_off(train, round(len(x) * cfg.calibration_fraction), cfg.run.seed)
+    train, val, cal = train.to(device), val.to(device), cal.to(device)
     if torch.isnan(y[train]).all():
         raise UserError("the ratings have no labels at all: is this a preference cache? "
                         "Point --ratings-cache at a cache extracted from a ratings dataset")
@@ -202,8 +144,26 @@ def fit_value_head(features: torch.Tensor, labels: torch.Tensor, cfg: ValueHeadC
     stopper.restore()
     heads = value_heads(model, mean, std, bias=cfg.bias or cfg.standardize_labels)
     scaling = LabelScaling(cfg.standardize_labels, mean.tolist(), std.tolist())
+    before = sigma_report(heads, x_val, y_val, names)
+    calibration = SigmaCalibration("as trained", cfg.loss, 0, before, before)
+    if cfg.calibrate:
+        fitted = calibrate_heads(heads, x[cal], y[cal])
+        calibration = SigmaCalibration("calibrated", cfg.loss, len(cal), before,
+                                       sigma_report(heads, x_val, y_val, names), fitted)
+        log(f"sigma calibrated on {len(cal)} held-out rows: validation 90% coverage "
+            f"{before['coverage90']:.3f} -> {calibration.after['coverage90']:.3f}, NLL {before['nll']:.3f} -> "
+            f"{calibration.after['nll']:.3f}")
     return Fit(heads, history, evaluate_value_head(heads, x_val, y_val, names),
-               stopper.best_epoch.tolist(), scaling)
+               stopper.best_epoch.tolist(), scaling, calibration)
+
+
+def split_off(rows: torch.Tensor, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the rest, n seeded-random rows of ``rows``): the calibration split comes out of the training rows."""
+    if n < 1 or n >= len(rows):
+        raise UserError(f"{len(rows)} training rows cannot give {n} calibration rows: extract more rows or change "
+                        "--calibration-fraction (or --no-calibrate)")
+    perm = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed + 1))
+    return rows[perm[n:]], rows[perm[:n]]
 
 
 @torch.no_grad()
@@ -257,21 +217,42 @@ def gate_epoch(heads: Heads, opt, xc, xr, mu_c, mu_r, order, batch_size: int, ma
 
 
 @torch.no_grad()
+def pair_scores(weights_fn, xc, xr, mu_c, ls_c, mu_r, ls_r):
+    """(s_c, s_r, Var_c, Var_r, w_c) of gate ``weights_fn`` (h -> w [B, K]) over pairs."""
+    w_c = torch.cat([weights_fn(xc[rows].float()) for rows in _chunks(len(xc))])
+    w_r = torch.cat([weights_fn(xr[rows].float()) for rows in _chunks(len(xr))])
+    return (score(w_c, mu_c), score(w_r, mu_r), score_variance(w_c, ls_c.exp()), score_variance(w_r, ls_r.exp()),
+            w_c)
+
+
+def probability_report(s_c, s_r, var_c, var_r, temperature_bt: float = 1.0, temperature_gaussian: float = 1.0) -> dict:
+    """ECE and Brier of P(chosen) under BT and under the Gaussians, at these temperatures."""
+    p_bt = p_chosen_bt(s_c, s_r, temperature_bt)
+    p_gauss = p_chosen_gaussian(s_c, s_r, var_c, var_r, temperature_gaussian)
+    return {"ece": M.ece(p_bt), "brier": M.brier(p_bt), "ece_gaussian": M.ece(p_gauss),
+            "brier_gaussian": M.brier(p_gauss)}
+
+
+@torch.no_grad()
 def pair_report(weights_fn, xc, xr, mu_c, ls_c, mu_r, ls_r, margin=None, names=ATTRIBUTES) -> dict:
     """Stage-2 metrics of gate ``weights_fn`` (h -> w [B, K]) on pairs, and its weights' spread;
     with ``margin`` [N] also the margin-aware BT loss (``bt_margin_loss``)."""
-    w_c = torch.cat([weights_fn(xc[rows].float()) for rows in _chunks(len(xc))])
-    w_r = torch.cat([weights_fn(xr[rows].float()) for rows in _chunks(len(xr))])
-    s_c, s_r = score(w_c, mu_c), score(w_r, mu_r)
-    p_bt = p_chosen_bt(s_c, s_r)
-    p_gauss = p_chosen_gaussian(s_c, s_r, score_variance(w_c, ls_c.exp()), score_variance(w_r, ls_r.exp()))
+    s_c, s_r, var_c, var_r, w_c = pair_scores(weights_fn, xc, xr, mu_c, ls_c, mu_r, ls_r)
     spread = w_c.std(0) if len(w_c) > 1 else torch.zeros_like(w_c[0])  # across prompts (chosen side)
     return {"accuracy": M.pairwise_accuracy(s_c, s_r), "bt_loss": losses.bt_loss(s_c, s_r).item(),
-            "ece": M.ece(p_bt), "brier": M.brier(p_bt),
-            "ece_gaussian": M.ece(p_gauss), "brier_gaussian": M.brier(p_gauss),
+            **probability_report(s_c, s_r, var_c, var_r),
             "weights_mean": dict(zip(names, w_c.mean(0).tolist())),
             "weights_std": dict(zip(names, spread.tolist())),
             **({} if margin is None else {"bt_margin_loss": losses.bt_loss(s_c, s_r, margin).item()})}
+
+
+def calibrate_pairs(s_c, s_r, var_c, var_r, fit: bool) -> PairCalibration:
+    """The temperatures of the two pair probabilities, fitted by NLL on these (validation) pairs."""
+    d = s_c - s_r
+    t_bt, t_gauss = (fit_temperature(d, "bt"), fit_temperature(d / (var_c + var_r).sqrt(), "gaussian")) if fit \
+        else (1.0, 1.0)
+    return PairCalibration(t_bt, t_gauss, len(d), probability_report(s_c, s_r, var_c, var_r),
+                           probability_report(s_c, s_r, var_c, var_r, t_bt, t_gauss))
 
 
 def equal_weights(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -325,4 +306,9 @@ def fit_gate(chosen: torch.Tensor, rejected: torch.Tensor, value: Heads, cfg: Ga
             break
     stopper.restore()
     val_report = pair_report(heads.gate_weights, *val_pairs, names=names)
-    return Fit(heads, history, {**val_report, "equal_weights": equal}, stopper.best_epoch.tolist())
+    pairs = calibrate_pairs(*pair_scores(heads.gate_weights, *val_pairs[:6])[:4], cfg.pair_temperature)
+    if cfg.pair_temperature:
+        log(f"pair temperatures on {pairs.validation_pairs} validation pairs: BT {pairs.temperature_bt:.3g} "
+            f"(ECE {pairs.before['ece']:.3f} -> {pairs.after['ece']:.3f}), Gaussian {pairs.temperature_gaussian:.3g} "
+            f"(ECE {pairs.before['ece_gaussian']:.3f} -> {pairs.after['ece_gaussian']:.3f})")
+    return Fit(heads, history, {**val_report, "equal_weights": equal}, stopper.best_epoch.tolist(), calibration=pairs)

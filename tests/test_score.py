@@ -127,6 +127,39 @@ def test_pairs_get_both_sides_and_both_probabilities(tiny, write_jsonl, tmp_path
     assert got[0]["chosen"]["score"] == pytest.approx(alone[0]["score"], abs=1e-5)
 
 
+def test_pair_probabilities_use_the_temperatures_fitted_with_the_heads(tmp_path, write_jsonl):
+    """Heads whose gate came with T_bt = 2 and T_gauss = 0.5: the export carries them in config.json, and
+    `urm score` and the model's own p_chosen divide by them."""
+    import dataclasses
+
+    from pipeline.config import ExportConfig
+    from pipeline.heads_io import PairCalibration, load_heads, save_heads
+    from pipeline.recipes.export import export_model
+    from tiny_models import build_tiny_llama, random_heads_dir
+
+    bb = build_tiny_llama(tmp_path / "backbone")
+    heads_dir = random_heads_dir(tmp_path / "heads", bb)
+    heads, meta = load_heads(heads_dir)
+    save_heads(heads_dir, heads, dataclasses.replace(meta, pair_calibration=PairCalibration(2.0, 0.5, 10, {}, {})))
+    out = tmp_path / "model"
+    export_model(ExportConfig(backbone=str(bb), heads_dir=str(heads_dir), out_dir=str(out)), **QUIET)
+    assert json.loads((out / "config.json").read_text())["urm"]["pair_temperature"] == {"bt": 2.0, "gaussian": 0.5}
+    rows = [{"id": "p", "prompt": "What is 2+2?", "chosen": "4", "rejected": "5"}]
+    (got,) = urm_score(out, write_jsonl("pairs.jsonl", rows))
+    c, r = got["chosen"], got["rejected"]
+    diff, spread = c["score"] - r["score"], math.sqrt(c["score_std"] ** 2 + r["score_std"] ** 2)
+    assert got["p_chosen_bt"] == pytest.approx(1 / (1 + math.exp(-diff / 2.0)), rel=1e-6)
+    assert got["p_chosen_gaussian"] == pytest.approx(0.5 * (1 + math.erf(diff / (0.5 * spread) / math.sqrt(2))), rel=1e-6)
+    model, tok = load_export(out), tokenizer_of(out)
+    with torch.no_grad():
+        sides = [model(torch.tensor([x])) for x in render_ids(tok, [[{"role": "user", "content": "What is 2+2?"},
+                                                                      {"role": "assistant", "content": a}]
+                                                                     for a in ("4", "5")])]
+    p = model.p_chosen(*sides)
+    assert p["p_chosen_bt"].item() == pytest.approx(got["p_chosen_bt"], abs=1e-5)
+    assert p["p_chosen_gaussian"].item() == pytest.approx(got["p_chosen_gaussian"], abs=1e-5)
+
+
 def test_helpsteer2_rows_are_conversations(tiny, write_jsonl):
     rows = [{"prompt": "What is 2+2?", "response": "4", "helpfulness": 4}]
     got = urm_score(tiny[2], write_jsonl("hs2.jsonl", rows))

@@ -95,14 +95,17 @@ def test_ensemble_members_differ_and_their_scores_spread():
     ens = fit.heads.ensemble.weight
     assert ens.shape == (3, 2 * K, 8)
     assert all(not torch.equal(ens[i], ens[j]) for i in range(3) for j in range(i + 1, 3))
-    assert torch.allclose(fit.heads.score.weight, ens.mean(0))  # saved score head = member average
+    # The saved score head's mean rows are the member average (so its mu is the members' mean mu);
+    # its log-sigma rows are calibrated against those means, each member's against its own.
+    assert torch.allclose(fit.heads.score.weight[0::2], ens[:, 0::2].mean(0))
+    assert not torch.allclose(fit.heads.score.weight[1::2], ens[:, 1::2].mean(0))
     out = fit.heads(h[:100])
     assert out["ensemble_scores"].shape == (100, 3) and (out["ensemble_std"] > 0).all()
     assert torch.allclose(out["score"], out["ensemble_scores"].mean(-1), atol=1e-5)
 
 
 def test_early_stopping_restores_the_best_epoch():
-    fit, _, _ = small_fit(loss="nll", epochs=30, lr=0.3, patience=3)  # lr too high: val gets worse
+    fit, _, _ = small_fit(loss="nll", epochs=30, lr=0.3, patience=3, calibrate=False)  # lr too high
     best = fit.best_epoch[0]
     assert len(fit.history) == best + 3
     assert fit.val["nll"] == pytest.approx(fit.history[best - 1]["nll"], rel=1e-5)
@@ -132,6 +135,20 @@ def test_gate_weights_follow_the_prompt_and_beat_equal_weights(gate):
         assert w_std[name] > 0.5 * abs(w_mean[name])
     for name in ATTRIBUTES[2:]:  # the irrelevant ones are pushed towards 0
         assert abs(w_mean[name]) < 0.2 * w_mean[ATTRIBUTES[0]]
+
+
+def test_pair_temperatures_are_fitted_on_the_validation_pairs():
+    """Under-confident softmax-gate scores (T < 1) and an identity value head whose sigma = 1 overstates
+    the Gaussian's spread: the fitted temperatures cut the ECE of both probabilities."""
+    chosen, rejected = prompt_dependent_pairs()
+    fit = fit_gate(chosen, rejected, identity_value_head(), build(GatingConfig, dict(gate="softmax", **STAGE2)), **QUIET)
+    pairs = fit.calibration
+    assert pairs.validation_pairs == 400 and pairs.temperature_bt < 1 and pairs.temperature_gaussian < 1
+    assert pairs.after["ece"] < 0.5 * pairs.before["ece"] and pairs.after["ece_gaussian"] < 0.5 * pairs.before["ece_gaussian"]
+    assert pairs.before["ece"] == pytest.approx(fit.val["ece"])  # T = 1 is the plain report
+    off = fit_gate(chosen, rejected, identity_value_head(),
+                   build(GatingConfig, dict(gate="softmax", pair_temperature=False, **STAGE2)), **QUIET).calibration
+    assert (off.temperature_bt, off.temperature_gaussian) == (1.0, 1.0) and off.after == off.before
 
 
 def test_stage2_is_deterministic_and_leaves_the_value_head_alone():
@@ -175,20 +192,32 @@ def test_margin_aware_gate_widens_the_gap_the_margin_asks_for():
 
 
 @pytest.mark.integration
-def test_nll_recovers_the_noise_std_and_reparam_shrinks_it(tmp_path):
+def test_nll_recovers_the_noise_std_reparam_shrinks_it_and_calibration_gives_it_back(tmp_path):
     h, y = linear_ratings()
     cache = write_cache(tmp_path / "ratings", h, y.numpy())
-    sigma = {}
-    for loss in ("nll", "reparam"):
-        cfg = build(ValueHeadConfig, dict(ratings_cache=cache, heads_dir=str(tmp_path / loss), loss=loss, **STAGE1))
-        summary = train_value_head(cfg, **QUIET)
-        sigma[loss] = torch.tensor([summary["val"]["per_attribute"][a]["mean_sigma"] for a in ATTRIBUTES])
+    sigma, coverage = {}, {}
+    for name, loss, calibrate in (("nll", "nll", False), ("reparam", "reparam", False),
+                                  ("reparam+calibration", "reparam", True)):
+        cfg = build(ValueHeadConfig, dict(ratings_cache=cache, heads_dir=str(tmp_path / name), loss=loss,
+                                          calibrate=calibrate, **STAGE1))
+        per = train_value_head(cfg, **QUIET)["val"]["per_attribute"]
+        sigma[name] = torch.tensor([per[a]["mean_sigma"] for a in ATTRIBUTES])
+        coverage[name] = torch.tensor([per[a]["coverage90"] for a in ATTRIBUTES])
     # nll: calibrated, every attribute's sigma within 10% of the true noise std (METHOD.md 2).
     assert torch.allclose(sigma["nll"], NOISE, rtol=0.10), sigma["nll"]
     # reparam: E[loss] = (mu - y)^2 + sigma^2 drives sigma towards 0, whatever the true noise.
     assert (sigma["reparam"] < 0.5 * sigma["nll"]).all(), sigma["reparam"]
     assert sigma["reparam"].mean() < 0.2 * NOISE.mean(), sigma["reparam"]
+    assert (coverage["reparam"] < 0.6).all(), coverage["reparam"]
+    # reparam's means with sigma refit on the held-out calibration split (the default): the noise std
+    # again within 15%, and the central 90% interval covers 85-95% of validation labels.
+    assert torch.allclose(sigma["reparam+calibration"], NOISE, rtol=0.15), sigma["reparam+calibration"]
+    assert ((coverage["reparam+calibration"] > 0.85) & (coverage["reparam+calibration"] < 0.95)).all()
+    _, calibrated = load_heads(tmp_path / "reparam+calibration")
+    assert calibrated.sigma_calibration.method == "calibrated" and calibrated.sigma_calibration.calibration_rows == 400
+    assert calibrated.sigma_calibration.before["coverage90"] < 0.6 < calibrated.sigma_calibration.after["coverage90"]
     _, meta = load_heads(tmp_path / "nll")
+    assert meta.sigma_calibration.method == "as trained"
     assert meta.value_head.cache.fingerprint and meta.value_head.cache.backbone == "tiny/backbone"
     assert meta.value_head.config["loss"] == "nll" and meta.attributes == list(ATTRIBUTES)
     assert len(meta.value_head.history) == meta.value_head.epochs_run

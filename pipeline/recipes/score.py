@@ -10,7 +10,8 @@ attribute ``attribute_means``, ``attribute_stds``, ``gating_weights`` keyed by a
 an ensemble ``ensemble_scores`` and ``ensemble_std``; ``base_score`` when the backbone was a reward
 model). One line per pair: ``id``, ``subset``, ``chosen`` and ``rejected`` (each as above, without
 id), ``p_chosen_bt`` = sigmoid(s_c - s_r) and ``p_chosen_gaussian`` = Phi((s_c - s_r) /
-sqrt(var_c + var_r)) (METHOD.md 1).
+sqrt(var_c + var_r)) (METHOD.md 1), each at the temperature fitted on validation pairs when the heads
+were trained (config.json's ``urm.pair_temperature``).
 """
 
 from __future__ import annotations
@@ -48,8 +49,8 @@ def flatten(kind: str, items) -> list[list[dict]]:
     return [c.messages for c in items]
 
 
-def output_rows(kind: str, items, out: dict[str, np.ndarray], names: list[str]):
-    """One JSON-ready dict per conversation or pair, in input order."""
+def output_rows(kind: str, items, out: dict[str, np.ndarray], names: list[str], temperature: dict | None = None):
+    """One JSON-ready dict per conversation or pair, in input order (pairs' probabilities at ``temperature``)."""
     if kind == "conversations":
         for i, conv in enumerate(items):
             yield {"id": conv.id, **row_scores(out, i, names)}
@@ -57,7 +58,7 @@ def output_rows(kind: str, items, out: dict[str, np.ndarray], names: list[str]):
     for j, pair in enumerate(items):
         chosen, rejected = row_scores(out, 2 * j, names), row_scores(out, 2 * j + 1, names)
         yield {"id": pair.pair_id, "subset": pair.subset, "chosen": chosen, "rejected": rejected,
-               **pair_probabilities(chosen, rejected)}
+               **pair_probabilities(chosen, rejected, temperature)}
 
 
 def write_jsonl(rows, output: str | None) -> int:
@@ -98,8 +99,10 @@ def score_file(model_dir: str, source: str, output: str | None, cfg: ScoreConfig
     finally:
         bar.close()
     seconds = time.perf_counter() - started
+    from pipeline.modeling_urm import pair_temperatures
+
     names = list(model.config.urm["attributes"])
-    written = write_jsonl(output_rows(kind, items, out, names), output)
+    written = write_jsonl(output_rows(kind, items, out, names, pair_temperatures(model.config)), output)
     return {"kind": kind, "rows": written, "conversations": len(ids), **counts, "seconds": seconds,
             "rows_per_s": len(ids) / seconds if seconds else 0.0,
             "tokens_per_s": counts["tokens"] / seconds if seconds else 0.0,

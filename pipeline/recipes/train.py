@@ -55,7 +55,7 @@ def train_value_head(cfg: ValueHeadConfig, log=print) -> dict:
     fit = fit_value_head(features.embedding, features.labels, cfg, names, log)
     meta = HeadsMeta(attributes=names, hidden_size=fit.heads.d, architecture=fit.heads.architecture,
                      value_head=stage_record(cfg, fit, CacheIdentity.of(path, features.manifest)),
-                     label_scaling=fit.label_scaling)
+                     label_scaling=fit.label_scaling, sigma_calibration=fit.calibration)
     save_heads(cfg.run.heads_dir, fit.heads, meta)
     return {"heads_dir": cfg.run.heads_dir, "rows": len(features.embedding), "epochs_run": len(fit.history),
             "best_epoch": fit.best_epoch, "seconds": time.perf_counter() - t0, "val": fit.val}
@@ -84,7 +84,8 @@ def train_gating(cfg: GatingConfig, log=print) -> dict:
     margin = pair_margins(path, pairs.chosen.margin) if cfg.use_margin else None
     t0 = time.perf_counter()
     fit = fit_gate(pairs.chosen.embedding, pairs.rejected.embedding, value, cfg, meta.attributes, log, margin)
-    save_heads(cfg.run.heads_dir, fit.heads, dataclasses.replace(meta, gating=stage_record(cfg, fit, identity)))
+    save_heads(cfg.run.heads_dir, fit.heads, dataclasses.replace(meta, gating=stage_record(cfg, fit, identity),
+                                                                pair_calibration=fit.calibration))
     return {"heads_dir": cfg.run.heads_dir, "pairs": len(pairs.chosen.embedding),
             "epochs_run": len(fit.history), "best_epoch": fit.best_epoch,
             "seconds": time.perf_counter() - t0, "val": fit.val}
