@@ -27,13 +27,14 @@ REWARDBENCH_STAMP := $(REWARDBENCH)/.installed
 # `make score INPUT=file.jsonl [OUTPUT=scores.jsonl]` scores with the PRESET's export.
 MODEL  ?= runs/$(PRESET)/model
 
-.PHONY: install test test-fast extract train-heads train-value-head train-gating export score bench clean-cache help
+.PHONY: install test test-fast extract train-heads train-value-head train-gating export evaluate score bench clean-cache help
 
 help:
 	@echo "make install      create $(VENV) and install the project with its test extras"
 	@echo "make test         install if needed, then run every test tier (what CI runs)"
 	@echo "make test-fast    the fast tier only (unit tests; what a plain \`pytest\` runs)"
 	@echo "make extract train-heads export   the whole job (PRESET=$(PRESET))"
+	@echo "make evaluate     the heads on the preset's held-out caches, beside baselines (report in runs/PRESET/eval)"
 	@echo "make score INPUT=file.jsonl       score conversations or pairs with the export (MODEL=$(MODEL))"
 	@echo "make bench        run the benchmarks, results in bench/results/*.json"
 
@@ -81,6 +82,9 @@ train-gating: $(STAMP)
 
 export: $(STAMP)
 	$(URM) export --preset $(PRESET)
+
+evaluate: $(STAMP)
+	$(URM) evaluate --preset $(PRESET)
 
 score: $(STAMP)
 	@test -n "$(INPUT)" || { echo "usage: make score INPUT=conversations.jsonl [OUTPUT=scores.jsonl] [MODEL=$(MODEL)]"; exit 2; }

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import inspect
 import sys
+import types
 import typing
 from typing import Optional
 
@@ -42,8 +43,9 @@ def fail(message: str, code: int = 1) -> typing.NoReturn:
 
 def _option_type(hint) -> type:
     """Optional[X] for a config field typed X or X | None (options default to None = 'not given')."""
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    return Optional[args[0] if args else hint]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    return Optional[hint]
 
 
 def _config_params(*stages: str) -> list[inspect.Parameter]:
@@ -56,9 +58,10 @@ def _config_params(*stages: str) -> list[inspect.Parameter]:
             flag = "--" + o.name.replace("_", "-")
             decls = [f"{flag}/--no-{flag[2:]}"] if o.type is bool else [flag]
             default = o.shown or o.default
-            shown = "" if default is None else f"  [default: {default}, unless the preset sets it]"
+            shown = "" if default in (None, [], {}) else f"  [default: {default}, unless the preset sets it]"
+            extra = {"metavar": "<str>"} if typing.get_origin(o.type) is list else {}
             option = typer.Option(None, *decls, help=o.help + shown, envvar=f"URM_{o.name.upper()}",
-                                  show_default=False)
+                                  show_default=False, **extra)
             params.append(inspect.Parameter(o.name, inspect.Parameter.KEYWORD_ONLY,
                                             default=option, annotation=_option_type(o.type)))
     return params
@@ -114,10 +117,6 @@ def report_training(summary: dict) -> None:
     else:
         line = f"value head: val MSE {val['mse']:.4f}, Pearson r {val['pearson']:.3f}, NLL {val['nll']:.3f}"
     typer.echo(f"{line}; heads saved in {summary['heads_dir']}")
-
-
-def not_built(command: str, issue: str) -> typing.NoReturn:
-    fail(f"`urm {command}` is not built yet ({issue}).", 3)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -194,11 +193,26 @@ def export(configs: dict = None):
 
 
 @app.command()
+@with_config("evaluate")
 def evaluate(
-    model_dir: str = typer.Argument(..., help="Heads folder or exported model directory."),
+    model_dir: Optional[str] = typer.Argument(None, help="Heads folder or exported model directory "
+                                                         "(default: the preset's heads)."),
+    configs: dict = None,
 ):
-    """Evaluate a reward model on cached preference data (accuracy, calibration, uncertainty)."""
-    not_built("evaluate", "issue 10")
+    """Evaluate trained heads on held-out caches beside baselines: accuracy, calibration, uncertainty.
+
+    Pairs: accuracy overall, per subset and in RewardBench's sections; ECE and Brier of P(chosen);
+    for each uncertainty signal, AUROC for the wrong pairs and accuracy on the most certain pairs.
+    Ratings: MSE, Pearson and Spearman r, NLL and interval coverage per attribute. The baselines are
+    fitted on the heads' own training caches. Writes report.json, report.md and PNG plots.
+
+    \b
+    Example: urm evaluate --preset demo                     (the demo's held-out caches)
+             urm evaluate runs/demo/model --eval-preferences cache/demo/eval_preferences --no-baselines
+    """
+    from pipeline.recipes.evaluate import run_evaluate, summary
+
+    typer.echo(summary(run_or_fail(run_evaluate, configs["evaluate"], model_dir)))
 
 
 @app.command()

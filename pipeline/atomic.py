@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -49,8 +50,19 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
 
 
 def write_json(path: str | os.PathLike, value, indent: int | None = 2) -> Path:
-    """``path`` holds ``value`` as strict JSON (no NaN), atomically."""
-    return write_text(path, json.dumps(value, indent=indent, allow_nan=False) + "\n")
+    """``path`` holds ``value`` as strict JSON (NaN and infinities written as null), atomically."""
+    return write_text(path, json.dumps(finite(value), indent=indent, allow_nan=False) + "\n")
+
+
+def finite(value):
+    """``value`` with every NaN / infinite float replaced by None, in nested dicts and lists."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return value
 
 
 @contextlib.contextmanager

@@ -47,6 +47,16 @@ class Features:
     def __len__(self) -> int:
         return int(self.embedding.shape[0])
 
+    def select(self, rows) -> "Features":
+        """The rows ``rows`` (an index tensor or array) of every column."""
+        import torch
+
+        idx = torch.as_tensor(rows, dtype=torch.long)
+        tensors = {f: getattr(self, f)[idx.to(getattr(self, f).device)]
+                   for f in ("embedding", "labels", "base_score", "margin", "n_tokens")}
+        arrays = {f: getattr(self, f)[idx.cpu().numpy()] for f in ("id", "source", "subset", "pair_id", "role")}
+        return Features(**tensors, **arrays, manifest=self.manifest)
+
 
 @dataclass
 class Pairs:
@@ -57,6 +67,9 @@ class Pairs:
 
     def __len__(self) -> int:
         return len(self.chosen)
+
+    def select(self, rows) -> "Pairs":
+        return Pairs(self.chosen.select(rows), self.rejected.select(rows))
 
 
 

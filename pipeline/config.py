@@ -38,8 +38,9 @@ KINDS = ("ratings", "preferences")
 
 
 def run_paths(preset: str) -> dict[str, str]:
-    """Where a preset's artifacts go unless it says otherwise: cache/NAME, runs/NAME/heads, runs/NAME/model."""
-    return {"cache_dir": f"cache/{preset}", "heads_dir": f"runs/{preset}/heads", "out_dir": f"runs/{preset}/model"}
+    """Where a preset's artifacts go unless it says otherwise: cache/NAME and runs/NAME/{heads,model,eval}."""
+    return {"cache_dir": f"cache/{preset}", "heads_dir": f"runs/{preset}/heads", "out_dir": f"runs/{preset}/model",
+            "report_dir": f"runs/{preset}/eval"}
 
 
 DEFAULT_PATHS = run_paths(DEFAULT_PRESET)
@@ -194,6 +195,30 @@ class ExportConfig:
 
 
 @dataclass
+class EvaluateConfig:
+    """`urm evaluate`: accuracy, calibration and uncertainty of trained heads on held-out caches, beside baselines."""
+
+    cache_dir: str = opt(DEFAULT_PATHS["cache_dir"], "Folder holding the cached datasets (cache names are looked up "
+                         "there).", shown="cache/PRESET")
+    heads_dir: str = opt(DEFAULT_PATHS["heads_dir"], "The heads folder (or an export directory) to evaluate, when no "
+                         "MODEL_DIR is given.", shown="runs/PRESET/heads")
+    eval_preferences: list[str] = opt([], "Held-out preference caches: names under CACHE_DIR, or paths (repeat the "
+                                      "option for several; each gets its own table).")
+    eval_ratings: str | None = opt(None, "A held-out ratings cache (name or path) for the attribute metrics.")
+    train_ratings_cache: str | None = opt(None, "Ratings cache the baselines train on (default: the one the heads "
+                                          "were trained on, from heads.json).")
+    train_preferences_cache: str | None = opt(None, "Preference cache the baselines train on (default: the gate's, "
+                                              "from heads.json).")
+    baselines: bool = opt(True, "Fit the baselines in the same run (linear BT probe, ArmoRM's ridge + softmax gate, "
+                          "equal weights, the backbone's own score, URM with reparam / nll / calibrated sigma, an "
+                          "ensemble); --no-baselines evaluates the heads alone.")
+    baseline_ensemble: int = opt(4, "Members of the ensemble baseline.")
+    report_dir: str = opt(DEFAULT_PATHS["report_dir"], "Where report.json, report.md and the plots go.",
+                          shown="runs/PRESET/eval")
+    device: str = opt("auto", "Device: auto (cuda if available, else cpu), cpu, cuda, ...")
+
+
+@dataclass
 class ScoreConfig:
     """`urm score`: batched scoring with uncertainty from an exported model directory."""
 
@@ -210,6 +235,7 @@ STAGES: dict[str, type] = {
     "value_head": ValueHeadConfig,
     "gating": GatingConfig,
     "export": ExportConfig,
+    "evaluate": EvaluateConfig,
     "score": ScoreConfig,
 }
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipeline.atomic import atomic_write, write_text
+from pipeline.atomic import atomic_write, write_json
 from pipeline.errors import UserError
 from pipeline.heads import Heads
 
@@ -126,7 +125,7 @@ class HeadsMeta:
     format_version: int = FORMAT_VERSION
 
     def to_json(self) -> dict:
-        return _finite(dataclasses.asdict(self))
+        return dataclasses.asdict(self)
 
     @classmethod
     def from_json(cls, data: dict, where: Path) -> "HeadsMeta":
@@ -151,17 +150,6 @@ def _stage(data: dict) -> StageRecord:
     return StageRecord(**{**data, "cache": CacheIdentity(**data["cache"])})
 
 
-def _finite(value):
-    """NaN / inf -> None (null), so heads.json is strict JSON."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
-
-
 def save_heads(directory: str | os.PathLike, heads: Heads, meta: HeadsMeta) -> Path:
     """Write ``heads`` and ``meta`` into ``directory`` (hidden size and architecture from ``heads``)."""
     directory = Path(directory)
@@ -169,15 +157,15 @@ def save_heads(directory: str | os.PathLike, heads: Heads, meta: HeadsMeta) -> P
                                format_version=FORMAT_VERSION)
     tensors = {name: t.detach().cpu().contiguous().clone() for name, t in heads.state_dict().items()}
     atomic_write(directory / TENSORS, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
-    write_text(directory / META, json.dumps(meta.to_json(), indent=2, allow_nan=False) + "\n")
+    write_json(directory / META, meta.to_json())
     return directory
 
 
-def read_meta(directory: str | os.PathLike) -> HeadsMeta:
+def read_meta(directory: str | os.PathLike, tensors: str = TENSORS) -> HeadsMeta:
     """The ``HeadsMeta`` of the heads folder ``directory`` (HeadsError when missing or unreadable)."""
     directory = Path(directory)
-    if not (directory / META).is_file() or not (directory / TENSORS).is_file():
-        raise HeadsError(f"{directory}: no trained heads here ({META} + {TENSORS}); "
+    if not (directory / META).is_file() or not (directory / tensors).is_file():
+        raise HeadsError(f"{directory}: no trained heads here ({META} + {tensors}); "
                          "train the value head first: `urm train-value-head`")
     try:
         data = json.loads((directory / META).read_text())
@@ -186,13 +174,15 @@ def read_meta(directory: str | os.PathLike) -> HeadsMeta:
     return HeadsMeta.from_json(data, directory / META)
 
 
-def load_heads(directory: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[Heads, HeadsMeta]:
-    """The ``Heads`` saved in ``directory`` and their ``HeadsMeta``."""
+def load_heads(directory: str | os.PathLike, device: str | torch.device = "cpu",
+               tensors: str = TENSORS) -> tuple[Heads, HeadsMeta]:
+    """The ``Heads`` saved in ``directory`` and their ``HeadsMeta`` (``tensors``: the file holding them;
+    an export keeps them, under the same names, in urm-heads.safetensors)."""
     directory = Path(directory)
-    meta = read_meta(directory)
+    meta = read_meta(directory, tensors)
     heads = Heads(meta.hidden_size, len(meta.attributes), **meta.architecture)
     try:
-        heads.load_state_dict(load_file(str(directory / TENSORS)))
+        heads.load_state_dict(load_file(str(directory / tensors)))
     except RuntimeError as e:
-        raise HeadsError(f"{directory / TENSORS} does not match {META}: {e}; retrain the heads") from None
+        raise HeadsError(f"{directory / tensors} does not match {META}: {e}; retrain the heads") from None
     return heads.to(device), meta

@@ -1,13 +1,18 @@
-"""Evaluation metrics as pure tensor functions (METHOD.md 6): regression, intervals, pairs, calibration.
+"""Evaluation metrics as pure functions (METHOD.md 6): regression, intervals, pairs, calibration, and
+whether an uncertainty signal predicts errors.
 
 Per-attribute metrics take [N, K] tensors with labels NaN where missing and return [K] tensors
-(NaN for an attribute with no label); pairwise metrics take [N] scores or probabilities.
+(NaN for an attribute with no label); pairwise metrics take [N] scores, probabilities or signals.
+Where scikit-learn or SciPy has the metric (ROC AUC, rank correlation) it is used; the others are
+tested against them (tests/test_metrics.py). "Uncertainty" is any signal where larger means less
+sure; pairs tied on it are ranked as a tie (an expected value over the orders), never by index.
 """
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 
@@ -34,6 +39,19 @@ def pearson(mu: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     dm = torch.where(mask, mu0 - mu0.sum(0) / n, torch.zeros_like(mu))
     dy = torch.where(mask, y0 - y0.sum(0) / n, torch.zeros_like(y0))
     return (dm * dy).sum(0) / ((dm.square().sum(0) * dy.square().sum(0)).sqrt())
+
+
+def spearman(mu: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Spearman rank correlation per attribute [K] over each attribute's labelled rows (ties: average ranks)."""
+    from scipy.stats import spearmanr
+
+    out = []
+    for k in range(y.shape[1]):
+        rows = ~torch.isnan(y[:, k])
+        a, b = mu[rows, k].double().cpu().numpy(), y[rows, k].double().cpu().numpy()
+        ok = rows.sum() > 1 and np.ptp(a) > 0 and np.ptp(b) > 0
+        out.append(float(spearmanr(a, b).statistic) if ok else math.nan)
+    return torch.tensor(out, dtype=mu.dtype)
 
 
 def gaussian_nll(mu: torch.Tensor, log_sigma: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -69,21 +87,87 @@ def ece(p_chosen: torch.Tensor, n_bins: int = 20) -> float:
 
     Every pair is counted in both orders: prediction p with outcome 1 and 1 - p with outcome 0
     (otherwise the outcome is always 1 and ECE degenerates to 1 - mean p). Equal-width bins on
-    [0, 1]; ECE = sum_b (n_b / N) |mean prediction_b - mean outcome_b|.
+    [0, 1], bin edges as scikit-learn's ``calibration_curve`` sets them (a value on an edge goes to
+    the lower bin); ECE = sum_b (n_b / N) |mean prediction_b - mean outcome_b|.
     """
     p = p_chosen.double().flatten()
     q = torch.cat([p, 1 - p])
     outcome = torch.cat([torch.ones_like(p), torch.zeros_like(p)])
-    bins = (q * n_bins).long().clamp(max=n_bins - 1)
+    inner_edges = torch.linspace(0, 1, n_bins + 1, dtype=torch.float64)[1:-1]
+    bins = torch.bucketize(q, inner_edges)  # like numpy.searchsorted(inner_edges, q, side="left")
     n = torch.bincount(bins, minlength=n_bins)
     gap = torch.bincount(bins, q - outcome, minlength=n_bins).abs()  # n_b * |mean q_b - mean o_b|
     return (gap.sum() / n.sum()).item()
 
 
+def auroc(uncertainty: torch.Tensor, wrong: torch.Tensor) -> float:
+    """How well an uncertainty signal tells wrong pairs from right ones: ROC AUC (scikit-learn), 0.5 = no
+    better than chance; NaN when every pair is right (or every pair wrong)."""
+    from sklearn.metrics import roc_auc_score
+
+    wrong = wrong.bool().cpu().numpy()
+    if wrong.all() or not wrong.any():
+        return math.nan
+    return float(roc_auc_score(wrong, uncertainty.double().cpu().numpy()))
+
+
+def risk_curve(correct: torch.Tensor, uncertainty: torch.Tensor) -> np.ndarray:
+    """Expected error rate among the k most certain pairs, for k = 1..N (risk at coverage k / N).
+
+    Sorted by uncertainty, lowest first; within a group of equal uncertainty, each pair is counted at
+    the group's error rate (the expected value over the group's orders).
+    """
+    u = uncertainty.double().cpu().numpy()
+    wrong = 1.0 - correct.double().cpu().numpy()
+    order = np.argsort(u, kind="stable")
+    u, wrong = u[order], wrong[order]
+    _, start, count = np.unique(u, return_index=True, return_counts=True)
+    group_rate = np.add.reduceat(wrong, start) / count if len(u) else np.empty(0)
+    expected = np.repeat(group_rate, count)  # each pair at its group's rate
+    return np.cumsum(expected) / np.arange(1, len(u) + 1)
+
+
+def accuracy_at_coverage(correct: torch.Tensor, uncertainty: torch.Tensor, coverage: float) -> float:
+    """Accuracy over the ``coverage`` share of pairs with the lowest uncertainty (at least one pair)."""
+    risk = risk_curve(correct, uncertainty)
+    if not len(risk):
+        return math.nan
+    k = max(1, int(round(coverage * len(risk))))
+    return float(1.0 - risk[k - 1])
+
+
+def aurc(correct: torch.Tensor, uncertainty: torch.Tensor) -> float:
+    """Area under the risk-coverage curve: the mean of the risk over coverages 1/N..1 (lower is better;
+    a signal that ranks every wrong pair last reaches the minimum for the accuracy)."""
+    risk = risk_curve(correct, uncertainty)
+    return float(risk.mean()) if len(risk) else math.nan
+
+
+def subset_accuracy(s_chosen: torch.Tensor, s_rejected: torch.Tensor, subsets) -> dict[str, float]:
+    """Pairwise accuracy per subset name (pairs without one are left out), sorted by name."""
+    right = (s_chosen > s_rejected).cpu().numpy()
+    names = np.asarray([str(x) if x is not None else "" for x in subsets], dtype=object)
+    return {name: float(right[names == name].mean()) for name in sorted(set(names) - {""})}
+
+
+def section_scores(per_subset: dict[str, float], sections: dict[str, list[str]],
+                   counts: dict[str, int]) -> dict[str, float]:
+    """RewardBench's section scores: each section the example-count-weighted mean of its subsets'
+    accuracies (``rewardbench.utils.calculate_scores_per_section``), over the subsets present; the
+    sections none of whose subsets are present are left out."""
+    out = {}
+    for section, names in sections.items():
+        present = [n for n in names if n in per_subset]
+        if present:
+            out[section] = sum(per_subset[n] * counts[n] for n in present) / sum(counts[n] for n in present)
+    return out
+
+
 def regression_report(mu, log_sigma, y, names) -> dict:
     """Stage-1 validation metrics, overall (mean over attributes) and per attribute name."""
     sigma = log_sigma.exp()
-    per = {"mse": mse(mu, y), "pearson": pearson(mu, y), "nll": gaussian_nll(mu, log_sigma, y),
+    per = {"mse": mse(mu, y), "pearson": pearson(mu, y), "spearman": spearman(mu, y),
+           "nll": gaussian_nll(mu, log_sigma, y),
            "mean_sigma": mean_sigma(log_sigma), "coverage50": coverage(mu, sigma, y, 0.5),
            "coverage90": coverage(mu, sigma, y, 0.9)}
     report = {key: value.nanmean().item() for key, value in per.items()}

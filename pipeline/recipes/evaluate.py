@@ -1,0 +1,239 @@
+"""`urm evaluate`: trained heads on held-out caches, beside baselines fitted in the same run (METHOD.md 6).
+
+The wiring: load the heads (a heads folder, or an export's copy of them), read the held-out
+preference caches (and a ratings cache when given) and refuse any made with another backbone or
+template; fit the baselines on the heads' own training caches (pipeline.baselines); score every
+model on every held-out cache (pipeline.evaluation); write report.json, report.md and the plots
+(pipeline.report); return the tables for the CLI.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import torch
+
+from pipeline import __version__
+from pipeline.config import ConfigError, EvaluateConfig
+from pipeline.evaluation import Candidate, attribute_metrics, pair_metrics, uncertainty_signals
+from pipeline.heads_io import CacheIdentity, HeadsError, HeadsMeta, load_heads
+
+EXPORT_HEADS = "urm-heads.safetensors"
+
+
+def load_for_evaluation(path: str):
+    """(heads, meta, what was loaded) from a heads folder or an export directory (its copy of the heads)."""
+    folder = Path(path)
+    if (folder / EXPORT_HEADS).is_file():
+        heads, meta = load_heads(folder, tensors=EXPORT_HEADS)
+        return heads, meta, f"export {folder}"
+    if not folder.exists():
+        raise HeadsError(f"{folder}: no such heads folder or export; train heads (`urm train-heads`) or pass one")
+    heads, meta = load_heads(folder)
+    return heads, meta, f"heads {folder}"
+
+
+def cache_path(cfg: EvaluateConfig, name: str) -> Path:
+    """A cache given by path, or by name under ``cfg.cache_dir``."""
+    return Path(name) if Path(name).exists() else Path(cfg.cache_dir) / name
+
+
+def check_features(path: Path, manifest: dict, meta: HeadsMeta) -> None:
+    """Refuse a cache whose features come from another backbone, template or hidden size than the heads'."""
+    trained = meta.value_head.cache
+    differences = trained.feature_differences(CacheIdentity.of(path, manifest))
+    if differences:
+        key = differences[0]
+        raise HeadsError(f"{path}: its {key} is {manifest.get(key)!r} but the heads were trained on features with "
+                         f"{getattr(trained, key)!r} ({trained.path}); extract it with the heads' backbone")
+
+
+def read_eval_caches(cfg: EvaluateConfig, meta: HeadsMeta, device):
+    """The held-out pairs by name, and the held-out ratings (or None)."""
+    from pipeline.cache_reader import read_features, read_pairs
+
+    if not cfg.eval_preferences and not cfg.eval_ratings:
+        raise ConfigError("nothing to evaluate: give --eval-preferences CACHE (and/or --eval-ratings CACHE), or set "
+                          "them in the preset's [evaluate] table")
+    pairs = {}
+    for name in cfg.eval_preferences:
+        path = cache_path(cfg, name)
+        pairs[path.name] = (path, read_pairs(path, device=device))
+        check_features(path, pairs[path.name][1].chosen.manifest, meta)
+    ratings = None
+    if cfg.eval_ratings:
+        path = cache_path(cfg, cfg.eval_ratings)
+        ratings = (path, read_features(path, device=device))
+        check_features(path, ratings[1].manifest, meta)
+        names = list(ratings[1].manifest.get("label_names") or [])
+        if names and names != list(meta.attributes):
+            raise HeadsError(f"{path}: its labels are {names}, the heads predict {meta.attributes}")
+    return pairs, ratings
+
+
+# ----------------------------------------------------------------------------------------------
+# Baselines
+
+
+def fit_baselines(cfg: EvaluateConfig, heads, meta: HeadsMeta, eval_pairs: dict, log) -> tuple[list[Candidate], dict]:
+    """Every baseline of pipeline.baselines, fitted on the training caches; (candidates, what each fit found)."""
+    from pipeline import baselines as B
+    from pipeline.backbone import resolve_device
+    from pipeline.cache_reader import read_features, read_pairs
+    from pipeline.config import GatingConfig, ValueHeadConfig, to_dict
+    from pipeline.optimization import split_rows
+
+    device = resolve_device(cfg.device)
+    ratings_path = cfg.train_ratings_cache or meta.value_head.cache.path
+    pairs_path = cfg.train_preferences_cache or (meta.gating.cache.path if meta.gating else None)
+    if pairs_path is None:
+        raise ConfigError("the heads have no gate, so heads.json names no training pairs for the baselines: give "
+                          "--train-preferences-cache, or --no-baselines")
+    for path in (ratings_path, pairs_path):
+        if not Path(path).exists():
+            raise ConfigError(f"training cache {path} (from heads.json) is not there: give --train-ratings-cache / "
+                              "--train-preferences-cache, or --no-baselines")
+    ratings, pairs = read_features(ratings_path, device=device), read_pairs(pairs_path, device=device)
+    check_features(Path(pairs_path), pairs.chosen.manifest, meta)
+    value_cfg = B.recorded_config(ValueHeadConfig, meta.value_head.config, device=cfg.device)
+    gating_cfg = B.recorded_config(GatingConfig, meta.gating.config if meta.gating else {}, device=cfg.device)
+    _, val = split_rows(len(pairs), gating_cfg.optim.val_fraction, gating_cfg.run.seed, "--gate-val-fraction")
+    val_pairs = pairs.select(val)  # the pairs the gate's early stopping held out: every temperature is fitted there
+    x, y, names = ratings.embedding, ratings.labels, list(meta.attributes)
+    xc, xr = pairs.chosen.embedding, pairs.rejected.embedding
+    candidates, info, quiet = [], {}, (lambda line: None)
+
+    def add(name, make):
+        log(f"baseline: {name} ...")
+        t0 = time.perf_counter()
+        candidate, found = make()
+        candidates.append(candidate)
+        info[candidate.name] = {**found, "seconds": time.perf_counter() - t0}
+
+    add("linear BT probe", lambda: _with_val(B.linear_probe(xc, xr, gating_cfg.optim.val_fraction, gating_cfg.run.seed),
+                                             val_pairs))
+    add("ArmoRM recipe", lambda: B.armorm(x, y, xc, xr, gating_cfg, quiet))
+    add("equal weights", lambda: (B.with_temperatures(B.equal_weights(heads), val_pairs.chosen, val_pairs.rejected), {}))
+    bases = [pairs.chosen.base_score, pairs.rejected.base_score] + [f.base_score for _, p in eval_pairs.values()
+                                                                     for f in (p.chosen, p.rejected)]
+    if all(not torch.isnan(b).any() for b in bases):
+        add("backbone's own score", lambda: (B.with_temperatures(B.base_score(), val_pairs.chosen, val_pairs.rejected), {}))
+    variants = [("URM, reparam, sigma as trained", "the seed's loss alone: sigma driven towards 0",
+                 dict(loss="reparam", calibrate=False)),
+                ("URM, nll", "Gaussian NLL on the training rows, no held-out calibration", dict(loss="nll", calibrate=False)),
+                ("URM, reparam + calibrated sigma", "the default recipe: reparam means, sigma refit on held-out rows",
+                 dict(loss="reparam", calibrate=True)),
+                (f"URM ensemble of {cfg.baseline_ensemble}", f"{cfg.baseline_ensemble} value heads (seeds seed..), "
+                 "reparam + calibrated sigma", dict(loss="reparam", calibrate=True, ensemble=cfg.baseline_ensemble))]
+    own = to_dict(value_cfg)
+    for name, about, changes in variants:
+        if to_dict(dataclasses.replace(value_cfg, **changes)) == own and meta.gating is not None \
+                and cfg.train_ratings_cache is None and cfg.train_preferences_cache is None:
+            info[name] = {"same_as": "URM (these heads)"}  # their recipe exactly: not trained twice
+            continue
+        add(name, lambda: B.urm_variant(name, about, x, y, xc, xr, value_cfg, gating_cfg, names, quiet, **changes))
+    return candidates, {"train": {"ratings": str(ratings_path), "preferences": str(pairs_path),
+                                  "validation_pairs": len(val)}, "fits": info}
+
+
+def _with_val(fitted, val_pairs):
+    from pipeline.baselines import with_temperatures
+
+    candidate, found = fitted
+    return with_temperatures(candidate, val_pairs.chosen, val_pairs.rejected), found
+
+
+# ----------------------------------------------------------------------------------------------
+# Entry point
+
+
+def describe(meta: HeadsMeta) -> str:
+    sigma = meta.sigma_calibration
+    how = "calibrated sigma" if sigma and sigma.method == "calibrated" else "sigma as trained"
+    gate = meta.architecture.get("gate") or "no"
+    return (f"the heads under evaluation: {meta.value_head.config.get('loss')} value head ({how}), {gate} gate, "
+            f"{meta.architecture.get('members', 1)} member(s)")
+
+
+def run_evaluate(cfg: EvaluateConfig, model_dir: str | None = None, log=print) -> dict:
+    """Evaluate the heads in ``model_dir`` (default ``cfg.heads_dir``); write the report; return it."""
+    from pipeline.backbone import resolve_device
+    from pipeline.baselines import heads_candidate
+    from pipeline.report import write_report
+
+    t0 = time.perf_counter()
+    device = resolve_device(cfg.device)
+    heads, meta, loaded = load_for_evaluation(model_dir or cfg.heads_dir)
+    heads = heads.to(device)
+    eval_pairs, eval_ratings = read_eval_caches(cfg, meta, device)
+    candidates = [heads_candidate("URM (these heads)", describe(meta), heads, meta.pair_calibration)]
+    fitted = {}
+    if cfg.baselines:
+        more, fitted = fit_baselines(cfg, heads, meta, eval_pairs, log)
+        candidates += more
+        same = [name for name, found in fitted["fits"].items() if found.get("same_as")]
+        if same:
+            candidates[0].about += f"; trained as the baseline '{same[0]}' would be, so that one is this row"
+    models, curves = [], {"pairs": {}}
+    for i, c in enumerate(candidates):
+        entry = {"name": c.name, "about": c.about, "temperature_bt": c.temperature_bt,
+                 "temperature_gaussian": c.temperature_gaussian, "pairs": {}}
+        for name, (_, p) in eval_pairs.items():
+            chosen, rejected = c.scores(p.chosen), c.scores(p.rejected)
+            entry["pairs"][name] = pair_metrics(chosen, rejected, p.chosen.subset, c.temperature_bt,
+                                                c.temperature_gaussian)
+            if i == 0:
+                curves["pairs"][name] = pair_curves(chosen, rejected, c)
+        if eval_ratings is not None:
+            scores = c.scores(eval_ratings[1])
+            entry["attributes"] = attribute_metrics(scores, eval_ratings[1].labels.cpu(), meta.attributes)
+            if i == 0 and scores.attribute_means is not None:
+                curves["attributes"] = {"names": list(meta.attributes), "y": eval_ratings[1].labels.cpu().numpy(),
+                                        "mu": scores.attribute_means.numpy(), "sigma": scores.attribute_stds.numpy()}
+        models.append(entry)
+    report = {"format_version": 1, "pipeline_version": __version__, "heads": loaded,
+              "backbone": meta.value_head.cache.backbone, "config": _config(cfg, model_dir),
+              "eval": {"preferences": {n: {"path": str(path), "pairs": len(p)} for n, (path, p) in eval_pairs.items()},
+                       "ratings": None if eval_ratings is None else {"path": str(eval_ratings[0]),
+                                                                    "rows": len(eval_ratings[1])}},
+              **fitted, "models": models}
+    report["seconds"] = time.perf_counter() - t0
+    report["files"] = {k: str(v) for k, v in write_report(report, curves, cfg.report_dir).items()}
+    return report
+
+
+def pair_curves(chosen, rejected, c: Candidate) -> dict:
+    """The main model's raw per-pair values the plots need."""
+    from pipeline import metrics as M
+    from pipeline.heads import p_chosen_bt, p_chosen_gaussian
+
+    s_c, s_r = chosen.score.double(), rejected.score.double()
+    out = {"p_bt": p_chosen_bt(s_c, s_r, c.temperature_bt).numpy(), "risk": {}}
+    if chosen.score_std is not None:
+        out["p_gaussian"] = p_chosen_gaussian(s_c, s_r, chosen.score_std.double().square(),
+                                              rejected.score_std.double().square(), c.temperature_gaussian).numpy()
+    correct = s_c > s_r
+    out["risk"] = {name: M.risk_curve(correct, u) for name, u in uncertainty_signals(chosen, rejected).items()}
+    return out
+
+
+def _config(cfg: EvaluateConfig, model_dir) -> dict:
+    from pipeline.config import to_dict
+
+    return {**to_dict(cfg), "model_dir": model_dir}
+
+
+def summary(report: dict) -> str:
+    """The tables a person reads first, and where the report is."""
+    from pipeline.report import attributes_table, pairs_table
+
+    lines = []
+    for name, info in report["eval"]["preferences"].items():
+        lines += [f"{name} ({info['pairs']} pairs):", *pairs_table(report["models"], name), ""]
+    if report["eval"]["ratings"]:
+        lines += [f"attributes ({report['eval']['ratings']['rows']} rows):", *attributes_table(report["models"]), ""]
+    lines.append(f"report: {report['files']['md']} (and report.json, plots) in {report['seconds']:.1f} s")
+    return "\n".join(lines)
+
