@@ -132,7 +132,7 @@ def armorm(x: torch.Tensor, y: torch.Tensor, xc: torch.Tensor, xr: torch.Tensor,
 
 def equal_weights(heads: Heads) -> Candidate:
     """The value head of ``heads`` with w_k = 1/K for every row (no gate)."""
-    plain = Heads(heads.d, heads.k, heads.members, bias=heads.score.bias is not None)
+    plain = Heads(heads.d, heads.k, heads.members, bias=heads.score.bias is not None).to(heads.score.weight.device)
     value = {n: t for n, t in heads.state_dict().items() if n.startswith(("score.", "ensemble."))}
     plain.load_state_dict(value)
     return heads_candidate("equal weights", "the same value head, w_k = 1/K (SteerLM-style)", plain)

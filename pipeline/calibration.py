@@ -61,7 +61,7 @@ def fit_scale_offset(mu, log_sigma, constant, y) -> tuple[torch.Tensor, torch.Te
     resid2 = (torch.nan_to_num(y) - mu).square().double()
     c = constant.double()[None, :, None]
     rms = (torch.where(labelled, resid2, 0).sum(1) / labelled.sum(0).clamp(min=1)).clamp(min=1e-12).sqrt()
-    a = torch.zeros(rms.shape, dtype=torch.float64, requires_grad=True)
+    a = torch.zeros_like(rms).requires_grad_(True)
     b = (rms.log() / c.mean()).detach().requires_grad_(True)
     s0 = log_sigma.double()
     opt = torch.optim.LBFGS([a, b], max_iter=500, tolerance_grad=1e-9, tolerance_change=1e-12,

@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cli import app
-from pipeline.cache import CacheSpec, open_writer
+from pipeline.cache import CacheSpec, open_writer, read_manifest
 from pipeline.config import ConfigError, load_config
 
 runner = CliRunner()
@@ -169,16 +169,22 @@ def test_extract_end_to_end_on_a_tiny_model(tmp_path):
 
 
 @pytest.mark.integration
-def test_extract_then_train_heads_through_the_cli(tmp_path):
-    """The job's first two steps end to end on a tiny model, every value given on the command line."""
+@pytest.mark.parametrize("ratings", ["synthetic:ratings?n=40&seed=0", "steerlm-attributes-sample512.jsonl"])
+def test_extract_then_train_heads_through_the_cli(tmp_path, ratings, request):
+    """The job's first two steps end to end on a tiny model, every value given on the command line; stage 1
+    on synthetic ratings and on the first 40 real rated rows of the SteerLM sample in ../shared/data."""
     from pipeline.heads_io import load_heads
     from tiny_models import build_tiny_llama
 
+    if ratings.endswith(".jsonl"):  # the 40 shortest rows, in the file's own SteerLM format
+        lines = (request.getfixturevalue("shared_data") / ratings).read_text().splitlines()
+        (tmp_path / ratings).write_text("".join(line + "\n" for line in sorted(lines, key=len)[:40]))
+        ratings = str(tmp_path / ratings)
     model = build_tiny_llama(tmp_path / "m")
     preset = tmp_path / "tiny.toml"
     preset.write_text(
         f'cache_dir = "{tmp_path / "cache"}"\nheads_dir = "{tmp_path / "heads"}"\nbackbone = "{model}"\n'
-        '[datasets.ratings]\nkind = "ratings"\nsource = "synthetic:ratings?n=40&seed=0"\n'
+        f'[datasets.ratings]\nkind = "ratings"\nsource = "{ratings}"\n'
         '[datasets.preferences]\nkind = "preferences"\nsource = "synthetic:preferences?n=30&seed=1"\n'
     )
     assert runner.invoke(app, ["extract", "-p", str(preset), "--device", "cpu"]).exit_code == 0
@@ -190,6 +196,9 @@ def test_extract_then_train_heads_through_the_cli(tmp_path):
     assert heads.members == 2 and heads.gate == "urm"
     assert meta.value_head.config["epochs"] == 3
     assert meta.gating.config["gate_epochs"] == 2
+    rows = read_manifest(tmp_path / "cache" / "ratings")["rows"]
+    assert rows == 40 and meta.sigma_calibration.method == "calibrated"
+    assert meta.sigma_calibration.calibration_rows == round(0.1 * rows)  # held out of the means' training
 
 
 def test_unknown_top_level_preset_key_is_refused(tmp_path):
