@@ -75,7 +75,8 @@ def uncertainty_signals(chosen: Scores, rejected: Scores) -> dict[str, torch.Ten
 def pair_metrics(chosen: Scores, rejected: Scores, subsets, temperature_bt: float = 1.0,
                  temperature_gaussian: float = 1.0) -> dict:
     """Accuracy (overall, per subset, RewardBench sections), calibration of P(chosen) at the model's
-    temperatures (ECE with 20 bins, Brier), and per uncertainty signal: AUROC for the wrong pairs,
+    temperatures (ECE with 20 bins beside the ECE a calibrated model would show on these pairs, Brier),
+    and per uncertainty signal: AUROC for the wrong pairs,
     accuracy over the 50 / 80 / 100% most certain pairs, and the area under the risk-coverage curve."""
     s_c, s_r = chosen.score.double(), rejected.score.double()
     correct = s_c > s_r  # a tie is wrong, as in RewardBench
@@ -88,12 +89,13 @@ def pair_metrics(chosen: Scores, rejected: Scores, subsets, temperature_bt: floa
         if len(rb) == len(sections):
             out["rewardbench_mean"] = sum(rb.values()) / len(rb)
     p_bt = p_chosen_bt(s_c, s_r, temperature_bt)
-    out["calibration"] = {"temperature_bt": temperature_bt, "ece": M.ece(p_bt), "brier": M.brier(p_bt)}
+    out["calibration"] = {"temperature_bt": temperature_bt, "ece": M.ece(p_bt), "brier": M.brier(p_bt),
+                          "ece_if_calibrated": M.ece_if_calibrated(p_bt)}
     if chosen.score_std is not None:
         p_g = p_chosen_gaussian(s_c, s_r, chosen.score_std.double().square(), rejected.score_std.double().square(),
                                 temperature_gaussian)
         out["calibration"].update(temperature_gaussian=temperature_gaussian, ece_gaussian=M.ece(p_g),
-                                  brier_gaussian=M.brier(p_g))
+                                  brier_gaussian=M.brier(p_g), ece_gaussian_if_calibrated=M.ece_if_calibrated(p_g))
     out["signals"] = {name: {"auroc": M.auroc(u, ~correct),
                              **{f"accuracy_at_{int(c * 100)}": M.accuracy_at_coverage(correct, u, c) for c in COVERAGES},
                              "aurc": M.aurc(correct, u)}

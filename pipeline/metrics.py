@@ -100,6 +100,19 @@ def ece(p_chosen: torch.Tensor, n_bins: int = 20) -> float:
     return (gap.sum() / n.sum()).item()
 
 
+def ece_if_calibrated(p_chosen: torch.Tensor, n_bins: int = 20, draws: int = 200, seed: int = 0) -> float:
+    """The ECE that these predictions would still show were they perfectly calibrated: each pair's
+    outcome drawn from its own P, averaged over ``draws`` seeded draws. On a few hundred pairs ECE
+    has a noise floor; an observed ECE near this one is within sampling noise."""
+    p = p_chosen.double().flatten().cpu()
+    g = torch.Generator().manual_seed(seed)
+    total = 0.0
+    for _ in range(draws):
+        chosen_won = torch.rand(len(p), generator=g, dtype=torch.float64) < p
+        total += ece(torch.where(chosen_won, p, 1 - p), n_bins)  # P of the side that won
+    return total / draws
+
+
 def auroc(uncertainty: torch.Tensor, wrong: torch.Tensor) -> float:
     """How well an uncertainty signal tells wrong pairs from right ones: ROC AUC (scikit-learn), 0.5 = no
     better than chance; NaN when every pair is right (or every pair wrong)."""

@@ -44,15 +44,15 @@ def best_signal(pairs: dict) -> tuple[str, dict]:
 def pairs_table(models: list[dict], dataset: str) -> list[str]:
     """One row per model on one preference dataset: accuracy, calibration, the best uncertainty signal."""
     sections = sorted({s for m in models for s in m["pairs"][dataset].get("rewardbench_sections", {})})
-    header = ["model", "accuracy", *sections, "ECE", "Brier", "ECE Gauss.", "best signal", "AUROC", "acc@50%",
-              "AURC"]
+    header = ["model", "accuracy", *sections, "ECE", "ECE if calibrated", "Brier", "ECE Gauss.", "best signal",
+              "AUROC", "acc@50%", "AURC"]
     rows = []
     for m in models:
         p = m["pairs"][dataset]
         name, signal = best_signal(p)
         cal = p["calibration"]
         rows.append([m["name"], p["accuracy"], *[p.get("rewardbench_sections", {}).get(s) for s in sections],
-                     cal["ece"], cal["brier"], cal.get("ece_gaussian"), name, signal["auroc"],
+                     cal["ece"], cal["ece_if_calibrated"], cal["brier"], cal.get("ece_gaussian"), name, signal["auroc"],
                      signal["accuracy_at_50"], signal["aurc"]])
     return _table(header, rows)
 
@@ -92,7 +92,9 @@ def markdown(report: dict) -> str:
               "- accuracy: share of pairs whose chosen response scores higher (a tie counts as wrong); RewardBench "
               "sections: the example-weighted mean accuracy of their subsets, as RewardBench computes them.",
               "- ECE: expected calibration error of P(chosen) = sigmoid((s_c - s_r) / T_bt), 20 equal bins, each "
-              "pair counted in both orders; Brier: mean (1 - P)^2; Gauss.: the same for Phi((s_c - s_r) / "
+              "pair counted in both orders; ECE if calibrated: the ECE these predictions would still show were "
+              "they perfectly calibrated (outcomes drawn from P itself, mean of 200 draws): the noise floor on "
+              "this many pairs; Brier: mean (1 - P)^2; Gauss.: the same for Phi((s_c - s_r) / "
               "(T_gauss sqrt(Var_c + Var_r))). T is each model's temperature fitted on its own validation pairs.",
               "- AUROC: how well an uncertainty signal ranks the wrong pairs above the right ones (0.5 = chance); "
               "acc@X%: accuracy over the X% of pairs the signal is most certain about; AURC: area under the "

@@ -101,3 +101,17 @@ def test_subsets_and_rewardbench_sections():
     got = M.section_scores(per, sections, counts)
     assert got == {"Chat": 1.0, "Reasoning": pytest.approx((0.5 * 984 + 1.0 * 164) / (984 + 164))}
     assert M.subset_accuracy(s_c[:2], s_r[:2], ["only", "only"]) == {"only": 0.5}  # one subset only
+
+
+def test_ece_if_calibrated_is_the_noise_floor_of_a_calibrated_model():
+    """Outcomes drawn from P itself: the observed ECE scatters around ece_if_calibrated, which shrinks
+    as the number of pairs grows; a confident wrong model sits far above it."""
+    g = torch.Generator().manual_seed(3)
+    for n in (100, 3000):
+        p = torch.rand(n, generator=g, dtype=torch.float64)
+        floor = M.ece_if_calibrated(p)
+        observed = [M.ece(torch.where(torch.rand(n, generator=g, dtype=torch.float64) < p, p, 1 - p)) for _ in range(50)]
+        assert np.mean(observed) == pytest.approx(floor, rel=0.15)
+    assert M.ece_if_calibrated(torch.rand(3000, generator=g, dtype=torch.float64)) < 0.3 * M.ece_if_calibrated(
+        torch.rand(100, generator=g, dtype=torch.float64))
+    assert M.ece(torch.full((500,), 0.02, dtype=torch.float64)) > 10 * M.ece_if_calibrated(torch.full((500,), 0.02))
