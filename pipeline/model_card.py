@@ -27,6 +27,7 @@ with torch.no_grad():
 score1, score2 = out1.logits[0][0].item(), out2.logits[0][0].item()
 print(score1, score2)
 print(out1.score_std[0].item(), out1.attribute_means[0].tolist(), out1.attribute_stds[0].tolist())
+print(model.p_chosen(out2, out1))  # P(response 2 better): under Bradley-Terry and under the Gaussians
 ```'''
 
 
