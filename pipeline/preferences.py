@@ -26,22 +26,10 @@ from __future__ import annotations
 
 import math
 import re
-from functools import partial
 from numbers import Real
 
-from pipeline.records import DataError, LoadReport, Message, PreferencePair
-from pipeline.sources import (
-    RowError,
-    collect,
-    is_blank,
-    iter_records,
-    peek_record,
-    record_id,
-    require_text,
-    source_kind,
-    source_stem,
-    synthetic_items,
-)
+from pipeline.records import LoadReport, Message, PreferencePair
+from pipeline.sources import RowError, is_blank, load_rows, record_id, require_text
 
 FORMATS = ("conversational", "trl-standard", "rewardbench", "hh-rlhf", "ultrafeedback", "rmb")
 ROLES = ("system", "user", "assistant")
@@ -272,34 +260,9 @@ def load_preferences(
 
     ``format`` is one of ``FORMATS``, or None to detect it from the first record's columns.
     """
-    if format is not None and format not in FORMATS:
-        raise DataError(source, None, "format", f"unknown format {format!r}; known formats: {', '.join(FORMATS)}")
-    if source_kind(source) == "synthetic":
-        return _synthetic(source, limit)
-    first, records = peek_record(iter_records(source, split))
-    format = format or _detect(source, first)
-    report = LoadReport(path=source, format=format)
-    parse = partial(parse_pair, format=format, stem=source_stem(source, split))
-    pairs = collect(records, source, parse, report,
-                    skip_invalid=skip_invalid, limit=limit, is_empty=has_empty_response)
-    return pairs, report
-
-
-def _detect(source: str, first: dict | None) -> str:
-    if first is None:
-        return "empty"  # no parseable record: nothing to detect; collect() still reports bad rows
-    try:
-        return detect_format(first)
-    except ValueError as err:
-        raise DataError(source, None, None, str(err)) from None
+    return load_rows(source, "preferences", FORMATS, detect_format, parse_pair, has_empty_response, format=format,
+                     split=split, skip_invalid=skip_invalid, limit=limit)
 
 
 def has_empty_response(pair: PreferencePair) -> bool:
     return is_blank(pair.chosen[-1]["content"]) or is_blank(pair.rejected[-1]["content"])
-
-
-def _synthetic(source: str, limit: int | None) -> tuple[list[PreferencePair], LoadReport]:
-    pairs = synthetic_items(source, "preferences", limit)
-    report = LoadReport(path=source, format="synthetic", rows_loaded=len(pairs),
-                        empty_responses=sum(map(has_empty_response, pairs)))
-    return pairs, report

@@ -20,23 +20,11 @@ from __future__ import annotations
 
 import math
 import re
-from functools import partial
 from numbers import Real
 
 from pipeline import ATTRIBUTES
-from pipeline.records import DataError, LoadReport, Message, RatingRow
-from pipeline.sources import (
-    RowError,
-    collect,
-    is_blank,
-    iter_records,
-    peek_record,
-    record_id,
-    require_text,
-    source_kind,
-    source_stem,
-    synthetic_items,
-)
+from pipeline.records import LoadReport, Message, RatingRow
+from pipeline.sources import RowError, is_blank, load_rows, record_id, require_text
 
 FORMATS = ("helpsteer2", "steerlm", "nemo-regression")
 RATING_MIN, RATING_MAX = 0.0, 4.0
@@ -186,7 +174,8 @@ PARSERS = {"helpsteer2": (helpsteer2_messages, helpsteer2_labels), "steerlm": (s
            "nemo-regression": (nemo_messages, nemo_labels)}
 
 
-def parse_rating_row(record: dict, row: int, stem: str, format: str = "helpsteer2") -> tuple[RatingRow, str, str | None]:
+def parse_rating_row(record: dict, row: int, *, stem: str, format: str = "helpsteer2") -> tuple[RatingRow, str,
+                                                                                                str | None]:
     """One record -> (RatingRow, id, id column); raises RowError."""
     messages, labels = (parse(record) for parse in PARSERS[format])
     row_id, column = record_id(record, ("id",), f"{stem}:{row}")
@@ -201,34 +190,9 @@ def load_ratings(
 
     ``format`` is one of ``FORMATS``, or None to detect it from the first record's columns.
     """
-    if format is not None and format not in FORMATS:
-        raise DataError(source, None, "format", f"unknown rating format {format!r}; known: {', '.join(FORMATS)}")
-    if source_kind(source) == "synthetic":
-        return _synthetic(source, limit)
-    first, records = peek_record(iter_records(source, split))
-    format = format or _detect(source, first)
-    report = LoadReport(path=source, format=format)
-    parse = partial(parse_rating_row, stem=source_stem(source, split), format=format)
-    rows = collect(records, source, parse, report,
-                   skip_invalid=skip_invalid, limit=limit, is_empty=_empty_response)
-    return rows, report
-
-
-def _detect(source: str, first: dict | None) -> str:
-    if first is None:
-        return "helpsteer2"  # no parseable record: collect() reports the bad rows
-    try:
-        return detect_format(first)
-    except ValueError as err:
-        raise DataError(source, None, None, str(err)) from None
+    return load_rows(source, "ratings", FORMATS, detect_format, parse_rating_row, _empty_response, format=format,
+                     split=split, skip_invalid=skip_invalid, limit=limit)
 
 
 def _empty_response(row: RatingRow) -> bool:
     return is_blank(row.messages[-1]["content"])
-
-
-def _synthetic(source: str, limit: int | None) -> tuple[list[RatingRow], LoadReport]:
-    rows = synthetic_items(source, "ratings", limit)
-    report = LoadReport(path=source, format="synthetic", rows_loaded=len(rows),
-                        empty_responses=sum(map(_empty_response, rows)))
-    return rows, report

@@ -19,6 +19,7 @@ import hashlib
 import json
 import re
 import zlib
+from functools import partial
 from itertools import chain
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, TypeVar
@@ -302,6 +303,32 @@ def collect(
         if len(items) == limit:
             break
     return items
+
+
+def load_rows(source: str, kind: str, formats: tuple[str, ...], detect: Callable[[dict], str],
+              parse: Callable[..., tuple[T, str, str | None]], is_empty: Callable[[T], bool], *,
+              format: str | None = None, split: str = "train", skip_invalid: bool = False,
+              limit: int | None = None) -> tuple[list[T], LoadReport]:
+    """What every loader does: check a format name, detect the format from the first parseable record
+    when none is given (``detect`` raises ValueError when it cannot tell), and parse the rows
+    (``parse(record, row, stem=, format=)``) with ``collect``; a ``synthetic:`` source is generated
+    (``kind``: "ratings" or "preferences")."""
+    if format is not None and format not in formats:
+        raise DataError(source, None, "format", f"unknown format {format!r}; known formats: {', '.join(formats)}")
+    if source_kind(source) == "synthetic":
+        items = synthetic_items(source, kind, limit)
+        return items, LoadReport(path=source, format="synthetic", rows_loaded=len(items),
+                                 empty_responses=sum(map(is_empty, items)))
+    first, records = peek_record(iter_records(source, split))
+    if format is None and first is not None:
+        try:
+            format = detect(first)
+        except ValueError as err:
+            raise DataError(source, None, None, str(err)) from None
+    report = LoadReport(path=source, format=format or "empty")  # "empty": no parseable record at all
+    items = collect(records, source, partial(parse, stem=source_stem(source, split), format=format or formats[0]),
+                    report, skip_invalid=skip_invalid, limit=limit, is_empty=is_empty)
+    return items, report
 
 
 def _parse_located(parse, record, row: int, path: str, first_row: dict[str, int]):

@@ -381,5 +381,5 @@ def test_nemo_formats_bad_rows_are_located(write_jsonl, record, field, message):
 def test_unknown_rating_columns_and_format_are_clear(write_jsonl):
     with pytest.raises(DataError, match="cannot tell the rating format from the columns.*steerlm"):
         load_ratings(str(write_jsonl("odd.jsonl", [{"question": "x"}])))
-    with pytest.raises(DataError, match="unknown rating format 'steer'"):
+    with pytest.raises(DataError, match="unknown format 'steer'; known formats: helpsteer2, steerlm"):
         load_ratings(str(write_jsonl("ok.jsonl", [STEERLM])), format="steer")
