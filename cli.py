@@ -239,7 +239,8 @@ def score(
 
 
 @cache_app.command("info")
-def cache_info(path: str = typer.Argument(..., help="A cache folder (holding _manifest.json).")):
+def cache_info(path: str = typer.Argument(..., help="A cache folder (holding _manifest.json)."),
+               verify: bool = typer.Option(True, "--verify/--no-verify", help=C.VERIFY_HELP)):
     """Print a cache's manifest summary and row counts.
 
     \b
@@ -247,7 +248,7 @@ def cache_info(path: str = typer.Argument(..., help="A cache folder (holding _ma
     """
     from pipeline.recipes.cache_info import cache_info as info
 
-    typer.echo(run_or_fail(info, path))
+    typer.echo(run_or_fail(info, path, verify))
 
 
 if __name__ == "__main__":

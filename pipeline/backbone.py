@@ -22,10 +22,11 @@ from pathlib import Path
 import torch
 
 from pipeline.atomic import atomic_directory
+from pipeline.config import COMPUTE_DTYPES
 from pipeline.errors import UserError
 from pipeline.sources import file_sha256
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: getattr(torch, name) for name in COMPUTE_DTYPES}
 
 
 class BackboneError(UserError):

@@ -7,7 +7,7 @@ settings, and resumable atomic writing (`open_writer`). Reading it back into ten
 One cached dataset is one folder, e.g. cache/demo/ratings/:
   part-00000.parquet, part-00001.parquet, ...  plain Parquet, columns below
   _manifest.json    what made the features (backbone + revision, template hash, max_length, dtype,
-                    dataset fingerprint, ...), each part's rows + size + sha256, `complete`, and a
+                    dataset fingerprint, ...), each part's rows + size + sha256 + xxh3-128, `complete`, and a
                     content `fingerprint` that downstream artifacts record.
 The manifest's name starts with "_" (the Hive/Spark convention for sidecar files such as
 `_SUCCESS`), so Parquet readers that open the whole folder skip it; temporary files start with ".".
@@ -58,7 +58,7 @@ import pyarrow.parquet as pq
 from pipeline import ATTRIBUTES, __version__
 from pipeline.atomic import atomic_write
 from pipeline.errors import UserError
-from pipeline.sources import file_sha256
+from pipeline.sources import file_sha256, file_xxh3
 
 FORMAT_VERSION = 1
 MANIFEST = "_manifest.json"
@@ -165,13 +165,14 @@ def part_name(index: int) -> str:
 
 
 def open_writer(path, spec: CacheSpec, *, overwrite: bool = False, n_parts: int | None = None,
-                verify: bool = False) -> CacheWriter:
+                verify: bool = True) -> CacheWriter:
     """Open (create or resume) the cache at `path` for writing `spec`'s features.
 
     An existing cache made with other settings raises CacheMismatch naming each differing field,
     unless `overwrite` (then its parts and manifest are removed first). `n_parts`, when known,
     is recorded (so a half-written cache can say "N of M parts") and must match on resume.
-    `verify` checks every done part's sha256 (otherwise only its size).
+    `verify` checks every done part's checksum (otherwise only its size): a damaged part is dropped
+    and so written again.
     """
     return CacheWriter(Path(path), spec, overwrite=overwrite, n_parts=n_parts, verify=verify)
 
@@ -437,7 +438,7 @@ def _write_parquet_atomic(folder: Path, name: str, table: pa.Table, row_group_ro
             w.write_table(table, row_group_size=row_group_rows)
 
     path = atomic_write(folder / name, write)
-    return {"file": name, "bytes": path.stat().st_size, "sha256": file_sha256(path)}
+    return {"file": name, "bytes": path.stat().st_size, "sha256": file_sha256(path), "xxh3_128": file_xxh3(path)}
 
 
 def _remove_stale_temps(folder: Path) -> None:
@@ -472,7 +473,8 @@ def _remove_unlisted_parts(folder: Path, parts: dict) -> bool:
 
 
 def part_problem(folder: Path, part: dict, verify: bool) -> str | None:
-    """Why a part listed in the manifest cannot be used (missing, resized, changed), or None."""
+    """Why a part listed in the manifest cannot be used (missing, resized, and with ``verify`` changed:
+    its xxh3-128, or for a part written before that was recorded its sha256), or None."""
     path = folder / part["file"]
     try:
         size = path.stat().st_size
@@ -480,8 +482,11 @@ def part_problem(folder: Path, part: dict, verify: bool) -> str | None:
         return "is missing"
     if size != part["bytes"]:
         return f"has {size} bytes, the manifest says {part['bytes']}"
-    if verify and file_sha256(path) != part["sha256"]:
-        return "has changed since it was written (sha256 differs)"
+    if verify:
+        if "xxh3_128" in part and file_xxh3(path) != part["xxh3_128"]:
+            return "has changed since it was written (its checksum differs)"
+        if "xxh3_128" not in part and file_sha256(path) != part["sha256"]:
+            return "has changed since it was written (its sha256 differs)"
     return None
 
 

@@ -1,7 +1,8 @@
 """Reading a feature cache into torch tensors: ``read_features``, ``read_pairs``, ``verify_cache``.
 
-A cache is read only when its manifest says it is complete and every part has the size (and, with
-``verify``, the sha256) the manifest records. The small columns come through pyarrow; the embedding
+A cache is read only when its manifest says it is complete and every part has the size and the
+checksum (xxh3-128, verified by default; ``verify=False`` checks sizes only) the manifest records.
+The small columns come through pyarrow; the embedding
 column is copied part by part into one preallocated array (``pipeline.parquet_pages``: one pread
 per page for a run of rows, a gather for a filtered selection), so loading 100k x 4096 rows costs
 about what a numpy copy of the same bytes does (``python -m bench cache_read``).
@@ -74,15 +75,15 @@ class Pairs:
 
 
 def verify_cache(path) -> dict:
-    """Check every part's size and sha256 against the manifest; returns the manifest."""
+    """Check every part's size and checksum against the manifest; returns the manifest."""
     return _open_complete(Path(path), verify=True)
 
 
 def read_features(path, *, source=None, subset=None, role=None, dtype=None, device="cpu",
-                  verify: bool = False) -> Features:
+                  verify: bool = True) -> Features:
     """Load a complete cache into tensors. source / subset / role: a name or a list of names
     (rows whose value is one of them are kept; None = no filter). dtype: of the embedding
-    (default: the storage dtype). verify: check part checksums first."""
+    (default: the storage dtype). verify: check every part's checksum first (the default)."""
     folder = Path(path)
     m = _open_complete(folder, verify)
     small, starts = _read_small(folder, m)
@@ -90,7 +91,7 @@ def read_features(path, *, source=None, subset=None, role=None, dtype=None, devi
     return _load(folder, m, small, starts, [rows], dtype, device)[0]
 
 
-def read_pairs(path, *, subset=None, dtype=None, device="cpu", verify: bool = False) -> Pairs:
+def read_pairs(path, *, subset=None, dtype=None, device="cpu", verify: bool = True) -> Pairs:
     """Load a preferences cache as aligned pairs: chosen[i] and rejected[i] have the same pair_id."""
     folder = Path(path)
     m = _open_complete(folder, verify)
@@ -117,7 +118,8 @@ def _open_complete(folder: Path, verify: bool) -> dict:
     for p in m["parts"]:
         why = part_problem(folder, p, verify)
         if why:
-            raise CacheError(f"{folder / p['file']}: part {why}; run `urm extract` again to rewrite it")
+            raise CacheError(f"{folder / p['file']}: part {why}; run the same `urm extract` again: it rebuilds "
+                             "the damaged parts only (--no-verify reads the cache unchecked)")
     return m
 
 
@@ -189,8 +191,9 @@ def _load(folder: Path, m: dict, small: pa.Table, starts, row_sets: list, dtype,
         everything = len(rows) == small.num_rows and np.array_equal(rows, np.arange(len(rows)))
         t = small if everything else small.take(pa.array(rows, pa.int64()))
         emb = torch.from_numpy(out)
-        emb = emb if torch_dtype is None else emb.to(torch_dtype)
         labels = _fixed_list_numpy(t["labels"], len(m["label_names"]))
+        _check_values(folder, m, starts, rows, emb, labels, t)
+        emb = emb if torch_dtype is None else emb.to(torch_dtype)
         base, margin = (pc.fill_null(t[c], float("nan")).to_numpy().astype(np.float32)
                         for c in ("base_score", "margin"))
         tensors = [emb, torch.from_numpy(labels), torch.from_numpy(base), torch.from_numpy(margin),
@@ -200,6 +203,21 @@ def _load(folder: Path, m: dict, small: pa.Table, starts, row_sets: list, dtype,
         strings = [t[c].to_numpy(zero_copy_only=False) for c in ("id", "source", "subset", "pair_id", "role")]
         result.append(Features(*tensors, *strings, manifest=copy.deepcopy(m)))
     return result
+
+
+def _check_values(folder: Path, m: dict, starts, rows, emb, labels: np.ndarray, t: pa.Table) -> None:
+    """No row may hold a non-finite feature, or an infinite label (NaN is a missing label): such values
+    mean a damaged or foreign cache (the writer refuses non-finite features)."""
+    import torch
+
+    bad_emb = ~torch.isfinite(emb).all(1)
+    bad_label = np.any(np.isinf(labels), axis=1)
+    for bad, what in ((bad_emb.numpy(), "non-finite features"), (bad_label, "infinite labels")):
+        if bad.any():
+            first = int(np.flatnonzero(bad)[0])
+            raise CacheError(f"{_where(folder, m, starts, rows[first])} (id {t['id'][first].as_py()!r}) and "
+                             f"{int(bad.sum()) - 1} more rows hold {what}: the cache is damaged; rebuild it with "
+                             "`urm extract --overwrite`")
 
 
 def _out_dtype(dtype, storage: str):

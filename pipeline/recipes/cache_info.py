@@ -8,16 +8,25 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.cache import MANIFEST, read_manifest
+from pipeline.cache import MANIFEST, part_problem, read_manifest
 
 
-def cache_info(path) -> str:
-    """A human summary of a cache (complete or not): what made it, its size, rows per group."""
+def cache_info(path, verify: bool = True) -> str:
+    """A human summary of a cache (complete or not): what made it, its size, rows per group; every part's
+    checksum is verified first (``verify``), and missing or changed parts are named."""
     folder = Path(path)
     m = read_manifest(folder)
-    parts = m["parts"]
-    size = sum(p["bytes"] for p in parts) + (folder / MANIFEST).stat().st_size
-    state = "complete" if m.get("complete") else "INCOMPLETE: run `urm extract` again to finish it"
+    problems = {p["file"]: why for p in m["parts"] if (why := part_problem(folder, p, verify))}
+    parts = [p for p in m["parts"] if p["file"] not in problems]
+    size = sum(p["bytes"] for p in m["parts"]) + (folder / MANIFEST).stat().st_size
+    if problems:
+        first = next(iter(problems.items()))
+        state = (f"DAMAGED: {len(problems)} of {len(m['parts'])} parts missing or changed ({first[0]} {first[1]}); "
+                 "run the same `urm extract` again to rebuild them")
+    elif not m.get("complete"):
+        state = "INCOMPLETE: run `urm extract` again to finish it"
+    else:
+        state = "complete" + (", every part's checksum verified" if verify else " (checksums not verified)")
     lines = [
         f"{folder}  ({state})",
         f"  backbone       {m['backbone']} @ {m.get('backbone_revision') or 'unknown revision'}",
@@ -27,14 +36,17 @@ def cache_info(path) -> str:
         f"  dataset        {m['dataset']} (fingerprint {m['dataset_fingerprint']})",
         f"  kind           {m['kind']}; labels {', '.join(m['label_names'])}",
         f"  rows           {m['rows']} ({m['dropped_rows']} dropped: longer than max_length)",
-        f"  parts          {len(parts)} of {m.get('n_parts') or '?'} complete, {_human_bytes(size)} on disk",
+        f"  parts          {len(parts)} of {m.get('n_parts') or '?'} complete and intact, {_human_bytes(size)} on disk",
         f"  created        {m.get('created')}" + (f", completed {m['completed']}" if m.get("completed") else ""),
         f"  fingerprint    {m.get('fingerprint') or '(none until complete)'}",
         f"  written by     urm-pipeline {m.get('package_version')}, cache format {m.get('format_version')}",
     ]
     if m.get("extra"):
         lines.append(f"  extra          {json.dumps(m['extra'], sort_keys=True)}")
-    return "\n".join(lines + _group_counts(folder, parts))
+    counts = _group_counts(folder, parts)
+    if problems:
+        counts = [line.replace("rows by source", "rows of the intact parts by source") for line in counts]
+    return "\n".join(lines + counts)
 
 
 def _group_counts(folder: Path, parts: list) -> list[str]:

@@ -60,12 +60,12 @@ def read_eval_caches(cfg: EvaluateConfig, meta: HeadsMeta, device):
     pairs = {}
     for name in cfg.eval_preferences:
         path = cache_path(cfg, name)
-        pairs[path.name] = (path, read_pairs(path, device=device))
+        pairs[path.name] = (path, read_pairs(path, device=device, verify=cfg.verify))
         check_features(path, pairs[path.name][1].chosen.manifest, meta)
     ratings = None
     if cfg.eval_ratings:
         path = cache_path(cfg, cfg.eval_ratings)
-        ratings = (path, read_features(path, device=device))
+        ratings = (path, read_features(path, device=device, verify=cfg.verify))
         check_features(path, ratings[1].manifest, meta)
         names = list(ratings[1].manifest.get("label_names") or [])
         if names and names != list(meta.attributes):
@@ -95,7 +95,8 @@ def fit_baselines(cfg: EvaluateConfig, heads, meta: HeadsMeta, eval_pairs: dict,
         if not Path(path).exists():
             raise ConfigError(f"training cache {path} (from heads.json) is not there: give --train-ratings-cache / "
                               "--train-preferences-cache, or --no-baselines")
-    ratings, pairs = read_features(ratings_path, device=device), read_pairs(pairs_path, device=device)
+    ratings = read_features(ratings_path, device=device, verify=cfg.verify)
+    pairs = read_pairs(pairs_path, device=device, verify=cfg.verify)
     check_features(Path(pairs_path), pairs.chosen.manifest, meta)
     value_cfg = B.recorded_config(ValueHeadConfig, meta.value_head.config, device=cfg.device)
     gating_cfg = B.recorded_config(GatingConfig, meta.gating.config if meta.gating else {}, device=cfg.device)

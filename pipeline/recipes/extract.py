@@ -107,6 +107,10 @@ def extract_dataset(backbone: LazyBackbone, spec: DatasetSpec, cfg: ExtractConfi
 
     limit = cfg.limit if cfg.limit is not None else spec.limit
     rows = load_rows(spec, cfg.skip_invalid, limit)
+    if not len(rows):
+        from pipeline.records import DataError
+
+        raise DataError(spec.source, None, None, f"no rows to extract for dataset {spec.name!r}: nothing was cached")
     files = backbone.files
     paired = spec.kind == "preferences"
     cache_spec = CacheSpec(
@@ -118,7 +122,7 @@ def extract_dataset(backbone: LazyBackbone, spec: DatasetSpec, cfg: ExtractConfi
     )
     path = Path(cfg.cache_dir) / spec.name
     bounds = part_bounds(len(rows), cfg.part_rows, paired)
-    writer = open_writer(path, cache_spec, overwrite=cfg.overwrite, n_parts=len(bounds))
+    writer = open_writer(path, cache_spec, overwrite=cfg.overwrite, n_parts=len(bounds), verify=cfg.verify)
     todo = [i for i in range(len(bounds)) if not writer.part_done(i)]
     stats = ExtractStats(parts_skipped=len(bounds) - len(todo))
     label = source_label(spec.source)
@@ -155,6 +159,11 @@ def extract_dataset(backbone: LazyBackbone, spec: DatasetSpec, cfg: ExtractConfi
         finally:
             bar.close()
             stats.seconds = time.perf_counter() - started
+    if writer.manifest["rows"] == 0:  # every row longer than max_length: an empty cache would train nothing
+        from pipeline.records import DataError
+
+        raise DataError(spec.source, None, None, f"all {stats.dropped or len(rows)} rows are longer than max_length="
+                        f"{cfg.max_length} tokens: nothing to cache; raise --max-length")
     manifest = writer.finish(len(bounds))
     stats.rows, stats.dropped = manifest["rows"], manifest["dropped_rows"]
     print(summary_line(spec.name, path, stats, cfg.max_length))

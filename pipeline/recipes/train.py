@@ -46,7 +46,7 @@ def train_value_head(cfg: ValueHeadConfig, log=print) -> dict:
     from pipeline.trainers import fit_value_head
 
     path = cfg.ratings_cache or os.path.join(cfg.run.cache_dir, "ratings")
-    features = read_features(path, device=resolve_device(cfg.run.device))
+    features = read_features(path, device=resolve_device(cfg.run.device), verify=cfg.run.verify)
     if features.manifest.get("kind") != "ratings":
         raise UserError(f"{path} is a {features.manifest.get('kind')!r} cache; stage 1 needs a ratings "
                         "cache: set --ratings-cache to one extracted from a ratings dataset")
@@ -80,7 +80,7 @@ def train_gating(cfg: GatingConfig, log=print) -> dict:
     path = cfg.preferences_cache or os.path.join(cfg.run.cache_dir, "preferences")
     identity = CacheIdentity.of(path, read_manifest(path))
     check_same_backbone(meta.value_head.cache, identity, cfg.run.heads_dir)
-    pairs = read_pairs(path, device=resolve_device(cfg.run.device))
+    pairs = read_pairs(path, device=resolve_device(cfg.run.device), verify=cfg.run.verify)
     margin = pair_margins(path, pairs.chosen.margin) if cfg.use_margin else None
     t0 = time.perf_counter()
     fit = fit_gate(pairs.chosen.embedding, pairs.rejected.embedding, value, cfg, meta.attributes, log, margin)
