@@ -48,6 +48,7 @@ class CacheIdentity:
     backbone_revision: str | None = None
     chat_template_hash: str | None = None
     hidden_size: int | None = None
+    max_length: int | None = None  # the longest conversation (tokens) its rows could have
 
     # Two caches whose features come from different backbones or renderings cannot feed one model.
     FEATURE_FIELDS = ("backbone", "backbone_revision", "chat_template_hash", "hidden_size")
@@ -55,7 +56,8 @@ class CacheIdentity:
     @classmethod
     def of(cls, path, manifest: dict) -> "CacheIdentity":
         """The identity of the cache at ``path`` from its manifest."""
-        return cls(str(path), manifest.get("fingerprint"), **{k: manifest.get(k) for k in cls.FEATURE_FIELDS})
+        return cls(str(path), manifest.get("fingerprint"), **{k: manifest.get(k) for k in cls.FEATURE_FIELDS},
+                   max_length=manifest.get("max_length"))
 
     def feature_differences(self, other: "CacheIdentity") -> list[str]:
         """The fields that say the two caches' features were made differently."""

@@ -255,10 +255,11 @@ def urm_section(meta: HeadsMeta, reward_model: bool, base_bias: bool) -> dict:
     arch, pairs = meta.architecture, meta.pair_calibration
     temperature = {"bt": pairs.temperature_bt, "gaussian": pairs.temperature_gaussian} if pairs else {"bt": 1.0,
                                                                                                     "gaussian": 1.0}
+    lengths = [s.cache.max_length for s in (meta.value_head, meta.gating) if s is not None and s.cache.max_length]
     return {"format_version": 1, "attributes": list(meta.attributes), "members": arch["members"],
             "value_bias": arch["bias"], "gate": arch["gate"], "gate_hidden": arch["gate_hidden"],
             "gate_temperature": arch["temperature"], "base_score": reward_model, "base_score_bias": base_bias,
-            "pair_temperature": temperature}
+            "pair_temperature": temperature, "max_length": max(lengths) if lengths else None}
 
 
 def write_config(config, urm: dict, tmp: Path) -> dict:

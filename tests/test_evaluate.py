@@ -147,6 +147,8 @@ def test_an_export_evaluates_like_its_heads_and_other_backbones_are_refused(trai
         assert result.exit_code == 0, result.output
         runs[source] = json.loads((out / "report.json").read_text())
     assert [m["name"] for m in runs["heads"]["models"]] == ["URM (these heads)"]
+    # the export knows the longest conversation its heads were trained on: `urm score` drops longer ones
+    assert json.loads((root / "model" / "config.json").read_text())["urm"]["max_length"] == 2048
     assert runs["heads"]["models"] == runs["model"]["models"]
     # a cache of another backbone (same hidden size, other weights): refused, naming the field
     from tiny_models import build_tiny_llama

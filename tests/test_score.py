@@ -160,6 +160,31 @@ def test_pair_probabilities_use_the_temperatures_fitted_with_the_heads(tmp_path,
     assert p["p_chosen_gaussian"].item() == pytest.approx(got["p_chosen_gaussian"], abs=1e-5)
 
 
+def test_conversations_longer_than_the_limit_are_dropped_and_counted(tiny, write_jsonl):
+    """The limit is the export's max_length (the longest the heads saw), --max-length, and never more than
+    the backbone's positions; a pair with one side too long is dropped whole."""
+    from pipeline.recipes.score import length_limit
+
+    out = tiny[2]
+    config = load_export(out).config
+    assert length_limit(config, None) == config.max_position_embeddings == 1024  # heads.json named no length
+    assert length_limit(config, 99_999) == 1024 and length_limit(config, 30) == 30
+    short, long = CONVERSATIONS[0], CONVERSATIONS[2]  # 2 + 4 words vs a five-turn conversation
+    n_short, n_long = (len(x) for x in render_ids(tokenizer_of(out), [short, long]))
+    limit = str((n_short + n_long) // 2)
+    convs = write_jsonl("mixed.jsonl", [{"id": "short", "messages": short}, {"id": "long", "messages": long}])
+    result = runner.invoke(app, ["score", str(out), "-i", str(convs), "--max-length", limit])
+    assert result.exit_code == 0, result.output
+    assert [json.loads(line)["id"] for line in result.stdout.splitlines()] == ["short"]
+    assert "dropped 1 conversations longer than max_length" in result.stderr and "1 dropped as too long" in result.stderr
+    pairs = write_jsonl("pairs.jsonl", [{"id": "a", "chosen": short, "rejected": long},
+                                        {"id": "b", "chosen": short, "rejected": short}])
+    result = runner.invoke(app, ["score", str(out), "-i", str(pairs), "--max-length", limit])
+    assert [json.loads(line)["id"] for line in result.stdout.splitlines()] == ["b"]  # pair a dropped whole
+    result = runner.invoke(app, ["score", str(out), "-i", str(convs), "--max-length", "3"])
+    assert result.exit_code == 1 and "all 2 rows are longer than max_length=3" in result.output
+
+
 def test_helpsteer2_rows_are_conversations(tiny, write_jsonl):
     rows = [{"prompt": "What is 2+2?", "response": "4", "helpfulness": 4}]
     got = urm_score(tiny[2], write_jsonl("hs2.jsonl", rows))

@@ -61,6 +61,33 @@ def output_rows(kind: str, items, out: dict[str, np.ndarray], names: list[str], 
                **pair_probabilities(chosen, rejected, temperature)}
 
 
+def length_limit(config, asked: int | None) -> int:
+    """The longest conversation to score: as asked, else the longest the heads were trained on (the export's
+    ``urm.max_length``), and never more than the backbone's positions."""
+    positions = getattr(config, "max_position_embeddings", None) or 1 << 62
+    trained = (getattr(config, "urm", None) or {}).get("max_length")
+    return min(asked or trained or positions, positions)
+
+
+def within_length(kind: str, items, ids: list[list[int]], limit: int, log):
+    """Drop (and count) the conversations longer than ``limit`` tokens, a pair with either side whole, as
+    extraction does: the heads never saw such lengths (and the backbone may not fit them)."""
+    from pipeline.rows import keep_mask
+
+    keep = keep_mask(np.array([len(x) for x in ids]), limit, paired=kind == "pairs")
+    if keep.all():
+        return items, ids, 0
+    per_item = keep[0::2] if kind == "pairs" else keep
+    dropped = [item for item, k in zip(items, per_item) if not k]
+    names = [getattr(item, "pair_id", None) or item.id for item in dropped[:3]]
+    if len(dropped) == len(items):
+        raise ScoreError(f"all {len(items)} rows are longer than max_length={limit} tokens: nothing to score; pass "
+                         "--max-length (up to the backbone's positions) to score them anyway")
+    log(f"dropped {len(dropped)} {kind} longer than max_length={limit} tokens (e.g. {', '.join(map(str, names))}); "
+        "--max-length raises the limit")
+    return [i for i, k in zip(items, per_item) if k], [x for x, k in zip(ids, keep) if k], len(dropped)
+
+
 def write_jsonl(rows, output: str | None) -> int:
     """Write rows to ``output`` atomically, or to stdout when None; returns how many."""
     lines = [json.dumps(row, allow_nan=False) + "\n" for row in rows]
@@ -84,6 +111,7 @@ def score_file(model_dir: str, source: str, output: str | None, cfg: ScoreConfig
     log(report.summary())
     model, tokenizer = load_scorer(model_dir, cfg.dtype, cfg.device)
     ids = render_ids(tokenizer, flatten(kind, items))
+    items, ids, dropped = within_length(kind, items, ids, length_limit(model.config, cfg.max_length), log)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     counts = {"tokens": 0, "padded_tokens": 0}
     bar = tqdm(total=len(ids), unit="row", desc="score", dynamic_ncols=True, file=sys.stderr)
@@ -103,7 +131,7 @@ def score_file(model_dir: str, source: str, output: str | None, cfg: ScoreConfig
 
     names = list(model.config.urm["attributes"])
     written = write_jsonl(output_rows(kind, items, out, names, pair_temperatures(model.config)), output)
-    return {"kind": kind, "rows": written, "conversations": len(ids), **counts, "seconds": seconds,
+    return {"kind": kind, "rows": written, "dropped": dropped, "conversations": len(ids), **counts, "seconds": seconds,
             "rows_per_s": len(ids) / seconds if seconds else 0.0,
             "tokens_per_s": counts["tokens"] / seconds if seconds else 0.0,
             "output": output or "<stdout>"}
@@ -112,6 +140,7 @@ def score_file(model_dir: str, source: str, output: str | None, cfg: ScoreConfig
 def summary(result: dict) -> str:
     """One line for the CLI (on stderr, so stdout stays pure JSONL)."""
     what = "pairs" if result["kind"] == "pairs" else "conversations"
-    return (f"scored {result['rows']} {what} ({result['conversations']} conversations, {result['tokens']} tokens) "
+    dropped = f", {result['dropped']} dropped as too long" if result["dropped"] else ""
+    return (f"scored {result['rows']} {what} ({result['conversations']} conversations, {result['tokens']} tokens{dropped}) "
             f"in {result['seconds']:.1f} s = {result['rows_per_s']:.1f} rows/s, {result['tokens_per_s']:.0f} tok/s "
             f"-> {result['output']}")
