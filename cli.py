@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
 import sys
 import types
 import typing
@@ -22,8 +23,8 @@ from pipeline import config as C
 app = typer.Typer(
     help="Train uncertainty-aware reward models (URM) on cached LLM embeddings.\n\n"
     "The job: `urm extract` (backbone -> Parquet feature cache), `urm train-heads` (value head, "
-    "then gating), `urm export` (Hugging Face model dir). Start with the offline demo: "
-    "`make extract train-heads export`.",
+    "then gating), `urm export` (Hugging Face model dir), `urm evaluate` (held-out accuracy, calibration, "
+    "uncertainty, beside baselines). Start with the offline demo: `make extract train-heads export evaluate`.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -96,7 +97,8 @@ def with_config(*stages: str):
 
 
 def run_or_fail(fn, *args, **kwargs):
-    """Call a pipeline function; expected failures (bad data, bad config, ...) become one clear line."""
+    """Call a pipeline function: expected failures (bad data, bad config, ...) become one clear line, and so
+    does anything unforeseen (its traceback only with --debug or URM_DEBUG=1)."""
     from pipeline.errors import USER_ERRORS
 
     try:
@@ -107,6 +109,19 @@ def run_or_fail(fn, *args, **kwargs):
         typer.secho("interrupted: complete parts are kept; run the same command again to resume.",
                     err=True, fg=typer.colors.YELLOW)
         raise typer.Exit(130)
+    except Exception as e:  # a bug, or an input no check foresaw: still one line unless asked
+        if os.environ.get("URM_DEBUG"):
+            raise
+        fail(f"unexpected {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} (an input no check "
+             "foresaw, or a bug: please report it; --debug or URM_DEBUG=1 shows the traceback)")
+
+
+@app.callback()
+def main(debug: bool = typer.Option(False, "--debug", help="Show the Python traceback of an unexpected error "
+                                    "(also URM_DEBUG=1).")):
+    """Train uncertainty-aware reward models (URM) on cached LLM embeddings."""
+    if debug:
+        os.environ["URM_DEBUG"] = "1"
 
 
 def report_training(summary: dict) -> None:

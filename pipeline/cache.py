@@ -178,12 +178,26 @@ def open_writer(path, spec: CacheSpec, *, overwrite: bool = False, n_parts: int 
 
 
 class CacheWriter:
-    """Writes the parts of one cache atomically; `done_parts` are those a resumed run can skip."""
+    """Writes the parts of one cache atomically; `done_parts` are those a resumed run can skip.
+
+    One writer at a time: it holds an exclusive lock on the cache folder (``fcntl.flock`` on the folder
+    itself, so no lock file is left behind; the kernel releases it if the process dies) from opening
+    until ``finish`` or ``close``, and a second writer is refused at once.
+    """
 
     def __init__(self, folder: Path, spec: CacheSpec, *, overwrite: bool, n_parts: int | None, verify: bool):
-        self.folder, self.spec = folder, spec
+        self.folder, self.spec, self._lock = folder, spec, None
         self.parts_written = 0  # by this writer
         folder.mkdir(parents=True, exist_ok=True)
+        self._lock = _lock(folder)
+        try:
+            self._open(overwrite, n_parts, verify)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self, overwrite: bool, n_parts: int | None, verify: bool) -> None:
+        folder, spec = self.folder, self.spec
         _remove_stale_temps(folder)
         if overwrite:
             _remove_cache_files(folder)
@@ -200,6 +214,21 @@ class CacheWriter:
         stray = _remove_unlisted_parts(folder, self._parts)  # e.g. killed between rename and manifest
         if old is None or lost or stray or n_parts is not None:
             self._save()
+
+    def close(self) -> None:
+        """Release the folder's lock (``finish`` does too); the writer writes nothing more."""
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
+
+    def __enter__(self) -> "CacheWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        self.close()
 
     @property
     def done_parts(self) -> set[int]:
@@ -248,6 +277,7 @@ class CacheWriter:
         m = self.manifest
         m.update(n_parts=int(n_parts), complete=True, completed=_now(), info=_json_normal(extra or {}))
         self._save()
+        self.close()
         return copy.deepcopy(self.manifest)
 
     def _drop_bad_parts(self, verify: bool) -> bool:
@@ -265,6 +295,20 @@ class CacheWriter:
         m["fingerprint"] = _fingerprint(m) if m["complete"] else None
         data = (json.dumps(m, indent=1) + "\n").encode()
         atomic_write(self.folder / MANIFEST, lambda tmp: tmp.write_bytes(data))
+
+
+def _lock(folder: Path) -> int:
+    """An open descriptor of ``folder`` holding its exclusive lock; CacheError when another writer has it."""
+    import fcntl
+
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise CacheError(f"{folder}: another `urm extract` is writing this cache now; wait for it to finish (or "
+                         "stop it), then run this one again: it resumes from the parts that one wrote") from None
+    return fd
 
 
 def _new_manifest(spec: CacheSpec) -> dict:
@@ -514,7 +558,13 @@ def read_manifest(path) -> dict:
     if not file.exists():
         raise CacheError(f"{folder}: no {MANIFEST}, so this is not a feature cache; run `urm extract` to build it")
     try:
-        return json.loads(file.read_text())
+        manifest = json.loads(file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CacheError(f"{file}: unreadable manifest ({e}); {FIX}") from None
+    required = ("format_version", "kind", "backbone", "hidden_size", "storage_dtype", "max_length", "label_names",
+                "parts", "rows", "complete")
+    missing = [k for k in required if k not in manifest] if isinstance(manifest, dict) else ["everything"]
+    if missing or not isinstance(manifest.get("parts"), list):
+        raise CacheError(f"{file}: not a cache manifest (missing {', '.join(missing) or 'parts'}); {FIX}")
+    return manifest
 

@@ -126,8 +126,12 @@ def _open_complete(folder: Path, verify: bool) -> dict:
 def _read_small(folder: Path, m: dict) -> tuple[pa.Table, np.ndarray]:
     tables = []
     for p in m["parts"]:
-        pf = pq.ParquetFile(folder / p["file"], memory_map=True)
-        t = pf.read(columns=[c for c in SMALL_COLUMNS if c in pf.schema_arrow.names])
+        try:
+            pf = pq.ParquetFile(folder / p["file"], memory_map=True)
+            t = pf.read(columns=[c for c in SMALL_COLUMNS if c in pf.schema_arrow.names])
+        except (pa.ArrowException, OSError) as e:
+            raise CacheError(f"{folder / p['file']}: not a readable Parquet part ({e}); run the same `urm extract` "
+                             "again to rebuild it") from None
         if "margin" not in t.column_names:  # written before the margin column existed: all null
             t = t.append_column(pa.field("margin", pa.float32()), pa.nulls(t.num_rows, pa.float32()))
         if t.num_rows != p["rows"]:

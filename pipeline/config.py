@@ -141,8 +141,10 @@ class DatasetSpec:
     limit: int | None = None  # keep the first N rows (pairs), for quick runs
 
     def __post_init__(self):
-        if self.kind not in KINDS:
-            raise ConfigError(f"dataset '{self.name}': kind must be 'ratings' or 'preferences', got {self.kind!r}")
+        try:
+            one_of(self.kind, KINDS, "kind")
+        except ConfigError as e:
+            raise ConfigError(f"[datasets.{self.name}]: {e}".replace("--kind", "kind")) from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -470,26 +472,38 @@ def check_preset(data: dict, where) -> None:
     file, the key and the nearest valid name); values are type-checked when a stage is built."""
     known = {o.name for c in STAGES.values() for o in options(c)}
     tables = set(STAGES) | {"datasets"}
+    types_ = {o.name: o.type for c in STAGES.values() for o in options(c)}
     for key, value in data.items():
         if isinstance(value, dict):
             unknown(where, "has unknown tables", key, tables)
             if key in STAGES:
-                names = {o.name for o in options(STAGES[key])}
-                for inner in value:
-                    unknown(where, f"[{key}] has unknown keys", inner, names)
+                by_name = {o.name: o.type for o in options(STAGES[key])}
+                for inner, v in value.items():
+                    unknown(where, f"[{key}] has unknown keys", inner, by_name)
+                    typed(where, f"[{key}] {inner}", v, by_name[inner])
         else:
             unknown(where, "unknown top-level keys", key, known)
+            typed(where, key, value, types_[key])
     datasets = data.get("datasets", {})
     fields = {f.name for f in dataclasses.fields(DatasetSpec)} - {"name"}
     for name, spec in datasets.items():
         if not isinstance(spec, dict):
             raise ConfigError(f"{where}: datasets.{name} must be a table ([datasets.{name}] with kind and source)")
-        for inner in spec:
+        hints = typing.get_type_hints(DatasetSpec)
+        for inner, v in spec.items():
             unknown(where, f"[datasets.{name}] has unknown keys", inner, fields)
+            typed(where, f"[datasets.{name}] {inner}", v, hints[inner])
         for required in ("kind", "source"):
             if required not in spec:
                 raise ConfigError(f"{where}: [datasets.{name}] has no {required!r} (kind = \"ratings\" or "
                                   "\"preferences\", source = a file, hub id or synthetic:...)")
+
+
+def typed(where, shown: str, value, hint) -> None:
+    try:
+        check_type(shown, value, hint)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
 
 
 def unknown(where, what: str, key: str, known) -> None:
@@ -532,11 +546,6 @@ def load_config(stage: str, preset: str | None = DEFAULT_PRESET, overrides: dict
     where = source or "defaults"
     values.update({k: v for k, v in data.items() if not isinstance(v, dict) and k in by_name})
     values.update(data.get(stage, {}))
-    for name, value in values.items():
-        try:
-            check_type(name, value, by_name[name].type)
-        except ConfigError as e:
-            raise ConfigError(f"{where}: {e}") from None
     if "datasets" in by_name:
         try:
             values["datasets"] = {name: DatasetSpec(name=name, **spec) for name, spec in data.get("datasets", {}).items()}

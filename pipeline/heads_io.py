@@ -182,9 +182,19 @@ def load_heads(directory: str | os.PathLike, device: str | torch.device = "cpu",
     an export keeps them, under the same names, in urm-heads.safetensors)."""
     directory = Path(directory)
     meta = read_meta(directory, tensors)
-    heads = Heads(meta.hidden_size, len(meta.attributes), **meta.architecture)
     try:
-        heads.load_state_dict(load_file(str(directory / tensors)))
+        heads = Heads(meta.hidden_size, len(meta.attributes), **meta.architecture)
+    except (TypeError, ValueError) as e:
+        raise HeadsError(f"{directory / META}: its architecture {meta.architecture} is not one this version builds "
+                         f"({e}); retrain the heads") from None
+    try:
+        state = load_file(str(directory / tensors))
+    except Exception as e:  # safetensors raises its own error type for a truncated or foreign file
+        raise HeadsError(f"{directory / tensors}: not a readable safetensors file ({type(e).__name__}: {e}); "
+                         "retrain the heads (or export them again)") from None
+    try:
+        heads.load_state_dict(state)
     except RuntimeError as e:
-        raise HeadsError(f"{directory / tensors} does not match {META}: {e}; retrain the heads") from None
+        raise HeadsError(f"{directory / tensors} does not match {META}: {str(e).splitlines()[0]}; retrain the "
+                         "heads") from None
     return heads.to(device), meta

@@ -36,12 +36,21 @@ def load_scorer(model_dir: str, dtype: str = "auto", device: str = "auto"):
     path = Path(model_dir)
     if not (path / "config.json").is_file():
         raise ScoreError(f"{path}: no config.json, so not a model directory; export one with `urm export`")
-    config = URMConfig.from_pretrained(path)
+    try:
+        config = URMConfig.from_pretrained(path)
+    except Exception as e:  # transformers raises OSError, ValueError or a JSON error for a damaged config
+        raise ScoreError(f"{path / 'config.json'}: unreadable ({type(e).__name__}: {e}); export it again with "
+                         "`urm export`") from None
     if not getattr(config, "urm", None):
         raise ScoreError(f"{path / 'config.json'}: no 'urm' section, so not a model exported by `urm export`")
     dev = resolve_device(device)
-    model = URMForSequenceClassification.from_pretrained(path, config=config, dtype=resolve_dtype(dtype, dev))
-    return model.to(dev).eval(), AutoTokenizer.from_pretrained(path)
+    try:
+        model = URMForSequenceClassification.from_pretrained(path, config=config, dtype=resolve_dtype(dtype, dev))
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # truncated or missing shards, a damaged tokenizer
+        raise ScoreError(f"{path}: the export cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                         "export it again with `urm export`") from None
+    return model.to(dev).eval(), tokenizer
 
 
 def model_forward(model, input_ids: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -50,10 +50,13 @@ class RowError(ValueError):
 
 
 def source_kind(source: str) -> str:
-    """``"synthetic"``, ``"file"`` or ``"hub"``. A path that exists, or ends like a data file, is a file."""
+    """``"synthetic"``, ``"file"`` or ``"hub"``. A path that exists, ends like a data file, or lies in a
+    folder that exists here (``data/pairs`` with a local ``data/``) is a file; only an ``org/name`` that
+    is none of these is a hub id."""
     if source.startswith("synthetic:"):
         return "synthetic"
-    if Path(source).expanduser().exists() or source.lower().endswith(FILE_SUFFIXES):
+    path = Path(source).expanduser()
+    if path.exists() or source.lower().endswith(FILE_SUFFIXES) or path.parent.is_dir() and str(path.parent) != ".":
         return "file"
     if source.startswith((".", "/", "~")) or not HUB_ID.fullmatch(source):
         return "file"
@@ -168,9 +171,20 @@ def _record(path: Path, row: int, value) -> Record:
 
 def _json_line(path: Path, row: int, line: bytes) -> Record:
     try:
-        return _record(path, row, json.loads(line))
-    except ValueError as err:  # JSONDecodeError and UnicodeDecodeError
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as err:
+        return row, DataError(path, row, None, not_utf8(line, err))
+    try:
+        return _record(path, row, json.loads(text))
+    except ValueError as err:
         return row, DataError(path, row, None, f"malformed JSON line: {err}")
+
+
+def not_utf8(data: bytes, err: UnicodeDecodeError) -> str:
+    """What to say about text that is not UTF-8: where, and what encoding it looks like."""
+    guess = "it starts like UTF-16" if data[:2] in (b"\xff\xfe", b"\xfe\xff") else "perhaps Latin-1 or Windows-1252"
+    return (f"not UTF-8 text (byte 0x{data[err.start]:02x} at position {err.start}; {guess}): re-encode the file "
+            "as UTF-8, e.g. `iconv -f latin1 -t utf-8 FILE > NEW`")
 
 
 def _unreadable(path: Path, err: Exception) -> DataError:
@@ -199,7 +213,11 @@ def _iter_json(path: Path) -> Iterator[Record]:
     except _READ_ERRORS as err:
         raise _unreadable(path, err) from err
     try:
-        value = json.loads(data)
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(path, None, None, not_utf8(data, err)) from None
+    try:
+        value = json.loads(text)
     except ValueError as err:
         if data.lstrip()[:1] == b"{":
             yield from _iter_lines(path, data.splitlines())

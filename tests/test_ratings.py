@@ -158,7 +158,8 @@ def test_json_value_that_is_not_an_object(write_jsonl):
 def test_invalid_utf8_line(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_bytes(json.dumps(hs()).encode() + b'\n{"prompt": "\xff"}\n')
-    with pytest.raises(DataError, match=located(path, 2, None) + ": malformed JSON line"):
+    with pytest.raises(DataError, match=located(path, 2, None) + r": not UTF-8 text \(byte 0xff at position 12; "
+                                        "perhaps Latin-1 or Windows-1252\): re-encode the file as UTF-8"):
         load_ratings(str(path))
 
 

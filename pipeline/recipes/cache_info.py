@@ -51,7 +51,10 @@ def cache_info(path, verify: bool = True) -> str:
 
 def _group_counts(folder: Path, parts: list) -> list[str]:
     keys = ["source", "subset", "role"]
-    tables = [pq.read_table(folder / p["file"], columns=keys) for p in parts if (folder / p["file"]).exists()]
+    try:
+        tables = [pq.read_table(folder / p["file"], columns=keys) for p in parts if (folder / p["file"]).exists()]
+    except (pa.ArrowException, OSError) as e:  # read unverified (--no-verify) and damaged
+        return [f"  rows by source / subset / role: not readable ({e}); run `urm cache info` with --verify"]
     if not tables:
         return []
     counts = pa.concat_tables(tables).group_by(keys).aggregate([([], "count_all")]).sort_by([(k, "ascending") for k in keys])

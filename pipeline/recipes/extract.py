@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.config import ConfigError, DatasetSpec, ExtractConfig
+from pipeline.records import DataError
 
 
 @dataclass
@@ -97,19 +98,14 @@ def load_rows(spec: DatasetSpec, skip_invalid: bool, limit: int | None):
 
 def extract_dataset(backbone: LazyBackbone, spec: DatasetSpec, cfg: ExtractConfig) -> ExtractStats:
     """Extract one dataset into ``cfg.cache_dir/spec.name``; complete parts are kept and skipped."""
-    from tqdm.auto import tqdm
-
     from pipeline.cache import CacheSpec, open_writer
-    from pipeline.embedding import embed_all
-    from pipeline.render import chat_template_hash, render_ids
-    from pipeline.rows import keep_mask, part_bounds
-    from pipeline.sources import fingerprint, source_label
+    from pipeline.render import chat_template_hash
+    from pipeline.rows import part_bounds
+    from pipeline.sources import fingerprint
 
     limit = cfg.limit if cfg.limit is not None else spec.limit
     rows = load_rows(spec, cfg.skip_invalid, limit)
     if not len(rows):
-        from pipeline.records import DataError
-
         raise DataError(spec.source, None, None, f"no rows to extract for dataset {spec.name!r}: nothing was cached")
     files = backbone.files
     paired = spec.kind == "preferences"
@@ -122,7 +118,20 @@ def extract_dataset(backbone: LazyBackbone, spec: DatasetSpec, cfg: ExtractConfi
     )
     path = Path(cfg.cache_dir) / spec.name
     bounds = part_bounds(len(rows), cfg.part_rows, paired)
-    writer = open_writer(path, cache_spec, overwrite=cfg.overwrite, n_parts=len(bounds), verify=cfg.verify)
+    with open_writer(path, cache_spec, overwrite=cfg.overwrite, n_parts=len(bounds), verify=cfg.verify) as writer:
+        return write_parts(backbone, spec, cfg, rows, bounds, writer, path)
+
+
+def write_parts(backbone: LazyBackbone, spec: DatasetSpec, cfg: ExtractConfig, rows, bounds, writer, path: Path):
+    """The missing parts of one cache: render, drop too-long rows, embed, write; then mark it complete."""
+    from tqdm.auto import tqdm
+
+    from pipeline.embedding import embed_all
+    from pipeline.render import render_ids
+    from pipeline.rows import keep_mask
+    from pipeline.sources import source_label
+
+    paired = spec.kind == "preferences"
     todo = [i for i in range(len(bounds)) if not writer.part_done(i)]
     stats = ExtractStats(parts_skipped=len(bounds) - len(todo))
     label = source_label(spec.source)
@@ -160,8 +169,6 @@ def extract_dataset(backbone: LazyBackbone, spec: DatasetSpec, cfg: ExtractConfi
             bar.close()
             stats.seconds = time.perf_counter() - started
     if writer.manifest["rows"] == 0:  # every row longer than max_length: an empty cache would train nothing
-        from pipeline.records import DataError
-
         raise DataError(spec.source, None, None, f"all {stats.dropped or len(rows)} rows are longer than max_length="
                         f"{cfg.max_length} tokens: nothing to cache; raise --max-length")
     manifest = writer.finish(len(bounds))

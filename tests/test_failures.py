@@ -1,0 +1,229 @@
+"""Nothing wrong passes silently: damaged caches are refused (and rebuilt by extract), bad options and presets
+stop a command before any model loads, training that diverges saves nothing, a second writer is refused,
+and every failure is one line, never a traceback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from cli import app
+from pipeline.cache import CacheError, CacheSpec, open_writer
+
+runner = CliRunner()
+
+
+def one_line_error(result, *needles: str, code: int = 1) -> None:
+    assert result.exit_code == code, result.output
+    assert "Traceback" not in result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, result.output
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def small_spec(**changes) -> CacheSpec:
+    return CacheSpec(**{**dict(backbone="test/tiny", backbone_revision="r", hidden_size=4, storage_dtype="float32",
+                                max_length=64, chat_template_hash="t", dataset="d", dataset_fingerprint="f",
+                                kind="ratings"), **changes})
+
+
+# ----------------------------------------------------------------------------------------------
+# Options and presets: checked before anything loads
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["train-heads", "--epochs", "0"], ["--epochs must be a whole number, 1 or more, got 0"]),
+    (["train-heads", "--lr", "-1"], ["--lr must be a positive number"]),
+    (["train-heads", "--gate-batch-size", "0"], ["--gate-batch-size"]),
+    (["train-heads", "--ensemble", "0"], ["--ensemble"]),
+    (["train-heads", "--loss", "nl"], ["--loss must be one of reparam, nll, beta-nll", "did you mean 'nll'?"]),
+    (["train-heads", "--gate", "softmx"], ["did you mean 'softmax'?"]),
+    (["train-heads", "--val-fraction", "1.5"], ["--val-fraction must be a fraction"]),
+    (["train-heads", "--val-fraction", "0.5", "--calibration-fraction", "0.5"], ["leave no rows to train on"]),
+    (["extract", "--max-tokens-per-batch", "0"], ["--max-tokens-per-batch"]),
+    (["extract", "--part-rows", "-3"], ["--part-rows"]),
+    (["extract", "--max-length", "0"], ["--max-length"]),
+    (["extract", "--storage-dtype", "float64"], ["--storage-dtype must be one of float16, float32"]),
+    (["extract", "--dtype", "fp8"], ["--dtype must be one of auto, float32, bfloat16, float16"]),
+    (["extract", "--device", "gpu"], ["--device must be auto, cpu, cuda, cuda:N"]),
+    (["extract", "--source", "x.jsonl"], ["--source needs --kind"]),
+    (["extract", "--source", "x.jsonl", "--kind", "pairs"], ["--kind must be one of ratings, preferences"]),
+    (["score", "m", "-i", "x.jsonl", "--max-tokens-per-batch", "0"], ["--max-tokens-per-batch"]),
+    (["evaluate", "--baseline-ensemble", "1"], ["--baseline-ensemble must be a whole number, 2 or more"]),
+])
+def test_bad_option_values_stop_before_anything_loads(args, needles, monkeypatch):
+    import pipeline.backbone as B
+
+    monkeypatch.setattr(B, "open_backbone", lambda *a, **k: pytest.fail("a model was opened"))
+    one_line_error(runner.invoke(app, args), *needles, code=2)
+
+
+@pytest.mark.parametrize("text, needles", [
+    ("[extrct]\nmax_length = 3\n", ["has unknown tables ['extrct']; did you mean 'extract'?"]),
+    ("[extract]\nmax_length = \"long\"\n", ["max_length must be a whole number, got str 'long'"]),
+    ("[value_head]\nlr = true\n", ["lr must be a number, got bool True"]),
+    ("[evaluate]\neval_preferences = \"one\"\n", ["eval_preferences must be a list of strings"]),
+    ("[datasets.x]\nkind = \"ratings\"\nsorce = \"a.jsonl\"\n", ["[datasets.x] has unknown keys ['sorce']; did you mean 'source'?"]),
+    ("[datasets.x]\nkind = \"ratings\"\n", ["[datasets.x] has no 'source'"]),
+    ("[datasets.x]\nkind = \"rating\"\nsource = \"a.jsonl\"\n", ["did you mean 'ratings'?"]),
+    ("datasets = 3\n", ["datasets must be a table, got int 3"]),
+])
+def test_preset_mistakes_name_the_file_the_key_and_the_nearest_name(tmp_path, text, needles):
+    preset = tmp_path / "mine.toml"
+    preset.write_text(text)
+    one_line_error(runner.invoke(app, ["extract", "-p", str(preset)]), str(preset), *needles, code=2)
+
+
+# ----------------------------------------------------------------------------------------------
+# Damaged caches
+
+
+def damage(part: Path) -> None:
+    data = bytearray(part.read_bytes())
+    data[len(data) // 2] ^= 0x55  # same size, other bytes
+    part.write_bytes(bytes(data))
+
+
+@pytest.mark.integration
+def test_a_damaged_part_is_refused_everywhere_and_extract_rebuilds_it(tmp_path):
+    from tiny_models import build_tiny_llama
+
+    model = build_tiny_llama(tmp_path / "m")
+    cache = tmp_path / "cache"
+    args = ["--backbone", str(model), "--cache-dir", str(cache), "--device", "cpu", "--part-rows", "8"]
+    extract = ["extract", *args, "--source", "synthetic:ratings?n=30&seed=0", "--kind", "ratings", "--name", "ratings"]
+    assert runner.invoke(app, extract).exit_code == 0
+    prefs = ["extract", *args, "--source", "synthetic:preferences?n=20&seed=1", "--kind", "preferences",
+             "--name", "preferences"]
+    assert runner.invoke(app, prefs).exit_code == 0
+    part = cache / "ratings" / "part-00001.parquet"
+    before = part.read_bytes()
+    damage(part)
+    train = ["train-heads", "--cache-dir", str(cache), "--heads-dir", str(tmp_path / "heads"), "--device", "cpu",
+             "--epochs", "2", "--gate-epochs", "1"]
+    one_line_error(runner.invoke(app, train), "part-00001.parquet: part has changed since it was written",
+                   "rebuilds the damaged parts only")
+    assert not (tmp_path / "heads").exists()  # nothing trained, nothing saved
+    info = runner.invoke(app, ["cache", "info", str(cache / "ratings")])
+    assert info.exit_code == 0 and "DAMAGED: 1 of 4 parts missing or changed (part-00001.parquet" in info.output
+    result = runner.invoke(app, extract)  # the resume check finds it and writes that part again
+    assert result.exit_code == 0 and "1 parts written, 3 already complete" in result.output
+    assert part.read_bytes() == before  # the same features again (a deterministic backbone)
+    assert runner.invoke(app, train).exit_code == 0
+    (cache / "ratings" / "part-00002.parquet").unlink()  # a missing part: incomplete, and said so
+    info = runner.invoke(app, ["cache", "info", str(cache / "ratings")])
+    assert "part-00002.parquet is missing" in info.output and "(complete" not in info.output
+
+
+def test_an_empty_or_all_too_long_dataset_is_an_error_not_an_empty_cache(tmp_path, write_jsonl):
+    from tiny_models import build_tiny_llama
+
+    model = build_tiny_llama(tmp_path / "m")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    base = ["extract", "--backbone", str(model), "--cache-dir", str(tmp_path / "c"), "--device", "cpu",
+            "--kind", "ratings"]
+    one_line_error(runner.invoke(app, [*base, "--source", str(empty)]), "no rows to extract")
+    rows = write_jsonl("r.jsonl", [{"prompt": "hi", "response": "hello there", "helpfulness": 3}])
+    one_line_error(runner.invoke(app, [*base, "--source", str(rows), "--max-length", "4", "--name", "r"]),
+                   "all 1 rows are longer than max_length=4 tokens: nothing to cache")
+    assert not (tmp_path / "c" / "r" / "_manifest.json").exists() or "\"complete\": false" in (
+        tmp_path / "c" / "r" / "_manifest.json").read_text()
+
+
+def test_a_second_writer_is_refused_while_the_first_holds_the_cache(tmp_path):
+    first = open_writer(tmp_path / "c", small_spec(), n_parts=1)
+    with pytest.raises(CacheError, match="another `urm extract` is writing this cache now"):
+        open_writer(tmp_path / "c", small_spec(), n_parts=1)
+    first.write_part(0, {"id": ["a"], "source": "s", "n_tokens": np.ones(1, np.int32),
+                         "embedding": np.zeros((1, 4), np.float32)})
+    first.finish(1)  # releases the lock
+    open_writer(tmp_path / "c", small_spec(), n_parts=1).close()
+    # another process: the lock is the kernel's, and goes with the process
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; sys.path.insert(0, %r)\n"
+        "from pipeline.cache import CacheSpec, open_writer\n"
+        "w = open_writer(%r, CacheSpec(backbone='test/tiny', backbone_revision='r', hidden_size=4, storage_dtype="
+        "'float32', max_length=64, chat_template_hash='t', dataset='d', dataset_fingerprint='f', kind='ratings'))\n"
+        "print('locked', flush=True); time.sleep(60)") % (str(Path(__file__).parents[1]), str(tmp_path / "c"))],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(CacheError, match="another `urm extract`"):
+            open_writer(tmp_path / "c", small_spec())
+    finally:
+        holder.kill()
+        holder.wait()
+    time.sleep(0.1)
+    open_writer(tmp_path / "c", small_spec()).close()  # the dead process's lock is gone
+
+
+# ----------------------------------------------------------------------------------------------
+# Training that diverges, damaged heads and exports, unforeseen errors
+
+
+def test_training_that_diverges_saves_nothing(tmp_path):
+    import torch
+
+    from pipeline.config import ValueHeadConfig, build
+    from pipeline.errors import UserError
+    from pipeline.testing import linear_ratings
+    from pipeline.trainers import fit_value_head
+
+    h, y = linear_ratings(n=400, d=8)
+    h = h.float() * 1e30  # features this large make the very first step overflow
+    cfg = build(ValueHeadConfig, dict(loss="nll", epochs=3, batch_size=64, device="cpu", lr=10.0))
+    with pytest.raises(UserError, match="the value head's training diverged at epoch 1.*Lower --lr"):
+        fit_value_head(h, y, cfg, log=lambda line: None)
+    assert torch.isfinite(h).all()  # the inputs were finite: the run itself diverged
+
+
+def test_damaged_heads_and_exports_are_one_line(tmp_path):
+    from tiny_models import export_tiny
+
+    bb, heads, out = export_tiny(tmp_path)
+    (heads / "heads.safetensors").write_bytes((heads / "heads.safetensors").read_bytes()[:100])
+    one_line_error(runner.invoke(app, ["export", "--backbone", str(bb), "--heads-dir", str(heads), "--out-dir",
+                                       str(tmp_path / "again")]), "heads.safetensors: not a readable safetensors file")
+    (heads / "heads.json").write_text("{\"format_version\": 1, \"attributes\": [")
+    one_line_error(runner.invoke(app, ["export", "--heads-dir", str(heads), "--out-dir", str(tmp_path / "again")]),
+                   "heads.json: unreadable")
+    convs = tmp_path / "c.jsonl"
+    convs.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n')
+    shard = out / "model-backbone.safetensors"
+    os.unlink(shard)  # it was a hardlink of the backbone's file: write a truncated copy in its place
+    shard.write_bytes((bb / "model.safetensors").read_bytes()[:1000])
+    one_line_error(runner.invoke(app, ["score", str(out), "-i", str(convs)]), "the export cannot be loaded",
+                   "export it again")
+
+
+def test_an_unforeseen_error_is_one_line_unless_debug(monkeypatch, tmp_path):
+    import pipeline.recipes.cache_info as recipe
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("something no check foresaw\nsecond line")
+
+    monkeypatch.setattr(recipe, "cache_info", broken)
+    one_line_error(runner.invoke(app, ["cache", "info", str(tmp_path)]), "unexpected RuntimeError: something no check",
+                   "--debug or URM_DEBUG=1 shows the traceback")
+    result = runner.invoke(app, ["--debug", "cache", "info", str(tmp_path)])
+    assert isinstance(result.exception, RuntimeError)  # with --debug the exception (and its traceback) goes through
+    monkeypatch.delenv("URM_DEBUG", raising=False)
+
+
+def test_a_missing_local_path_is_a_missing_file_not_a_hub_id(tmp_path, monkeypatch):
+    from pipeline.sources import source_kind
+
+    (tmp_path / "data").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert source_kind("data/pairs") == "file" and source_kind("org/name") == "hub"
+    one_line_error(runner.invoke(app, ["extract", "--source", "data/pairs", "--kind", "preferences"]),
+                   "data/pairs: file not found")
