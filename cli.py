@@ -261,9 +261,16 @@ def cache_info(path: str = typer.Argument(..., help="A cache folder (holding _ma
     \b
     Example: urm cache info cache/demo/ratings
     """
-    from pipeline.recipes.cache_info import cache_info as info
+    from pipeline.recipes.cache_info import DamagedCache, cache_info as info
 
-    typer.echo(run_or_fail(info, path, verify))
+    def info_or_summary():
+        try:
+            return info(path, verify)
+        except DamagedCache as e:  # the summary still helps: print it, then fail naming the damage
+            typer.echo(e.summary)
+            raise
+
+    typer.echo(run_or_fail(info_or_summary))
 
 
 if __name__ == "__main__":

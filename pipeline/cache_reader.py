@@ -20,8 +20,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.cache import (FORMAT_VERSION, SMALL_COLUMNS, CacheError, CacheIncomplete, arrow_schema, part_problem,
-                            read_manifest)
+from pipeline.cache import (FORMAT_VERSION, MANIFEST, SMALL_COLUMNS, CacheError, CacheIncomplete, arrow_schema,
+                            part_problem, read_manifest)
 from pipeline.parquet_pages import copy_rows, fixed_list_blocks
 
 if TYPE_CHECKING:  # torch is imported where tensors are made
@@ -115,6 +115,9 @@ def _open_complete(folder: Path, verify: bool) -> dict:
         total = m.get("n_parts") or "?"
         raise CacheIncomplete(f"{folder}: cache is incomplete: {len(m['parts'])} of {total} parts; "
                               "run `urm extract` again to finish it")
+    if m["rows"] != sum(p["rows"] for p in m["parts"]):
+        raise CacheError(f"{folder / MANIFEST}: says {m['rows']} rows but its parts hold {sum(p['rows'] for p in m['parts'])}: "
+                         "the manifest is damaged; rebuild the cache with `urm extract --overwrite`")
     for p in m["parts"]:
         why = part_problem(folder, p, verify)
         if why:

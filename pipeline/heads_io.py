@@ -4,8 +4,9 @@
 attribute names, the ``architecture`` (the keyword arguments of ``heads.Heads``), the label
 scaling, one ``StageRecord`` per trained stage (``value_head``, ``gating``) with its resolved
 config, the identity of the cache it was trained on (``CacheIdentity``), its per-epoch history and
-final validation metrics, and how the stated uncertainty was calibrated (``SigmaCalibration``,
-``PairCalibration``, with the validation metrics before and after). Training writes it; export, the model card, scoring and the tests read it
+final validation metrics, how the stated uncertainty was calibrated (``SigmaCalibration``,
+``PairCalibration``, with the validation metrics before and after), and the checksum of the tensors
+file, verified on every load. Training writes it; export, the model card, scoring and the tests read it
 through these types. Both files are written atomically (pipeline.atomic).
 """
 
@@ -23,9 +24,11 @@ from safetensors.torch import load_file, save_file
 from pipeline.atomic import atomic_write, write_json
 from pipeline.errors import UserError
 from pipeline.heads import Heads
+from pipeline.sources import file_xxh3
 
 FORMAT_VERSION = 1
 TENSORS = "heads.safetensors"
+EXPORT_TENSORS = "urm-heads.safetensors"  # the same file in an export (the tensor names are the export's)
 META = "heads.json"
 LABEL_SCALING_NOTE = (
     "The saved weights predict on the label scale (0-4). With standardized labels the head was "
@@ -124,6 +127,7 @@ class HeadsMeta:
     gating: StageRecord | None = None
     sigma_calibration: SigmaCalibration | None = None
     pair_calibration: PairCalibration | None = None
+    checksum: str | None = None  # xxh3-128 of heads.safetensors, verified on every load
     format_version: int = FORMAT_VERSION
 
     def to_json(self) -> dict:
@@ -142,7 +146,8 @@ class HeadsMeta:
                        label_scaling=LabelScaling(**scaling) if scaling else None,
                        gating=_stage(data["gating"]) if data.get("gating") else None,
                        sigma_calibration=SigmaCalibration(**sigma) if sigma else None,
-                       pair_calibration=PairCalibration(**pairs) if pairs else None)
+                       pair_calibration=PairCalibration(**pairs) if pairs else None,
+                       checksum=data.get("checksum"))
         except (KeyError, TypeError, ValueError) as e:
             raise HeadsError(f"{where}: not a heads.json this version reads ({type(e).__name__}: {e}); "
                              "retrain the heads") from None
@@ -155,10 +160,10 @@ def _stage(data: dict) -> StageRecord:
 def save_heads(directory: str | os.PathLike, heads: Heads, meta: HeadsMeta) -> Path:
     """Write ``heads`` and ``meta`` into ``directory`` (hidden size and architecture from ``heads``)."""
     directory = Path(directory)
-    meta = dataclasses.replace(meta, hidden_size=heads.d, architecture=dict(heads.architecture),
-                               format_version=FORMAT_VERSION)
     tensors = {name: t.detach().cpu().contiguous().clone() for name, t in heads.state_dict().items()}
     atomic_write(directory / TENSORS, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    meta = dataclasses.replace(meta, hidden_size=heads.d, architecture=dict(heads.architecture),
+                               checksum=file_xxh3(directory / TENSORS), format_version=FORMAT_VERSION)
     write_json(directory / META, meta.to_json())
     return directory
 
@@ -176,6 +181,14 @@ def read_meta(directory: str | os.PathLike, tensors: str = TENSORS) -> HeadsMeta
     return HeadsMeta.from_json(data, directory / META)
 
 
+def check_tensors(directory: str | os.PathLike, meta: HeadsMeta, tensors: str = TENSORS) -> None:
+    """HeadsError when the tensors file is not the one ``meta`` was saved with (its xxh3-128 differs)."""
+    path = Path(directory) / tensors
+    if meta.checksum is not None and file_xxh3(path) != meta.checksum:
+        raise HeadsError(f"{path} has changed since it was saved (its checksum differs from {META}'s): "
+                         "retrain or re-export the heads, or restore the file")
+
+
 def load_heads(directory: str | os.PathLike, device: str | torch.device = "cpu",
                tensors: str = TENSORS) -> tuple[Heads, HeadsMeta]:
     """The ``Heads`` saved in ``directory`` and their ``HeadsMeta`` (``tensors``: the file holding them;
@@ -187,6 +200,7 @@ def load_heads(directory: str | os.PathLike, device: str | torch.device = "cpu",
     except (TypeError, ValueError) as e:
         raise HeadsError(f"{directory / META}: its architecture {meta.architecture} is not one this version builds "
                          f"({e}); retrain the heads") from None
+    check_tensors(directory, meta, tensors)
     try:
         state = load_file(str(directory / tensors))
     except Exception as e:  # safetensors raises its own error type for a truncated or foreign file

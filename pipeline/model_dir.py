@@ -33,11 +33,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from pipeline.errors import UserError
-from pipeline.heads_io import META, HeadsMeta
+from pipeline.heads_io import EXPORT_TENSORS, META, HeadsMeta
 
 PACKAGE = Path(__file__).resolve().parent
 CODE_FILES = ("modeling_urm.py", "heads.py", "configuration_urm.py")  # the exported model's code
-HEADS_SHARD = "urm-heads.safetensors"
+HEADS_SHARD = EXPORT_TENSORS
 SINGLE_FILE_SHARD = "model-backbone.safetensors"
 INDEX = "model.safetensors.index.json"
 HEAD_PREFIXES = ("score.", "ensemble.", "weights.", "softmax_gate.", "base_score.")

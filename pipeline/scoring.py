@@ -43,6 +43,7 @@ def load_scorer(model_dir: str, dtype: str = "auto", device: str = "auto"):
                          "`urm export`") from None
     if not getattr(config, "urm", None):
         raise ScoreError(f"{path / 'config.json'}: no 'urm' section, so not a model exported by `urm export`")
+    check_heads_shard(path)
     dev = resolve_device(device)
     try:
         model = URMForSequenceClassification.from_pretrained(path, config=config, dtype=resolve_dtype(dtype, dev))
@@ -51,6 +52,16 @@ def load_scorer(model_dir: str, dtype: str = "auto", device: str = "auto"):
         raise ScoreError(f"{path}: the export cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0]}); "
                          "export it again with `urm export`") from None
     return model.to(dev).eval(), tokenizer
+
+
+def check_heads_shard(path: Path) -> None:
+    """The export's heads shard is the heads' own file: verified against the checksum its heads.json records."""
+    from pipeline.heads_io import EXPORT_TENSORS, HeadsError, check_tensors, read_meta
+
+    try:
+        check_tensors(path, read_meta(path, tensors=EXPORT_TENSORS), EXPORT_TENSORS)
+    except HeadsError as e:
+        raise ScoreError(str(e)) from None
 
 
 def model_forward(model, input_ids: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:

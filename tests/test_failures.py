@@ -4,6 +4,7 @@ and every failure is one line, never a traceback."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -113,7 +114,7 @@ def test_a_damaged_part_is_refused_everywhere_and_extract_rebuilds_it(tmp_path):
                    "rebuilds the damaged parts only")
     assert not (tmp_path / "heads").exists()  # nothing trained, nothing saved
     info = runner.invoke(app, ["cache", "info", str(cache / "ratings")])
-    assert info.exit_code == 0 and "DAMAGED: 1 of 4 parts missing or changed (part-00001.parquet" in info.output
+    assert info.exit_code == 1 and "DAMAGED: 1 of 4 parts missing or changed (part-00001.parquet" in info.output
     result = runner.invoke(app, extract)  # the resume check finds it and writes that part again
     assert result.exit_code == 0 and "1 parts written, 3 already complete" in result.output
     assert part.read_bytes() == before  # the same features again (a deterministic backbone)
@@ -121,6 +122,24 @@ def test_a_damaged_part_is_refused_everywhere_and_extract_rebuilds_it(tmp_path):
     (cache / "ratings" / "part-00002.parquet").unlink()  # a missing part: incomplete, and said so
     info = runner.invoke(app, ["cache", "info", str(cache / "ratings")])
     assert "part-00002.parquet is missing" in info.output and "(complete" not in info.output
+
+
+def test_a_manifest_whose_row_count_disagrees_with_its_parts_is_damaged(tmp_path):
+    from pipeline.cache_reader import read_features
+
+    folder = tmp_path / "c"
+    with open_writer(folder, small_spec(), n_parts=1) as w:
+        w.write_part(0, {"id": ["a", "b"], "source": "s", "n_tokens": np.ones(2, np.int32),
+                         "embedding": np.zeros((2, 4), np.float32)})
+        w.finish(1)
+    assert len(read_features(folder).id) == 2
+    manifest = json.loads((folder / "_manifest.json").read_text())
+    manifest["rows"] = 3
+    (folder / "_manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CacheError, match="_manifest.json: says 3 rows but its parts hold 2"):
+        read_features(folder)
+    info = runner.invoke(app, ["cache", "info", str(folder)])
+    assert info.exit_code == 1 and "DAMAGED" in info.output and "_manifest.json" in info.output
 
 
 def test_an_empty_or_all_too_long_dataset_is_an_error_not_an_empty_cache(tmp_path, write_jsonl):
@@ -190,14 +209,30 @@ def test_damaged_heads_and_exports_are_one_line(tmp_path):
     from tiny_models import export_tiny
 
     bb, heads, out = export_tiny(tmp_path)
-    (heads / "heads.safetensors").write_bytes((heads / "heads.safetensors").read_bytes()[:100])
-    one_line_error(runner.invoke(app, ["export", "--backbone", str(bb), "--heads-dir", str(heads), "--out-dir",
-                                       str(tmp_path / "again")]), "heads.safetensors: not a readable safetensors file")
+    export_again = ["export", "--backbone", str(bb), "--heads-dir", str(heads), "--out-dir", str(tmp_path / "again")]
+    tensors = (heads / "heads.safetensors").read_bytes()
+    flipped = bytearray(tensors)
+    flipped[-3] ^= 0x10  # one bit of one weight: still a valid file, so only the checksum can tell
+    (heads / "heads.safetensors").write_bytes(bytes(flipped))
+    one_line_error(runner.invoke(app, export_again), "heads.safetensors has changed since it was saved")
+    meta = json.loads((heads / "heads.json").read_text())
+    del meta["checksum"]  # heads saved before checksums: a truncated file is still named
+    (heads / "heads.json").write_text(json.dumps(meta))
+    (heads / "heads.safetensors").write_bytes(tensors[:100])
+    one_line_error(runner.invoke(app, export_again), "heads.safetensors: not a readable safetensors file")
     (heads / "heads.json").write_text("{\"format_version\": 1, \"attributes\": [")
     one_line_error(runner.invoke(app, ["export", "--heads-dir", str(heads), "--out-dir", str(tmp_path / "again")]),
                    "heads.json: unreadable")
     convs = tmp_path / "c.jsonl"
     convs.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n')
+    shard = out / "urm-heads.safetensors"
+    intact = shard.read_bytes()
+    shard.write_bytes(intact[:-8] + bytes(8))
+    one_line_error(runner.invoke(app, ["score", str(out), "-i", str(convs)]),
+                   "urm-heads.safetensors has changed since it was saved", "re-export")
+    one_line_error(runner.invoke(app, ["evaluate", str(out), "--no-baselines"]),
+                   "urm-heads.safetensors has changed since it was saved")
+    shard.write_bytes(intact)
     shard = out / "model-backbone.safetensors"
     os.unlink(shard)  # it was a hardlink of the backbone's file: write a truncated copy in its place
     shard.write_bytes((bb / "model.safetensors").read_bytes()[:1000])

@@ -8,15 +8,18 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.cache import MANIFEST, part_problem, read_manifest
+from pipeline.cache import MANIFEST, CacheError, part_problem, read_manifest
 
 
 def cache_info(path, verify: bool = True) -> str:
     """A human summary of a cache (complete or not): what made it, its size, rows per group; every part's
-    checksum is verified first (``verify``), and missing or changed parts are named."""
+    checksum is verified first (``verify``), and missing or changed parts are named. A damaged cache
+    raises ``DamagedCache`` carrying the summary (the CLI prints it, then fails)."""
     folder = Path(path)
     m = read_manifest(folder)
     problems = {p["file"]: why for p in m["parts"] if (why := part_problem(folder, p, verify))}
+    if m["rows"] != sum(p["rows"] for p in m["parts"]):
+        problems[MANIFEST] = f"says {m['rows']} rows but its parts hold {sum(p['rows'] for p in m['parts'])}"
     parts = [p for p in m["parts"] if p["file"] not in problems]
     size = sum(p["bytes"] for p in m["parts"]) + (folder / MANIFEST).stat().st_size
     if problems:
@@ -46,7 +49,16 @@ def cache_info(path, verify: bool = True) -> str:
     counts = _group_counts(folder, parts)
     if problems:
         counts = [line.replace("rows by source", "rows of the intact parts by source") for line in counts]
+        raise DamagedCache("\n".join(lines + counts), f"{folder}: {state}")
     return "\n".join(lines + counts)
+
+
+class DamagedCache(CacheError):
+    """A cache with missing or changed parts: ``summary`` is what `urm cache info` prints before failing."""
+
+    def __init__(self, summary: str, message: str):
+        super().__init__(message)
+        self.summary = summary
 
 
 def _group_counts(folder: Path, parts: list) -> list[str]:

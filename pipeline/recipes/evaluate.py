@@ -18,16 +18,14 @@ import torch
 from pipeline import __version__
 from pipeline.config import ConfigError, EvaluateConfig
 from pipeline.evaluation import Candidate, attribute_metrics, pair_metrics, uncertainty_signals
-from pipeline.heads_io import CacheIdentity, HeadsError, HeadsMeta, load_heads
-
-EXPORT_HEADS = "urm-heads.safetensors"
+from pipeline.heads_io import EXPORT_TENSORS, CacheIdentity, HeadsError, HeadsMeta, load_heads
 
 
 def load_for_evaluation(path: str):
     """(heads, meta, what was loaded) from a heads folder or an export directory (its copy of the heads)."""
     folder = Path(path)
-    if (folder / EXPORT_HEADS).is_file():
-        heads, meta = load_heads(folder, tensors=EXPORT_HEADS)
+    if (folder / EXPORT_TENSORS).is_file():
+        heads, meta = load_heads(folder, tensors=EXPORT_TENSORS)
         return heads, meta, f"export {folder}"
     if not folder.exists():
         raise HeadsError(f"{folder}: no such heads folder or export; train heads (`urm train-heads`) or pass one")
