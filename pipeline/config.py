@@ -343,6 +343,8 @@ class ScoreConfig:
     max_length: int | None = opt(None, "Drop (and count) conversations longer than this many tokens (default: the "
                                  "longest the heads were trained on, from the export; never more than the backbone's "
                                  "positions); a pair goes whole.")
+    verify: bool = opt(True, "Check the checksum of every weight file of the export (recorded by `urm export`) before "
+                       "loading it; --no-verify skips the backbone shards (the heads shard is always checked).")
 
     def __post_init__(self):
         if self.format is not None:

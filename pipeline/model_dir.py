@@ -219,6 +219,34 @@ def place_shards(directory: Path, plan: ShardPlan, tmp: Path, link: bool) -> dic
     return done
 
 
+def weight_checksums(tmp: Path, files: list[str]) -> dict[str, str]:
+    """xxh3-128 of each weight file (urm_export.json's ``checksums``: `urm score` checks them before loading)."""
+    from pipeline.sources import file_xxh3
+
+    return {name: file_xxh3(tmp / name) for name in files}
+
+
+def check_weights(directory: Path, verify: bool) -> None:
+    """ExportError naming the first weight file of an export that is missing or not the one exported (its
+    xxh3-128 differs from urm_export.json's); with ``verify`` False only that each file is there."""
+    from pipeline.sources import file_xxh3
+
+    record = directory / "urm_export.json"
+    if not record.is_file():  # a directory built by hand or by another tool: nothing to check against
+        return
+    try:
+        checksums = json.loads(record.read_text()).get("checksums") or {}
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+        raise ExportError(f"{record}: unreadable ({e}); export it again with `urm export`") from None
+    for name, expected in checksums.items():
+        if not (directory / name).is_file():
+            raise ExportError(f"{directory / name} is missing (urm_export.json lists it): export it again")
+        if verify and file_xxh3(directory / name) != expected:
+            raise ExportError(f"{directory / name} has changed since it was exported (its checksum differs from "
+                              "urm_export.json's): export it again with `urm export`, or --no-verify if you "
+                              "changed it on purpose")
+
+
 def write_index(tmp: Path, plan: ShardPlan, heads_keys: list[str]) -> dict:
     """The merged model.safetensors.index.json over the backbone shards and the heads shard."""
     weight_map, total = {}, 0

@@ -25,8 +25,9 @@ class ScoreError(UserError):
     """The model directory or the input cannot be scored."""
 
 
-def load_scorer(model_dir: str, dtype: str = "auto", device: str = "auto"):
-    """An exported model (pipeline's own copy of modeling_urm: no remote code runs) and its tokenizer."""
+def load_scorer(model_dir: str, dtype: str = "auto", device: str = "auto", verify: bool = True):
+    """An exported model (pipeline's own copy of modeling_urm: no remote code runs) and its tokenizer;
+    its weight files are checked against the checksums the export recorded (``verify``; the heads' always)."""
     from transformers import AutoTokenizer
 
     from pipeline.backbone import resolve_device, resolve_dtype
@@ -44,6 +45,7 @@ def load_scorer(model_dir: str, dtype: str = "auto", device: str = "auto"):
     if not getattr(config, "urm", None):
         raise ScoreError(f"{path / 'config.json'}: no 'urm' section, so not a model exported by `urm export`")
     check_heads_shard(path)
+    check_export_weights(path, verify)
     dev = resolve_device(device)
     try:
         model = URMForSequenceClassification.from_pretrained(path, config=config, dtype=resolve_dtype(dtype, dev))
@@ -61,6 +63,15 @@ def check_heads_shard(path: Path) -> None:
     try:
         check_tensors(path, read_meta(path, tensors=EXPORT_TENSORS), EXPORT_TENSORS)
     except HeadsError as e:
+        raise ScoreError(str(e)) from None
+
+
+def check_export_weights(path: Path, verify: bool) -> None:
+    from pipeline.model_dir import ExportError, check_weights
+
+    try:
+        check_weights(path, verify)
+    except ExportError as e:
         raise ScoreError(str(e)) from None
 
 

@@ -77,6 +77,9 @@ def test_export_directory_holds_code_config_weights_tokenizer_and_card(tiny):
     assert "fp-tiny" in card and "score_std" in card  # cache fingerprint, uncertainty outputs
     record = json.loads((out / "urm_export.json").read_text())
     assert record["shards"] == {"model-backbone.safetensors": "linked"}
+    import xxhash  # every weight file's checksum, for `urm score` to verify
+    assert record["checksums"] == {name: xxhash.xxh3_128((out / name).read_bytes()).hexdigest()
+                                   for name in ("model-backbone.safetensors", "urm-heads.safetensors")}
 
 
 def test_weights_are_bit_identical_to_the_heads_and_the_backbone(tiny):

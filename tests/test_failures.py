@@ -234,10 +234,18 @@ def test_damaged_heads_and_exports_are_one_line(tmp_path):
                    "urm-heads.safetensors has changed since it was saved")
     shard.write_bytes(intact)
     shard = out / "model-backbone.safetensors"
-    os.unlink(shard)  # it was a hardlink of the backbone's file: write a truncated copy in its place
-    shard.write_bytes((bb / "model.safetensors").read_bytes()[:1000])
-    one_line_error(runner.invoke(app, ["score", str(out), "-i", str(convs)]), "the export cannot be loaded",
-                   "export it again")
+    os.unlink(shard)  # it was a hardlink of the backbone's file: damage a copy in its place
+    weights = bytearray((bb / "model.safetensors").read_bytes())
+    weights[len(weights) // 2] ^= 0x01  # one bit of one backbone weight: a valid file, wrong numbers
+    shard.write_bytes(bytes(weights))
+    one_line_error(runner.invoke(app, ["score", str(out), "-i", str(convs)]),
+                   "model-backbone.safetensors has changed since it was exported", "--no-verify")
+    shard.write_bytes(bytes(weights[:1000]))  # truncated: with --no-verify the load itself fails, still one line
+    one_line_error(runner.invoke(app, ["score", str(out), "-i", str(convs), "--no-verify"]),
+                   "the export cannot be loaded", "export it again")
+    shard.unlink()
+    one_line_error(runner.invoke(app, ["score", str(out), "-i", str(convs), "--no-verify"]),
+                   "model-backbone.safetensors is missing")
 
 
 def test_an_unforeseen_error_is_one_line_unless_debug(monkeypatch, tmp_path):

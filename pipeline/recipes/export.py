@@ -3,7 +3,8 @@
 The wiring: read the heads folder, open the backbone they were trained on (or the one named),
 refuse a mismatch (hidden size, weights revision, chat template), then build the directory in a
 temporary folder beside ``out_dir`` (pipeline.model_dir: shards linked or rewritten, merged index,
-config.json, the shipped code, tokenizer, model card, heads.json, urm_export.json) and rename it
+config.json, the shipped code, tokenizer, model card, heads.json, urm_export.json with the xxh3-128
+of every weight file, which `urm score` verifies) and rename it
 into place, so a failed export leaves nothing behind. A GGUF backbone is exported from its
 converted safetensors copy (pipeline.backbone.convert_gguf).
 """
@@ -22,8 +23,8 @@ from pipeline.atomic import atomic_directory
 from pipeline.config import ExportConfig, to_dict
 from pipeline.heads_io import META, TENSORS, load_heads
 from pipeline.model_dir import (HEADS_SHARD, ExportError, check_heads_fit, check_out_dir, check_tokenizer_round_trip,
-                                checkpoint_dir, place_shards, plan_shards, urm_section, write_code, write_config,
-                                write_index, write_tokenizer)
+                                checkpoint_dir, place_shards, plan_shards, urm_section, weight_checksums, write_code,
+                                write_config, write_index, write_tokenizer)
 
 
 def export_model(cfg: ExportConfig, log=print) -> dict:
@@ -63,7 +64,8 @@ def export_model(cfg: ExportConfig, log=print) -> dict:
         record = {"format_version": 1, "pipeline_version": __version__, "config": to_dict(cfg),
                   "backbone": {"spec": spec, "path": str(directory), "revision": files.revision,
                                "chat_template_hash": template, "reward_model": reward_model},
-                  "heads_dir": str(heads_dir), "shards": shards, "unused_tensors": plan.extra}
+                  "heads_dir": str(heads_dir), "shards": shards, "unused_tensors": plan.extra,
+                  "checksums": weight_checksums(tmp, [*shards, HEADS_SHARD])}
         (tmp / "README.md").write_text(model_card(meta, record, config_json["urm"]))
         record["seconds"] = time.perf_counter() - t0
         (tmp / "urm_export.json").write_text(json.dumps(record, indent=2, default=str) + "\n")

@@ -109,7 +109,7 @@ def score_file(model_dir: str, source: str, output: str | None, cfg: ScoreConfig
     log = log or (lambda line: print(line, file=sys.stderr))
     kind, items, report = load_input(source, cfg)
     log(report.summary())
-    model, tokenizer = load_scorer(model_dir, cfg.dtype, cfg.device)
+    model, tokenizer = load_scorer(model_dir, cfg.dtype, cfg.device, cfg.verify)
     ids = render_ids(tokenizer, flatten(kind, items))
     items, ids, dropped = within_length(kind, items, ids, length_limit(model.config, cfg.max_length), log)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
