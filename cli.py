@@ -162,10 +162,10 @@ def train_heads(configs: dict = None):
     \b
     Example: urm train-heads --preset demo --loss nll --ensemble 4
     """
-    from pipeline.recipes.train import train_gating, train_value_head
+    from pipeline.recipes.train import train_heads
 
-    report_training(run_or_fail(train_value_head, configs["value_head"]))
-    report_training(run_or_fail(train_gating, configs["gating"]))
+    for summary in run_or_fail(train_heads, configs["value_head"], configs["gating"]):
+        report_training(summary)
 
 
 @app.command("train-value-head")

@@ -561,10 +561,49 @@ def read_manifest(path) -> dict:
         manifest = json.loads(file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CacheError(f"{file}: unreadable manifest ({e}); {FIX}") from None
-    required = ("format_version", "kind", "backbone", "hidden_size", "storage_dtype", "max_length", "label_names",
-                "parts", "rows", "complete")
-    missing = [k for k in required if k not in manifest] if isinstance(manifest, dict) else ["everything"]
-    if missing or not isinstance(manifest.get("parts"), list):
-        raise CacheError(f"{file}: not a cache manifest (missing {', '.join(missing) or 'parts'}); {FIX}")
+    problem = manifest_problem(manifest)
+    if problem:
+        raise CacheError(f"{file}: not a cache manifest this version reads ({problem}); {FIX}")
     return manifest
+
+
+def _whole(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+MANIFEST_TYPES = {  # key: (check, what it must be)
+    "format_version": (_whole, "a whole number"), "kind": (lambda v: v in ("ratings", "preferences"),
+                                                        "ratings or preferences"),
+    "backbone": (lambda v: isinstance(v, str), "a string"), "hidden_size": (lambda v: _whole(v) and v > 0,
+                                                                           "a positive whole number"),
+    "storage_dtype": (lambda v: v in STORAGE_DTYPES, " or ".join(STORAGE_DTYPES)),
+    "max_length": (lambda v: _whole(v) and v > 0, "a positive whole number"),
+    "label_names": (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), "a list of names"),
+    "parts": (lambda v: isinstance(v, list), "a list"), "rows": (_whole, "a whole number"),
+    "complete": (lambda v: isinstance(v, bool), "true or false"),
+}
+PART_TYPES = {"file": (lambda v: isinstance(v, str) and _PART_RE.match(v) is not None,
+                       "a part file name (part-NNNNN.parquet)"),
+              "rows": (_whole, "a whole number"), "bytes": (_whole, "a whole number")}
+
+
+def manifest_problem(m) -> str | None:
+    """What makes ``m`` not a manifest: a missing or mistyped key, or a part entry without its file name,
+    rows, size and checksum; None when it is one."""
+    if not isinstance(m, dict):
+        return f"a JSON {type(m).__name__}, not an object"
+    for key, (ok, what) in MANIFEST_TYPES.items():
+        if key not in m:
+            return f"no {key!r}"
+        if not ok(m[key]):
+            return f"{key!r} must be {what}, got {m[key]!r}"
+    for i, part in enumerate(m["parts"]):
+        if not isinstance(part, dict):
+            return f"parts[{i}] is not an object"
+        for key, (ok, what) in PART_TYPES.items():
+            if not ok(part.get(key)):
+                return f"parts[{i}].{key} must be {what}, got {part.get(key)!r}"
+        if not isinstance(part.get("xxh3_128", part.get("sha256")), str):
+            return f"parts[{i}] has no checksum (xxh3_128 or sha256)"
+    return None
 

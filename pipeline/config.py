@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -91,15 +92,19 @@ def one_of(value, choices, option: str) -> None:
         raise ConfigError(f"{flag(option)} must be one of {', '.join(map(str, choices))}, got {value!r}{hint}")
 
 
+def number(value) -> bool:
+    """A finite int or float (not a bool): nan and inf are refused everywhere."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def positive(value, option: str, allow_none: bool = False) -> None:
     if allow_none and value is None:
         return
-    check(isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0, option, value,
-          "a positive number")
+    check(number(value) and value > 0, option, value, "a positive finite number")
 
 
 def fraction(value, option: str) -> None:
-    check(isinstance(value, (int, float)) and 0 < value < 1, option, value, "a fraction between 0 and 1 (exclusive)")
+    check(number(value) and 0 < value < 1, option, value, "a fraction between 0 and 1 (exclusive)")
 
 
 def device_name(value: str, option: str = "device") -> None:
@@ -118,7 +123,8 @@ def device_name(value: str, option: str = "device") -> None:
 
 def optimization(optim: "Optimization", prefix: str) -> None:
     positive(optim.lr, prefix + "lr")
-    check(optim.weight_decay >= 0, prefix + "weight_decay", optim.weight_decay, "0 or more")
+    check(number(optim.weight_decay) and optim.weight_decay >= 0, prefix + "weight_decay", optim.weight_decay,
+          "a finite number, 0 or more")
     for name in ("epochs", "batch_size", "patience"):
         value = getattr(optim, name)
         check(isinstance(value, int) and value >= 1, prefix + name, value, "a whole number, 1 or more")
@@ -251,7 +257,7 @@ class ValueHeadConfig:
 
     def __post_init__(self):
         one_of(self.loss, STAGE1_LOSSES, "loss")
-        check(self.beta >= 0, "beta", self.beta, "0 or more")
+        check(number(self.beta) and 0 <= self.beta <= 1, "beta", self.beta, "between 0 and 1")
         check(isinstance(self.ensemble, int) and self.ensemble >= 1, "ensemble", self.ensemble,
               "a whole number, 1 or more")
         fraction(self.calibration_fraction, "calibration_fraction")
@@ -343,8 +349,8 @@ class ScoreConfig:
     max_length: int | None = opt(None, "Drop (and count) conversations longer than this many tokens (default: the "
                                  "longest the heads were trained on, from the export; never more than the backbone's "
                                  "positions); a pair goes whole.")
-    verify: bool = opt(True, "Check the checksum of every weight file of the export (recorded by `urm export`) before "
-                       "loading it; --no-verify skips the backbone shards (the heads shard is always checked).")
+    verify: bool = opt(True, "Check every file of the export against the checksums `urm export` recorded before "
+                       "loading it; --no-verify only checks that they are there (and the heads' own checksum).")
 
     def __post_init__(self):
         if self.format is not None:

@@ -219,16 +219,20 @@ def place_shards(directory: Path, plan: ShardPlan, tmp: Path, link: bool) -> dic
     return done
 
 
-def weight_checksums(tmp: Path, files: list[str]) -> dict[str, str]:
-    """xxh3-128 of each weight file (urm_export.json's ``checksums``: `urm score` checks them before loading)."""
+UNCHECKED = ("README.md", "urm_export.json")  # the card is for people; the record holds the checksums
+
+
+def export_checksums(tmp: Path) -> dict[str, str]:
+    """xxh3-128 of every file of the export but the card and the record (urm_export.json's ``checksums``):
+    weights, config, code, tokenizer, heads.json. `urm score` checks them before loading."""
     from pipeline.sources import file_xxh3
 
-    return {name: file_xxh3(tmp / name) for name in files}
+    return {p.name: file_xxh3(p) for p in sorted(tmp.iterdir()) if p.is_file() and p.name not in UNCHECKED}
 
 
-def check_weights(directory: Path, verify: bool) -> None:
-    """ExportError naming the first weight file of an export that is missing or not the one exported (its
-    xxh3-128 differs from urm_export.json's); with ``verify`` False only that each file is there."""
+def check_export_files(directory: Path, verify: bool) -> None:
+    """ExportError naming the first file of an export that is missing or not the one exported (its xxh3-128
+    differs from urm_export.json's); with ``verify`` False only that each file is there."""
     from pipeline.sources import file_xxh3
 
     record = directory / "urm_export.json"
@@ -236,11 +240,13 @@ def check_weights(directory: Path, verify: bool) -> None:
         return
     try:
         checksums = json.loads(record.read_text()).get("checksums") or {}
+        items = [(str(name), str(value)) for name, value in checksums.items()]
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
         raise ExportError(f"{record}: unreadable ({e}); export it again with `urm export`") from None
-    for name, expected in checksums.items():
+    for name, expected in items:
         if not (directory / name).is_file():
-            raise ExportError(f"{directory / name} is missing (urm_export.json lists it): export it again")
+            raise ExportError(f"{directory / name} is missing (urm_export.json lists it): export it again "
+                              "with `urm export`")
         if verify and file_xxh3(directory / name) != expected:
             raise ExportError(f"{directory / name} has changed since it was exported (its checksum differs from "
                               "urm_export.json's): export it again with `urm export`, or --no-verify if you "

@@ -27,7 +27,7 @@ class ScoreError(UserError):
 
 def load_scorer(model_dir: str, dtype: str = "auto", device: str = "auto", verify: bool = True):
     """An exported model (pipeline's own copy of modeling_urm: no remote code runs) and its tokenizer;
-    its weight files are checked against the checksums the export recorded (``verify``; the heads' always)."""
+    its files are checked against the checksums the export recorded (``verify``; the heads' always)."""
     from transformers import AutoTokenizer
 
     from pipeline.backbone import resolve_device, resolve_dtype
@@ -67,10 +67,10 @@ def check_heads_shard(path: Path) -> None:
 
 
 def check_export_weights(path: Path, verify: bool) -> None:
-    from pipeline.model_dir import ExportError, check_weights
+    from pipeline.model_dir import ExportError, check_export_files
 
     try:
-        check_weights(path, verify)
+        check_export_files(path, verify)
     except ExportError as e:
         raise ScoreError(str(e)) from None
 

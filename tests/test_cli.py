@@ -106,9 +106,10 @@ def test_training_options_of_both_stages_reach_their_configs(tmp_path, monkeypat
     import pipeline.recipes.train as recipe
 
     seen = {}
-    monkeypatch.setattr(recipe, "train_value_head", lambda cfg: seen.update(value=cfg) or {"val": {}})
-    monkeypatch.setattr(recipe, "train_gating", lambda cfg: seen.update(gating=cfg) or {"val": {}})
+    monkeypatch.setattr(recipe, "train_value_head", lambda cfg, log: seen.update(value=cfg) or {"val": {}})
+    monkeypatch.setattr(recipe, "train_gating", lambda cfg, log: seen.update(gating=cfg) or {"val": {}})
     monkeypatch.setattr("cli.report_training", lambda summary: None)
+    monkeypatch.setattr("pipeline.cache_reader.verify_cache", lambda path: None)
     args = ["train-heads", "--seed", "5", "--lr", "0.5", "--gate-lr", "0.25", "--use-margin", "--heads-dir", "h"]
     result = runner.invoke(app, args, env={"URM_GATE_EPOCHS": "2"})
     assert result.exit_code == 0, result.output

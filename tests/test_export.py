@@ -78,8 +78,10 @@ def test_export_directory_holds_code_config_weights_tokenizer_and_card(tiny):
     record = json.loads((out / "urm_export.json").read_text())
     assert record["shards"] == {"model-backbone.safetensors": "linked"}
     import xxhash  # every weight file's checksum, for `urm score` to verify
-    assert record["checksums"] == {name: xxhash.xxh3_128((out / name).read_bytes()).hexdigest()
-                                   for name in ("model-backbone.safetensors", "urm-heads.safetensors")}
+    assert record["checksums"] == {p.name: xxhash.xxh3_128(p.read_bytes()).hexdigest() for p in out.iterdir()
+                                   if p.name not in ("README.md", "urm_export.json")}
+    assert {"model-backbone.safetensors", "urm-heads.safetensors", "config.json", "tokenizer.json"} <= set(
+        record["checksums"])
 
 
 def test_weights_are_bit_identical_to_the_heads_and_the_backbone(tiny):

@@ -42,7 +42,7 @@ def small_spec(**changes) -> CacheSpec:
 
 @pytest.mark.parametrize("args, needles", [
     (["train-heads", "--epochs", "0"], ["--epochs must be a whole number, 1 or more, got 0"]),
-    (["train-heads", "--lr", "-1"], ["--lr must be a positive number"]),
+    (["train-heads", "--lr", "-1"], ["--lr must be a positive finite number"]),
     (["train-heads", "--gate-batch-size", "0"], ["--gate-batch-size"]),
     (["train-heads", "--ensemble", "0"], ["--ensemble"]),
     (["train-heads", "--loss", "nl"], ["--loss must be one of reparam, nll, beta-nll", "did you mean 'nll'?"]),

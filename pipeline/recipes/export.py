@@ -4,7 +4,7 @@ The wiring: read the heads folder, open the backbone they were trained on (or th
 refuse a mismatch (hidden size, weights revision, chat template), then build the directory in a
 temporary folder beside ``out_dir`` (pipeline.model_dir: shards linked or rewritten, merged index,
 config.json, the shipped code, tokenizer, model card, heads.json, urm_export.json with the xxh3-128
-of every weight file, which `urm score` verifies) and rename it
+of every other file, which `urm score` verifies) and rename it
 into place, so a failed export leaves nothing behind. A GGUF backbone is exported from its
 converted safetensors copy (pipeline.backbone.convert_gguf).
 """
@@ -23,7 +23,7 @@ from pipeline.atomic import atomic_directory
 from pipeline.config import ExportConfig, to_dict
 from pipeline.heads_io import META, TENSORS, load_heads
 from pipeline.model_dir import (HEADS_SHARD, ExportError, check_heads_fit, check_out_dir, check_tokenizer_round_trip,
-                                checkpoint_dir, place_shards, plan_shards, urm_section, weight_checksums, write_code,
+                                checkpoint_dir, place_shards, plan_shards, urm_section, export_checksums, write_code,
                                 write_config, write_index, write_tokenizer)
 
 
@@ -64,9 +64,9 @@ def export_model(cfg: ExportConfig, log=print) -> dict:
         record = {"format_version": 1, "pipeline_version": __version__, "config": to_dict(cfg),
                   "backbone": {"spec": spec, "path": str(directory), "revision": files.revision,
                                "chat_template_hash": template, "reward_model": reward_model},
-                  "heads_dir": str(heads_dir), "shards": shards, "unused_tensors": plan.extra,
-                  "checksums": weight_checksums(tmp, [*shards, HEADS_SHARD])}
+                  "heads_dir": str(heads_dir), "shards": shards, "unused_tensors": plan.extra}
         (tmp / "README.md").write_text(model_card(meta, record, config_json["urm"]))
+        record["checksums"] = export_checksums(tmp)
         record["seconds"] = time.perf_counter() - t0
         (tmp / "urm_export.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
     return {**record, "out_dir": str(out)}

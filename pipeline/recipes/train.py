@@ -1,4 +1,4 @@
-"""`urm train-value-head`, `urm train-gating` (and `urm train-heads`, both): the training stages' wiring.
+"""`urm train-value-head`, `urm train-gating` and `urm train-heads` (both): the training stages' wiring.
 
 Stage 1 reads the ratings cache, fits the value head (``pipeline.trainers.fit_value_head``) and
 writes a heads folder; stage 2 reads the heads and a preference cache made with the same backbone
@@ -89,3 +89,13 @@ def train_gating(cfg: GatingConfig, log=print) -> dict:
     return {"heads_dir": cfg.run.heads_dir, "pairs": len(pairs.chosen.embedding),
             "epochs_run": len(fit.history), "best_epoch": fit.best_epoch,
             "seconds": time.perf_counter() - t0, "val": fit.val}
+
+
+def train_heads(value_cfg: ValueHeadConfig, gating_cfg: GatingConfig, log=print) -> list[dict]:
+    """Stage 1 then stage 2 (`urm train-heads`); the preference cache is checked first, so a damaged one
+    stops the run before stage 1 spends its time."""
+    from pipeline.cache_reader import verify_cache
+
+    if gating_cfg.run.verify:
+        verify_cache(gating_cfg.preferences_cache or os.path.join(gating_cfg.run.cache_dir, "preferences"))
+    return [train_value_head(value_cfg, log), train_gating(gating_cfg, log)]
