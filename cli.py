@@ -256,17 +256,17 @@ def score(
 @cache_app.command("info")
 def cache_info(path: str = typer.Argument(..., help="A cache folder (holding _manifest.json)."),
                verify: bool = typer.Option(True, "--verify/--no-verify", help=C.VERIFY_HELP)):
-    """Print a cache's manifest summary and row counts.
+    """Print a cache's manifest summary and row counts; exit 1 when it is damaged or incomplete.
 
     \b
     Example: urm cache info cache/demo/ratings
     """
-    from pipeline.recipes.cache_info import DamagedCache, cache_info as info
+    from pipeline.recipes.cache_info import UnusableCache, cache_info as info
 
     def info_or_summary():
         try:
             return info(path, verify)
-        except DamagedCache as e:  # the summary still helps: print it, then fail naming the damage
+        except UnusableCache as e:  # the summary still helps: print it, then fail saying why
             typer.echo(e.summary)
             raise
 

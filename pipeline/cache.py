@@ -63,6 +63,7 @@ from pipeline.sources import file_sha256, file_xxh3
 FORMAT_VERSION = 1
 MANIFEST = "_manifest.json"
 FIX = "pass --overwrite to replace it, or choose another --cache-dir"
+REBUILD = "rebuild the cache: the same `urm extract` with --overwrite"
 KINDS = ("ratings", "preferences")
 STORAGE_DTYPES = ("float16", "float32")
 ROLES = ("chosen", "rejected")
@@ -560,10 +561,10 @@ def read_manifest(path) -> dict:
     try:
         manifest = json.loads(file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CacheError(f"{file}: unreadable manifest ({e}); {FIX}") from None
+        raise CacheError(f"{file}: unreadable manifest ({e}); {REBUILD}") from None
     problem = manifest_problem(manifest)
     if problem:
-        raise CacheError(f"{file}: not a cache manifest this version reads ({problem}); {FIX}")
+        raise CacheError(f"{file}: not a cache manifest this version reads ({problem}); {REBUILD}")
     return manifest
 
 

@@ -113,10 +113,11 @@ def _open_complete(folder: Path, verify: bool) -> dict:
                          f"{FORMAT_VERSION}; run `urm extract --overwrite` to rebuild it")
     if not m.get("complete"):
         total = m.get("n_parts") or "?"
-        raise CacheIncomplete(f"{folder}: cache is incomplete: {len(m['parts'])} of {total} parts; "
-                              "run `urm extract` again to finish it")
+        raise CacheIncomplete(f"{folder}: cache is incomplete ({len(m['parts'])} of {total} parts written, not "
+                              "marked complete); run `urm extract` again to finish it")
     if m["rows"] != sum(p["rows"] for p in m["parts"]):
-        raise CacheError(f"{folder / MANIFEST}: says {m['rows']} rows but its parts hold {sum(p['rows'] for p in m['parts'])}: "
+        held = sum(p["rows"] for p in m["parts"])
+        raise CacheError(f"{folder / MANIFEST}: says {m['rows']} rows but its parts hold {held}: "
                          "the manifest is damaged; rebuild the cache with `urm extract --overwrite`")
     for p in m["parts"]:
         why = part_problem(folder, p, verify)

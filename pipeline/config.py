@@ -18,6 +18,7 @@ and one ``[datasets.NAME]`` table per dataset to extract.
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import difflib
 import math
@@ -107,11 +108,14 @@ def fraction(value, option: str) -> None:
     check(number(value) and 0 < value < 1, option, value, "a fraction between 0 and 1 (exclusive)")
 
 
+_CHECK_MACHINE = contextvars.ContextVar("check_machine", default=True)  # off while a whole preset is checked
+
+
 def device_name(value: str, option: str = "device") -> None:
     """A device torch knows; cuda asked for where there is none is refused now, not after loading."""
     check(isinstance(value, str) and DEVICE.fullmatch(value) is not None, option, value,
           "auto, cpu, cuda, cuda:N (or mps, xpu)")
-    if value.startswith("cuda"):
+    if value.startswith("cuda") and _CHECK_MACHINE.get():
         import torch
 
         if not torch.cuda.is_available():
@@ -467,10 +471,14 @@ def preset_path(preset: str) -> Path:
 
 
 def read_preset(preset: str) -> dict:
+    from pipeline.sources import not_utf8
+
     path = preset_path(preset)
+    data = path.read_bytes()
     try:
-        with open(path, "rb") as f:
-            return tomllib.load(f)
+        return tomllib.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: {not_utf8(data, e)}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
 
@@ -543,6 +551,30 @@ def check_type(name: str, value, hint) -> None:
         raise ConfigError(f"{name} must be {expected}, got {type(value).__name__} {value!r}")
 
 
+def check_preset_values(data: dict, where) -> None:
+    """Every stage config built from the preset's values alone, and every dataset: a bad value in a preset
+    is an error even where the command at hand does not use it, or overrides it. Checks that depend on
+    this machine (is there a CUDA device?) wait for the stage that uses the value."""
+    token = _CHECK_MACHINE.set(False)
+    try:
+        for stage, cls in STAGES.items():
+            by_name = {o.name for o in options(cls)}
+            values = {k: v for k, v in data.items() if not isinstance(v, dict) and k in by_name}
+            values.update(data.get(stage, {}))
+            try:
+                build(cls, values)
+            except ConfigError as e:
+                message = re.sub(r"--([a-z][a-z-]*)", lambda m: m.group(1).replace("-", "_"), str(e))
+                raise ConfigError(f"{where}: [{stage}] {message}") from None
+        for name, spec in data.get("datasets", {}).items():
+            try:
+                DatasetSpec(name=name, **spec)
+            except ConfigError as e:
+                raise ConfigError(f"{where}: {e}") from None
+    finally:
+        _CHECK_MACHINE.reset(token)
+
+
 def load_config(stage: str, preset: str | None = DEFAULT_PRESET, overrides: dict | None = None):
     """Build the config of ``stage`` from defaults, the preset, then non-None ``overrides`` (flat names)."""
     cls = STAGES[stage]
@@ -550,6 +582,7 @@ def load_config(stage: str, preset: str | None = DEFAULT_PRESET, overrides: dict
     source = preset_path(preset) if preset else None
     data = read_preset(preset) if preset else {}
     check_preset(data, source)
+    check_preset_values(data, source)
     values: dict[str, Any] = {k: v for k, v in run_paths(source.stem).items() if k in by_name} if source else {}
     where = source or "defaults"
     values.update({k: v for k, v in data.items() if not isinstance(v, dict) and k in by_name})

@@ -62,7 +62,8 @@ def input_kind(source: str, split: str = "train") -> str:
     "conversations"."""
     if source_kind(source) == "synthetic":
         return "pairs" if source.removeprefix("synthetic:").startswith("preferences") else "conversations"
-    first, _ = peek_record(iter_records(source, split))
-    if first is None:
-        raise DataError(source, None, None, "no readable row: nothing to score")
-    return "pairs" if any(c in first for c in PAIR_COLUMNS) else "conversations"
+    first, records = peek_record(iter_records(source, split))
+    if first is None:  # no parseable row: say why the first one is not, if there is one
+        bad = next((error for _, error in records), None)
+        raise bad or DataError(source, None, None, "no rows to score (the file holds no JSON rows)")
+    return "pairs" if any(c in first[1] for c in PAIR_COLUMNS) else "conversations"

@@ -136,9 +136,21 @@ class HeadsMeta:
     @classmethod
     def from_json(cls, data: dict, where: Path) -> "HeadsMeta":
         """Parse heads.json; HeadsError naming the file and the key for anything missing or wrong."""
+        if not isinstance(data, dict):
+            raise HeadsError(f"{where}: a JSON {type(data).__name__}, not the object heads.json holds; retrain the heads")
         if data.get("format_version") != FORMAT_VERSION:
             raise HeadsError(f"{where}: format_version {data.get('format_version')} (this code reads "
                              f"{FORMAT_VERSION}); retrain the heads with this version")
+        for key, ok, what in (("attributes", lambda v: isinstance(v, list) and v and all(isinstance(x, str) for x in v),
+                               "a non-empty list of names"),
+                              ("hidden_size", lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0,
+                               "a positive whole number"),
+                              ("architecture", lambda v: isinstance(v, dict), "an object"),
+                              ("value_head", lambda v: isinstance(v, dict), "an object")):
+            if key not in data:
+                raise HeadsError(f"{where}: no {key!r}: not a heads.json this version reads; retrain the heads")
+            if not ok(data[key]):
+                raise HeadsError(f"{where}: {key!r} must be {what}, got {data[key]!r}; retrain the heads")
         try:
             scaling, sigma, pairs = (data.get(k) for k in ("label_scaling", "sigma_calibration", "pair_calibration"))
             return cls(attributes=list(data["attributes"]), hidden_size=int(data["hidden_size"]),
@@ -197,7 +209,7 @@ def load_heads(directory: str | os.PathLike, device: str | torch.device = "cpu",
     meta = read_meta(directory, tensors)
     try:
         heads = Heads(meta.hidden_size, len(meta.attributes), **meta.architecture)
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, RuntimeError) as e:  # RuntimeError: torch, on a negative size
         raise HeadsError(f"{directory / META}: its architecture {meta.architecture} is not one this version builds "
                          f"({e}); retrain the heads") from None
     check_tensors(directory, meta, tensors)

@@ -261,13 +261,13 @@ def _iter_hub(source: str, split: str) -> Iterator[Record]:
         yield row, record
 
 
-def peek_record(records: Iterator[Record]) -> tuple[dict | None, Iterator[Record]]:
-    """The first parseable record, and an iterator that still yields everything (that record included)."""
+def peek_record(records: Iterator[Record]) -> tuple[Record | None, Iterator[Record]]:
+    """The first parseable (row, record), and an iterator that still yields everything (that one included)."""
     seen = []
     for item in records:
         seen.append(item)
         if not isinstance(item[1], DataError):
-            return item[1], chain(seen, records)
+            return item, chain(seen, records)
     return None, iter(seen)
 
 
@@ -340,9 +340,9 @@ def load_rows(source: str, kind: str, formats: tuple[str, ...], detect: Callable
     first, records = peek_record(iter_records(source, split))
     if format is None and first is not None:
         try:
-            format = detect(first)
-        except ValueError as err:
-            raise DataError(source, None, None, str(err)) from None
+            format = detect(first[1])
+        except ValueError as err:  # told from the first parseable row: name it
+            raise DataError(source, first[0], None, str(err)) from None
     report = LoadReport(path=source, format=format or "empty")  # "empty": no parseable record at all
     items = collect(records, source, partial(parse, stem=source_stem(source, split), format=format or formats[0]),
                     report, skip_invalid=skip_invalid, limit=limit, is_empty=is_empty)

@@ -18,7 +18,7 @@ import pipeline.cache as C
 import pipeline.parquet_pages as P
 from pipeline.cache import CacheError, CacheIncomplete, CacheInputError, CacheMismatch, CacheSpec, open_writer, read_manifest
 from pipeline.cache_reader import read_features, read_pairs, verify_cache
-from pipeline.recipes.cache_info import cache_info
+from pipeline.recipes.cache_info import UnusableCache, cache_info
 from pipeline.sources import file_sha256, file_xxh3
 
 D = 24
@@ -245,11 +245,13 @@ def test_shape_and_value_checks(tmp_path):
 def test_incomplete_cache_is_refused(tmp_path):
     w = open_writer(tmp_path / "c", make_spec(), n_parts=3)
     w.write_part(0, make_part(0))
-    with pytest.raises(CacheIncomplete, match=r"cache is incomplete: 1 of 3 parts; run `urm extract` again"):
+    with pytest.raises(CacheIncomplete, match=r"cache is incomplete \(1 of 3 parts written, not marked complete\); run `urm extract` again"):
         read_features(tmp_path / "c")
     with pytest.raises(CacheIncomplete, match="2 of 3 parts not written"):
         w.finish(3)
-    assert "INCOMPLETE" in cache_info(tmp_path / "c") and "1 of 3 complete" in cache_info(tmp_path / "c")
+    with pytest.raises(UnusableCache, match=r"cache is incomplete \(1 of 3 parts written") as info:
+        cache_info(tmp_path / "c")  # `urm cache info` prints the summary, then fails
+    assert "INCOMPLETE" in info.value.summary and "1 of 3 complete" in info.value.summary
     with pytest.raises(CacheError, match="not a feature cache"):
         read_features(tmp_path / "nowhere")
 

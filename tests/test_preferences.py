@@ -62,7 +62,7 @@ def test_detect_unknown_lists_known_formats():
 
 def test_unknown_columns_in_file_is_a_data_error(write_jsonl):
     path = write_jsonl("x.jsonl", [{"question": "q", "answer": "a"}])
-    with pytest.raises(DataError, match=re.escape(str(path)) + ": cannot tell the preference format"):
+    with pytest.raises(DataError, match=re.escape(str(path)) + ", row 1: cannot tell the preference format"):
         load_preferences(str(path), skip_invalid=True)
 
 

@@ -13,8 +13,8 @@ from pipeline.cache import MANIFEST, CacheError, part_problem, read_manifest
 
 def cache_info(path, verify: bool = True) -> str:
     """A human summary of a cache (complete or not): what made it, its size, rows per group; every part's
-    checksum is verified first (``verify``), and missing or changed parts are named. A damaged cache
-    raises ``DamagedCache`` carrying the summary (the CLI prints it, then fails)."""
+    checksum is verified first (``verify``), and missing or changed parts are named. A damaged or incomplete
+    cache raises ``UnusableCache`` carrying the summary (the CLI prints it, then fails: exit 0 means usable)."""
     folder = Path(path)
     m = read_manifest(folder)
     problems = {p["file"]: why for p in m["parts"] if (why := part_problem(folder, p, verify))}
@@ -35,10 +35,10 @@ def cache_info(path, verify: bool = True) -> str:
         f"  backbone       {m['backbone']} @ {m.get('backbone_revision') or 'unknown revision'}",
         f"  hidden size    {m['hidden_size']}, stored as {m['storage_dtype']}",
         f"  max_length     {m['max_length']}",
-        f"  chat template  {m['chat_template_hash']}",
-        f"  dataset        {m['dataset']} (fingerprint {m['dataset_fingerprint']})",
+        f"  chat template  {m.get('chat_template_hash')}",
+        f"  dataset        {m.get('dataset')} (fingerprint {m.get('dataset_fingerprint')})",
         f"  kind           {m['kind']}; labels {', '.join(m['label_names'])}",
-        f"  rows           {m['rows']} ({m['dropped_rows']} dropped: longer than max_length)",
+        f"  rows           {m['rows']} ({m.get('dropped_rows', '?')} dropped: longer than max_length)",
         f"  parts          {len(parts)} of {m.get('n_parts') or '?'} complete and intact, {_human_bytes(size)} on disk",
         f"  created        {m.get('created')}" + (f", completed {m['completed']}" if m.get("completed") else ""),
         f"  fingerprint    {m.get('fingerprint') or '(none until complete)'}",
@@ -49,12 +49,16 @@ def cache_info(path, verify: bool = True) -> str:
     counts = _group_counts(folder, parts)
     if problems:
         counts = [line.replace("rows by source", "rows of the intact parts by source") for line in counts]
-        raise DamagedCache("\n".join(lines + counts), f"{folder}: {state}")
+    if problems or not m.get("complete"):
+        why = state if problems else (f"cache is incomplete ({len(m['parts'])} of {m.get('n_parts') or '?'} parts "
+                                      "written, not marked complete); run `urm extract` again to finish it")
+        raise UnusableCache("\n".join(lines + counts), f"{folder}: {why}")
     return "\n".join(lines + counts)
 
 
-class DamagedCache(CacheError):
-    """A cache with missing or changed parts: ``summary`` is what `urm cache info` prints before failing."""
+class UnusableCache(CacheError):
+    """A cache no command would read (damaged: parts missing or changed; or incomplete): ``summary`` is what
+    `urm cache info` prints before failing."""
 
     def __init__(self, summary: str, message: str):
         super().__init__(message)

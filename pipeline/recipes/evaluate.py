@@ -24,7 +24,7 @@ from pipeline.heads_io import EXPORT_TENSORS, CacheIdentity, HeadsError, HeadsMe
 def load_for_evaluation(path: str):
     """(heads, meta, what was loaded) from a heads folder or an export directory (its copy of the heads)."""
     folder = Path(path)
-    if (folder / EXPORT_TENSORS).is_file():
+    if (folder / EXPORT_TENSORS).is_file() or (folder / "urm_export.json").is_file():  # an export: its heads copy
         heads, meta = load_heads(folder, tensors=EXPORT_TENSORS)
         return heads, meta, f"export {folder}"
     if not folder.exists():

@@ -1,0 +1,790 @@
+"""A seeded fuzzer of the `urm` command line: bad data files, damaged caches, heads and exports, bad options.
+
+    python tests/fuzz_cli.py WORKDIR [--seed 0] [--scale 1.0] [--processes 24] [--report report.json]
+
+It builds valid artifacts once in WORKDIR (a tiny random Llama, data files in three formats, a
+ratings and a preference cache of several parts, heads trained on them, and their export), then
+makes every case by damaging a fresh copy of one of them, or by giving one bad option value, and
+runs the command on it. A case passes when the command
+
+  - exits non-zero (with the exit code the case expects, where it expects one),
+  - prints no Python traceback,
+  - prints exactly one error line (``error: ...``, or click's ``Error: ...`` for a usage error) that
+    contains every "needle" of the case: the damaged file, the row, the option,
+  - leaves no output behind (no complete cache, heads, export, report or score file), and leaves a
+    heads folder it was given as it was.
+
+One more class, "repair": a damaged part of a cache is rebuilt by running `urm extract` again, which
+must exit 0 with the cache then verifying and holding the original bytes.
+
+Cases run in this process through click's test runner (each a fresh invocation of the app, on its
+own copy of the artifacts), so several hundred take a minute or two; ``--processes`` of them, drawn
+at random, also run as real `urm` processes, whose exit code and error line must match. The report
+(JSON) holds every case and its outcome, and the counts per class. tests/test_fuzz.py runs this file
+in a subprocess and fails on any failed case.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+ATTRS = ("helpfulness", "correctness", "coherence", "complexity", "verbosity")
+N_ROWS = 12  # rows in each data file
+
+
+@dataclass
+class Case:
+    """One bad input: the command line to run, and what its one error line must say."""
+
+    kind: str  # data | cache | heads | export | option | preset | repair
+    label: str  # what was damaged, and how
+    argv: list[str]
+    needles: list[str]
+    code: int | None = None  # the exit code it must end with (None: any non-zero)
+    must_not_exist: list[str] = field(default_factory=list)  # outputs a failed command must not leave
+    unchanged: dict[str, str] = field(default_factory=dict)  # file -> its checksum before the run
+    repair: dict[str, str] = field(default_factory=dict)  # repair cases: part file -> original checksum
+    seed: float = 0.0  # the case's own generator seed: the same case can be made again elsewhere
+
+
+@dataclass
+class Base:
+    """The valid artifacts every case starts from (read-only: cases damage copies)."""
+
+    root: Path
+    backbone: Path
+    files: dict[str, Path]  # "ratings" | "preferences" | "conversations" -> a valid JSONL file
+    cache: Path  # holds ratings/ and preferences/
+    heads: Path
+    export: Path
+
+
+# ----------------------------------------------------------------------------------------------
+# The valid artifacts
+
+
+def rating_rows(rng: random.Random) -> list[dict]:
+    words = "the model answers the question clearly with a short correct example and a reason".split()
+    return [{"prompt": f"Question {i}: " + " ".join(rng.choices(words, k=6)),
+             "response": " ".join(rng.choices(words, k=8)), **{a: rng.randint(0, 4) for a in ATTRS}}
+            for i in range(N_ROWS)]
+
+
+def conversation(i: int, reply: str) -> list[dict]:
+    return [{"role": "user", "content": f"Question {i}: what is {i} plus {i}?"}, {"role": "assistant", "content": reply}]
+
+
+def preference_rows() -> list[dict]:
+    return [{"chosen": conversation(i, f"It is {2 * i}."), "rejected": conversation(i, f"It is {2 * i + 1}.")}
+            for i in range(N_ROWS)]
+
+
+def conversation_rows() -> list[dict]:
+    return [{"messages": conversation(i, f"It is {2 * i}.")} for i in range(N_ROWS)]
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def invoke(argv: list[str]) -> tuple[int, str, BaseException | None]:
+    """Run the CLI in this process: (exit code, stdout + stderr, the exception that escaped it if any)."""
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    result = CliRunner().invoke(app, argv)
+    escaped = result.exception if result.exception and not isinstance(result.exception, SystemExit) else None
+    return result.exit_code, result.output, escaped
+
+
+def build_base(root: Path) -> Base:
+    from tiny_models import build_tiny_llama
+
+    root.mkdir(parents=True, exist_ok=True)
+    backbone = build_tiny_llama(root / "backbone")
+    data = root / "data"
+    data.mkdir(exist_ok=True)
+    files = {"ratings": write_jsonl(data / "ratings.jsonl", rating_rows(random.Random(0))),
+             "preferences": write_jsonl(data / "preferences.jsonl", preference_rows()),
+             "conversations": write_jsonl(data / "conversations.jsonl", conversation_rows())}
+    cache = root / "cache"
+    for name, source, kind in (("ratings", "synthetic:ratings?n=40&seed=0", "ratings"),
+                               ("preferences", "synthetic:preferences?n=32&seed=1", "preferences")):
+        must_pass(["extract", *extract_args(backbone, cache), "--source", source, "--kind", kind, "--name", name])
+    heads = root / "heads"
+    must_pass(["train-heads", "--cache-dir", str(cache), "--heads-dir", str(heads), *TRAIN_ARGS])
+    export = root / "model"
+    must_pass(["export", "--backbone", str(backbone), "--heads-dir", str(heads), "--out-dir", str(export), "--no-link"])
+    return Base(root, backbone, files, cache, heads, export)
+
+
+def must_pass(argv: list[str]) -> None:
+    code, output, escaped = invoke(argv)
+    if code != 0 or escaped:
+        raise SystemExit(f"building the fuzz base failed: urm {' '.join(argv)}\n{output}\n{escaped!r}")
+
+
+def extract_args(backbone: Path, cache: Path) -> list[str]:
+    return ["--backbone", str(backbone), "--cache-dir", str(cache), "--device", "cpu", "--part-rows", "8"]
+
+
+TRAIN_ARGS = ["--device", "cpu", "--epochs", "3", "--gate-epochs", "2", "--batch-size", "16", "--gate-batch-size", "16"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Byte-level damage
+
+
+def flip(path: Path, rng: random.Random, start: int = 0) -> str:
+    data = bytearray(path.read_bytes())
+    k = rng.randint(1, 4)
+    for _ in range(k):
+        i = rng.randrange(start, len(data))
+        data[i] ^= rng.randrange(1, 256)
+    path.write_bytes(bytes(data))
+    return f"{k} bytes changed"
+
+
+def truncate(path: Path, rng: random.Random) -> str:
+    data = path.read_bytes()
+    keep = rng.randrange(0, len(data))
+    path.write_bytes(data[:keep])
+    return f"truncated to {keep} bytes"
+
+
+def append(path: Path, rng: random.Random) -> str:
+    path.write_bytes(path.read_bytes() + rng.randbytes(rng.randint(1, 64)))
+    return "bytes appended"
+
+
+def zero(path: Path, rng: random.Random) -> str:
+    path.write_bytes(bytes(path.stat().st_size))
+    return "zero-filled"
+
+
+def delete(path: Path, rng: random.Random) -> str:
+    path.unlink()
+    return "deleted"
+
+
+def garbage(path: Path, rng: random.Random) -> str:
+    path.write_bytes(rng.randbytes(rng.randint(1, 200)))
+    return "replaced by random bytes"
+
+
+BYTE_DAMAGE = (flip, truncate, append, zero, delete, garbage)
+
+
+def checksum(path: Path) -> str:
+    from pipeline.sources import file_xxh3
+
+    return file_xxh3(path)
+
+
+def copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)  # real copies: damage never reaches the base (no hardlinks)
+    return dst
+
+
+def edit_json(path: Path, change: Callable[[dict], None]) -> None:
+    value = json.loads(path.read_text())
+    change(value)
+    path.write_text(json.dumps(value))
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad data files (extract, score)
+
+
+def row_damage(fmt: str, rng: random.Random) -> tuple[str, Callable[[dict], object], str | None]:
+    """(what, a function that damages one row or returns a replacement, the field it names or None)."""
+    if fmt == "ratings":
+        choices = [
+            ("prompt removed", lambda r: r.pop("prompt"), "prompt"),
+            ("response removed", lambda r: r.pop("response"), "response"),
+            ("prompt is a number", lambda r: r.update(prompt=42), "prompt"),
+            ("response is a list", lambda r: r.update(response=["a", "b"]), "response"),
+            ("response is null", lambda r: r.update(response=None), "response"),
+        ]
+        attr = rng.choice(ATTRS)
+        bad = rng.choice([7, -1, 4.5, "high", True, [3], {"v": 3}, 1e9])
+        choices.append((f"{attr} = {bad!r}", lambda r: r.update({attr: bad}), attr))
+    elif fmt == "preferences":
+        side = rng.choice(["chosen", "rejected"])
+        choices = [
+            (f"{side} removed", lambda r: r.pop(side), side),
+            (f"{side} is a number", lambda r: r.update({side: 42}), side),
+            (f"{side} is an empty list", lambda r: r.update({side: []}), side),
+            (f"{side} has a role 'robot'", lambda r: r[side][0].update(role="robot"), side),
+            (f"{side} ends with the user", lambda r: r.update({side: r[side][:1]}), side),
+            (f"{side} content is a dict", lambda r: r[side][1].update(content={"x": 1}), side),
+            (f"{side} message without content", lambda r: r[side][1].pop("content"), side),
+            (f"{side} message is a string", lambda r: r[side].__setitem__(0, "hello"), side),
+        ]
+    else:
+        choices = [
+            ("messages removed", lambda r: r.pop("messages"), None),
+            ("messages is a string", lambda r: r.update(messages="hello"), "messages"),
+            ("messages is empty", lambda r: r.update(messages=[]), "messages"),
+            ("a role 'robot'", lambda r: r["messages"][0].update(role="robot"), "messages"),
+            ("ends with the user", lambda r: r.update(messages=r["messages"][:1]), "messages"),
+            ("content is null", lambda r: r["messages"][1].update(content=None), "messages"),
+        ]
+    return rng.choice(choices)
+
+
+def bad_data_file(fmt: str, src: Path, d: Path, rng: random.Random) -> tuple[Path, str, list[str]]:
+    """A damaged copy of the valid file ``src`` of format ``fmt``: (path, what was done, needles)."""
+    rows = [json.loads(line) for line in src.read_text().splitlines()]
+    path = d / f"bad-{fmt}.jsonl"
+    how = rng.choice(["row", "row", "row", "row", "not object", "json", "encoding", "empty", "missing", "directory",
+                      "gzip", "parquet", "json array", "suffix", "binary"])
+    r = rng.randint(1, N_ROWS)
+    if how == "row":
+        what, damage, fieldname = row_damage(fmt, rng)
+        damage(rows[r - 1])
+        write_jsonl(path, rows)
+        return path, f"row {r}: {what}", [path.name, f"row {r}"] + ([fieldname] if fieldname else [])
+    if how == "not object":
+        rows[r - 1] = rng.choice([[1, 2], "a string", 5, None])
+        write_jsonl(path, rows)
+        return path, f"row {r} is not an object", [path.name, f"row {r}"]
+    if how == "json":
+        lines = [json.dumps(x) for x in rows]
+        lines[r - 1] = lines[r - 1][: rng.randrange(1, len(lines[r - 1]) - 1)]
+        path.write_text("\n".join(lines) + "\n")
+        return path, f"row {r} is cut short", [path.name, f"row {r}", "malformed JSON"]
+    if how == "encoding":
+        encoding = rng.choice(["latin-1", "utf-16", "cp1252"])
+        text = "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in rows).replace("Question", "Quéstion", 1)
+        path.write_bytes(text.encode(encoding))
+        return path, f"encoded as {encoding}", [path.name, "not UTF-8"]
+    if how == "empty":
+        path.write_text(rng.choice(["", "\n\n  \n"]))
+        return path, "empty", [path.name, "no rows"]
+    if how == "missing":
+        return d / "no-such-file.jsonl", "missing", ["no-such-file.jsonl", "file not found"]
+    if how == "directory":
+        folder = d / "a-folder.jsonl"
+        folder.mkdir()
+        return folder, "a directory", ["a-folder.jsonl", "not a file"]
+    if how == "gzip":
+        path = d / f"bad-{fmt}.jsonl.gz"
+        data = gzip.compress(src.read_bytes())
+        path.write_bytes(data[: rng.randrange(10, len(data) - 4)])
+        return path, "truncated gzip", [path.name, "cannot read"]
+    if how == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        path = d / f"bad-{fmt}.parquet"
+        pq.write_table(pa.Table.from_pylist(rows), path)
+        damage = rng.choice([truncate, garbage])
+        damage(path, rng)
+        return path, f"parquet {damage.__name__}", [path.name, "not a readable parquet file"]
+    if how == "json array":
+        path = d / f"bad-{fmt}.json"
+        text = json.dumps(rows)
+        path.write_text(text[: rng.randrange(1, len(text) - 1)])
+        return path, "JSON array cut short", [path.name]
+    if how == "suffix":
+        path = d / f"bad-{fmt}.csv"
+        shutil.copyfile(src, path)
+        return path, "unknown suffix", [path.name, "unknown file type"]
+    path.write_bytes(b"\x00\x01\x02" + rng.randbytes(100))
+    return path, "binary", [path.name]
+
+
+def data_case(base: Base, d: Path, rng: random.Random) -> Case:
+    command = rng.choice(["extract ratings", "extract preferences", "score conversations", "score preferences"])
+    fmt = command.split()[1]
+    path, what, needles = bad_data_file(fmt, base.files[fmt], d, rng)
+    if command.startswith("extract"):
+        cache = d / "cache"
+        argv = ["extract", *extract_args(base.backbone, cache), "--source", str(path), "--kind", fmt, "--name", "x"]
+        if rng.random() < 0.1 and what.startswith("row"):  # or every row too long
+            write_jsonl(path, [json.loads(x) for x in base.files[fmt].read_text().splitlines()])
+            argv += ["--max-length", "4"]
+            what, needles = "every row longer than --max-length 4", [path.name, "longer than max_length=4"]
+        return Case("data", f"{command}: {what}", argv, needles, must_not_exist=[str(cache / "x" / "_manifest.json")])
+    out = d / "scores.jsonl"
+    argv = ["score", str(base.export), "-i", str(path), "-o", str(out), "--device", "cpu"]
+    return Case("data", f"{command}: {what}", argv, needles, must_not_exist=[str(out)])
+
+
+# ----------------------------------------------------------------------------------------------
+# Damaged caches (train-heads, train-value-head, train-gating, evaluate, cache info; repair by extract)
+
+
+def cache_damage(folder: Path, rng: random.Random) -> tuple[str, list[str], bool]:
+    """Damage the cache ``folder`` in place: (what, needles, whether extract can rebuild it)."""
+    parts = sorted(folder.glob("part-*.parquet"))
+    manifest = folder / "_manifest.json"
+    if rng.random() < 0.6:
+        part = rng.choice(parts)
+        damage = rng.choice([flip, flip, truncate, append, zero, delete, "swap"])
+        if damage == "swap":
+            other = rng.choice([p for p in parts if p != part])
+            shutil.copyfile(other, part)
+            return f"{part.name} replaced by {other.name}", [part.name], True
+        what = damage(part, rng)
+        return f"{part.name} {what}", [part.name], True
+    i = rng.randrange(len(parts))
+    choices = [
+        ("manifest truncated", lambda: truncate(manifest, rng), [manifest.name]),
+        ("manifest replaced by random bytes", lambda: garbage(manifest, rng), [manifest.name]),
+        ("manifest deleted", lambda: delete(manifest, rng), [manifest.name]),
+        ("manifest is a JSON list", lambda: manifest.write_text("[1, 2]"), [manifest.name]),
+        ("manifest rows + 1", lambda: edit_json(manifest, lambda m: m.update(rows=m["rows"] + 1)), [manifest.name]),
+        ("manifest marked incomplete", lambda: edit_json(manifest, lambda m: m.update(complete=False)),
+         ["incomplete"]),
+        (f"parts[{i}] dropped from the manifest",
+         lambda: edit_json(manifest, lambda m: m.update(parts=m["parts"][:i] + m["parts"][i + 1:])), [folder.name]),
+        (f"parts[{i}] checksum changed",
+         lambda: edit_json(manifest, lambda m: m["parts"][i].update(xxh3_128="0" * 32)), [parts[i].name]),
+        (f"parts[{i}] bytes changed",
+         lambda: edit_json(manifest, lambda m: m["parts"][i].update(bytes=m["parts"][i]["bytes"] + 7)),
+         [parts[i].name]),
+        (f"parts[{i}] file points outside the cache",
+         lambda: edit_json(manifest, lambda m: m["parts"][i].update(file="../../ratings.jsonl")), [manifest.name]),
+    ]
+    key = rng.choice(["rows", "parts", "hidden_size", "storage_dtype", "kind", "complete", "label_names"])
+    choices.append((f"manifest key {key!r} removed", lambda: edit_json(manifest, lambda m: m.pop(key)),
+                    [manifest.name, key]))
+    bad = rng.choice(["many", None, -3, [1], {"a": 1}, 2.5])
+    key2 = rng.choice(["rows", "parts", "hidden_size", "storage_dtype", "kind", "max_length"])
+    choices.append((f"manifest {key2!r} = {bad!r}", lambda: edit_json(manifest, lambda m: m.update({key2: bad})),
+                    [manifest.name, key2]))
+    part_key = rng.choice(["file", "rows", "bytes", "xxh3_128"])
+    choices.append((f"parts[{i}].{part_key} removed", lambda: edit_json(
+        manifest, lambda m: [m["parts"][i].pop(part_key), m["parts"][i].pop("sha256", None)]), [manifest.name]))
+    what, act, needles = rng.choice(choices)
+    act()
+    return what, needles, False
+
+
+def cache_case(base: Base, d: Path, rng: random.Random) -> Case:
+    cache = copy(base.cache, d / "cache")
+    which = rng.choice(["ratings", "preferences"])
+    what, needles, rebuildable = cache_damage(cache / which, rng)
+    commands = ["cache info", "train-heads", "evaluate", "train-value-head" if which == "ratings" else "train-gating"]
+    if rebuildable and which == "ratings":
+        commands.append("repair")
+    command = rng.choice(commands)
+    label = f"{command}: {which} cache: {what}"
+    heads = d / "heads"
+    if command == "cache info":
+        return Case("cache", label, ["cache", "info", str(cache / which)], needles, code=1)
+    if command in ("train-heads", "train-value-head"):
+        argv = [command, "--cache-dir", str(cache), "--heads-dir", str(heads), *TRAIN_ARGS]
+        if command == "train-value-head":
+            argv = [command, "--cache-dir", str(cache), "--heads-dir", str(heads),
+                    "--device", "cpu", "--epochs", "3"]
+        return Case("cache", label, argv, needles, must_not_exist=[str(heads)])
+    if command == "train-gating":
+        copy(base.heads, heads)
+        argv = ["train-gating", "--cache-dir", str(cache), "--heads-dir", str(heads), "--device", "cpu",
+                "--gate-epochs", "2"]
+        return Case("cache", label, argv, needles, unchanged=snapshot(heads))
+    if command == "evaluate":
+        report = d / "eval"
+        argv = ["evaluate", str(base.heads), "--eval-ratings", str(cache / "ratings"), "--eval-preferences",
+                str(cache / "preferences"), "--no-baselines", "--report-dir", str(report), "--device", "cpu"]
+        return Case("cache", label, argv, needles, must_not_exist=[str(report)])
+    originals = {p.name: checksum(p) for p in sorted((base.cache / "ratings").glob("part-*.parquet"))}
+    argv = ["extract", *extract_args(base.backbone, cache), "--source", "synthetic:ratings?n=40&seed=0", "--kind",
+            "ratings", "--name", "ratings"]
+    return Case("repair", f"extract rebuilds: ratings cache: {what}", argv, [], code=0, repair=originals)
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    return {str(p): checksum(p) for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Damaged heads (export, train-gating, evaluate) and exports (score, evaluate)
+
+
+def heads_damage(folder: Path, rng: random.Random, meta_name: str = "heads.json",
+                 tensors_name: str = "heads.safetensors") -> tuple[str, list[str]]:
+    meta, tensors = folder / meta_name, folder / tensors_name
+    if rng.random() < 0.45:
+        damage = rng.choice(BYTE_DAMAGE)
+        return f"{tensors_name} {damage(tensors, rng)}", [tensors_name]
+    choices = [
+        (f"{meta_name} truncated", lambda: truncate(meta, rng)),
+        (f"{meta_name} random bytes", lambda: garbage(meta, rng)),
+        (f"{meta_name} deleted", lambda: delete(meta, rng)),
+        (f"{meta_name} is a JSON list", lambda: meta.write_text("[]")),
+        ("checksum changed", lambda: edit_json(meta, lambda m: m.update(checksum="f" * 32))),
+        ("hidden_size changed", lambda: edit_json(meta, lambda m: m.update(hidden_size=m["hidden_size"] * 2))),
+        ("an attribute dropped", lambda: edit_json(meta, lambda m: m["attributes"].pop())),
+        ("ensemble members changed", lambda: edit_json(meta, lambda m: m["architecture"].update(members=3))),
+    ]
+    key = rng.choice(["attributes", "hidden_size", "architecture", "value_head", "format_version"])
+    choices.append((f"{meta_name} key {key!r} removed", lambda: edit_json(meta, lambda m: m.pop(key))))
+    bad = rng.choice(["x", None, -1, [1], {"a": 1}])
+    key2 = rng.choice(["attributes", "hidden_size", "architecture", "value_head"])
+    choices.append((f"{meta_name} {key2!r} = {bad!r}", lambda: edit_json(meta, lambda m: m.update({key2: bad}))))
+    what, act = rng.choice(choices)
+    act()
+    needles = [tensors_name] if what in ("checksum changed",) else [meta_name]
+    if what in ("hidden_size changed", "an attribute dropped", "ensemble members changed"):
+        needles = [folder.name]  # the file pair disagrees: named by its folder
+    return what, needles
+
+
+def heads_case(base: Base, d: Path, rng: random.Random) -> Case:
+    heads = copy(base.heads, d / "heads")
+    what, needles = heads_damage(heads, rng)
+    command = rng.choice(["export", "train-gating", "evaluate"])
+    label = f"{command}: heads: {what}"
+    if command == "export":
+        out = d / "model"
+        argv = ["export", "--backbone", str(base.backbone), "--heads-dir", str(heads), "--out-dir", str(out)]
+        return Case("heads", label, argv, needles, must_not_exist=[str(out)])
+    if command == "train-gating":
+        argv = ["train-gating", "--cache-dir", str(base.cache), "--heads-dir", str(heads), "--device", "cpu",
+                "--gate-epochs", "2"]
+        return Case("heads", label, argv, needles, unchanged=snapshot(heads))
+    report = d / "eval"
+    argv = ["evaluate", str(heads), "--eval-ratings", str(base.cache / "ratings"), "--eval-preferences",
+            str(base.cache / "preferences"), "--no-baselines", "--report-dir", str(report), "--device", "cpu"]
+    return Case("heads", label, argv, needles, must_not_exist=[str(report)])
+
+
+EXPORT_FILES = ("model-backbone.safetensors", "urm-heads.safetensors", "config.json", "tokenizer.json",
+                "tokenizer_config.json", "model.safetensors.index.json", "modeling_urm.py", "heads.json")
+
+
+def export_case(base: Base, d: Path, rng: random.Random) -> Case:
+    model = copy(base.export, d / "model")
+    out = d / "scores.jsonl"
+    score = ["score", str(model), "-i", str(base.files["conversations"]), "-o", str(out), "--device", "cpu"]
+    roll = rng.random()
+    if roll < 0.2:  # the export's copy of the heads: evaluate reads it too
+        what, needles = heads_damage(model, rng, tensors_name="urm-heads.safetensors")
+        if rng.random() < 0.5:
+            report = d / "eval"
+            argv = ["evaluate", str(model), "--eval-ratings", str(base.cache / "ratings"), "--no-baselines",
+                    "--report-dir", str(report), "--device", "cpu"]
+            return Case("export", f"evaluate: export: {what}", argv, needles, must_not_exist=[str(report)])
+        return Case("export", f"score: export: {what}", score, [model.name], must_not_exist=[str(out)])
+    if roll < 0.3:
+        record = model / "urm_export.json"
+        name = rng.choice(EXPORT_FILES)
+        choices = [("urm_export.json truncated", lambda: truncate(record, rng), [record.name]),
+                   ("urm_export.json random bytes", lambda: garbage(record, rng), [record.name]),
+                   (f"checksum of {name} changed",
+                    lambda: edit_json(record, lambda m: m["checksums"].update({name: "0" * 32})), [name])]
+        what, act, needles = rng.choice(choices)
+        act()
+        return Case("export", f"score: export: {what}", score, needles, must_not_exist=[str(out)])
+    name = rng.choice(EXPORT_FILES)
+    path = model / name
+    if name.endswith(".json") and rng.random() < 0.4:
+        key = {"config.json": "urm", "tokenizer_config.json": "tokenizer_class",
+               "model.safetensors.index.json": "weight_map", "heads.json": "attributes",
+               "tokenizer.json": "model"}[name]
+        edit_json(path, lambda m: m.pop(key))
+        what = f"{name}: key {key!r} removed"
+        argv, needles = score, [name]
+    elif rng.random() < 0.25 and name not in ("modeling_urm.py", "model.safetensors.index.json"):
+        # unchecked (--no-verify), a file that is not whole must still end in one line from its loader
+        what = f"{name} {rng.choice([truncate, garbage, zero])(path, rng)} (--no-verify)"
+        argv, needles = [*score, "--no-verify"], [model.name]
+    else:  # other bytes in a valid file (or none): only the checksum can tell
+        what = f"{name} {rng.choice(BYTE_DAMAGE)(path, rng)}"
+        argv, needles = score, [name]
+    return Case("export", f"score: export: {what}", argv, needles, must_not_exist=[str(out)])
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad option values and presets
+
+
+WHOLE = {"limit", "max_length", "max_tokens_per_batch", "part_rows", "ensemble", "epochs", "batch_size", "patience",
+         "gate_hidden", "gate_epochs", "gate_batch_size", "gate_patience"}
+POSITIVE = {"lr", "gate_lr", "temperature"}
+NON_NEGATIVE = {"weight_decay", "gate_weight_decay"}
+FRACTIONS = {"calibration_fraction", "val_fraction", "gate_val_fraction"}
+CHOICES = {"dtype", "attn_implementation", "device", "kind", "format", "storage_dtype", "loss", "gate"}
+STAGES = {"extract": ["extract"], "train-heads": ["value_head", "gating"], "train-value-head": ["value_head"],
+          "train-gating": ["gating"], "export": ["export"], "evaluate": ["evaluate"], "score": ["score"]}
+
+
+def bad_values(name: str, typ: str) -> list[str]:
+    values = []
+    if typ.startswith("int"):
+        values += ["abc", "2.5", ""]
+    if typ.startswith("float"):
+        values += ["abc", "nan", "inf", "-inf"]
+    if name in WHOLE:
+        values += ["0", "-3"]
+    if name == "baseline_ensemble":
+        values += ["1", "0", "-2"]
+    if name in POSITIVE:
+        values += ["0", "-1", "1e400"]
+    if name in NON_NEGATIVE:
+        values += ["-0.1"]
+    if name == "beta":
+        values += ["-0.5", "1.5"]
+    if name in FRACTIONS:
+        values += ["0", "1", "1.5", "-0.1"]
+    if name in CHOICES:
+        values += ["bogus", "FLOAT16", ""] + (["gpu", "cuda:99", "tpu"] if name == "device" else [])
+    return values
+
+
+def base_argv(command: str, base: Base, d: Path) -> list[str]:
+    """A valid command line of ``command`` on the base artifacts (a bad option is added to it)."""
+    return {
+        "extract": ["extract", *extract_args(base.backbone, d / "cache"), "--source", str(base.files["ratings"]),
+                    "--kind", "ratings", "--name", "x"],
+        "train-heads": ["train-heads", "--cache-dir", str(base.cache), "--heads-dir", str(d / "heads"), *TRAIN_ARGS],
+        "train-value-head": ["train-value-head", "--cache-dir", str(base.cache), "--heads-dir", str(d / "heads"),
+                             "--device", "cpu", "--epochs", "3"],
+        "train-gating": ["train-gating", "--cache-dir", str(base.cache), "--heads-dir", str(d / "heads"),
+                         "--device", "cpu", "--gate-epochs", "2"],
+        "export": ["export", "--backbone", str(base.backbone), "--heads-dir", str(base.heads), "--out-dir",
+                   str(d / "model")],
+        "evaluate": ["evaluate", str(base.heads), "--eval-ratings", str(base.cache / "ratings"), "--eval-preferences",
+                     str(base.cache / "preferences"), "--no-baselines", "--report-dir", str(d / "eval"), "--device",
+                     "cpu"],
+        "score": ["score", str(base.export), "-i", str(base.files["conversations"]), "-o", str(d / "scores.jsonl"),
+                  "--device", "cpu"],
+    }[command]
+
+
+def option_cases(base: Base) -> list[tuple[str, str, str, int]]:
+    """Every (command, option, bad value, exit code) the option rules give."""
+    from pipeline import config as C
+
+    cases = []
+    for command, stages in STAGES.items():
+        seen = set()
+        for stage in stages:
+            for o in C.options(C.STAGES[stage]):
+                if not o.cli or o.name in seen:
+                    continue
+                seen.add(o.name)
+                typ = getattr(o.type, "__name__", str(o.type))
+                cases += [(command, o.name, v, 2) for v in bad_values(o.name, typ)]
+        missing = {"train-heads": "cache_dir", "train-value-head": "cache_dir", "train-gating": "heads_dir",
+                   "export": "heads_dir", "evaluate": "eval_ratings", "extract": "backbone"}.get(command)
+        if missing:
+            cases.append((command, missing, "/nonexistent/place", 1))
+    return cases
+
+
+def option_case(base: Base, d: Path, rng: random.Random, spec: tuple[str, str, str, int]) -> Case:
+    command, name, value, code = spec
+    argv = base_argv(command, base, d)
+    flag = "--" + name.replace("_", "-")
+    if flag in argv:  # replace the valid value
+        i = argv.index(flag)
+        argv = argv[:i] + argv[i + 2:]
+    outputs = [str(d / n) for n in ("cache/x/_manifest.json", "heads", "model", "eval", "scores.jsonl")]
+    needles = [flag] if code == 2 else ["/nonexistent/place"]
+    return Case("option", f"{command} {flag} {value!r}", [*argv, flag, value], needles, code=code,
+                must_not_exist=outputs)
+
+
+def misspelt_option_case(base: Base, d: Path, rng: random.Random) -> Case:
+    command = rng.choice(list(STAGES))
+    argv = base_argv(command, base, d)
+    flags = [a for a in argv if a.startswith("--") and a not in ("--no-baselines",)]
+    flag = rng.choice(flags)
+    i = rng.randrange(3, len(flag))
+    wrong = flag[:i] + flag[i + 1:]
+    argv = [wrong if a == flag else a for a in argv]
+    return Case("option", f"{command}: {flag} misspelt {wrong}", argv, [wrong], code=2)
+
+
+PRESET_MISTAKES = [
+    ("[extrct]\nmax_length = 3\n", ["extrct", "did you mean 'extract'?"]),
+    ("[value_head]\nepochs = \"many\"\n", ["epochs"]),
+    ("[value_head]\nlr = true\n", ["lr"]),
+    ("[value_head]\nepochs = 0\n", ["epochs"]),
+    ("[gating]\ngate = \"sotfmax\"\n", ["gate", "did you mean 'softmax'?"]),
+    ("[gating]\ngate_lr = -1.0\n", ["gate_lr"]),
+    ("[evaluate]\neval_preferences = \"one\"\n", ["eval_preferences"]),
+    ("[datasets.x]\nkind = \"ratings\"\nsorce = \"a.jsonl\"\n", ["sorce", "did you mean 'source'?"]),
+    ("[datasets.x]\nkind = \"ratings\"\n", ["source"]),
+    ("[datasets.x]\nkind = \"rating\"\nsource = \"a.jsonl\"\n", ["did you mean 'ratings'?"]),
+    ("datasets = 3\n", ["datasets"]),
+    ("[extract]\nmax_length = 1e400\n", ["max_length"]),
+    ("[extract\nmax_length = 3\n", ["not valid TOML"]),
+    ("max_length = = 3\n", ["not valid TOML"]),
+    ("[score]\ndevice = 3\n", ["device"]),
+    ("[value_head]\nval_fraction = 1.0\n", ["val_fraction"]),
+]
+
+
+def preset_case(base: Base, d: Path, rng: random.Random) -> Case:
+    text, needles = rng.choice(PRESET_MISTAKES)
+    preset = d / "mine.toml"
+    if rng.random() < 0.15:
+        preset.write_bytes("[extract]\nbackbone = \"é\"\n".encode("latin-1"))
+        text, needles = "(Latin-1 bytes)", ["UTF-8"]
+    else:
+        preset.write_text(text)
+    command = rng.choice(list(STAGES))
+    argv = [*base_argv(command, base, d), "-p", str(preset)]
+    return Case("preset", f"{command} -p: {text.strip()!r}", argv, [preset.name, *needles], code=2)
+
+
+# ----------------------------------------------------------------------------------------------
+# Running and judging
+
+
+MAKERS = {"data": data_case, "cache": cache_case, "heads": heads_case, "export": export_case,
+          "preset": preset_case, "misspelt": misspelt_option_case}
+COUNTS = {"data": 120, "cache": 110, "heads": 50, "export": 80, "preset": 30, "misspelt": 20, "option": 160}
+
+
+def make_case(base: Base, d: Path, kind: str, seed: float, spec=None) -> Case:
+    """The case ``kind`` #``seed`` built in the fresh folder ``d`` (the same seed makes the same case)."""
+    d.mkdir(parents=True)
+    rng = random.Random(seed)
+    case = option_case(base, d, rng, spec) if kind == "option" else MAKERS[kind](base, d, rng)
+    case.seed = seed
+    return case
+
+
+def plan(base: Base, seed: int, scale: float) -> list[tuple[str, float, tuple | None]]:
+    """(kind, case seed, option spec) of every case, in a fixed order."""
+    rng = random.Random(seed)
+    todo = []
+    for kind, n in COUNTS.items():
+        if kind == "option":
+            specs = option_cases(base)
+            todo += [("option", rng.random(), spec) for spec in rng.sample(specs, min(len(specs), round(n * scale)))]
+        else:
+            todo += [(kind, rng.random(), None) for _ in range(max(1, round(n * scale)))]
+    return todo
+
+
+def error_lines(output: str) -> list[str]:
+    return [line for line in output.splitlines() if line.startswith(("error: ", "Error: "))]
+
+
+def judge(case: Case, code: int, output: str, escaped: BaseException | None) -> list[str]:
+    """What is wrong with this outcome (empty: the case passed)."""
+    problems = []
+    if escaped is not None:
+        problems.append(f"an exception escaped: {type(escaped).__name__}: {escaped}")
+    if "Traceback" in output:
+        problems.append("a traceback was printed")
+    if case.kind == "repair":
+        if code != 0:
+            problems.append(f"exit {code}: extract did not rebuild the damaged part")
+        for name, expected in case.repair.items():
+            path = Path(case.argv[case.argv.index("--cache-dir") + 1]) / "ratings" / name
+            if not path.is_file() or checksum(path) != expected:
+                problems.append(f"{name} is not the original part after the rebuild")
+        return problems
+    if code == 0:
+        problems.append("exit 0: the command accepted the bad input")
+    elif case.code is not None and code != case.code:
+        problems.append(f"exit {code}, expected {case.code}")
+    lines = error_lines(output)
+    if len(lines) != 1:
+        problems.append(f"{len(lines)} error lines, expected 1")
+    elif missing := [n for n in case.needles if n not in lines[0]]:
+        problems.append(f"the error line does not name {missing}")
+    for path in map(Path, case.must_not_exist):
+        if path.name == "_manifest.json" and path.is_file() and not json.loads(path.read_text()).get("complete"):
+            continue  # an incomplete cache: the next extract resumes it, nothing uses it before
+        if path.exists():
+            problems.append(f"left {path} behind")
+    for path, expected in case.unchanged.items():
+        if not Path(path).is_file() or checksum(Path(path)) != expected:
+            problems.append(f"changed {path}")
+    return problems
+
+
+def run_in_process(case: Case) -> dict:
+    t0 = time.perf_counter()
+    code, output, escaped = invoke(case.argv)
+    return {**asdict(case), "exit": code, "output": output[-2000:], "seconds": round(time.perf_counter() - t0, 3),
+            "problems": judge(case, code, output, escaped)}
+
+
+def run_as_process(case: Case, in_process: dict, here: Path, there: Path) -> list[str]:
+    """The same case (made in the folder ``here``; the in-process run's was ``there``) through the real entry
+    point: the same exit code, the same one error line on stderr."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("URM_")}
+    urm = Path(sys.executable).parent / "urm"
+    command = [str(urm)] if urm.exists() else [sys.executable, str(ROOT / "cli.py")]
+    done = subprocess.run([*command, *case.argv], capture_output=True, text=True, env=env, timeout=300)
+    problems = []
+    if done.returncode != in_process["exit"]:
+        problems.append(f"as a process: exit {done.returncode}, in process {in_process['exit']}")
+    if "Traceback" in done.stderr + done.stdout:
+        problems.append("as a process: a traceback was printed")
+    lines = [line.replace(str(here), str(there)) for line in error_lines(done.stderr)]
+    if case.kind != "repair" and (len(lines) != 1 or lines != error_lines(in_process["output"])):
+        problems.append(f"as a process: error lines {lines} differ from the in-process run's")
+    return problems
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("workdir", type=Path)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--scale", type=float, default=1.0, help="Multiply the number of cases per class.")
+    parser.add_argument("--processes", type=int, default=24, help="Cases also run as real `urm` processes.")
+    parser.add_argument("--report", type=Path, default=None)
+    args = parser.parse_args()
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    t0 = time.perf_counter()
+    base = build_base(args.workdir / "base")
+    built = time.perf_counter() - t0
+    todo = plan(base, args.seed, args.scale)
+    results = []
+    for i, (kind, seed, spec) in enumerate(todo):
+        results.append(run_in_process(make_case(base, args.workdir / "cases" / f"{i:04d}", kind, seed, spec)))
+    rng = random.Random(args.seed + 1)
+    for i in sorted(rng.sample(range(len(todo)), min(args.processes, len(todo)))):
+        kind, seed, spec = todo[i]  # the same case again, on its own fresh folder
+        here, there = args.workdir / "processes" / f"{i:04d}", args.workdir / "cases" / f"{i:04d}"
+        results[i]["as_process"] = run_as_process(make_case(base, here, kind, seed, spec), results[i], here, there)
+        results[i]["problems"] += results[i]["as_process"]
+    counts, failed = {}, {}
+    for r in results:
+        counts[r["kind"]] = counts.get(r["kind"], 0) + 1
+        if r["problems"]:
+            failed[r["kind"]] = failed.get(r["kind"], 0) + 1
+    report = {"seed": args.seed, "cases": len(results), "counts": counts, "failed": failed,
+              "as_process": sum("as_process" in r for r in results), "base_seconds": round(built, 1),
+              "seconds": round(time.perf_counter() - t0, 1), "results": results}
+    if args.report:
+        args.report.write_text(json.dumps(report, indent=1, default=str))
+    for r in results:
+        if r["problems"]:
+            print(f"FAIL [{r['kind']}] {r['label']}\n  urm {' '.join(r['argv'])}\n  " + "\n  ".join(r["problems"])
+                  + "\n  output: " + r["output"].strip().replace("\n", "\n          "))
+    print(f"{len(results)} cases ({', '.join(f'{k} {v}' for k, v in counts.items())}), "
+          f"{sum(failed.values())} failed, {report['as_process']} also run as processes, in {report['seconds']} s")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
