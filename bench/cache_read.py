@@ -8,7 +8,9 @@ same bytes copied by numpy, `np.copyto` into a preallocated (already touched) ar
 and read time within 2x of the numpy copy: reported against both (a reader that returns a new
 tensor pays what `arr.copy()` pays for its output's fresh pages, which `np.copyto` here does not;
 and it copies out of the page cache, which costs more than copying between two hot arrays).
-Figures go to bench/results/cache_read.json.
+Every read verifies each part's xxh3-128 by default: the read is timed with and without it (the
+ratio is the cost of verification), and both checksums are timed alone over the part files (why
+xxh3-128 and not sha256). Figures go to bench/results/cache_read.json.
 """
 
 from __future__ import annotations
@@ -18,12 +20,15 @@ import os
 import tempfile
 import time
 
+from pathlib import Path
+
 import numpy as np
 import pyarrow.parquet as pq
 
 from bench import machine_info, write_result
 from pipeline.cache import CacheSpec, open_writer
 from pipeline.cache_reader import read_features
+from pipeline.sources import file_sha256, file_xxh3
 
 ROWS, DIM, ROWS_PER_PART, REPEATS = 100_000, 4096, 10_000, 3
 
@@ -69,7 +74,12 @@ def main(argv: list[str] | None = None) -> dict:
         first = read_features(folder)  # warm-up: page cache hot, code paths loaded
         assert np.array_equal(first.embedding.numpy().view(np.uint16), every.view(np.uint16)), "read != written"
         del first
-        read_s = best_of(lambda: read_features(folder))
+        read_s = best_of(lambda: read_features(folder))  # every part's checksum verified (the default)
+        unverified_s = best_of(lambda: read_features(folder, verify=False))  # sizes only
+        parts = sorted(Path(folder).glob("part-*.parquet"))
+        xxh3_s = best_of(lambda: [file_xxh3(p) for p in parts])  # the checksum alone, and sha256 beside it
+        sha256_s = best_of(lambda: [file_sha256(p) for p in parts], repeats=1)
+        file_bytes = sum(p.stat().st_size for p in parts)
         t = time.perf_counter()
         pq.read_table(folder, columns=["embedding"])  # pyarrow's own decoder, once, for context
         arrow_s = time.perf_counter() - t
@@ -80,9 +90,14 @@ def main(argv: list[str] | None = None) -> dict:
     gbps = lambda s: nbytes / s / 1e9  # noqa: E731
     result = {
         "what": "read_features() of a float16 cache into a torch tensor, best of 3 after a warm-up read "
-                "(page cache hot), vs numpy copies of the same bytes",
+                "(page cache hot), with every part's xxh3-128 verified (the default) and without, vs numpy copies "
+                "of the same bytes; the checksums alone (xxh3-128, sha256) over the part files",
         "rows": args.rows, "dim": args.dim, "dtype": "float16", "bytes": nbytes, "parts": -(-args.rows // ROWS_PER_PART),
         "read_seconds": read_s, "read_gbps": gbps(read_s),
+        "read_unverified_seconds": unverified_s, "read_unverified_gbps": gbps(unverified_s),
+        "verify_cost_ratio": read_s / unverified_s,  # verified read time / unverified read time, same run
+        "part_file_bytes": file_bytes, "xxh3_128_seconds": xxh3_s, "xxh3_128_gbps": file_bytes / xxh3_s / 1e9,
+        "sha256_seconds": sha256_s, "sha256_gbps": file_bytes / sha256_s / 1e9,
         "numpy_copyto_seconds": copyto_s, "numpy_copyto_gbps": gbps(copyto_s),
         "numpy_copy_seconds": copy_s, "numpy_copy_gbps": gbps(copy_s),
         "ratio_vs_copyto": read_s / copyto_s, "ratio_vs_copy": read_s / copy_s,
@@ -95,6 +110,9 @@ def main(argv: list[str] | None = None) -> dict:
         "machine": machine_info(),
     }
     path = write_result("cache_read", result)
+    print(f"read_features {gbps(read_s):.2f} GB/s verified, {gbps(unverified_s):.2f} GB/s with verify=False "
+          f"(verifying costs {read_s / unverified_s:.2f}x); xxh3-128 {result['xxh3_128_gbps']:.2f} GB/s, sha256 "
+          f"{result['sha256_gbps']:.2f} GB/s")
     print(f"read_features {gbps(read_s):.2f} GB/s ({read_s:.3f} s for {nbytes / 1e9:.2f} GB); numpy copyto "
           f"{gbps(copyto_s):.2f} GB/s, copy() {gbps(copy_s):.2f} GB/s; ratio {read_s / copyto_s:.2f}x (copyto), "
           f"{read_s / copy_s:.2f}x (copy); pyarrow read_table {gbps(arrow_s):.2f} GB/s; write {gbps(write_s):.2f} GB/s; "

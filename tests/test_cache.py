@@ -405,3 +405,35 @@ def test_stale_temp_and_unlisted_part_are_cleaned_on_open(tmp_path):
     w = open_writer(folder, make_spec())
     assert sorted(p.name for p in folder.iterdir()) == [C.MANIFEST, "part-00000.parquet", "part-00001.parquet"]
     assert w.done_parts == {0, 1} and read_manifest(folder)["fingerprint"] == manifest["fingerprint"]
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_nonfinite_rows_agrees_with_isfinite_on_every_kind_of_value(dtype):
+    from pipeline.cache_reader import nonfinite_rows
+
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((1300, 37)) * 10).astype(dtype)  # more rows than one block, an odd width
+    info = np.finfo(dtype)
+    specials = [np.nan, np.inf, -np.inf, -np.nan, info.max, -info.max, info.tiny, info.smallest_subnormal, -0.0]
+    rows = rng.choice(len(x), size=len(specials) * 3, replace=False)
+    for i, row in enumerate(rows):
+        x[row, rng.integers(x.shape[1])] = specials[i % len(specials)]
+    assert np.array_equal(nonfinite_rows(x), ~np.isfinite(x).all(1))
+    assert nonfinite_rows(x).sum() == 3 * 4  # nan, inf, -inf, -nan in three rows each
+    assert nonfinite_rows(x[:0]).shape == (0,)
+
+
+def test_a_non_finite_feature_read_unverified_is_refused_naming_its_part_and_row(tmp_path):
+    """The writer refuses NaN and inf, and the checksum catches changed bytes; read with --no-verify, a part
+    patched to hold a NaN is still refused, by the value check."""
+    parts = write_cache(tmp_path / "c", make_spec(storage_dtype="float32"), n_parts=2)
+    part = tmp_path / "c" / "part-00001.parquet"
+    data = part.read_bytes()
+    value = parts[1]["embedding"][7, 3].astype(np.float32).tobytes()  # plain, uncompressed pages: in the file
+    assert data.count(value) == 1
+    part.write_bytes(data.replace(value, np.float32(np.nan).tobytes()))
+    with pytest.raises(CacheError, match="part-00001.parquet: part has changed since it was written"):
+        read_features(tmp_path / "c")
+    with pytest.raises(CacheError, match=r"part-00001.parquet row 7 \(id 'p1-7'\) and 0 more rows hold non-finite "
+                                         "features: the cache is damaged"):
+        read_features(tmp_path / "c", verify=False)
