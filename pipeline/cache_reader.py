@@ -11,6 +11,7 @@ about what a numpy copy of the same bytes does (``python -m bench cache_read``).
 from __future__ import annotations
 
 import copy
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -76,7 +77,9 @@ class Pairs:
 
 def verify_cache(path) -> dict:
     """Check every part's size and checksum against the manifest; returns the manifest."""
-    return _open_complete(Path(path), verify=True)
+    m = _open_complete(Path(path))
+    _check_parts(Path(path), m, verify=True)
+    return m
 
 
 def read_features(path, *, source=None, subset=None, role=None, dtype=None, device="cpu",
@@ -85,28 +88,61 @@ def read_features(path, *, source=None, subset=None, role=None, dtype=None, devi
     (rows whose value is one of them are kept; None = no filter). dtype: of the embedding
     (default: the storage dtype). verify: check every part's checksum first (the default)."""
     folder = Path(path)
-    m = _open_complete(folder, verify)
-    small, starts = _read_small(folder, m)
-    rows = np.flatnonzero(_mask(small, source=source, subset=subset, role=role))
-    return _load(folder, m, small, starts, [rows], dtype, device)[0]
+    m = _open_complete(folder)
+
+    def read() -> Features:
+        small, starts = _read_small(folder, m)
+        rows = np.flatnonzero(_mask(small, source=source, subset=subset, role=role))
+        return _load(folder, m, small, starts, [rows], dtype, device)[0]
+
+    return _verified(folder, m, verify, read)
 
 
 def read_pairs(path, *, subset=None, dtype=None, device="cpu", verify: bool = True) -> Pairs:
     """Load a preferences cache as aligned pairs: chosen[i] and rejected[i] have the same pair_id."""
     folder = Path(path)
-    m = _open_complete(folder, verify)
+    m = _open_complete(folder)
     if m["kind"] != "preferences":
         raise CacheError(f"{folder} is a {m['kind']!r} cache; read_pairs needs a 'preferences' cache (use read_features)")
-    small, starts = _read_small(folder, m)
-    keep = _mask(small, subset=subset)
-    chosen = np.flatnonzero(keep & _mask(small, role="chosen"))
-    rejected = np.flatnonzero(keep & _mask(small, role="rejected"))
-    rejected = rejected[_align(folder, m, starts, small["pair_id"].combine_chunks(), chosen, rejected)]
-    return Pairs(*_load(folder, m, small, starts, [chosen, rejected], dtype, device))
+
+    def read() -> Pairs:
+        small, starts = _read_small(folder, m)
+        keep = _mask(small, subset=subset)
+        chosen = np.flatnonzero(keep & _mask(small, role="chosen"))
+        rejected = np.flatnonzero(keep & _mask(small, role="rejected"))
+        rejected = rejected[_align(folder, m, starts, small["pair_id"].combine_chunks(), chosen, rejected)]
+        return Pairs(*_load(folder, m, small, starts, [chosen, rejected], dtype, device))
+
+    return _verified(folder, m, verify, read)
 
 
+def _verified(folder: Path, m: dict, verify: bool, read):
+    """``read()``, with every part's checksum computed beside it in a thread (file reads and xxhash release
+    the GIL, so on two cores verifying costs little more than reading); nothing is returned before every
+    part checks out, and a damaged part is what gets reported, whatever ``read()`` made of its bytes."""
+    if not verify:
+        return read()
+    with ThreadPoolExecutor(1, thread_name_prefix="urm-verify") as pool:
+        check = pool.submit(_check_parts, folder, m, True)
+        try:
+            out = read()
+        except Exception:
+            check.result()  # raises first when a part is damaged: that is the cause to name
+            raise
+        check.result()
+    return out
 
-def _open_complete(folder: Path, verify: bool) -> dict:
+
+def _check_parts(folder: Path, m: dict, verify: bool) -> None:
+    for p in m["parts"]:
+        why = part_problem(folder, p, verify)
+        if why:
+            raise CacheError(f"{folder / p['file']}: part {why}; run the same `urm extract` again: it rebuilds "
+                             "the damaged parts only (--no-verify reads the cache unchecked)")
+
+
+def _open_complete(folder: Path) -> dict:
+    """The manifest of a complete cache whose parts are all there at their recorded sizes (CacheError)."""
     m = read_manifest(folder)
     if m.get("format_version") != FORMAT_VERSION:
         raise CacheError(f"{folder}: cache format {m.get('format_version')}, this package reads format "
@@ -119,11 +155,7 @@ def _open_complete(folder: Path, verify: bool) -> dict:
         held = sum(p["rows"] for p in m["parts"])
         raise CacheError(f"{folder / MANIFEST}: says {m['rows']} rows but its parts hold {held}: "
                          "the manifest is damaged; rebuild the cache with `urm extract --overwrite`")
-    for p in m["parts"]:
-        why = part_problem(folder, p, verify)
-        if why:
-            raise CacheError(f"{folder / p['file']}: part {why}; run the same `urm extract` again: it rebuilds "
-                             "the damaged parts only (--no-verify reads the cache unchecked)")
+    _check_parts(folder, m, verify=False)
     return m
 
 
