@@ -457,13 +457,27 @@ def _embedding(x: np.ndarray, spec: CacheSpec, ids: pa.Array, where: Path) -> pa
 
 def _first_bad_row(x: np.ndarray, limit: float) -> int | None:
     """First row holding a non-finite value or one with |value| > limit, without a temporary copy."""
-    if x.dtype == np.float16:  # exponent bits all ones = inf or nan; no float16 exceeds the limit
-        bad = ((x.view(np.uint16) & 0x7C00) == 0x7C00).any(axis=1)
+    if x.dtype == np.float16:  # no finite float16 exceeds the limit
+        bad = nonfinite_rows(x)
     else:
         with np.errstate(invalid="ignore"):
             bad = ~((x.max(axis=1, initial=-np.inf) <= limit) & (x.min(axis=1, initial=np.inf) >= -limit))
     rows = np.flatnonzero(bad)
     return int(rows[0]) if rows.size else None
+
+
+def nonfinite_rows(x: np.ndarray, block: int = 512) -> np.ndarray:
+    """Which rows of the float16 / float32 matrix ``x`` hold a NaN or an infinity: the exponent bits all set
+    (|bits| >= the bits of +inf), tested a block of rows at a time so the scratch stays in cache (20 GB/s
+    here, where np.isfinite manages 2 and torch.isfinite 1 on float16)."""
+    uint, inf, magnitude = {2: (np.uint16, 0x7C00, 0x7FFF), 4: (np.uint32, 0x7F800000, 0x7FFFFFFF)}[x.dtype.itemsize]
+    bits, bad = x.view(uint), np.zeros(len(x), bool)
+    scratch = np.empty((min(block, len(x)), x.shape[1]), uint)
+    for i in range(0, len(x), block):
+        chunk = bits[i:i + block]
+        np.bitwise_and(chunk, magnitude, out=scratch[:len(chunk)])  # drop the sign bit
+        bad[i:i + block] = scratch[:len(chunk)].max(1, initial=0) >= inf
+    return bad
 
 
 def _bad_embedding_message(values: np.ndarray, row: int, row_id, fp16: bool, where: Path) -> str:
@@ -573,8 +587,7 @@ def _whole(v) -> bool:
 
 
 MANIFEST_TYPES = {  # key: (check, what it must be)
-    "format_version": (_whole, "a whole number"), "kind": (lambda v: v in ("ratings", "preferences"),
-                                                        "ratings or preferences"),
+    "format_version": (_whole, "a whole number"), "kind": (lambda v: v in KINDS, " or ".join(KINDS)),
     "backbone": (lambda v: isinstance(v, str), "a string"), "hidden_size": (lambda v: _whole(v) and v > 0,
                                                                            "a positive whole number"),
     "storage_dtype": (lambda v: v in STORAGE_DTYPES, " or ".join(STORAGE_DTYPES)),
@@ -586,6 +599,12 @@ MANIFEST_TYPES = {  # key: (check, what it must be)
 PART_TYPES = {"file": (lambda v: isinstance(v, str) and _PART_RE.match(v) is not None,
                        "a part file name (part-NNNNN.parquet)"),
               "rows": (_whole, "a whole number"), "bytes": (_whole, "a whole number")}
+
+
+def rows_problem(m: dict) -> str | None:
+    """A manifest whose row count is not the sum of its parts' is damaged: what it says, or None."""
+    held = sum(p["rows"] for p in m["parts"])
+    return None if m["rows"] == held else f"says {m['rows']} rows but its parts hold {held}"
 
 
 def manifest_problem(m) -> str | None:

@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.cache import (FORMAT_VERSION, MANIFEST, SMALL_COLUMNS, CacheError, CacheIncomplete, arrow_schema,
-                            part_problem, read_manifest)
+                            nonfinite_rows, part_problem, read_manifest, rows_problem)
 from pipeline.parquet_pages import copy_rows, fixed_list_blocks
 
 if TYPE_CHECKING:  # torch is imported where tensors are made
@@ -151,10 +151,9 @@ def _open_complete(folder: Path) -> dict:
         total = m.get("n_parts") or "?"
         raise CacheIncomplete(f"{folder}: cache is incomplete ({len(m['parts'])} of {total} parts written, not "
                               "marked complete); run `urm extract` again to finish it")
-    if m["rows"] != sum(p["rows"] for p in m["parts"]):
-        held = sum(p["rows"] for p in m["parts"])
-        raise CacheError(f"{folder / MANIFEST}: says {m['rows']} rows but its parts hold {held}: "
-                         "the manifest is damaged; rebuild the cache with `urm extract --overwrite`")
+    if why := rows_problem(m):
+        raise CacheError(f"{folder / MANIFEST}: {why}: the manifest is damaged; rebuild the cache with "
+                         "`urm extract --overwrite`")
     _check_parts(folder, m, verify=False)
     return m
 
@@ -255,20 +254,6 @@ def _check_values(folder: Path, m: dict, starts, rows, emb: np.ndarray, labels: 
             raise CacheError(f"{_where(folder, m, starts, rows[first])} (id {t['id'][first].as_py()!r}) and "
                              f"{int(bad.sum()) - 1} more rows hold {what}: the cache is damaged; rebuild it with "
                              "`urm extract --overwrite`")
-
-
-def nonfinite_rows(x: np.ndarray, block: int = 512) -> np.ndarray:
-    """Which rows of the float16 / float32 matrix ``x`` hold a NaN or an infinity: the exponent bits all set
-    (|bits| >= the bits of +inf), tested a block of rows at a time so the scratch stays in cache (20 GB/s
-    here, where np.isfinite manages 2 and torch.isfinite 1 on float16)."""
-    uint, inf, magnitude = {2: (np.uint16, 0x7C00, 0x7FFF), 4: (np.uint32, 0x7F800000, 0x7FFFFFFF)}[x.dtype.itemsize]
-    bits, bad = x.view(uint), np.zeros(len(x), bool)
-    scratch = np.empty((min(block, len(x)), x.shape[1]), uint)
-    for i in range(0, len(x), block):
-        chunk = bits[i:i + block]
-        np.bitwise_and(chunk, magnitude, out=scratch[:len(chunk)])  # drop the sign bit
-        bad[i:i + block] = scratch[:len(chunk)].max(1, initial=0) >= inf
-    return bad
 
 
 def _out_dtype(dtype, storage: str):

@@ -104,6 +104,14 @@ def positive(value, option: str, allow_none: bool = False) -> None:
     check(number(value) and value > 0, option, value, "a positive finite number")
 
 
+def whole(value, option: str, least: int = 1, allow_none: bool = False) -> None:
+    """A whole number (not a bool), ``least`` or more."""
+    if allow_none and value is None:
+        return
+    check(isinstance(value, int) and not isinstance(value, bool) and value >= least, option, value,
+          f"a whole number, {least} or more")
+
+
 def fraction(value, option: str) -> None:
     check(number(value) and 0 < value < 1, option, value, "a fraction between 0 and 1 (exclusive)")
 
@@ -130,8 +138,7 @@ def optimization(optim: "Optimization", prefix: str) -> None:
     check(number(optim.weight_decay) and optim.weight_decay >= 0, prefix + "weight_decay", optim.weight_decay,
           "a finite number, 0 or more")
     for name in ("epochs", "batch_size", "patience"):
-        value = getattr(optim, name)
-        check(isinstance(value, int) and value >= 1, prefix + name, value, "a whole number, 1 or more")
+        whole(getattr(optim, name), prefix + name)
     fraction(optim.val_fraction, prefix + "val_fraction")
 
 
@@ -234,10 +241,8 @@ class ExtractConfig:
         one_of(self.storage_dtype, ("float16", "float32"), "storage_dtype")
         device_name(self.device)
         for name in ("max_length", "max_tokens_per_batch", "part_rows"):
-            check(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name, getattr(self, name),
-                  "a whole number, 1 or more")
-        check(self.limit is None or (isinstance(self.limit, int) and self.limit >= 1), "limit", self.limit,
-              "a whole number, 1 or more")
+            whole(getattr(self, name), name)
+        whole(self.limit, "limit", allow_none=True)
 
 
 @dataclass
@@ -262,8 +267,7 @@ class ValueHeadConfig:
     def __post_init__(self):
         one_of(self.loss, STAGE1_LOSSES, "loss")
         check(number(self.beta) and 0 <= self.beta <= 1, "beta", self.beta, "between 0 and 1")
-        check(isinstance(self.ensemble, int) and self.ensemble >= 1, "ensemble", self.ensemble,
-              "a whole number, 1 or more")
+        whole(self.ensemble, "ensemble")
         fraction(self.calibration_fraction, "calibration_fraction")
         optimization(self.optim, "")
         if self.calibrate and self.optim.val_fraction + self.calibration_fraction >= 1:
@@ -290,8 +294,7 @@ class GatingConfig:
         from pipeline.heads import GATES
 
         one_of(self.gate, GATES, "gate")
-        check(self.gate_hidden is None or (isinstance(self.gate_hidden, int) and self.gate_hidden >= 1),
-              "gate_hidden", self.gate_hidden, "a whole number, 1 or more")
+        whole(self.gate_hidden, "gate_hidden", allow_none=True)
         positive(self.temperature, "temperature", allow_none=True)
         optimization(self.optim, "gate_")
 
@@ -335,8 +338,7 @@ class EvaluateConfig:
     verify: bool = opt(True, VERIFY_HELP)
 
     def __post_init__(self):
-        check(isinstance(self.baseline_ensemble, int) and self.baseline_ensemble >= 2, "baseline_ensemble",
-              self.baseline_ensemble, "a whole number, 2 or more")
+        whole(self.baseline_ensemble, "baseline_ensemble", least=2)
         device_name(self.device)
 
 
@@ -363,9 +365,9 @@ class ScoreConfig:
             one_of(self.format, FORMATS, "format")
         one_of(self.dtype, ("auto", *COMPUTE_DTYPES), "dtype")
         device_name(self.device)
-        for name in ("max_tokens_per_batch", "limit", "max_length"):
-            value = getattr(self, name)
-            check(value is None or (isinstance(value, int) and value >= 1), name, value, "a whole number, 1 or more")
+        whole(self.max_tokens_per_batch, "max_tokens_per_batch")
+        whole(self.limit, "limit", allow_none=True)
+        whole(self.max_length, "max_length", allow_none=True)
 
 
 STAGES: dict[str, type] = {
@@ -484,8 +486,9 @@ def read_preset(preset: str) -> dict:
 
 
 def check_preset(data: dict, where) -> None:
-    """Every table, key and dataset of a preset file is one the configs know (else ConfigError naming the
-    file, the key and the nearest valid name); values are type-checked when a stage is built."""
+    """Every table, key and dataset of a preset file is one the configs know, and every value has the
+    option's type (else ConfigError naming the file, the key and the nearest valid name); ranges and
+    choices are checked by ``check_preset_values``."""
     known = {o.name for c in STAGES.values() for o in options(c)}
     tables = set(STAGES) | {"datasets"}
     types_ = {o.name: o.type for c in STAGES.values() for o in options(c)}
@@ -551,6 +554,15 @@ def check_type(name: str, value, hint) -> None:
         raise ConfigError(f"{name} must be {expected}, got {type(value).__name__} {value!r}")
 
 
+def preset_values(data: dict, cls: type, stage: str) -> dict[str, Any]:
+    """The flat option values a preset gives the stage config ``cls``: its top-level keys that are options
+    of that stage, then the stage's own table."""
+    by_name = {o.name for o in options(cls)}
+    values = {k: v for k, v in data.items() if not isinstance(v, dict) and k in by_name}
+    values.update(data.get(stage, {}))
+    return values
+
+
 def check_preset_values(data: dict, where) -> None:
     """Every stage config built from the preset's values alone, and every dataset: a bad value in a preset
     is an error even where the command at hand does not use it, or overrides it. Checks that depend on
@@ -558,11 +570,8 @@ def check_preset_values(data: dict, where) -> None:
     token = _CHECK_MACHINE.set(False)
     try:
         for stage, cls in STAGES.items():
-            by_name = {o.name for o in options(cls)}
-            values = {k: v for k, v in data.items() if not isinstance(v, dict) and k in by_name}
-            values.update(data.get(stage, {}))
             try:
-                build(cls, values)
+                build(cls, preset_values(data, cls, stage))
             except ConfigError as e:
                 message = re.sub(r"--([a-z][a-z-]*)", lambda m: m.group(1).replace("-", "_"), str(e))
                 raise ConfigError(f"{where}: [{stage}] {message}") from None
@@ -582,15 +591,10 @@ def load_config(stage: str, preset: str | None = DEFAULT_PRESET, overrides: dict
     source = preset_path(preset) if preset else None
     data = read_preset(preset) if preset else {}
     check_preset(data, source)
-    check_preset_values(data, source)
+    check_preset_values(data, source)  # so the datasets below are valid too
     values: dict[str, Any] = {k: v for k, v in run_paths(source.stem).items() if k in by_name} if source else {}
-    where = source or "defaults"
-    values.update({k: v for k, v in data.items() if not isinstance(v, dict) and k in by_name})
-    values.update(data.get(stage, {}))
+    values.update(preset_values(data, cls, stage))
     if "datasets" in by_name:
-        try:
-            values["datasets"] = {name: DatasetSpec(name=name, **spec) for name, spec in data.get("datasets", {}).items()}
-        except ConfigError as e:
-            raise ConfigError(f"{where}: {e}") from None
+        values["datasets"] = {name: DatasetSpec(name=name, **spec) for name, spec in data.get("datasets", {}).items()}
     values.update({k: v for k, v in (overrides or {}).items() if v is not None and k in by_name})
     return build(cls, values)

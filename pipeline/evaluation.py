@@ -72,6 +72,18 @@ def uncertainty_signals(chosen: Scores, rejected: Scores) -> dict[str, torch.Ten
     return out
 
 
+def chosen_probabilities(chosen: Scores, rejected: Scores, temperature_bt: float = 1.0,
+                         temperature_gaussian: float = 1.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per pair, P(chosen better) under Bradley-Terry and under the Gaussian scores (None without stds),
+    at the model's temperatures, in float64."""
+    s_c, s_r = chosen.score.double(), rejected.score.double()
+    p_bt = p_chosen_bt(s_c, s_r, temperature_bt)
+    if chosen.score_std is None:
+        return p_bt, None
+    return p_bt, p_chosen_gaussian(s_c, s_r, chosen.score_std.double().square(), rejected.score_std.double().square(),
+                                   temperature_gaussian)
+
+
 def pair_metrics(chosen: Scores, rejected: Scores, subsets, temperature_bt: float = 1.0,
                  temperature_gaussian: float = 1.0) -> dict:
     """Accuracy (overall, per subset, RewardBench sections), calibration of P(chosen) at the model's
@@ -88,12 +100,10 @@ def pair_metrics(chosen: Scores, rejected: Scores, subsets, temperature_bt: floa
         out["rewardbench_sections"] = rb
         if len(rb) == len(sections):
             out["rewardbench_mean"] = sum(rb.values()) / len(rb)
-    p_bt = p_chosen_bt(s_c, s_r, temperature_bt)
+    p_bt, p_g = chosen_probabilities(chosen, rejected, temperature_bt, temperature_gaussian)
     out["calibration"] = {"temperature_bt": temperature_bt, "ece": M.ece(p_bt), "brier": M.brier(p_bt),
                           "ece_if_calibrated": M.ece_if_calibrated(p_bt)}
-    if chosen.score_std is not None:
-        p_g = p_chosen_gaussian(s_c, s_r, chosen.score_std.double().square(), rejected.score_std.double().square(),
-                                temperature_gaussian)
+    if p_g is not None:
         out["calibration"].update(temperature_gaussian=temperature_gaussian, ece_gaussian=M.ece(p_g),
                                   brier_gaussian=M.brier(p_g), ece_gaussian_if_calibrated=M.ece_if_calibrated(p_g))
     out["signals"] = {name: {"auroc": M.auroc(u, ~correct),

@@ -44,8 +44,7 @@ def load_scorer(model_dir: str, dtype: str = "auto", device: str = "auto", verif
                          "`urm export`") from None
     if not getattr(config, "urm", None):
         raise ScoreError(f"{path / 'config.json'}: no 'urm' section, so not a model exported by `urm export`")
-    check_heads_shard(path)
-    check_export_weights(path, verify)
+    check_export(path, verify)
     dev = resolve_device(device)
     try:
         model = URMForSequenceClassification.from_pretrained(path, config=config, dtype=resolve_dtype(dtype, dev))
@@ -56,23 +55,14 @@ def load_scorer(model_dir: str, dtype: str = "auto", device: str = "auto", verif
     return model.to(dev).eval(), tokenizer
 
 
-def check_heads_shard(path: Path) -> None:
-    """The export's heads shard is the heads' own file: verified against the checksum its heads.json records."""
-    from pipeline.heads_io import EXPORT_TENSORS, HeadsError, check_tensors, read_meta
+def check_export(path: Path, verify: bool) -> None:
+    """Before loading an export: its heads shard against heads.json's checksum (always: it is the heads' own
+    file), then every file against urm_export.json's checksums (``verify``; else only that each is there)."""
+    from pipeline.heads_io import EXPORT_TENSORS, check_tensors, read_meta
+    from pipeline.model_dir import check_export_files
 
-    try:
-        check_tensors(path, read_meta(path, tensors=EXPORT_TENSORS), EXPORT_TENSORS)
-    except HeadsError as e:
-        raise ScoreError(str(e)) from None
-
-
-def check_export_weights(path: Path, verify: bool) -> None:
-    from pipeline.model_dir import ExportError, check_export_files
-
-    try:
-        check_export_files(path, verify)
-    except ExportError as e:
-        raise ScoreError(str(e)) from None
+    check_tensors(path, read_meta(path, tensors=EXPORT_TENSORS), EXPORT_TENSORS)
+    check_export_files(path, verify)
 
 
 def model_forward(model, input_ids: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.cache import MANIFEST, CacheError, part_problem, read_manifest
+from pipeline.cache import MANIFEST, CacheError, part_problem, read_manifest, rows_problem
 
 
 def cache_info(path, verify: bool = True) -> str:
@@ -18,8 +18,8 @@ def cache_info(path, verify: bool = True) -> str:
     folder = Path(path)
     m = read_manifest(folder)
     problems = {p["file"]: why for p in m["parts"] if (why := part_problem(folder, p, verify))}
-    if m["rows"] != sum(p["rows"] for p in m["parts"]):
-        problems[MANIFEST] = f"says {m['rows']} rows but its parts hold {sum(p['rows'] for p in m['parts'])}"
+    if why := rows_problem(m):
+        problems[MANIFEST] = why
     parts = [p for p in m["parts"] if p["file"] not in problems]
     size = sum(p["bytes"] for p in m["parts"]) + (folder / MANIFEST).stat().st_size
     if problems:

@@ -17,7 +17,7 @@ import torch
 
 from pipeline import __version__
 from pipeline.config import ConfigError, EvaluateConfig
-from pipeline.evaluation import Candidate, attribute_metrics, pair_metrics, uncertainty_signals
+from pipeline.evaluation import Candidate, attribute_metrics, chosen_probabilities, pair_metrics, uncertainty_signals
 from pipeline.heads_io import EXPORT_TENSORS, CacheIdentity, HeadsError, HeadsMeta, load_heads
 
 
@@ -206,14 +206,12 @@ def run_evaluate(cfg: EvaluateConfig, model_dir: str | None = None, log=print) -
 def pair_curves(chosen, rejected, c: Candidate) -> dict:
     """The main model's raw per-pair values the plots need."""
     from pipeline import metrics as M
-    from pipeline.heads import p_chosen_bt, p_chosen_gaussian
 
-    s_c, s_r = chosen.score.double(), rejected.score.double()
-    out = {"p_bt": p_chosen_bt(s_c, s_r, c.temperature_bt).numpy(), "risk": {}}
-    if chosen.score_std is not None:
-        out["p_gaussian"] = p_chosen_gaussian(s_c, s_r, chosen.score_std.double().square(),
-                                              rejected.score_std.double().square(), c.temperature_gaussian).numpy()
-    correct = s_c > s_r
+    p_bt, p_g = chosen_probabilities(chosen, rejected, c.temperature_bt, c.temperature_gaussian)
+    out = {"p_bt": p_bt.numpy(), "risk": {}}
+    if p_g is not None:
+        out["p_gaussian"] = p_g.numpy()
+    correct = chosen.score.double() > rejected.score.double()
     out["risk"] = {name: M.risk_curve(correct, u) for name, u in uncertainty_signals(chosen, rejected).items()}
     return out
 
