@@ -315,17 +315,14 @@ def data_case(base: Base, d: Path, rng: random.Random) -> Case:
     command = rng.choice(["extract ratings", "extract preferences", "score conversations", "score preferences"])
     fmt = command.split()[1]
     path, what, needles = bad_data_file(fmt, base.files[fmt], d, rng)
+    argv = base_argv(command.split()[0], base, d, source=path, kind=fmt, input=path)
     if command.startswith("extract"):
-        cache = d / "cache"
-        argv = ["extract", *extract_args(base.backbone, cache), "--source", str(path), "--kind", fmt, "--name", "x"]
         if rng.random() < 0.1 and what.startswith("row"):  # or every row too long
             write_jsonl(path, [json.loads(x) for x in base.files[fmt].read_text().splitlines()])
             argv += ["--max-length", "4"]
             what, needles = "every row longer than --max-length 4", [path.name, "longer than max_length=4"]
-        return Case("data", f"{command}: {what}", argv, needles, must_not_exist=[str(cache / "x" / "_manifest.json")])
-    out = d / "scores.jsonl"
-    argv = ["score", str(base.export), "-i", str(path), "-o", str(out), "--device", "cpu"]
-    return Case("data", f"{command}: {what}", argv, needles, must_not_exist=[str(out)])
+        return Case("data", f"{command}: {what}", argv, needles, must_not_exist=[str(d / "cache/x/_manifest.json")])
+    return Case("data", f"{command}: {what}", argv, needles, must_not_exist=[str(d / "scores.jsonl")])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -388,28 +385,17 @@ def cache_case(base: Base, d: Path, rng: random.Random) -> Case:
         commands.append("repair")
     command = rng.choice(commands)
     label = f"{command}: {which} cache: {what}"
-    heads = d / "heads"
     if command == "cache info":
         return Case("cache", label, ["cache", "info", str(cache / which)], needles, code=1)
     if command in ("train-heads", "train-value-head"):
-        argv = [command, "--cache-dir", str(cache), "--heads-dir", str(heads), *TRAIN_ARGS]
-        if command == "train-value-head":
-            argv = [command, "--cache-dir", str(cache), "--heads-dir", str(heads),
-                    "--device", "cpu", "--epochs", "3"]
-        return Case("cache", label, argv, needles, must_not_exist=[str(heads)])
+        return Case("cache", label, base_argv(command, base, d, cache=cache), needles, must_not_exist=[str(d / "heads")])
     if command == "train-gating":
-        copy(base.heads, heads)
-        argv = ["train-gating", "--cache-dir", str(cache), "--heads-dir", str(heads), "--device", "cpu",
-                "--gate-epochs", "2"]
-        return Case("cache", label, argv, needles, unchanged=snapshot(heads))
+        heads = copy(base.heads, d / "heads")
+        return Case("cache", label, base_argv(command, base, d, cache=cache), needles, unchanged=snapshot(heads))
     if command == "evaluate":
-        report = d / "eval"
-        argv = ["evaluate", str(base.heads), "--eval-ratings", str(cache / "ratings"), "--eval-preferences",
-                str(cache / "preferences"), "--no-baselines", "--report-dir", str(report), "--device", "cpu"]
-        return Case("cache", label, argv, needles, must_not_exist=[str(report)])
+        return Case("cache", label, base_argv(command, base, d, cache=cache), needles, must_not_exist=[str(d / "eval")])
     originals = {p.name: checksum(p) for p in sorted((base.cache / "ratings").glob("part-*.parquet"))}
-    argv = ["extract", *extract_args(base.backbone, cache), "--source", "synthetic:ratings?n=40&seed=0", "--kind",
-            "ratings", "--name", "ratings"]
+    argv = base_argv("extract", base, d, cache=cache, source="synthetic:ratings?n=40&seed=0", name="ratings")
     return Case("repair", f"extract rebuilds: ratings cache: {what}", argv, [], code=0, repair=originals)
 
 
@@ -454,19 +440,10 @@ def heads_case(base: Base, d: Path, rng: random.Random) -> Case:
     heads = copy(base.heads, d / "heads")
     what, needles = heads_damage(heads, rng)
     command = rng.choice(["export", "train-gating", "evaluate"])
-    label = f"{command}: heads: {what}"
-    if command == "export":
-        out = d / "model"
-        argv = ["export", "--backbone", str(base.backbone), "--heads-dir", str(heads), "--out-dir", str(out)]
-        return Case("heads", label, argv, needles, must_not_exist=[str(out)])
+    label, argv = f"{command}: heads: {what}", base_argv(command, base, d, heads=heads)  # train-gating: d/heads
     if command == "train-gating":
-        argv = ["train-gating", "--cache-dir", str(base.cache), "--heads-dir", str(heads), "--device", "cpu",
-                "--gate-epochs", "2"]
         return Case("heads", label, argv, needles, unchanged=snapshot(heads))
-    report = d / "eval"
-    argv = ["evaluate", str(heads), "--eval-ratings", str(base.cache / "ratings"), "--eval-preferences",
-            str(base.cache / "preferences"), "--no-baselines", "--report-dir", str(report), "--device", "cpu"]
-    return Case("heads", label, argv, needles, must_not_exist=[str(report)])
+    return Case("heads", label, argv, needles, must_not_exist=[str(d / ("model" if command == "export" else "eval"))])
 
 
 EXPORT_FILES = ("model-backbone.safetensors", "urm-heads.safetensors", "config.json", "tokenizer.json",
@@ -476,15 +453,13 @@ EXPORT_FILES = ("model-backbone.safetensors", "urm-heads.safetensors", "config.j
 def export_case(base: Base, d: Path, rng: random.Random) -> Case:
     model = copy(base.export, d / "model")
     out = d / "scores.jsonl"
-    score = ["score", str(model), "-i", str(base.files["conversations"]), "-o", str(out), "--device", "cpu"]
+    score = base_argv("score", base, d, model=model)
     roll = rng.random()
     if roll < 0.2:  # the export's copy of the heads: evaluate reads it too
         what, needles = heads_damage(model, rng, tensors_name="urm-heads.safetensors")
         if rng.random() < 0.5:
-            report = d / "eval"
-            argv = ["evaluate", str(model), "--eval-ratings", str(base.cache / "ratings"), "--no-baselines",
-                    "--report-dir", str(report), "--device", "cpu"]
-            return Case("export", f"evaluate: export: {what}", argv, needles, must_not_exist=[str(report)])
+            return Case("export", f"evaluate: export: {what}", base_argv("evaluate", base, d, heads=model), needles,
+                        must_not_exist=[str(d / "eval")])
         return Case("export", f"score: export: {what}", score, [model.name], must_not_exist=[str(out)])
     if roll < 0.3:
         record = model / "urm_export.json"
@@ -552,24 +527,29 @@ def bad_values(name: str, typ: str) -> list[str]:
     return values
 
 
-def base_argv(command: str, base: Base, d: Path) -> list[str]:
-    """A valid command line of ``command`` on the base artifacts (a bad option is added to it)."""
-    return {
-        "extract": ["extract", *extract_args(base.backbone, d / "cache"), "--source", str(base.files["ratings"]),
-                    "--kind", "ratings", "--name", "x"],
-        "train-heads": ["train-heads", "--cache-dir", str(base.cache), "--heads-dir", str(d / "heads"), *TRAIN_ARGS],
-        "train-value-head": ["train-value-head", "--cache-dir", str(base.cache), "--heads-dir", str(d / "heads"),
-                             "--device", "cpu", "--epochs", "3"],
-        "train-gating": ["train-gating", "--cache-dir", str(base.cache), "--heads-dir", str(d / "heads"),
-                         "--device", "cpu", "--gate-epochs", "2"],
-        "export": ["export", "--backbone", str(base.backbone), "--heads-dir", str(base.heads), "--out-dir",
-                   str(d / "model")],
-        "evaluate": ["evaluate", str(base.heads), "--eval-ratings", str(base.cache / "ratings"), "--eval-preferences",
-                     str(base.cache / "preferences"), "--no-baselines", "--report-dir", str(d / "eval"), "--device",
-                     "cpu"],
-        "score": ["score", str(base.export), "-i", str(base.files["conversations"]), "-o", str(d / "scores.jsonl"),
-                  "--device", "cpu"],
-    }[command]
+def base_argv(command: str, base: Base, d: Path, *, cache: Path | None = None, heads: Path | None = None,
+              model: Path | None = None, source: Path | str | None = None, kind: str = "ratings", name: str = "x",
+              input: Path | None = None) -> list[str]:
+    """A valid command line of ``command`` on the base artifacts, writing under the case folder ``d``; a case
+    points one input at its damaged copy (``cache``, ``heads``, ``model``, ``source`` / ``input``) or adds
+    a bad option."""
+    if command == "extract":
+        return ["extract", *extract_args(base.backbone, cache or d / "cache"), "--source",
+                str(source or base.files["ratings"]), "--kind", kind, "--name", name]
+    if command in ("train-heads", "train-value-head", "train-gating"):
+        args = {"train-heads": TRAIN_ARGS, "train-value-head": ["--device", "cpu", "--epochs", "3"],
+                "train-gating": ["--device", "cpu", "--gate-epochs", "2"]}[command]
+        return [command, "--cache-dir", str(cache or base.cache), "--heads-dir", str(d / "heads"), *args]
+    if command == "export":
+        return ["export", "--backbone", str(base.backbone), "--heads-dir", str(heads or base.heads), "--out-dir",
+                str(d / "model")]
+    if command == "evaluate":
+        cache = cache or base.cache
+        return ["evaluate", str(heads or base.heads), "--eval-ratings", str(cache / "ratings"), "--eval-preferences",
+                str(cache / "preferences"), "--no-baselines", "--report-dir", str(d / "eval"), "--device", "cpu"]
+    assert command == "score", command
+    return ["score", str(model or base.export), "-i", str(input or base.files["conversations"]), "-o",
+            str(d / "scores.jsonl"), "--device", "cpu"]
 
 
 def option_cases(base: Base) -> list[tuple[str, str, str, int]]:
@@ -617,18 +597,20 @@ def misspelt_option_case(base: Base, d: Path, rng: random.Random) -> Case:
     return Case("option", f"{command}: {flag} misspelt {wrong}", argv, [wrong], code=2)
 
 
-PRESET_MISTAKES = [
-    ("[extrct]\nmax_length = 3\n", ["extrct", "did you mean 'extract'?"]),
+PRESET_MISTAKES = [  # (the file, what its one error line must say after the file's name); test_failures runs them too
+    ("[extrct]\nmax_length = 3\n", ["has unknown tables ['extrct']; did you mean 'extract'?"]),
+    ("[extract]\nmax_length = \"long\"\n", ["max_length must be a whole number, got str 'long'"]),
     ("[value_head]\nepochs = \"many\"\n", ["epochs"]),
-    ("[value_head]\nlr = true\n", ["lr"]),
+    ("[value_head]\nlr = true\n", ["lr must be a number, got bool True"]),
     ("[value_head]\nepochs = 0\n", ["epochs"]),
     ("[gating]\ngate = \"sotfmax\"\n", ["gate", "did you mean 'softmax'?"]),
     ("[gating]\ngate_lr = -1.0\n", ["gate_lr"]),
-    ("[evaluate]\neval_preferences = \"one\"\n", ["eval_preferences"]),
-    ("[datasets.x]\nkind = \"ratings\"\nsorce = \"a.jsonl\"\n", ["sorce", "did you mean 'source'?"]),
-    ("[datasets.x]\nkind = \"ratings\"\n", ["source"]),
+    ("[evaluate]\neval_preferences = \"one\"\n", ["eval_preferences must be a list of strings"]),
+    ("[datasets.x]\nkind = \"ratings\"\nsorce = \"a.jsonl\"\n",
+     ["[datasets.x] has unknown keys ['sorce']; did you mean 'source'?"]),
+    ("[datasets.x]\nkind = \"ratings\"\n", ["[datasets.x] has no 'source'"]),
     ("[datasets.x]\nkind = \"rating\"\nsource = \"a.jsonl\"\n", ["did you mean 'ratings'?"]),
-    ("datasets = 3\n", ["datasets"]),
+    ("datasets = 3\n", ["datasets must be a table, got int 3"]),
     ("[extract]\nmax_length = 1e400\n", ["max_length"]),
     ("[extract\nmax_length = 3\n", ["not valid TOML"]),
     ("max_length = = 3\n", ["not valid TOML"]),

@@ -409,7 +409,7 @@ def test_stale_temp_and_unlisted_part_are_cleaned_on_open(tmp_path):
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32])
 def test_nonfinite_rows_agrees_with_isfinite_on_every_kind_of_value(dtype):
-    from pipeline.cache_reader import nonfinite_rows
+    from pipeline.cache import nonfinite_rows
 
     rng = np.random.default_rng(0)
     x = (rng.standard_normal((1300, 37)) * 10).astype(dtype)  # more rows than one block, an odd width

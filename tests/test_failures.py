@@ -16,6 +16,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cli import app
+from fuzz_cli import PRESET_MISTAKES
 from pipeline.cache import CacheError, CacheSpec, open_writer
 
 runner = CliRunner()
@@ -67,16 +68,7 @@ def test_bad_option_values_stop_before_anything_loads(args, needles, monkeypatch
     one_line_error(runner.invoke(app, args), *needles, code=2)
 
 
-@pytest.mark.parametrize("text, needles", [
-    ("[extrct]\nmax_length = 3\n", ["has unknown tables ['extrct']; did you mean 'extract'?"]),
-    ("[extract]\nmax_length = \"long\"\n", ["max_length must be a whole number, got str 'long'"]),
-    ("[value_head]\nlr = true\n", ["lr must be a number, got bool True"]),
-    ("[evaluate]\neval_preferences = \"one\"\n", ["eval_preferences must be a list of strings"]),
-    ("[datasets.x]\nkind = \"ratings\"\nsorce = \"a.jsonl\"\n", ["[datasets.x] has unknown keys ['sorce']; did you mean 'source'?"]),
-    ("[datasets.x]\nkind = \"ratings\"\n", ["[datasets.x] has no 'source'"]),
-    ("[datasets.x]\nkind = \"rating\"\nsource = \"a.jsonl\"\n", ["did you mean 'ratings'?"]),
-    ("datasets = 3\n", ["datasets must be a table, got int 3"]),
-])
+@pytest.mark.parametrize("text, needles", PRESET_MISTAKES)
 def test_preset_mistakes_name_the_file_the_key_and_the_nearest_name(tmp_path, text, needles):
     preset = tmp_path / "mine.toml"
     preset.write_text(text)
