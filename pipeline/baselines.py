@@ -22,7 +22,7 @@ import dataclasses
 import numpy as np
 import torch
 
-from pipeline.calibration import fit_temperature
+from pipeline.calibration import fit_pair_temperatures
 from pipeline.config import GatingConfig, ValueHeadConfig, build, options
 from pipeline.evaluation import Candidate, Scores
 from pipeline.heads import Heads
@@ -52,12 +52,9 @@ def heads_candidate(name: str, about: str, heads: Heads, pairs=None) -> Candidat
 def with_temperatures(candidate: Candidate, chosen_val, rejected_val) -> Candidate:
     """``candidate`` with its pair temperatures fitted on these validation pairs (cache rows)."""
     c, r = candidate.scores(chosen_val), candidate.scores(rejected_val)
-    d = (c.score - r.score).double()
-    t_gauss = 1.0
-    if c.score_std is not None:
-        t_gauss = fit_temperature(d / (c.score_std.double().square() + r.score_std.double().square()).sqrt(),
-                                  "gaussian")
-    return dataclasses.replace(candidate, temperature_bt=fit_temperature(d, "bt"), temperature_gaussian=t_gauss)
+    var_sum = None if c.score_std is None else c.score_std.double().square() + r.score_std.double().square()
+    t_bt, t_gauss = fit_pair_temperatures((c.score - r.score).double(), var_sum)
+    return dataclasses.replace(candidate, temperature_bt=t_bt, temperature_gaussian=t_gauss)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -140,3 +140,10 @@ def fit_temperature(z: torch.Tensor, kind: str) -> float:
     best = minimize_scalar(lambda log_t: pair_nll(z, math.exp(log_t), kind), bounds=(lo, hi), method="bounded",
                            options={"xatol": 1e-6})
     return float(math.exp(best.x))
+
+
+def fit_pair_temperatures(d: torch.Tensor, var_sum: torch.Tensor | None = None) -> tuple[float, float]:
+    """(T_bt, T_gauss) fitted on validation pairs from d = s_c - s_r and Var_c + Var_r (T_gauss = 1 for a
+    model that states no variance)."""
+    t_gauss = 1.0 if var_sum is None else fit_temperature(d / var_sum.sqrt(), "gaussian")
+    return fit_temperature(d, "bt"), t_gauss

@@ -26,7 +26,7 @@ from pipeline.errors import UserError
 from pipeline.optimization import EarlyStopping, adamw, split_rows, warn_few_steps
 from pipeline.heads import (GATES, Heads, ValueEnsemble, init_linear_, p_chosen_bt, p_chosen_gaussian,
                             score, score_variance, split_mean_logstd, unstandardize)
-from pipeline.calibration import calibrate_heads, fit_temperature, sigma_report
+from pipeline.calibration import calibrate_heads, fit_pair_temperatures, sigma_report
 from pipeline.heads_io import HeadsError, LabelScaling, PairCalibration, SigmaCalibration
 
 EVAL_ROWS = 8192  # rows per chunk when evaluating on a whole split (bounds the float32 copy)
@@ -258,8 +258,7 @@ def pair_report(weights_fn, xc, xr, mu_c, ls_c, mu_r, ls_r, margin=None, names=A
 def calibrate_pairs(s_c, s_r, var_c, var_r, fit: bool) -> PairCalibration:
     """The temperatures of the two pair probabilities, fitted by NLL on these (validation) pairs."""
     d = s_c - s_r
-    t_bt, t_gauss = (fit_temperature(d, "bt"), fit_temperature(d / (var_c + var_r).sqrt(), "gaussian")) if fit \
-        else (1.0, 1.0)
+    t_bt, t_gauss = fit_pair_temperatures(d, var_c + var_r) if fit else (1.0, 1.0)
     return PairCalibration(t_bt, t_gauss, len(d), probability_report(s_c, s_r, var_c, var_r),
                            probability_report(s_c, s_r, var_c, var_r, t_bt, t_gauss))
 
