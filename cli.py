@@ -24,7 +24,7 @@ app = typer.Typer(
     help="Train uncertainty-aware reward models (URM) on cached LLM embeddings.\n\n"
     "The job: `urm extract` (backbone -> Parquet feature cache), `urm train-heads` (value head, "
     "then gating), `urm export` (Hugging Face model dir), `urm evaluate` (held-out accuracy, calibration, "
-    "uncertainty, beside baselines). Start with the offline demo: `make extract train-heads export evaluate`.",
+    "uncertainty, beside baselines). Start with the offline demo: `make demo` (or `urm demo`).",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -251,6 +251,28 @@ def score(
 
     result = run_or_fail(score_file, model_dir, input, output, configs["score"])
     typer.echo(summary(result), err=True)
+
+
+@app.command()
+def demo(preset: str = typer.Option(C.DEFAULT_PRESET, "--preset", "-p", help=PRESET_HELP, envvar="URM_PRESET")):
+    """The whole job in one command: extract, train-heads, export, evaluate; then the export scores the
+    sigmoid example (both answers with their uncertainty, P(answer 2 better)) and the run ends with the
+    evaluation's tables and where the cache, heads, export and report are.
+
+    Complete caches are kept, so a rerun skips the backbone; the heads are trained and exported again
+    (the preset's export is replaced). Each step takes its options from the preset; to change one, run
+    that step's own command (`urm extract --help`, ...).
+
+    \b
+    Example: urm demo                  (the offline demo: SmolLM2-135M on CPU, synthetic data; `make demo`)
+    """
+    from pipeline.recipes.demo import load_configs, run_demo, summary
+
+    try:
+        load_configs(preset)  # every stage's options checked before anything loads
+    except C.ConfigError as e:
+        fail(str(e), 2)
+    typer.echo(summary(run_or_fail(run_demo, preset, log=typer.echo)))
 
 
 @cache_app.command("info")

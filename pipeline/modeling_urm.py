@@ -118,6 +118,10 @@ class URMForSequenceClassification(PreTrainedModel):
     _supports_flex_attn = True
     # A causal-LM backbone's shards also hold its LM head: read, not needed here.
     _keys_to_ignore_on_load_unexpected = [r"^lm_head\.", r"(^|\.)rotary_emb\.inv_freq$"]
+    # The heads stay in fp32 when the backbone loads in bf16 or fp16: in bf16 a score near 10 moves in steps
+    # of 0.06 and two close answers tie exactly (P(better) = 0.5 from rounding alone). They are a few
+    # thousand parameters; head_outputs casts the hidden state up to them.
+    _keep_in_fp32_modules_strict = ["score", "ensemble", "weights", "softmax_gate", "base_score"]
 
     def __init__(self, config):
         super().__init__(config)

@@ -114,6 +114,26 @@ def test_scores_equal_the_heads_on_the_extracted_hidden_state(tiny, tiny_model):
         assert got.ensemble_scores.shape == (1, 3) and got.base_score is None
 
 
+def test_in_bf16_the_backbone_runs_bf16_and_the_heads_stay_fp32(tiny):
+    """A bf16 load (GPU default, auto-bf16 on CPUs with native bf16) keeps the heads in fp32: their output is
+    the fp32 heads on the bf16 backbone's hidden state, not bf16-rounded (where close answers tie exactly)."""
+    from transformers import AutoModelForSequenceClassification
+
+    _, heads_dir, out = tiny
+    model = AutoModelForSequenceClassification.from_pretrained(out, trust_remote_code=True, dtype=torch.bfloat16)
+    heads_params = {n: p.dtype for n, p in model.named_parameters() if not n.startswith("model.")}
+    assert heads_params and set(heads_params.values()) == {torch.float32}, heads_params
+    assert model.model.embed_tokens.weight.dtype == torch.bfloat16
+    heads, _ = load_heads(heads_dir)
+    ids = torch.tensor([render_ids(tokenizer_of(out), CONVERSATIONS[:1])[0]])
+    with torch.no_grad():
+        got = model(ids)
+        h = model.model(input_ids=ids).last_hidden_state[:, -1]
+        expected = heads(h.float())
+    torch.testing.assert_close(got.logits[0, 0], expected["score"][0], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(got.score_std[0], expected["score_std"][0], atol=1e-6, rtol=1e-6)
+
+
 def test_padding_side_holes_and_doubled_bos_do_not_change_the_score(tiny, tiny_model):
     tok = tokenizer_of(tiny[2])
     bos, pad = tok.bos_token_id, tok.pad_token_id

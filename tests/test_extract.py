@@ -214,6 +214,27 @@ def test_the_backbone_is_opened_once_per_run(tiny_dir, tmp_path, monkeypatch):
     assert len(calls) == 1
 
 
+@pytest.mark.integration
+def test_a_cache_records_its_compute_dtype_and_refuses_another(tiny_dir, tmp_path):
+    """bf16 and fp32 features differ by ~1e-2: a cache made in one is never resumed or reused in the other."""
+    from pipeline.cache import CacheError
+
+    run_extract(extract_config(tiny_dir, tmp_path, dtype="float32"), names=["ratings"])
+    assert read_manifest(tmp_path / "ratings")["extra"]["compute_dtype"] == "float32"
+    with pytest.raises(CacheError, match="compute_dtype"):
+        run_extract(extract_config(tiny_dir, tmp_path, dtype="bfloat16"), names=["ratings"])
+
+
+@pytest.mark.parametrize("native, expected", [(True, torch.bfloat16), (False, torch.float32)])
+def test_auto_bf16_is_bf16_only_where_the_cpu_runs_it_natively(monkeypatch, native, expected):
+    import pipeline.backbone as B
+
+    monkeypatch.setattr(B, "native_bf16_cpu", lambda: native)
+    assert B.resolve_dtype("auto-bf16", torch.device("cpu")) == expected
+    assert B.resolve_dtype("auto-bf16", torch.device("cuda")) == torch.bfloat16
+    assert B.resolve_dtype("auto", torch.device("cpu")) == torch.float32  # METHOD.md 5: fp32 on CPU unless asked
+
+
 SLOW_EMBED = """
 import time
 import pipeline.embedding as embedding

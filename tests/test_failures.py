@@ -54,7 +54,7 @@ def small_spec(**changes) -> CacheSpec:
     (["extract", "--part-rows", "-3"], ["--part-rows"]),
     (["extract", "--max-length", "0"], ["--max-length"]),
     (["extract", "--storage-dtype", "float64"], ["--storage-dtype must be one of float16, float32"]),
-    (["extract", "--dtype", "fp8"], ["--dtype must be one of auto, float32, bfloat16, float16"]),
+    (["extract", "--dtype", "fp8"], ["--dtype must be one of auto, auto-bf16, float32, bfloat16, float16"]),
     (["extract", "--device", "gpu"], ["--device must be auto, cpu, cuda, cuda:N"]),
     (["extract", "--source", "x.jsonl"], ["--source needs --kind"]),
     (["extract", "--source", "x.jsonl", "--kind", "pairs"], ["--kind must be one of ratings, preferences"]),

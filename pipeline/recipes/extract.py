@@ -54,6 +54,14 @@ class LazyBackbone:
             self._files = open_backbone(self.cfg.backbone, self.cfg.revision)
         return self._files
 
+    @property
+    def compute_dtype(self) -> str:
+        """The dtype the weights will run in ("float32", "bfloat16", ...), known before they load: it is part
+        of what makes the features, so the cache records it and refuses to mix two."""
+        from pipeline.backbone import resolve_device, resolve_dtype
+
+        return str(resolve_dtype(self.cfg.dtype, resolve_device(self.cfg.device))).removeprefix("torch.")
+
     def load(self):
         from pipeline.backbone import load_weights
 
@@ -114,7 +122,7 @@ def extract_dataset(backbone: LazyBackbone, spec: DatasetSpec, cfg: ExtractConfi
         storage_dtype=cfg.storage_dtype, max_length=cfg.max_length,
         chat_template_hash=chat_template_hash(files.tokenizer), dataset=spec.source,
         dataset_fingerprint=fingerprint(spec.source, split=spec.split, format=spec.format, limit=limit),
-        kind=spec.kind, extra={"part_rows": cfg.part_rows},
+        kind=spec.kind, extra={"part_rows": cfg.part_rows, "compute_dtype": backbone.compute_dtype},
     )
     path = Path(cfg.cache_dir) / spec.name
     bounds = part_bounds(len(rows), cfg.part_rows, paired)
