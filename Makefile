@@ -1,4 +1,5 @@
-# URM pipeline. `make extract train-heads export` runs the whole job with the PRESET below.
+# URM pipeline. `make demo` installs and runs the whole offline demo, ending in results;
+# `make extract train-heads export` runs the whole job with the PRESET below.
 # Every config value can be overridden here as an environment variable URM_<FIELD>, e.g.
 #   make extract URM_MAX_LENGTH=1024 URM_MAX_TOKENS_PER_BATCH=4096
 #   make train-heads PRESET=urm-llama3.1-8b URM_ENSEMBLE=4
@@ -27,9 +28,10 @@ REWARDBENCH_STAMP := $(REWARDBENCH)/.installed
 # `make score INPUT=file.jsonl [OUTPUT=scores.jsonl]` scores with the PRESET's export.
 MODEL  ?= runs/$(PRESET)/model
 
-.PHONY: install test test-fast extract train-heads train-value-head train-gating export evaluate score bench clean-cache help
+.PHONY: demo install test test-fast extract train-heads train-value-head train-gating export evaluate score bench clean-cache help
 
 help:
+	@echo "make demo         install, then the whole offline demo (urm demo): extract, train-heads, export, evaluate, scores"
 	@echo "make install      create $(VENV) and install the project with its test extras"
 	@echo "make test         install if needed, then run every test tier (what CI runs)"
 	@echo "make test-fast    the fast tier only (unit tests; what a plain \`pytest\` runs)"
@@ -62,6 +64,11 @@ install: $(STAMP) $(TF457_STAMP) $(REWARDBENCH_STAMP)
 
 # Every tier: -m "" lifts the fast-tier filter of pyproject.toml's addopts. URM_REQUIRE_COMPAT=1: the
 # compatibility tests fail (rather than skip) without $(TF457) and $(REWARDBENCH).
+# The whole job on the offline demo preset, then the export scores the sigmoid example (`urm demo`).
+# Only the main venv is needed (the side environments are for the compatibility tests).
+demo: $(STAMP)
+	$(URM) demo --preset demo
+
 test: install
 	URM_REQUIRE_COMPAT=1 $(PY) -m pytest -m ""
 

@@ -106,6 +106,44 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+def reliability_points(p: np.ndarray, n_bins: int = 20) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(mean predicted P, observed frequency, count) per non-empty bin of 20 equal bins, each pair counted
+    in both orders (P for chosen-better, 1 - P for rejected-better): the points of a reliability diagram,
+    binned as ``metrics.ece`` bins them."""
+    q, o = np.r_[p, 1 - p], np.r_[np.ones_like(p), np.zeros_like(p)]
+    bins = np.searchsorted(np.linspace(0, 1, n_bins + 1)[1:-1], q)
+    n = np.bincount(bins, minlength=n_bins)
+    ok = n > 0
+    return np.bincount(bins, q, n_bins)[ok] / n[ok], np.bincount(bins, o, n_bins)[ok] / n[ok], n[ok]
+
+
+def reliability_plot(ax, p_bt: np.ndarray, p_gaussian: np.ndarray | None = None, title: str = "Reliability"):
+    """The reliability diagram of P(chosen): predicted against observed, under BT and the Gaussians."""
+    for label, p in (("BT", p_bt), ("Gaussian", p_gaussian)):
+        if p is not None:
+            predicted, observed, _ = reliability_points(np.asarray(p))
+            ax.plot(predicted, observed, "o-", label=label)
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+    ax.set(xlabel="predicted P", ylabel="observed frequency", title=title)
+    ax.legend()
+
+
+def attributes_plot(names: list[str], y: np.ndarray, mu: np.ndarray, sigma: np.ndarray):
+    """Predicted against true rating per attribute, each prediction with its 90% interval (mu +- 1.645 sigma);
+    the true labels (integers) jittered sideways. Returns the figure."""
+    import matplotlib.pyplot as plt
+
+    k = len(names)
+    fig, axes = plt.subplots(1, k, figsize=(3 * k, 3), squeeze=False)
+    jitter = np.random.default_rng(0).uniform(-0.15, 0.15, size=y.shape)
+    for i, (ax, name) in enumerate(zip(axes[0], names)):
+        ok = ~np.isnan(y[:, i])
+        ax.errorbar(y[ok, i] + jitter[ok, i], mu[ok, i], yerr=1.645 * sigma[ok, i], fmt=".", alpha=0.4, elinewidth=0.5)
+        ax.plot([0, 4], [0, 4], "k--", lw=0.8)
+        ax.set(title=name, xlabel="true", ylabel="predicted (90% interval)" if i == 0 else None)
+    return fig
+
+
 def plots(report: dict, curves: dict, folder: Path) -> list[str]:
     """The PNGs, from ``curves`` (raw per-pair values of the main model): returns the file names."""
     import matplotlib
@@ -122,17 +160,7 @@ def plots(report: dict, curves: dict, folder: Path) -> list[str]:
 
     for dataset, c in curves["pairs"].items():
         fig, ax = plt.subplots(figsize=(4.5, 4.5))
-        for label, p in (("BT", c["p_bt"]), ("Gaussian", c.get("p_gaussian"))):
-            if p is None:
-                continue
-            q, o = np.r_[p, 1 - p], np.r_[np.ones_like(p), np.zeros_like(p)]  # both orders
-            bins = np.searchsorted(np.linspace(0, 1, 21)[1:-1], q)
-            n = np.bincount(bins, minlength=20)
-            ok = n > 0
-            ax.plot((np.bincount(bins, q, 20)[ok] / n[ok]), (np.bincount(bins, o, 20)[ok] / n[ok]), "o-", label=label)
-        ax.plot([0, 1], [0, 1], "k--", lw=0.8)
-        ax.set(xlabel="predicted P", ylabel="observed frequency", title=f"Reliability, {dataset}")
-        ax.legend()
+        reliability_plot(ax, c["p_bt"], c.get("p_gaussian"), f"Reliability, {dataset}")
         save(fig, f"reliability-{dataset}.png")
         fig, ax = plt.subplots(figsize=(5.5, 4))
         for name, risk in c["risk"].items():
@@ -142,16 +170,7 @@ def plots(report: dict, curves: dict, folder: Path) -> list[str]:
         save(fig, f"coverage-{dataset}.png")
     if curves.get("attributes"):
         a = curves["attributes"]
-        k = len(a["names"])
-        fig, axes = plt.subplots(1, k, figsize=(3 * k, 3), squeeze=False)
-        jitter = np.random.default_rng(0).uniform(-0.15, 0.15, size=a["y"].shape)
-        for i, (ax, name) in enumerate(zip(axes[0], a["names"])):
-            ok = ~np.isnan(a["y"][:, i])
-            ax.errorbar(a["y"][ok, i] + jitter[ok, i], a["mu"][ok, i], yerr=1.645 * a["sigma"][ok, i], fmt=".",
-                        alpha=0.4, elinewidth=0.5)
-            ax.plot([0, 4], [0, 4], "k--", lw=0.8)
-            ax.set(title=name, xlabel="true", ylabel="predicted (90% interval)" if i == 0 else None)
-        save(fig, "attributes.png")
+        save(attributes_plot(a["names"], a["y"], a["mu"], a["sigma"]), "attributes.png")
     return written
 
 

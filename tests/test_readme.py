@@ -1,0 +1,140 @@
+"""Every command in the README runs as written: each fenced shell block is read line by line, and every
+`make` target it names exists in the Makefile (with the variables it sets used there or being URM_
+options), every `urm` command line parses with the real CLI (subcommand, options and their values), and
+every `python -m bench NAME` names a benchmark."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+import typer
+
+from cli import app
+
+try:  # recent typer parses with its own copy of click
+    from typer._click import exceptions as click_errors
+except ImportError:
+    from click import exceptions as click_errors
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+SHELL_BLOCK = re.compile(r"^```(?:bash|sh|shell|console)\n(.*?)^```", re.S | re.M)
+SEPARATORS = {"&&", "||", ";", "|"}
+
+
+def shell_commands(markdown: str) -> list[list[str]]:
+    """The simple commands of every fenced shell block: continuations joined, comments dropped, split at
+    && || ; |, leading VAR=value assignments and a `$ ` prompt removed."""
+    commands = []
+    for block in SHELL_BLOCK.findall(markdown):
+        for line in block.replace("\\\n", " ").splitlines():
+            tokens = shlex.split(line.removeprefix("$ "), comments=True)
+            current: list[str] = []
+            for token in tokens + [";"]:
+                if token in SEPARATORS:
+                    while current and re.fullmatch(r"[A-Z_][A-Z0-9_]*=.*", current[0]):
+                        current.pop(0)
+                    if current:
+                        commands.append(current)
+                    current = []
+                else:
+                    current.append(token.rstrip(";"))
+    return commands
+
+
+def make_targets() -> set[str]:
+    return set(re.findall(r"^([A-Za-z0-9_.-]+)\s*:(?!=)", (ROOT / "Makefile").read_text(), re.M))
+
+
+def make_variables() -> set[str]:
+    text = (ROOT / "Makefile").read_text()
+    return set(re.findall(r"^([A-Z_][A-Z0-9_]*)\s*[?:]?=", text, re.M)) | set(re.findall(r"\$\(([A-Z_][A-Z0-9_]*)\)", text))
+
+
+def urm_envvars() -> set[str]:
+    """Every URM_ variable an option of some command reads."""
+    names, stack = set(), [typer.main.get_command(app)]
+    while stack:
+        command = stack.pop()
+        stack += list(getattr(command, "commands", {}).values())
+        for param in command.params:
+            envvar = getattr(param, "envvar", None)
+            names |= {envvar} if isinstance(envvar, str) else set(envvar or ())
+    return names
+
+
+def urm_argv(command: list[str]) -> list[str] | None:
+    """The arguments after `urm` (or `.venv/bin/urm`, `python cli.py`, `python -m cli`), else None."""
+    for i, token in enumerate(command):
+        if token == "urm" or token.endswith("/urm") or token == "cli.py":
+            return command[i + 1:]
+        if token == "cli" and i and command[i - 1] == "-m":
+            return command[i + 1:]
+    return None
+
+
+def check_urm(argv: list[str]) -> None:
+    """Parse ``argv`` as the CLI would, down to the subcommand's options; click raises on anything unknown."""
+    command = typer.main.get_command(app)
+    ctx = command.make_context("urm", list(argv), resilient_parsing=False)
+    while hasattr(command, "resolve_command"):  # a group: urm, urm cache
+        args = getattr(ctx, "_protected_args", []) + ctx.args  # a group keeps the subcommand's name aside
+        if not args:
+            return
+        name, command, rest = command.resolve_command(ctx, args)
+        ctx = command.make_context(name, rest, parent=ctx, resilient_parsing=False)
+
+
+COMMANDS = shell_commands(README.read_text())
+
+
+def test_the_readme_has_shell_commands_to_check():
+    kinds = {c[0] for c in COMMANDS}
+    assert "make" in kinds and any(urm_argv(c) for c in COMMANDS), kinds
+    firsts = [c for c in COMMANDS if c[0] == "make"][:2]
+    assert firsts == [["make", "demo"], ["make", "test"]], firsts  # the quick start comes first
+
+
+@pytest.mark.parametrize("command", [c for c in COMMANDS if c[0] == "make"], ids=" ".join)
+def test_make_targets_and_variables_exist(command):
+    targets, variables, envvars = make_targets(), make_variables(), urm_envvars()
+    for arg in command[1:]:
+        if arg.startswith("-"):
+            continue
+        if "=" in arg:
+            name = arg.split("=", 1)[0]
+            assert name in variables or name in envvars, f"{name} is neither a Makefile variable nor a URM_ option"
+        else:
+            assert arg in targets, f"`make {arg}`: no such target in the Makefile"
+
+
+@pytest.mark.parametrize("command", [c for c in COMMANDS if urm_argv(c) is not None], ids=" ".join)
+def test_urm_command_lines_parse(command):
+    try:
+        check_urm(urm_argv(command))
+    except click_errors.Exit:
+        pass  # --help
+    except click_errors.ClickException as e:
+        pytest.fail(f"`{' '.join(command)}`: {e.format_message()}")
+
+
+@pytest.mark.parametrize("command", [c for c in COMMANDS if c[:3] in (["python", "-m", "bench"],
+                                                                   [".venv/bin/python", "-m", "bench"])],
+                         ids=" ".join)
+def test_benchmarks_named_exist(command):
+    names = [a for a in command[3:] if not a.startswith("-")][:1]
+    for name in names:
+        assert (ROOT / "bench" / f"{name}.py").is_file(), f"no benchmark bench/{name}.py"
+
+
+def test_a_wrong_command_is_caught():
+    with pytest.raises(click_errors.ClickException):
+        check_urm(["extract", "--no-such-option", "1"])
+    with pytest.raises(click_errors.ClickException):
+        check_urm(["no-such-command"])
+    with pytest.raises(click_errors.ClickException):
+        check_urm(["extract", "--max-length", "many"])
+    assert "no-such-target" not in make_targets() and "demo" in make_targets()
