@@ -4,7 +4,8 @@ runs those, passing the options on (e.g. `python -m bench cache_read --rows 2000
 import importlib
 import sys
 
-BENCHES = ["cache_read", "extract_speed", "train_heads", "sigma_recovery", "gating_real", "export_speed", "evaluate_real"]
+BENCHES = ["cache_read", "extract_speed", "train_heads", "sigma_recovery", "gating_real", "export_speed", "evaluate_real",
+           "serve_load"]
 
 
 def main(argv: list[str]) -> int:
