@@ -27,6 +27,7 @@ def refused(fn, *args) -> RequestError:
     (b"", 400, "empty request body"),
     (b'{"query": [', 400, "malformed JSON"),
     (b'\xff\xfe{"query"}', 400, "not UTF-8"),
+    ('{"query": ["a"]}'.encode("utf-16"), 400, "not UTF-8"),  # json.loads alone would take it
     (b"[" * 100_000, 400, "nested too deeply"),
 ])
 def test_bodies_that_are_not_json_are_400(body, status, says):
