@@ -1,18 +1,21 @@
 """`urm serve` under load on loopback: dynamic batching vs one request at a time, side by side in one run.
 
 A tiny random Llama export (tests/tiny_models.py: hidden size 64, 2 layers; a reward-model backbone, a
-2-member ensemble and the URM gate) is served twice by `urm serve` in a subprocess on 127.0.0.1:
+2-member ensemble and the URM gate) is served by two `urm serve` subprocesses on 127.0.0.1, both up:
   dynamic          requests that arrive within --max-wait-ms (5 ms) of each other share a model call
   one_at_a_time    --no-dynamic-batching: each request its own model call
-Each time --clients threads (each with its own keep-alive connection) send --requests requests between
-them, OpenRLHF's way: POST /get_reward with one templated query each, drawn from --conversations
-synthetic conversations of varied length; the load stops by itself when they are sent. Every answer is
-checked against the export's own score for that query (computed in this process with `urm score`'s
-path beforehand): a lost request, an error or another request's score is counted, never skipped.
-Reported per mode: requests/s, p50 / p99 / max latency, the server's model calls and the most requests
-one call took. Writes bench/results/serve_load.json. On a tiny model the forward pass is cheap, so this
-measures what batching saves in per-call overhead on these 2 CPU cores (clients and server share them);
-with a real backbone on a GPU a call costs far more and batching is worth more.
+In --rounds rounds, alternating between the two servers, --clients threads (each with its own keep-alive
+connection) send --requests / --rounds requests between them, OpenRLHF's way: POST /get_reward with one
+templated query each. Two workloads: ``short`` (one-line questions and answers, ~30 tokens) and
+``synthetic`` (the demo's synthetic HelpSteer2-schema conversations, 138-904 tokens). The load stops by
+itself when the requests are sent. Every answer is checked against the export's own score for that
+query (computed in this process with `urm score`'s path beforehand): a lost request, an error or
+another request's score is counted, never skipped. Reported per mode: requests/s, p50 / p99 / max
+latency, the server's model calls and the most requests one call took. Writes
+bench/results/serve_load.json. Clients and servers share this machine's cores (and other jobs may run
+on it: the load average is recorded), so the rounds are interleaved and the comparison is the ratio.
+On a tiny model a forward pass is cheap and batching can only save per-call overhead; with a real
+backbone on a GPU a call costs far more and batching is worth more.
 
 `run_load` and `serve` are also what tests/test_serve.py runs (a short bounded load, no timing asserted).
 """
@@ -131,7 +134,7 @@ def request(url: str, method: str, path: str, payload=None, body: bytes | None =
 
 
 def run_load(url: str, queries: list[str], expected: list[float], clients: int, requests: int,
-             tolerance: float = 1e-4, timeout: float = 60) -> dict:
+             tolerance: float = 1e-4, timeout: float = 60, keep_latencies: bool = False) -> dict:
     """``requests`` POST /get_reward calls (one query each) from ``clients`` threads; every answer checked
     against ``expected`` for its own query. Returns counts and latencies (ms)."""
     host, port = url.removeprefix("http://").rsplit(":", 1)
@@ -169,10 +172,13 @@ def run_load(url: str, queries: list[str], expected: list[float], clients: int, 
         t.join()
     seconds = time.perf_counter() - started
     ms = np.array(latencies) * 1000 if latencies else np.array([np.nan])
-    return {"clients": clients, "requests": requests, "answered_correctly": len(latencies), **failures,
-            "seconds": seconds, "requests_per_s": requests / seconds,
-            "latency_ms": {"p50": float(np.percentile(ms, 50)), "p99": float(np.percentile(ms, 99)),
-                           "max": float(ms.max())}}
+    result = {"clients": clients, "requests": requests, "answered_correctly": len(latencies), **failures,
+              "seconds": seconds, "requests_per_s": requests / seconds,
+              "latency_ms": {"p50": float(np.percentile(ms, 50)), "p99": float(np.percentile(ms, 99)),
+                             "max": float(ms.max())}}
+    if keep_latencies:
+        result["_latencies_ms"] = ms
+    return result
 
 
 def workload(model_dir: Path, kind: str, n: int) -> tuple[list[str], list[float], list[int]]:
@@ -195,24 +201,48 @@ def workload(model_dir: Path, kind: str, n: int) -> tuple[list[str], list[float]
     return texts, out["score"].tolist(), [len(x) for x in ids]
 
 
+def merge(rounds: list[dict]) -> dict:
+    """One mode's rounds as one result: counts summed, latency percentiles over every answer."""
+    ms = np.concatenate([r.pop("_latencies_ms") for r in rounds])
+    seconds = sum(r["seconds"] for r in rounds)
+    requests = sum(r["requests"] for r in rounds)
+    return {"clients": rounds[0]["clients"], "requests": requests, "rounds": len(rounds),
+            **{k: sum(r[k] for r in rounds) for k in ("answered_correctly", "errors", "mismatched")},
+            "seconds": seconds, "requests_per_s": requests / seconds,
+            "requests_per_s_by_round": [round(r["requests_per_s"], 1) for r in rounds],
+            "latency_ms": {"p50": float(np.percentile(ms, 50)), "p99": float(np.percentile(ms, 99)),
+                           "max": float(ms.max())}}
+
+
 def compare(model_dir: Path, kind: str, args) -> dict:
-    """Both modes on one workload, one after the other on the same machine."""
+    """Both modes on one workload: both servers up at once, their rounds interleaved (dynamic, one at a time,
+    dynamic, ...) so that a busy spell on this shared machine falls on both alike."""
     queries, expected, lengths = workload(model_dir, kind, args.conversations)
     modes = {"dynamic": ["--max-wait-ms", str(args.max_wait_ms)], "one_at_a_time": ["--no-dynamic-batching"]}
-    results = {"query_tokens": {"min": min(lengths), "median": float(np.median(lengths)), "max": max(lengths)}}
-    for name, options in modes.items():
-        with serve(model_dir, "--device", "cpu", "--dtype", "float32", *options) as (_, url):
-            run_load(url, queries, expected, args.clients, min(64, args.requests))  # warm-up
-            before = request(url, "GET", "/health")[1]["stats"]
-            result = run_load(url, queries, expected, args.clients, args.requests)
+    results: dict = {"query_tokens": {"min": min(lengths), "median": float(np.median(lengths)), "max": max(lengths)}}
+    per_round = args.requests // args.rounds
+    with serve(model_dir, "--device", "cpu", "--dtype", "float32", *modes["dynamic"]) as (_, dynamic_url), \
+            serve(model_dir, "--device", "cpu", "--dtype", "float32", *modes["one_at_a_time"]) as (_, one_url):
+        urls = {"dynamic": dynamic_url, "one_at_a_time": one_url}
+        rounds: dict[str, list] = {name: [] for name in modes}
+        before = {}
+        for name, url in urls.items():
+            run_load(url, queries, expected, args.clients, min(64, per_round))  # warm-up
+            before[name] = request(url, "GET", "/health")[1]["stats"]
+        for _ in range(args.rounds):
+            for name, url in urls.items():
+                rounds[name].append(run_load(url, queries, expected, args.clients, per_round, keep_latencies=True))
+        for name, url in urls.items():
             after = request(url, "GET", "/health")[1]["stats"]
-        result["model_calls"] = after["model_calls"] - before["model_calls"]
-        result["requests_per_model_call"] = args.requests / max(1, result["model_calls"])
-        result["largest_call_requests"] = after["largest_call_requests"]
-        results[name] = result
-        print(f"{kind} {name}: {result['requests_per_s']:.0f} req/s, p50 {result['latency_ms']['p50']:.1f} ms, "
-              f"p99 {result['latency_ms']['p99']:.1f} ms, {result['model_calls']} model calls, "
-              f"errors {result['errors']}, mismatched {result['mismatched']}", flush=True)
+            result = merge(rounds[name])
+            result["model_calls"] = after["model_calls"] - before[name]["model_calls"]
+            result["requests_per_model_call"] = result["requests"] / max(1, result["model_calls"])
+            result["largest_call_requests"] = after["largest_call_requests"]
+            results[name] = result
+            print(f"{kind} {name}: {result['requests_per_s']:.0f} req/s (rounds {result['requests_per_s_by_round']}), "
+                  f"p50 {result['latency_ms']['p50']:.1f} ms, p99 {result['latency_ms']['p99']:.1f} ms, "
+                  f"{result['model_calls']} model calls, errors {result['errors']}, mismatched {result['mismatched']}",
+                  flush=True)
     d, one = results["dynamic"], results["one_at_a_time"]
     results["ratios"] = {"throughput": d["requests_per_s"] / one["requests_per_s"],
                          "p50": d["latency_ms"]["p50"] / one["latency_ms"]["p50"],
@@ -228,6 +258,7 @@ def main(argv: list[str]) -> None:
     p.add_argument("--requests", type=int, default=800, help="requests per mode, spread over the clients")
     p.add_argument("--conversations", type=int, default=64)
     p.add_argument("--max-wait-ms", type=float, default=5.0)
+    p.add_argument("--rounds", type=int, default=4, help="rounds per mode, interleaved between the two servers")
     args = p.parse_args(argv)
 
     sys.path.insert(0, str(ROOT / "tests"))  # the tiny export builder the tests use
