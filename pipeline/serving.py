@@ -200,6 +200,9 @@ class Batcher:
         """Queue one request's rows; its outputs (rows in order) when its batch has run. 503 when full."""
         if self._task is None or self._closing:
             raise RequestError(503, "the server is shutting down")
+        if self._task.done():  # the worker died (a bug): say so rather than queue requests nobody will score
+            why = "cancelled" if self._task.cancelled() else repr(self._task.exception())
+            raise RequestError(500, f"the scoring worker stopped ({why}); restart the server")
         if self.queued_rows + len(ids) > self.max_queue:
             self.stats.rejected_full += 1
             raise RequestError(503, f"the queue is full ({self.queued_rows} conversations waiting, at most "
