@@ -28,7 +28,7 @@ REWARDBENCH_STAMP := $(REWARDBENCH)/.installed
 # `make score INPUT=file.jsonl [OUTPUT=scores.jsonl]` scores with the PRESET's export.
 MODEL  ?= runs/$(PRESET)/model
 
-.PHONY: demo install test test-fast extract train-heads train-value-head train-gating export evaluate score bench clean-cache help
+.PHONY: demo install test test-fast extract train-heads train-value-head train-gating export evaluate score serve bench clean-cache help
 
 help:
 	@echo "make demo         install, then the whole offline demo (urm demo): extract, train-heads, export, evaluate, scores"
@@ -38,6 +38,7 @@ help:
 	@echo "make extract train-heads export   the whole job (PRESET=$(PRESET))"
 	@echo "make evaluate     the heads on the preset's held-out caches, beside baselines (report in runs/PRESET/eval)"
 	@echo "make score INPUT=file.jsonl       score conversations or pairs with the export (MODEL=$(MODEL))"
+	@echo "make serve [URM_PORT=8000]        serve the export over HTTP on loopback (MODEL=$(MODEL))"
 	@echo "make bench        run the benchmarks, results in bench/results/*.json"
 
 $(STAMP): pyproject.toml
@@ -96,6 +97,10 @@ evaluate: $(STAMP)
 score: $(STAMP)
 	@test -n "$(INPUT)" || { echo "usage: make score INPUT=conversations.jsonl [OUTPUT=scores.jsonl] [MODEL=$(MODEL)]"; exit 2; }
 	$(URM) score $(MODEL) --preset $(PRESET) --input $(INPUT) $(if $(OUTPUT),--output $(OUTPUT))
+
+# `make serve [URM_PORT=8000] [URM_HOST=127.0.0.1]` serves the PRESET's export (Ctrl-C stops it).
+serve: $(STAMP)
+	$(URM) serve $(MODEL) --preset $(PRESET)
 
 bench: $(STAMP)
 	$(PY) -m bench

@@ -275,6 +275,30 @@ def demo(preset: str = typer.Option(C.DEFAULT_PRESET, "--preset", "-p", help=PRE
     typer.echo(summary(run_or_fail(run_demo, preset, log=typer.echo)))
 
 
+@app.command()
+@with_config("serve")
+def serve(
+    model_dir: str = typer.Argument(..., help="Exported model directory."),
+    configs: dict = None,
+):
+    """Serve an exported model over HTTP for RLHF loops: batched scores with uncertainty.
+
+    POST /score takes {"conversations": [[{role, content}, ...] or "templated text", ...]} and returns
+    each one's score, score_std, per-attribute means / stds / gate weights (and the ensemble spread);
+    POST /get_reward speaks OpenRLHF's remote reward-model protocol ({"query": [...]} -> {"rewards":
+    [...]}); GET /health gives the model's metadata. Requests that arrive together are batched under
+    the token budget. Listens on loopback unless --host says otherwise: there is no authentication.
+    SIGTERM or Ctrl-C lets the requests in flight finish, then stops.
+
+    \b
+    Example: urm serve runs/demo/model --port 8000
+             curl -s localhost:8000/get_reward -d '{"query": ["<s><|user|>..."]}'
+    """
+    from pipeline.recipes.serve import run_serve, summary
+
+    typer.echo(summary(run_or_fail(run_serve, model_dir, configs["serve"])), err=True)
+
+
 @cache_app.command("info")
 def cache_info(path: str = typer.Argument(..., help="A cache folder (holding _manifest.json)."),
                verify: bool = typer.Option(True, "--verify/--no-verify", help=C.VERIFY_HELP)):

@@ -53,7 +53,14 @@ def render_ids(tokenizer, conversations: list[list[dict]]) -> list[list[int]]:
     """Token ids of each conversation, exactly as the backbone must read them."""
     if not conversations:
         return []
-    texts = render_texts(tokenizer, conversations)
+    return encode_texts(tokenizer, render_texts(tokenizer, conversations))
+
+
+def encode_texts(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Token ids of already-templated texts (the chat template's output, special tokens written out), by the
+    same rule as ``render_ids``: no special tokens added, then exactly one leading BOS."""
+    if not texts:
+        return []
     encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
     bos, required = tokenizer.bos_token_id, adds_bos(tokenizer)
     return [with_one_bos(list(ids), bos, required) for ids in encoded]

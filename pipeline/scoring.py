@@ -78,6 +78,14 @@ def score_ids(model, id_lists: list[list[int]], max_tokens: int, pad_id: int,
     return run_batches(lambda ids, mask: model_forward(model, ids, mask), id_lists, max_tokens, pad_id, on_batch)
 
 
+def length_limit(config, asked: int | None) -> int:
+    """The longest conversation to score: as asked, else the longest the heads were trained on (the export's
+    ``urm.max_length``), and never more than the backbone's positions."""
+    positions = getattr(config, "max_position_embeddings", None) or 1 << 62
+    trained = (getattr(config, "urm", None) or {}).get("max_length")
+    return min(asked or trained or positions, positions)
+
+
 def row_scores(out: dict[str, np.ndarray], i: int, names: list[str]) -> dict:
     """The JSON fields of row ``i``: every output, per-attribute ones keyed by attribute name."""
     row = {}

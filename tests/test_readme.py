@@ -30,8 +30,14 @@ def shell_commands(markdown: str) -> list[list[str]]:
     && || ; |, leading VAR=value assignments and a `$ ` prompt removed."""
     commands = []
     for block in SHELL_BLOCK.findall(markdown):
+        pending = ""
         for line in block.replace("\\\n", " ").splitlines():
-            tokens = shlex.split(line.removeprefix("$ "), comments=True)
+            try:
+                tokens = shlex.split((pending + line).removeprefix("$ "), comments=True)
+            except ValueError:  # a quoted argument (JSON, say) goes on over the next line
+                pending += line + "\n"
+                continue
+            pending = ""
             current: list[str] = []
             for token in tokens + [";"]:
                 if token in SEPARATORS:

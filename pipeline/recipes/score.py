@@ -24,7 +24,7 @@ import numpy as np
 
 from pipeline.atomic import write_text
 from pipeline.config import ScoreConfig
-from pipeline.scoring import ScoreError, pair_probabilities, row_scores
+from pipeline.scoring import ScoreError, length_limit, pair_probabilities, row_scores
 
 
 def load_input(source: str, cfg: ScoreConfig):
@@ -59,14 +59,6 @@ def output_rows(kind: str, items, out: dict[str, np.ndarray], names: list[str], 
         chosen, rejected = row_scores(out, 2 * j, names), row_scores(out, 2 * j + 1, names)
         yield {"id": pair.pair_id, "subset": pair.subset, "chosen": chosen, "rejected": rejected,
                **pair_probabilities(chosen, rejected, temperature)}
-
-
-def length_limit(config, asked: int | None) -> int:
-    """The longest conversation to score: as asked, else the longest the heads were trained on (the export's
-    ``urm.max_length``), and never more than the backbone's positions."""
-    positions = getattr(config, "max_position_embeddings", None) or 1 << 62
-    trained = (getattr(config, "urm", None) or {}).get("max_length")
-    return min(asked or trained or positions, positions)
 
 
 def within_length(kind: str, items, ids: list[list[int]], limit: int, log):

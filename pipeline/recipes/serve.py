@@ -1,0 +1,120 @@
+"""`urm serve`: an exported model behind HTTP for RLHF loops (pipeline.serving), under uvicorn.
+
+The wiring: check the options and the export, load it once (GPU when there is one: --device auto),
+bind the address (a port in use is one clear error; port 0 picks a free one), print the address,
+then serve until SIGTERM or Ctrl-C, which stop taking connections, let the requests in flight
+finish, and return. Scores come from `urm score`'s own path (pipeline.render, pipeline.scoring).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import signal
+import socket
+import sys
+import time
+
+from pipeline.config import ServeConfig
+from pipeline.errors import UserError
+
+
+class ServeError(UserError):
+    """The server cannot start (the address is taken or unknown, ...)."""
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port (IPv4 or IPv6), or ServeError saying why not."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    except socket.gaierror as e:
+        raise ServeError(f"--host {host}: not an address this machine can listen on ({e.strerror})") from None
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise ServeError(f"cannot listen on {host}:{port}: {e.strerror} (another server there? pick another "
+                         "--port, or 0 for a free one)") from None
+    sock.listen(2048)
+    return sock
+
+
+def load_service(model_dir: str, cfg: ServeConfig):
+    """The export loaded once, and how the server tokenises and scores for it (`urm score`'s functions)."""
+    from pipeline.heads_io import EXPORT_TENSORS, read_meta
+    from pipeline.render import encode_texts, render_ids
+    from pipeline.scoring import length_limit, load_scorer, score_ids
+    from pipeline.serving import Service
+
+    model, tokenizer = load_scorer(model_dir, cfg.dtype, cfg.device, cfg.verify)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    urm = model.config.urm
+    meta = read_meta(model_dir, tensors=EXPORT_TENSORS)
+    limit = length_limit(model.config, cfg.max_length)
+    info = {"model_dir": str(model_dir), "backbone": meta.value_head.cache.backbone,
+            "model_type": model.config.model_type, "hidden_size": model.config.hidden_size,
+            "attributes": list(urm["attributes"]), "members": urm["members"], "gate": urm["gate"],
+            "base_score": bool(urm.get("base_score")), "max_length": limit,
+            "trained_max_length": urm.get("max_length"), "pair_temperature": urm.get("pair_temperature"),
+            "device": str(model.device), "dtype": str(model.dtype).removeprefix("torch.")}
+    return Service(encode_conversations=lambda convs: render_ids(tokenizer, convs),
+                   encode_texts=lambda texts: encode_texts(tokenizer, texts),
+                   score_fn=lambda ids: score_ids(model, ids, cfg.max_tokens_per_batch, pad_id),
+                   names=list(urm["attributes"]), max_length=limit, max_tokens=cfg.max_tokens_per_batch, info=info)
+
+
+def run_serve(model_dir: str, cfg: ServeConfig, log=None) -> dict:
+    """Serve ``model_dir`` on cfg.host:cfg.port until SIGTERM / Ctrl-C; returns what was served."""
+    import uvicorn
+
+    from pipeline.serving import Batcher, Limits, create_app
+
+    log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+    sock = bind(cfg.host, cfg.port)  # before loading: a taken port fails in a second, not after the model loads
+    try:
+        service = load_service(model_dir, cfg)
+        limits = Limits(max_items=cfg.max_items, max_queue=cfg.max_queue,
+                        max_body_bytes=int(cfg.max_body_mb * (1 << 20)))
+        batcher = Batcher(service.score_fn, cfg.max_tokens_per_batch, cfg.max_wait_ms / 1000, cfg.max_queue,
+                          batching=cfg.dynamic_batching)
+        app = create_app(service, limits, batcher)
+        host, port = sock.getsockname()[:2]
+        shown = f"[{host}]" if ":" in host else host
+        if not is_loopback(cfg.host):
+            log(f"warning: listening on {cfg.host}, not loopback: the server has no authentication; anyone who can "
+                "reach this address can use the model")
+        # The address line goes to stdout, flushed, so scripts (and the tests) can wait for it.
+        print(f"urm serve: listening on http://{shown}:{port} ({service.info['device']}, "
+              f"{service.info['dtype']}; POST /score, POST /get_reward, GET /health)", flush=True)
+        config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=60,
+                                limit_concurrency=max(64, 2 * cfg.max_queue), timeout_keep_alive=30)
+        server = uvicorn.Server(config)
+        started = time.time()
+        # uvicorn catches SIGTERM / SIGINT itself (stop accepting, let in-flight requests finish), then raises
+        # the signal again under the handler that was there before: a quiet one, so a requested stop returns.
+        previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            server.run(sockets=[sock])
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+    finally:
+        sock.close()
+    stats = batcher.stats
+    return {"address": f"http://{shown}:{port}", "seconds": time.time() - started, "requests": stats.requests,
+            "conversations": stats.rows, "model_calls": stats.model_calls}
+
+
+def summary(result: dict) -> str:
+    return (f"urm serve: stopped after {result['seconds']:.0f} s; served {result['requests']} requests "
+            f"({result['conversations']} conversations) in {result['model_calls']} model calls")
