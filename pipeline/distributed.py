@@ -14,6 +14,7 @@ themselves never communicate: each rank runs its own copy of the backbone on cud
 from __future__ import annotations
 
 import datetime as _dt
+import gc
 import os
 from dataclasses import dataclass
 from typing import Callable, TypeVar
@@ -99,6 +100,7 @@ def stop(ranks: Ranks) -> None:
 
     if ranks.distributed and dist.is_initialized():
         dist.destroy_process_group()
+        gc.collect()  # the group's threads end now, not during interpreter exit (where gloo's abort)
 
 
 def from_main(ranks: Ranks, compute: Callable[[], T]) -> T:
