@@ -143,8 +143,18 @@ def single(tiny_dir, tmp_path_factory):
     cache = tmp_path_factory.mktemp("single")
     datasets = {"ratings": DatasetSpec("ratings", "ratings", RATINGS),
                 "preferences": DatasetSpec("preferences", "preferences", PREFERENCES)}
-    run_extract(ExtractConfig(datasets=datasets, **options(tiny_dir, cache)))
+    one_thread(run_extract, ExtractConfig(datasets=datasets, **options(tiny_dir, cache)))
     return cache
+
+
+def one_thread(fn, *args, **kwargs):
+    """``fn`` with one torch thread, as torchrun's ranks run (tiny matmuls on a busy 2-core machine run faster)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def assert_same_cache(a: Path, b: Path) -> None:
@@ -180,6 +190,15 @@ def test_two_ranks_make_the_cache_one_process_makes(tiny_dir, single, tmp_path):
         a, b = read_manifest(single / name), read_manifest(cache / name)
         assert b["complete"] and a["fingerprint"] == b["fingerprint"]  # the same part files, bit for bit
         assert not [f.name for f in (cache / name).iterdir() if f.name.startswith((".", "_parts"))]
+
+    # rank 0 finds other settings: every rank stops with one line (torchrun then prints its own report)
+    done = torchrun(["-m", "cli", "extract", "--preset", str(preset), *flags, "--max-length=512", "ratings"], tmp_path)
+    assert done.returncode != 0
+    lines = sorted(line for line in done.stderr.splitlines() if line.startswith("error: "))  # either order
+    assert len(lines) == 2 and "holds features made with other settings" in lines[0], done.stderr[-3000:]
+    assert lines[1] == "error: rank 1 of 2: stopped because rank 0 failed (its error line says why)"
+    assert "terminate called" not in done.stderr  # the gloo group ends before the interpreter does
+    assert read_manifest(cache / "ratings")["complete"]
 
 
 KILL_SCRIPT = """
@@ -228,7 +247,7 @@ def test_a_rank_killed_mid_run_then_one_process_finishes_the_cache(tiny_dir, sin
     listed = sum(journal_parts(f)[1] for f in (cache / "ratings").glob("_parts.rank-*.json"))
     assert 1 <= listed < 8
 
-    stats = run_extract(ExtractConfig(**config), names=["ratings"])["ratings"]  # world size 1 now
+    stats = one_thread(run_extract, ExtractConfig(**config), names=["ratings"])["ratings"]  # world size 1 now
     assert stats.parts_skipped == listed and stats.parts_written == 8 - listed and stats.rows == 30
     assert_same_cache(single / "ratings", cache / "ratings")
     assert not [f.name for f in (cache / "ratings").iterdir() if f.name.startswith((".", "_parts"))]
