@@ -35,6 +35,13 @@ the manifest does not list (killed between rename and manifest update) and liste
 size changed, and skips the rest (`part_done`). `finish()` marks the cache complete; readers
 refuse an incomplete cache.
 
+Many writers (torchrun ranks, `pipeline.distributed`): rank 0 opens the cache with `open_writer` (the
+lock, the checks and clean-up above) while the others wait; then each rank writes its own parts with
+a `RankWriter`, which records them in the rank's journal `_parts.rank-NNNNN.json` (rewritten
+atomically after each part) instead of the manifest. Once every rank is done, rank 0 folds the
+journals into the manifest (`merge_journals`) and finishes. A writer that opens a cache folds in any
+journals left by a killed run first, so the parts they list count as done, with any number of ranks.
+
 Speed: the embedding column is written uncompressed, PLAIN, without dictionary or statistics, in
 data pages v2 of 8 MB, the layout `pipeline.parquet_pages` reads straight from the file.
 """
@@ -47,6 +54,7 @@ import hashlib
 import json
 import os
 import re
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -77,7 +85,8 @@ COMPAT_FIELDS = ("format_version", "kind", "backbone", "backbone_revision", "hid
                  "storage_dtype", "max_length", "chat_template_hash", "dataset_fingerprint",
                  "label_names", "extra")
 _PART_RE = re.compile(r"^part-(\d+)\.parquet$")
-_TMP_RE = re.compile(r"^\.(?:part-\d+\.parquet|_manifest\.json)\.(\d+)\.tmp$")
+_JOURNAL_RE = re.compile(r"^_parts\.rank-(\d+)\.json$")
+_TMP_RE = re.compile(r"^\.(?:part-\d+\.parquet|_manifest\.json|_parts\.rank-\d+\.json)\.(\d+)\.tmp$")
 
 
 class CacheError(UserError):
@@ -162,6 +171,11 @@ def part_name(index: int) -> str:
     return f"part-{index:05d}.parquet"
 
 
+def journal_name(rank: int) -> str:
+    """The file in which torchrun rank ``rank`` lists the parts it wrote, until rank 0 merges it."""
+    return f"_parts.rank-{rank:05d}.json"
+
+
 # --------------------------------------------------------------------------------------- writing
 
 
@@ -183,7 +197,8 @@ class CacheWriter:
 
     One writer at a time: it holds an exclusive lock on the cache folder (``fcntl.flock`` on the folder
     itself, so no lock file is left behind; the kernel releases it if the process dies) from opening
-    until ``finish`` or ``close``, and a second writer is refused at once.
+    until ``finish`` or ``close``, and a second writer is refused at once. Under torchrun, rank 0's writer
+    holds it for the whole run while every rank writes its parts through a ``RankWriter``.
     """
 
     def __init__(self, folder: Path, spec: CacheSpec, *, overwrite: bool, n_parts: int | None, verify: bool):
@@ -209,12 +224,14 @@ class CacheWriter:
         if n_parts is not None:
             self.manifest["n_parts"] = int(n_parts)
         self._parts = {int(p["index"]): p for p in self.manifest["parts"]}
+        journals = self._fold_journals()  # parts written by the ranks of a killed torchrun run
         lost = self._drop_bad_parts(verify)  # listed parts that are gone or changed: not complete now
         if lost:
             self.manifest.update(complete=False, completed=None)
         stray = _remove_unlisted_parts(folder, self._parts)  # e.g. killed between rename and manifest
-        if old is None or lost or stray or n_parts is not None:
+        if old is None or lost or stray or journals or n_parts is not None:
             self._save()
+        _remove(journals)  # their parts are in the manifest now
 
     def close(self) -> None:
         """Release the folder's lock (``finish`` does too); the writer writes nothing more."""
@@ -246,19 +263,8 @@ class CacheWriter:
         for the whole part), labels [n, 5] float32 (NaN = missing; default all NaN), base_score and
         margin [n] (NaN or None = null). `dropped`: rows of this part's input left out (too long).
         """
-        index, total = int(index), self.manifest.get("n_parts")
-        if index < 0 or (total is not None and index >= total):
-            raise CacheInputError(f"{self.folder}: part index {index} is outside 0..{(total or 1) - 1} (n_parts {total})")
-        name = part_name(index)
-        table = _build_table(self.spec, columns, self.folder / name)
-        written = {f.name: str(f.type) for f in table.schema}
-        if self.manifest["columns"] != written:  # parts of one cache share one schema
-            missing = sorted(set(written) - set(self.manifest["columns"]))
-            raise CacheMismatch(f"{self.folder} was written by an older version of this package (without the "
-                                f"column(s) {missing}); {FIX}.")
-        entry = _write_parquet_atomic(self.folder, name, table, _row_group_rows(self.spec))
-        entry = {"index": index, **entry, "rows": table.num_rows, "dropped": int(dropped)}
-        self._parts[index] = entry
+        entry = _write_part_file(self.folder, self.spec, self.manifest, index, columns, dropped)
+        self._parts[entry["index"]] = entry
         self.manifest.update(complete=False, fingerprint=None, completed=None)
         self._save()
         self.parts_written += 1
@@ -281,6 +287,39 @@ class CacheWriter:
         self.close()
         return copy.deepcopy(self.manifest)
 
+    def merge_journals(self) -> None:
+        """Fold the ranks' journals into the manifest (torchrun, rank 0, after every rank is done).
+
+        Each listed part's size is checked (its checksum was computed by the rank that wrote it).
+        """
+        journals = self._fold_journals()
+        lost = self._drop_bad_parts(verify=False)
+        if lost:
+            self.manifest.update(complete=False, completed=None)
+        self._save()
+        _remove(journals)
+
+    def _fold_journals(self) -> list[Path]:
+        """Add the parts listed in the folder's rank journals; returns the journal files read.
+
+        A journal is ignored when unreadable or made for other settings, and so is an entry that is
+        malformed, outside n_parts or already listed; the parts it names are then written again (an
+        unlisted part file is removed).
+        """
+        key, n_parts = _settings_key(self.manifest), self.manifest.get("n_parts")
+        files = sorted(f for f in self.folder.iterdir() if _JOURNAL_RE.match(f.name))
+        for f in files:
+            journal = _read_journal(f)
+            if journal is None or journal.get("settings") != key:
+                continue
+            for entry in journal["parts"]:
+                index = entry.get("index")
+                if (_whole(index) and index not in self._parts and (n_parts is None or index < n_parts)
+                        and entry.get("file") == part_name(index) and _part_entry_problem(entry) is None
+                        and isinstance(entry.get("sha256"), str)):
+                    self._parts[index] = entry
+        return files
+
     def _drop_bad_parts(self, verify: bool) -> bool:
         bad = {i: why for i, p in self._parts.items() if (why := part_problem(self.folder, p, verify))}
         for i in bad:
@@ -296,6 +335,74 @@ class CacheWriter:
         m["fingerprint"] = _fingerprint(m) if m["complete"] else None
         data = (json.dumps(m, indent=1) + "\n").encode()
         atomic_write(self.folder / MANIFEST, lambda tmp: tmp.write_bytes(data))
+
+
+def open_rank_writer(path, spec: CacheSpec, manifest: dict, rank: int) -> RankWriter:
+    """The writer of torchrun rank ``rank``'s parts, once rank 0 has opened the cache (``manifest`` is rank 0's
+    ``writer.manifest``): no lock, no clean-up, no manifest writes; rank 0 merges its journal."""
+    return RankWriter(Path(path), spec, manifest, rank)
+
+
+class RankWriter:
+    """Writes one torchrun rank's parts atomically and lists each in the rank's journal.
+
+    The ranks of one run write disjoint parts, so they never write the same file; each journal is
+    rewritten atomically after each part, so it lists exactly the parts that are complete.
+    """
+
+    def __init__(self, folder: Path, spec: CacheSpec, manifest: dict, rank: int):
+        self.folder, self.spec, self.manifest, self.rank = folder, spec, manifest, int(rank)
+        self.parts: dict[int, dict] = {}
+        self.parts_written = 0
+
+    def write_part(self, index: int, columns: dict, dropped: int = 0) -> dict:
+        """As ``CacheWriter.write_part``, recorded in this rank's journal instead of the manifest."""
+        entry = _write_part_file(self.folder, self.spec, self.manifest, index, columns, dropped)
+        self.parts[entry["index"]] = entry
+        journal = {"format": "urm-feature-cache-journal", "rank": self.rank, "host": socket.gethostname(),
+                   "pid": os.getpid(), "settings": _settings_key(self.manifest), "updated": _now(),
+                   "parts": [self.parts[i] for i in sorted(self.parts)]}
+        data = (json.dumps(journal, indent=1) + "\n").encode()
+        atomic_write(self.folder / journal_name(self.rank), lambda tmp: tmp.write_bytes(data))
+        self.parts_written += 1
+        return dict(entry)
+
+
+def _write_part_file(folder: Path, spec: CacheSpec, manifest: dict, index: int, columns: dict, dropped: int) -> dict:
+    """Write part ``index`` atomically; its manifest entry (file, size, checksums, rows, dropped)."""
+    index, total = int(index), manifest.get("n_parts")
+    if index < 0 or (total is not None and index >= total):
+        raise CacheInputError(f"{folder}: part index {index} is outside 0..{(total or 1) - 1} (n_parts {total})")
+    name = part_name(index)
+    table = _build_table(spec, columns, folder / name)
+    written = {f.name: str(f.type) for f in table.schema}
+    if manifest["columns"] != written:  # parts of one cache share one schema
+        missing = sorted(set(written) - set(manifest["columns"]))
+        raise CacheMismatch(f"{folder} was written by an older version of this package (without the "
+                            f"column(s) {missing}); {FIX}.")
+    entry = _write_parquet_atomic(folder, name, table, _row_group_rows(spec))
+    return {"index": index, **entry, "rows": table.num_rows, "dropped": int(dropped)}
+
+
+def _settings_key(manifest: dict) -> str:
+    """What a journal must have been written for: the manifest's settings and part count."""
+    content = {k: manifest.get(k) for k in COMPAT_FIELDS}
+    content.update(n_parts=manifest.get("n_parts"), columns=manifest.get("columns"))
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
+
+def _read_journal(file: Path) -> dict | None:
+    try:
+        journal = json.loads(file.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    ok = isinstance(journal, dict) and isinstance(journal.get("parts"), list)
+    return journal if ok and all(isinstance(p, dict) for p in journal["parts"]) else None
+
+
+def _remove(files: list[Path]) -> None:
+    for f in files:
+        f.unlink(missing_ok=True)
 
 
 def _lock(folder: Path) -> int:
@@ -519,7 +626,7 @@ def _pid_alive(pid: int) -> bool:
 
 def _remove_cache_files(folder: Path) -> None:
     for f in folder.iterdir():
-        if _PART_RE.match(f.name) or f.name == MANIFEST:
+        if _PART_RE.match(f.name) or _JOURNAL_RE.match(f.name) or f.name == MANIFEST:
             f.unlink()
 
 
@@ -620,10 +727,17 @@ def manifest_problem(m) -> str | None:
     for i, part in enumerate(m["parts"]):
         if not isinstance(part, dict):
             return f"parts[{i}] is not an object"
-        for key, (ok, what) in PART_TYPES.items():
-            if not ok(part.get(key)):
-                return f"parts[{i}].{key} must be {what}, got {part.get(key)!r}"
-        if not isinstance(part.get("xxh3_128", part.get("sha256")), str):
-            return f"parts[{i}] has no checksum (xxh3_128 or sha256)"
+        problem = _part_entry_problem(part)
+        if problem:
+            return f"parts[{i}]{problem}"
+    return None
+
+
+def _part_entry_problem(part: dict) -> str | None:
+    for key, (ok, what) in PART_TYPES.items():
+        if not ok(part.get(key)):
+            return f".{key} must be {what}, got {part.get(key)!r}"
+    if not isinstance(part.get("xxh3_128", part.get("sha256")), str):
+        return " has no checksum (xxh3_128 or sha256)"
     return None
 

@@ -1,5 +1,5 @@
 """A dataset's records as the rows of its cache: one per rating row, chosen then rejected per pair,
-and how they are cut into parts and filtered by length (METHOD.md 5)."""
+and how they are cut into parts, shared among torchrun ranks and filtered by length (METHOD.md 5)."""
 
 from __future__ import annotations
 
@@ -67,3 +67,20 @@ def part_bounds(n_rows: int, part_rows: int, paired: bool) -> list[tuple[int, in
     """Row ranges of the parts; a part never splits a pair."""
     step = max(2, part_rows - part_rows % 2) if paired else max(1, part_rows)
     return [(a, min(a + step, n_rows)) for a in range(0, n_rows, step)]
+
+
+def balance_parts(part_tokens, world_size: int) -> list[list[int]]:
+    """Which parts each of ``world_size`` ranks writes: disjoint shares with about equal tokens.
+
+    Greedy longest-first: parts by token count, largest first (ties by index), each to the rank with
+    the fewest tokens so far (ties to the lowest rank). A pure function of its inputs, so every rank
+    computes the same shares without asking the others; no rank's share exceeds the mean by more than
+    the largest part. Returns positions into ``part_tokens``, ascending within each share.
+    """
+    tokens = [int(t) for t in part_tokens]
+    loads, shares = [0] * world_size, [[] for _ in range(world_size)]
+    for i in sorted(range(len(tokens)), key=lambda i: (-tokens[i], i)):
+        r = min(range(world_size), key=lambda r: (loads[r], r))
+        loads[r] += tokens[i]
+        shares[r].append(i)
+    return [sorted(s) for s in shares]

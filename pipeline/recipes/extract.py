@@ -5,10 +5,18 @@ once (config and tokenizer: cheap), open each dataset's cache (refusing one made
 settings), and only when some part is still missing load the weights; then per missing part:
 render, drop too-long rows, embed in token-budget batches, write the part atomically. A run killed
 at any moment resumes where it stopped.
+
+Under torchrun (``pipeline.distributed``) every rank loads the rows and tokenises the missing parts
+to count their tokens; rank 0 opens the cache while the others wait; each rank writes its share of
+the missing parts (``rows.balance_parts``: disjoint, about equal tokens) on cuda:LOCAL_RANK; after
+the last rank is done, rank 0 merges the ranks' journals into the manifest and marks it complete.
+Parts are the same row ranges as in a single process, each embedded on its own, so the cache is
+the same one.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.config import ConfigError, DatasetSpec, ExtractConfig
+from pipeline.distributed import Ranks
 from pipeline.records import DataError
 
 
@@ -86,25 +95,27 @@ def select_datasets(cfg: ExtractConfig, names=None) -> list[DatasetSpec]:
     return [cfg.datasets[n] for n in (names or cfg.datasets)]
 
 
-def load_rows(spec: DatasetSpec, skip_invalid: bool, limit: int | None):
+def load_rows(spec: DatasetSpec, skip_invalid: bool, limit: int | None, report: bool = True):
     """Load a dataset's records, print the load report, flatten them into Rows."""
     from pipeline.preferences import load_preferences
     from pipeline.ratings import load_ratings
     from pipeline.rows import pair_rows, rating_rows
 
     if spec.kind == "ratings":
-        records, report = load_ratings(spec.source, format=spec.format, split=spec.split, skip_invalid=skip_invalid,
+        records, loaded = load_ratings(spec.source, format=spec.format, split=spec.split, skip_invalid=skip_invalid,
                                        limit=limit)
         rows = rating_rows(records)
     else:
-        records, report = load_preferences(spec.source, format=spec.format, split=spec.split,
+        records, loaded = load_preferences(spec.source, format=spec.format, split=spec.split,
                                            skip_invalid=skip_invalid, limit=limit)
         rows = pair_rows(records)
-    print(report.summary())
+    if report:
+        print(loaded.summary())
     return rows
 
 
-def extract_dataset(backbone: LazyBackbone, spec: DatasetSpec, cfg: ExtractConfig) -> ExtractStats:
+def extract_dataset(backbone: LazyBackbone, spec: DatasetSpec, cfg: ExtractConfig,
+                    ranks: Ranks = Ranks()) -> ExtractStats:
     """Extract one dataset into ``cfg.cache_dir/spec.name``; complete parts are kept and skipped."""
     from pipeline.cache import CacheSpec, open_writer
     from pipeline.render import chat_template_hash
@@ -112,7 +123,7 @@ def extract_dataset(backbone: LazyBackbone, spec: DatasetSpec, cfg: ExtractConfi
     from pipeline.sources import fingerprint
 
     limit = cfg.limit if cfg.limit is not None else spec.limit
-    rows = load_rows(spec, cfg.skip_invalid, limit)
+    rows = load_rows(spec, cfg.skip_invalid, limit, report=ranks.is_main)
     if not len(rows):
         raise DataError(spec.source, None, None, f"no rows to extract for dataset {spec.name!r}: nothing was cached")
     files = backbone.files
@@ -126,12 +137,70 @@ def extract_dataset(backbone: LazyBackbone, spec: DatasetSpec, cfg: ExtractConfi
     )
     path = Path(cfg.cache_dir) / spec.name
     bounds = part_bounds(len(rows), cfg.part_rows, paired)
+    if ranks.distributed:
+        return extract_on_ranks(backbone, spec, cfg, rows, bounds, cache_spec, path, ranks)
     with open_writer(path, cache_spec, overwrite=cfg.overwrite, n_parts=len(bounds), verify=cfg.verify) as writer:
-        return write_parts(backbone, spec, cfg, rows, bounds, writer, path)
+        todo = [i for i in range(len(bounds)) if not writer.part_done(i)]
+        stats = write_parts(backbone, spec, cfg, rows, bounds, todo, writer)
+        stats.parts_skipped = len(bounds) - len(todo)
+        return finish(writer, spec, cfg, rows, bounds, stats, path)
 
 
-def write_parts(backbone: LazyBackbone, spec: DatasetSpec, cfg: ExtractConfig, rows, bounds, writer, path: Path):
-    """The missing parts of one cache: render, drop too-long rows, embed, write; then mark it complete."""
+def extract_on_ranks(backbone: LazyBackbone, spec: DatasetSpec, cfg: ExtractConfig, rows, bounds, cache_spec,
+                     path: Path, ranks: Ranks) -> ExtractStats:
+    """One dataset under torchrun: rank 0 opens the cache, every rank writes its share of the missing
+    parts, and once all are done rank 0 merges their journals and finishes (see the module docstring)."""
+    from pipeline.cache import open_rank_writer, open_writer
+    from pipeline.distributed import from_main, gather
+    from pipeline.rows import balance_parts
+
+    writer = None
+
+    def open_cache() -> dict:
+        nonlocal writer
+        writer = open_writer(path, cache_spec, overwrite=cfg.overwrite, n_parts=len(bounds), verify=cfg.verify)
+        return writer.manifest
+
+    manifest = from_main(ranks, open_cache)  # the others wait: rank 0 alone checks and cleans the folder
+    try:
+        done = {int(p["index"]) for p in manifest["parts"]}
+        todo = [i for i in range(len(bounds)) if i not in done]
+        tokens = part_tokens(backbone.files.tokenizer, rows, bounds, todo, cfg.max_length, spec.kind == "preferences")
+        mine = [todo[j] for j in balance_parts(tokens, ranks.world_size)[ranks.rank]]
+        stats = write_parts(backbone, spec, cfg, rows, bounds, mine, open_rank_writer(path, cache_spec, manifest,
+                                                                                        ranks.rank), ranks)
+        everyone = gather(ranks, stats)  # waits for the last rank's last part
+        if not ranks.is_main:
+            return stats
+        total = ExtractStats(parts_skipped=len(done), seconds=max(s.seconds for s in everyone),
+                             **{k: sum(getattr(s, k) for s in everyone)
+                                for k in ("tokens", "padded_tokens", "parts_written")})
+        writer.merge_journals()
+        return finish(writer, spec, cfg, rows, bounds, total, path)
+    finally:
+        if writer is not None:
+            writer.close()
+
+
+def part_tokens(tokenizer, rows, bounds, parts: list[int], max_length: int, paired: bool) -> list[int]:
+    """Tokens each of ``parts`` will run through the backbone (its rows that fit max_length): the cost
+    by which torchrun ranks share the parts. Every rank computes the same numbers."""
+    from pipeline.render import render_ids
+    from pipeline.rows import keep_mask
+
+    counts = []
+    for i in parts:
+        lengths = np.array([len(x) for x in render_ids(tokenizer, rows.take(range(*bounds[i])).conversations)])
+        counts.append(int(lengths[keep_mask(lengths, max_length, paired)].sum()))
+    return counts
+
+
+def write_parts(backbone: LazyBackbone, spec: DatasetSpec, cfg: ExtractConfig, rows, bounds, todo: list[int],
+                writer, ranks: Ranks = Ranks()) -> ExtractStats:
+    """Parts ``todo`` of one cache: render, drop too-long rows, embed, write each with ``writer``.
+
+    The progress bar counts this process's rows; under torchrun only rank 0 shows one.
+    """
     from tqdm.auto import tqdm
 
     from pipeline.embedding import embed_all
@@ -140,14 +209,14 @@ def write_parts(backbone: LazyBackbone, spec: DatasetSpec, cfg: ExtractConfig, r
     from pipeline.sources import source_label
 
     paired = spec.kind == "preferences"
-    todo = [i for i in range(len(bounds)) if not writer.part_done(i)]
-    stats = ExtractStats(parts_skipped=len(bounds) - len(todo))
+    stats = ExtractStats()
     label = source_label(spec.source)
     if todo:
         model = backbone.load()
         started = time.perf_counter()
-        bar = tqdm(total=sum(bounds[i][1] - bounds[i][0] for i in todo), unit="row",
-                   desc=f"extract {spec.name}", dynamic_ncols=True)
+        desc = f"extract {spec.name}" + (f" ({ranks}, its share)" if ranks.distributed else "")
+        bar = tqdm(total=sum(bounds[i][1] - bounds[i][0] for i in todo), unit="row", desc=desc,
+                   dynamic_ncols=True, disable=not ranks.is_main)
 
         def on_batch(n, tokens, padded):
             stats.tokens += tokens
@@ -176,6 +245,11 @@ def write_parts(backbone: LazyBackbone, spec: DatasetSpec, cfg: ExtractConfig, r
         finally:
             bar.close()
             stats.seconds = time.perf_counter() - started
+    return stats
+
+
+def finish(writer, spec: DatasetSpec, cfg: ExtractConfig, rows, bounds, stats: ExtractStats, path: Path):
+    """Mark the cache complete (refusing an empty one) and print the closing summary."""
     if writer.manifest["rows"] == 0:  # every row longer than max_length: an empty cache would train nothing
         raise DataError(spec.source, None, None, f"all {stats.dropped or len(rows)} rows are longer than max_length="
                         f"{cfg.max_length} tokens: nothing to cache; raise --max-length")
@@ -196,7 +270,20 @@ def summary_line(name: str, path: Path, stats: ExtractStats, max_length: int) ->
 
 
 def run_extract(cfg: ExtractConfig, names=None) -> dict[str, ExtractStats]:
-    """Extract the preset's datasets (or the named ones, or ``cfg.source``) with one backbone."""
+    """Extract the preset's datasets (or the named ones, or ``cfg.source``) with one backbone.
+
+    Under torchrun (WORLD_SIZE > 1) the ranks share each dataset's parts; rank 0's stats are the run's
+    totals, each other rank's its own share.
+    """
+    from pipeline import distributed
+
+    ranks = distributed.ranks_from_env()
     datasets = select_datasets(cfg, names)
+    if ranks.distributed:
+        cfg = dataclasses.replace(cfg, device=distributed.rank_device(cfg.device, ranks))
     backbone = LazyBackbone(cfg)
-    return {spec.name: extract_dataset(backbone, spec, cfg) for spec in datasets}
+    distributed.start(ranks)
+    try:
+        return {spec.name: extract_dataset(backbone, spec, cfg, ranks) for spec in datasets}
+    finally:
+        distributed.stop(ranks)
