@@ -283,7 +283,8 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(tiny_dir, tmp_path):
 
 CTRL_C_SCRIPT = SLOW_EMBED + """
 from cli import app
-app(["extract", "--backbone", {model!r}, "--cache-dir", {cache!r}, "--device", "cpu", "--part-rows", "8",
+app(["extract", "--backbone", {model!r}, "--cache-dir", {cache!r}, "--device", "cpu", "--dtype", "float32",
+     "--part-rows", "8",
      "--source", {ratings!r}, "--kind", "ratings", "--name", "ratings"])
 """
 
