@@ -120,8 +120,9 @@ class URMForSequenceClassification(PreTrainedModel):
     _keys_to_ignore_on_load_unexpected = [r"^lm_head\.", r"(^|\.)rotary_emb\.inv_freq$"]
     # The heads stay in fp32 when the backbone loads in bf16 or fp16: in bf16 a score near 10 moves in steps
     # of 0.06 and two close answers tie exactly (P(better) = 0.5 from rounding alone). They are a few
-    # thousand parameters; head_outputs casts the hidden state up to them.
-    _keep_in_fp32_modules_strict = ["score", "ensemble", "weights", "softmax_gate", "base_score"]
+    # thousand parameters; head_outputs casts the hidden state up to them. Set per instance in __init__
+    # (transformers refuses a name that is not a module of the model, and the gate's kind varies).
+    HEAD_MODULES = ("score", "ensemble", "weights", "softmax_gate", "base_score")
 
     def __init__(self, config):
         super().__init__(config)
@@ -131,6 +132,7 @@ class URMForSequenceClassification(PreTrainedModel):
         build_heads(self, d, len(urm["attributes"]), urm["members"], urm["value_bias"], urm["gate"],
                     urm["gate_hidden"], urm["gate_temperature"])
         self.base_score = nn.Linear(d, 1, bias=urm["base_score_bias"]) if urm["base_score"] else None
+        self._keep_in_fp32_modules_strict = [name for name in self.HEAD_MODULES if getattr(self, name) is not None]
         self.post_init()
 
     def _init_weights(self, module):

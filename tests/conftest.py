@@ -1,4 +1,5 @@
-"""Shared fixtures: the real preference data beside the repo, and a small JSON-lines writer."""
+"""Shared fixtures: the real preference data beside the repo, a small JSON-lines writer, and `urm demo` on a
+tiny model."""
 
 from __future__ import annotations
 
@@ -31,56 +32,17 @@ def write_jsonl(tmp_path):
     return write
 
 
-TINY_DEMO_PRESET = """
-backbone = "{model}"
-cache_dir = "{root}/cache"
-heads_dir = "{root}/heads"
-report_dir = "{root}/eval"
-out_dir = "{root}/model"
-device = "cpu"
-dtype = "auto-bf16"
-
-[datasets.ratings]
-kind = "ratings"
-source = "synthetic:ratings?n=120&seed=0"
-
-[datasets.preferences]
-kind = "preferences"
-source = "synthetic:preferences?n=120&seed=1"
-
-[datasets.eval_ratings]
-kind = "ratings"
-source = "synthetic:ratings?n=40&seed=2"
-
-[datasets.eval_preferences]
-kind = "preferences"
-source = "synthetic:preferences?n=40&seed=3"
-
-[value_head]
-batch_size = 32
-epochs = 20
-
-[gating]
-gate_batch_size = 16
-gate_epochs = 4
-gate_hidden = 16
-
-[evaluate]
-eval_preferences = ["eval_preferences"]
-eval_ratings = "eval_ratings"
-"""
-
-
 @pytest.fixture(scope="session")
 def tiny_demo(tmp_path_factory):
-    """`urm demo` (the recipe) on a tiny random Llama and a preset shaped like the demo's: (root, preset, result)."""
+    """`urm demo` (the recipe) on a tiny random reward-model Llama and a preset shaped like the demo's: (root, preset,
+    result). Its caches, heads, export and report serve the demo, notebook and evaluation tests."""
     from pipeline.recipes.demo import run_demo
-    from tiny_models import build_tiny_llama
+    from tiny_models import TINY_PRESET, build_tiny_llama
 
     root = tmp_path_factory.mktemp("demo")
-    model = build_tiny_llama(root / "backbone")
+    model = build_tiny_llama(root / "backbone", reward_model=True)
     preset = root / "tiny-demo.toml"
-    preset.write_text(TINY_DEMO_PRESET.format(model=model, root=root))
+    preset.write_text(TINY_PRESET.format(model=model, root=root))
     lines = []
     result = run_demo(str(preset), log=lines.append)
     return root, preset, {**result, "log": lines}

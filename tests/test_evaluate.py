@@ -54,50 +54,10 @@ def test_attribute_metrics_need_means_and_report_intervals_only_with_stds():
 # ----------------------------------------------------------------------------------------------
 # The command, end to end on a tiny model
 
-PRESET = """
-backbone = "{model}"
-cache_dir = "{root}/cache"
-heads_dir = "{root}/heads"
-report_dir = "{root}/eval"
-out_dir = "{root}/model"
-device = "cpu"
-[datasets.ratings]
-kind = "ratings"
-source = "synthetic:ratings?n=200&seed=0"
-[datasets.preferences]
-kind = "preferences"
-source = "synthetic:preferences?n=200&seed=1"
-[datasets.eval_ratings]
-kind = "ratings"
-source = "synthetic:ratings?n=40&seed=2"
-[datasets.eval_preferences]
-kind = "preferences"
-source = "synthetic:preferences?n=40&seed=3"
-[value_head]
-batch_size = 32
-epochs = 20
-[gating]
-gate_batch_size = 32
-gate_epochs = 4
-gate_hidden = 16
-[evaluate]
-eval_preferences = ["eval_preferences"]
-eval_ratings = "eval_ratings"
-"""
-
-
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A tiny reward-model backbone's caches, trained heads, and their export."""
-    from tiny_models import build_tiny_llama
-
-    root = tmp_path_factory.mktemp("evaluate")
-    model = build_tiny_llama(root / "backbone", reward_model=True)
-    preset = root / "tiny.toml"
-    preset.write_text(PRESET.format(model=model, root=root))
-    for command in (["extract"], ["train-heads"], ["export"]):
-        result = runner.invoke(app, [*command, "-p", str(preset)])
-        assert result.exit_code == 0, result.output
+def trained(tiny_demo):
+    """A tiny reward-model backbone's caches, trained heads, and their export (conftest's `urm demo` run)."""
+    root, preset, _ = tiny_demo
     return root, preset
 
 

@@ -25,7 +25,7 @@ from pipeline.recipes.extract import run_extract
 from pipeline.render import render_ids
 from pipeline.rows import keep_mask, part_bounds
 from pipeline.synthetic import make_preferences, make_ratings
-from tiny_models import build_tiny_llama
+from tiny_models import build_tiny_llama, slow_forward
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -235,15 +235,7 @@ def test_auto_bf16_is_bf16_only_where_the_cpu_runs_it_natively(monkeypatch, nati
     assert B.resolve_dtype("auto", torch.device("cpu")) == torch.float32  # METHOD.md 5: fp32 on CPU unless asked
 
 
-SLOW_EMBED = """
-import time
-import pipeline.embedding as embedding
-fast = embedding.backbone_forward
-def backbone_forward(*a, **k):
-    time.sleep(0.15)
-    return fast(*a, **k)
-embedding.backbone_forward = backbone_forward
-"""
+SLOW_EMBED = slow_forward(0.15)
 KILL_SCRIPT = SLOW_EMBED + """
 from pipeline.config import DatasetSpec, ExtractConfig
 from pipeline.recipes.extract import run_extract

@@ -22,7 +22,7 @@ from pipeline.distributed import RankError, Ranks, rank_device, ranks_from_env
 from pipeline.recipes.extract import run_extract
 from pipeline.rows import balance_parts
 from test_cache import make_part, make_spec
-from tiny_models import build_tiny_llama
+from tiny_models import build_tiny_llama, slow_forward
 
 ROOT = Path(__file__).resolve().parents[1]
 RATINGS = "synthetic:ratings?n=30&seed=0"
@@ -201,14 +201,7 @@ def test_two_ranks_make_the_cache_one_process_makes(tiny_dir, single, tmp_path):
     assert read_manifest(cache / "ratings")["complete"]
 
 
-KILL_SCRIPT = """
-import time
-import pipeline.embedding as embedding
-fast = embedding.backbone_forward
-def backbone_forward(*a, **k):
-    time.sleep(0.3)
-    return fast(*a, **k)
-embedding.backbone_forward = backbone_forward
+KILL_SCRIPT = slow_forward(0.3) + """
 from pipeline.config import DatasetSpec, ExtractConfig
 from pipeline.recipes.extract import run_extract
 run_extract(ExtractConfig(**{config}), names=["ratings"])

@@ -89,6 +89,63 @@ def build_tiny_llama(directory: Path, reward_model: bool = False, seed: int = 0,
     return directory
 
 
+# A preset shaped like the demo's, on a tiny backbone ({model}) with every artifact under {root}.
+TINY_PRESET = """
+backbone = "{model}"
+cache_dir = "{root}/cache"
+heads_dir = "{root}/heads"
+report_dir = "{root}/eval"
+out_dir = "{root}/model"
+device = "cpu"
+
+[datasets.ratings]
+kind = "ratings"
+source = "synthetic:ratings?n=120&seed=0"
+
+[datasets.preferences]
+kind = "preferences"
+source = "synthetic:preferences?n=120&seed=1"
+
+[datasets.eval_ratings]
+kind = "ratings"
+source = "synthetic:ratings?n=40&seed=2"
+
+[datasets.eval_preferences]
+kind = "preferences"
+source = "synthetic:preferences?n=40&seed=3"
+
+[extract]
+dtype = "auto-bf16"
+
+[value_head]
+batch_size = 32
+epochs = 20
+
+[gating]
+gate_batch_size = 16
+gate_epochs = 4
+gate_hidden = 16
+
+[evaluate]
+eval_preferences = ["eval_preferences"]
+eval_ratings = "eval_ratings"
+"""
+
+
+def slow_forward(seconds: float) -> str:
+    """Python for a child process: every backbone forward pass sleeps ``seconds`` first, so that a test can
+    interrupt an extraction mid-run."""
+    return f"""
+import time
+import pipeline.embedding as embedding
+fast = embedding.backbone_forward
+def backbone_forward(*a, **k):
+    time.sleep({seconds})
+    return fast(*a, **k)
+embedding.backbone_forward = backbone_forward
+"""
+
+
 # ----------------------------------------------------------------------------------------------
 # Random heads on a tiny backbone, and their export
 
