@@ -25,6 +25,7 @@ import torch
 from bench import machine_info, matmul_gflops, timed, write_result
 from pipeline.config import GatingConfig, ValueHeadConfig, build
 from pipeline.heads import Heads
+from pipeline.feature_stream import TensorRows
 from pipeline.trainers import adamw, fit_value_head, frozen_outputs, gate_epoch, with_gate
 
 K = 5
@@ -69,9 +70,10 @@ def bench_stage2(pairs: int, d: int, hidden: int, batch_size: int, steps: int, w
     params = [p for p in heads.parameters() if p.requires_grad]
     opt = adamw(params, cfg.optim)
     order = torch.randperm(pairs, generator=torch.Generator().manual_seed(0))
-    gate_epoch(heads, opt, chosen, rejected, mu_c, mu_r, order[:warmup * batch_size], batch_size)
+    rows = TensorRows(chosen, rejected)
+    gate_epoch(heads, opt, rows, mu_c, mu_r, order[:warmup * batch_size], batch_size)
     timed_order = order[warmup * batch_size:(warmup + steps) * batch_size]
-    seconds = timed(lambda: gate_epoch(heads, opt, chosen, rejected, mu_c, mu_r, timed_order, batch_size))
+    seconds = timed(lambda: gate_epoch(heads, opt, rows, mu_c, mu_r, timed_order, batch_size))
     forward_row = 2 * (d * hidden + hidden * hidden + hidden * K)
     per_pair = 2 * (2 * forward_row + 2 * (hidden * hidden + hidden * K))
     return {"pairs": pairs, "rows": 2 * pairs, "hidden": hidden, "gate": "urm", "batch_size": batch_size,
