@@ -9,11 +9,11 @@ time; for caches larger than ``--memory-budget``). A sample is a rating row (one
 - ``take(rows)``: some samples whole, in memory (the validation and calibration splits);
 - ``chunks(size)``: every sample once, in order, ``size`` at a time (the frozen value head's outputs).
 
-The training order is ``part_shuffled``: the parts in a seeded random order, each part's samples
-shuffled within it. A streamed epoch then holds about one part (two where a minibatch crosses a
-boundary); the in-memory path uses the same order, so a cache trained in memory and streamed gives
-bit-identical heads for the same seed (``tests/test_feature_stream.py``). With one part the order
-is a plain shuffle.
+The training order is ``part_shuffled``: the parts in a seeded random order, taken PARTS_PER_WINDOW
+(8) at a time, the samples of those parts shuffled together. A streamed epoch then holds about one
+window of parts (two where a minibatch crosses a boundary); the in-memory path uses the same order,
+so a cache trained in memory and streamed gives bit-identical heads for the same seed
+(``tests/test_feature_stream.py``). With one part the order is a plain shuffle.
 """
 
 from __future__ import annotations
@@ -28,20 +28,23 @@ from pipeline.cache import CacheError, nonfinite_rows
 
 EVAL_ROWS = 8192  # samples per chunk when a whole split is evaluated
 TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+PARTS_PER_WINDOW = 8  # parts whose rows are shuffled together (and held together when streaming)
 
 
 def part_shuffled(rows: torch.Tensor, part: torch.Tensor | None, gens: list[torch.Generator],
-                  part_gen: torch.Generator) -> torch.Tensor:
-    """One epoch's order [M, n] of ``rows`` (sample ids), one row per generator in ``gens``: the parts in
-    one random order drawn from ``part_gen`` (shared, so column i lies in the same part for every member),
-    each part's rows shuffled within it by each member's own generator. With no parts, or one, each
-    member's order is a plain shuffle, ``rows[randperm(n)]``."""
+                  part_gen: torch.Generator, window: int = None) -> torch.Tensor:
+    """One epoch's order [M, n] of ``rows`` (sample ids), one row per generator in ``gens``: the parts in one
+    random order drawn from ``part_gen``, taken ``window`` parts at a time (default PARTS_PER_WINDOW), the rows
+    of a window shuffled together by each member's own generator. The windows are shared, so column i lies in
+    the same window for every member. With no parts, or one, each member's order is a plain shuffle,
+    ``rows[randperm(n)]``."""
+    window = window or PARTS_PER_WINDOW
     of_row = None if part is None else part.to(rows.device)[rows]
     parts = None if of_row is None else torch.unique(of_row)
     if parts is None or len(parts) == 1:
         return torch.stack([rows[torch.randperm(len(rows), generator=g).to(rows.device)] for g in gens])
     parts = parts[torch.randperm(len(parts), generator=part_gen).to(rows.device)]
-    mine = [rows[of_row == p] for p in parts]
+    mine = [rows[torch.isin(of_row, parts[i:i + window])] for i in range(0, len(parts), window)]
     return torch.stack([torch.cat([r[torch.randperm(len(r), generator=g).to(rows.device)] for r in mine])
                         for g in gens])
 
@@ -81,7 +84,7 @@ class TensorRows:
 class StreamedRows:
     """Features left in a cache's part files: sample i of side s is the cache's global row ``rows[s][i]``.
     Rows are read memory-mapped (``pipeline.parquet_pages``) when asked for, checked for non-finite
-    values, and moved to ``device``; at most the parts of the current minibatch are held."""
+    values, and moved to ``device``; only the parts that later minibatches of the epoch still need are held."""
 
     def __init__(self, folder: Path, manifest: dict, starts: np.ndarray, rows: list[np.ndarray], device="cpu"):
         self.folder, self.manifest, self.starts = Path(folder), manifest, starts
@@ -119,32 +122,31 @@ class StreamedRows:
             yield slice(i, i + size), self._read(np.arange(i, min(i + size, self.n)))
 
     def batches(self, order: torch.Tensor, size: int):
-        """Minibatches of ``order`` ([n] or [M, n]; every member's column i must lie in the same part, as
-        ``part_shuffled`` with a shared part order makes it): each part is read once, when first needed."""
+        """Minibatches of ``order`` ([n] or [M, n]): a part is read when a minibatch first needs it (its rows
+        in ``order``, once) and dropped after the last minibatch that does."""
         ids = order.cpu().numpy().reshape(-1, order.shape[-1])
-        part = self.part.numpy()[ids]
-        if not (part == part[0]).all():
-            raise ValueError("the members' orders must visit the parts in the same order")
-        part = part[0]
-        held: dict[int, tuple[np.ndarray, list[torch.Tensor]]] = {}
+        part = self.part.numpy()[ids]  # [M, n]
+        last = np.zeros(len(self.starts), dtype=np.int64)  # the last column each part is used in
+        np.maximum.at(last, part.ravel(), np.broadcast_to(np.arange(ids.shape[1]), ids.shape).ravel())
+        samples = np.unique(ids)
+        by_part = np.split(samples, np.searchsorted(self.part.numpy()[samples], np.arange(1, len(self.starts))))
+        held: dict[int, list[torch.Tensor]] = {}
         for i in range(0, ids.shape[1], size):
-            idx, of = ids[:, i:i + size], part[i:i + size]
-            needed = list(dict.fromkeys(of.tolist()))
-            for p in list(held):
-                if p not in needed:
-                    del held[p]
+            idx, of = ids[:, i:i + size], part[:, i:i + size]
+            needed = np.unique(of)
             for p in needed:
                 if p not in held:
-                    samples = np.sort(np.unique(ids[:, part == p]))
-                    held[p] = (samples, self._read(samples))
+                    held[int(p)] = self._read(by_part[p])
             out = [torch.empty((*idx.shape, self.d), dtype=TORCH_DTYPES[self.dtype.name], device=self.device)
                    for _ in self.rows]
             for p in needed:
-                samples, features = held[p]
-                cols = torch.from_numpy(np.flatnonzero(of == p)).to(self.device)
-                local = torch.from_numpy(np.searchsorted(samples, idx[:, of == p])).to(self.device)
-                for o, f in zip(out, features):
-                    o[:, cols] = f[local]
+                where = of == p
+                local = torch.from_numpy(np.searchsorted(by_part[p], idx[where])).to(self.device)
+                mask = torch.from_numpy(where).to(self.device)
+                for o, f in zip(out, held[int(p)]):
+                    o[mask] = f[local]
+            for p in [p for p in held if last[p] < i + size]:
+                del held[p]
             batch_ids = torch.from_numpy(idx.reshape(order[..., i:i + size].shape))
             yield batch_ids, [o.reshape(*batch_ids.shape, self.d) for o in out]
 

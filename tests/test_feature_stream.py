@@ -10,6 +10,7 @@ from pipeline import ATTRIBUTES
 from pipeline.cache import CacheSpec, open_writer
 from pipeline.cache_reader import read_features, read_pairs, row_index
 from pipeline.config import ConfigError, GatingConfig, TrainingRun, ValueHeadConfig, build
+from pipeline import feature_stream
 from pipeline.feature_stream import TensorRows, open_streamed, part_shuffled
 from pipeline.heads_io import load_heads
 from pipeline.recipes.train import train_gating, train_value_head
@@ -82,22 +83,36 @@ def assert_same_fit(a, b):
     assert a.val == b.val
 
 
-def test_part_shuffled_visits_each_part_once_in_one_order_for_every_member():
-    part = torch.arange(40) // 10  # 4 parts of 10
-    rows = torch.arange(40)[torch.arange(40) % 3 != 0]  # a training subset
-    order = part_shuffled(rows, part, [torch.Generator().manual_seed(m) for m in range(3)],
-                          torch.Generator().manual_seed(9))
-    assert order.shape == (3, len(rows))
-    for member in order:
+def test_part_shuffled_visits_the_parts_a_window_at_a_time_in_one_order_for_every_member():
+    part = torch.arange(100) // 10  # 10 parts of 10
+    rows = torch.arange(100)[torch.arange(100) % 3 != 0]  # a training subset
+    gens = [torch.Generator().manual_seed(m) for m in range(3)]
+    by_part = part_shuffled(rows, part, gens, torch.Generator().manual_seed(9), window=1)
+    assert by_part.shape == (3, len(rows))
+    for member in by_part:
         assert sorted(member.tolist()) == rows.tolist()
-        runs = torch.unique_consecutive(part[member])
-        assert len(runs) == 4  # each part's rows together
-    assert (part[order] == part[order[0]]).all()  # the same part sequence for every member
-    assert not torch.equal(order[0], order[1])  # each member its own shuffle within the parts
+        assert len(torch.unique_consecutive(part[member])) == 10  # each part's rows together
+    assert (part[by_part] == part[by_part[0]]).all()  # the same part sequence for every member
+    assert not torch.equal(by_part[0], by_part[1])  # each member its own shuffle within a part
+    every = torch.arange(100)
+    windows = part_shuffled(every, part, gens, torch.Generator().manual_seed(9), window=4)  # 4 + 4 + 2 parts
+    spans = ((0, 40), (40, 80), (80, 100))
+    for member in windows:
+        assert sorted(member.tolist()) == every.tolist()
+        sets = [set(part[member[a:b]].tolist()) for a, b in spans]
+        assert [len(x) for x in sets] == [4, 4, 2] and set.union(*sets) == set(range(10))
+        assert sets == [set(part[windows[0][a:b]].tolist()) for a, b in spans]  # the same windows for all
+        assert len(torch.unique_consecutive(part[member])) > 10  # a window's parts mixed
     # one part (or none): a plain shuffle, rows[randperm(n)], as before parts existed
     g = [torch.Generator().manual_seed(5)]
     plain = rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(5))]
     assert torch.equal(part_shuffled(rows, None, g, g[0])[0], plain)
+
+
+@pytest.fixture(autouse=True)
+def small_windows(monkeypatch):
+    """Two parts a window, so that the caches below (7 and 6 parts) span several windows."""
+    monkeypatch.setattr(feature_stream, "PARTS_PER_WINDOW", 2)
 
 
 def test_streamed_stage1_equals_in_memory(ratings_cache):
