@@ -95,6 +95,7 @@ class StreamedRows:
         part = np.searchsorted(starts, self.rows[0], side="right") - 1  # the part of the first side's row
         self.part = torch.from_numpy(part)
         self.reads = 0  # rows read from the files (a measure for tests and the benchmark)
+        self.peak_held = 0  # the most training samples held at once by ``batches``
 
     def feature_bytes(self) -> int:
         return sum(len(r) for r in self.rows) * self.d * self.dtype.itemsize
@@ -137,14 +138,16 @@ class StreamedRows:
             for p in needed:
                 if p not in held:
                     held[int(p)] = self._read(by_part[p])
+            self.peak_held = max(self.peak_held, sum(len(by_part[p]) for p in held))
             out = [torch.empty((*idx.shape, self.d), dtype=TORCH_DTYPES[self.dtype.name], device=self.device)
                    for _ in self.rows]
+            flat = of.ravel()
             for p in needed:
-                where = of == p
-                local = torch.from_numpy(np.searchsorted(by_part[p], idx[where])).to(self.device)
-                mask = torch.from_numpy(where).to(self.device)
+                where = np.flatnonzero(flat == p)
+                local = torch.from_numpy(np.searchsorted(by_part[p], idx.ravel()[where])).to(self.device)
+                where = torch.from_numpy(where).to(self.device)
                 for o, f in zip(out, held[int(p)]):
-                    o[mask] = f[local]
+                    o.view(-1, self.d)[where] = f[local]
             for p in [p for p in held if last[p] < i + size]:
                 del held[p]
             batch_ids = torch.from_numpy(idx.reshape(order[..., i:i + size].shape))
