@@ -25,21 +25,29 @@ TF457_STAMP := $(TF457)/.installed
 TF457_PACKAGES := "transformers==4.57.6" "huggingface_hub>=0.34,<1.0" "tokenizers>=0.22,<=0.23.0"
 REWARDBENCH := .venv-rewardbench
 REWARDBENCH_STAMP := $(REWARDBENCH)/.installed
+# The lowest-versions check (`make test-lowest`, run by .ci/run): $(LOWEST) gets every dependency at its
+# pyproject.toml lower bound (.ci/lowest_pins.py) beside the same torch as $(VENV) (LOWEST_TORCH=torch==2.11.0
+# installs that one instead), then runs the fast tier.
+LOWEST := .venv-lowest
+LOWEST_STAMP := $(LOWEST)/.installed
+LOWEST_TORCH ?=
 # `make score INPUT=file.jsonl [OUTPUT=scores.jsonl]` scores with the PRESET's export.
 MODEL  ?= runs/$(PRESET)/model
 
-.PHONY: demo install test test-fast extract train-heads train-value-head train-gating export evaluate score serve bench clean-cache help
+.PHONY: demo install test test-fast test-lowest extract train-heads train-value-head train-gating export evaluate score serve bench bench-gpu clean-cache help
 
 help:
 	@echo "make demo         install, then the whole offline demo (urm demo): extract, train-heads, export, evaluate, scores"
 	@echo "make install      create $(VENV) and install the project with its test extras"
 	@echo "make test         install if needed, then run every test tier (what CI runs)"
 	@echo "make test-fast    the fast tier only (unit tests; what a plain \`pytest\` runs)"
+	@echo "make test-lowest  the fast tier with every dependency at its lowest declared version (.venv-lowest)"
 	@echo "make extract train-heads export   the whole job (PRESET=$(PRESET))"
 	@echo "make evaluate     the heads on the preset's held-out caches, beside baselines (report in runs/PRESET/eval)"
 	@echo "make score INPUT=file.jsonl       score conversations or pairs with the export (MODEL=$(MODEL))"
 	@echo "make serve [URM_PORT=8000]        serve the export over HTTP on loopback (MODEL=$(MODEL))"
 	@echo "make bench        run the benchmarks, results in bench/results/*.json"
+	@echo "make bench-gpu    extraction tokens/s and MFU at Llama-3.1-8B shapes, and the heads, on a CUDA GPU (bench/results/gpu.json)"
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
@@ -61,6 +69,16 @@ $(REWARDBENCH_STAMP): | $(STAMP)
 	test -f $(REWARDBENCH)/rewardbench/models/pipeline.py
 	touch $(REWARDBENCH_STAMP)
 
+$(LOWEST_STAMP): pyproject.toml .ci/lowest_pins.py | $(STAMP)
+	rm -rf $(LOWEST)
+	$(PYTHON) -m venv $(LOWEST)
+	$(LOWEST)/bin/python -m pip install -q "$(or $(LOWEST_TORCH),torch==$(shell $(PY) -c 'import torch; print(torch.__version__)'))"
+	$(PY) .ci/lowest_pins.py > $(LOWEST)/pins.txt
+	$(LOWEST)/bin/python -m pip install -q -r $(LOWEST)/pins.txt "pytest>=9.2" "setuptools>=77"
+	$(LOWEST)/bin/python -m pip install -q --no-deps --no-build-isolation -e .
+	$(LOWEST)/bin/python -m pip check
+	touch $(LOWEST_STAMP)
+
 install: $(STAMP) $(TF457_STAMP) $(REWARDBENCH_STAMP)
 
 # Every tier: -m "" lifts the fast-tier filter of pyproject.toml's addopts. URM_REQUIRE_COMPAT=1: the
@@ -75,6 +93,10 @@ test: install
 
 test-fast: $(STAMP)
 	$(PY) -m pytest
+
+test-lowest: $(LOWEST_STAMP)
+	$(LOWEST)/bin/python -c "import torch, transformers; print('lowest versions: torch', torch.__version__, 'transformers', transformers.__version__)"
+	$(LOWEST)/bin/python -m pytest
 
 extract: $(STAMP)
 	$(URM) extract --preset $(PRESET)
@@ -104,6 +126,9 @@ serve: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m bench
+
+bench-gpu: $(STAMP)
+	$(PY) -m bench gpu
 
 clean-cache:
 	find cache -mindepth 1 ! -name README.md -exec rm -rf {} +

@@ -25,6 +25,7 @@ import torch
 from bench import machine_info, matmul_gflops, timed, write_result
 from pipeline.config import GatingConfig, ValueHeadConfig, build
 from pipeline.heads import Heads
+from pipeline.feature_stream import TensorRows
 from pipeline.trainers import adamw, fit_value_head, frozen_outputs, gate_epoch, with_gate
 
 K = 5
@@ -39,11 +40,11 @@ def random_features(rows: int, d: int, seed: int) -> torch.Tensor:
     return out
 
 
-def bench_stage1(rows: int, d: int, members: int, batch_size: int) -> dict:
-    x = random_features(rows, d, seed=0)
+def bench_stage1(rows: int, d: int, members: int, batch_size: int, device: str = "cpu") -> dict:
+    x = random_features(rows, d, seed=0).to(device)
     y = torch.randint(0, 5, (rows, K), generator=torch.Generator().manual_seed(1)).float()
     cfg = build(ValueHeadConfig, dict(loss="nll", epochs=2, patience=10, batch_size=batch_size, ensemble=members,
-                                       device="cpu"))
+                                       device=device))
     t = time.perf_counter()
     fit = fit_value_head(x, y, cfg, log=lambda line: None)
     total = time.perf_counter() - t
@@ -58,20 +59,23 @@ def bench_stage1(rows: int, d: int, members: int, batch_size: int) -> dict:
             "fit_seconds_2_epochs_with_validation": total}
 
 
-def bench_stage2(pairs: int, d: int, hidden: int, batch_size: int, steps: int, warmup: int) -> dict:
-    chosen, rejected = random_features(pairs, d, seed=2), random_features(pairs, d, seed=3)
+def bench_stage2(pairs: int, d: int, hidden: int, batch_size: int, steps: int, warmup: int,
+                 device: str = "cpu") -> dict:
+    chosen, rejected = random_features(pairs, d, seed=2).to(device), random_features(pairs, d, seed=3).to(device)
     value = Heads(d, K)
-    cfg = build(GatingConfig, dict(gate="urm", gate_hidden=hidden, gate_batch_size=batch_size, device="cpu"))
-    heads = with_gate(value, cfg)
+    cfg = build(GatingConfig, dict(gate="urm", gate_hidden=hidden, gate_batch_size=batch_size, device=device))
+    heads = with_gate(value, cfg).to(device)
     t = time.perf_counter()
     (mu_c, _), (mu_r, _) = frozen_outputs(heads, chosen), frozen_outputs(heads, rejected)
     precompute = time.perf_counter() - t
     params = [p for p in heads.parameters() if p.requires_grad]
     opt = adamw(params, cfg.optim)
-    order = torch.randperm(pairs, generator=torch.Generator().manual_seed(0))
-    gate_epoch(heads, opt, chosen, rejected, mu_c, mu_r, order[:warmup * batch_size], batch_size)
+    order = torch.randperm(pairs, generator=torch.Generator().manual_seed(0)).to(device)
+    rows = TensorRows(chosen, rejected)
+    gate_epoch(heads, opt, rows, mu_c, mu_r, order[:warmup * batch_size], batch_size)
     timed_order = order[warmup * batch_size:(warmup + steps) * batch_size]
-    seconds = timed(lambda: gate_epoch(heads, opt, chosen, rejected, mu_c, mu_r, timed_order, batch_size))
+    seconds = timed(lambda: (gate_epoch(heads, opt, rows, mu_c, mu_r, timed_order, batch_size),
+                             torch.cuda.synchronize() if torch.device(device).type == "cuda" else None))
     forward_row = 2 * (d * hidden + hidden * hidden + hidden * K)
     per_pair = 2 * (2 * forward_row + 2 * (hidden * hidden + hidden * K))
     return {"pairs": pairs, "rows": 2 * pairs, "hidden": hidden, "gate": "urm", "batch_size": batch_size,

@@ -303,3 +303,21 @@ def _embedding_blocks(file: Path, m: dict):
                          "run `urm extract --overwrite` to rebuild the cache")
     return fixed_list_blocks(file, "embedding", m["hidden_size"], np.dtype(m["storage_dtype"]))
 
+
+
+def row_index(path, *, pairs: bool, verify: bool = True) -> tuple[dict, np.ndarray, list[np.ndarray], pa.Table]:
+    """Where a cache's samples lie, without reading a feature: (manifest, each part's first global row,
+    [every row] for ratings or [chosen rows, rejected rows] aligned by pair_id for pairs, the small columns).
+    verify: every part's checksum is checked first (the default), else sizes only."""
+    folder = Path(path)
+    m = _open_complete(folder)
+    if pairs and m["kind"] != "preferences":
+        raise CacheError(f"{folder} is a {m['kind']!r} cache; pairs need a 'preferences' cache")
+    _check_parts(folder, m, verify)
+    small, starts = _read_small(folder, m)
+    if not pairs:
+        return m, starts, [np.arange(small.num_rows)], small
+    chosen = np.flatnonzero(_mask(small, role="chosen"))
+    rejected = np.flatnonzero(_mask(small, role="rejected"))
+    rejected = rejected[_align(folder, m, starts, small["pair_id"].combine_chunks(), chosen, rejected)]
+    return m, starts, [chosen, rejected], small

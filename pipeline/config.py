@@ -196,9 +196,14 @@ class TrainingRun:
     seed: int = opt(0, "Random seed (split, init, minibatch order, reparameterisation noise).")
     device: str = opt("auto", "Device: auto (cuda if available, else cpu), cpu, cuda, ...")
     verify: bool = opt(True, VERIFY_HELP)
+    memory_budget: float | None = opt(None, "Gigabytes of cached features the trainers may hold in memory (on the "
+                                      "device); a cache with more is streamed from its part files, 8 parts at a time "
+                                      "(same heads, same seed). Default: half the device's memory (GPU or RAM).",
+                                      shown="half the device's memory")
 
     def __post_init__(self):
         device_name(self.device)
+        positive(self.memory_budget, "memory_budget", allow_none=True)
 
 
 @dataclass

@@ -1,9 +1,12 @@
-"""The two trainers on in-memory features: plain AdamW loops, no framework.
+"""The two trainers: plain AdamW loops, no framework.
 
 ``fit_value_head`` fits the Gaussian value head(s) on features and labels (METHOD.md 2, 4);
 ``fit_gate`` fits the gate with the Bradley-Terry loss on pairs, value head frozen (METHOD.md 3).
-Features stay on the device in their stored dtype (float16 halves the memory); each minibatch is
-gathered with a shuffled index tensor and cast to float32: no DataLoader, no per-row Python. Every
+Features come from a minibatch source (``pipeline.feature_stream``): held on the device in their
+stored dtype (float16 halves the memory), or streamed from the cache's parts when they exceed the
+memory budget; the epoch order is the same either way (parts shuffled, then rows within a part), so
+both give the same heads. Each minibatch is gathered with a shuffled index tensor and cast to
+float32: no DataLoader, no per-row Python. Every
 random draw comes from a seeded generator, so two runs on CPU give bit-identical weights. Reading
 caches and writing the heads folder is the recipe's (pipeline.recipes.train).
 """
@@ -23,6 +26,7 @@ from pipeline import metrics as M
 from pipeline.backbone import resolve_device
 from pipeline.config import GatingConfig, ValueHeadConfig
 from pipeline.errors import UserError
+from pipeline.feature_stream import as_rows, part_shuffled
 from pipeline.optimization import EarlyStopping, adamw, split_rows, warn_few_steps
 from pipeline.heads import (GATES, Heads, ValueEnsemble, init_linear_, p_chosen_bt, p_chosen_gaussian,
                             score, score_variance, split_mean_logstd, unstandardize)
@@ -67,12 +71,13 @@ def predict_members(model: ValueEnsemble, x: torch.Tensor, mean, std) -> tuple[t
     return mu * std + mean, log_sigma + std.log()
 
 
-def stage1_epoch(model, opt, x, y, order, cfg: ValueHeadConfig, noise) -> float:
-    """One pass over ``order`` [M, n] (each member's own shuffle); returns the mean member loss."""
-    total = torch.zeros((), device=x.device)
-    for i in range(0, order.shape[1], cfg.optim.batch_size):
-        idx = order[:, i:i + cfg.optim.batch_size]  # [M, b]
-        mu, log_sigma = split_mean_logstd(model(x[idx].float()))  # [M, b, K]
+def stage1_epoch(model, opt, rows, y, order, cfg: ValueHeadConfig, noise) -> float:
+    """One pass over ``order`` [M, n] (each member's own shuffle) of the features ``rows`` (a minibatch
+    source); returns the mean member loss."""
+    total = torch.zeros((), device=y.device)
+    for idx, (x,) in rows.batches(order, cfg.optim.batch_size):
+        idx = idx.to(y.device)  # [M, b]
+        mu, log_sigma = split_mean_logstd(model(x.float()))  # [M, b, K]
         # Sum over members: each member's gradient is that of its own mean loss.
         loss = losses.stage1_loss(cfg.loss, mu, log_sigma, y[idx], beta=cfg.beta, generator=noise).sum()
         opt.zero_grad(set_to_none=True)
@@ -99,17 +104,18 @@ def value_heads(model: ValueEnsemble, mean, std, bias: bool) -> Heads:
     return heads
 
 
-def fit_value_head(features: torch.Tensor, labels: torch.Tensor, cfg: ValueHeadConfig,
+def fit_value_head(features, labels: torch.Tensor, cfg: ValueHeadConfig,
                    names=ATTRIBUTES, log=print) -> Fit:
-    """Stage 1: fit ``cfg.ensemble`` Gaussian value heads on features [N, d] and labels [N, K] (NaN = missing)."""
+    """Stage 1: fit ``cfg.ensemble`` Gaussian value heads on features [N, d] (a tensor, or a minibatch
+    source of ``pipeline.feature_stream``) and labels [N, K] (NaN = missing)."""
     if cfg.loss not in losses.STAGE1_LOSSES:
         raise UserError(f"unknown loss {cfg.loss!r}: use one of {losses.STAGE1_LOSSES} (--loss)")
     device = resolve_device(cfg.run.device)
-    x, y = features.to(device), labels.to(device, torch.float32)
-    train, val = split_rows(len(x), cfg.optim.val_fraction, cfg.run.seed)
+    rows, y = as_rows(features, device), labels.to(device, torch.float32)
+    train, val = split_rows(rows.n, cfg.optim.val_fraction, cfg.run.seed)
     cal = train[:0]
     if cfg.calibrate:  # the means never see the calibration rows (the validation rows stay as without)
-        train, cal = split_off(train, round(len(x) * cfg.calibration_fraction), cfg.run.seed)
+        train, cal = split_off(train, round(rows.n * cfg.calibration_fraction), cfg.run.seed)
     train, val, cal = train.to(device), val.to(device), cal.to(device)
     if torch.isnan(y[train]).all():
         raise UserError("the ratings have no labels at all: is this a preference cache? "
@@ -118,17 +124,18 @@ def fit_value_head(features: torch.Tensor, labels: torch.Tensor, cfg: ValueHeadC
     mean, std = label_scaling(y[train]) if cfg.standardize_labels else (y.new_zeros(k), y.new_ones(k))
     y_train = (y - mean) / std  # NaN stays NaN
     gens = [torch.Generator().manual_seed(cfg.run.seed + m) for m in range(members)]  # METHOD.md 4
-    model = ValueEnsemble(x.shape[1], k, members, cfg.bias, gens).to(device)
+    model = ValueEnsemble(rows.d, k, members, cfg.bias, gens).to(device)
     opt = adamw(model.parameters(), cfg.optim)
     noise = torch.Generator(device=device).manual_seed(cfg.run.seed)
     stopper = EarlyStopping(list(model.parameters()), cfg.optim.patience, members)
-    x_val, y_val = x[val], y[val]
+    (x_val,), y_val = rows.take(val), y[val]  # validation and calibration rows are held in memory
+    part_gen = torch.Generator().manual_seed(cfg.run.seed)  # the parts' order, shared by the members
     warn_few_steps(log, len(train), cfg.optim.batch_size, "--batch-size")
     history = []
     for epoch in range(1, cfg.optim.epochs + 1):
         t0 = time.perf_counter()
-        order = torch.stack([train[torch.randperm(len(train), generator=g).to(device)] for g in gens])
-        train_loss = stage1_epoch(model, opt, x, y_train, order, cfg, noise)
+        order = part_shuffled(train, rows.part, gens, part_gen)
+        train_loss = stage1_epoch(model, opt, rows, y_train, order, cfg, noise)
         seconds = time.perf_counter() - t0
         mu, log_sigma = predict_members(model, x_val, mean, std)
         criterion = losses.stage1_criterion(cfg.loss, mu, log_sigma, y_val)  # [M]
@@ -149,7 +156,7 @@ def fit_value_head(features: torch.Tensor, labels: torch.Tensor, cfg: ValueHeadC
     before = sigma_report(heads, x_val, y_val, names)
     calibration = SigmaCalibration("as trained", cfg.loss, 0, before, before)
     if cfg.calibrate:
-        fitted = calibrate_heads(heads, x[cal], y[cal])
+        fitted = calibrate_heads(heads, rows.take(cal)[0], y[cal])
         calibration = SigmaCalibration("calibrated", cfg.loss, len(cal), before,
                                        sigma_report(heads, x_val, y_val, names), fitted)
         log(f"sigma calibrated on {len(cal)} held-out rows: validation 90% coverage "
@@ -210,12 +217,25 @@ def frozen_outputs(heads: Heads, x: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return split_mean_logstd(torch.cat([heads.score(x[rows].float()) for rows in _chunks(len(x))]))
 
 
-def gate_epoch(heads: Heads, opt, xc, xr, mu_c, mu_r, order, batch_size: int, margin=None) -> float:
-    """One pass over the pairs in ``order``; returns the mean BT loss (margin-aware with ``margin`` [N])."""
-    total = torch.zeros((), device=xc.device)
-    for i in range(0, len(order), batch_size):
-        idx = order[i:i + batch_size]
-        w = heads.gate_weights(torch.cat([xc[idx], xr[idx]]).float())  # one pass for both sides
+@torch.no_grad()
+def frozen_pair_outputs(heads: Heads, rows) -> tuple[torch.Tensor, ...]:
+    """(mu_c, ls_c, mu_r, ls_r) [N, K] of the frozen value head for every pair of ``rows``, computed once."""
+    out = [[], [], [], []]
+    for _, (xc, xr) in rows.chunks():
+        for i, x in enumerate((xc, xr)):
+            mu, log_sigma = split_mean_logstd(heads.score(x.float()))
+            out[2 * i].append(mu)
+            out[2 * i + 1].append(log_sigma)
+    return tuple(torch.cat(o) for o in out)
+
+
+def gate_epoch(heads: Heads, opt, rows, mu_c, mu_r, order, batch_size: int, margin=None) -> float:
+    """One pass over the pairs in ``order`` of ``rows`` (a minibatch source of (chosen, rejected));
+    returns the mean BT loss (margin-aware with ``margin`` [N])."""
+    total = torch.zeros((), device=mu_c.device)
+    for idx, (xc, xr) in rows.batches(order, batch_size):
+        idx = idx.to(mu_c.device)
+        w = heads.gate_weights(torch.cat([xc, xr]).float())  # one pass for both sides
         s_chosen, s_rejected = score(w, torch.cat([mu_c[idx], mu_r[idx]])).chunk(2)
         loss = losses.bt_loss(s_chosen, s_rejected, None if margin is None else margin[idx])
         opt.zero_grad(set_to_none=True)
@@ -268,26 +288,28 @@ def equal_weights(x: torch.Tensor, k: int) -> torch.Tensor:
     return x.new_full((len(x), k), 1.0 / k)
 
 
-def fit_gate(chosen: torch.Tensor, rejected: torch.Tensor, value: Heads, cfg: GatingConfig,
+def fit_gate(chosen, rejected: torch.Tensor | None, value: Heads, cfg: GatingConfig,
              names=ATTRIBUTES, log=print, margin: torch.Tensor | None = None) -> Fit:
-    """Stage 2: fit a gate with the BT loss on pairs (chosen, rejected [N, d]); ``value`` stays frozen.
+    """Stage 2: fit a gate with the BT loss on pairs (chosen, rejected [N, d]; or ``chosen`` a minibatch
+    source of both sides from ``pipeline.feature_stream`` and ``rejected`` None); ``value`` stays frozen.
 
     With ``cfg.use_margin`` the loss is TRL's margin-aware -log sigmoid(s_c - s_r - margin) over each
     pair's ``margin`` [N] (METHOD.md 3), and early stopping watches that loss on validation.
     """
-    if chosen.shape[1] != value.d:
-        raise HeadsError(f"the pairs have hidden size {chosen.shape[1]} but the value head expects "
+    device = resolve_device(cfg.run.device)
+    rows = as_rows(chosen if rejected is None else (chosen, rejected), device)
+    if rows.d != value.d:
+        raise HeadsError(f"the pairs have hidden size {rows.d} but the value head expects "
                          f"{value.d}: extract the preferences with the value head's backbone")
     if cfg.use_margin and margin is None:
         raise UserError("--use-margin needs each pair's margin; these pairs have none")
-    device = resolve_device(cfg.run.device)
     heads = with_gate(value, cfg).to(device)
-    xc, xr = chosen.to(device), rejected.to(device)
     m = margin.to(device, torch.float32) if cfg.use_margin else None
-    (mu_c, ls_c), (mu_r, ls_r) = frozen_outputs(heads, xc), frozen_outputs(heads, xr)
-    train, val = (i.to(device) for i in split_rows(len(xc), cfg.optim.val_fraction, cfg.run.seed,
+    mu_c, ls_c, mu_r, ls_r = frozen_pair_outputs(heads, rows)
+    train, val = (i.to(device) for i in split_rows(rows.n, cfg.optim.val_fraction, cfg.run.seed,
                                                    "--gate-val-fraction"))
-    val_pairs = (xc[val], xr[val], mu_c[val], ls_c[val], mu_r[val], ls_r[val], None if m is None else m[val])
+    xc_val, xr_val = rows.take(val)  # the validation pairs are held in memory
+    val_pairs = (xc_val, xr_val, mu_c[val], ls_c[val], mu_r[val], ls_r[val], None if m is None else m[val])
     criterion = "bt_loss" if m is None else "bt_margin_loss"
     equal = pair_report(lambda h: equal_weights(h, value.k), *val_pairs, names=names)
     log(f"equal weights (w_k = 1/K): val accuracy {equal['accuracy']:.4f}  bt {equal['bt_loss']:.4f}")
@@ -299,8 +321,8 @@ def fit_gate(chosen: torch.Tensor, rejected: torch.Tensor, value: Heads, cfg: Ga
     history = []
     for epoch in range(1, cfg.optim.epochs + 1):
         t0 = time.perf_counter()
-        order = train[torch.randperm(len(train), generator=order_gen).to(device)]
-        train_loss = gate_epoch(heads, opt, xc, xr, mu_c, mu_r, order, cfg.optim.batch_size, m)
+        order = part_shuffled(train, rows.part, [order_gen], order_gen)[0]
+        train_loss = gate_epoch(heads, opt, rows, mu_c, mu_r, order, cfg.optim.batch_size, m)
         seconds = time.perf_counter() - t0
         report = pair_report(heads.gate_weights, *val_pairs, names=names)
         stop_if_diverged(epoch, train_loss, torch.tensor([report[criterion]]), "gate", "--gate-lr", cfg.optim.lr)

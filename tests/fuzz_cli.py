@@ -496,7 +496,7 @@ def export_case(base: Base, d: Path, rng: random.Random) -> Case:
 
 WHOLE = {"limit", "max_length", "max_tokens_per_batch", "part_rows", "ensemble", "epochs", "batch_size", "patience",
          "gate_hidden", "gate_epochs", "gate_batch_size", "gate_patience"}
-POSITIVE = {"lr", "gate_lr", "temperature"}
+POSITIVE = {"lr", "gate_lr", "temperature", "memory_budget"}
 NON_NEGATIVE = {"weight_decay", "gate_weight_decay"}
 FRACTIONS = {"calibration_fraction", "val_fraction", "gate_val_fraction"}
 CHOICES = {"dtype", "attn_implementation", "device", "kind", "format", "storage_dtype", "loss", "gate"}

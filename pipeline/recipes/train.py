@@ -12,6 +12,7 @@ import dataclasses
 import os
 import time
 
+import numpy as np
 import torch
 
 from pipeline import ATTRIBUTES
@@ -40,24 +41,54 @@ def check_same_backbone(ratings: CacheIdentity, preferences: CacheIdentity, head
             "template (`urm extract`), or retrain the value head on a matching ratings cache.")
 
 
+def feature_rows(path: str, run, pairs: bool, log=print):
+    """(minibatch source, labels, margin, manifest) of a cache: its features held on the device when they fit
+    ``run.memory_budget`` (GB; default half the device's memory), else streamed from the part files
+    (``pipeline.feature_stream``). Either way the epochs visit the parts in the same seeded order."""
+    from pipeline.cache import read_manifest
+    from pipeline.cache_reader import read_features, read_pairs, row_index
+    from pipeline.feature_stream import TensorRows, default_memory_budget, open_streamed
+
+    device = resolve_device(run.device)
+    m = read_manifest(path)
+    need = sum(p["rows"] for p in m.get("parts", [])) * m.get("hidden_size", 0) * (
+        2 if m.get("storage_dtype") == "float16" else 4)
+    budget = run.memory_budget * 1e9 if run.memory_budget is not None else default_memory_budget(device)
+    if need > budget:
+        rows, labels, margin = open_streamed(path, pairs=pairs, device=device, verify=run.verify)
+        log(f"{path}: {need / 1e9:.2f} GB of features exceed the memory budget of {budget / 1e9:.2f} GB "
+            f"(--memory-budget): streaming them from its {len(m['parts'])} parts")
+        return rows, labels, margin, rows.manifest
+    if pairs:
+        p = read_pairs(path, device=device, verify=run.verify)
+        first, sides = p.chosen, (p.chosen.embedding, p.rejected.embedding)
+    else:
+        first = read_features(path, device=device, verify=run.verify)
+        sides = (first.embedding,)
+    _, starts, index, _ = row_index(path, pairs=pairs, verify=False)  # each sample's part, for the order
+    part = torch.from_numpy(np.searchsorted(starts, index[0], side="right") - 1)
+    return TensorRows(*sides, part=part), first.labels, first.margin, first.manifest
+
+
 def train_value_head(cfg: ValueHeadConfig, log=print) -> dict:
     """Stage 1 from the ratings cache into ``cfg.run.heads_dir``; returns a summary dict."""
-    from pipeline.cache_reader import read_features
+    from pipeline.cache import read_manifest
     from pipeline.trainers import fit_value_head
 
     path = cfg.ratings_cache or os.path.join(cfg.run.cache_dir, "ratings")
-    features = read_features(path, device=resolve_device(cfg.run.device), verify=cfg.run.verify)
-    if features.manifest.get("kind") != "ratings":
-        raise UserError(f"{path} is a {features.manifest.get('kind')!r} cache; stage 1 needs a ratings "
+    kind = read_manifest(path).get("kind")
+    if kind != "ratings":
+        raise UserError(f"{path} is a {kind!r} cache; stage 1 needs a ratings "
                         "cache: set --ratings-cache to one extracted from a ratings dataset")
-    names = list(features.manifest.get("label_names") or ATTRIBUTES)
+    rows, labels, _, manifest = feature_rows(path, cfg.run, pairs=False, log=log)
+    names = list(manifest.get("label_names") or ATTRIBUTES)
     t0 = time.perf_counter()
-    fit = fit_value_head(features.embedding, features.labels, cfg, names, log)
+    fit = fit_value_head(rows, labels, cfg, names, log)
     meta = HeadsMeta(attributes=names, hidden_size=fit.heads.d, architecture=fit.heads.architecture,
-                     value_head=stage_record(cfg, fit, CacheIdentity.of(path, features.manifest)),
+                     value_head=stage_record(cfg, fit, CacheIdentity.of(path, manifest)),
                      label_scaling=fit.label_scaling, sigma_calibration=fit.calibration)
     save_heads(cfg.run.heads_dir, fit.heads, meta)
-    return {"heads_dir": cfg.run.heads_dir, "rows": len(features.embedding), "epochs_run": len(fit.history),
+    return {"heads_dir": cfg.run.heads_dir, "rows": rows.n, "epochs_run": len(fit.history),
             "best_epoch": fit.best_epoch, "seconds": time.perf_counter() - t0, "val": fit.val}
 
 
@@ -73,20 +104,19 @@ def pair_margins(path: str, margin: torch.Tensor) -> torch.Tensor:
 def train_gating(cfg: GatingConfig, log=print) -> dict:
     """Stage 2 from the preference cache; adds the gate to the heads in ``cfg.run.heads_dir``."""
     from pipeline.cache import read_manifest
-    from pipeline.cache_reader import read_pairs
     from pipeline.trainers import fit_gate
 
     value, meta = load_heads(cfg.run.heads_dir)
     path = cfg.preferences_cache or os.path.join(cfg.run.cache_dir, "preferences")
     identity = CacheIdentity.of(path, read_manifest(path))
     check_same_backbone(meta.value_head.cache, identity, cfg.run.heads_dir)
-    pairs = read_pairs(path, device=resolve_device(cfg.run.device), verify=cfg.run.verify)
-    margin = pair_margins(path, pairs.chosen.margin) if cfg.use_margin else None
+    rows, _, margin, _ = feature_rows(path, cfg.run, pairs=True, log=log)
+    margin = pair_margins(path, margin) if cfg.use_margin else None
     t0 = time.perf_counter()
-    fit = fit_gate(pairs.chosen.embedding, pairs.rejected.embedding, value, cfg, meta.attributes, log, margin)
+    fit = fit_gate(rows, None, value, cfg, meta.attributes, log, margin)
     save_heads(cfg.run.heads_dir, fit.heads, dataclasses.replace(meta, gating=stage_record(cfg, fit, identity),
                                                                 pair_calibration=fit.calibration))
-    return {"heads_dir": cfg.run.heads_dir, "pairs": len(pairs.chosen.embedding),
+    return {"heads_dir": cfg.run.heads_dir, "pairs": rows.n,
             "epochs_run": len(fit.history), "best_epoch": fit.best_epoch,
             "seconds": time.perf_counter() - t0, "val": fit.val}
 
