@@ -259,7 +259,11 @@ def main(argv: list[str]) -> None:
     p.add_argument("--conversations", type=int, default=64)
     p.add_argument("--max-wait-ms", type=float, default=5.0)
     p.add_argument("--rounds", type=int, default=4, help="rounds per mode, interleaved between the two servers")
+    p.add_argument("--model", default=None, help="serve this export instead of the tiny one (e.g. runs/demo/model, "
+                   "SmolLM2 after `make demo`); the result goes to serve_load_export.json")
     args = p.parse_args(argv)
+    if args.model is not None:
+        return main_export(Path(args.model), args)
 
     sys.path.insert(0, str(ROOT / "tests"))  # the tiny export builder the tests use
     from tiny_models import export_tiny
@@ -275,5 +279,24 @@ def main(argv: list[str]) -> None:
                 "tiny random Llama export (d=64, 2 layers, 2-member ensemble, URM gate), float32 on CPU; clients "
                 "and server share the machine's cores",
         "config": vars(args), "workloads": workloads, "lost_or_wrong": lost,
+        "machine": {**machine_info(), "load_average_before": list(load_before)},
+    })
+
+
+def main_export(model_dir: Path, args) -> None:
+    """The same comparison on a real export (where a model call costs what a real backbone's does)."""
+    from pipeline.scoring import check_export
+
+    check_export(model_dir, verify=True)
+    load_before = os.getloadavg()
+    workloads = {kind: compare(model_dir, kind, args) for kind in ("short", "synthetic")}
+    lost = sum(w[m]["errors"] + w[m]["mismatched"] for w in workloads.values() for m in ("dynamic", "one_at_a_time"))
+    config = json.loads((model_dir / "config.json").read_text())
+    print(f"lost or wrong answers: {lost}")
+    write_result("serve_load_export", {
+        "what": f"urm serve on loopback, POST /get_reward with one templated query per request (OpenRLHF's way), "
+                f"the export {model_dir} ({config.get('model_type')}, hidden size {config.get('hidden_size')}, "
+                f"{config.get('num_hidden_layers')} layers), float32 on CPU; clients and server share the machine's cores",
+        "config": {**vars(args), "model": str(model_dir)}, "workloads": workloads, "lost_or_wrong": lost,
         "machine": {**machine_info(), "load_average_before": list(load_before)},
     })
