@@ -16,18 +16,26 @@ import torch
 Forward = Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
 # on_batch(rows, real tokens, tokens processed including padding)
 OnBatch = Callable[[int, int, int], None]
+# No row of a batch is padded by more than this share of the batch's longest row: rows of mixed lengths
+# (a server's few requests, the tail of a dataset) go into several batches rather than one mostly padding.
+MAX_ROW_PADDING = 0.25
 
 
-def plan_batches(lengths: np.ndarray, max_tokens: int) -> list[np.ndarray]:
-    """Indices of each batch: longest rows first, each batch's rows x longest row <= max_tokens.
+def plan_batches(lengths: np.ndarray, max_tokens: int, max_row_padding: float = MAX_ROW_PADDING) -> list[np.ndarray]:
+    """Indices of each batch: longest rows first, each batch's rows x longest row <= max_tokens, and
+    every row at least (1 - max_row_padding) x the batch's longest.
 
     Sorting by length keeps padding small; the longest batch comes first so an out-of-memory
     error shows at once. A row longer than the budget gets a batch of its own.
     """
-    order = np.argsort(-np.asarray(lengths), kind="stable")
+    lengths = np.asarray(lengths)
+    order = np.argsort(-lengths, kind="stable")
     batches, start = [], 0
     while start < len(order):
-        n = max(1, max_tokens // int(lengths[order[start]]))
+        longest = int(lengths[order[start]])
+        n = max(1, max_tokens // longest)
+        short = np.flatnonzero(lengths[order[start : start + n]] < (1 - max_row_padding) * longest)
+        n = int(short[0]) if len(short) else n
         batches.append(order[start : start + n])
         start += n
     return batches

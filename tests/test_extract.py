@@ -65,6 +65,22 @@ def test_plan_batches_respects_budget_and_covers_rows():
         assert lengths[nxt].max() <= lengths[prev].min()
 
 
+def test_plan_batches_bound_each_rows_padding():
+    """Rows of mixed lengths that one budget would hold (a server's requests) split where a row would be padded
+    by more than a quarter of the longest: the tokens processed stay within 4/3 of the real ones."""
+    lengths = np.array([292, 78, 250, 120, 230, 100, 95, 200])
+    batches = plan_batches(lengths, max_tokens=8192)
+    got = [sorted(lengths[b].tolist(), reverse=True) for b in batches]
+    assert got == [[292, 250, 230], [200], [120, 100, 95], [78]]
+    for b in batches:
+        assert lengths[b].min() >= 0.75 * lengths[b].max()
+    padded = sum(len(b) * lengths[b].max() for b in batches)
+    assert padded <= 4 / 3 * lengths.sum()
+    one_batch = len(lengths) * lengths.max()  # what a budget alone gave: 1.7x the real tokens
+    assert one_batch > 1.6 * lengths.sum()
+    assert len(plan_batches(lengths, max_tokens=8192, max_row_padding=1.0)) == 1
+
+
 def test_plan_batches_row_over_budget_gets_own_batch():
     batches = plan_batches(np.array([500, 10, 10]), max_tokens=100)
     assert [len(b) for b in batches] == [1, 2]
