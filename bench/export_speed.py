@@ -97,6 +97,7 @@ def one_at_a_time(model, ids: list[list[int]]) -> float:
 
 def run_scoring(model_dir: Path, pairs, max_tokens: int, root: Path) -> dict:
     from pipeline.config import ScoreConfig
+    from pipeline.batching import pad_id_of
     from pipeline.render import render_ids
     from pipeline.recipes.score import score_file
     from pipeline.scoring import load_scorer, score_ids
@@ -106,9 +107,9 @@ def run_scoring(model_dir: Path, pairs, max_tokens: int, root: Path) -> dict:
     ids = render_ids(tokenizer, conversations)
     tokens = sum(len(x) for x in ids)
     counts = {"padded": 0}
-    score_ids(model, ids[:2], max_tokens, tokenizer.pad_token_id)  # warm-up
+    score_ids(model, ids[:2], max_tokens, pad_id_of(tokenizer))  # warm-up
     t = time.perf_counter()
-    score_ids(model, ids, max_tokens, tokenizer.pad_token_id,
+    score_ids(model, ids, max_tokens, pad_id_of(tokenizer),
               on_batch=lambda n, real, padded: counts.update(padded=counts["padded"] + padded))
     batched = time.perf_counter() - t
     single = one_at_a_time(model, ids)

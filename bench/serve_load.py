@@ -186,6 +186,7 @@ def workload(model_dir: Path, kind: str, n: int) -> tuple[list[str], list[float]
     path, in this process) and their token counts. ``synthetic``: the demo's synthetic HelpSteer2-schema
     conversations (138-904 tokens here); ``short``: one-line questions and answers (~30 tokens)."""
     from pipeline.conversations import load_conversations
+    from pipeline.batching import pad_id_of
     from pipeline.render import encode_texts, render_texts
     from pipeline.scoring import load_scorer, score_ids
 
@@ -197,7 +198,7 @@ def workload(model_dir: Path, kind: str, n: int) -> tuple[list[str], list[float]
     model, tokenizer = load_scorer(str(model_dir), "float32", "cpu")
     texts = render_texts(tokenizer, convs)
     ids = encode_texts(tokenizer, texts)
-    out = score_ids(model, ids, 8192, tokenizer.pad_token_id)
+    out = score_ids(model, ids, 8192, pad_id_of(tokenizer))
     return texts, out["score"].tolist(), [len(x) for x in ids]
 
 

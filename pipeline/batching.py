@@ -41,6 +41,11 @@ def plan_batches(lengths: np.ndarray, max_tokens: int, max_row_padding: float = 
     return batches
 
 
+def pad_id_of(tokenizer) -> int:
+    """The id right padding writes: the tokenizer's pad token, else 0 (the attention mask hides it either way)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
 def pad_right(id_lists: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded input ids and attention mask ([B, L] int64)."""
     longest = max(len(ids) for ids in id_lists)

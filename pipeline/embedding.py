@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pipeline.batching import OnBatch, run_batches
+from pipeline.batching import OnBatch, pad_id_of, run_batches
 from pipeline.heads import last_token_index
 
 
@@ -32,7 +32,6 @@ def embed_all(backbone, id_lists: list[list[int]], max_tokens: int,
     if not id_lists:
         empty = np.empty((0, backbone.hidden_size), dtype=np.float32)
         return empty, (np.empty(0, dtype=np.float32) if backbone.score_head is not None else None)
-    pad_id = backbone.tokenizer.pad_token_id
     out = run_batches(lambda ids, mask: backbone_forward(backbone, ids, mask), id_lists, max_tokens,
-                      0 if pad_id is None else pad_id, on_batch)
+                      pad_id_of(backbone.tokenizer), on_batch)
     return out["embedding"], out.get("base_score")

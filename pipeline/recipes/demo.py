@@ -11,7 +11,6 @@ numbers, whichever way they come out.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 from pipeline import config as C
 
@@ -68,6 +67,7 @@ def run_demo(preset: str = C.DEFAULT_PRESET, log=print) -> dict:
 
 def score_sigmoid_example(model_dir: str, cfg: C.ScoreConfig) -> dict:
     """Both answers of the sigmoid example through the export: their outputs and P(answer 2 better)."""
+    from pipeline.batching import pad_id_of
     from pipeline.model_card import SIGMOID_ANSWERS, SIGMOID_PROMPT, sigmoid_example
     from pipeline.modeling_urm import pair_temperatures
     from pipeline.render import render_ids
@@ -75,8 +75,7 @@ def score_sigmoid_example(model_dir: str, cfg: C.ScoreConfig) -> dict:
 
     model, tokenizer = load_scorer(model_dir, cfg.dtype, cfg.device, cfg.verify)
     ids = render_ids(tokenizer, sigmoid_example())
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    out = score_ids(model, ids, cfg.max_tokens_per_batch, pad_id)
+    out = score_ids(model, ids, cfg.max_tokens_per_batch, pad_id_of(tokenizer))
     names = list(model.config.urm["attributes"])
     answers = [row_scores(out, i, names) for i in range(2)]
     p = pair_probabilities(answers[1], answers[0], pair_temperatures(model.config))

@@ -95,6 +95,7 @@ def score_file(model_dir: str, source: str, output: str | None, cfg: ScoreConfig
     """Score every row of ``source`` with the exported model in ``model_dir``; JSONL to ``output``."""
     from tqdm.auto import tqdm
 
+    from pipeline.batching import pad_id_of
     from pipeline.render import render_ids
     from pipeline.scoring import load_scorer, score_ids
 
@@ -104,7 +105,7 @@ def score_file(model_dir: str, source: str, output: str | None, cfg: ScoreConfig
     model, tokenizer = load_scorer(model_dir, cfg.dtype, cfg.device, cfg.verify)
     ids = render_ids(tokenizer, flatten(kind, items))
     items, ids, dropped = within_length(kind, items, ids, length_limit(model.config, cfg.max_length), log)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_id = pad_id_of(tokenizer)
     counts = {"tokens": 0, "padded_tokens": 0}
     bar = tqdm(total=len(ids), unit="row", desc="score", dynamic_ncols=True, file=sys.stderr)
 

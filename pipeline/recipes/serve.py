@@ -52,12 +52,13 @@ def bind(host: str, port: int) -> socket.socket:
 def load_service(model_dir: str, cfg: ServeConfig):
     """The export loaded once, and how the server tokenises and scores for it (`urm score`'s functions)."""
     from pipeline.heads_io import EXPORT_TENSORS, read_meta
+    from pipeline.batching import pad_id_of
     from pipeline.render import encode_texts, render_ids
     from pipeline.scoring import length_limit, load_scorer, score_ids
     from pipeline.serving import Service
 
     model, tokenizer = load_scorer(model_dir, cfg.dtype, cfg.device, cfg.verify)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_id = pad_id_of(tokenizer)
     urm = model.config.urm
     meta = read_meta(model_dir, tensors=EXPORT_TENSORS)
     limit = length_limit(model.config, cfg.max_length)
