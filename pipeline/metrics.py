@@ -90,14 +90,21 @@ def ece(p_chosen: torch.Tensor, n_bins: int = 20) -> float:
     [0, 1], bin edges as scikit-learn's ``calibration_curve`` sets them (a value on an edge goes to
     the lower bin); ECE = sum_b (n_b / N) |mean prediction_b - mean outcome_b|.
     """
+    q, outcome, bins = reliability_bins(p_chosen, n_bins)
+    n = torch.bincount(bins, minlength=n_bins)
+    gap = torch.bincount(bins, q - outcome, minlength=n_bins).abs()  # n_b * |mean q_b - mean o_b|
+    return (gap.sum() / n.sum()).item()
+
+
+def reliability_bins(p_chosen: torch.Tensor, n_bins: int = 20) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every pair in both orders, binned as ``ece`` bins them: predictions q = (p, 1 - p), outcomes (1, 0),
+    and each one's bin among ``n_bins`` equal-width bins on [0, 1] (a value on an edge goes to the lower
+    bin); the reliability diagram plots the bins' mean q against their mean outcome."""
     p = p_chosen.double().flatten()
     q = torch.cat([p, 1 - p])
     outcome = torch.cat([torch.ones_like(p), torch.zeros_like(p)])
     inner_edges = torch.linspace(0, 1, n_bins + 1, dtype=torch.float64)[1:-1]
-    bins = torch.bucketize(q, inner_edges)  # like numpy.searchsorted(inner_edges, q, side="left")
-    n = torch.bincount(bins, minlength=n_bins)
-    gap = torch.bincount(bins, q - outcome, minlength=n_bins).abs()  # n_b * |mean q_b - mean o_b|
-    return (gap.sum() / n.sum()).item()
+    return q, outcome, torch.bucketize(q, inner_edges)  # like numpy.searchsorted(inner_edges, q, side="left")
 
 
 def ece_if_calibrated(p_chosen: torch.Tensor, n_bins: int = 20, draws: int = 200, seed: int = 0) -> float:

@@ -107,14 +107,18 @@ def markdown(report: dict) -> str:
 
 
 def reliability_points(p: np.ndarray, n_bins: int = 20) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(mean predicted P, observed frequency, count) per non-empty bin of 20 equal bins, each pair counted
-    in both orders (P for chosen-better, 1 - P for rejected-better): the points of a reliability diagram,
-    binned as ``metrics.ece`` bins them."""
-    q, o = np.r_[p, 1 - p], np.r_[np.ones_like(p), np.zeros_like(p)]
-    bins = np.searchsorted(np.linspace(0, 1, n_bins + 1)[1:-1], q)
-    n = np.bincount(bins, minlength=n_bins)
+    """(mean predicted P, observed frequency, count) per non-empty bin, the bins of ``metrics.ece`` (each pair
+    counted in both orders): the points of a reliability diagram."""
+    import torch
+
+    from pipeline.metrics import reliability_bins
+
+    q, outcome, bins = reliability_bins(torch.as_tensor(np.asarray(p, dtype=np.float64)), n_bins)
+    n = torch.bincount(bins, minlength=n_bins)
     ok = n > 0
-    return np.bincount(bins, q, n_bins)[ok] / n[ok], np.bincount(bins, o, n_bins)[ok] / n[ok], n[ok]
+    predicted = torch.bincount(bins, q, n_bins)[ok] / n[ok]
+    observed = torch.bincount(bins, outcome, n_bins)[ok] / n[ok]
+    return predicted.numpy(), observed.numpy(), n[ok].numpy()
 
 
 def reliability_plot(ax, p_bt: np.ndarray, p_gaussian: np.ndarray | None = None, title: str = "Reliability"):
