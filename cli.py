@@ -1,6 +1,6 @@
 """urm: the command line. Parses arguments, calls one recipe (pipeline.recipes), prints the result.
 
-Each command's options come from the typed stage configs in pipeline/config.py (help text
+Each command's options come from the typed stage configs in pipeline/configs/ (help text
 included), so `--help`, presets and the docs share one source. Every option can also be set as an
 environment variable URM_<OPTION> (which is how `make VAR=...` reaches it). Heavy imports (torch,
 transformers) happen inside the commands so `urm --help` is instant.
@@ -18,7 +18,7 @@ from typing import Optional
 
 import typer
 
-from pipeline import config as C
+from pipeline import configs as C
 
 app = typer.Typer(
     help="Train uncertainty-aware reward models (URM) on cached LLM embeddings.\n\n"
@@ -307,7 +307,8 @@ def cache_info(path: str = typer.Argument(..., help="A cache folder (holding _ma
     \b
     Example: urm cache info cache/demo/ratings
     """
-    from pipeline.recipes.cache_info import UnusableCache, cache_info as info
+    from pipeline.recipes.cache_info import UnusableCache
+    from pipeline.recipes.cache_info import cache_info as info
 
     def info_or_summary():
         try:

@@ -67,7 +67,7 @@ HH_RLHF = SHARED_DATA / "hh-rlhf-harmless-base-test.jsonl.gz"
 
 
 def shortest_real_pairs(n: int) -> list:
-    """The n shortest real hh-rlhf pairs (pipeline.testing.shortest_real_pairs)."""
-    from pipeline.testing import shortest_real_pairs as shortest
+    """The n shortest real hh-rlhf pairs (pipeline.data.testing.shortest_real_pairs)."""
+    from pipeline.data.testing import shortest_real_pairs as shortest
 
     return shortest(n, HH_RLHF)

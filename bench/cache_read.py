@@ -1,4 +1,4 @@
-"""How fast `pipeline.cache_reader.read_features` loads a cache into a torch tensor, beside a plain numpy copy.
+"""How fast `pipeline.cache.reader.read_features` loads a cache into a torch tensor, beside a plain numpy copy.
 
 Writes a cache of ROWS x DIM float16 random rows (in a temporary folder under /tmp, the same
 disk as the repository here), reads it once to warm the page cache, then takes the best of 3
@@ -26,9 +26,8 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from bench import machine_info, write_result
-from pipeline.cache import CacheSpec, open_writer
-from pipeline.cache_reader import read_features
-from pipeline.sources import file_sha256, file_xxh3
+from pipeline.cache import CacheSpec, open_writer, read_features
+from pipeline.hashing import file_sha256, file_xxh3
 
 ROWS, DIM, ROWS_PER_PART, REPEATS = 100_000, 4096, 10_000, 3
 

@@ -4,7 +4,7 @@ Rows: the first N conversations of the demo's ratings (synthetic:ratings?n=N&see
 SmolLM2-135M-Instruct. Both dtypes are loaded once, warmed up, then timed in alternation, ``--repeats``
 times each; the best run of each counts (the least disturbed by anything else on the machine).
 Reported: tokens/s per dtype, the bf16/fp32 speed ratio, what auto-bf16 picks on this CPU
-(pipeline.backbone.native_bf16_cpu), and how far bf16 features are from fp32 ones (relative error,
+(pipeline.device.native_bf16_cpu), and how far bf16 features are from fp32 ones (relative error,
 smallest cosine). Writes bench/results/demo_dtype.json.
 """
 
@@ -19,12 +19,10 @@ from bench import machine_info, write_result
 
 
 def main(argv: list[str]) -> None:
-    from pipeline.backbone import load_weights, native_bf16_cpu, open_backbone
-    from pipeline.config import SMOLLM2_GGUF
-    from pipeline.embedding import embed_all
-    from pipeline.ratings import load_ratings
-    from pipeline.render import render_ids
-    from pipeline.rows import rating_rows
+    from pipeline.configs import SMOLLM2_GGUF
+    from pipeline.data import load_ratings
+    from pipeline.device import native_bf16_cpu
+    from pipeline.features import embed_all, load_weights, open_backbone, rating_rows, render_ids
 
     ap = argparse.ArgumentParser(prog="python -m bench demo_dtype")
     ap.add_argument("--rows", type=int, default=64)

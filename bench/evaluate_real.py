@@ -53,7 +53,7 @@ def split_steerlm(folder: Path, held_out: float, seed: int) -> tuple[Path, Path]
 
 def shortest_pairs_file(source: Path, n: int, path: Path) -> Path:
     from pipeline.atomic import write_text
-    from pipeline.testing import shortest_real_pairs
+    from pipeline.data.testing import shortest_real_pairs
 
     pairs = shortest_real_pairs(n, source)
     write_text(path, "".join(json.dumps({"id": p.pair_id, "chosen": p.chosen, "rejected": p.rejected}) + "\n"
@@ -85,8 +85,8 @@ def targets(report: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from pipeline.config import (SMOLLM2_GGUF, DatasetSpec, EvaluateConfig, ExtractConfig, GatingConfig, ValueHeadConfig,
-                                 build)
+    from pipeline.configs import (SMOLLM2_GGUF, DatasetSpec, EvaluateConfig, ExtractConfig, GatingConfig,
+                                  ValueHeadConfig, build)
     from pipeline.recipes.evaluate import run_evaluate, summary
     from pipeline.recipes.extract import run_extract
     from pipeline.recipes.train import train_gating, train_value_head

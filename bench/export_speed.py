@@ -9,7 +9,7 @@ heads (d = 576, URM gate):
 every `urm export` also pays fixed costs: hashing the 93 MB GGUF to find its converted copy, loading
 the tokenizer twice, building the backbone on the meta device).
 Scoring, over the same conversations (the 50 shortest real hh-rlhf pairs = 100 conversations):
-  ours_batched      pipeline.scoring.score_ids, what `urm score` runs: length-sorted token-budget batches
+  ours_batched      pipeline.serve.scoring.score_ids, what `urm score` runs: length-sorted token-budget batches
   one_at_a_time     the exported model called once per conversation (the usage snippet's loop)
   urm_score_e2e     pipeline.recipes.score.score_file end to end (model load, rendering, JSONL written)
 Writes bench/results/export_speed.json, with the load average before and after.
@@ -33,11 +33,9 @@ from bench import HH_RLHF, machine_info, shortest_real_pairs, timed, write_resul
 def smollm2_heads(directory: Path) -> tuple[Path, dict]:
     """Seeded random heads for SmolLM2 whose heads.json claims a cache of that backbone."""
     from pipeline import ATTRIBUTES
-    from pipeline.backbone import open_backbone
-    from pipeline.config import SMOLLM2_GGUF
-    from pipeline.heads import Heads
-    from pipeline.heads_io import CacheIdentity, HeadsMeta, StageRecord, save_heads
-    from pipeline.render import chat_template_hash
+    from pipeline.configs import SMOLLM2_GGUF
+    from pipeline.features import chat_template_hash, open_backbone
+    from pipeline.model import CacheIdentity, Heads, HeadsMeta, StageRecord, save_heads
 
     files = open_backbone(SMOLLM2_GGUF)
     torch.manual_seed(0)
@@ -58,9 +56,9 @@ def bytes_written(out: Path, backbone_dir: Path) -> int:
 
 def run_exports(root: Path, heads: Path, backbone_dir: Path, repeats: int) -> dict:
     """Best of ``repeats`` wall times of each way (after one warm-up export), and the bytes each writes."""
-    from pipeline.config import ExportConfig
+    from pipeline.configs import ExportConfig
+    from pipeline.model.modeling_urm import URMForSequenceClassification
     from pipeline.recipes.export import export_model
-    from pipeline.modeling_urm import URMForSequenceClassification
     from transformers import AutoConfig
 
     quiet = dict(log=lambda line: None)
@@ -96,11 +94,10 @@ def one_at_a_time(model, ids: list[list[int]]) -> float:
 
 
 def run_scoring(model_dir: Path, pairs, max_tokens: int, root: Path) -> dict:
-    from pipeline.config import ScoreConfig
-    from pipeline.batching import pad_id_of
-    from pipeline.render import render_ids
+    from pipeline.configs import ScoreConfig
+    from pipeline.features import pad_id_of, render_ids
     from pipeline.recipes.score import score_file
-    from pipeline.scoring import load_scorer, score_ids
+    from pipeline.serve import load_scorer, score_ids
 
     model, tokenizer = load_scorer(str(model_dir), "float32", "cpu")
     conversations = [c for p in pairs for c in (p.chosen, p.rejected)]

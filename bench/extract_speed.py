@@ -2,7 +2,7 @@
 
 Rows: the 200 shortest real hh-rlhf pairs (400 conversations; the rows of the SmolLM2 test).
 Measured, each after a warm-up forward:
-  ours_fp32      pipeline.embedding.embed_all: length-sorted token-budget batches, right padding
+  ours_fp32      pipeline.features.embedding.embed_all: length-sorted token-budget batches, right padding
   one_at_a_time  ArmoRM's extractor loop: one conversation per forward, batch 1, no padding
   ours_bf16      embed_all in bfloat16 (on a subset of rows when the CPU has no native bf16)
 Model FLOPs = 2 x non-embedding parameters x real tokens (padding excluded), as a share of this
@@ -27,7 +27,7 @@ def non_embedding_params(model) -> int:
 
 
 def run_ours(backbone, ids, max_tokens: int) -> dict:
-    from pipeline.embedding import embed_all
+    from pipeline.features import embed_all
 
     counts = {"tokens": 0, "padded": 0}
 
@@ -59,9 +59,8 @@ def run_one_at_a_time(backbone, ids) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from pipeline.backbone import load_backbone
-    from pipeline.config import SMOLLM2_GGUF
-    from pipeline.render import render_ids
+    from pipeline.configs import SMOLLM2_GGUF
+    from pipeline.features import load_backbone, render_ids
 
     ap = argparse.ArgumentParser(prog="python -m bench extract_speed")
     ap.add_argument("--pairs", type=int, default=200)

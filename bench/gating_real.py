@@ -32,7 +32,7 @@ def write_pairs_jsonl(pairs, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from pipeline.config import SMOLLM2_GGUF, DatasetSpec, ExtractConfig, GatingConfig, ValueHeadConfig, build
+    from pipeline.configs import SMOLLM2_GGUF, DatasetSpec, ExtractConfig, GatingConfig, ValueHeadConfig, build
     from pipeline.recipes.extract import run_extract
     from pipeline.recipes.train import train_gating, train_value_head
 

@@ -8,7 +8,7 @@ remade by ``--write-lengths``: every conversation of those files rendered with t
 template; Llama 3's tokenizer is not available offline). Token ids are random. Ways, in one run:
 
   one_at_a_time  the peer's (ArmoRM's) loop: one conversation per forward, batch 1
-  batched_sdpa   ours: pipeline.embedding.embed_all, length-sorted token-budget batches, right padding, sdpa
+  batched_sdpa   ours: pipeline.features.embedding.embed_all, length-sorted token-budget batches, right padding, sdpa
   packed         padding-free: the conversations of a batch concatenated into one row, position_ids restarting
                  at 0 for each; with flash_attention_2 (the flash-attn package) transformers runs varlen
                  attention; with sdpa transformers 5.x builds a block-diagonal mask from the position_ids
@@ -83,10 +83,9 @@ def sync(device) -> None:
 
 def write_lengths() -> dict:
     """Every conversation of the real pair files rendered with SmolLM2's chat template: its token count."""
-    from pipeline.backbone import load_backbone
-    from pipeline.config import SMOLLM2_GGUF
-    from pipeline.preferences import load_preferences
-    from pipeline.render import render_ids
+    from pipeline.configs import SMOLLM2_GGUF
+    from pipeline.data import load_preferences
+    from pipeline.features import load_backbone, render_ids
 
     tokenizer = load_backbone(SMOLLM2_GGUF, dtype="float32", device="cpu").tokenizer
     files = {}
@@ -161,8 +160,8 @@ def one_at_a_time(backbone: RandomLlama, ids) -> tuple[float, list]:
 
 
 def batched(backbone: RandomLlama, ids, max_tokens: int) -> tuple[float, np.ndarray, int]:
-    """Ours (pipeline.embedding.embed_all); also the tokens processed including padding."""
-    from pipeline.embedding import embed_all
+    """Ours (pipeline.features.embedding.embed_all); also the tokens processed including padding."""
+    from pipeline.features import embed_all
 
     processed = [0]
     sync(backbone.device)

@@ -21,12 +21,10 @@ import torch
 
 from bench import machine_info, write_result
 from pipeline import ATTRIBUTES
-from pipeline.cache import CacheSpec, open_writer
-from pipeline.cache_reader import read_features, read_pairs, row_index
-from pipeline.config import GatingConfig, ValueHeadConfig, build
-from pipeline.feature_stream import TensorRows, open_streamed
-from pipeline.heads import Heads
-from pipeline.trainers import fit_gate, fit_value_head
+from pipeline.cache import CacheSpec, open_writer, read_features, read_pairs, row_index
+from pipeline.configs import GatingConfig, ValueHeadConfig, build
+from pipeline.model import Heads
+from pipeline.train import TensorRows, fit_gate, fit_value_head, open_streamed
 
 K = len(ATTRIBUTES)
 

@@ -185,10 +185,9 @@ def workload(model_dir: Path, kind: str, n: int) -> tuple[list[str], list[float]
     """``n`` conversations as templated text (what OpenRLHF sends), their scores from the export (`urm score`'s
     path, in this process) and their token counts. ``synthetic``: the demo's synthetic HelpSteer2-schema
     conversations (138-904 tokens here); ``short``: one-line questions and answers (~30 tokens)."""
-    from pipeline.conversations import load_conversations
-    from pipeline.batching import pad_id_of
-    from pipeline.render import encode_texts, render_texts
-    from pipeline.scoring import load_scorer, score_ids
+    from pipeline.data import load_conversations
+    from pipeline.features import encode_texts, pad_id_of, render_texts
+    from pipeline.serve import load_scorer, score_ids
 
     if kind == "synthetic":
         convs = [c.messages for c in load_conversations(f"synthetic:ratings?n={n}&seed=0")[0]]
@@ -286,7 +285,7 @@ def main(argv: list[str]) -> None:
 
 def main_export(model_dir: Path, args) -> None:
     """The same comparison on a real export (where a model call costs what a real backbone's does)."""
-    from pipeline.scoring import check_export
+    from pipeline.serve import check_export
 
     check_export(model_dir, verify=True)
     load_before = os.getloadavg()

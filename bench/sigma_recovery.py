@@ -1,7 +1,7 @@
 """Which stage-1 recipe learns the noise? Value heads on features with a known noise std per attribute.
 
 Features h (d = 32, h[0] = 1) and labels y = h A + 2 + noise with std NOISE_k per attribute, so the
-best value head has sigma_k = NOISE_k exactly (pipeline.testing.linear_ratings). Each loss (nll,
+best value head has sigma_k = NOISE_k exactly (pipeline.data.testing.linear_ratings). Each loss (nll,
 beta-nll, reparam) trains through the public entry point (`train_value_head`) on a cache written
 by the real writer, once with sigma as the loss left it and once calibrated on the held-out
 calibration split (the default); reported: the validation mean sigma per attribute beside the
@@ -17,12 +17,12 @@ import tempfile
 import torch
 
 from bench import machine_info, write_result
-from pipeline.testing import LINEAR_RATINGS_TRAINING, NOISE, linear_ratings
+from pipeline.data.testing import LINEAR_RATINGS_TRAINING, NOISE, linear_ratings
 
 def main(argv: list[str] | None = None) -> dict:
     from pipeline import ATTRIBUTES
     from pipeline.cache import CacheSpec, open_writer
-    from pipeline.config import ValueHeadConfig, build
+    from pipeline.configs import ValueHeadConfig, build
     from pipeline.recipes.train import train_value_head
 
     h, y = linear_ratings()

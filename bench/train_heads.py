@@ -23,10 +23,9 @@ import time
 import torch
 
 from bench import machine_info, matmul_gflops, timed, write_result
-from pipeline.config import GatingConfig, ValueHeadConfig, build
-from pipeline.heads import Heads
-from pipeline.feature_stream import TensorRows
-from pipeline.trainers import adamw, fit_value_head, frozen_outputs, gate_epoch, with_gate
+from pipeline.configs import GatingConfig, ValueHeadConfig, build
+from pipeline.model import Heads
+from pipeline.train import TensorRows, adamw, fit_value_head, frozen_outputs, gate_epoch, with_gate
 
 K = 5
 

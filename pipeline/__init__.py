@@ -1,19 +1,27 @@
 """URM pipeline: extract backbone features once, train uncertainty-aware reward heads on them, export.
 
-Recipes (pipeline/recipes/, one per `urm` command) wire the components; components never import a
-recipe. Components, one job each:
-  data       records (the normalised record types), sources (files, hub datasets, fingerprints),
-             ratings (HelpSteer2 rows), preferences (every pair format), conversations (rows to
-             score), synthetic (seeded HelpSteer2-schema generator), testing (data with a known answer)
-  config     typed configs per stage, presets shipped in pipeline/configs/*.toml
-  features   backbone (loading it), render (chat template -> ids, one BOS), batching (token-budget
-             batches), embedding (ids -> last-token h), rows (a dataset as cache rows and parts)
-  cache      cache (format and writer), cache_reader (into tensors), parquet_pages (the fast path)
-  heads      heads (the heads and the score math: the one scoring module, shipped in exports),
-             losses, metrics, trainers (the two AdamW loops), heads_io (the heads folder, HeadsMeta)
-  export     configuration_urm, modeling_urm (the exported model's code), model_dir (its files),
-             model_card; scoring (an exported model's outputs as rows)
-  plumbing   atomic (every write), errors (the one user-error type)
+One subpackage per stage, in the order the data takes (files -> rows -> backbone -> cache -> heads ->
+training -> evaluation -> export -> serving); each ``__init__`` says what its modules own and
+re-exports their public names. What may import what is stated once, in tests/test_layout.py.
+
+  data/      records, sources (files, hub datasets pinned to a commit, fingerprints), nemo_turns, ratings,
+             preferences, conversations, synthetic (the seeded generator), testing (known answers)
+  features/  backbone (loading it), render (chat template -> ids, one BOS), batching (token budgets),
+             embedding (ids -> last-token h), rows (a dataset as cache rows and parts), distributed (torchrun)
+  cache/     layout (format, schema, CacheSpec), columns, manifest, parts, journals, writer, reader,
+             parquet_pages (the fast read path)
+  model/     heads (the heads and the score math: the one scoring module), modeling_urm and
+             configuration_urm (the exported model's code; these three are shipped), heads_io (the heads folder)
+  train/     losses, optimization, calibration, feature_stream (in memory or streamed), trainers
+  eval/      evaluation (the metrics of a model's outputs), baselines, report
+  export/    model_dir (the export's files), model_card
+  serve/     scoring (an export's outputs), requests, batcher, app (`urm serve`)
+  configs/   the typed stage configs and the option system, presets (the TOML files beside them)
+  recipes/   one module per `urm` command, wiring the stages (the stages never import a recipe)
+
+Cross-cutting modules, beside the subpackages: errors (the user-error types), atomic (every write),
+hashing (checksums and fingerprints), device (device and dtype names and resolution), metrics (the
+pure metrics training and evaluation report).
 """
 
 __version__ = "0.1.0"

@@ -1,28 +1,89 @@
 """Atomic writes: every file and folder the pipeline makes appears whole or not at all.
 
-A file is written under a temporary name in its own folder (``.<name>.<pid>.tmp``: hidden, and a
-later writer can tell whether its owner still runs), flushed to disk, then renamed over the target,
-and the folder's entry is flushed too; a crash at any moment leaves the old file or the new one.
-A folder (an export, a converted backbone) is built under a temporary name beside its target and
-renamed into place the same way. Cache parts and manifests, heads, exports, scores, benchmark
-results and generated datasets all go through here.
+One naming rule for what is being written (``temp_path``): a hidden sibling of the target,
+``.<name>.<pid>.tmp`` (``.<name>.<pid>.old`` for a folder being replaced), so that a later run can
+tell from the name alone which target it belongs to and whether its writer still runs
+(``parse_temp``, ``remove_stale_temps``). The cache's clean-up and ``atomic_directory`` both use it.
+
+What is atomic, on POSIX:
+- a file (``atomic_write``): written under its temporary name, fsynced, renamed over the target
+  (``rename(2)`` replaces atomically), then the folder entry is fsynced. A crash at any moment
+  leaves the old file or the new one, never a mix; a killed writer's temporary file is removed
+  by the next writer of that folder.
+- a folder (``atomic_directory``: an export, a converted backbone): built under its temporary
+  name, every file in it fsynced, then put in place. A new target is one ``rename(2)``. An
+  existing one is swapped in one step where the system can (Linux ``renameat2(RENAME_EXCHANGE)``,
+  on ext4, xfs, btrfs, tmpfs and most local file systems): the target is never missing. Where it
+  cannot (other systems, some network file systems) it takes two renames, target -> ``.old`` then
+  new -> target, and between them the target is absent for a moment; a crash there leaves the old
+  folder under its ``.old`` name, which the next ``atomic_directory`` for that target puts back.
+  Readers therefore always find the old folder or the new one, except in that fallback's moment.
+Cache parts and manifests, heads, exports, scores, benchmark results and generated datasets all
+go through here.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import json
 import math
 import os
+import re
 import shutil
-import tempfile
+import sys
 from pathlib import Path
 from typing import Callable, Iterator
 
+TEMP_NAME = re.compile(r"^\.(?P<target>.+)\.(?P<pid>\d+)\.(?P<kind>tmp|old)$")
 
-def temp_path(path: Path) -> Path:
-    """The temporary name ``path`` is written under: hidden, in the same folder, tagged with our pid."""
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+def temp_path(path: Path, kind: str = "tmp") -> Path:
+    """The temporary name ``path`` is written under: hidden, in the same folder, tagged with our pid.
+
+    >>> temp_path(Path("cache/part-00001.parquet")).name == f".part-00001.parquet.{os.getpid()}.tmp"
+    True
+    """
+    return path.with_name(f".{path.name}.{os.getpid()}.{kind}")
+
+
+def parse_temp(name: str) -> tuple[str, int, str] | None:
+    """(target name, writer's pid, "tmp" | "old") of a name ``temp_path`` made, else None.
+
+    >>> parse_temp(".heads.json.4242.tmp")
+    ('heads.json', 4242, 'tmp')
+    >>> parse_temp("heads.json") is None
+    True
+    """
+    m = TEMP_NAME.match(name)
+    return (m["target"], int(m["pid"]), m["kind"]) if m else None
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid runs here (a pid reused by another process counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temps(folder: Path, is_target: Callable[[str], bool], include_own: bool = False) -> list[Path]:
+    """Remove the temporary files and folders in ``folder`` whose target name passes ``is_target`` and whose
+    writer no longer runs (with ``include_own``, ours too: left by an earlier failure of this process)."""
+    removed = []
+    for f in folder.iterdir():
+        parsed = parse_temp(f.name)
+        if parsed is None or not is_target(parsed[0]):
+            continue
+        target, pid, _ = parsed
+        if (include_own and pid == os.getpid()) or (pid != os.getpid() and not pid_alive(pid)):
+            shutil.rmtree(f, ignore_errors=True) if f.is_dir() and not f.is_symlink() else f.unlink(missing_ok=True)
+            removed.append(f)
+    return removed
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
@@ -55,7 +116,11 @@ def write_json(path: str | os.PathLike, value, indent: int | None = 2) -> Path:
 
 
 def finite(value):
-    """``value`` with every NaN / infinite float replaced by None, in nested dicts and lists."""
+    """``value`` with every NaN / infinite float replaced by None, in nested dicts and lists.
+
+    >>> finite({"a": [1.0, float("nan")], "b": float("inf")})
+    {'a': [1.0, None], 'b': None}
+    """
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
@@ -67,26 +132,84 @@ def finite(value):
 
 @contextlib.contextmanager
 def atomic_directory(out: str | os.PathLike) -> Iterator[Path]:
-    """Yield an empty temporary folder beside ``out``; on success it replaces ``out``.
-
-    An existing ``out`` is moved aside first and removed only once the new folder is in place; on
-    failure the temporary folder is removed and ``out`` is untouched.
-    """
+    """Yield an empty temporary folder beside ``out``; on success it replaces ``out`` (see the module
+    docstring for what is atomic where). On failure the temporary folder is removed and ``out`` is
+    untouched. What an earlier, killed run left for ``out`` is cleaned up first (``recover_directory``)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    recover_directory(out)
+    tmp = temp_path(out)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
     try:
         yield tmp
-        old = None
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-            os.replace(out, old / out.name)
-        os.replace(tmp, out)
-        _fsync(out.parent, os.O_RDONLY)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        _fsync_tree(tmp)
+        if out.exists() and exchange(tmp, out):  # out is the new folder now, tmp the old one
+            _fsync(out.parent, os.O_RDONLY)
+        elif out.exists():
+            _replace_in_two_renames(tmp, out)
+        else:
+            os.replace(tmp, out)
+            _fsync(out.parent, os.O_RDONLY)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def recover_directory(out: Path) -> None:
+    """After a killed ``atomic_directory`` for ``out``: put the old folder back when the kill came between
+    the fallback's two renames (``out`` missing, its ``.old`` there), and remove every other leftover
+    of a writer that no longer runs."""
+    if not out.parent.is_dir():
+        return
+    if not out.exists():
+        olds = [f for f in out.parent.iterdir() if (p := parse_temp(f.name)) and p[0] == out.name and p[2] == "old"
+                and not pid_alive(p[1])]
+        if olds:
+            os.replace(max(olds, key=lambda f: f.stat().st_mtime), out)
+    remove_stale_temps(out.parent, lambda target: target == out.name)
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Swap the two paths in one step (Linux ``renameat2(RENAME_EXCHANGE)``); False where the system or the
+    file system cannot, leaving both as they were."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):  # a libc without it (glibc < 2.28, musl)
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _replace_in_two_renames(new: Path, out: Path) -> None:
+    """out -> its ``.old`` name, then new -> out (the target is absent in between); the old folder is
+    put back if the second rename fails, and removed once the new one is in place."""
+    old = temp_path(out, "old")
+    os.replace(out, old)
+    try:
+        os.replace(new, out)
+    except BaseException:
+        os.replace(old, out)
+        raise
+    _fsync(out.parent, os.O_RDONLY)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _fsync_tree(folder: Path) -> None:
+    """fsync every file under ``folder`` and every folder in it, so that what is renamed into place is on disk."""
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = Path(root) / name
+            if not path.is_symlink():
+                _fsync(path, os.O_RDONLY)
+        _fsync(Path(root), os.O_RDONLY)
 
 
 def _fsync(path: Path, flags: int) -> None:

@@ -192,7 +192,7 @@ BYTE_DAMAGE = (flip, truncate, append, zero, delete, garbage)
 
 
 def checksum(path: Path) -> str:
-    from pipeline.sources import file_xxh3
+    from pipeline.hashing import file_xxh3
 
     return file_xxh3(path)
 
@@ -554,7 +554,7 @@ def base_argv(command: str, base: Base, d: Path, *, cache: Path | None = None, h
 
 def option_cases(base: Base) -> list[tuple[str, str, str, int]]:
     """Every (command, option, bad value, exit code) the option rules give."""
-    from pipeline import config as C
+    from pipeline import configs as C
 
     cases = []
     for command, stages in STAGES.items():

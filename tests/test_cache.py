@@ -15,11 +15,12 @@ import pyarrow.parquet as pq
 import pytest
 
 import pipeline.cache as C
-import pipeline.parquet_pages as P
-from pipeline.cache import CacheError, CacheIncomplete, CacheInputError, CacheMismatch, CacheSpec, open_writer, read_manifest
-from pipeline.cache_reader import read_features, read_pairs, verify_cache
+import pipeline.cache.layout as L
+import pipeline.cache.parquet_pages as P
+from pipeline.cache import (CacheError, CacheIncomplete, CacheInputError, CacheMismatch, CacheSpec, open_writer,
+                            read_features, read_manifest, read_pairs, verify_cache)
+from pipeline.hashing import file_sha256, file_xxh3
 from pipeline.recipes.cache_info import UnusableCache, cache_info
-from pipeline.sources import file_sha256, file_xxh3
 
 D = 24
 ROWS = 60  # per part
@@ -108,8 +109,8 @@ def test_filters_and_dtype(tmp_path):
 
 
 def test_role_filter_and_fast_path_equals_pyarrow(tmp_path, monkeypatch):
-    monkeypatch.setattr(C, "DATA_PAGE_BYTES", 1000)  # ~20 rows a page
-    monkeypatch.setattr(C, "ROW_GROUP_BYTES", 40 * D * 2)  # 40 rows a row group
+    monkeypatch.setattr(L, "DATA_PAGE_BYTES", 1000)  # ~20 rows a page
+    monkeypatch.setattr(L, "ROW_GROUP_BYTES", 40 * D * 2)  # 40 rows a row group
     parts = write_cache(tmp_path / "c", kind="preferences")
     md = pq.ParquetFile(tmp_path / "c" / "part-00000.parquet").metadata
     assert md.num_row_groups == 2
@@ -139,7 +140,7 @@ def test_margin_round_trips_and_caches_without_the_column_still_read(tmp_path):
     assert np.array_equal(pairs.rejected.margin.numpy(), got, equal_nan=True)
     # A part written before the margin column existed (the same part without it) reads as all null.
     old = pq.read_table(tmp_path / "c" / "part-00000.parquet").drop_columns(["margin"])
-    pq.write_table(old, tmp_path / "c" / "part-00000.parquet", **C._parquet_options())
+    pq.write_table(old, tmp_path / "c" / "part-00000.parquet", **L.parquet_options())
     manifest = json.loads((tmp_path / "c" / C.MANIFEST).read_text())
     file = tmp_path / "c" / "part-00000.parquet"
     manifest["parts"][0].update(bytes=file.stat().st_size, sha256=file_sha256(file), xxh3_128=file_xxh3(file))

@@ -1,4 +1,4 @@
-"""Calibration on held-out data (pipeline.calibration, METHOD.md 2): sigma refit with the means frozen, and
+"""Calibration on held-out data (pipeline.train.calibration, METHOD.md 2): sigma refit with the means frozen, and
 the temperatures of pair probabilities, on data whose right answer is known."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from pipeline.calibration import calibrate_heads, common_direction, fit_scale_offset, fit_temperature, pair_nll
-from pipeline.heads import Heads
+from pipeline.model import Heads
+from pipeline.train import calibrate_heads, common_direction, fit_scale_offset, fit_temperature, pair_nll
 
 
 def test_scale_and_offset_recover_a_known_log_sigma():

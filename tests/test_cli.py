@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from cli import app
 from pipeline.cache import CacheSpec, open_writer, read_manifest
-from pipeline.config import ConfigError, load_config
+from pipeline.configs import ConfigError, load_config
 
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,7 +43,7 @@ def test_every_command_help_has_an_example(command):
 
 def test_option_help_comes_from_the_config_and_names_its_variable():
     from cli import _config_params
-    from pipeline.config import ExtractConfig
+    from pipeline.configs import ExtractConfig
 
     params = {p.name: p.default for p in _config_params("extract")}
     option = params["max_tokens_per_batch"]
@@ -109,7 +109,7 @@ def test_training_options_of_both_stages_reach_their_configs(tmp_path, monkeypat
     monkeypatch.setattr(recipe, "train_value_head", lambda cfg, log: seen.update(value=cfg) or {"val": {}})
     monkeypatch.setattr(recipe, "train_gating", lambda cfg, log: seen.update(gating=cfg) or {"val": {}})
     monkeypatch.setattr("cli.report_training", lambda summary: None)
-    monkeypatch.setattr("pipeline.cache_reader.verify_cache", lambda path: None)
+    monkeypatch.setattr("pipeline.cache.verify_cache", lambda path: None)
     args = ["train-heads", "--seed", "5", "--lr", "0.5", "--gate-lr", "0.25", "--use-margin", "--heads-dir", "h"]
     result = runner.invoke(app, args, env={"URM_GATE_EPOCHS": "2"})
     assert result.exit_code == 0, result.output
@@ -174,7 +174,7 @@ def test_extract_end_to_end_on_a_tiny_model(tmp_path):
 def test_extract_then_train_heads_through_the_cli(tmp_path, ratings, request):
     """The job's first two steps end to end on a tiny model, every value given on the command line; stage 1
     on synthetic ratings and on the first 40 real rated rows of the SteerLM sample in ../shared/data."""
-    from pipeline.heads_io import load_heads
+    from pipeline.model import load_heads
     from tiny_models import build_tiny_llama
 
     if ratings.endswith(".jsonl"):  # the 40 shortest rows, in the file's own SteerLM format

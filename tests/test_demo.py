@@ -8,9 +8,9 @@ import torch
 from typer.testing import CliRunner
 
 from cli import app
-from pipeline.model_card import sigmoid_example
+from pipeline.export import sigmoid_example
+from pipeline.features import render_ids
 from pipeline.recipes.demo import summary, verdict
-from pipeline.render import render_ids
 from tiny_models import load_export, tokenizer_of
 
 pytestmark = pytest.mark.integration

@@ -11,7 +11,7 @@ import torch
 from typer.testing import CliRunner
 
 from cli import app
-from pipeline.evaluation import Scores, attribute_metrics, pair_metrics, uncertainty_signals
+from pipeline.eval import Scores, attribute_metrics, pair_metrics, uncertainty_signals
 
 runner = CliRunner()
 
@@ -78,8 +78,8 @@ def test_every_baseline_in_one_report(trained):
     assert all(name in markdown for name in names) and "AUROC" in markdown and "cov 90%" in markdown
     assert "| URM (these heads) |" in result.output and "report:" in result.output
     # the main row is the heads' own numbers on the held-out caches
-    from pipeline.cache_reader import read_features, read_pairs
-    from pipeline.heads_io import load_heads
+    from pipeline.cache import read_features, read_pairs
+    from pipeline.model import load_heads
 
     heads, _ = load_heads(root / "heads")
     pairs = read_pairs(root / "cache" / "eval_preferences")

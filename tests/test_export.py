@@ -16,13 +16,11 @@ from typer.testing import CliRunner
 
 from cli import app
 from pipeline import ATTRIBUTES
-from pipeline.backbone import load_backbone
-from pipeline.config import ExportConfig
-from pipeline.embedding import embed_all
-from pipeline.heads_io import load_heads
-from pipeline.model_dir import ExportError
+from pipeline.configs import ExportConfig
+from pipeline.export import ExportError
+from pipeline.features import embed_all, load_backbone, render_ids
+from pipeline.model import load_heads
 from pipeline.recipes.export import export_model
-from pipeline.render import render_ids
 from tiny_models import (CONVERSATIONS, QUIET, build_tiny_llama, cache_identity_of, export_tiny, load_export,
                          random_heads_dir, tokenizer_of)
 
@@ -31,7 +29,7 @@ K = len(ATTRIBUTES)
 
 
 def expected_from_heads(backbone_dir: Path, heads_dir: Path, conversations) -> dict:
-    """The training path: extraction's hidden states (pipeline.embedding) through pipeline.heads.Heads."""
+    """The training path: extraction's hidden states (pipeline.features.embedding) through pipeline.model.heads.Heads."""
     backbone = load_backbone(str(backbone_dir), dtype="float32", device="cpu")
     h, base = embed_all(backbone, render_ids(backbone.tokenizer, conversations), max_tokens=4096)
     heads, _ = load_heads(heads_dir)
@@ -167,9 +165,9 @@ def test_the_exported_code_imports_only_torch_transformers_and_its_siblings(tiny
     """The export ships the package's own heads.py (the one scoring module) beside modeling_urm.py."""
     import ast
 
-    from pipeline.model_dir import CODE_FILES
+    from pipeline.export import CODE_FILES
 
-    out, package = tiny[2], Path(__file__).parents[1] / "pipeline"
+    out, package = tiny[2], Path(__file__).parents[1] / "pipeline" / "model"
     allowed = {"modeling_urm.py": ({"torch", "transformers", "dataclasses", "typing"}, {"configuration_urm", "heads"}),
                "heads.py": ({"torch", "math", "__future__"}, set()),
                "configuration_urm.py": ({"transformers"}, set())}
@@ -345,15 +343,15 @@ def test_a_failed_export_leaves_nothing_behind(tmp_path, monkeypatch):
 
 
 def test_the_backbone_is_opened_and_its_template_hashed_once_per_export(tmp_path, monkeypatch):
-    import pipeline.backbone as B
-    import pipeline.render as R
+    import pipeline.features as F
+    import pipeline.features.backbone as B
 
     bb = build_tiny_llama(tmp_path / "backbone")
     heads = random_heads_dir(tmp_path / "heads", bb)
     opened, hashed = [], []
-    real_resolve, real_hash = B.resolve_backbone, R.chat_template_hash
+    real_resolve, real_hash = B.resolve_backbone, F.chat_template_hash
     monkeypatch.setattr(B, "resolve_backbone", lambda *a: opened.append(a) or real_resolve(*a))
-    monkeypatch.setattr(R, "chat_template_hash", lambda tok: hashed.append(tok) or real_hash(tok))
+    monkeypatch.setattr(F, "chat_template_hash", lambda tok: hashed.append(tok) or real_hash(tok))
     export_model(ExportConfig(backbone=str(bb), heads_dir=str(heads), out_dir=str(tmp_path / "m")), **QUIET)
     assert len(opened) == 1
     assert len(hashed) == 2  # the backbone's tokenizer, and the exported one (checked to render the same)

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.render import render_ids
+from pipeline.features import render_ids
 from tiny_models import (CONVERSATIONS, REWARDBENCH, TF457_VERSION, build_tiny_llama, export_tiny, require_side_env, require_tf457, scores_here, scores_under, tokenizer_of)
 
 pytestmark = pytest.mark.integration

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -14,17 +15,13 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.backbone import load_backbone
-from pipeline.batching import pad_right, plan_batches
-from pipeline.cache import read_manifest
-from pipeline.cache_reader import read_features, read_pairs
-from pipeline.config import DatasetSpec, ExtractConfig
-from pipeline.embedding import backbone_forward, embed_all
-from pipeline.heads import last_token_index
+from pipeline.cache import read_features, read_manifest, read_pairs
+from pipeline.configs import DatasetSpec, ExtractConfig
+from pipeline.data import make_preferences, make_ratings
+from pipeline.features import (backbone_forward, embed_all, keep_mask, load_backbone, pad_right, part_bounds,
+                               plan_batches, render_ids)
+from pipeline.model import last_token_index
 from pipeline.recipes.extract import run_extract
-from pipeline.render import render_ids
-from pipeline.rows import keep_mask, part_bounds
-from pipeline.synthetic import make_preferences, make_ratings
 from tiny_models import build_tiny_llama, slow_forward
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -220,7 +217,7 @@ def test_too_long_rows_are_dropped_and_counted_pairs_whole(tiny_dir, tmp_path, t
 @pytest.mark.integration
 def test_the_backbone_is_opened_once_per_run(tiny_dir, tmp_path, monkeypatch):
     """Resolving a backbone hashes its weights (a GGUF in full): once a run, for every dataset."""
-    import pipeline.backbone as B
+    import pipeline.features.backbone as B
 
     calls = []
     real = B.resolve_backbone
@@ -243,7 +240,7 @@ def test_a_cache_records_its_compute_dtype_and_refuses_another(tiny_dir, tmp_pat
 
 @pytest.mark.parametrize("native, expected", [(True, torch.bfloat16), (False, torch.float32)])
 def test_auto_bf16_is_bf16_only_where_the_cpu_runs_it_natively(monkeypatch, native, expected):
-    import pipeline.backbone as B
+    import pipeline.device as B
 
     monkeypatch.setattr(B, "native_bf16_cpu", lambda: native)
     assert B.resolve_dtype("auto-bf16", torch.device("cpu")) == expected
@@ -253,7 +250,7 @@ def test_auto_bf16_is_bf16_only_where_the_cpu_runs_it_natively(monkeypatch, nati
 
 SLOW_EMBED = slow_forward(0.15)
 KILL_SCRIPT = SLOW_EMBED + """
-from pipeline.config import DatasetSpec, ExtractConfig
+from pipeline.configs import DatasetSpec, ExtractConfig
 from pipeline.recipes.extract import run_extract
 run_extract(ExtractConfig(**{config}), names=["ratings"])
 """
@@ -312,3 +309,67 @@ def test_ctrl_c_stops_cleanly_and_the_next_run_finishes(tiny_dir, tmp_path):
     stats = run_extract(extract_config(tiny_dir, cache, datasets={
         "ratings": DatasetSpec("ratings", "ratings", RATINGS)}), names=["ratings"])
     assert stats["ratings"].parts_skipped >= 1 and stats["ratings"].rows == 30
+
+
+# ---------------------------------------------------------------------------------------------- hub revisions
+# The Hub is unreachable here: its commit lookup (pipeline.data.sources.hub_commit) and datasets.load_dataset
+# are replaced by fakes, so an "upstream change" is a new commit the fake resolver answers.
+
+
+def fake_hub(monkeypatch, commits: dict, loads: list):
+    """hub_commit answers ``commits[repo]`` (None: offline); load_dataset serves synthetic HelpSteer2 rows."""
+    import types
+
+    from pipeline.data import synthetic
+
+    monkeypatch.setattr("pipeline.data.sources.hub_commit", lambda repo, revision=None: commits.get(repo))
+
+    def load_dataset(repo, split, revision):
+        loads.append((repo, split, revision))
+        return synthetic.helpsteer2_records(12, seed=0)
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+
+
+def test_pin_revision_resolves_hub_datasets_only(monkeypatch):
+    from pipeline.data import pin_revision
+    from pipeline.errors import DataError
+
+    fake_hub(monkeypatch, {"org/data": "c0ffee"}, [])
+    assert pin_revision("org/data") == ("org/data@c0ffee", "c0ffee")
+    assert pin_revision("org/data", "v1") == ("org/data@c0ffee", "c0ffee")
+    assert pin_revision("org/offline@v2") == ("org/offline@v2", None)  # offline: as asked, unchanged
+    assert pin_revision("org/offline") == ("org/offline", None)
+    assert pin_revision(RATINGS) == (RATINGS, None)
+    with pytest.raises(DataError, match="only hub datasets have revisions"):
+        pin_revision(RATINGS, "v1")
+    with pytest.raises(DataError, match="keep one"):
+        pin_revision("org/data@v1", "v2")
+
+
+@pytest.mark.integration
+def test_an_upstream_change_of_a_hub_dataset_gives_a_new_cache_not_a_stale_one(tiny_dir, tmp_path, monkeypatch):
+    from pipeline.cache import CacheMismatch
+    from pipeline.data import fingerprint
+
+    commits, loads = {"org/helpsteer": "aaa111"}, []
+    fake_hub(monkeypatch, commits, loads)
+    cfg = ExtractConfig(datasets={"hub": DatasetSpec("hub", "ratings", "org/helpsteer")},
+                        **extract_options(tiny_dir, tmp_path))
+    assert run_extract(cfg)["hub"].rows == 12
+    manifest = read_manifest(tmp_path / "hub")
+    assert loads == [("org/helpsteer", "train", "aaa111")]  # read at the commit that was fingerprinted
+    assert manifest["extra"]["dataset_revision"] == "aaa111"
+    assert manifest["dataset_fingerprint"] == fingerprint("org/helpsteer@aaa111")
+    assert run_extract(cfg)["hub"].parts_written == 0  # same commit: the cache is complete, reused
+    commits["org/helpsteer"] = "bbb222"  # upstream changed
+    with pytest.raises(CacheMismatch, match="extra.dataset_revision: cache has 'aaa111', this run has 'bbb222'"):
+        run_extract(cfg)
+    stats = run_extract(dataclasses.replace(cfg, overwrite=True))["hub"]
+    assert stats.parts_written == 2 and read_manifest(tmp_path / "hub")["extra"]["dataset_revision"] == "bbb222"
+    commits.clear()  # offline: the cache identity is what it was before revisions were resolved
+    offline = run_extract(ExtractConfig(datasets={"hub2": DatasetSpec("hub2", "ratings", "org/helpsteer")},
+                                        **extract_options(tiny_dir, tmp_path)))
+    manifest = read_manifest(tmp_path / "hub2")
+    assert offline["hub2"].rows == 12 and "dataset_revision" not in manifest["extra"]
+    assert manifest["dataset_fingerprint"] == fingerprint("org/helpsteer")

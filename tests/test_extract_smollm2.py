@@ -11,16 +11,15 @@ pytestmark = [pytest.mark.slow, pytest.mark.shared_data]
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from pipeline.backbone import load_backbone
-    from pipeline.config import SMOLLM2_GGUF
+    from pipeline.configs import SMOLLM2_GGUF
+    from pipeline.features import load_backbone
 
     return load_backbone(SMOLLM2_GGUF, dtype="float32", device="cpu")
 
 
 def test_batched_equals_one_at_a_time_on_200_real_pairs(smollm2, shared_data):
-    from pipeline.embedding import embed_all
-    from pipeline.render import render_ids
-    from pipeline.testing import shortest_real_pairs
+    from pipeline.data.testing import shortest_real_pairs
+    from pipeline.features import embed_all, render_ids
 
     pairs = shortest_real_pairs(200, shared_data / "hh-rlhf-harmless-base-test.jsonl.gz")
     ids = render_ids(smollm2.tokenizer, [c for p in pairs for c in (p.chosen, p.rejected)])

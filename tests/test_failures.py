@@ -62,7 +62,7 @@ def small_spec(**changes) -> CacheSpec:
     (["evaluate", "--baseline-ensemble", "1"], ["--baseline-ensemble must be a whole number, 2 or more"]),
 ])
 def test_bad_option_values_stop_before_anything_loads(args, needles, monkeypatch):
-    import pipeline.backbone as B
+    import pipeline.features.backbone as B
 
     monkeypatch.setattr(B, "open_backbone", lambda *a, **k: pytest.fail("a model was opened"))
     one_line_error(runner.invoke(app, args), *needles, code=2)
@@ -117,7 +117,7 @@ def test_a_damaged_part_is_refused_everywhere_and_extract_rebuilds_it(tmp_path):
 
 
 def test_a_manifest_whose_row_count_disagrees_with_its_parts_is_damaged(tmp_path):
-    from pipeline.cache_reader import read_features
+    from pipeline.cache import read_features
 
     folder = tmp_path / "c"
     with open_writer(folder, small_spec(), n_parts=1) as w:
@@ -184,10 +184,10 @@ def test_a_second_writer_is_refused_while_the_first_holds_the_cache(tmp_path):
 def test_training_that_diverges_saves_nothing(tmp_path):
     import torch
 
-    from pipeline.config import ValueHeadConfig, build
+    from pipeline.configs import ValueHeadConfig, build
+    from pipeline.data.testing import linear_ratings
     from pipeline.errors import UserError
-    from pipeline.testing import linear_ratings
-    from pipeline.trainers import fit_value_head
+    from pipeline.train import fit_value_head
 
     h, y = linear_ratings(n=400, d=8)
     h = h.float() * 1e30  # features this large make the very first step overflow
@@ -255,7 +255,7 @@ def test_an_unforeseen_error_is_one_line_unless_debug(monkeypatch, tmp_path):
 
 
 def test_a_missing_local_path_is_a_missing_file_not_a_hub_id(tmp_path, monkeypatch):
-    from pipeline.sources import source_kind
+    from pipeline.data import source_kind
 
     (tmp_path / "data").mkdir()
     monkeypatch.chdir(tmp_path)

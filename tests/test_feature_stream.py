@@ -7,14 +7,11 @@ import pytest
 import torch
 
 from pipeline import ATTRIBUTES
-from pipeline.cache import CacheSpec, open_writer
-from pipeline.cache_reader import read_features, read_pairs, row_index
-from pipeline.config import ConfigError, GatingConfig, TrainingRun, ValueHeadConfig, build
-from pipeline import feature_stream
-from pipeline.feature_stream import TensorRows, open_streamed, part_shuffled
-from pipeline.heads_io import load_heads
+from pipeline.cache import CacheSpec, open_writer, read_features, read_pairs, row_index
+from pipeline.configs import ConfigError, GatingConfig, TrainingRun, ValueHeadConfig, build
+from pipeline.model import load_heads
 from pipeline.recipes.train import train_gating, train_value_head
-from pipeline.trainers import fit_gate, fit_value_head
+from pipeline.train import TensorRows, feature_stream, fit_gate, fit_value_head, open_streamed, part_shuffled
 from test_train import identity_value_head, prompt_dependent_pairs
 
 K = len(ATTRIBUTES)

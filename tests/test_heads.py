@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
-from pipeline.heads import (Heads, SoftmaxGate, ValueEnsemble, p_chosen_bt, p_chosen_gaussian, score,
-                            score_variance, split_mean_logstd, unstandardize, urm_gate)
-from pipeline.heads_io import CacheIdentity, HeadsError, load_heads, save_heads
+from pipeline.model import (CacheIdentity, Heads, HeadsError, SoftmaxGate, ValueEnsemble, load_heads, p_chosen_bt,
+                            p_chosen_gaussian, save_heads, score, score_variance, split_mean_logstd, unstandardize,
+                            urm_gate)
 from tiny_models import heads_meta
 
 

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from pipeline import losses
 from pipeline import metrics as M
+from pipeline.train import losses
 
 NAN = math.nan
 

@@ -54,7 +54,7 @@ def test_ece_and_brier_equal_scikit_learns_calibration_curve_over_both_orders():
     assert M.brier(p) == pytest.approx(brier_score_loss(np.ones(500), p.numpy()))
     assert M.brier(p) == pytest.approx(brier_score_loss(outcome, q))  # the same over both orders
     # the reliability diagram plots scikit-learn's curve, and its points weighted by their counts give the ECE
-    from pipeline.report import reliability_points
+    from pipeline.eval import reliability_points
 
     predicted, observed, n = reliability_points(p.numpy())
     np.testing.assert_allclose(predicted, pred)

@@ -69,12 +69,12 @@ def test_the_wheel_ships_the_presets_and_urm_runs_from_another_folder(tmp_path):
     wheel = build_wheel(tmp_path)
     names = zipfile.ZipFile(wheel).namelist()
     assert {"pipeline/configs/demo.toml", "pipeline/configs/urm-llama3.1-8b.toml", "pipeline/recipes/extract.py",
-            "pipeline/heads.py", "cli.py"} <= set(names)
+            "pipeline/model/heads.py", "pipeline/eval/rewardbench_sections.json", "cli.py"} <= set(names)
     venv = fresh_venv(tmp_path, wheel)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    where = run([venv / "bin" / "python", "-c", "import pipeline, cli; from pipeline.config import load_config; "
+    where = run([venv / "bin" / "python", "-c", "import pipeline, cli; from pipeline.configs import load_config; "
                  "print(pipeline.__file__); print(cli.__file__); print(load_config('extract').backbone)"],
                 cwd=elsewhere, env=env).stdout.splitlines()
     assert all(Path(p).is_relative_to(venv) for p in where[:2]), where  # the installed copy, not the checkout

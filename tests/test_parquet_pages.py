@@ -1,4 +1,4 @@
-"""The Parquet fast path (pipeline.parquet_pages) against pyarrow's own decoder, bit for bit, on every
+"""The Parquet fast path (pipeline.cache.parquet_pages) against pyarrow's own decoder, bit for bit, on every
 layout: the cache's (PLAIN, uncompressed, data pages v2) read straight from the file, and the
 layouts it does not handle (pages v1, compression, dictionary) handed to pyarrow."""
 
@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.parquet_pages import copy_rows, fixed_list_blocks, plain_pages
+from pipeline.cache.parquet_pages import copy_rows, fixed_list_blocks, plain_pages
 
 D = 12
 CACHE_LAYOUT = dict(compression="none", use_dictionary=False, write_statistics=False, data_page_version="2.0")

@@ -6,8 +6,8 @@ import re
 
 import pytest
 
-from pipeline.preferences import FORMATS, detect_format, load_preferences, split_transcript
-from pipeline.records import DataError
+from pipeline.data.preferences import FORMATS, detect_format, load_preferences, split_transcript
+from pipeline.errors import DataError
 
 U = lambda text: {"role": "user", "content": text}  # noqa: E731
 A = lambda text: {"role": "assistant", "content": text}  # noqa: E731
@@ -251,7 +251,7 @@ def test_empty_file(write_jsonl):
 
 
 def test_synthetic_preferences():
-    pytest.importorskip("pipeline.synthetic", reason="pipeline.synthetic not written yet")
+    pytest.importorskip("pipeline.data.synthetic", reason="pipeline.data.synthetic not written yet")
     pairs, report = load_preferences("synthetic:preferences?n=8&seed=1", limit=5)
     assert len(pairs) == 5 and report.format == "synthetic" and report.rows_loaded == 5
     assert all(p.chosen[-1]["role"] == p.rejected[-1]["role"] == "assistant" for p in pairs)

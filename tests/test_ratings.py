@@ -14,9 +14,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import ATTRIBUTES
-from pipeline.ratings import load_ratings, split_helpsteer2_prompt
-from pipeline.records import DataError
-from pipeline.sources import fingerprint, iter_records, parse_synthetic, source_kind, source_label, source_stem
+from pipeline.data import (fingerprint, iter_records, load_ratings, parse_synthetic, source_kind, source_label,
+                           source_stem, split_helpsteer2_prompt)
+from pipeline.errors import DataError
 
 MULTI_TURN = "What is 2+2?\n<extra_id_1>Assistant\n4.\n<extra_id_1>User\nAnd times 3?"
 
@@ -304,7 +304,7 @@ def test_parse_synthetic():
 
 
 def test_synthetic_ratings():
-    pytest.importorskip("pipeline.synthetic", reason="pipeline.synthetic not written yet")
+    pytest.importorskip("pipeline.data.synthetic", reason="pipeline.data.synthetic not written yet")
     rows, report = load_ratings("synthetic:ratings?n=12&seed=3")
     assert len(rows) == 12 and report.rows_loaded == 12 and report.format == "synthetic"
     assert [r.labels for r in rows] == [r.labels for r in load_ratings("synthetic:ratings?n=12&seed=3")[0]]

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from cli import app
 from pipeline import ATTRIBUTES
-from pipeline.render import render_ids
+from pipeline.features import render_ids
 from tiny_models import (CONVERSATIONS, QUIET, TF457_VERSION, export_tiny, load_export, require_tf457, scores_here,
                          scores_under, tokenizer_of)
 
@@ -132,8 +132,8 @@ def test_pair_probabilities_use_the_temperatures_fitted_with_the_heads(tmp_path,
     `urm score` and the model's own p_chosen divide by them."""
     import dataclasses
 
-    from pipeline.config import ExportConfig
-    from pipeline.heads_io import PairCalibration, load_heads, save_heads
+    from pipeline.configs import ExportConfig
+    from pipeline.model import PairCalibration, load_heads, save_heads
     from pipeline.recipes.export import export_model
     from tiny_models import build_tiny_llama, random_heads_dir
 
@@ -216,13 +216,14 @@ SMOLLM2_ROWS = "synthetic:ratings?n=24&seed=0"
 
 @pytest.fixture(scope="module")
 def smollm2(tmp_path_factory):
-    from pipeline.cache_reader import read_features
-    from pipeline.config import SMOLLM2_GGUF, DatasetSpec, ExportConfig, ExtractConfig, GatingConfig, ValueHeadConfig, build
-    from pipeline.heads_io import CacheIdentity, HeadsMeta, save_heads
+    from pipeline.cache import read_features
+    from pipeline.configs import (SMOLLM2_GGUF, DatasetSpec, ExportConfig, ExtractConfig, GatingConfig,
+                                  ValueHeadConfig, build)
+    from pipeline.model import CacheIdentity, HeadsMeta, save_heads
     from pipeline.recipes.export import export_model
     from pipeline.recipes.extract import run_extract
     from pipeline.recipes.train import stage_record
-    from pipeline.trainers import fit_gate, fit_value_head
+    from pipeline.train import fit_gate, fit_value_head
 
     root = tmp_path_factory.mktemp("smollm2")
     spec = DatasetSpec(name="ratings", kind="ratings", source=SMOLLM2_ROWS)
@@ -249,8 +250,8 @@ def smollm2(tmp_path_factory):
 
 @pytest.mark.slow
 def test_smollm2_export_scores_equal_the_heads_on_cached_features(smollm2):
-    from pipeline.config import ScoreConfig
-    from pipeline.heads_io import load_heads
+    from pipeline.configs import ScoreConfig
+    from pipeline.model import load_heads
     from pipeline.recipes.score import score_file
 
     output = smollm2.root / "scores.jsonl"

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from bench.serve_load import request, run_load, serve
-from pipeline.render import render_ids, render_texts
+from pipeline.features import render_ids, render_texts
 from test_score import urm_score
 from tiny_models import CONVERSATIONS, export_tiny, load_export, tokenizer_of
 

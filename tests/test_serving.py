@@ -1,4 +1,4 @@
-"""pipeline.serving without a server: the request checks and their messages, and the dynamic-batching queue
+"""pipeline.serve without a server: the request checks and their messages, and the dynamic-batching queue
 (requests that arrive together share a model call, each gets its own rows back, the queue is bounded)."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cli import app
-from pipeline.serving import Batcher, Limits, RequestError, check_lengths, parse_json, reward_queries, score_items
+from pipeline.serve import Batcher, Limits, RequestError, check_lengths, parse_json, reward_queries, score_items
 
 LIMITS = Limits(max_items=3, max_queue=8)
 TURN = [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}]
@@ -190,7 +190,7 @@ def test_a_taken_port_is_one_line(tmp_path):
 
 
 def test_health_and_results_are_json_of_the_scoring_rows():
-    from pipeline.serving import results, rewards
+    from pipeline.serve import results, rewards
 
     out = {"score": np.array([1.5, -2.0], dtype=np.float32), "score_std": np.array([0.5, 0.25], dtype=np.float32),
            "attribute_means": np.array([[1, 2], [3, 4]], dtype=np.float32),

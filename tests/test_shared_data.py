@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.preferences import load_preferences
-from pipeline.sources import fingerprint
+from pipeline.data import fingerprint, load_preferences
 
 pytestmark = pytest.mark.shared_data
 
@@ -147,7 +146,7 @@ def test_fingerprint_of_real_file_is_stable_and_content_based(shared_data, tmp_p
 @pytest.mark.parametrize("name", sorted(RATING_FILES))
 def test_rating_file_loads_with_readme_counts(shared_data, name):
     from pipeline import ATTRIBUTES
-    from pipeline.ratings import load_ratings
+    from pipeline.data import load_ratings
 
     fmt, rows, multi_turn = RATING_FILES[name]
     got, report = load_ratings(str(shared_data / name))

@@ -8,24 +8,10 @@ import re
 import pytest
 
 from pipeline import ATTRIBUTES
-from pipeline.ratings import split_helpsteer2_prompt
-from pipeline.records import PreferencePair, RatingRow
-from pipeline.synthetic import (
-    PAIR_WEIGHTS,
-    SUBSETS,
-    TURN_ASSISTANT,
-    TURN_USER,
-    Spec,
-    _rating_item,
-    helpsteer2_records,
-    labels_for,
-    make_preferences,
-    make_ratings,
-    render,
-    sample_task,
-    true_reward,
-    write_helpsteer2_jsonl,
-)
+from pipeline.data import PreferencePair, RatingRow, split_helpsteer2_prompt
+from pipeline.data.synthetic import (PAIR_WEIGHTS, SUBSETS, TURN_ASSISTANT, TURN_USER, Spec, _rating_item,
+                                     helpsteer2_records, labels_for, make_preferences, make_ratings, render,
+                                     sample_task, true_reward, write_helpsteer2_jsonl)
 
 N = 1500
 
@@ -203,7 +189,7 @@ def test_preference_pairs():
 
 def test_preference_chosen_has_the_higher_documented_reward():
     """Rebuild each pair's two specs, check chosen = higher true_reward and margin = the difference."""
-    from pipeline import synthetic
+    from pipeline.data import synthetic
 
     for i, p in enumerate(make_preferences(100, 11)):
         key = f"pairs/11/{i}"

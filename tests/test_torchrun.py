@@ -15,12 +15,10 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.cache import journal_name, open_rank_writer, open_writer, read_manifest
-from pipeline.cache_reader import read_features
-from pipeline.config import DatasetSpec, ExtractConfig
-from pipeline.distributed import RankError, Ranks, rank_device, ranks_from_env
+from pipeline.cache import journal_name, open_rank_writer, open_writer, read_features, read_manifest
+from pipeline.configs import DatasetSpec, ExtractConfig
+from pipeline.features import RankError, Ranks, balance_parts, rank_device, ranks_from_env
 from pipeline.recipes.extract import run_extract
-from pipeline.rows import balance_parts
 from test_cache import make_part, make_spec
 from tiny_models import build_tiny_llama, slow_forward
 
@@ -202,7 +200,7 @@ def test_two_ranks_make_the_cache_one_process_makes(tiny_dir, single, tmp_path):
 
 
 KILL_SCRIPT = slow_forward(0.3) + """
-from pipeline.config import DatasetSpec, ExtractConfig
+from pipeline.configs import DatasetSpec, ExtractConfig
 from pipeline.recipes.extract import run_extract
 run_extract(ExtractConfig(**{config}), names=["ratings"])
 """

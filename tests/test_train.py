@@ -8,14 +8,13 @@ import torch
 
 from pipeline import ATTRIBUTES
 from pipeline.cache import CacheSpec, open_writer
-from pipeline.config import GatingConfig, ValueHeadConfig, build
+from pipeline.configs import GatingConfig, ValueHeadConfig, build
+from pipeline.data.testing import NOISE, linear_ratings
+from pipeline.data.testing import LINEAR_RATINGS_TRAINING as STAGE1
 from pipeline.errors import UserError
-from pipeline.heads import Heads
-from pipeline.heads_io import CacheIdentity, HeadsError, load_heads, save_heads
+from pipeline.model import CacheIdentity, Heads, HeadsError, load_heads, save_heads
 from pipeline.recipes.train import train_gating, train_value_head
-from pipeline.testing import LINEAR_RATINGS_TRAINING as STAGE1
-from pipeline.testing import NOISE, linear_ratings
-from pipeline.trainers import fit_gate, fit_value_head
+from pipeline.train import fit_gate, fit_value_head
 from tiny_models import heads_meta
 
 K = len(ATTRIBUTES)

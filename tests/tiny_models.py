@@ -137,7 +137,7 @@ def slow_forward(seconds: float) -> str:
     interrupt an extraction mid-run."""
     return f"""
 import time
-import pipeline.embedding as embedding
+import pipeline.features.embedding as embedding
 fast = embedding.backbone_forward
 def backbone_forward(*a, **k):
     time.sleep({seconds})
@@ -158,9 +158,8 @@ def tokenizer_of(directory):
 
 def cache_identity_of(backbone_dir: Path, hidden_size: int):
     """The cache identity heads.json would hold had the heads been trained on a cache of this backbone."""
-    from pipeline.backbone import weights_fingerprint
-    from pipeline.heads_io import CacheIdentity
-    from pipeline.render import chat_template_hash
+    from pipeline.features import chat_template_hash, weights_fingerprint
+    from pipeline.model import CacheIdentity
 
     return CacheIdentity(path="cache/tiny/ratings", fingerprint="fp-tiny", backbone=str(backbone_dir),
                          backbone_revision=weights_fingerprint(backbone_dir),
@@ -169,7 +168,7 @@ def cache_identity_of(backbone_dir: Path, hidden_size: int):
 
 def heads_meta(heads, identity, **stages):
     """A HeadsMeta for ``heads`` as if stage 1 (nll) had been trained on the cache ``identity``."""
-    from pipeline.heads_io import HeadsMeta, StageRecord
+    from pipeline.model import HeadsMeta, StageRecord
 
     value = StageRecord(config={"loss": "nll"}, cache=identity, epochs_run=1, best_epoch=[1],
                         val={"mse": 0.5, "per_attribute": {}})
@@ -180,8 +179,7 @@ def heads_meta(heads, identity, **stages):
 def random_heads_dir(directory: Path, backbone_dir: Path, d: int = 64, members: int = 1, gate: str | None = "urm",
                      bias: bool = False, seed: int = 0, identity=None) -> Path:
     """A heads folder with seeded random heads (weights visibly non-zero) claiming ``backbone_dir``."""
-    from pipeline.heads import Heads
-    from pipeline.heads_io import save_heads
+    from pipeline.model import Heads, save_heads
 
     torch.manual_seed(seed)
     heads = Heads(d, K, members=members, bias=bias, gate=gate, gate_hidden=16 if gate else None)
@@ -195,7 +193,7 @@ def random_heads_dir(directory: Path, backbone_dir: Path, d: int = 64, members: 
 def export_tiny(root: Path, *, reward_model: bool = False, members: int = 1, gate: str | None = "urm",
                 bias: bool = False, backbone: Path | None = None, name: str = "model") -> tuple[Path, Path, Path]:
     """(backbone dir, heads dir, export dir) of a tiny Llama with random heads, exported."""
-    from pipeline.config import ExportConfig
+    from pipeline.configs import ExportConfig
     from pipeline.recipes.export import export_model
 
     bb = backbone or build_tiny_llama(root / "backbone", reward_model=reward_model)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 
-from pipeline import config as C
+from pipeline import configs as C
 
 STEPS = ("extract", "train-heads", "export", "evaluate", "score the sigmoid example")
 # Within this band P(answer 2 better) says the model cannot tell the two answers apart.
@@ -35,7 +35,8 @@ def step(i: int, log) -> float:
 def run_demo(preset: str = C.DEFAULT_PRESET, log=print) -> dict:
     """Run extract -> train-heads -> export -> evaluate on ``preset`` and score the sigmoid example."""
     from pipeline.recipes.evaluate import run_evaluate
-    from pipeline.recipes.export import export_model, summary as export_summary
+    from pipeline.recipes.export import export_model
+    from pipeline.recipes.export import summary as export_summary
     from pipeline.recipes.extract import run_extract
     from pipeline.recipes.train import train_heads
 
@@ -67,11 +68,10 @@ def run_demo(preset: str = C.DEFAULT_PRESET, log=print) -> dict:
 
 def score_sigmoid_example(model_dir: str, cfg: C.ScoreConfig) -> dict:
     """Both answers of the sigmoid example through the export: their outputs and P(answer 2 better)."""
-    from pipeline.batching import pad_id_of
-    from pipeline.model_card import SIGMOID_ANSWERS, SIGMOID_PROMPT, sigmoid_example
-    from pipeline.modeling_urm import pair_temperatures
-    from pipeline.render import render_ids
-    from pipeline.scoring import load_scorer, pair_probabilities, row_scores, score_ids
+    from pipeline.export import SIGMOID_ANSWERS, SIGMOID_PROMPT, sigmoid_example
+    from pipeline.features import pad_id_of, render_ids
+    from pipeline.model.modeling_urm import pair_temperatures
+    from pipeline.serve import load_scorer, pair_probabilities, row_scores, score_ids
 
     model, tokenizer = load_scorer(model_dir, cfg.dtype, cfg.device, cfg.verify)
     ids = render_ids(tokenizer, sigmoid_example())

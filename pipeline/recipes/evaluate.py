@@ -2,9 +2,9 @@
 
 The wiring: load the heads (a heads folder, or an export's copy of them), read the held-out
 preference caches (and a ratings cache when given) and refuse any made with another backbone or
-template; fit the baselines on the heads' own training caches (pipeline.baselines); score every
-model on every held-out cache (pipeline.evaluation); write report.json, report.md and the plots
-(pipeline.report); return the tables for the CLI.
+template; fit the baselines on the heads' own training caches (pipeline.eval.baselines); score every
+model on every held-out cache (pipeline.eval.evaluation); write report.json, report.md and the plots
+(pipeline.eval.report); return the tables for the CLI.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 
 from pipeline import __version__
-from pipeline.config import ConfigError, EvaluateConfig
-from pipeline.evaluation import Candidate, attribute_metrics, chosen_probabilities, pair_metrics, uncertainty_signals
-from pipeline.heads_io import EXPORT_TENSORS, CacheIdentity, HeadsError, HeadsMeta, load_heads
+from pipeline.configs import ConfigError, EvaluateConfig, build, options
+from pipeline.eval import Candidate, attribute_metrics, chosen_probabilities, pair_metrics, uncertainty_signals
+from pipeline.model import EXPORT_TENSORS, CacheIdentity, HeadsError, HeadsMeta, load_heads
 
 
 def load_for_evaluation(path: str):
@@ -50,7 +50,7 @@ def check_features(path: Path, manifest: dict, meta: HeadsMeta) -> None:
 
 def read_eval_caches(cfg: EvaluateConfig, meta: HeadsMeta, device):
     """The held-out pairs by name, and the held-out ratings (or None)."""
-    from pipeline.cache_reader import read_features, read_pairs
+    from pipeline.cache import read_features, read_pairs
 
     if not cfg.eval_preferences and not cfg.eval_ratings:
         raise ConfigError("nothing to evaluate: give --eval-preferences CACHE (and/or --eval-ratings CACHE), or set "
@@ -76,12 +76,12 @@ def read_eval_caches(cfg: EvaluateConfig, meta: HeadsMeta, device):
 
 
 def fit_baselines(cfg: EvaluateConfig, heads, meta: HeadsMeta, eval_pairs: dict, log) -> tuple[list[Candidate], dict]:
-    """Every baseline of pipeline.baselines, fitted on the training caches; (candidates, what each fit found)."""
-    from pipeline import baselines as B
-    from pipeline.backbone import resolve_device
-    from pipeline.cache_reader import read_features, read_pairs
-    from pipeline.config import GatingConfig, ValueHeadConfig, to_dict
-    from pipeline.optimization import split_rows
+    """Every baseline of pipeline.eval.baselines, fitted on the training caches; (candidates, what each fit found)."""
+    from pipeline.cache import read_features, read_pairs
+    from pipeline.configs import GatingConfig, ValueHeadConfig, to_dict
+    from pipeline.device import resolve_device
+    from pipeline.eval import baselines as B
+    from pipeline.train import split_rows
 
     device = resolve_device(cfg.device)
     ratings_path = cfg.train_ratings_cache or meta.value_head.cache.path
@@ -96,8 +96,8 @@ def fit_baselines(cfg: EvaluateConfig, heads, meta: HeadsMeta, eval_pairs: dict,
     ratings = read_features(ratings_path, device=device, verify=cfg.verify)
     pairs = read_pairs(pairs_path, device=device, verify=cfg.verify)
     check_features(Path(pairs_path), pairs.chosen.manifest, meta)
-    value_cfg = B.recorded_config(ValueHeadConfig, meta.value_head.config, device=cfg.device)
-    gating_cfg = B.recorded_config(GatingConfig, meta.gating.config if meta.gating else {}, device=cfg.device)
+    value_cfg = recorded_config(ValueHeadConfig, meta.value_head.config, device=cfg.device)
+    gating_cfg = recorded_config(GatingConfig, meta.gating.config if meta.gating else {}, device=cfg.device)
     _, val = split_rows(len(pairs), gating_cfg.optim.val_fraction, gating_cfg.run.seed, "--gate-val-fraction")
     val_pairs = pairs.select(val)  # the pairs the gate's early stopping held out: every temperature is fitted there
     x, y, names = ratings.embedding, ratings.labels, list(meta.attributes)
@@ -137,8 +137,14 @@ def fit_baselines(cfg: EvaluateConfig, heads, meta: HeadsMeta, eval_pairs: dict,
                                   "validation_pairs": len(val)}, "fits": info}
 
 
+def recorded_config(cls, recorded: dict, **changes):
+    """A stage config rebuilt from the flat options heads.json recorded (unknown keys left out)."""
+    known = {o.name for o in options(cls)}
+    return build(cls, {**{k: v for k, v in recorded.items() if k in known}, **changes})
+
+
 def _with_val(fitted, val_pairs):
-    from pipeline.baselines import with_temperatures
+    from pipeline.eval import with_temperatures
 
     candidate, found = fitted
     return with_temperatures(candidate, val_pairs.chosen, val_pairs.rejected), found
@@ -158,9 +164,8 @@ def describe(meta: HeadsMeta) -> str:
 
 def run_evaluate(cfg: EvaluateConfig, model_dir: str | None = None, log=print) -> dict:
     """Evaluate the heads in ``model_dir`` (default ``cfg.heads_dir``); write the report; return it."""
-    from pipeline.backbone import resolve_device
-    from pipeline.baselines import heads_candidate
-    from pipeline.report import write_report
+    from pipeline.device import resolve_device
+    from pipeline.eval import heads_candidate, write_report
 
     t0 = time.perf_counter()
     device = resolve_device(cfg.device)
@@ -217,14 +222,14 @@ def pair_curves(chosen, rejected, c: Candidate) -> dict:
 
 
 def _config(cfg: EvaluateConfig, model_dir) -> dict:
-    from pipeline.config import to_dict
+    from pipeline.configs import to_dict
 
     return {**to_dict(cfg), "model_dir": model_dir}
 
 
 def summary(report: dict) -> str:
     """The tables a person reads first, and where the report is."""
-    from pipeline.report import attributes_table, pairs_table
+    from pipeline.eval import attributes_table, pairs_table
 
     lines = []
     for name, info in report["eval"]["preferences"].items():

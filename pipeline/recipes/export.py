@@ -2,11 +2,11 @@
 
 The wiring: read the heads folder, open the backbone they were trained on (or the one named),
 refuse a mismatch (hidden size, weights revision, chat template), then build the directory in a
-temporary folder beside ``out_dir`` (pipeline.model_dir: shards linked or rewritten, merged index,
+temporary folder beside ``out_dir`` (pipeline.export.model_dir: shards linked or rewritten, merged index,
 config.json, the shipped code, tokenizer, model card, heads.json, urm_export.json with the xxh3-128
 of every other file, which `urm score` verifies) and rename it
 into place, so a failed export leaves nothing behind. A GGUF backbone is exported from its
-converted safetensors copy (pipeline.backbone.convert_gguf).
+converted safetensors copy (pipeline.features.backbone.convert_gguf).
 """
 
 from __future__ import annotations
@@ -20,18 +20,17 @@ from safetensors import safe_open
 
 from pipeline import __version__
 from pipeline.atomic import atomic_directory
-from pipeline.config import ExportConfig, to_dict
-from pipeline.heads_io import META, TENSORS, load_heads
-from pipeline.model_dir import (HEADS_SHARD, ExportError, check_heads_fit, check_out_dir, check_tokenizer_round_trip,
-                                checkpoint_dir, place_shards, plan_shards, urm_section, export_checksums, write_code,
-                                write_config, write_index, write_tokenizer)
+from pipeline.configs import ExportConfig, to_dict
+from pipeline.export import (HEADS_SHARD, ExportError, check_heads_fit, check_out_dir, check_tokenizer_round_trip,
+                             checkpoint_dir, export_checksums, place_shards, plan_shards, urm_section, write_code,
+                             write_config, write_index, write_tokenizer)
+from pipeline.model import META, TENSORS, load_heads
 
 
 def export_model(cfg: ExportConfig, log=print) -> dict:
     """Write the Hugging Face model directory ``cfg.out_dir``; returns what was done (urm_export.json)."""
-    from pipeline.backbone import is_reward_model, open_backbone
-    from pipeline.model_card import model_card
-    from pipeline.render import chat_template_hash
+    from pipeline.export import model_card
+    from pipeline.features import chat_template_hash, is_reward_model, open_backbone
 
     t0 = time.perf_counter()
     heads_dir, out = Path(cfg.heads_dir), Path(cfg.out_dir)

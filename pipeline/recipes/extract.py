@@ -6,7 +6,7 @@ settings), and only when some part is still missing load the weights; then per m
 render, drop too-long rows, embed in token-budget batches, write the part atomically. A run killed
 at any moment resumes where it stopped.
 
-Under torchrun (``pipeline.distributed``) every rank loads the rows and tokenises the missing parts
+Under torchrun (``pipeline.features.distributed``) every rank loads the rows and tokenises the missing parts
 to count their tokens; rank 0 opens the cache while the others wait; each rank writes its share of
 the missing parts (``rows.balance_parts``: disjoint, about equal tokens) on cuda:LOCAL_RANK; after
 the last rank is done, rank 0 merges the ranks' journals into the manifest and marks it complete.
@@ -23,9 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.config import ConfigError, DatasetSpec, ExtractConfig
-from pipeline.distributed import Ranks
-from pipeline.records import DataError
+from pipeline.configs import ConfigError, DatasetSpec, ExtractConfig
+from pipeline.errors import DataError
+from pipeline.features import Ranks
 
 
 @dataclass
@@ -57,7 +57,7 @@ class LazyBackbone:
 
     @property
     def files(self):
-        from pipeline.backbone import open_backbone
+        from pipeline.features import open_backbone
 
         if self._files is None:
             self._files = open_backbone(self.cfg.backbone, self.cfg.revision)
@@ -67,12 +67,12 @@ class LazyBackbone:
     def compute_dtype(self) -> str:
         """The dtype the weights will run in ("float32", "bfloat16", ...), known before they load: it is part
         of what makes the features, so the cache records it and refuses to mix two."""
-        from pipeline.backbone import resolve_device, resolve_dtype
+        from pipeline.device import resolve_device, resolve_dtype
 
         return str(resolve_dtype(self.cfg.dtype, resolve_device(self.cfg.device))).removeprefix("torch.")
 
     def load(self):
-        from pipeline.backbone import load_weights
+        from pipeline.features import load_weights
 
         if self._backbone is None:
             c = self.cfg
@@ -83,7 +83,7 @@ class LazyBackbone:
 def select_datasets(cfg: ExtractConfig, names=None) -> list[DatasetSpec]:
     """The datasets to extract: ``cfg.source`` alone, else the preset's (all, or the named ones)."""
     if cfg.source is not None:
-        from pipeline.sources import source_label
+        from pipeline.data import source_label
 
         name = cfg.name or source_label(cfg.source).replace("/", "__").replace(":", "-")
         return [DatasetSpec(name=name, kind=cfg.kind, source=cfg.source, format=cfg.format)]
@@ -97,9 +97,8 @@ def select_datasets(cfg: ExtractConfig, names=None) -> list[DatasetSpec]:
 
 def load_rows(spec: DatasetSpec, skip_invalid: bool, limit: int | None, report: bool = True):
     """Load a dataset's records, print the load report, flatten them into Rows."""
-    from pipeline.preferences import load_preferences
-    from pipeline.ratings import load_ratings
-    from pipeline.rows import pair_rows, rating_rows
+    from pipeline.data import load_preferences, load_ratings
+    from pipeline.features import pair_rows, rating_rows
 
     if spec.kind == "ratings":
         records, loaded = load_ratings(spec.source, format=spec.format, split=spec.split, skip_invalid=skip_invalid,
@@ -118,12 +117,15 @@ def extract_dataset(backbone: LazyBackbone, spec: DatasetSpec, cfg: ExtractConfi
                     ranks: Ranks = Ranks()) -> ExtractStats:
     """Extract one dataset into ``cfg.cache_dir/spec.name``; complete parts are kept and skipped."""
     from pipeline.cache import CacheSpec, open_writer
-    from pipeline.render import chat_template_hash
-    from pipeline.rows import part_bounds
-    from pipeline.sources import fingerprint
+    from pipeline.data import fingerprint, pin_revision
+    from pipeline.features import chat_template_hash, from_main, part_bounds
 
     limit = cfg.limit if cfg.limit is not None else spec.limit
-    rows = load_rows(spec, cfg.skip_invalid, limit, report=ranks.is_main)
+    # A hub dataset is read at the commit the Hub resolves now, and that commit is part of the cache's identity:
+    # an upstream change gives another cache, not a stale one (offline: as asked, as before). Rank 0 asks.
+    source, commit = from_main(ranks, lambda: pin_revision(spec.source, spec.revision))
+    rows = load_rows(dataclasses.replace(spec, source=source, revision=None), cfg.skip_invalid, limit,
+                     report=ranks.is_main)
     if not len(rows):
         raise DataError(spec.source, None, None, f"no rows to extract for dataset {spec.name!r}: nothing was cached")
     files = backbone.files
@@ -132,8 +134,9 @@ def extract_dataset(backbone: LazyBackbone, spec: DatasetSpec, cfg: ExtractConfi
         backbone=cfg.backbone, backbone_revision=files.revision, hidden_size=files.hidden_size,
         storage_dtype=cfg.storage_dtype, max_length=cfg.max_length,
         chat_template_hash=chat_template_hash(files.tokenizer), dataset=spec.source,
-        dataset_fingerprint=fingerprint(spec.source, split=spec.split, format=spec.format, limit=limit),
-        kind=spec.kind, extra={"part_rows": cfg.part_rows, "compute_dtype": backbone.compute_dtype},
+        dataset_fingerprint=fingerprint(source, split=spec.split, format=spec.format, limit=limit),
+        kind=spec.kind, extra={"part_rows": cfg.part_rows, "compute_dtype": backbone.compute_dtype,
+                               **({"dataset_revision": commit} if commit else {})},
     )
     path = Path(cfg.cache_dir) / spec.name
     bounds = part_bounds(len(rows), cfg.part_rows, paired)
@@ -151,8 +154,7 @@ def extract_on_ranks(backbone: LazyBackbone, spec: DatasetSpec, cfg: ExtractConf
     """One dataset under torchrun: rank 0 opens the cache, every rank writes its share of the missing
     parts, and once all are done rank 0 merges their journals and finishes (see the module docstring)."""
     from pipeline.cache import open_rank_writer, open_writer
-    from pipeline.distributed import from_main, gather
-    from pipeline.rows import balance_parts
+    from pipeline.features import balance_parts, from_main, gather
 
     writer = None
 
@@ -185,8 +187,7 @@ def extract_on_ranks(backbone: LazyBackbone, spec: DatasetSpec, cfg: ExtractConf
 def part_tokens(tokenizer, rows, bounds, parts: list[int], max_length: int, paired: bool) -> list[int]:
     """Tokens each of ``parts`` will run through the backbone (its rows that fit max_length): the cost
     by which torchrun ranks share the parts. Every rank computes the same numbers."""
-    from pipeline.render import render_ids
-    from pipeline.rows import keep_mask
+    from pipeline.features import keep_mask, render_ids
 
     counts = []
     for i in parts:
@@ -203,10 +204,8 @@ def write_parts(backbone: LazyBackbone, spec: DatasetSpec, cfg: ExtractConfig, r
     """
     from tqdm.auto import tqdm
 
-    from pipeline.embedding import embed_all
-    from pipeline.render import render_ids
-    from pipeline.rows import keep_mask
-    from pipeline.sources import source_label
+    from pipeline.data import source_label
+    from pipeline.features import embed_all, keep_mask, render_ids
 
     paired = spec.kind == "preferences"
     stats = ExtractStats()
@@ -275,7 +274,7 @@ def run_extract(cfg: ExtractConfig, names=None) -> dict[str, ExtractStats]:
     Under torchrun (WORLD_SIZE > 1) the ranks share each dataset's parts; rank 0's stats are the run's
     totals, each other rank's its own share.
     """
-    from pipeline import distributed
+    from pipeline.features import distributed
 
     ranks = distributed.ranks_from_env()
     datasets = select_datasets(cfg, names)

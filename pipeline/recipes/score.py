@@ -1,8 +1,8 @@
 """`urm score`: conversations or pairs through an exported model -> JSONL with uncertainty.
 
-The wiring: read the input (conversations, or pairs in any format pipeline.preferences reads),
+The wiring: read the input (conversations, or pairs in any format pipeline.data.preferences reads),
 load the exported model, render every conversation the way the heads were trained on
-(pipeline.render), score in token-budget batches (pipeline.scoring), write one JSON line per
+(pipeline.features.render), score in token-budget batches (pipeline.serve.scoring), write one JSON line per
 conversation or pair atomically (or to stdout), and return the throughput for the summary line.
 
 One JSON line per conversation: ``id`` and the heads' outputs (``score``, ``score_std``, and per
@@ -23,14 +23,13 @@ import time
 import numpy as np
 
 from pipeline.atomic import write_text
-from pipeline.config import ScoreConfig
-from pipeline.scoring import ScoreError, length_limit, pair_probabilities, row_scores
+from pipeline.configs import ScoreConfig
+from pipeline.serve import ScoreError, length_limit, pair_probabilities, row_scores
 
 
 def load_input(source: str, cfg: ScoreConfig):
-    """(kind, items, report): conversations, or preference pairs in any format pipeline.preferences reads."""
-    from pipeline.conversations import input_kind, load_conversations
-    from pipeline.preferences import load_preferences
+    """(kind, items, report): conversations, or preference pairs in any format pipeline.data.preferences reads."""
+    from pipeline.data import input_kind, load_conversations, load_preferences
 
     kind = "pairs" if cfg.format else input_kind(source)
     if kind == "pairs":
@@ -64,7 +63,7 @@ def output_rows(kind: str, items, out: dict[str, np.ndarray], names: list[str], 
 def within_length(kind: str, items, ids: list[list[int]], limit: int, log):
     """Drop (and count) the conversations longer than ``limit`` tokens, a pair with either side whole, as
     extraction does: the heads never saw such lengths (and the backbone may not fit them)."""
-    from pipeline.rows import keep_mask
+    from pipeline.features import keep_mask
 
     keep = keep_mask(np.array([len(x) for x in ids]), limit, paired=kind == "pairs")
     if keep.all():
@@ -95,9 +94,8 @@ def score_file(model_dir: str, source: str, output: str | None, cfg: ScoreConfig
     """Score every row of ``source`` with the exported model in ``model_dir``; JSONL to ``output``."""
     from tqdm.auto import tqdm
 
-    from pipeline.batching import pad_id_of
-    from pipeline.render import render_ids
-    from pipeline.scoring import load_scorer, score_ids
+    from pipeline.features import pad_id_of, render_ids
+    from pipeline.serve import load_scorer, score_ids
 
     log = log or (lambda line: print(line, file=sys.stderr))
     kind, items, report = load_input(source, cfg)
@@ -120,7 +118,7 @@ def score_file(model_dir: str, source: str, output: str | None, cfg: ScoreConfig
     finally:
         bar.close()
     seconds = time.perf_counter() - started
-    from pipeline.modeling_urm import pair_temperatures
+    from pipeline.model.modeling_urm import pair_temperatures
 
     names = list(model.config.urm["attributes"])
     written = write_jsonl(output_rows(kind, items, out, names, pair_temperatures(model.config)), output)

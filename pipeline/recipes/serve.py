@@ -1,9 +1,9 @@
-"""`urm serve`: an exported model behind HTTP for RLHF loops (pipeline.serving), under uvicorn.
+"""`urm serve`: an exported model behind HTTP for RLHF loops (pipeline.serve.serving), under uvicorn.
 
 The wiring: check the options and the export, load it once (GPU when there is one: --device auto),
 bind the address (a port in use is one clear error; port 0 picks a free one), print the address,
 then serve until SIGTERM or Ctrl-C, which stop taking connections, let the requests in flight
-finish, and return. Scores come from `urm score`'s own path (pipeline.render, pipeline.scoring).
+finish, and return. Scores come from `urm score`'s own path (pipeline.features.render, pipeline.serve.scoring).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import socket
 import sys
 import time
 
-from pipeline.config import ServeConfig
+from pipeline.configs import ServeConfig
 from pipeline.errors import UserError
 
 
@@ -51,11 +51,9 @@ def bind(host: str, port: int) -> socket.socket:
 
 def load_service(model_dir: str, cfg: ServeConfig):
     """The export loaded once, and how the server tokenises and scores for it (`urm score`'s functions)."""
-    from pipeline.heads_io import EXPORT_TENSORS, read_meta
-    from pipeline.batching import pad_id_of
-    from pipeline.render import encode_texts, render_ids
-    from pipeline.scoring import length_limit, load_scorer, score_ids
-    from pipeline.serving import Service
+    from pipeline.features import encode_texts, pad_id_of, render_ids
+    from pipeline.model import EXPORT_TENSORS, read_meta
+    from pipeline.serve import Service, length_limit, load_scorer, score_ids
 
     model, tokenizer = load_scorer(model_dir, cfg.dtype, cfg.device, cfg.verify)
     pad_id = pad_id_of(tokenizer)
@@ -78,7 +76,7 @@ def run_serve(model_dir: str, cfg: ServeConfig, log=None) -> dict:
     """Serve ``model_dir`` on cfg.host:cfg.port until SIGTERM / Ctrl-C; returns what was served."""
     import uvicorn
 
-    from pipeline.serving import Batcher, Limits, create_app
+    from pipeline.serve import Batcher, Limits, create_app
 
     log = log or (lambda line: print(line, file=sys.stderr, flush=True))
     sock = bind(cfg.host, cfg.port)  # before loading: a taken port fails in a second, not after the model loads

@@ -1,6 +1,6 @@
 """`urm train-value-head`, `urm train-gating` and `urm train-heads` (both): the training stages' wiring.
 
-Stage 1 reads the ratings cache, fits the value head (``pipeline.trainers.fit_value_head``) and
+Stage 1 reads the ratings cache, fits the value head (``pipeline.train.trainers.fit_value_head``) and
 writes a heads folder; stage 2 reads the heads and a preference cache made with the same backbone
 and template, fits the gate (``fit_gate``) and adds it to the folder. Each stage records in
 heads.json (``HeadsMeta``) its config, the cache it read, its history and its validation metrics.
@@ -16,11 +16,11 @@ import numpy as np
 import torch
 
 from pipeline import ATTRIBUTES
-from pipeline.backbone import resolve_device
-from pipeline.config import GatingConfig, ValueHeadConfig, to_dict
+from pipeline.configs import GatingConfig, ValueHeadConfig, to_dict
+from pipeline.device import resolve_device
 from pipeline.errors import UserError
-from pipeline.heads_io import CacheIdentity, HeadsError, HeadsMeta, StageRecord, load_heads, save_heads
-from pipeline.trainers import Fit
+from pipeline.model import CacheIdentity, HeadsError, HeadsMeta, StageRecord, load_heads, save_heads
+from pipeline.train import Fit
 
 
 def stage_record(cfg, fit: Fit, cache: CacheIdentity) -> StageRecord:
@@ -44,10 +44,9 @@ def check_same_backbone(ratings: CacheIdentity, preferences: CacheIdentity, head
 def feature_rows(path: str, run, pairs: bool, log=print):
     """(minibatch source, labels, margin, manifest) of a cache: its features held on the device when they fit
     ``run.memory_budget`` (GB; default half the device's memory), else streamed from the part files
-    (``pipeline.feature_stream``). Either way the epochs visit the parts in the same seeded order."""
-    from pipeline.cache import read_manifest
-    from pipeline.cache_reader import read_features, read_pairs, row_index
-    from pipeline.feature_stream import TensorRows, default_memory_budget, open_streamed
+    (``pipeline.train.feature_stream``). Either way the epochs visit the parts in the same seeded order."""
+    from pipeline.cache import read_features, read_manifest, read_pairs, row_index
+    from pipeline.train import TensorRows, default_memory_budget, open_streamed
 
     device = resolve_device(run.device)
     m = read_manifest(path)
@@ -73,7 +72,7 @@ def feature_rows(path: str, run, pairs: bool, log=print):
 def train_value_head(cfg: ValueHeadConfig, log=print) -> dict:
     """Stage 1 from the ratings cache into ``cfg.run.heads_dir``; returns a summary dict."""
     from pipeline.cache import read_manifest
-    from pipeline.trainers import fit_value_head
+    from pipeline.train import fit_value_head
 
     path = cfg.ratings_cache or os.path.join(cfg.run.cache_dir, "ratings")
     kind = read_manifest(path).get("kind")
@@ -104,7 +103,7 @@ def pair_margins(path: str, margin: torch.Tensor) -> torch.Tensor:
 def train_gating(cfg: GatingConfig, log=print) -> dict:
     """Stage 2 from the preference cache; adds the gate to the heads in ``cfg.run.heads_dir``."""
     from pipeline.cache import read_manifest
-    from pipeline.trainers import fit_gate
+    from pipeline.train import fit_gate
 
     value, meta = load_heads(cfg.run.heads_dir)
     path = cfg.preferences_cache or os.path.join(cfg.run.cache_dir, "preferences")
@@ -124,7 +123,7 @@ def train_gating(cfg: GatingConfig, log=print) -> dict:
 def train_heads(value_cfg: ValueHeadConfig, gating_cfg: GatingConfig, log=print) -> list[dict]:
     """Stage 1 then stage 2 (`urm train-heads`); the preference cache is checked first, so a damaged one
     stops the run before stage 1 spends its time."""
-    from pipeline.cache_reader import verify_cache
+    from pipeline.cache import verify_cache
 
     if gating_cfg.run.verify:
         verify_cache(gating_cfg.preferences_cache or os.path.join(gating_cfg.run.cache_dir, "preferences"))

@@ -1,0 +1,31 @@
+"""The Parquet feature cache: one folder per dataset, written in crash-safe parts and read back into tensors.
+
+  layout         the on-disk format: files, the Parquet schema, ``CacheSpec``, the error types
+  columns        a part's columns checked and turned into an Arrow table
+  manifest       the manifest: new, read and checked, compared with a run's settings, the fingerprint
+  parts          one part file written atomically; the folder's clean-up
+  journals       torchrun ranks' journals of the parts they wrote
+  writer         ``open_writer``: create or resume a cache, one writer at a time, ``finish`` it
+  reader         ``read_features`` / ``read_pairs`` / ``row_index``: a complete, verified cache into tensors
+  parquet_pages  the fast path under the reader: PLAIN pages read straight from the file
+
+Imports only the cross-cutting modules of ``pipeline`` (errors, atomic, hashing); torch only in the reader.
+"""
+
+from pipeline.cache.columns import nonfinite_rows
+from pipeline.cache.journals import RankWriter, open_rank_writer
+from pipeline.cache.layout import (COMPAT_FIELDS, FORMAT_VERSION, KINDS, MANIFEST, SMALL_COLUMNS, STORAGE_DTYPES,
+                                   CacheError, CacheIncomplete, CacheInputError, CacheMismatch, CacheSpec,
+                                   arrow_schema, journal_name, part_name)
+from pipeline.cache.manifest import manifest_problem, part_problem, read_manifest, rows_problem
+from pipeline.cache.reader import (Features, Pairs, fixed_list_numpy, gather_embeddings, read_features, read_pairs,
+                                   row_index, row_location, verify_cache)
+from pipeline.cache.writer import CacheWriter, open_writer
+
+__all__ = [
+    "COMPAT_FIELDS", "FORMAT_VERSION", "KINDS", "MANIFEST", "SMALL_COLUMNS", "STORAGE_DTYPES", "CacheError",
+    "CacheIncomplete", "CacheInputError", "CacheMismatch", "CacheSpec", "CacheWriter", "Features", "Pairs",
+    "RankWriter", "arrow_schema", "fixed_list_numpy", "gather_embeddings", "journal_name", "manifest_problem",
+    "nonfinite_rows", "open_rank_writer", "open_writer", "part_name", "part_problem", "read_features", "read_manifest",
+    "read_pairs", "row_index", "row_location", "rows_problem", "verify_cache",
+]

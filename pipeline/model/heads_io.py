@@ -1,0 +1,226 @@
+"""The heads folder: ``heads.safetensors`` (tensors under their export names) + ``heads.json`` (``HeadsMeta``).
+
+``HeadsMeta`` is the one description of heads.json: the format version, the hidden size, the
+attribute names, the ``architecture`` (the keyword arguments of ``heads.Heads``), the label
+scaling, one ``StageRecord`` per trained stage (``value_head``, ``gating``) with its resolved
+config, the identity of the cache it was trained on (``CacheIdentity``), its per-epoch history and
+final validation metrics, how the stated uncertainty was calibrated (``SigmaCalibration``,
+``PairCalibration``, with the validation metrics before and after), and the checksum of the tensors
+file, verified on every load. Training writes it; export, the model card, scoring and the tests read it
+through these types. Both files are written atomically (pipeline.atomic).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from pipeline.atomic import atomic_write, write_json
+from pipeline.errors import UserError
+from pipeline.hashing import file_xxh3
+from pipeline.model.heads import Heads
+
+FORMAT_VERSION = 1
+TENSORS = "heads.safetensors"
+EXPORT_TENSORS = "urm-heads.safetensors"  # the same file in an export (the tensor names are the export's)
+META = "heads.json"
+LABEL_SCALING_NOTE = (
+    "The saved weights predict on the label scale (0-4). With standardized labels the head was "
+    "trained on (y - mean) / std and then folded back: mu rows of score.weight scaled by std, "
+    "score.bias mu entries = std * b_mu + mean, log-sigma entries + log(std) "
+    "(pipeline.model.heads.unstandardize).")
+
+
+class HeadsError(UserError):
+    """A heads folder that is missing, unreadable or does not fit what is asked of it."""
+
+
+@dataclass
+class CacheIdentity:
+    """What identifies the cache a stage was trained on: where, its content, and what made it."""
+
+    path: str
+    fingerprint: str | None = None
+    backbone: str | None = None
+    backbone_revision: str | None = None
+    chat_template_hash: str | None = None
+    hidden_size: int | None = None
+    max_length: int | None = None  # the longest conversation (tokens) its rows could have
+
+    # Two caches whose features come from different backbones or renderings cannot feed one model.
+    FEATURE_FIELDS = ("backbone", "backbone_revision", "chat_template_hash", "hidden_size")
+
+    @classmethod
+    def of(cls, path, manifest: dict) -> "CacheIdentity":
+        """The identity of the cache at ``path`` from its manifest."""
+        return cls(str(path), manifest.get("fingerprint"), **{k: manifest.get(k) for k in cls.FEATURE_FIELDS},
+                   max_length=manifest.get("max_length"))
+
+    def feature_differences(self, other: "CacheIdentity") -> list[str]:
+        """The fields that say the two caches' features were made differently."""
+        return [k for k in self.FEATURE_FIELDS if getattr(self, k) != getattr(other, k)]
+
+
+@dataclass
+class LabelScaling:
+    """Per-attribute mean and std the labels were standardised with (folded back into the weights)."""
+
+    standardized: bool
+    mean: list[float]
+    std: list[float]
+    note: str = LABEL_SCALING_NOTE
+
+
+@dataclass
+class StageRecord:
+    """One trained stage: its resolved config, the cache it read, per-epoch history, final metrics."""
+
+    config: dict
+    cache: CacheIdentity
+    epochs_run: int = 0
+    best_epoch: list[int] = field(default_factory=list)
+    history: list[dict] = field(default_factory=list)
+    val: dict = field(default_factory=dict)  # metric name -> value; "per_attribute" -> name -> metrics
+
+
+@dataclass
+class SigmaCalibration:
+    """How the value head's sigma was obtained, and its interval metrics on the validation split
+    before and after (coverage50 / coverage90 / nll / mean_sigma, overall and per attribute)."""
+
+    method: str  # "calibrated" (log-sigma rows refit on a held-out split) | "as trained"
+    loss: str  # the stage-1 loss that trained the means (and sigma before calibration)
+    calibration_rows: int
+    before: dict
+    after: dict
+    fitted: dict = field(default_factory=dict)  # "score" / "ensemble": the (a, b) per member and attribute
+
+
+@dataclass
+class PairCalibration:
+    """The temperatures of P(chosen > rejected), fitted on validation pairs, and the calibration metrics
+    there before (T = 1) and after (ece, brier, ece_gaussian, brier_gaussian)."""
+
+    temperature_bt: float
+    temperature_gaussian: float
+    validation_pairs: int
+    before: dict
+    after: dict
+
+
+@dataclass
+class HeadsMeta:
+    """heads.json. ``architecture`` is what ``Heads(hidden_size, len(attributes), **architecture)``
+    takes (members, bias, gate, gate_hidden, temperature); a stage not trained yet is None."""
+
+    attributes: list[str]
+    hidden_size: int
+    architecture: dict
+    value_head: StageRecord
+    label_scaling: LabelScaling | None = None
+    gating: StageRecord | None = None
+    sigma_calibration: SigmaCalibration | None = None
+    pair_calibration: PairCalibration | None = None
+    checksum: str | None = None  # xxh3-128 of heads.safetensors, verified on every load
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict, where: Path) -> "HeadsMeta":
+        """Parse heads.json; HeadsError naming the file and the key for anything missing or wrong."""
+        if not isinstance(data, dict):
+            raise HeadsError(f"{where}: a JSON {type(data).__name__}, not the object heads.json holds; retrain the heads")
+        if data.get("format_version") != FORMAT_VERSION:
+            raise HeadsError(f"{where}: format_version {data.get('format_version')} (this code reads "
+                             f"{FORMAT_VERSION}); retrain the heads with this version")
+        for key, ok, what in (("attributes", lambda v: isinstance(v, list) and v and all(isinstance(x, str) for x in v),
+                               "a non-empty list of names"),
+                              ("hidden_size", lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0,
+                               "a positive whole number"),
+                              ("architecture", lambda v: isinstance(v, dict), "an object"),
+                              ("value_head", lambda v: isinstance(v, dict), "an object")):
+            if key not in data:
+                raise HeadsError(f"{where}: no {key!r}: not a heads.json this version reads; retrain the heads")
+            if not ok(data[key]):
+                raise HeadsError(f"{where}: {key!r} must be {what}, got {data[key]!r}; retrain the heads")
+        try:
+            scaling, sigma, pairs = (data.get(k) for k in ("label_scaling", "sigma_calibration", "pair_calibration"))
+            return cls(attributes=list(data["attributes"]), hidden_size=int(data["hidden_size"]),
+                       architecture=dict(data["architecture"]), value_head=_stage(data["value_head"]),
+                       label_scaling=LabelScaling(**scaling) if scaling else None,
+                       gating=_stage(data["gating"]) if data.get("gating") else None,
+                       sigma_calibration=SigmaCalibration(**sigma) if sigma else None,
+                       pair_calibration=PairCalibration(**pairs) if pairs else None,
+                       checksum=data.get("checksum"))
+        except (KeyError, TypeError, ValueError) as e:
+            raise HeadsError(f"{where}: not a heads.json this version reads ({type(e).__name__}: {e}); "
+                             "retrain the heads") from None
+
+
+def _stage(data: dict) -> StageRecord:
+    return StageRecord(**{**data, "cache": CacheIdentity(**data["cache"])})
+
+
+def save_heads(directory: str | os.PathLike, heads: Heads, meta: HeadsMeta) -> Path:
+    """Write ``heads`` and ``meta`` into ``directory`` (hidden size and architecture from ``heads``)."""
+    directory = Path(directory)
+    tensors = {name: t.detach().cpu().contiguous().clone() for name, t in heads.state_dict().items()}
+    atomic_write(directory / TENSORS, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    meta = dataclasses.replace(meta, hidden_size=heads.d, architecture=dict(heads.architecture),
+                               checksum=file_xxh3(directory / TENSORS), format_version=FORMAT_VERSION)
+    write_json(directory / META, meta.to_json())
+    return directory
+
+
+def read_meta(directory: str | os.PathLike, tensors: str = TENSORS) -> HeadsMeta:
+    """The ``HeadsMeta`` of the heads folder ``directory`` (HeadsError when missing or unreadable)."""
+    directory = Path(directory)
+    if not (directory / META).is_file() or not (directory / tensors).is_file():
+        raise HeadsError(f"{directory}: no trained heads here ({META} + {tensors}); "
+                         "train the value head first: `urm train-value-head`")
+    try:
+        data = json.loads((directory / META).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise HeadsError(f"{directory / META}: unreadable ({e}); retrain the heads") from None
+    return HeadsMeta.from_json(data, directory / META)
+
+
+def check_tensors(directory: str | os.PathLike, meta: HeadsMeta, tensors: str = TENSORS) -> None:
+    """HeadsError when the tensors file is not the one ``meta`` was saved with (its xxh3-128 differs)."""
+    path = Path(directory) / tensors
+    if meta.checksum is not None and file_xxh3(path) != meta.checksum:
+        raise HeadsError(f"{path} has changed since it was saved (its checksum differs from {META}'s): "
+                         "retrain or re-export the heads, or restore the file")
+
+
+def load_heads(directory: str | os.PathLike, device: str | torch.device = "cpu",
+               tensors: str = TENSORS) -> tuple[Heads, HeadsMeta]:
+    """The ``Heads`` saved in ``directory`` and their ``HeadsMeta`` (``tensors``: the file holding them;
+    an export keeps them, under the same names, in urm-heads.safetensors)."""
+    directory = Path(directory)
+    meta = read_meta(directory, tensors)
+    try:
+        heads = Heads(meta.hidden_size, len(meta.attributes), **meta.architecture)
+    except (TypeError, ValueError, RuntimeError) as e:  # RuntimeError: torch, on a negative size
+        raise HeadsError(f"{directory / META}: its architecture {meta.architecture} is not one this version builds "
+                         f"({e}); retrain the heads") from None
+    check_tensors(directory, meta, tensors)
+    try:
+        state = load_file(str(directory / tensors))
+    except Exception as e:  # safetensors raises its own error type for a truncated or foreign file
+        raise HeadsError(f"{directory / tensors}: not a readable safetensors file ({type(e).__name__}: {e}); "
+                         "retrain the heads (or export them again)") from None
+    try:
+        heads.load_state_dict(state)
+    except RuntimeError as e:
+        raise HeadsError(f"{directory / tensors} does not match {META}: {str(e).splitlines()[0]}; retrain the "
+                         "heads") from None
+    return heads.to(device), meta

@@ -1,0 +1,163 @@
+"""The HTTP app of `urm serve`: the FastAPI routes over a ``Service`` (a loaded export) and one ``Batcher``.
+
+``create_app(service, limits)`` builds the app that `urm serve` runs under uvicorn:
+
+  POST /score        {"conversations": [[{role, content}, ...] | "templated text", ...]}
+                     -> {"attributes": [...], "results": [{score, score_std, attribute_means, attribute_stds,
+                        gating_weights, (ensemble_scores, ensemble_std, base_score), tokens}, ...]}
+  POST /get_reward   OpenRLHF's remote reward-model protocol: {"query": [str, ...], "prompts": ..., "labels": ...}
+                     -> {"rewards": [...], "scores": [...], "extra_logs": {"score_std": [...], ...}}
+  GET  /health       {"status": "ok", "model": {...}, "limits": {...}, "stats": {...}}
+
+OpenRLHF's protocol, as read in OpenRLHF/OpenRLHF at 3c3be62 (2026-08-13): the trainer
+(openrlhf/utils/agent.py, ``SingleTurnAgentExecutor._fetch_rewards_via_http``) POSTs
+``{"query": [...], "prompts": [...], "labels": [...]}`` per sample (the query is prompt + response
+decoded with ``skip_special_tokens=False``: chat-templated text) to ``--reward.remote_url``, with a
+180 s timeout and 5 tries, and reads ``rewards``, ``scores`` (else ``rewards``) and ``extra_logs``
+from the JSON answer; its own server (openrlhf/cli/serve_rm.py, ``POST /get_reward``) answers
+``{"rewards": r, "scores": r, "extra_logs": {...}}``. ``prompts`` and ``labels`` are accepted and
+not used here (a reward model scores the query alone).
+
+Every conversation goes through the code `urm score` runs: ``pipeline.features.render`` for the token ids
+(templated strings by ``encode_texts``, the same rule), ``pipeline.serve.scoring.score_ids`` for the
+token-budget batches and ``row_scores`` for the JSON, so the numbers are `urm score`'s. The
+``Batcher`` gathers the requests that arrive within ``max_wait`` of the first (until their tokens
+fill the budget), runs one model call at a time in its own thread, and hands each request back its
+own rows. Request bodies, items per request and queued rows are bounded: too big is 413, a full
+queue 503, anything malformed 400 or 422, each with ``{"error": "..."}`` naming what is wrong.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from pipeline.serve.batcher import Batcher, ScoreFn
+from pipeline.serve.requests import (Limits, RequestError, check_lengths, parse_json, read_body, reward_queries,
+                                     score_items)
+from pipeline.serve.scoring import row_scores
+
+
+@dataclass
+class Service:
+    """A loaded export and how it is served: ``encode`` (conversations or texts -> ids, on one thread),
+    ``score_fn`` (ids -> outputs by name, `urm score`'s path), the attribute names and length limit."""
+
+    encode_conversations: Callable[[list], list[list[int]]]
+    encode_texts: Callable[[list[str]], list[list[int]]]
+    score_fn: ScoreFn
+    names: list[str]
+    max_length: int
+    max_tokens: int
+    info: dict = field(default_factory=dict)
+
+
+def results(out: dict[str, np.ndarray], names: list[str], ids: list[list[int]]) -> list[dict]:
+    """/score's rows: `urm score`'s JSON fields per conversation, plus its token count."""
+    return [{**row_scores(out, i, names), "tokens": len(x)} for i, x in enumerate(ids)]
+
+
+def rewards(out: dict[str, np.ndarray]) -> dict:
+    """/get_reward's answer in OpenRLHF's shape; the uncertainty rides along in ``extra_logs``."""
+    scores = out["score"].tolist()
+    logs = {"score_std": out["score_std"].tolist()}
+    if "ensemble_std" in out:
+        logs["ensemble_std"] = out["ensemble_std"].tolist()
+    return {"rewards": scores, "scores": scores, "extra_logs": logs}
+
+
+def create_app(service: Service, limits: Limits, batcher: Batcher | None = None):
+    """The FastAPI app: /score, /get_reward (OpenRLHF) and /health, on one ``Batcher``."""
+    from contextlib import asynccontextmanager
+
+    batcher = batcher or Batcher(service.score_fn, service.max_tokens, 0.005, limits.max_queue)
+    tokenizer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="urm-tokenizer")  # one user of the tokenizer
+    started = time.time()
+
+    @asynccontextmanager
+    async def lifespan(app):
+        batcher.start()
+        try:
+            yield
+        finally:  # uvicorn gets here after in-flight requests finished (graceful shutdown)
+            await batcher.stop()
+            tokenizer_thread.shutdown(wait=True)
+
+    app = FastAPI(title="urm serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.batcher = batcher
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, e):  # unknown path, wrong method: the same {"error": ...} shape
+        return JSONResponse({"error": f"{e.detail}: {request.method} {request.url.path} (endpoints: POST /score, "
+                                      "POST /get_reward, GET /health)"}, status_code=e.status_code)
+
+    def error(status: int, message: str) -> JSONResponse:
+        headers = {"Retry-After": "1"} if status == 503 else None
+        return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+    async def scored(request: Request, parse, encode, key: str):
+        """Read, check, tokenise, length-check and score one request: (ids, outputs)."""
+        items = parse(parse_json(await read_body(request, limits)), limits)
+        loop = asyncio.get_running_loop()
+        try:
+            ids = await loop.run_in_executor(tokenizer_thread, encode, items)
+        except Exception as e:  # a chat template that refuses these messages, ...
+            raise RequestError(422, f"{key}: cannot be rendered ({type(e).__name__}: {str(e)[:200]})") from None
+        check_lengths(ids, service.max_length, key)
+        return ids, await batcher.submit(ids)
+
+    async def answer(handler):
+        try:
+            return JSONResponse(await handler())
+        except RequestError as e:
+            return error(e.status, e.message)
+        except Exception as e:  # never a traceback to the client, and the server goes on
+            return error(500, f"internal error: {type(e).__name__}: {str(e)[:200]}")
+
+    @app.post("/score")
+    async def score(request: Request):
+        async def handle():
+            ids, out = await scored(request, score_items, encode_items, "conversations")
+            return {"attributes": service.names, "results": results(out, service.names, ids)}
+
+        return await answer(handle)
+
+    def encode_items(items: list) -> list[list[int]]:
+        """Message lists rendered by the chat template, texts encoded as they are; in the request's order."""
+        ids: list = [None] * len(items)
+        convs = [(i, x) for i, x in enumerate(items) if not isinstance(x, str)]
+        texts = [(i, x) for i, x in enumerate(items) if isinstance(x, str)]
+        for group, encode in ((convs, service.encode_conversations), (texts, service.encode_texts)):
+            for (i, _), x in zip(group, encode([x for _, x in group]) if group else []):
+                ids[i] = x
+        return ids
+
+    @app.post("/get_reward")
+    async def get_reward(request: Request):
+        async def handle():
+            _, out = await scored(request, reward_queries, service.encode_texts, "query")
+            return rewards(out)
+
+        return await answer(handle)
+
+    @app.get("/health")
+    async def health():
+        s = batcher.stats
+        return {"status": "ok", "model": service.info, "uptime_s": round(time.time() - started, 1),
+                "limits": {"max_items": limits.max_items, "max_queue": limits.max_queue,
+                           "max_body_bytes": limits.max_body_bytes, "max_length": service.max_length,
+                           "max_tokens_per_batch": service.max_tokens, "max_wait_ms": batcher.max_wait_s * 1000,
+                           "dynamic_batching": batcher.batching},
+                "stats": {"requests": s.requests, "conversations": s.rows, "model_calls": s.model_calls,
+                          "largest_call_requests": s.largest_call_requests, "rejected_full": s.rejected_full,
+                          "queued": batcher.queued_rows}}
+
+    return app

@@ -1,0 +1,108 @@
+"""Scoring with an exported model: its outputs for token id lists, and as JSON-ready rows.
+
+``score_ids`` runs rows through the exported model in token-budget batches (pipeline.features.batching) and
+returns the heads' outputs under their one set of names (``pipeline.model.heads.OUTPUTS``, plus
+``base_score`` when the backbone was a reward model); ``row_scores`` turns one row of them into a
+JSON object (per-attribute values keyed by attribute name) and ``pair_probabilities`` adds
+P(chosen > rejected) under Bradley-Terry and under the Gaussians (METHOD.md 1).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.errors import UserError
+from pipeline.features import OnBatch, run_batches
+from pipeline.model import OUTPUTS, p_chosen_bt, p_chosen_gaussian
+
+PER_ATTRIBUTE = ("attribute_means", "attribute_stds", "gating_weights")  # [B, K]: keyed by attribute name
+
+
+class ScoreError(UserError):
+    """The model directory or the input cannot be scored."""
+
+
+def load_scorer(model_dir: str, dtype: str = "auto", device: str = "auto", verify: bool = True):
+    """An exported model (pipeline's own copy of modeling_urm: no remote code runs) and its tokenizer;
+    its files are checked against the checksums the export recorded (``verify``; the heads' always)."""
+    from transformers import AutoTokenizer
+
+    from pipeline.device import resolve_device, resolve_dtype
+    from pipeline.model.configuration_urm import URMConfig
+    from pipeline.model.modeling_urm import URMForSequenceClassification
+
+    path = Path(model_dir)
+    if not (path / "config.json").is_file():
+        raise ScoreError(f"{path}: no config.json, so not a model directory; export one with `urm export`")
+    try:
+        config = URMConfig.from_pretrained(path)
+    except Exception as e:  # transformers raises OSError, ValueError or a JSON error for a damaged config
+        raise ScoreError(f"{path / 'config.json'}: unreadable ({type(e).__name__}: {e}); export it again with "
+                         "`urm export`") from None
+    if not getattr(config, "urm", None):
+        raise ScoreError(f"{path / 'config.json'}: no 'urm' section, so not a model exported by `urm export`")
+    check_export(path, verify)
+    dev = resolve_device(device)
+    try:
+        model = URMForSequenceClassification.from_pretrained(path, config=config, dtype=resolve_dtype(dtype, dev))
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # truncated or missing shards, a damaged tokenizer
+        raise ScoreError(f"{path}: the export cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                         "export it again with `urm export`") from None
+    return model.to(dev).eval(), tokenizer
+
+
+def check_export(path: Path, verify: bool) -> None:
+    """Before loading an export: its heads shard against heads.json's checksum (always: it is the heads' own
+    file), then every file against urm_export.json's checksums (``verify``; else only that each is there)."""
+    from pipeline.export import check_export_files
+    from pipeline.model import EXPORT_TENSORS, check_tensors, read_meta
+
+    check_tensors(path, read_meta(path, tensors=EXPORT_TENSORS), EXPORT_TENSORS)
+    check_export_files(path, verify)
+
+
+def model_forward(model, input_ids: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One padded batch through the exported model: the heads' outputs by name (score = logits[:, 0])."""
+    out = model(input_ids=input_ids.to(model.device), attention_mask=mask.to(model.device))
+    rest = (name for name in OUTPUTS[1:] + ("base_score",) if out.get(name) is not None)
+    return {"score": out.logits[:, 0], **{name: out[name] for name in rest}}
+
+
+def score_ids(model, id_lists: list[list[int]], max_tokens: int, pad_id: int,
+              on_batch: OnBatch | None = None) -> dict[str, np.ndarray]:
+    """Score rows in token-budget batches (longest first); results come back in the input order."""
+    return run_batches(lambda ids, mask: model_forward(model, ids, mask), id_lists, max_tokens, pad_id, on_batch)
+
+
+def length_limit(config, asked: int | None) -> int:
+    """The longest conversation to score: as asked, else the longest the heads were trained on (the export's
+    ``urm.max_length``), and never more than the backbone's positions."""
+    positions = getattr(config, "max_position_embeddings", None) or 1 << 62
+    trained = (getattr(config, "urm", None) or {}).get("max_length")
+    return min(asked or trained or positions, positions)
+
+
+def row_scores(out: dict[str, np.ndarray], i: int, names: list[str]) -> dict:
+    """The JSON fields of row ``i``: every output, per-attribute ones keyed by attribute name."""
+    row = {}
+    for name, values in out.items():
+        if name in PER_ATTRIBUTE:
+            row[name] = dict(zip(names, values[i].tolist()))
+        else:
+            row[name] = values[i].tolist() if values.ndim > 1 else float(values[i])
+    return row
+
+
+def pair_probabilities(chosen: dict, rejected: dict, temperature: dict | None = None) -> dict:
+    """P(chosen > rejected) under Bradley-Terry and under the Gaussian scores (METHOD.md 1), at the
+    export's temperatures (``{"bt": T, "gaussian": T}``, fitted on validation pairs)."""
+    t = temperature or {"bt": 1.0, "gaussian": 1.0}
+    s_c, s_r = torch.tensor(chosen["score"], dtype=torch.float64), torch.tensor(rejected["score"], dtype=torch.float64)
+    var_c = torch.tensor(chosen["score_std"], dtype=torch.float64).square()
+    var_r = torch.tensor(rejected["score_std"], dtype=torch.float64).square()
+    return {"p_chosen_bt": p_chosen_bt(s_c, s_r, t["bt"]).item(),
+            "p_chosen_gaussian": p_chosen_gaussian(s_c, s_r, var_c, var_r, t["gaussian"]).item()}

@@ -1,0 +1,77 @@
+"""What every training loop here shares: a seeded train / validation split, AdamW from a config, a
+note when epochs are too short for early stopping, and per-member early stopping with the best
+weights kept. The two stages (pipeline.train.trainers) and sigma calibration (pipeline.train.calibration) use it.
+"""
+
+from __future__ import annotations
+
+import math
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from pipeline.errors import UserError
+
+if TYPE_CHECKING:
+    from pipeline.configs import Optimization
+
+
+def split_rows(n: int, val_fraction: float, seed: int,
+               option: str = "--val-fraction") -> tuple[torch.Tensor, torch.Tensor]:
+    """A seeded random (train, validation) split of range(n)."""
+    if not 0 < val_fraction < 1:
+        raise UserError(f"val_fraction must be in (0, 1), got {val_fraction}: set {option} 0.1")
+    n_val = round(n * val_fraction)
+    if n_val < 1 or n_val >= n:
+        raise UserError(f"{n} rows cannot be split with val_fraction {val_fraction}: "
+                        f"extract more rows or change {option}")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return perm[n_val:], perm[:n_val]
+
+
+def adamw(params, optim: Optimization) -> torch.optim.AdamW:
+    return torch.optim.AdamW(params, lr=optim.lr, weight_decay=optim.weight_decay)
+
+
+def warn_few_steps(log, rows: int, batch_size: int, option: str) -> None:
+    """Early stopping counts epochs: with one or two steps per epoch it stops long before convergence."""
+    steps = math.ceil(rows / batch_size)
+    if steps < 4:
+        log(f"note: {rows} training rows in batches of {batch_size} = {steps} optimiser step(s) per epoch; "
+            f"early stopping may end training too soon: consider {option} {max(16, rows // 16)}")
+
+
+class EarlyStopping:
+    """Per-member early stopping on a validation criterion; keeps and restores the best weights.
+
+    ``members`` = M for parameters stacked on a leading member axis (an ensemble stops member by
+    member), or None for one model.
+    """
+
+    def __init__(self, params: list[torch.Tensor], patience: int, members: int | None = None):
+        self.views = [p.data if members else p.data.unsqueeze(0) for p in params]
+        self.saved = [v.clone() for v in self.views]
+        m = members or 1
+        self.best = torch.full((m,), math.inf)
+        self.best_epoch = torch.zeros(m, dtype=torch.long)
+        self.bad = torch.zeros(m, dtype=torch.long)
+        self.patience = patience
+
+    def update(self, criterion: torch.Tensor, epoch: int) -> torch.Tensor:
+        """Record this epoch's criterion [M]; returns which members improved."""
+        better = criterion.detach().cpu().double() < self.best
+        for view, saved in zip(self.views, self.saved):
+            saved[better.to(saved.device)] = view[better.to(view.device)]
+        self.best = torch.where(better, criterion.detach().cpu().double(), self.best)
+        self.best_epoch[better] = epoch
+        self.bad = torch.where(better, 0, self.bad + 1)
+        return better
+
+    @property
+    def done(self) -> bool:
+        return bool((self.bad >= self.patience).all())
+
+    def restore(self) -> None:
+        for view, saved in zip(self.views, self.saved):
+            view.copy_(saved)
