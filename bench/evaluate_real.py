@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.perf_counter()
     stage1 = train_value_head(build(ValueHeadConfig, dict(**run, batch_size=32, epochs=400, patience=20,
                                                           calibration_fraction=0.15, val_fraction=0.15)))
-    stage2 = train_gating(build(GatingConfig, dict(**run, gate="urm", gate_batch_size=32, gate_patience=5,
+    stage2 = train_gating(build(GatingConfig, dict(**run, gate_batch_size=32, gate_patience=5,
                                                    gate_val_fraction=0.2)))
     train_seconds = time.perf_counter() - t0
     report_dir = RESULTS / "evaluate_real"

@@ -29,11 +29,12 @@ def test_pair_metrics_on_known_scores():
     assert got["accuracy"] == 0.5 and got["per_subset"] == {"alpacaeval-easy": 1.0, "hep-go": 0.0, "math-prm": 0.5}
     assert set(got["rewardbench_sections"]) == {"Chat", "Reasoning"} and "rewardbench_mean" not in got  # 2 of 4
     assert got["calibration"]["temperature_bt"] == 2.0 and "ece_gaussian" in got["calibration"]
-    assert set(got["signals"]) == {"score_gap", "score_std", "gaussian_p", "ensemble_std", "ensemble_range"}
+    assert set(got["signals"]) == {"score_gap", "score_std", "gaussian_p", "ensemble_std", "ensemble_range", "ensemble_z"}
     # the smallest gaps are the wrong pairs here (the tie and the -1): score_gap ranks them last
     assert got["signals"]["score_gap"]["auroc"] > 0.5
     signals = uncertainty_signals(chosen, rejected)
     assert signals["ensemble_range"].tolist() == pytest.approx([0.2, 1.0, 0.1, 0.0])
+    assert signals["ensemble_z"][0].item() == pytest.approx(-1.1 / torch.tensor([1.0, 1.2]).std().item())  # gap / spread
     plain = pair_metrics(Scores(chosen.score), Scores(rejected.score), [None] * 4)
     assert set(plain["signals"]) == {"score_gap"} and "ece_gaussian" not in plain["calibration"]
     assert plain["per_subset"] == {} and "rewardbench_sections" not in plain
@@ -69,13 +70,20 @@ def test_every_baseline_in_one_report(trained):
     report = json.loads((root / "eval" / "report.json").read_text())
     names = [m["name"] for m in report["models"]]
     assert names == ["URM (these heads)", "linear BT probe", "ArmoRM recipe", "equal weights", "backbone's own score",
-                     "URM, reparam, sigma as trained", "URM, nll", "URM ensemble of 4"]
-    assert report["fits"]["URM, reparam + calibrated sigma"] == {"same_as": "URM (these heads)"}  # the demo's recipe
+                     "URM, the seed's recipe", "URM, reparam, sigma as trained", "URM, nll",
+                     "URM ensemble of 4, seeds only"]
+    # what training chose by itself is in the report, and the shift check of every model that states uncertainty
+    assert report["chosen"]["gating"]["chosen"] in ("equal", "global", "urm-warm", "softmax")
+    assert set(report["chosen"]["value_head"]["alpha"]) == set(report["models"][0]["attributes"]["per_attribute"])
+    shift = report["models"][0]["shift"]["eval_preferences"]
+    assert set(shift["auroc"]) == {"score_std", "mean_sigma", "ensemble_std"}
+    assert shift["rows"] == 2 * report["eval"]["preferences"]["eval_preferences"]["pairs"]  # each side a row
     assert {p.name for p in (root / "eval").iterdir()} == {"report.json", "report.md", "attributes.png",
                                                            "reliability-eval_preferences.png",
                                                            "coverage-eval_preferences.png"}
     markdown = (root / "eval" / "report.md").read_text()
     assert all(name in markdown for name in names) and "AUROC" in markdown and "cov 90%" in markdown
+    assert "## Chosen automatically" in markdown and "## Off its data? eval_preferences" in markdown
     assert "| URM (these heads) |" in result.output and "report:" in result.output
     # the main row is the heads' own numbers on the held-out caches
     from pipeline.cache import read_features, read_pairs
@@ -90,7 +98,7 @@ def test_every_baseline_in_one_report(trained):
     assert main["pairs"]["eval_preferences"]["accuracy"] == pytest.approx((s_c > s_r).double().mean().item())
     y = read_features(root / "cache" / "eval_ratings").labels
     assert main["attributes"]["mse"] == pytest.approx((mu - y).square().mean().item(), rel=1e-5)
-    ensemble = next(m for m in report["models"] if m["name"] == "URM ensemble of 4")
+    ensemble = next(m for m in report["models"] if m["name"] == "URM ensemble of 4, seeds only")
     assert "ensemble_range" in ensemble["pairs"]["eval_preferences"]["signals"]
     probe = next(m for m in report["models"] if m["name"] == "linear BT probe")
     assert probe["attributes"] is None and set(probe["pairs"]["eval_preferences"]["signals"]) == {"score_gap"}
@@ -125,3 +133,23 @@ def test_an_export_evaluates_like_its_heads_and_other_backbones_are_refused(trai
     bare.write_text(preset.read_text().split("[evaluate]")[0])
     nothing = runner.invoke(app, ["evaluate", "-p", str(bare), "--no-baselines"])
     assert nothing.exit_code == 1 and "nothing to evaluate: give --eval-preferences" in nothing.output
+
+
+def test_shift_metrics_tell_another_sources_rows_by_the_epistemic_spread():
+    """Rows of another source whose members disagree more (epistemic) and whose sigma is as usual (aleatoric): the
+    ensemble spread separates them (AUROC 1), sigma cannot (0.5); labels there give the coverage."""
+    from pipeline.eval import row_signals, shift_metrics
+
+    g = torch.Generator().manual_seed(0)
+    def rows(n, spread):
+        members = torch.randn(n, 4, generator=g) * spread
+        return Scores(members.mean(-1), score_std=torch.ones(n), ensemble_scores=members,
+                      attribute_means=torch.zeros(n, 2), attribute_stds=torch.ones(n, 2))
+    ref, other = rows(50, 0.1), rows(60, 1.0)
+    assert set(row_signals(ref)) == {"score_std", "mean_sigma", "ensemble_std"}
+    labels = torch.randn(60, 2, generator=g) * 3  # three times the stated sigma: intervals too narrow there
+    got = shift_metrics(ref, other, labels, ["a", "b"])
+    assert got["rows"] == 60 and got["reference_rows"] == 50
+    assert got["auroc"]["ensemble_std"] == pytest.approx(1.0) and got["auroc"]["score_std"] == pytest.approx(0.5)
+    assert got["attributes"]["coverage90"] < 0.6
+    assert "attributes" not in shift_metrics(ref, other)

@@ -46,7 +46,7 @@ def small_spec(**changes) -> CacheSpec:
     (["train-heads", "--lr", "-1"], ["--lr must be a positive finite number"]),
     (["train-heads", "--gate-batch-size", "0"], ["--gate-batch-size"]),
     (["train-heads", "--ensemble", "0"], ["--ensemble"]),
-    (["train-heads", "--loss", "nl"], ["--loss must be one of reparam, nll, beta-nll", "did you mean 'nll'?"]),
+    (["train-heads", "--loss", "nl"], ["--loss must be one of ridge, reparam, nll, beta-nll", "did you mean 'nll'?"]),
     (["train-heads", "--gate", "softmx"], ["did you mean 'softmax'?"]),
     (["train-heads", "--val-fraction", "1.5"], ["--val-fraction must be a fraction"]),
     (["train-heads", "--val-fraction", "0.5", "--calibration-fraction", "0.5"], ["leave no rows to train on"]),

@@ -41,7 +41,7 @@ def test_beta_nll_weight_is_stop_gradient():
     assert log_sigma.grad.item() == pytest.approx(sigma2 * (-1 / sigma2 + 1), rel=1e-5)  # weight * d nll
 
 
-@pytest.mark.parametrize("name", losses.STAGE1_LOSSES)
+@pytest.mark.parametrize("name", losses.GRADIENT_LOSSES)
 def test_missing_labels_are_masked(name):
     mu = torch.tensor([[1.0, 2.0, 3.0]], requires_grad=True)
     log_sigma = torch.zeros(1, 3, requires_grad=True)

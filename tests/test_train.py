@@ -76,7 +76,7 @@ STAGE2 = dict(gate_lr=1e-2, gate_batch_size=256, gate_epochs=15, gate_patience=5
 
 def small_fit(**overrides):
     h, y = linear_ratings(n=600, d=8)
-    cfg = build(ValueHeadConfig, {**STAGE1, "epochs": 4, "batch_size": 64, **overrides})
+    cfg = build(ValueHeadConfig, {**STAGE1, "loss": "reparam", "epochs": 4, "batch_size": 64, **overrides})
     return fit_value_head(h, y, cfg, **QUIET), h, y
 
 
@@ -239,7 +239,8 @@ def test_train_gating_adds_the_gate_and_keeps_the_value_head(tmp_path):
     prefs = write_cache(tmp_path / "prefs", (chosen, rejected))
     heads_dir = value_head_folder(tmp_path, ratings)
     before = load_heads(heads_dir)[0].score.weight.clone()
-    summary = train_gating(build(GatingConfig, dict(preferences_cache=prefs, heads_dir=heads_dir, **STAGE2)), **QUIET)
+    summary = train_gating(build(GatingConfig, dict(preferences_cache=prefs, heads_dir=heads_dir, gate="urm", **STAGE2)),
+                           **QUIET)
     assert summary["val"]["accuracy"] > 0.94 and summary["val"]["equal_weights"]["accuracy"] < 0.7
     heads, meta = load_heads(heads_dir)
     assert torch.equal(heads.score.weight, before)  # bit-identical after stage 2
@@ -297,8 +298,8 @@ def test_gate_on_an_ensemble_keeps_every_member_frozen():
 def test_one_step_epochs_are_pointed_out():
     lines = []
     h, y = linear_ratings(n=300, d=8)
-    fit_value_head(h, y, build(ValueHeadConfig, {**STAGE1, "epochs": 1, "batch_size": 1024}), log=lines.append)
+    fit_value_head(h, y, build(ValueHeadConfig, {**STAGE1, "loss": "reparam", "epochs": 1, "batch_size": 1024}), log=lines.append)
     assert any("1 optimiser step(s) per epoch" in line and "--batch-size 16" in line for line in lines)
     quiet = []
-    fit_value_head(h, y, build(ValueHeadConfig, {**STAGE1, "epochs": 1, "batch_size": 32}), log=quiet.append)
+    fit_value_head(h, y, build(ValueHeadConfig, {**STAGE1, "loss": "reparam", "epochs": 1, "batch_size": 32}), log=quiet.append)
     assert not any(line.startswith("note:") for line in quiet)

@@ -18,15 +18,20 @@ class EvaluateConfig:
                          "MODEL_DIR is given.", shown="runs/PRESET/heads")
     eval_preferences: list[str] = opt([], "Held-out preference caches: names under CACHE_DIR, or paths (repeat the "
                                       "option for several; each gets its own table).")
-    eval_ratings: str | None = opt(None, "A held-out ratings cache (name or path) for the attribute metrics.")
+    eval_ratings: str | None = opt(None, "A held-out ratings cache (name or path) for the attribute metrics: held-out "
+                                   "rows of the value head's own source, the reference of the shift check.")
+    shift_ratings: list[str] = opt([], "Rated caches of other sources (names or paths, repeatable): how well each "
+                                   "uncertainty signal tells their rows from the --eval-ratings rows, and how the "
+                                   "intervals cover their labels (every --eval-preferences cache is checked too, "
+                                   "each side of a pair as a row).")
     train_ratings_cache: str | None = opt(None, "Ratings cache the baselines train on (default: the one the heads "
                                           "were trained on, from heads.json).")
     train_preferences_cache: str | None = opt(None, "Preference cache the baselines train on (default: the gate's, "
                                               "from heads.json).")
     baselines: bool = opt(True, "Fit the baselines in the same run (linear BT probe, ArmoRM's ridge + softmax gate, "
-                          "equal weights, the backbone's own score, URM with reparam / nll / calibrated sigma, an "
-                          "ensemble); --no-baselines evaluates the heads alone.")
-    baseline_ensemble: int = opt(4, "Members of the ensemble baseline.")
+                          "equal weights, the backbone's own score, the seed's URM recipe, URM with reparam / nll, the "
+                          "seed's seeds-only ensemble); --no-baselines evaluates the heads alone.")
+    baseline_ensemble: int = opt(4, "Members of the seeds-only ensemble baseline (the seed's URME).")
     report_dir: str = opt(DEFAULT_PATHS["report_dir"], "Where report.json, report.md and the plots go.",
                           shown="runs/PRESET/eval")
     device: str = opt("auto", "Device: auto (cuda if available, else cpu), cpu, cuda, ...")

@@ -19,7 +19,8 @@ class Optimization:
     weight_decay: float = opt(1e-4, "AdamW weight decay.")
     epochs: int = opt(100, "Maximum epochs (early stopping on validation may end sooner).")
     batch_size: int = opt(1024, "Examples (ratings, or pairs in stage 2) per optimisation step.")
-    val_fraction: float = opt(0.1, "Share held out for validation and early stopping.")
+    val_fraction: float = opt(0.1, "Share held out for validation and early stopping (ridge needs none: its alpha "
+                              "comes from leave-one-out).")
     patience: int = opt(10, "Stop after this many epochs without a better validation loss.")
 
 
@@ -60,15 +61,22 @@ class ValueHeadConfig:
 
     run: TrainingRun = group(TrainingRun(), prefix="")
     ratings_cache: str | None = opt(None, "Ratings cache folder (default: CACHE_DIR/ratings).")
-    loss: str = opt("reparam", "Stage-1 loss: reparam (the seed's), nll, or beta-nll.")
+    loss: str = opt("ridge", "Stage-1 loss: ridge (closed form: least squares plus the L2 penalty that exact "
+                    "leave-one-out picks per attribute, sigma from the leave-one-out residuals; seconds), or trained by "
+                    "AdamW: reparam (the seed's recipe), nll, beta-nll.")
+    ridge_alpha: str = opt("shared", "Ridge: one penalty shared by the attributes, chosen by their summed leave-one-out "
+                           "error (pooled evidence: steadier on a few hundred rows), or one per attribute.")
     beta: float = opt(0.5, "beta of beta-nll (0 = nll, 1 = MSE-like gradients for the mean).")
-    ensemble: int = opt(1, "Train this many value heads with different seeds seed, seed+1, ... (URME).")
+    ensemble: int = opt(8, "Value heads in the ensemble (URME), whose spread is the epistemic uncertainty: with ridge, "
+                        "fits on bootstrap resamples of the rows (they differ where the data is thin); with the AdamW "
+                        "losses, seeds seed, seed+1, ... (the seed's URME). 1 = no ensemble.")
     bias: bool = opt(False, "Give the value head a bias (the published URM has none: real hidden states "
-                     "carry a near-constant direction that serves as one).")
-    standardize_labels: bool = opt(False, "Train on standardised labels; the saved head predicts on the "
-                                   "label scale again (mu = std * head + mean, so it then has a bias).")
+                     "carry a near-constant direction that serves as one, ridge's intercept).")
+    standardize_labels: bool = opt(False, "AdamW losses: train on standardised labels; the saved head predicts on the "
+                                   "label scale again (mu = std * head + mean, so it then has a bias). Ridge does not "
+                                   "depend on the labels' scale.")
     calibrate: bool = opt(True, "Refit sigma on a held-out calibration split (Gaussian NLL, means frozen) so that it "
-                          "is the size of the held-out error; --no-calibrate keeps sigma as the loss left it "
+                          "is the size of the held-out error; --no-calibrate keeps sigma as the fit left it "
                           "(reparam drives it to 0).")
     calibration_fraction: float = opt(0.1, "Share of rows held out for the sigma calibration.")
     optim: Optimization = group(Optimization(), prefix="")
@@ -77,6 +85,7 @@ class ValueHeadConfig:
         from pipeline.train import STAGE1_LOSSES  # the names live with the losses
 
         one_of(self.loss, STAGE1_LOSSES, "loss")
+        one_of(self.ridge_alpha, ("shared", "per-attribute"), "ridge_alpha")
         check(number(self.beta) and 0 <= self.beta <= 1, "beta", self.beta, "between 0 and 1")
         whole(self.ensemble, "ensemble")
         fraction(self.calibration_fraction, "calibration_fraction")
@@ -92,7 +101,14 @@ class GatingConfig:
 
     run: TrainingRun = group(TrainingRun(), prefix="")
     preferences_cache: str | None = opt(None, "Preference cache folder (default: CACHE_DIR/preferences).")
-    gate: str = opt("urm", "Gate: urm (SELU MLP, unnormalised weights) or softmax (ArmoRM style).")
+    gate: str = opt("auto", "Gate: auto (the kind that cross-validation on the pairs supports, never one that loses "
+                    "to a simpler kind: see --gate-candidates), or one kind: equal (w_k = 1/K), global (one K-number "
+                    "weight vector), urm-warm (the URM MLP started at the global vector), urm (the URM MLP, SELU, "
+                    "unnormalised weights, from a random start: the seed's), softmax (ArmoRM style).")
+    gate_candidates: list[str] = opt(["equal", "global", "urm-warm", "softmax"], "With --gate auto: the kinds to "
+                                     "choose among (repeat the option; they are tried simplest first).")
+    gate_folds: int = opt(5, "With --gate auto: folds of the cross-validation over every pair (1: the validation "
+                          "split alone, as also above 20,000 pairs, where its standard error is small).")
     gate_hidden: int | None = opt(None, "Hidden width of the gate MLP (default: d for urm, 1024 for softmax).")
     temperature: float | None = opt(None, "Softmax gate temperature T in softmax(x / T) (default: ArmoRM's 10).")
     use_margin: bool = opt(False, "Margin-aware BT loss -log sigmoid(s_c - s_r - margin) with each pair's "
@@ -102,9 +118,14 @@ class GatingConfig:
     optim: Optimization = group(Optimization(lr=1e-4, epochs=20, batch_size=512, patience=3), prefix="gate_")
 
     def __post_init__(self):
-        from pipeline.model import GATES  # the names live with the gates
+        from pipeline.train import GATE_KINDS  # the names live with the gates
 
-        one_of(self.gate, GATES, "gate")
+        one_of(self.gate, ("auto", *GATE_KINDS), "gate")
+        if not self.gate_candidates:
+            raise ConfigError("--gate-candidates is empty: give at least one of " + ", ".join(GATE_KINDS))
+        for kind in self.gate_candidates:
+            one_of(kind, GATE_KINDS, "gate_candidates")
+        whole(self.gate_folds, "gate_folds")
         whole(self.gate_hidden, "gate_hidden", allow_none=True)
         positive(self.temperature, "temperature", allow_none=True)
         optimization(self.optim, "gate_")

@@ -14,7 +14,8 @@ import os
 import torch
 
 NOISE = torch.tensor([0.2, 0.4, 0.6, 0.8, 1.0])  # true label noise std per attribute
-LINEAR_RATINGS_TRAINING = dict(lr=1e-2, batch_size=256, epochs=300, patience=20, device="cpu")
+# The AdamW settings the gradient losses are compared under (one head, the loss named beside them)
+LINEAR_RATINGS_TRAINING = dict(ensemble=1, lr=1e-2, batch_size=256, epochs=300, patience=20, device="cpu")
 
 
 def linear_ratings(n: int = 4000, d: int = 32, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

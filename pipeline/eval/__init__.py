@@ -10,13 +10,13 @@ Imports the cross-cutting modules, ``pipeline.model`` and ``pipeline.train`` (ba
 from pipeline.eval.baselines import (armorm, base_score, equal_weights, heads_candidate, heads_scores, linear_probe,
                                      ridge_value_head, urm_variant, with_temperatures)
 from pipeline.eval.evaluation import (Candidate, Scores, attribute_metrics, chosen_probabilities, pair_metrics,
-                                      rewardbench_sections, uncertainty_signals)
-from pipeline.eval.report import (attributes_plot, attributes_table, pairs_table, reliability_plot, reliability_points,
-                                  write_report)
+                                      rewardbench_sections, row_signals, shift_metrics, uncertainty_signals)
+from pipeline.eval.report import (attributes_plot, attributes_table, chosen_lines, pairs_table, reliability_plot,
+                                  reliability_points, shift_caches, shift_table, write_report)
 
 __all__ = [
     "Candidate", "Scores", "armorm", "attribute_metrics", "attributes_plot", "attributes_table", "base_score",
-    "chosen_probabilities", "equal_weights", "heads_candidate", "heads_scores", "linear_probe", "pair_metrics",
-    "pairs_table", "reliability_plot", "reliability_points", "rewardbench_sections", "ridge_value_head",
+    "chosen_lines", "chosen_probabilities", "equal_weights", "heads_candidate", "heads_scores", "linear_probe", "pair_metrics",
+    "pairs_table", "reliability_plot", "reliability_points", "rewardbench_sections", "shift_caches", "shift_table", "ridge_value_head", "row_signals", "shift_metrics",
     "uncertainty_signals", "urm_variant", "with_temperatures", "write_report",
 ]

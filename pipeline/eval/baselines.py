@@ -8,8 +8,8 @@ caches (METHOD.md 6), each as an ``evaluation.Candidate``:
                        trained with the BT loss on the pairs
 - ``equal_weights``    the heads' value head with fixed weights w_k = 1/K (SteerLM-style)
 - ``base_score``       the backbone's own reward, where the cache has it
-- ``urm_variant``      URM heads trained again with another stage-1 loss, without calibration, or as
-                       an ensemble: the same configs otherwise
+- ``urm_variant``      URM heads trained again by another recipe: the seed's (reparam by AdamW, the URM
+                       gate from a random start), another stage-1 loss, no calibration, the seed's ensemble
 
 Every baseline's pair temperatures are fitted on the same validation pairs of the training cache
 that the gate's early stopping held out, so that calibration is compared on equal terms.
@@ -145,11 +145,11 @@ def base_score() -> Candidate:
 
 
 def urm_variant(name: str, about: str, x, y, xc, xr, value_cfg: ValueHeadConfig, gating_cfg: GatingConfig,
-                names, log=print, **changes) -> tuple[Candidate, dict]:
-    """URM heads trained again (both stages) with ``changes`` to the stage-1 config."""
+                names, log=print) -> tuple[Candidate, dict]:
+    """URM heads trained again, both stages, with these configs (another recipe on the same caches)."""
     from pipeline.train import fit_gate, fit_value_head
 
-    value = fit_value_head(x, y, dataclasses.replace(value_cfg, **changes), names, log)
+    value = fit_value_head(x, y, value_cfg, names, log)
     gated = fit_gate(xc, xr, value.heads, gating_cfg, names, log)
     return heads_candidate(name, about, gated.heads, gated.calibration), {"value_val": value.val,
                                                                           "gate_val": gated.val}

@@ -57,7 +57,8 @@ def uncertainty_signals(chosen: Scores, rejected: Scores) -> dict[str, torch.Ten
     score_std    sqrt(Var_c + Var_r), the Gaussian std of s_c - s_r (METHOD.md 1)
     gaussian_p   1 - max(P, 1 - P) of the Gaussian P(chosen): the gap in units of that std
     ensemble_std the members' std of s_c - s_r (METHOD.md 4)
-    ensemble_range  the members' max - min of s_c - s_r (URME's signal)"""
+    ensemble_range  the members' max - min of s_c - s_r (URME's signal)
+    ensemble_z   -|mean d| / std(d) over the members: the gap in units of the members' disagreement"""
     d = chosen.score - rejected.score
     out = {"score_gap": -d.abs()}
     if chosen.score_std is not None:
@@ -69,6 +70,38 @@ def uncertainty_signals(chosen: Scores, rejected: Scores) -> dict[str, torch.Ten
         member_d = chosen.ensemble_scores - rejected.ensemble_scores  # [N, M]
         out["ensemble_std"] = member_d.std(-1)
         out["ensemble_range"] = member_d.max(-1).values - member_d.min(-1).values
+        out["ensemble_z"] = -member_d.mean(-1).abs() / member_d.std(-1).clamp(min=1e-12)
+    return out
+
+
+def row_signals(scores: Scores) -> dict[str, torch.Tensor]:
+    """Per row, the model's stated uncertainty (larger = less sure), by kind:
+    score_std      sqrt(sum_k w_k^2 sigma_k^2): aleatoric, the noise the ratings carry
+    mean_sigma     the mean over attributes of sigma_k: aleatoric
+    ensemble_std   the members' std of the score: epistemic, what the data did not pin down"""
+    out = {}
+    if scores.score_std is not None:
+        out["score_std"] = scores.score_std.double()
+    if scores.attribute_stds is not None:
+        out["mean_sigma"] = scores.attribute_stds.double().mean(-1)
+    if scores.ensemble_scores is not None:
+        out["ensemble_std"] = scores.ensemble_scores.double().std(-1)
+    return out
+
+
+def shift_metrics(reference: Scores, other: Scores, other_labels: torch.Tensor | None = None, names=()) -> dict:
+    """Does the model know when it is off its data? For each row signal (``row_signals``): the AUROC with which it
+    separates ``other``'s rows (another source) from ``reference``'s (held-out rows of the training source; 0.5 =
+    it cannot tell them apart); with ``other_labels`` also the intervals' coverage and the errors on the other
+    source (``attribute_metrics``)."""
+    ref, oth = row_signals(reference), row_signals(other)
+    out = {"rows": len(other.score), "reference_rows": len(reference.score),
+           "auroc": {name: M.auroc(torch.cat([ref[name], oth[name]]),
+                                   torch.cat([torch.zeros(len(ref[name]), dtype=torch.bool),
+                                              torch.ones(len(oth[name]), dtype=torch.bool)]))
+                     for name in ref if name in oth}}
+    if other_labels is not None:
+        out["attributes"] = attribute_metrics(other, other_labels, names)
     return out
 
 

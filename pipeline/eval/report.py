@@ -18,6 +18,12 @@ SIGNAL_ABOUT = {
     "gaussian_p": "1 - max(P, 1 - P) of the Gaussian P(chosen)",
     "ensemble_std": "std over the ensemble members of s_c - s_r",
     "ensemble_range": "max - min over the members of s_c - s_r (URME's signal)",
+    "ensemble_z": "-|mean d| / std(d) over the members: the gap in units of the members' disagreement",
+}
+ROW_SIGNAL_ABOUT = {
+    "score_std": "sqrt(sum_k w_k^2 sigma_k^2) (aleatoric: the noise of the ratings)",
+    "mean_sigma": "the mean of the attributes' sigma (aleatoric)",
+    "ensemble_std": "the members' std of the score (epistemic: what the training data did not pin down)",
 }
 
 
@@ -69,6 +75,42 @@ def attributes_table(models: list[dict]) -> list[str]:
     return _table(["model", "MSE", "Pearson r", "Spearman r", "NLL", "cov 50%", "cov 90%", "means outside 0-4"], rows)
 
 
+def shift_table(models: list[dict], cache: str) -> list[str]:
+    """One row per model that states per-row uncertainty: how each signal separates the other source's rows from the
+    held-out rows of the training source (AUROC, 0.5 = it cannot tell), and the intervals on a rated other source."""
+    rows = []
+    for m in models:
+        s = m.get("shift", {}).get(cache)
+        if not s:
+            continue
+        a = s.get("attributes") or {}
+        rows.append([m["name"], s["rows"], s["auroc"].get("score_std"), s["auroc"].get("mean_sigma"),
+                     s["auroc"].get("ensemble_std"), a.get("mse"), a.get("nll"), a.get("coverage90")])
+    return _table(["model", "rows", "AUROC score_std", "AUROC mean_sigma", "AUROC ensemble_std", "MSE there", "NLL there",
+                   "cov 90% there"], rows)
+
+
+def shift_caches(models: list[dict]) -> list[str]:
+    return sorted({c for m in models for c in m.get("shift", {})})
+
+
+def chosen_lines(chosen: dict) -> list[str]:
+    """What training chose by itself (heads.json), a line each: the value head's alphas, the gate and why."""
+    lines = []
+    value = chosen.get("value_head") or {}
+    if value.get("alpha"):
+        lines.append(f"- value head: {value['solver']}, alpha per attribute by {value['criterion']}: " + ", ".join(
+            f"{a} {v:.3g} (LOO MSE {value['loo_mse'][a]:.3f})" for a, v in value["alpha"].items())
+            + (f"; at the grid's edge: {', '.join(value['at_grid_edge'])}" if value.get("at_grid_edge") else "")
+            + (f"; {value['members']} members ({value['members_are']})" if value.get("members", 1) > 1 else ""))
+    gate = chosen.get("gating") or {}
+    if gate.get("chosen"):
+        cands = ", ".join(f"{k} {v['bt_loss_tempered']:.4f} (acc {v['accuracy']:.3f})" for k, v in gate["candidates"].items())
+        lines.append(f"- gate: **{gate['chosen']}**, by {gate['protocol']} ({gate['criterion']}: {cands})")
+        lines += [f"  - {r}" for r in gate["reasons"]]
+    return lines
+
+
 def per_attribute_table(attributes: dict) -> list[str]:
     rows = [[name, a["mse"], a["pearson"], a["spearman"], a.get("nll"), a.get("mean_sigma"), a.get("coverage50"),
              a.get("coverage90")] for name, a in attributes["per_attribute"].items()]
@@ -86,6 +128,12 @@ def markdown(report: dict) -> str:
         info = report["eval"]["ratings"]
         lines += [f"## Attributes: {info['rows']} rated rows (`{info['path']}`)", "", *attributes_table(models), "",
                   f"Per attribute, {main['name']}:", "", *per_attribute_table(main["attributes"]), ""]
+    for cache in shift_caches(models):
+        ref = report["eval"]["ratings"]
+        lines += [f"## Off its data? {cache} against the held-out ratings ({ref['rows']} rows of the training source)", "",
+                  *shift_table(models, cache), ""]
+    if chosen_lines(report.get("chosen") or {}):
+        lines += ["## Chosen automatically (recorded in heads.json)", "", *chosen_lines(report["chosen"]), ""]
     lines += ["## Models", ""] + [f"- **{m['name']}**: {m['about']} (T_bt {_f(m['temperature_bt'])}, T_gauss "
                                    f"{_f(m['temperature_gaussian'])})" for m in models]
     lines += ["", "## What the columns mean", "",
@@ -102,7 +150,11 @@ def markdown(report: dict) -> str:
               *[f"- signal `{k}`: {v}" for k, v in SIGNAL_ABOUT.items()],
               "- attributes: MSE and Pearson / Spearman r of the predicted means; NLL of the Gaussian N(mu, sigma^2); "
               "cov X%: share of labels inside the central X% interval (nominal 0.5 and 0.9); means outside 0-4: "
-              "share of predicted means outside the label range.", ""]
+              "share of predicted means outside the label range.",
+              "- off its data: the AUROC with which a per-row uncertainty separates another source's rows (every side "
+              "of a held-out pair, or rated rows of another source) from held-out rows of the value head's own source "
+              "(0.5: the model cannot tell it is off its data); on a rated other source also MSE, NLL and coverage.",
+              *[f"- row signal `{k}`: {v}" for k, v in ROW_SIGNAL_ABOUT.items()], ""]
     return "\n".join(lines)
 
 

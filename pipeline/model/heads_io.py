@@ -87,6 +87,7 @@ class StageRecord:
     best_epoch: list[int] = field(default_factory=list)
     history: list[dict] = field(default_factory=list)
     val: dict = field(default_factory=dict)  # metric name -> value; "per_attribute" -> name -> metrics
+    selection: dict = field(default_factory=dict)  # what the stage chose automatically, and the numbers that chose it
 
 
 @dataclass

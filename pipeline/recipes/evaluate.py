@@ -17,7 +17,8 @@ import torch
 
 from pipeline import __version__
 from pipeline.configs import ConfigError, EvaluateConfig, build, options
-from pipeline.eval import Candidate, attribute_metrics, chosen_probabilities, pair_metrics, uncertainty_signals
+from pipeline.eval import (Candidate, Scores, attribute_metrics, chosen_probabilities, pair_metrics, row_signals,
+                           shift_metrics, uncertainty_signals)
 from pipeline.model import EXPORT_TENSORS, CacheIdentity, HeadsError, HeadsMeta, load_heads
 
 
@@ -49,7 +50,7 @@ def check_features(path: Path, manifest: dict, meta: HeadsMeta) -> None:
 
 
 def read_eval_caches(cfg: EvaluateConfig, meta: HeadsMeta, device):
-    """The held-out pairs by name, and the held-out ratings (or None)."""
+    """The held-out pairs by name, the held-out ratings (or None), and the other sources' rated caches by name."""
     from pipeline.cache import read_features, read_pairs
 
     if not cfg.eval_preferences and not cfg.eval_ratings:
@@ -68,7 +69,12 @@ def read_eval_caches(cfg: EvaluateConfig, meta: HeadsMeta, device):
         names = list(ratings[1].manifest.get("label_names") or [])
         if names and names != list(meta.attributes):
             raise HeadsError(f"{path}: its labels are {names}, the heads predict {meta.attributes}")
-    return pairs, ratings
+    shift = {}
+    for name in cfg.shift_ratings:
+        path = cache_path(cfg, name)
+        shift[path.name] = (path, read_features(path, device=device, verify=cfg.verify))
+        check_features(path, shift[path.name][1].manifest, meta)
+    return pairs, ratings, shift
 
 
 # ----------------------------------------------------------------------------------------------
@@ -119,20 +125,27 @@ def fit_baselines(cfg: EvaluateConfig, heads, meta: HeadsMeta, eval_pairs: dict,
                                                                      for f in (p.chosen, p.rejected)]
     if all(not torch.isnan(b).any() for b in bases):
         add("backbone's own score", lambda: (B.with_temperatures(B.base_score(), val_pairs.chosen, val_pairs.rejected), {}))
-    variants = [("URM, reparam, sigma as trained", "the seed's loss alone: sigma driven towards 0",
-                 dict(loss="reparam", calibrate=False)),
-                ("URM, nll", "Gaussian NLL on the training rows, no held-out calibration", dict(loss="nll", calibrate=False)),
-                ("URM, reparam + calibrated sigma", "the default recipe: reparam means, sigma refit on held-out rows",
-                 dict(loss="reparam", calibrate=True)),
-                (f"URM ensemble of {cfg.baseline_ensemble}", f"{cfg.baseline_ensemble} value heads (seeds seed..), "
-                 "reparam + calibrated sigma", dict(loss="reparam", calibrate=True, ensemble=cfg.baseline_ensemble))]
-    own = to_dict(value_cfg)
-    for name, about, changes in variants:
-        if to_dict(dataclasses.replace(value_cfg, **changes)) == own and meta.gating is not None \
+    # Other recipes on the same caches. The gate is the kind these heads chose (not chosen again: the comparison
+    # is of stage 1), except in the seed's recipe, whose gate is the URM MLP from a random start.
+    gate = (meta.gating.selection or {}).get("chosen") if meta.gating else None
+    same_gate = {"gate": gate} if gate else {}
+    m = cfg.baseline_ensemble
+    variants = [("URM, the seed's recipe", "reparam means by AdamW, sigma calibrated, the URM gate from a random start",
+                 dict(loss="reparam", calibrate=True, ensemble=1), {"gate": "urm"}),
+                ("URM, reparam, sigma as trained", "the seed's loss alone: sigma driven towards 0",
+                 dict(loss="reparam", calibrate=False, ensemble=1), same_gate),
+                ("URM, nll", "Gaussian NLL on the training rows by AdamW, no held-out calibration",
+                 dict(loss="nll", calibrate=False, ensemble=1), same_gate),
+                (f"URM ensemble of {m}, seeds only", f"the seed's URME: {m} reparam value heads that differ in seed only, "
+                 "sigma calibrated", dict(loss="reparam", calibrate=True, ensemble=m), same_gate)]
+    own = (to_dict(value_cfg), to_dict(gating_cfg))
+    for name, about, changes, gate_changes in variants:
+        v_cfg, g_cfg = dataclasses.replace(value_cfg, **changes), dataclasses.replace(gating_cfg, **gate_changes)
+        if (to_dict(v_cfg), to_dict(g_cfg)) == own and meta.gating is not None \
                 and cfg.train_ratings_cache is None and cfg.train_preferences_cache is None:
             info[name] = {"same_as": "URM (these heads)"}  # their recipe exactly: not trained twice
             continue
-        add(name, lambda: B.urm_variant(name, about, x, y, xc, xr, value_cfg, gating_cfg, names, quiet, **changes))
+        add(name, lambda: B.urm_variant(name, about, x, y, xc, xr, v_cfg, g_cfg, names, quiet))
     return candidates, {"train": {"ratings": str(ratings_path), "preferences": str(pairs_path),
                                   "validation_pairs": len(val)}, "fits": info}
 
@@ -171,7 +184,7 @@ def run_evaluate(cfg: EvaluateConfig, model_dir: str | None = None, log=print) -
     device = resolve_device(cfg.device)
     heads, meta, loaded = load_for_evaluation(model_dir or cfg.heads_dir)
     heads = heads.to(device)
-    eval_pairs, eval_ratings = read_eval_caches(cfg, meta, device)
+    eval_pairs, eval_ratings, shift_ratings = read_eval_caches(cfg, meta, device)
     candidates = [heads_candidate("URM (these heads)", describe(meta), heads, meta.pair_calibration)]
     fitted = {}
     if cfg.baselines:
@@ -196,16 +209,45 @@ def run_evaluate(cfg: EvaluateConfig, model_dir: str | None = None, log=print) -
             if i == 0 and scores.attribute_means is not None:
                 curves["attributes"] = {"names": list(meta.attributes), "y": eval_ratings[1].labels.cpu().numpy(),
                                         "mu": scores.attribute_means.numpy(), "sigma": scores.attribute_stds.numpy()}
+            entry["shift"] = shift_checks(c, scores, eval_pairs, shift_ratings, meta.attributes)
         models.append(entry)
     report = {"format_version": 1, "pipeline_version": __version__, "heads": loaded,
               "backbone": meta.value_head.cache.backbone, "config": _config(cfg, model_dir),
               "eval": {"preferences": {n: {"path": str(path), "pairs": len(p)} for n, (path, p) in eval_pairs.items()},
                        "ratings": None if eval_ratings is None else {"path": str(eval_ratings[0]),
-                                                                    "rows": len(eval_ratings[1])}},
-              **fitted, "models": models}
+                                                                    "rows": len(eval_ratings[1])},
+                       "shift_ratings": {n: {"path": str(path), "rows": len(f)} for n, (path, f) in shift_ratings.items()}},
+              "chosen": chosen_automatically(meta), **fitted, "models": models}
     report["seconds"] = time.perf_counter() - t0
     report["files"] = {k: str(v) for k, v in write_report(report, curves, cfg.report_dir).items()}
     return report
+
+
+def shift_checks(c: Candidate, reference: Scores, eval_pairs: dict, shift_ratings: dict, names) -> dict:
+    """Whether the model knows when it is off its data (``evaluation.shift_metrics``): the held-out ratings of its
+    training source against every held-out preference cache (each side of a pair a row) and every other rated
+    cache (with coverage there). Empty for a model that states no uncertainty per row."""
+    if not row_signals(reference):
+        return {}
+    out = {}
+    for name, (_, p) in eval_pairs.items():
+        out[name] = shift_metrics(reference, concat_scores(c.scores(p.chosen), c.scores(p.rejected)))
+    for name, (_, f) in shift_ratings.items():
+        out[name] = shift_metrics(reference, c.scores(f), f.labels.cpu(), names)
+    return out
+
+
+def concat_scores(a: Scores, b: Scores) -> Scores:
+    """The rows of two ``Scores``, one after the other."""
+    def cat(x, y):
+        return None if x is None else torch.cat([x, y])
+
+    return Scores(*(cat(getattr(a, f.name), getattr(b, f.name)) for f in dataclasses.fields(Scores)))
+
+
+def chosen_automatically(meta: HeadsMeta) -> dict:
+    """What training chose by itself, with the numbers that chose it (heads.json's ``selection`` records)."""
+    return {"value_head": meta.value_head.selection, "gating": meta.gating.selection if meta.gating else {}}
 
 
 def pair_curves(chosen, rejected, c: Candidate) -> dict:
@@ -229,13 +271,18 @@ def _config(cfg: EvaluateConfig, model_dir) -> dict:
 
 def summary(report: dict) -> str:
     """The tables a person reads first, and where the report is."""
-    from pipeline.eval import attributes_table, pairs_table
+    from pipeline.eval import attributes_table, chosen_lines, pairs_table, shift_caches, shift_table
 
     lines = []
     for name, info in report["eval"]["preferences"].items():
         lines += [f"{name} ({info['pairs']} pairs):", *pairs_table(report["models"], name), ""]
     if report["eval"]["ratings"]:
         lines += [f"attributes ({report['eval']['ratings']['rows']} rows):", *attributes_table(report["models"]), ""]
+    for cache in shift_caches(report["models"]):
+        lines += [f"off its data? {cache} rows against the held-out ratings (AUROC 0.5: cannot tell):",
+                  *shift_table(report["models"], cache), ""]
+    if chosen_lines(report.get("chosen") or {}):
+        lines += ["chosen automatically (heads.json):", *chosen_lines(report["chosen"]), ""]
     lines.append(f"report: {report['files']['md']} (and report.json, plots) in {report['seconds']:.1f} s")
     return "\n".join(lines)
 

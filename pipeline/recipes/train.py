@@ -26,7 +26,7 @@ from pipeline.train import Fit
 def stage_record(cfg, fit: Fit, cache: CacheIdentity) -> StageRecord:
     """The heads.json section of one stage: config, cache, per-epoch history, final metrics."""
     return StageRecord(config=to_dict(cfg), cache=cache, epochs_run=len(fit.history), best_epoch=fit.best_epoch,
-                       history=fit.history, val=fit.val)
+                       history=fit.history, val=fit.val, selection=fit.selection)
 
 
 def check_same_backbone(ratings: CacheIdentity, preferences: CacheIdentity, heads_dir: str) -> None:

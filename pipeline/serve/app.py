@@ -46,6 +46,11 @@ from pipeline.serve.requests import (Limits, RequestError, check_lengths, parse_
 from pipeline.serve.scoring import row_scores
 
 
+UNCERTAINTY = {"aleatoric": ["score_std", "attribute_stds"], "epistemic": ["ensemble_std", "ensemble_scores"],
+               "about": "aleatoric: the noise of the ratings (sigma, calibrated on held-out rows); epistemic: how much the "
+                        "ensemble members, fitted on resamples of the training rows, disagree (grows off the data)"}
+
+
 @dataclass
 class Service:
     """A loaded export and how it is served: ``encode`` (conversations or texts -> ids, on one thread),
@@ -126,7 +131,7 @@ def create_app(service: Service, limits: Limits, batcher: Batcher | None = None)
     async def score(request: Request):
         async def handle():
             ids, out = await scored(request, score_items, encode_items, "conversations")
-            return {"attributes": service.names, "results": results(out, service.names, ids)}
+            return {"attributes": service.names, "uncertainty": UNCERTAINTY, "results": results(out, service.names, ids)}
 
         return await answer(handle)
 

@@ -98,15 +98,21 @@ def refit_log_sigma(weight: torch.Tensor, bias: torch.Tensor | None, x_cal, y_ca
     return {"a": a.tolist(), "b": b.tolist()}
 
 
+def interval_metrics(mu: torch.Tensor, log_sigma: torch.Tensor, y: torch.Tensor, names) -> dict:
+    """coverage50 / coverage90, NLL and mean sigma of predictions (mu, log sigma) [n, K] against y, overall and per
+    attribute: what a stated sigma is judged by."""
+    report = M.regression_report(mu, log_sigma, y, names)
+    keys = ("coverage50", "coverage90", "nll", "mean_sigma")
+    return {**{k: report[k] for k in keys},
+            "per_attribute": {a: {k: v[k] for k in keys} for a, v in report["per_attribute"].items()}}
+
+
 @torch.no_grad()
 def sigma_report(heads: Heads, x, y, names) -> dict:
     """The interval metrics of the saved head on (x, y): coverage50 / 90, NLL, mean sigma, per attribute too."""
     mu, log_sigma = split_mean_logstd(torch.cat([heads.score(x[i:i + EVAL_ROWS].float())
                                                  for i in range(0, len(x), EVAL_ROWS)]))
-    report = M.regression_report(mu, log_sigma, y, names)
-    keys = ("coverage50", "coverage90", "nll", "mean_sigma")
-    return {**{k: report[k] for k in keys},
-            "per_attribute": {a: {k: v[k] for k in keys} for a, v in report["per_attribute"].items()}}
+    return interval_metrics(mu, log_sigma, y, names)
 
 
 def calibrate_heads(heads: Heads, x_cal: torch.Tensor, y_cal: torch.Tensor) -> dict:

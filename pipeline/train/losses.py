@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-STAGE1_LOSSES = ("reparam", "nll", "beta-nll")  # the names `--loss` takes (pipeline.configs.train)
+GRADIENT_LOSSES = ("reparam", "nll", "beta-nll")  # the losses AdamW trains stage 1 with
+STAGE1_LOSSES = ("ridge", *GRADIENT_LOSSES)  # `--loss` (pipeline.configs.train); ridge: closed form
 
 
 def masked_mean(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -64,6 +65,8 @@ def stage1_loss(name: str, mu, log_sigma, y, *, beta: float = 0.5,
         return nll_loss(mu, log_sigma, y)
     if name == "beta-nll":
         return beta_nll_loss(mu, log_sigma, y, beta)
+    if name == "ridge":
+        raise ValueError("ridge is solved in closed form (pipeline.train.closed_form), not trained with a loss")
     raise ValueError(f"unknown stage-1 loss {name!r}: use one of {STAGE1_LOSSES}")
 
 

@@ -30,8 +30,24 @@ def split_rows(n: int, val_fraction: float, seed: int,
     return perm[n_val:], perm[:n_val]
 
 
+def split_off(rows: torch.Tensor, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the rest, n seeded-random rows of ``rows``): the calibration split comes out of the training rows."""
+    if n < 1 or n >= len(rows):
+        raise UserError(f"{len(rows)} training rows cannot give {n} calibration rows: extract more rows or change "
+                        "--calibration-fraction (or --no-calibrate)")
+    perm = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed + 1))
+    return rows[perm[n:]], rows[perm[:n]]
+
+
 def adamw(params, optim: Optimization) -> torch.optim.AdamW:
     return torch.optim.AdamW(params, lr=optim.lr, weight_decay=optim.weight_decay)
+
+
+def stop_if_diverged(epoch: int, train_loss: float, criterion: torch.Tensor, what: str, option: str, lr: float) -> None:
+    """A non-finite training or validation loss ends the run (nothing is saved): the weights are no longer numbers."""
+    if not (math.isfinite(train_loss) and bool(torch.isfinite(criterion).all())):
+        raise UserError(f"the {what}'s training diverged at epoch {epoch}: loss {train_loss}, validation "
+                        f"{criterion.tolist()}; nothing was saved. Lower {option} (now {lr:g})")
 
 
 def warn_few_steps(log, rows: int, batch_size: int, option: str) -> None:

@@ -1,7 +1,9 @@
-"""The two trainers: plain AdamW loops, no framework.
+"""The two stages' trainers: plain loops, no framework.
 
-``fit_value_head`` fits the Gaussian value head(s) on features and labels (METHOD.md 2, 4);
-``fit_gate`` fits the gate with the Bradley-Terry loss on pairs, value head frozen (METHOD.md 3).
+``fit_value_head`` fits the Gaussian value head(s) on features and labels (METHOD.md 2, 4): in closed form
+for ``--loss ridge`` (the default, ``pipeline.train.closed_form``), else by AdamW (reparam, nll, beta-nll);
+``fit_gate`` fits the gate with the Bradley-Terry loss on pairs, value head frozen (METHOD.md 3): the kind
+given, or with ``--gate auto`` the one cross-validation picks (``pipeline.train.gate_selection``).
 Features come from a minibatch source (``pipeline.train.feature_stream``): held on the device in their
 stored dtype (float16 halves the memory), or streamed from the cache's parts when they exceed the
 memory budget; the epoch order is the same either way (parts shuffled, then rows within a part), so
@@ -13,42 +15,26 @@ caches and writing the heads folder is the recipe's (pipeline.recipes.train).
 
 from __future__ import annotations
 
-import math
 import time
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-from torch import nn
 
 from pipeline import ATTRIBUTES
 from pipeline import metrics as M
 from pipeline.device import resolve_device
 from pipeline.errors import UserError
-from pipeline.model import (GATES, Heads, HeadsError, LabelScaling, PairCalibration, SigmaCalibration, ValueEnsemble,
-                            init_linear_, p_chosen_bt, p_chosen_gaussian, score, score_variance, split_mean_logstd,
-                            unstandardize)
+from pipeline.model import Heads, HeadsError, LabelScaling, SigmaCalibration, ValueEnsemble, split_mean_logstd, unstandardize
 from pipeline.train import losses
-from pipeline.train.calibration import calibrate_heads, fit_pair_temperatures, sigma_report
+from pipeline.train.calibration import calibrate_heads, sigma_report
 from pipeline.train.feature_stream import as_rows, part_shuffled
-from pipeline.train.optimization import EarlyStopping, adamw, split_rows, warn_few_steps
+from pipeline.train.fit import Fit
+from pipeline.train.optimization import EarlyStopping, adamw, split_off, split_rows, stop_if_diverged, warn_few_steps
 
 if TYPE_CHECKING:  # the configs are the caller's: a stage never imports them (pipeline.configs)
     from pipeline.configs import GatingConfig, ValueHeadConfig
 
 EVAL_ROWS = 8192  # rows per chunk when evaluating on a whole split (bounds the float32 copy)
-
-
-@dataclass
-class Fit:
-    """A trained stage: the heads, per-epoch history, final validation metrics (best epoch)."""
-
-    heads: Heads
-    history: list[dict]
-    val: dict
-    best_epoch: list[int]
-    label_scaling: LabelScaling | None = None
-    calibration: SigmaCalibration | PairCalibration | None = None
 
 
 def _chunks(n: int, size: int = EVAL_ROWS):
@@ -110,7 +96,12 @@ def value_heads(model: ValueEnsemble, mean, std, bias: bool) -> Heads:
 def fit_value_head(features, labels: torch.Tensor, cfg: ValueHeadConfig,
                    names=ATTRIBUTES, log=print) -> Fit:
     """Stage 1: fit ``cfg.ensemble`` Gaussian value heads on features [N, d] (a tensor, or a minibatch
-    source of ``pipeline.train.feature_stream``) and labels [N, K] (NaN = missing)."""
+    source of ``pipeline.train.feature_stream``) and labels [N, K] (NaN = missing). ``--loss ridge`` (the
+    default) solves it in closed form (``pipeline.train.closed_form``); the other losses train by AdamW."""
+    if cfg.loss == "ridge":
+        from pipeline.train.closed_form import fit_ridge_value_head
+
+        return fit_ridge_value_head(features, labels, cfg, names, log)
     if cfg.loss not in losses.STAGE1_LOSSES:
         raise UserError(f"unknown loss {cfg.loss!r}: use one of {losses.STAGE1_LOSSES} (--loss)")
     device = resolve_device(cfg.run.device)
@@ -169,22 +160,6 @@ def fit_value_head(features, labels: torch.Tensor, cfg: ValueHeadConfig,
                stopper.best_epoch.tolist(), scaling, calibration)
 
 
-def stop_if_diverged(epoch: int, train_loss: float, criterion: torch.Tensor, what: str, option: str, lr: float) -> None:
-    """A non-finite training or validation loss ends the run (nothing is saved): the weights are no longer numbers."""
-    if not (math.isfinite(train_loss) and bool(torch.isfinite(criterion).all())):
-        raise UserError(f"the {what}'s training diverged at epoch {epoch}: loss {train_loss}, validation "
-                        f"{criterion.tolist()}; nothing was saved. Lower {option} (now {lr:g})")
-
-
-def split_off(rows: torch.Tensor, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(the rest, n seeded-random rows of ``rows``): the calibration split comes out of the training rows."""
-    if n < 1 or n >= len(rows):
-        raise UserError(f"{len(rows)} training rows cannot give {n} calibration rows: extract more rows or change "
-                        "--calibration-fraction (or --no-calibrate)")
-    perm = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed + 1))
-    return rows[perm[n:]], rows[perm[:n]]
-
-
 @torch.no_grad()
 def evaluate_value_head(heads: Heads, x: torch.Tensor, y: torch.Tensor, names=ATTRIBUTES) -> dict:
     """Stage-1 metrics of the saved heads (score head = ensemble mean) on features x, labels y."""
@@ -193,102 +168,7 @@ def evaluate_value_head(heads: Heads, x: torch.Tensor, y: torch.Tensor, names=AT
 
 
 # ----------------------------------------------------------------------------------------------
-# Stage 2: gate on preference pairs, value head frozen (METHOD.md 3)
-
-
-def with_gate(value: Heads, cfg: GatingConfig) -> Heads:
-    """A copy of ``value`` with a fresh seeded gate; the value-head parameters are frozen."""
-    if cfg.gate not in GATES:
-        raise UserError(f"unknown gate {cfg.gate!r}: use one of {GATES} (--gate)")
-    heads = Heads(value.d, value.k, value.members, bias=value.score.bias is not None, gate=cfg.gate,
-                  gate_hidden=cfg.gate_hidden, temperature=cfg.temperature)
-    frozen = {n: t for n, t in value.state_dict().items() if n.startswith(("score.", "ensemble."))}
-    heads.load_state_dict(frozen, strict=False)
-    g = torch.Generator().manual_seed(cfg.run.seed)
-    gate = heads.weights if heads.weights is not None else heads.softmax_gate
-    for layer in gate.modules():
-        if isinstance(layer, nn.Linear):
-            init_linear_(layer, g)
-    for name, p in heads.named_parameters():
-        p.requires_grad_(not name.startswith(("score.", "ensemble.")))
-    return heads
-
-
-@torch.no_grad()
-def frozen_outputs(heads: Heads, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The frozen value head's (mu, log_sigma) [N, K] for every row, computed once."""
-    return split_mean_logstd(torch.cat([heads.score(x[rows].float()) for rows in _chunks(len(x))]))
-
-
-@torch.no_grad()
-def frozen_pair_outputs(heads: Heads, rows) -> tuple[torch.Tensor, ...]:
-    """(mu_c, ls_c, mu_r, ls_r) [N, K] of the frozen value head for every pair of ``rows``, computed once."""
-    out = [[], [], [], []]
-    for _, (xc, xr) in rows.chunks():
-        for i, x in enumerate((xc, xr)):
-            mu, log_sigma = split_mean_logstd(heads.score(x.float()))
-            out[2 * i].append(mu)
-            out[2 * i + 1].append(log_sigma)
-    return tuple(torch.cat(o) for o in out)
-
-
-def gate_epoch(heads: Heads, opt, rows, mu_c, mu_r, order, batch_size: int, margin=None) -> float:
-    """One pass over the pairs in ``order`` of ``rows`` (a minibatch source of (chosen, rejected));
-    returns the mean BT loss (margin-aware with ``margin`` [N])."""
-    total = torch.zeros((), device=mu_c.device)
-    for idx, (xc, xr) in rows.batches(order, batch_size):
-        idx = idx.to(mu_c.device)
-        w = heads.gate_weights(torch.cat([xc, xr]).float())  # one pass for both sides
-        s_chosen, s_rejected = score(w, torch.cat([mu_c[idx], mu_r[idx]])).chunk(2)
-        loss = losses.bt_loss(s_chosen, s_rejected, None if margin is None else margin[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        total += loss.detach() * len(idx)
-    return (total / len(order)).item()
-
-
-@torch.no_grad()
-def pair_scores(weights_fn, xc, xr, mu_c, ls_c, mu_r, ls_r):
-    """(s_c, s_r, Var_c, Var_r, w_c) of gate ``weights_fn`` (h -> w [B, K]) over pairs."""
-    w_c = torch.cat([weights_fn(xc[rows].float()) for rows in _chunks(len(xc))])
-    w_r = torch.cat([weights_fn(xr[rows].float()) for rows in _chunks(len(xr))])
-    return (score(w_c, mu_c), score(w_r, mu_r), score_variance(w_c, ls_c.exp()), score_variance(w_r, ls_r.exp()),
-            w_c)
-
-
-def probability_report(s_c, s_r, var_c, var_r, temperature_bt: float = 1.0, temperature_gaussian: float = 1.0) -> dict:
-    """ECE and Brier of P(chosen) under BT and under the Gaussians, at these temperatures."""
-    p_bt = p_chosen_bt(s_c, s_r, temperature_bt)
-    p_gauss = p_chosen_gaussian(s_c, s_r, var_c, var_r, temperature_gaussian)
-    return {"ece": M.ece(p_bt), "brier": M.brier(p_bt), "ece_gaussian": M.ece(p_gauss),
-            "brier_gaussian": M.brier(p_gauss)}
-
-
-@torch.no_grad()
-def pair_report(weights_fn, xc, xr, mu_c, ls_c, mu_r, ls_r, margin=None, names=ATTRIBUTES) -> dict:
-    """Stage-2 metrics of gate ``weights_fn`` (h -> w [B, K]) on pairs, and its weights' spread;
-    with ``margin`` [N] also the margin-aware BT loss (``bt_margin_loss``)."""
-    s_c, s_r, var_c, var_r, w_c = pair_scores(weights_fn, xc, xr, mu_c, ls_c, mu_r, ls_r)
-    spread = w_c.std(0) if len(w_c) > 1 else torch.zeros_like(w_c[0])  # across prompts (chosen side)
-    return {"accuracy": M.pairwise_accuracy(s_c, s_r), "bt_loss": losses.bt_loss(s_c, s_r).item(),
-            **probability_report(s_c, s_r, var_c, var_r),
-            "weights_mean": dict(zip(names, w_c.mean(0).tolist())),
-            "weights_std": dict(zip(names, spread.tolist())),
-            **({} if margin is None else {"bt_margin_loss": losses.bt_loss(s_c, s_r, margin).item()})}
-
-
-def calibrate_pairs(s_c, s_r, var_c, var_r, fit: bool) -> PairCalibration:
-    """The temperatures of the two pair probabilities, fitted by NLL on these (validation) pairs."""
-    d = s_c - s_r
-    t_bt, t_gauss = fit_pair_temperatures(d, var_c + var_r) if fit else (1.0, 1.0)
-    return PairCalibration(t_bt, t_gauss, len(d), probability_report(s_c, s_r, var_c, var_r),
-                           probability_report(s_c, s_r, var_c, var_r, t_bt, t_gauss))
-
-
-def equal_weights(x: torch.Tensor, k: int) -> torch.Tensor:
-    """w_k = 1/K for every row (SteerLM-style fixed combination, the comparison baseline)."""
-    return x.new_full((len(x), k), 1.0 / k)
+# Stage 2: gate on preference pairs, value head frozen (METHOD.md 3; the gates: pipeline.train.gates)
 
 
 def fit_gate(chosen, rejected: torch.Tensor | None, value: Heads, cfg: GatingConfig,
@@ -296,9 +176,15 @@ def fit_gate(chosen, rejected: torch.Tensor | None, value: Heads, cfg: GatingCon
     """Stage 2: fit a gate with the BT loss on pairs (chosen, rejected [N, d]; or ``chosen`` a minibatch
     source of both sides from ``pipeline.train.feature_stream`` and ``rejected`` None); ``value`` stays frozen.
 
-    With ``cfg.use_margin`` the loss is TRL's margin-aware -log sigmoid(s_c - s_r - margin) over each
-    pair's ``margin`` [N] (METHOD.md 3), and early stopping watches that loss on validation.
+    ``--gate auto`` (the default) first chooses the kind (``pipeline.train.gate_selection``); the kind is then
+    fitted on the training split (early stopping, and the pair temperatures, on the validation split). With
+    ``cfg.use_margin`` the loss is TRL's margin-aware -log sigmoid(s_c - s_r - margin) over each pair's
+    ``margin`` [N] (METHOD.md 3), and early stopping watches that loss on validation.
     """
+    from pipeline.train.gate_selection import select_gate
+    from pipeline.train.gates import (calibrate_pairs, equal_weights, fit_gate_kind, frozen_pair_outputs, pair_report,
+                                      pair_scores)
+
     device = resolve_device(cfg.run.device)
     rows = as_rows(chosen if rejected is None else (chosen, rejected), device)
     if rows.d != value.d:
@@ -306,43 +192,33 @@ def fit_gate(chosen, rejected: torch.Tensor | None, value: Heads, cfg: GatingCon
                          f"{value.d}: extract the preferences with the value head's backbone")
     if cfg.use_margin and margin is None:
         raise UserError("--use-margin needs each pair's margin; these pairs have none")
-    heads = with_gate(value, cfg).to(device)
+    value = value.to(device)
     m = margin.to(device, torch.float32) if cfg.use_margin else None
-    mu_c, ls_c, mu_r, ls_r = frozen_pair_outputs(heads, rows)
+    frozen = frozen_pair_outputs(value, rows)
+    mu_c, ls_c, mu_r, ls_r = frozen
     train, val = (i.to(device) for i in split_rows(rows.n, cfg.optim.val_fraction, cfg.run.seed,
                                                    "--gate-val-fraction"))
     xc_val, xr_val = rows.take(val)  # the validation pairs are held in memory
     val_pairs = (xc_val, xr_val, mu_c[val], ls_c[val], mu_r[val], ls_r[val], None if m is None else m[val])
-    criterion = "bt_loss" if m is None else "bt_margin_loss"
     equal = pair_report(lambda h: equal_weights(h, value.k), *val_pairs, names=names)
     log(f"equal weights (w_k = 1/K): val accuracy {equal['accuracy']:.4f}  bt {equal['bt_loss']:.4f}")
-    params = [p for p in heads.parameters() if p.requires_grad]
-    opt = adamw(params, cfg.optim)
-    order_gen = torch.Generator().manual_seed(cfg.run.seed)
-    stopper = EarlyStopping(params, cfg.optim.patience)
-    warn_few_steps(log, len(train), cfg.optim.batch_size, "--gate-batch-size")
-    history = []
-    for epoch in range(1, cfg.optim.epochs + 1):
-        t0 = time.perf_counter()
-        order = part_shuffled(train, rows.part, [order_gen], order_gen)[0]
-        train_loss = gate_epoch(heads, opt, rows, mu_c, mu_r, order, cfg.optim.batch_size, m)
-        seconds = time.perf_counter() - t0
-        report = pair_report(heads.gate_weights, *val_pairs, names=names)
-        stop_if_diverged(epoch, train_loss, torch.tensor([report[criterion]]), "gate", "--gate-lr", cfg.optim.lr)
-        better = stopper.update(torch.tensor([report[criterion]]), epoch)
-        history.append({"epoch": epoch, "train_loss": train_loss, "seconds": seconds,
-                        "pairs_per_s": len(order) / seconds, **report})
-        log(f"gate epoch {epoch:3d}  train bt {train_loss:.4f}  val bt {report[criterion]:.4f}  "
-            f"acc {report['accuracy']:.4f} (equal {equal['accuracy']:.4f})  "
-            f"w std {sum(report['weights_std'].values()) / value.k:.3f}  {seconds:.1f}s"
-            f"{'  *' if better.any() else ''}")
-        if stopper.done:
-            break
-    stopper.restore()
+    kind, selection, oof = cfg.gate, {}, None
+    if kind == "auto":
+        kind, selection, oof = select_gate(rows, value, frozen, train, val, cfg, m, names, log)
+    heads, history, best_epoch = fit_gate_kind(kind, rows, value, mu_c, mu_r, train, val_pairs, cfg, m, names, log)
     val_report = pair_report(heads.gate_weights, *val_pairs, names=names)
-    pairs = calibrate_pairs(*pair_scores(heads.gate_weights, *val_pairs[:6])[:4], cfg.pair_temperature)
+    log(f"gate {kind}: val accuracy {val_report['accuracy']:.4f} (equal weights {equal['accuracy']:.4f}), "
+        f"BT loss {val_report['bt_loss']:.4f}")
+    if oof is not None and len(oof[0]) > len(val):  # cross-validated: every pair judged by a gate that did not see it
+        d, var_sum = (t.to(device).float() for t in oof)
+        pairs = calibrate_pairs(d, torch.zeros_like(d), var_sum, torch.zeros_like(var_sum), cfg.pair_temperature)
+        where = "out-of-fold"
+    else:
+        pairs = calibrate_pairs(*pair_scores(heads.gate_weights, *val_pairs[:6])[:4], cfg.pair_temperature)
+        where = "validation"
     if cfg.pair_temperature:
-        log(f"pair temperatures on {pairs.validation_pairs} validation pairs: BT {pairs.temperature_bt:.3g} "
+        log(f"pair temperatures on {pairs.validation_pairs} {where} pairs: BT {pairs.temperature_bt:.3g} "
             f"(ECE {pairs.before['ece']:.3f} -> {pairs.after['ece']:.3f}), Gaussian {pairs.temperature_gaussian:.3g} "
             f"(ECE {pairs.before['ece_gaussian']:.3f} -> {pairs.after['ece_gaussian']:.3f})")
-    return Fit(heads, history, {**val_report, "equal_weights": equal}, stopper.best_epoch.tolist(), calibration=pairs)
+    return Fit(heads, history, {**val_report, "equal_weights": equal, "gate": kind}, best_epoch, calibration=pairs,
+               selection=selection)

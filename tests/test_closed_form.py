@@ -1,0 +1,140 @@
+"""Stage 1 in closed form (METHOD.md 2, 4): ridge from one eigendecomposition against scikit-learn and brute force,
+alpha by exact leave-one-out, sigma recovered, bootstrap members that differ where the data is thin."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from sklearn.linear_model import Ridge, RidgeCV
+
+from pipeline import ATTRIBUTES
+from pipeline.configs import ValueHeadConfig, build
+from pipeline.data.testing import NOISE, linear_ratings
+from pipeline.train import fit_value_head
+from pipeline.train import ridge as R
+from pipeline.train.closed_form import label_groups
+
+QUIET = dict(log=lambda line: None)
+
+
+def data(n, d, k=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64) + 3.0  # a large common direction, as hidden states have
+    t = x[:, :k] @ torch.randn(k, k, generator=g, dtype=torch.float64) + torch.randn(n, k, generator=g,
+                                                                                    dtype=torch.float64)
+    return x, t
+
+
+def chunks(x, t, size=7):
+    return lambda: ((x[i:i + size], t[i:i + size], None) for i in range(0, len(x), size))
+
+
+@pytest.mark.parametrize("n, d", [(40, 12), (15, 30)])  # more rows than features, and fewer
+def test_ridge_with_a_bias_is_sklearns_ridge_and_its_leave_one_out(n, d):
+    x, t = data(n, d)
+    m = R.moments(chunks(x, t)())
+    sp = R.spectrum(m, None)  # c = 1: an unpenalised bias, as sklearn's fit_intercept
+    alphas = torch.tensor([0.1, 1.0, 10.0], dtype=torch.float64)
+    loo = R.loo_path(sp, m, chunks(x, t), alphas)
+    for a_i, alpha in enumerate(alphas.tolist()):
+        rows, bias = R.ridge_rows(sp, m, torch.full((2,), alpha, dtype=torch.float64))
+        for k in range(2):
+            ref = Ridge(alpha=alpha).fit(x.numpy(), t[:, k].numpy())
+            assert np.allclose(rows[k].numpy(), ref.coef_, atol=1e-8) and abs(bias[k].item() - ref.intercept_) < 1e-8
+            errors = [(t[i, k].item() - Ridge(alpha=alpha).fit(np.delete(x.numpy(), i, 0), np.delete(t[:, k].numpy(), i))
+                       .predict(x[i:i + 1].numpy())[0]) ** 2 for i in range(n)]  # refit without each row
+            assert loo[a_i, k].item() == pytest.approx(np.mean(errors), rel=1e-8)
+
+
+def test_the_alpha_leave_one_out_picks_is_ridgecvs():
+    x, t = data(60, 10, k=1, seed=3)
+    m = R.moments(chunks(x, t)())
+    sp = R.spectrum(m, None)
+    grid = torch.logspace(-3, 4, 29, dtype=torch.float64)
+    alpha, _, edge = R.pick(R.loo_path(sp, m, chunks(x, t), grid), grid)
+    ref = RidgeCV(alphas=grid.numpy()).fit(x.numpy(), t[:, 0].numpy())  # efficient leave-one-out, the same criterion
+    assert alpha.item() == pytest.approx(ref.alpha_) and edge == [False]
+
+
+@pytest.mark.parametrize("n, d", [(40, 12), (15, 30)])
+def test_the_common_direction_intercept_folds_exactly_into_a_row_without_bias(n, d):
+    """min |t - X w - c b|^2 + alpha |w|^2 with c = X u unpenalised, solved with the augmented normal equations,
+    is the row w + b u: the published layout (no bias) with an intercept."""
+    x, t = data(n, d, seed=1)
+    m = R.moments(chunks(x, t)())
+    u = R.common_direction(m)
+    assert (x @ u).mean().item() == pytest.approx(1.0)
+    sp = R.spectrum(m, u)
+    alpha = 2.0
+    rows, bias = R.ridge_rows(sp, m, torch.full((2,), alpha, dtype=torch.float64))
+    a = torch.cat([x, (x @ u)[:, None]], 1)
+    penalty = torch.eye(d + 1, dtype=torch.float64) * alpha
+    penalty[-1, -1] = 0
+    sol = torch.linalg.solve(a.T @ a + penalty, a.T @ t)
+    assert torch.allclose(x @ rows.T, x @ (sol[:d] + u[:, None] * sol[d:]), atol=1e-9) and (bias == 0).all()
+    resid = R.loo_residuals(sp, m, x, t, torch.full((2,), alpha, dtype=torch.float64))
+    i = 3
+    keep = torch.arange(n) != i
+    sol_i = torch.linalg.solve(a[keep].T @ a[keep] + penalty, a[keep].T @ t[keep])
+    assert torch.allclose(resid[i], t[i] - a[i] @ sol_i, atol=1e-9)
+
+
+def test_gcv_from_the_sums_is_the_hat_matrix_formula():
+    x, t = data(30, 8, seed=2)
+    m = R.moments(chunks(x, t)())
+    sp = R.spectrum(m, None)
+    alpha = 3.0
+    xc = torch.cat([x, torch.ones(30, 1, dtype=torch.float64)], 1)
+    penalty = torch.eye(9, dtype=torch.float64) * alpha
+    penalty[-1, -1] = 0
+    hat = xc @ torch.linalg.solve(xc.T @ xc + penalty, xc.T)
+    expected = 30 * ((t - hat @ t).square().sum(0)) / (30 - hat.trace()) ** 2
+    got = R.gcv_path(sp, m, torch.tensor([alpha], dtype=torch.float64))[0]
+    assert torch.allclose(got, expected, rtol=1e-9)
+
+
+def test_label_groups_share_one_fit_per_missing_pattern():
+    y = torch.tensor([[1.0, 2.0, float("nan")], [3.0, 4.0, 5.0], [0.0, 1.0, 2.0]])
+    groups = label_groups(y)
+    assert [cols for cols, _ in groups] == [[0, 1], [2]] and groups[1][1].tolist() == [1, 2]
+
+
+def test_closed_form_value_head_recovers_sigma_and_beats_the_noise_floor():
+    """Known answer (pipeline.data.testing): y = h A + 2 + noise of std NOISE_k, so MSE -> mean NOISE^2 and
+    sigma_k -> NOISE_k. The closed form gets both in seconds, with no learning rate or epochs to choose."""
+    h, y = linear_ratings(n=2000, d=32)
+    fit = fit_value_head(h, y, build(ValueHeadConfig, dict(device="cpu", ensemble=1)), **QUIET)
+    assert fit.val["mse"] == pytest.approx(NOISE.square().mean().item(), rel=0.05)
+    assert fit.val["estimate"].startswith("leave-one-out")
+    sigma = fit.heads(h.float())["attribute_stds"].mean(0).detach()
+    assert torch.allclose(sigma, NOISE, rtol=0.1), sigma
+    assert fit.heads.score.bias is None and fit.heads.score.weight.shape == (2 * len(NOISE), 32)  # published layout
+    assert set(fit.selection["alpha"]) == set(ATTRIBUTES) and not fit.selection["at_grid_edge"]
+    assert 0.85 <= fit.calibration.after["coverage90"] <= 0.95
+
+
+def test_bootstrap_members_differ_and_their_spread_grows_away_from_the_data():
+    h, y = linear_ratings(n=400, d=16, seed=1)
+    fit = fit_value_head(h, y, build(ValueHeadConfig, dict(device="cpu", ensemble=6)), **QUIET)
+    members = fit.heads.ensemble.weight.detach()
+    assert members.shape == (6, 2 * len(NOISE), 16)
+    assert all(not torch.equal(members[i, 0::2], members[j, 0::2]) for i in range(6) for j in range(i + 1, 6))
+    assert torch.equal(members[0, 1::2], fit.heads.score.weight[1::2])  # one calibrated sigma for every member
+    near = h.float()[:200]
+    far = near * 4  # the same directions, four times as far from where the rows lie
+    spread_near = fit.heads(near)["ensemble_std"].mean().item()
+    spread_far = fit.heads(far)["ensemble_std"].mean().item()
+    assert spread_far > 2 * spread_near
+    again = fit_value_head(h, y, build(ValueHeadConfig, dict(device="cpu", ensemble=6)), **QUIET)
+    assert torch.equal(again.heads.ensemble.weight, fit.heads.ensemble.weight)  # seeded: the same resamples
+
+
+def test_a_shared_alpha_is_one_alpha_and_missing_labels_fit_apart():
+    h, y = linear_ratings(n=300, d=8, seed=2)
+    y[::5, 1] = float("nan")
+    fit = fit_value_head(h, y, build(ValueHeadConfig, dict(device="cpu", ensemble=1, ridge_alpha="shared")), **QUIET)
+    alphas = fit.selection["alpha"]
+    group = [a for i, a in enumerate(ATTRIBUTES) if i != 1]
+    assert len({alphas[a] for a in group}) == 1  # shared within the fit of the fully labelled attributes
+    assert torch.isfinite(fit.heads.score.weight).all()
