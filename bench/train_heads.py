@@ -1,10 +1,12 @@
 """How fast the two training stages run at the published model's shapes, against this machine's matmul peak.
 
 Shapes of URM-LLaMa-3.1-8B's training: 20k ratings (HelpSteer2) and 80k pairs (Skywork 80K) =
-160k rows, d = 4096, random float16 features held in memory, random labels. Stage 1: one full
-epoch of ``fit_value_head`` after a warm-up epoch (the per-epoch training time it records,
-validation excluded). Stage 2: the real inner loop (``gate_epoch``) over a fixed number of steps
-after warm-up steps, with the URM gate (hidden = d) and the frozen head's outputs precomputed.
+160k rows, d = 4096, random float16 features held in memory, random labels. Stage 1: the default
+closed form (``--loss ridge``) end to end, one head and the default 8 bootstrap members; and one full
+epoch of the AdamW loop (``--loss nll``) after a warm-up epoch (the per-epoch training time it records,
+validation excluded). Stage 2: the global weight vector `--gate auto` tries (L-BFGS); and the real
+inner loop (``gate_epoch``) over a fixed number of steps after warm-up steps, with the URM gate
+(hidden = d) and the frozen head's outputs precomputed.
 
 FLOPs model (per example; the features need no gradient, so the first layer has no input grad):
   stage 1: forward 2 d 2K M, backward (weight grad only) the same: 2 x forward.
@@ -58,6 +60,35 @@ def bench_stage1(rows: int, d: int, members: int, batch_size: int, device: str =
             "fit_seconds_2_epochs_with_validation": total}
 
 
+def bench_stage1_ridge(rows: int, d: int, members: int, device: str = "cpu") -> dict:
+    """The default stage 1 (``--loss ridge``): the whole closed-form fit, penalties by leave-one-out, sigma, the
+    calibration and ``members`` bootstrap refits, timed end to end (no epochs: it is solved once)."""
+    x = random_features(rows, d, seed=0).to(device)
+    y = torch.randint(0, 5, (rows, K), generator=torch.Generator().manual_seed(1)).float()
+    out = {"rows": rows, "members": members}
+    for m in sorted({1, members}):
+        cfg = build(ValueHeadConfig, dict(ensemble=m, device=device))
+        t = time.perf_counter()
+        fit_value_head(x, y, cfg, log=lambda line: None)
+        out[f"seconds_{m}_member{'s' if m > 1 else ''}"] = time.perf_counter() - t
+    return out
+
+
+def bench_global_gate(pairs: int, d: int, device: str = "cpu") -> dict:
+    """The constant gates `--gate auto` tries first: the global weight vector by L-BFGS over every pair's frozen
+    value-head outputs (the outputs' precompute timed apart)."""
+    from pipeline.train import global_weights
+
+    value = Heads(d, K)
+    chosen, rejected = random_features(pairs, d, seed=2).to(device), random_features(pairs, d, seed=3).to(device)
+    t = time.perf_counter()
+    (mu_c, _), (mu_r, _) = frozen_outputs(value, chosen), frozen_outputs(value, rejected)
+    precompute = time.perf_counter() - t
+    t = time.perf_counter()
+    global_weights(mu_c, mu_r)
+    return {"pairs": pairs, "global_weights_seconds": time.perf_counter() - t, "frozen_head_precompute_seconds": precompute}
+
+
 def bench_stage2(pairs: int, d: int, hidden: int, batch_size: int, steps: int, warmup: int,
                  device: str = "cpu") -> dict:
     chosen, rejected = random_features(pairs, d, seed=2).to(device), random_features(pairs, d, seed=3).to(device)
@@ -91,7 +122,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--ratings", type=int, default=20_000)
     ap.add_argument("--pairs", type=int, default=80_000)
     ap.add_argument("--dim", type=int, default=4096)
-    ap.add_argument("--members", type=int, default=1, help="stage-1 ensemble size M")
+    ap.add_argument("--members", type=int, default=1, help="stage-1 ensemble size M of the AdamW loop")
+    ap.add_argument("--ridge-members", type=int, default=8, help="bootstrap members of the closed form (its default)")
     ap.add_argument("--stage1-batch", type=int, default=1024)
     ap.add_argument("--stage2-batch", type=int, default=512)
     ap.add_argument("--stage2-steps", type=int, default=20, help="timed stage-2 steps (after warm-up)")
@@ -101,6 +133,8 @@ def main(argv: list[str] | None = None) -> dict:
     load_before = list(os.getloadavg())
     peak = matmul_gflops()
     s1 = bench_stage1(args.ratings, args.dim, args.members, args.stage1_batch)
+    ridge = bench_stage1_ridge(args.ratings, args.dim, args.ridge_members)
+    constant = bench_global_gate(args.pairs, args.dim)
     s2 = bench_stage2(args.pairs, args.dim, args.gate_hidden or args.dim, args.stage2_batch,
                       args.stage2_steps, args.stage2_warmup)
     peak_after = matmul_gflops()
@@ -112,13 +146,16 @@ def main(argv: list[str] | None = None) -> dict:
         "config": vars(args), "torch_threads": torch.get_num_threads(),
         "matmul_4096_fp32_gflops": {"before": peak, "after": peak_after},
         "flops_model": __doc__.split("FLOPs model")[1].split("Figures go")[0].strip(),
-        "stage1": s1, "stage2": s2, "load_average_before": load_before, "machine": machine_info(),
+        "stage1": s1, "stage1_ridge": ridge, "stage2_global_gate": constant, "stage2": s2,
+        "load_average_before": load_before, "machine": machine_info(),
     }
     path = write_result("train_heads", result)
     print(f"matmul fp32 {peak:.0f} / {peak_after:.0f} GFLOP/s (before / after)\n"
           f"stage 1: {s1['examples_per_s']:.0f} examples/s (epoch of {s1['train_rows']:.0f} rows in "
           f"{s1['epoch_seconds']:.2f} s), {s1['feature_gb_per_s']:.2f} GB/s of float16 features, "
           f"{s1['gflops_per_s']:.1f} GFLOP/s = {s1['share_of_matmul_peak']:.1%} of peak\n"
+          f"stage 1 ridge (the default): {ridge}\n"
+          f"stage 2 global weights: {constant}\n"
           f"stage 2: {s2['pairs_per_s']:.0f} pairs/s ({s2['steps_timed']} steps of {s2['batch_size']} in "
           f"{s2['seconds']:.1f} s; epoch ~{s2['epoch_seconds_estimate']:.0f} s), {s2['gflops_per_s']:.1f} "
           f"GFLOP/s = {s2['share_of_matmul_peak']:.1%} of peak\n"

@@ -90,7 +90,16 @@ def uncertainty_note(meta: HeadsMeta) -> str:
             "P(A > B) = sigmoid((s_A - s_B) / T_bt) under Bradley-Terry, and Phi((s_A - s_B) / (T_gauss "
             "sqrt(Var_A + Var_B))) under the Gaussians (`model.p_chosen(out_a, out_b)`; `urm score` on pairs "
             "writes both)."]
-    if sigma is not None and sigma.method == "calibrated":
+    if sigma is not None and sigma.method == "calibrated" and loss == "ridge":
+        b, a = sigma.before, sigma.after
+        note.append("**How sigma was obtained.** The means were solved in closed form (ridge, the penalty per attribute "
+                    "by exact leave-one-out); log sigma was fitted by ridge to the log squared leave-one-out residuals "
+                    "(sigma is large where the errors are), then refit by Gaussian NLL on the leave-one-out residuals "
+                    f"of {sigma.calibration_rows} held-out calibration rows (log sigma <- a log sigma + b, per "
+                    f"attribute). There, the central 90% interval covered {_fmt(b.get('coverage90'))} of the labels "
+                    f"before and {_fmt(a.get('coverage90'))} after (50%: {_fmt(b.get('coverage50'))} -> "
+                    f"{_fmt(a.get('coverage50'))}; nominal 0.9 and 0.5).")
+    elif sigma is not None and sigma.method == "calibrated":
         b, a = sigma.before, sigma.after
         note.append(f"**How sigma was obtained.** The means were trained with the `{loss}` loss; then, with the "
                     f"means frozen, each log-sigma row was refit by Gaussian NLL on {sigma.calibration_rows} held-out "
@@ -105,9 +114,14 @@ def uncertainty_note(meta: HeadsMeta) -> str:
     else:
         note.append(f"**How sigma was obtained.** Trained with the `{loss}` loss on the training rows, not "
                     "recalibrated on held-out data (see the coverage columns above).")
+    if meta.architecture.get("members", 1) > 1:
+        note.append("**Aleatoric and epistemic.** `score_std` and `attribute_stds` are aleatoric: the noise a rating "
+                    "of the response carries. `ensemble_std` is epistemic: how much the ensemble's members disagree "
+                    "about it (with ridge, fits on bootstrap resamples of the training rows: it grows where the "
+                    "training data is thin or absent).")
     if pairs is not None:
         note.append(f"**Pair probabilities.** T_bt = {_fmt(pairs.temperature_bt)} and T_gauss = "
-                    f"{_fmt(pairs.temperature_gaussian)}, fitted by NLL on {pairs.validation_pairs} validation pairs; "
+                    f"{_fmt(pairs.temperature_gaussian)}, fitted by NLL on {pairs.validation_pairs} held-out pairs; "
                     f"ECE there {_fmt(pairs.before.get('ece'))} -> {_fmt(pairs.after.get('ece'))} (BT) and "
                     f"{_fmt(pairs.before.get('ece_gaussian'))} -> {_fmt(pairs.after.get('ece_gaussian'))} (Gaussian).")
     return "\n\n".join(note)
@@ -118,12 +132,12 @@ def model_card(meta: HeadsMeta, record: dict, urm: dict) -> str:
     backbone = record["backbone"]
     members = urm["members"]
     outputs = ["- `logits` [B, 1]: the reward s (so `logits[0][0]` is the score of the first row)",
-               "- `score_std` [B]: sqrt(sum_k w_k^2 sigma_k^2)",
+               "- `score_std` [B]: sqrt(sum_k w_k^2 sigma_k^2) (aleatoric)",
                "- `attribute_means`, `attribute_stds` [B, K]: mu_k and sigma_k per attribute, in the order below",
                "- `gating_weights` [B, K]: the gate's w_k(h)"]
     if members > 1:
         outputs.append(f"- `ensemble_scores` [B, {members}], `ensemble_std` [B]: each of the {members} value "
-                       "heads' score under the same weights, and their std (epistemic spread)")
+                       "heads' score under the same weights, and their std (epistemic)")
     if urm["base_score"]:
         outputs.append("- `base_score` [B]: the backbone reward model's own score (its `score` head, kept as "
                        "`base_score.weight`)")
