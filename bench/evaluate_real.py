@@ -7,8 +7,10 @@ The whole pipeline on the offline backbone (SmolLM2-135M-Instruct, fp32 on CPU),
   pairs     training: the N shortest UltraFeedback pairs of its train sample; held out: UltraFeedback's
             eval sample (pairs up to 1024 tokens) and the shortest hh-rlhf harmless pairs (another kind
             of preference: a shift the uncertainty should see).
-Stage 1 with the default recipe (reparam means, sigma calibrated on held-out rows), stage 2 the URM
-gate, then `urm evaluate` with every baseline, its report (report.md, report.json, plots) kept in
+Stage 1 with the default recipe (closed-form ridge, sigma from the leave-one-out residuals calibrated on
+held-out rows, 8 bootstrap members), stage 2 `--gate auto`, then `urm evaluate` with every baseline and the
+shift check (the demo's synthetic rated rows as another rated source), its report (report.md,
+report.json, plots) kept in
 bench/results/evaluate_real/. Measured against the targets of the evaluate issue (not tests):
   - calibrated sigma: coverage of the central 90% interval on the held-out ratings within 0.85-0.95
     for every attribute (reparam alone: far less);
@@ -81,6 +83,15 @@ def targets(report: dict) -> dict:
                                  "accuracy_on_most_certain_half": {n: s["accuracy_at_50"] for n, s in p["signals"].items()},
                                  "most_certain_half_above_overall": any(s["accuracy_at_50"] > p["accuracy"]
                                                                         for s in p["signals"].values())}
+    out["shift"] = {cache: {"auroc": v["auroc"], **({"coverage90": v["attributes"]["coverage90"]}
+                                                      if v.get("attributes") else {})}
+                    for cache, v in main.get("shift", {}).items()}
+    out["shift_auroc_gt_0.6"] = {cache: any((a or 0) > 0.6 for a in v["auroc"].values())
+                                 for cache, v in out["shift"].items()}
+    out["wrong_pair_auroc_of_the_ensemble"] = {d: {k: p["signals"][k]["auroc"] for k in
+                                                   ("ensemble_std", "ensemble_range", "ensemble_z") if k in p["signals"]}
+                                               for d, p in main["pairs"].items()}
+    out["chosen"] = report.get("chosen")
     return out
 
 
@@ -97,6 +108,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--held-out", type=float, default=0.25, help="share of SteerLM conversations held out")
     ap.add_argument("--cache-dir", default=str(ROOT / "cache" / "bench-evaluate-real"))
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--ridge-alpha", default="shared", choices=("shared", "per-attribute"))
     args = ap.parse_args(argv or [])
     if not (STEERLM.is_file() and UF_TRAIN.is_file() and HH_RLHF.is_file()):
         print(f"skipped: the real data in {SHARED_DATA} is not there")
@@ -114,12 +126,15 @@ def main(argv: list[str] | None = None) -> dict:
     stats.update(run_extract(ExtractConfig(**common, max_length=1024, max_tokens_per_batch=8192, datasets={
         "preferences": DatasetSpec("preferences", "preferences", str(uf_train)),
         "ultrafeedback_eval": DatasetSpec("ultrafeedback_eval", "preferences", str(UF_EVAL)),
-        "hh_rlhf_harmless": DatasetSpec("hh_rlhf_harmless", "preferences", str(hh))})))
+        "hh_rlhf_harmless": DatasetSpec("hh_rlhf_harmless", "preferences", str(hh)),
+        # another source of rated rows (the demo's generator): the shift check's coverage there (a label shift too)
+        "synthetic_ratings": DatasetSpec("synthetic_ratings", "ratings", "synthetic:ratings?n=80&seed=2")})))
     extract_seconds = time.perf_counter() - t0
     heads_dir = str(cache / "heads")
     run = dict(cache_dir=str(cache), heads_dir=heads_dir, seed=args.seed, device="cpu")
     t0 = time.perf_counter()
     stage1 = train_value_head(build(ValueHeadConfig, dict(**run, batch_size=32, epochs=400, patience=20,
+                                                          ridge_alpha=args.ridge_alpha,
                                                           calibration_fraction=0.15, val_fraction=0.15)))
     stage2 = train_gating(build(GatingConfig, dict(**run, gate_batch_size=32, gate_patience=5,
                                                    gate_val_fraction=0.2)))
@@ -128,7 +143,8 @@ def main(argv: list[str] | None = None) -> dict:
     shutil.rmtree(report_dir, ignore_errors=True)
     report = run_evaluate(build(EvaluateConfig, dict(cache_dir=str(cache), heads_dir=heads_dir, device="cpu",
                                                      eval_preferences=["ultrafeedback_eval", "hh_rlhf_harmless"],
-                                                     eval_ratings="eval_ratings", report_dir=str(report_dir))))
+                                                     eval_ratings="eval_ratings", shift_ratings=["synthetic_ratings"],
+                                                     report_dir=str(report_dir))))
     result = {"what": __doc__.split("\n")[0], "backbone": SMOLLM2_GGUF,
               "data": {name: {"rows": s.rows, "dropped": s.dropped, "tokens": s.tokens} for name, s in stats.items()},
               "extract_seconds": extract_seconds, "train_seconds": train_seconds,

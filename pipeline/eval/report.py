@@ -99,8 +99,12 @@ def chosen_lines(chosen: dict) -> list[str]:
     lines = []
     value = chosen.get("value_head") or {}
     if value.get("alpha"):
-        lines.append(f"- value head: {value['solver']}, alpha per attribute by {value['criterion']}: " + ", ".join(
-            f"{a} {v:.3g} (LOO MSE {value['loo_mse'][a]:.3f})" for a, v in value["alpha"].items())
+        alphas = value["alpha"]
+        shared = len(set(alphas.values())) == 1 and len(alphas) > 1
+        what = (f"alpha {next(iter(alphas.values())):.3g} shared by the attributes" if shared else
+                "alpha " + ", ".join(f"{a} {v:.3g}" for a, v in alphas.items()))
+        lines.append(f"- value head: {value['solver']}, {what}, by {value['criterion']} (per attribute: " + ", ".join(
+            f"{a} {v:.3f}" for a, v in value["loo_mse"].items()) + ")"
             + (f"; at the grid's edge: {', '.join(value['at_grid_edge'])}" if value.get("at_grid_edge") else "")
             + (f"; {value['members']} members ({value['members_are']})" if value.get("members", 1) > 1 else ""))
     gate = chosen.get("gating") or {}

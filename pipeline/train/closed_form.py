@@ -105,10 +105,10 @@ def fit_ridge_value_head(features, labels: torch.Tensor, cfg: ValueHeadConfig, n
         u = None if cfg.bias else R.common_direction(m)
         sp = R.spectrum(m, u)
         grid = R.grid_for(sp)
-        path = R.loo_path(sp, m, chunks_of(rows, idx, t), grid)
-        if cfg.ridge_alpha == "shared":  # one alpha for the attributes of this fit: their summed leave-one-out error
-            path = path.sum(1, keepdim=True).expand(-1, len(cols)) / len(cols)
-        alpha, best, edge = R.pick(path, grid)
+        raw = R.loo_path(sp, m, chunks_of(rows, idx, t), grid)
+        path = raw if cfg.ridge_alpha == "per-attribute" else raw.mean(1, keepdim=True).expand(-1, len(cols))
+        alpha, _, edge = R.pick(path, grid)  # shared: one alpha for this fit's attributes, by their summed error
+        best = raw[path.argmin(0), torch.arange(len(cols), device=raw.device)]  # each attribute's own at its alpha
         w, b = R.ridge_rows(sp, m, alpha)
         r = torch.cat([R.loo_residuals(sp, m, x, tt, alpha) for x, tt, _ in chunks_of(rows, idx, t)()])
         resid[idx[:, None], torch.tensor(cols, device=device)[None, :]] = r
@@ -172,13 +172,17 @@ def fit_ridge_value_head(features, labels: torch.Tensor, cfg: ValueHeadConfig, n
            "estimate": "leave-one-out over every rated row (sigma as calibrated)"}
     seconds = time.perf_counter() - t0
     selection = {"solver": "ridge (closed form)", "criterion": "exact leave-one-out MSE",
+                 "alpha_is": ("one alpha shared by the attributes (their summed leave-one-out error)"
+                              if cfg.ridge_alpha == "shared" else "one alpha per attribute"),
                  "alpha": chosen, "loo_mse": loo_mse, "sigma_alpha (GCV of log r^2)": sigma_alpha,
                  "alpha_grid": [float(R.ALPHA_GRID[0]), float(R.ALPHA_GRID[-1]), len(R.ALPHA_GRID),
                                 "x the Gram's mean eigenvalue"],
                  "at_grid_edge": edges, "intercept": "exact bias" if cfg.bias else "along the common direction u",
                  "rows": n, "calibration_rows": len(cal), "members": members,
                  "members_are": "bootstrap resamples of the rows" if members > 1 else None, "seconds": seconds}
-    log(f"value head (ridge): alpha {', '.join(f'{a} {v:.3g}' for a, v in chosen.items())}; leave-one-out MSE "
+    shown = (f"alpha {next(iter(chosen.values())):.3g} (shared)" if len(set(chosen.values())) == 1 and len(chosen) > 1
+             else "alpha " + ", ".join(f"{a} {v:.3g}" for a, v in chosen.items()))
+    log(f"value head (ridge): {shown}; leave-one-out MSE "
         f"{val['mse']:.4f}, Pearson r {val['pearson']:.3f}" + (f"; {members} bootstrap members" if members > 1 else "")
         + f"  {seconds:.1f}s")
     scaling = LabelScaling(False, [0.0] * k, [1.0] * k)
