@@ -197,8 +197,9 @@ def run_evaluate(cfg: EvaluateConfig, model_dir: str | None = None, log=print) -
     for i, c in enumerate(candidates):
         entry = {"name": c.name, "about": c.about, "temperature_bt": c.temperature_bt,
                  "temperature_gaussian": c.temperature_gaussian, "pairs": {}}
+        scored = {}  # each held-out pair cache's (chosen, rejected) scores, for the metrics and the shift check
         for name, (_, p) in eval_pairs.items():
-            chosen, rejected = c.scores(p.chosen), c.scores(p.rejected)
+            chosen, rejected = scored[name] = c.scores(p.chosen), c.scores(p.rejected)
             entry["pairs"][name] = pair_metrics(chosen, rejected, p.chosen.subset, c.temperature_bt,
                                                 c.temperature_gaussian)
             if i == 0:
@@ -209,7 +210,7 @@ def run_evaluate(cfg: EvaluateConfig, model_dir: str | None = None, log=print) -
             if i == 0 and scores.attribute_means is not None:
                 curves["attributes"] = {"names": list(meta.attributes), "y": eval_ratings[1].labels.cpu().numpy(),
                                         "mu": scores.attribute_means.numpy(), "sigma": scores.attribute_stds.numpy()}
-            entry["shift"] = shift_checks(c, scores, eval_pairs, shift_ratings, meta.attributes)
+            entry["shift"] = shift_checks(c, scores, scored, shift_ratings, meta.attributes)
         models.append(entry)
     report = {"format_version": 1, "pipeline_version": __version__, "heads": loaded,
               "backbone": meta.value_head.cache.backbone, "config": _config(cfg, model_dir),
@@ -223,15 +224,14 @@ def run_evaluate(cfg: EvaluateConfig, model_dir: str | None = None, log=print) -
     return report
 
 
-def shift_checks(c: Candidate, reference: Scores, eval_pairs: dict, shift_ratings: dict, names) -> dict:
+def shift_checks(c: Candidate, reference: Scores, pair_scores: dict, shift_ratings: dict, names) -> dict:
     """Whether the model knows when it is off its data (``evaluation.shift_metrics``): the held-out ratings of its
-    training source against every held-out preference cache (each side of a pair a row) and every other rated
-    cache (with coverage there). Empty for a model that states no uncertainty per row."""
+    training source against every held-out preference cache (``pair_scores``: name -> its (chosen, rejected)
+    scores; each side of a pair a row) and every other rated cache (with coverage there). Empty for a model that
+    states no uncertainty per row."""
     if not row_signals(reference):
         return {}
-    out = {}
-    for name, (_, p) in eval_pairs.items():
-        out[name] = shift_metrics(reference, concat_scores(c.scores(p.chosen), c.scores(p.rejected)))
+    out = {name: shift_metrics(reference, concat_scores(*sides)) for name, sides in pair_scores.items()}
     for name, (_, f) in shift_ratings.items():
         out[name] = shift_metrics(reference, c.scores(f), f.labels.cpu(), names)
     return out

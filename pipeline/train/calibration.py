@@ -90,12 +90,21 @@ def refit_log_sigma(weight: torch.Tensor, bias: torch.Tensor | None, x_cal, y_ca
     a, b = fit_scale_offset(mu, log_sigma, constant, y_cal.to(mu.device))
     a, b = a.to(weight.device), b.to(weight.device)
     with torch.no_grad():
-        if u is None:  # log sigma = a (W h + c) + b: scale the row and its bias, shift the bias
-            weight[:, 1::2] *= a[..., None]
-            bias[:, 1::2] = a * bias[:, 1::2] + b
-        else:  # log sigma = a W h + b u.h
-            weight[:, 1::2] = a[..., None] * weight[:, 1::2] + b[..., None] * u
+        rows, shifted = scale_offset(weight[:, 1::2], None if bias is None else bias[:, 1::2], a, b, u)
+        weight[:, 1::2] = rows
+        if bias is not None:
+            bias[:, 1::2] = shifted
     return {"a": a.tolist(), "b": b.tolist()}
+
+
+def scale_offset(rows: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor,
+                 u: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-sigma rows [..., K, d] (and their bias [..., K]) after log sigma <- a log sigma + b c(h), a, b [..., K]:
+    with the constant c = u.h the rows become a W + b u (no bias needed); with c = 1 (``u`` None) the rows scale
+    and the bias becomes a bias + b."""
+    if u is None:
+        return a[..., None] * rows, a * bias + b
+    return a[..., None] * rows + b[..., None] * u, bias
 
 
 def interval_metrics(mu: torch.Tensor, log_sigma: torch.Tensor, y: torch.Tensor, names) -> dict:

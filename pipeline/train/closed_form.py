@@ -30,7 +30,7 @@ from pipeline.device import resolve_device
 from pipeline.errors import UserError
 from pipeline.model import Heads, LabelScaling, SigmaCalibration
 from pipeline.train import ridge as R
-from pipeline.train.calibration import fit_scale_offset, interval_metrics
+from pipeline.train.calibration import fit_scale_offset, interval_metrics, scale_offset
 from pipeline.train.feature_stream import as_rows
 from pipeline.train.fit import Fit
 from pipeline.train.optimization import split_off
@@ -125,12 +125,12 @@ def fit_ridge_value_head(features, labels: torch.Tensor, cfg: ValueHeadConfig, n
             chosen[names[c]], sigma_alpha[names[c]], loo_mse[names[c]] = float(alpha[i]), float(alpha_s[i]), float(best[i])
             if edge[i]:
                 edges.append(names[c])
-        fits.append((cols, idx, t, m, u))
+        fits.append((cols, idx, t, u))
     if edges:
         log(f"note: the ridge alpha of {', '.join(edges)} lies at the edge of its grid (relative "
             f"{R.ALPHA_GRID[0]:.0e}..{R.ALPHA_GRID[-1]:.0e} of the Gram's mean eigenvalue): the features hardly "
             "predict it, or the grid is too narrow")
-    u_all = fits[0][4]
+    u_all = fits[0][3]
     before = after = None
     fitted: dict = {}
     if cfg.calibrate:
@@ -142,10 +142,7 @@ def fit_ridge_value_head(features, labels: torch.Tensor, cfg: ValueHeadConfig, n
         a, b_ = fit_scale_offset(mu_cal[None].float(), ls0[None].float(), const.float(), y[cal].float())
         a, b_ = a[0].double().to(device), b_[0].double().to(device)
         before = interval_metrics(mu_cal, ls0, y[cal], names)
-        if u_all is not None:  # log sigma = a (W h) + b u.h
-            ls_w = a[:, None] * ls_w + b_[:, None] * u_all[None, :]
-        else:
-            ls_w, ls_b = a[:, None] * ls_w, a * ls_b + b_
+        ls_w, ls_b = scale_offset(ls_w, ls_b, a, b_, u_all)
         after = interval_metrics(mu_cal, a * ls0 + b_ * const[:, None], y[cal], names)
         fitted = {"score": {"a": [a.tolist()], "b": [b_.tolist()]}}
         log(f"sigma calibrated on the leave-one-out residuals of {len(cal)} held-out rows: 90% coverage "
@@ -154,7 +151,7 @@ def fit_ridge_value_head(features, labels: torch.Tensor, cfg: ValueHeadConfig, n
     member_mu = []  # (rows [K, d], bias [K]) of each bootstrap member
     for weight in (R.bootstrap_weights(n, members, cfg.run.seed) if members > 1 else []):
         rows_m, bias_m = mu_w.clone(), mu_b.clone()
-        for cols, idx, t, _, u in fits:
+        for cols, idx, t, u in fits:
             mm = R.moments(chunks_of(rows, idx, t, weight.to(device)[idx])())
             alpha = torch.tensor([chosen[names[c]] for c in cols], dtype=torch.float64, device=device)
             rows_m[cols], bias_m[cols] = R.ridge_rows(R.spectrum(mm, u), mm, alpha)

@@ -31,6 +31,15 @@ TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 PARTS_PER_WINDOW = 8  # parts whose rows are shuffled together (and held together when streaming)
 
 
+def row_chunks(n: int, size: int = EVAL_ROWS):
+    """Slices of range(n), ``size`` at a time: how a whole split is evaluated (bounds the float32 copy).
+
+    >>> list(row_chunks(5, 2))
+    [slice(0, 2, None), slice(2, 4, None), slice(4, 6, None)]
+    """
+    return (slice(i, i + size) for i in range(0, n, size))
+
+
 def part_shuffled(rows: torch.Tensor, part: torch.Tensor | None, gens: list[torch.Generator],
                   part_gen: torch.Generator, window: int = None) -> torch.Tensor:
     """One epoch's order [M, n] of ``rows`` (sample ids), one row per generator in ``gens``: the parts in one

@@ -31,18 +31,13 @@ from pipeline.model import (GATES, Heads, PairCalibration, init_linear_, p_chose
                             score_variance, split_mean_logstd)
 from pipeline.train import losses
 from pipeline.train.calibration import fit_pair_temperatures
-from pipeline.train.feature_stream import part_shuffled
+from pipeline.train.feature_stream import part_shuffled, row_chunks
 from pipeline.train.optimization import EarlyStopping, adamw, stop_if_diverged, warn_few_steps
 
 if TYPE_CHECKING:  # the configs are the caller's (pipeline.configs)
     from pipeline.configs import GatingConfig
 
 GATE_KINDS = ("equal", "global", "urm-warm", "urm", "softmax")  # simplest first
-EVAL_ROWS = 8192
-
-
-def _chunks(n: int, size: int = EVAL_ROWS):
-    return (slice(i, i + size) for i in range(0, n, size))
 
 
 def with_gate(value: Heads, cfg: GatingConfig, gate: str | None = None) -> Heads:
@@ -68,7 +63,7 @@ def with_gate(value: Heads, cfg: GatingConfig, gate: str | None = None) -> Heads
 @torch.no_grad()
 def frozen_outputs(heads: Heads, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The frozen value head's (mu, log_sigma) [N, K] for every row, computed once."""
-    return split_mean_logstd(torch.cat([heads.score(x[rows].float()) for rows in _chunks(len(x))]))
+    return split_mean_logstd(torch.cat([heads.score(x[rows].float()) for rows in row_chunks(len(x))]))
 
 
 @torch.no_grad()
@@ -102,8 +97,8 @@ def gate_epoch(heads: Heads, opt, rows, mu_c, mu_r, order, batch_size: int, marg
 @torch.no_grad()
 def pair_scores(weights_fn, xc, xr, mu_c, ls_c, mu_r, ls_r):
     """(s_c, s_r, Var_c, Var_r, w_c) of gate ``weights_fn`` (h -> w [B, K]) over pairs."""
-    w_c = torch.cat([weights_fn(xc[rows].float()) for rows in _chunks(len(xc))])
-    w_r = torch.cat([weights_fn(xr[rows].float()) for rows in _chunks(len(xr))])
+    w_c = torch.cat([weights_fn(xc[rows].float()) for rows in row_chunks(len(xc))])
+    w_r = torch.cat([weights_fn(xr[rows].float()) for rows in row_chunks(len(xr))])
     return (score(w_c, mu_c), score(w_r, mu_r), score_variance(w_c, ls_c.exp()), score_variance(w_r, ls_r.exp()),
             w_c)
 

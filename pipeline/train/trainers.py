@@ -24,21 +24,16 @@ from pipeline import ATTRIBUTES
 from pipeline import metrics as M
 from pipeline.device import resolve_device
 from pipeline.errors import UserError
-from pipeline.model import Heads, HeadsError, LabelScaling, SigmaCalibration, ValueEnsemble, split_mean_logstd, unstandardize
+from pipeline.model import (Heads, HeadsError, LabelScaling, SigmaCalibration, ValueEnsemble, split_mean_logstd,
+                            unstandardize)
 from pipeline.train import losses
 from pipeline.train.calibration import calibrate_heads, sigma_report
-from pipeline.train.feature_stream import as_rows, part_shuffled
+from pipeline.train.feature_stream import as_rows, part_shuffled, row_chunks
 from pipeline.train.fit import Fit
 from pipeline.train.optimization import EarlyStopping, adamw, split_off, split_rows, stop_if_diverged, warn_few_steps
 
 if TYPE_CHECKING:  # the configs are the caller's: a stage never imports them (pipeline.configs)
     from pipeline.configs import GatingConfig, ValueHeadConfig
-
-EVAL_ROWS = 8192  # rows per chunk when evaluating on a whole split (bounds the float32 copy)
-
-
-def _chunks(n: int, size: int = EVAL_ROWS):
-    return (slice(i, i + size) for i in range(0, n, size))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -55,7 +50,7 @@ def label_scaling(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 @torch.no_grad()
 def predict_members(model: ValueEnsemble, x: torch.Tensor, mean, std) -> tuple[torch.Tensor, torch.Tensor]:
     """Each member's (mu, log_sigma) [M, N, K] on the label scale (standardisation undone)."""
-    out = torch.cat([model(x[rows].float()) for rows in _chunks(len(x))], dim=1)
+    out = torch.cat([model(x[rows].float()) for rows in row_chunks(len(x))], dim=1)
     mu, log_sigma = split_mean_logstd(out)
     return mu * std + mean, log_sigma + std.log()
 
@@ -163,7 +158,7 @@ def fit_value_head(features, labels: torch.Tensor, cfg: ValueHeadConfig,
 @torch.no_grad()
 def evaluate_value_head(heads: Heads, x: torch.Tensor, y: torch.Tensor, names=ATTRIBUTES) -> dict:
     """Stage-1 metrics of the saved heads (score head = ensemble mean) on features x, labels y."""
-    mu, log_sigma = split_mean_logstd(torch.cat([heads.score(x[rows].float()) for rows in _chunks(len(x))]))
+    mu, log_sigma = split_mean_logstd(torch.cat([heads.score(x[rows].float()) for rows in row_chunks(len(x))]))
     return M.regression_report(mu, log_sigma, y, names)
 
 
