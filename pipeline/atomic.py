@@ -18,8 +18,16 @@ What is atomic, on POSIX:
   new -> target, and between them the target is absent for a moment; a crash there leaves the old
   folder under its ``.old`` name, which the next ``atomic_directory`` for that target puts back.
   Readers therefore always find the old folder or the new one, except in that fallback's moment.
+- a pair of files written together (``write_temp`` each, then ``commit`` each: a heads folder): each
+  rename is atomic but the pair is not; the writer of the pair says how a reader takes the last
+  complete one (``pipeline.model.heads_io``).
 Cache parts and manifests, heads, exports, scores, benchmark results and generated datasets all
-go through here.
+go through here. A write that fails for a reason the user can fix (a full disk, an output path that
+is a folder, no permission) is a ``WriteError`` naming the path the user gave, never the temporary name.
+
+One writer per folder (``lock_folder``, ``hold_folder``): an exclusive ``flock`` on the folder itself, so no
+lock file is left behind and the kernel releases it when the process ends, however it ends; a second
+writer is refused at once, told the holder's pid (read from ``/proc/locks`` where there is one).
 """
 
 from __future__ import annotations
@@ -35,6 +43,8 @@ import shutil
 import sys
 from pathlib import Path
 from typing import Callable, Iterator
+
+from pipeline.errors import UserError
 
 TEMP_NAME = re.compile(r"^\.(?P<target>.+)\.(?P<pid>\d+)\.(?P<kind>tmp|old)$")
 
@@ -86,23 +96,95 @@ def remove_stale_temps(folder: Path, is_target: Callable[[str], bool], include_o
     return removed
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp)``, fsync ``tmp``, rename it over ``path``, fsync the folder; returns ``path``.
+class WriteError(UserError):
+    """A write that failed for a reason outside the program (a full disk, a folder where a file goes, no
+    permission), naming the path the user gave and the cause."""
 
-    On any failure (Ctrl-C included) the temporary file is removed and ``path`` is left as it was.
+
+WRITE_CAUSES = {
+    errno.ENOSPC: "no space left on the device: free some space, or write elsewhere",
+    errno.EDQUOT: "the disk quota is exceeded: free some space, or write elsewhere",
+    errno.EISDIR: "it is a folder: give the path of a file (in a folder that exists or can be made)",
+    errno.ENOTDIR: "a part of the path is a file, not a folder",
+    errno.EEXIST: "a file stands where a folder of the path goes",
+    errno.EACCES: "permission denied: choose a folder you can write",
+    errno.EPERM: "permission denied: choose a folder you can write",
+    errno.EROFS: "the file system is read-only: choose another folder",
+}
+
+
+def write_error(path: Path, e: BaseException, temp: Path | None = None) -> WriteError | None:
+    """The ``WriteError`` that says why writing ``path`` (under the temporary name ``temp``) failed with ``e``,
+    or None when ``e`` is not such a cause. A full disk is one whatever raised it (pyarrow and safetensors
+    report it in their own words); the other causes only when the error names ``path`` or ``temp`` (a file
+    that could not be read on the way is not the output's fault).
+
+    >>> str(write_error(Path("out/x.jsonl"), OSError(errno.ENOSPC, "No space left on device", ".x.jsonl.1.tmp")))
+    'cannot write out/x.jsonl: no space left on the device: free some space, or write elsewhere'
     """
+    code = e.errno if isinstance(e, OSError) else None
+    if code not in WRITE_CAUSES and "No space left on device" in str(e):
+        code = errno.ENOSPC
+    if code not in WRITE_CAUSES:
+        return None
+    named = {os.fspath(f) for f in (getattr(e, "filename", None), getattr(e, "filename2", None)) if f is not None}
+    ours = {os.fspath(path)} | ({os.fspath(temp)} if temp is not None else set())
+    if code not in (errno.ENOSPC, errno.EDQUOT) and not named & ours and not (
+            temp is not None and any(Path(f).is_relative_to(temp) for f in named)):
+        return None
+    return WriteError(f"cannot write {path}: {WRITE_CAUSES[code]}")
+
+
+@contextlib.contextmanager
+def named_for(path: Path, temp: Path | None = None) -> Iterator[None]:
+    """Turn a failure to write ``path`` (under ``temp``) that the user can fix into a ``WriteError`` naming ``path``."""
+    try:
+        yield
+    except Exception as e:
+        error = None if isinstance(e, UserError) else write_error(path, e, temp)
+        if error is None:
+            raise
+        raise error from None
+
+
+def write_temp(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp)`` for ``tmp = temp_path(path)`` and fsync it; returns ``tmp`` (``path`` is not touched).
+    On any failure the temporary file is removed (a fixable cause raised as a ``WriteError`` naming ``path``)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    with named_for(path, path.parent):
+        path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(path)
     try:
-        write(tmp)
-        _fsync(tmp, os.O_RDONLY)
-        os.replace(tmp, path)
+        with named_for(path, tmp):
+            write(tmp)
+            _fsync(tmp, os.O_RDONLY)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync(path.parent, os.O_RDONLY)
+    return tmp
+
+
+def commit(tmp: Path, path: str | os.PathLike, sync_folder: bool = True) -> Path:
+    """Rename ``tmp`` over ``path`` (atomic) and fsync the folder; ``tmp`` is removed if the rename fails."""
+    path = Path(path)
+    try:
+        with named_for(path, tmp):
+            os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if sync_folder:
+        _fsync(path.parent, os.O_RDONLY)
     return path
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp)``, fsync ``tmp``, rename it over ``path``, fsync the folder; returns ``path``.
+
+    On any failure (Ctrl-C included) the temporary file is removed and ``path`` is left as it was; a cause
+    the user can fix (a full disk, ``path`` a folder) is a ``WriteError`` naming ``path``.
+    """
+    return commit(write_temp(path, write), path)
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:
@@ -112,7 +194,12 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
 
 def write_json(path: str | os.PathLike, value, indent: int | None = 2) -> Path:
     """``path`` holds ``value`` as strict JSON (NaN and infinities written as null), atomically."""
-    return write_text(path, json.dumps(finite(value), indent=indent, allow_nan=False) + "\n")
+    return write_text(path, json_text(value, indent))
+
+
+def json_text(value, indent: int | None = 2) -> str:
+    """``value`` as strict JSON (NaN and infinities written as null), one line break at the end."""
+    return json.dumps(finite(value), indent=indent, allow_nan=False) + "\n"
 
 
 def finite(value):
@@ -136,13 +223,16 @@ def atomic_directory(out: str | os.PathLike) -> Iterator[Path]:
     docstring for what is atomic where). On failure the temporary folder is removed and ``out`` is
     untouched. What an earlier, killed run left for ``out`` is cleaned up first (``recover_directory``)."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    with named_for(out, out.parent):
+        out.parent.mkdir(parents=True, exist_ok=True)
     recover_directory(out)
     tmp = temp_path(out)
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    with named_for(out, tmp):
+        tmp.mkdir()
     try:
-        yield tmp
+        with named_for(out, tmp):
+            yield tmp
         _fsync_tree(tmp)
         if out.exists() and exchange(tmp, out):  # out is the new folder now, tmp the old one
             _fsync(out.parent, os.O_RDONLY)
@@ -202,6 +292,73 @@ def _replace_in_two_renames(new: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+class FolderBusy(Exception):
+    """``folder`` is locked by another process (``pid``: its id, None when the system does not say)."""
+
+    def __init__(self, folder: Path, pid: int | None):
+        self.folder, self.pid = folder, pid
+        super().__init__(f"{folder} is locked by {'process ' + str(pid) if pid else 'another process'}")
+
+
+def lock_folder(folder: str | os.PathLike) -> int:
+    """An open descriptor of ``folder`` holding its exclusive lock (``flock``; released with the descriptor,
+    or by the kernel when the process ends); ``FolderBusy`` with the holder's pid when another has it."""
+    import fcntl
+
+    folder = Path(folder)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise FolderBusy(folder, lock_holder(folder)) from None
+    return fd
+
+
+def lock_holder(folder: Path) -> int | None:
+    """The pid of the process holding ``folder``'s ``flock``, from ``/proc/locks`` (None where it cannot tell).
+
+    A line there reads ``1: FLOCK  ADVISORY  WRITE 4242 fe:00:5941016 0 EOF`` (pid, then device:inode);
+    a waiting lock's line has ``->`` and is skipped."""
+    try:
+        st = os.stat(folder)
+        lines = Path("/proc/locks").read_text().splitlines()
+    except OSError:
+        return None
+    device = (os.major(st.st_dev), os.minor(st.st_dev))
+    by_inode = {}
+    for fields in map(str.split, lines):
+        if len(fields) < 6 or fields[1] != "FLOCK" or fields[3] != "WRITE":
+            continue
+        major, minor, inode = fields[5].split(":")
+        if int(inode) == st.st_ino:
+            by_inode[(int(major, 16), int(minor, 16))] = int(fields[4])
+    if device in by_inode:
+        return by_inode[device]
+    return next(iter(by_inode.values())) if len(by_inode) == 1 else None  # an overlay reports another device
+
+
+_HELD: dict[tuple[int, int], list[int]] = {}  # (device, inode) -> [descriptor, depth] of the folders this process holds
+
+
+@contextlib.contextmanager
+def hold_folder(folder: str | os.PathLike) -> Iterator[None]:
+    """Hold ``folder``'s lock for the block (``lock_folder``); re-entrant within this process, so a recipe that
+    holds it can call one that takes it again."""
+    st = os.stat(folder)
+    key = (st.st_dev, st.st_ino)
+    if key in _HELD:
+        _HELD[key][1] += 1
+    else:
+        _HELD[key] = [lock_folder(folder), 1]
+    try:
+        yield
+    finally:
+        _HELD[key][1] -= 1
+        if _HELD[key][1] == 0:
+            os.close(_HELD.pop(key)[0])
+
+
 def _fsync_tree(folder: Path) -> None:
     """fsync every file under ``folder`` and every folder in it, so that what is renamed into place is on disk."""
     for root, _, files in os.walk(folder):
@@ -210,6 +367,11 @@ def _fsync_tree(folder: Path) -> None:
             if not path.is_symlink():
                 _fsync(path, os.O_RDONLY)
         _fsync(Path(root), os.O_RDONLY)
+
+
+def fsync_folder(folder: str | os.PathLike) -> None:
+    """fsync ``folder``'s entries (after a rename in it)."""
+    _fsync(Path(folder), os.O_RDONLY)
 
 
 def _fsync(path: Path, flags: int) -> None:

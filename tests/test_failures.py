@@ -168,7 +168,7 @@ def test_a_second_writer_is_refused_while_the_first_holds_the_cache(tmp_path):
         stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        with pytest.raises(CacheError, match="another `urm extract`"):
+        with pytest.raises(CacheError, match=rf"another `urm extract` is writing this cache now \(process {holder.pid}\)"):
             open_writer(tmp_path / "c", small_spec())
     finally:
         holder.kill()

@@ -22,7 +22,8 @@ import json
 import os
 from pathlib import Path
 
-from pipeline.atomic import atomic_write
+from pipeline.atomic import FolderBusy, atomic_write
+from pipeline.atomic import lock_folder as lock
 from pipeline.cache.journals import journal_parts, remove_files
 from pipeline.cache.layout import MANIFEST, CacheError, CacheIncomplete, CacheSpec, json_normal, now, part_name
 from pipeline.cache.manifest import check_compatible, content_fingerprint, new_manifest, part_problem, read_manifest
@@ -174,14 +175,11 @@ class CacheWriter:
 
 
 def lock_folder(folder: Path) -> int:
-    """An open descriptor of ``folder`` holding its exclusive lock; CacheError when another writer has it."""
-    import fcntl
-
-    fd = os.open(folder, os.O_RDONLY)
+    """An open descriptor of ``folder`` holding its exclusive lock; CacheError naming the holder when another
+    writer has it."""
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise CacheError(f"{folder}: another `urm extract` is writing this cache now; wait for it to finish (or "
-                         "stop it), then run this one again: it resumes from the parts that one wrote") from None
-    return fd
+        return lock(folder)
+    except FolderBusy as e:
+        holder = f" (process {e.pid})" if e.pid else ""
+        raise CacheError(f"{folder}: another `urm extract` is writing this cache now{holder}; wait for it to finish "
+                         "(or stop it), then run this one again: it resumes from the parts that one wrote") from None

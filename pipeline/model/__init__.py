@@ -15,13 +15,13 @@ from pipeline.model.heads import (GATES, OUTPUTS, Heads, SoftmaxGate, ValueEnsem
                                   head_outputs, init_linear_, last_token_index, p_chosen_bt, p_chosen_gaussian, score,
                                   score_variance, split_mean_logstd, unstandardize, urm_gate)
 from pipeline.model.heads_io import (EXPORT_TENSORS, META, TENSORS, CacheIdentity, HeadsError, HeadsMeta, LabelScaling,
-                                     PairCalibration, SigmaCalibration, StageRecord, check_tensors, load_heads,
-                                     read_meta, save_heads)
+                                     PairCalibration, SigmaCalibration, StageRecord, check_tensors, heads_writer,
+                                     load_heads, meta_file, read_meta, save_heads)
 
 __all__ = [
     "EXPORT_TENSORS", "GATES", "META", "OUTPUTS", "TENSORS", "CacheIdentity", "Heads", "HeadsError", "HeadsMeta",
     "LabelScaling", "PairCalibration", "SigmaCalibration", "SoftmaxGate", "StageRecord", "ValueEnsemble",
-    "build_heads", "check_tensors", "gate_weights", "head_outputs", "init_linear_", "last_token_index", "load_heads",
-    "p_chosen_bt", "p_chosen_gaussian", "read_meta", "save_heads", "score", "score_variance", "split_mean_logstd",
+    "build_heads", "check_tensors", "gate_weights", "head_outputs", "heads_writer", "init_linear_", "last_token_index",
+    "load_heads", "meta_file", "p_chosen_bt", "p_chosen_gaussian", "read_meta", "save_heads", "score", "score_variance", "split_mean_logstd",
     "unstandardize", "urm_gate",
 ]

@@ -7,21 +7,37 @@ config, the identity of the cache it was trained on (``CacheIdentity``), its per
 final validation metrics, how the stated uncertainty was calibrated (``SigmaCalibration``,
 ``PairCalibration``, with the validation metrics before and after), and the checksum of the tensors
 file, verified on every load. Training writes it; export, the model card, scoring and the tests read it
-through these types. Both files are written atomically (pipeline.atomic).
+through these types.
+
+Whole or not at all: a save writes both files under their temporary names (``pipeline.atomic``), the new
+heads.json holding the new tensors' checksum, then renames the tensors into place, then heads.json. A
+process killed between the two renames leaves the new tensors beside the old heads.json and the new one
+still under its temporary name; readers take the last complete pair (``meta_file``: the heads.json whose
+checksum is the tensors'), so every load finds the old heads or the new ones, and the next writer renames
+that heads.json into place and removes what a killed save left (``recover_heads``). Killed earlier, the old
+pair is untouched. Other files in the folder are never touched.
+
+One writer per folder (``heads_writer``): training holds the folder's lock (``pipeline.atomic.hold_folder``)
+from before it reads anything until its save, and a second training into the same folder is refused at
+once, naming the holder's pid. Readers take no lock.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 
-from pipeline.atomic import atomic_write, write_json
+from pipeline.atomic import (FolderBusy, fsync_folder, hold_folder, json_text, named_for, parse_temp, remove_stale_temps,
+                             write_temp)
 from pipeline.errors import UserError
 from pipeline.hashing import file_xxh3
 from pipeline.model.heads import Heads
@@ -171,24 +187,120 @@ def _stage(data: dict) -> StageRecord:
 
 
 def save_heads(directory: str | os.PathLike, heads: Heads, meta: HeadsMeta) -> Path:
-    """Write ``heads`` and ``meta`` into ``directory`` (hidden size and architecture from ``heads``)."""
+    """Write ``heads`` and ``meta`` into ``directory`` (hidden size and architecture from ``heads``), both files
+    or neither (see the module docstring), under the folder's lock (``heads_writer``)."""
     directory = Path(directory)
-    tensors = {name: t.detach().cpu().contiguous().clone() for name, t in heads.state_dict().items()}
-    atomic_write(directory / TENSORS, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
-    meta = dataclasses.replace(meta, hidden_size=heads.d, architecture=dict(heads.architecture),
-                               checksum=file_xxh3(directory / TENSORS), format_version=FORMAT_VERSION)
-    write_json(directory / META, meta.to_json())
+    state = {name: t.detach().cpu().contiguous().clone() for name, t in heads.state_dict().items()}
+    data = safetensors_bytes(state, metadata={"format": "pt"})  # written by us: no stray temp file of its own
+    with heads_writer(directory):
+        tensors = write_temp(directory / TENSORS, lambda tmp: tmp.write_bytes(data))
+        try:
+            meta = dataclasses.replace(meta, hidden_size=heads.d, architecture=dict(heads.architecture),
+                                       checksum=file_xxh3(tensors), format_version=FORMAT_VERSION)
+            text = json_text(meta.to_json())
+            pending = write_temp(directory / META, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+            with named_for(directory / TENSORS, tensors):
+                os.replace(tensors, directory / TENSORS)
+        except BaseException:
+            tensors.unlink(missing_ok=True)
+            raise
+        # From here the new pair is the one readers take (meta_file); a failure leaves `pending` for them.
+        with named_for(directory / META, pending):
+            os.replace(pending, directory / META)
+        fsync_folder(directory)
     return directory
 
 
-def read_meta(directory: str | os.PathLike, tensors: str = TENSORS) -> HeadsMeta:
-    """The ``HeadsMeta`` of the heads folder ``directory`` (HeadsError when missing or unreadable)."""
+@contextlib.contextmanager
+def heads_writer(directory: str | os.PathLike) -> Iterator[Path]:
+    """Hold the heads folder ``directory`` (made if missing) for writing: its lock, taken at once or refused
+    (HeadsError naming the holder's pid); what a killed save left is settled first (``recover_heads``). A folder
+    made here and still empty at the end (the run failed before saving) is removed."""
     directory = Path(directory)
-    if not (directory / META).is_file() or not (directory / tensors).is_file():
+    made = not directory.exists()
+    with named_for(directory, directory):
+        directory.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as stack:
+        if made:
+            stack.callback(_remove_if_empty, directory)
+        try:
+            stack.enter_context(hold_folder(directory))
+        except FolderBusy as e:
+            holder = f" (process {e.pid})" if e.pid else ""
+            raise HeadsError(f"{directory}: another training is writing these heads now{holder}; wait for it to "
+                             "finish (or stop it), or train into another --heads-dir") from None
+        recover_heads(directory)
+        yield directory
+
+
+def _remove_if_empty(directory: Path) -> None:
+    with contextlib.suppress(OSError):
+        directory.rmdir()
+
+
+def pending_metas(directory: Path) -> list[Path]:
+    """The heads.json files saves wrote but had not renamed into place yet (``.heads.json.PID.tmp``), newest first."""
+    found = [f for f in directory.iterdir() if (p := parse_temp(f.name)) and p[0] == META and p[2] == "tmp"]
+    return sorted(found, key=_mtime, reverse=True)
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def _checksum_in(path: Path) -> str | None:
+    """The checksum a heads.json at ``path`` records (None when unreadable, or gone meanwhile)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data.get("checksum") if isinstance(data, dict) else None
+
+
+def meta_file(directory: str | os.PathLike, tensors: str = TENSORS) -> Path:
+    """The file holding the heads' description: heads.json, unless a save was stopped between its renames of
+    the tensors and of heads.json; then the heads.json it had written, whose checksum is the tensors' (the
+    last complete pair). Only a folder with such a leftover pays for hashing the tensors here."""
+    directory = Path(directory)
+    meta = directory / META
+    if tensors != TENSORS or not directory.is_dir() or not (directory / tensors).is_file():
+        return meta
+    pending = pending_metas(directory)
+    if not pending:
+        return meta
+    actual = file_xxh3(directory / tensors)
+    if _checksum_in(meta) == actual:
+        return meta
+    return next((f for f in pending if _checksum_in(f) == actual), meta)
+
+
+def recover_heads(directory: Path) -> None:
+    """Under the folder's lock: put in place the heads.json of a save killed between its two renames (the one
+    that fits the tensors), then remove every temporary file a save left."""
+    source = meta_file(directory)
+    if source.name != META:
+        os.replace(source, directory / META)
+        fsync_folder(directory)
+    remove_stale_temps(directory, lambda target: target in (TENSORS, META), include_own=True)
+
+
+def read_meta(directory: str | os.PathLike, tensors: str = TENSORS) -> HeadsMeta:
+    """The ``HeadsMeta`` of the heads folder ``directory`` (HeadsError when missing or unreadable); after a save
+    stopped between its renames, that of the last complete pair (``meta_file``)."""
+    directory = Path(directory)
+    source = meta_file(directory, tensors)
+    if not source.is_file() or not (directory / tensors).is_file():
         raise HeadsError(f"{directory}: no trained heads here ({META} + {tensors}); "
                          "train the value head first: `urm train-value-head`")
     try:
-        data = json.loads((directory / META).read_text())
+        text = source.read_text()
+    except FileNotFoundError:  # the pending heads.json was renamed into place meanwhile
+        text = (directory / META).read_text()
+    try:
+        data = json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise HeadsError(f"{directory / META}: unreadable ({e}); retrain the heads") from None
     return HeadsMeta.from_json(data, directory / META)

@@ -38,23 +38,24 @@ def run_demo(preset: str = C.DEFAULT_PRESET, log=print) -> dict:
     from pipeline.recipes.export import export_model
     from pipeline.recipes.export import summary as export_summary
     from pipeline.recipes.extract import run_extract
-    from pipeline.recipes.train import train_heads
+    from pipeline.recipes.train import holding_heads, train_heads
 
     configs = load_configs(preset)
     started, seconds = time.perf_counter(), {}
-    t = step(0, log)
-    extracted = run_extract(configs["extract"])
-    seconds["extract"] = time.perf_counter() - t
-    t = step(1, log)
-    trained = train_heads(configs["value_head"], configs["gating"], log=log)
-    seconds["train-heads"] = time.perf_counter() - t
-    t = step(2, log)
-    exported = export_model(configs["export"], log=log)
-    log(export_summary(exported))
-    seconds["export"] = time.perf_counter() - t
-    t = step(3, log)
-    report = run_evaluate(configs["evaluate"], log=log)
-    seconds["evaluate"] = time.perf_counter() - t
+    with holding_heads(configs["value_head"], configs["gating"]):  # one writer per heads folder, before any load
+        t = step(0, log)
+        extracted = run_extract(configs["extract"])
+        seconds["extract"] = time.perf_counter() - t
+        t = step(1, log)
+        trained = train_heads(configs["value_head"], configs["gating"], log=log)
+        seconds["train-heads"] = time.perf_counter() - t
+        t = step(2, log)
+        exported = export_model(configs["export"], log=log)
+        log(export_summary(exported))
+        seconds["export"] = time.perf_counter() - t
+        t = step(3, log)
+        report = run_evaluate(configs["evaluate"], log=log)
+        seconds["evaluate"] = time.perf_counter() - t
     t = step(4, log)
     example = score_sigmoid_example(exported["out_dir"], configs["score"])
     seconds["score"] = time.perf_counter() - t

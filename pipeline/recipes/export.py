@@ -24,7 +24,7 @@ from pipeline.configs import ExportConfig, to_dict
 from pipeline.export import (HEADS_SHARD, ExportError, check_heads_fit, check_out_dir, check_tokenizer_round_trip,
                              checkpoint_dir, export_checksums, place_shards, plan_shards, urm_section, write_code,
                              write_config, write_index, write_tokenizer)
-from pipeline.model import META, TENSORS, load_heads
+from pipeline.model import META, TENSORS, load_heads, meta_file
 
 
 def export_model(cfg: ExportConfig, log=print) -> dict:
@@ -59,7 +59,7 @@ def export_model(cfg: ExportConfig, log=print) -> dict:
         write_code(files.config, tmp)
         write_tokenizer(files.tokenizer, directory, tmp)
         check_tokenizer_round_trip(tmp, template)
-        shutil.copyfile(heads_dir / META, tmp / META)
+        shutil.copyfile(meta_file(heads_dir), tmp / META)  # heads.json, or the pending one a killed save left
         record = {"format_version": 1, "pipeline_version": __version__, "config": to_dict(cfg),
                   "backbone": {"spec": spec, "path": str(directory), "revision": files.revision,
                                "chat_template_hash": template, "reward_model": reward_model},

@@ -16,13 +16,15 @@ were trained (config.json's ``urm.pair_temperature``).
 
 from __future__ import annotations
 
+import errno
 import json
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
-from pipeline.atomic import write_text
+from pipeline.atomic import WRITE_CAUSES, WriteError, write_text
 from pipeline.configs import ScoreConfig
 from pipeline.serve import ScoreError, length_limit, pair_probabilities, row_scores
 
@@ -90,6 +92,12 @@ def write_jsonl(rows, output: str | None) -> int:
     return len(lines)
 
 
+def check_output(output: str | None) -> None:
+    """Refuse, before anything loads, an output path that is a folder (writing it would fail at the end)."""
+    if output is not None and Path(output).is_dir():
+        raise WriteError(f"cannot write {output}: {WRITE_CAUSES[errno.EISDIR]}, e.g. -o {Path(output) / 'scores.jsonl'}")
+
+
 def score_file(model_dir: str, source: str, output: str | None, cfg: ScoreConfig, log=None) -> dict:
     """Score every row of ``source`` with the exported model in ``model_dir``; JSONL to ``output``."""
     from tqdm.auto import tqdm
@@ -98,6 +106,7 @@ def score_file(model_dir: str, source: str, output: str | None, cfg: ScoreConfig
     from pipeline.serve import load_scorer, score_ids
 
     log = log or (lambda line: print(line, file=sys.stderr))
+    check_output(output)
     kind, items, report = load_input(source, cfg)
     log(report.summary())
     model, tokenizer = load_scorer(model_dir, cfg.dtype, cfg.device, cfg.verify)

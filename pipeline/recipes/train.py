@@ -8,7 +8,9 @@ heads.json (``HeadsMeta``) its config, the cache it read, its history and its va
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import os
 import time
 
@@ -19,7 +21,7 @@ from pipeline import ATTRIBUTES
 from pipeline.configs import GatingConfig, ValueHeadConfig, to_dict
 from pipeline.device import resolve_device
 from pipeline.errors import UserError
-from pipeline.model import CacheIdentity, HeadsError, HeadsMeta, StageRecord, load_heads, save_heads
+from pipeline.model import CacheIdentity, HeadsError, HeadsMeta, StageRecord, heads_writer, load_heads, save_heads
 from pipeline.train import Fit
 
 
@@ -69,6 +71,18 @@ def feature_rows(path: str, run, pairs: bool, log=print):
     return TensorRows(*sides, part=part), first.labels, first.margin, first.manifest
 
 
+def holds_heads(train):
+    """``train(cfg, ...)`` run holding ``cfg.run.heads_dir`` (one writer per heads folder), taken before it reads
+    anything: a second training into the same folder is refused at once."""
+    @functools.wraps(train)
+    def holding(cfg, *args, **kwargs):
+        with heads_writer(cfg.run.heads_dir):
+            return train(cfg, *args, **kwargs)
+
+    return holding
+
+
+@holds_heads
 def train_value_head(cfg: ValueHeadConfig, log=print) -> dict:
     """Stage 1 from the ratings cache into ``cfg.run.heads_dir``; returns a summary dict."""
     from pipeline.cache import read_manifest
@@ -100,6 +114,7 @@ def pair_margins(path: str, margin: torch.Tensor) -> torch.Tensor:
     return margin
 
 
+@holds_heads
 def train_gating(cfg: GatingConfig, log=print) -> dict:
     """Stage 2 from the preference cache; adds the gate to the heads in ``cfg.run.heads_dir``."""
     from pipeline.cache import read_manifest
@@ -121,10 +136,21 @@ def train_gating(cfg: GatingConfig, log=print) -> dict:
 
 
 def train_heads(value_cfg: ValueHeadConfig, gating_cfg: GatingConfig, log=print) -> list[dict]:
-    """Stage 1 then stage 2 (`urm train-heads`); the preference cache is checked first, so a damaged one
-    stops the run before stage 1 spends its time."""
+    """Stage 1 then stage 2 (`urm train-heads`), the heads folder(s) held throughout, so that no other training
+    comes between; the preference cache is checked first, so a damaged one stops the run before stage 1
+    spends its time."""
     from pipeline.cache import verify_cache
 
-    if gating_cfg.run.verify:
-        verify_cache(gating_cfg.preferences_cache or os.path.join(gating_cfg.run.cache_dir, "preferences"))
-    return [train_value_head(value_cfg, log), train_gating(gating_cfg, log)]
+    with holding_heads(value_cfg, gating_cfg):
+        if gating_cfg.run.verify:
+            verify_cache(gating_cfg.preferences_cache or os.path.join(gating_cfg.run.cache_dir, "preferences"))
+        return [train_value_head(value_cfg, log), train_gating(gating_cfg, log)]
+
+
+@contextlib.contextmanager
+def holding_heads(*configs):
+    """Hold the heads folder of every stage config (one writer per folder; the same folder twice is held once)."""
+    with contextlib.ExitStack() as stack:
+        for cfg in configs:
+            stack.enter_context(heads_writer(cfg.run.heads_dir))
+        yield
