@@ -233,14 +233,14 @@ def atomic_directory(out: str | os.PathLike) -> Iterator[Path]:
     try:
         with named_for(out, tmp):
             yield tmp
-        _fsync_tree(tmp)
-        if out.exists() and exchange(tmp, out):  # out is the new folder now, tmp the old one
-            _fsync(out.parent, os.O_RDONLY)
-        elif out.exists():
-            _replace_in_two_renames(tmp, out)
-        else:
-            os.replace(tmp, out)
-            _fsync(out.parent, os.O_RDONLY)
+            _fsync_tree(tmp)
+            if out.exists() and exchange(tmp, out):  # out is the new folder now, tmp the old one
+                _fsync(out.parent, os.O_RDONLY)
+            elif out.exists():
+                _replace_in_two_renames(tmp, out)
+            else:
+                os.replace(tmp, out)
+                _fsync(out.parent, os.O_RDONLY)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

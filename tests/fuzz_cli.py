@@ -17,6 +17,15 @@ runs the command on it. A case passes when the command
 One more class, "repair": a damaged part of a cache is rebuilt by running `urm extract` again, which
 must exit 0 with the cache then verifying and holding the original bytes.
 
+Writes (the block "Heads folder writes"): "kill" kills a training (a forked child running the CLI) at one
+step of a heads save, chosen at random among every fsync and rename of it, and the folder must then load
+as the old heads or the new ones, with nothing left once the next writer opens it; "writers" starts a
+second training into a heads folder that a first one (paused in its save) holds, which must be refused
+at once naming the holder's pid, the first then finishing; "disk" gives the command a full disk (the
+temporary file of one of its outputs is a link to /dev/full, so the writer library gets the kernel's
+ENOSPC) or an output path that is a folder, which must end in one line naming the user's path and the
+cause, leaving the old output as it was.
+
 Cases run in this process through click's test runner (each a fresh invocation of the app, on its
 own copy of the artifacts), so several hundred take a minute or two; ``--processes`` of them, drawn
 at random, also run as real `urm` processes, whose exit code and error line must match. The report
@@ -59,6 +68,8 @@ class Case:
     unchanged: dict[str, str] = field(default_factory=dict)  # file -> its checksum before the run
     repair: dict[str, str] = field(default_factory=dict)  # repair cases: part file -> original checksum
     seed: float = 0.0  # the case's own generator seed: the same case can be made again elsewhere
+    runner: str = ""  # a case run its own way (RUNNERS: kill, writers, disk); "" is invoke + judge
+    extra: dict = field(default_factory=dict)  # what that runner needs
 
 
 @dataclass
@@ -633,12 +644,218 @@ def preset_case(base: Base, d: Path, rng: random.Random) -> Case:
 
 
 # ----------------------------------------------------------------------------------------------
+# Heads folder writes: a training killed at a step of its save, two writers, a full disk
+
+
+SAVE_STEPS = {"train-heads": 10, "train-value-head": 5, "train-gating": 5}  # the fsyncs and renames of its saves
+
+
+def on_save_steps(folder: Path, at_step: Callable[[int], None]) -> None:
+    """Call ``at_step(n)`` before the n-th fsync or rename (from 0) of a path in ``folder``, in this process:
+    a heads save is 5 of them (fsync tensors' and heads.json's temporary files, rename each, fsync the folder)."""
+    import pipeline.atomic as A
+
+    real_fsync, real_replace, count = A._fsync, os.replace, [0]
+
+    def step(path) -> None:
+        if str(path).startswith(str(folder)):
+            at_step(count[0])
+            count[0] += 1
+
+    def fsync(path, flags):
+        step(path)
+        return real_fsync(path, flags)
+
+    def replace(src, dst, **kwargs):
+        step(dst)
+        return real_replace(src, dst, **kwargs)
+
+    A._fsync, os.replace = fsync, replace
+
+
+def forked_cli(argv: list[str], folder: Path, at_step: Callable[[int], None]) -> int:
+    """The pid of a forked child running the CLI on ``argv`` with ``on_save_steps(folder, at_step)``; it exits
+    with the command's exit code. One torch thread in it, as in a DataLoader worker (a forked OpenMP pool hangs)."""
+    pid = os.fork()
+    if pid == 0:
+        code = 70
+        try:
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, 1)
+            os.dup2(null, 2)
+            import torch
+
+            torch.set_num_threads(1)
+            on_save_steps(folder, at_step)
+            code = invoke(argv)[0]
+        finally:
+            os._exit(code)
+    return pid
+
+
+def exit_code(status: int) -> int:
+    return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+
+
+def heads_state(folder: Path) -> tuple[str | None, list[str]]:
+    """(the checksum of the tensors a load takes, problems): the folder must load, and hold no temporary file
+    once the next writer has opened it (a killed save's leftovers are settled then)."""
+    from pipeline.atomic import parse_temp
+    from pipeline.model import heads_writer, load_heads
+
+    try:
+        _, meta = load_heads(folder)
+    except Exception as e:
+        return None, [f"the heads folder does not load: {type(e).__name__}: {e}"]
+    with heads_writer(folder):
+        pass
+    problems = [f"{p.name} left after the next writer opened the folder" for p in folder.iterdir()
+                if parse_temp(p.name)]
+    try:
+        _, again = load_heads(folder)
+        if again != meta:
+            problems.append("the next writer changed which heads the folder holds")
+    except Exception as e:
+        problems.append(f"the heads folder does not load after the next writer opened it: {e}")
+    return meta.checksum, problems
+
+
+def kill_case(base: Base, d: Path, rng: random.Random) -> Case:
+    command = rng.choice(list(SAVE_STEPS))
+    step = rng.randrange(SAVE_STEPS[command])
+    heads = copy(base.heads, d / "heads")
+    return Case("kill", f"{command} killed before step {step} of {SAVE_STEPS[command]} of its saves",
+                base_argv(command, base, d), [], runner="kill", extra={"heads": str(heads), "step": step})
+
+
+def run_kill_case(case: Case) -> tuple[int, str, list[str]]:
+    from pipeline.model import read_meta
+
+    heads, step = Path(case.extra["heads"]), case.extra["step"]
+    old = read_meta(heads).checksum
+
+    def kill_at(n: int) -> None:
+        if n == step:
+            os.kill(os.getpid(), 9)
+
+    _, status = os.waitpid(forked_cli(case.argv, heads, kill_at), 0)
+    code = exit_code(status)
+    problems = [] if code == -9 else [f"exit {code}: the training was not killed at step {step} of its saves"]
+    checksum, found = heads_state(heads)
+    which = "old" if checksum == old else "new"
+    return code, f"killed (exit {code}) at save step {step}: the folder loads as the {which} heads", problems + found
+
+
+def writers_case(base: Base, d: Path, rng: random.Random) -> Case:
+    first, second = rng.choice(list(SAVE_STEPS)), rng.choice(list(SAVE_STEPS))
+    heads = copy(base.heads, d / "heads")
+    return Case("writers", f"{second} while {first} writes the same heads folder", base_argv(second, base, d),
+                [str(heads), "another training is writing these heads now"], code=1, runner="writers",
+                extra={"heads": str(heads), "first": base_argv(first, base, d)})
+
+
+def run_writers_case(case: Case) -> tuple[int, str, list[str]]:
+    heads = Path(case.extra["heads"])
+    ready, go = heads.parent / "first-is-saving", heads.parent / "go-on"
+
+    def pause(n: int) -> None:  # the first training waits at its first save step, holding the folder
+        if n == 0:
+            ready.touch()
+            deadline = time.monotonic() + 120
+            while not go.exists() and time.monotonic() < deadline:
+                time.sleep(0.01)
+
+    first = forked_cli(case.extra["first"], heads, pause)
+    deadline = time.monotonic() + 120
+    while not ready.exists() and time.monotonic() < deadline and os.waitpid(first, os.WNOHANG) == (0, 0):
+        time.sleep(0.02)
+    if not ready.exists():
+        go.touch()
+        return 1, "", ["the first training did not reach its save"]
+    before = snapshot(heads)
+    code, output, escaped = invoke(case.argv)
+    case.needles.append(f"(process {first})")
+    problems = judge(case, code, output, escaped)
+    if snapshot(heads) != before:
+        problems.append("the refused training changed the heads folder")
+    go.touch()
+    _, status = os.waitpid(first, 0)
+    if exit_code(status) != 0:
+        problems.append(f"the first training ended with exit {exit_code(status)}, not 0")
+    problems += heads_state(heads)[1]
+    return code, output, problems
+
+
+def disk_case(base: Base, d: Path, rng: random.Random) -> Case:
+    roll = rng.random()
+    if roll < 0.1:  # an output path that is a folder
+        out = d / "scores.jsonl"
+        out.mkdir()
+        argv = base_argv("score", base, d)
+        return Case("disk", "score -o FOLDER", argv, [str(out), "it is a folder"], code=1)
+    if roll < 0.2:  # a heads folder that is a file
+        (d / "heads").write_text("not a folder")
+        command = rng.choice(list(SAVE_STEPS))
+        return Case("disk", f"{command} --heads-dir FILE", base_argv(command, base, d),
+                    [str(d / "heads"), "a file stands where a folder"], code=1,
+                    unchanged={str(d / "heads"): checksum(d / "heads")})
+    if roll < 0.45:
+        target = rng.choice(["part-", "_manifest.json"])
+        return Case("disk", f"extract: full disk writing {target}", base_argv("extract", base, d),
+                    [str(d / "cache" / "x"), "no space left on the device"], code=1, runner="disk",
+                    must_not_exist=[str(d / "cache" / "x" / "_manifest.json")], extra={"target": target, "folder": str(d)})
+    if roll < 0.8:
+        command, target = rng.choice(list(SAVE_STEPS)), rng.choice(["heads.safetensors", "heads.json"])
+        heads = copy(base.heads, d / "heads")
+        return Case("disk", f"{command}: full disk writing {target}", base_argv(command, base, d),
+                    [str(heads), "no space left on the device"], code=1, runner="disk",
+                    unchanged=snapshot(heads), extra={"target": target, "folder": str(d)})
+    command, target = rng.choice([("score", "scores.jsonl"), ("evaluate", "report.")])
+    argv = base_argv(command, base, d)
+    where = d / "scores.jsonl" if command == "score" else d / "eval"
+    return Case("disk", f"{command}: full disk writing {target}", argv, [str(where), "no space left on the device"],
+                code=1, runner="disk", must_not_exist=[str(d / "scores.jsonl"), str(d / "eval" / "report.json")],
+                extra={"target": target, "folder": str(d)})
+
+
+def run_disk_case(case: Case) -> tuple[int, str, list[str]]:
+    """The case with every temporary file of a target named ``extra["target"]...`` a link to /dev/full."""
+    import pipeline.atomic as A
+
+    real = A.temp_path
+
+    def onto_full_disk(path, kind="tmp"):
+        tmp = real(path, kind)
+        if kind == "tmp" and Path(path).name.startswith(case.extra["target"]):
+            tmp.unlink(missing_ok=True)
+            tmp.symlink_to("/dev/full")
+        return tmp
+
+    A.temp_path = onto_full_disk
+    try:
+        code, output, escaped = invoke(case.argv)
+    finally:
+        A.temp_path = real
+    left = [f"left {p} behind" for p in Path(case.extra["folder"]).rglob(".*.tmp")]
+    return code, output, judge(case, code, output, escaped) + left
+
+
+if not Path("/dev/full").is_char_device():  # no full disk to give: those cases make no sense here
+    raise SystemExit("the fuzzer's disk cases need /dev/full (Linux)")
+WRITE_MAKERS = {"kill": kill_case, "writers": writers_case, "disk": disk_case}
+WRITE_COUNTS = {"kill": 6, "writers": 2, "disk": 10}
+RUNNERS = {"kill": run_kill_case, "writers": run_writers_case, "disk": run_disk_case}
+OWN_PROCESSES = {"kill", "writers", "disk"}  # not run again through the real entry point (they need a hook)
+
+
+# ----------------------------------------------------------------------------------------------
 # Running and judging
 
 
 MAKERS = {"data": data_case, "cache": cache_case, "heads": heads_case, "export": export_case,
-          "preset": preset_case, "misspelt": misspelt_option_case}
-COUNTS = {"data": 120, "cache": 110, "heads": 50, "export": 80, "preset": 30, "misspelt": 20, "option": 160}
+          "preset": preset_case, "misspelt": misspelt_option_case, **WRITE_MAKERS}
+COUNTS = {"data": 120, "cache": 110, "heads": 50, "export": 80, "preset": 30, "misspelt": 20, "option": 160,
+          **WRITE_COUNTS}
 
 
 def make_case(base: Base, d: Path, kind: str, seed: float, spec=None) -> Case:
@@ -704,9 +921,13 @@ def judge(case: Case, code: int, output: str, escaped: BaseException | None) -> 
 
 def run_in_process(case: Case) -> dict:
     t0 = time.perf_counter()
-    code, output, escaped = invoke(case.argv)
+    if case.runner:
+        code, output, problems = RUNNERS[case.runner](case)
+    else:
+        code, output, escaped = invoke(case.argv)
+        problems = judge(case, code, output, escaped)
     return {**asdict(case), "exit": code, "output": output[-2000:], "seconds": round(time.perf_counter() - t0, 3),
-            "problems": judge(case, code, output, escaped)}
+            "problems": problems}
 
 
 def run_as_process(case: Case, in_process: dict, here: Path, there: Path) -> list[str]:
@@ -734,17 +955,21 @@ def main() -> int:
     parser.add_argument("--scale", type=float, default=1.0, help="Multiply the number of cases per class.")
     parser.add_argument("--processes", type=int, default=24, help="Cases also run as real `urm` processes.")
     parser.add_argument("--report", type=Path, default=None)
+    parser.add_argument("--kinds", default=None, help="Only these classes (comma-separated), e.g. kill,disk.")
     args = parser.parse_args()
     os.environ["HF_HUB_OFFLINE"] = "1"
     t0 = time.perf_counter()
     base = build_base(args.workdir / "base")
     built = time.perf_counter() - t0
     todo = plan(base, args.seed, args.scale)
+    if args.kinds:
+        todo = [t for t in todo if t[0] in args.kinds.split(",")]
     results = []
     for i, (kind, seed, spec) in enumerate(todo):
         results.append(run_in_process(make_case(base, args.workdir / "cases" / f"{i:04d}", kind, seed, spec)))
     rng = random.Random(args.seed + 1)
-    for i in sorted(rng.sample(range(len(todo)), min(args.processes, len(todo)))):
+    plain = [i for i, (kind, _, _) in enumerate(todo) if kind not in OWN_PROCESSES]  # the others run their own way
+    for i in sorted(rng.sample(plain, min(args.processes, len(plain)))):
         kind, seed, spec = todo[i]  # the same case again, on its own fresh folder
         here, there = args.workdir / "processes" / f"{i:04d}", args.workdir / "cases" / f"{i:04d}"
         results[i]["as_process"] = run_as_process(make_case(base, here, kind, seed, spec), results[i], here, there)

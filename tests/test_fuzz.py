@@ -2,7 +2,9 @@
 
 Every case must end with a non-zero exit, no traceback and one error line naming the problem, leave no
 output behind, and no command may exit 0 having used corrupt data; a damaged cache part must be rebuilt
-by `urm extract`. A sample of the cases also runs through the real `urm` entry point.
+by `urm extract`; a training killed at any step of a heads save leaves heads that load (old or new), a
+second training into a folder in use is refused at once, and a full disk is named as such. A sample of
+the cases also runs through the real `urm` entry point.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import pytest
 
 FUZZER = Path(__file__).with_name("fuzz_cli.py")
 SMALLEST = {"data": 100, "cache": 80, "repair": 3, "heads": 40, "export": 60, "preset": 20, "option": 150}
+SMALLEST_WRITES = {"kill": 6, "writers": 2, "disk": 10}  # heads saves killed, two writers, a full disk
 
 
 @pytest.mark.integration
@@ -29,6 +32,7 @@ def test_bad_inputs_end_in_one_clear_line_and_nothing_corrupt_is_used(tmp_path):
     result = json.loads(report.read_text())
     assert result["failed"] == {} and result["cases"] >= 500, summary
     assert all(result["counts"].get(kind, 0) >= n for kind, n in SMALLEST.items()), result["counts"]
+    assert all(result["counts"].get(kind, 0) >= n for kind, n in SMALLEST_WRITES.items()), result["counts"]
     assert result["as_process"] == 24
     for case in result["results"]:  # the judge saw what it claims: one error line per failed command
         if case["kind"] != "repair":

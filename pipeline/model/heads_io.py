@@ -296,11 +296,10 @@ def read_meta(directory: str | os.PathLike, tensors: str = TENSORS) -> HeadsMeta
         raise HeadsError(f"{directory}: no trained heads here ({META} + {tensors}); "
                          "train the value head first: `urm train-value-head`")
     try:
-        text = source.read_text()
-    except FileNotFoundError:  # the pending heads.json was renamed into place meanwhile
-        text = (directory / META).read_text()
-    try:
-        data = json.loads(text)
+        try:
+            data = json.loads(source.read_text())
+        except FileNotFoundError:  # the pending heads.json was renamed into place meanwhile
+            data = json.loads((directory / META).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise HeadsError(f"{directory / META}: unreadable ({e}); retrain the heads") from None
     return HeadsMeta.from_json(data, directory / META)
