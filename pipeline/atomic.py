@@ -18,7 +18,7 @@ What is atomic, on POSIX:
   new -> target, and between them the target is absent for a moment; a crash there leaves the old
   folder under its ``.old`` name, which the next ``atomic_directory`` for that target puts back.
   Readers therefore always find the old folder or the new one, except in that fallback's moment.
-- a pair of files written together (``write_temp`` each, then ``commit`` each: a heads folder): each
+- a pair of files written together (a heads folder: ``write_temp`` each, then a rename each): each
   rename is atomic but the pair is not; the writer of the pair says how a reader takes the last
   complete one (``pipeline.model.heads_io``).
 Cache parts and manifests, heads, exports, scores, benchmark results and generated datasets all
@@ -164,7 +164,7 @@ def write_temp(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     return tmp
 
 
-def commit(tmp: Path, path: str | os.PathLike, sync_folder: bool = True) -> Path:
+def commit(tmp: Path, path: str | os.PathLike) -> Path:
     """Rename ``tmp`` over ``path`` (atomic) and fsync the folder; ``tmp`` is removed if the rename fails."""
     path = Path(path)
     try:
@@ -173,8 +173,7 @@ def commit(tmp: Path, path: str | os.PathLike, sync_folder: bool = True) -> Path
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    if sync_folder:
-        _fsync(path.parent, os.O_RDONLY)
+    _fsync(path.parent, os.O_RDONLY)
     return path
 
 

@@ -843,7 +843,7 @@ def run_disk_case(case: Case) -> tuple[int, str, list[str]]:
 if not Path("/dev/full").is_char_device():  # no full disk to give: those cases make no sense here
     raise SystemExit("the fuzzer's disk cases need /dev/full (Linux)")
 WRITE_MAKERS = {"kill": kill_case, "writers": writers_case, "disk": disk_case}
-WRITE_COUNTS = {"kill": 6, "writers": 2, "disk": 10}
+WRITE_COUNTS = {"kill": 10, "writers": 3, "disk": 10}
 RUNNERS = {"kill": run_kill_case, "writers": run_writers_case, "disk": run_disk_case}
 OWN_PROCESSES = {"kill", "writers", "disk"}  # not run again through the real entry point (they need a hook)
 

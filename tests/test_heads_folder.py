@@ -135,6 +135,7 @@ def hold_in_another_process(*folders: Path) -> subprocess.Popen:
     return holder
 
 
+@pytest.mark.integration
 def test_a_second_writer_is_refused_at_once_with_the_holders_pid(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
