@@ -274,7 +274,8 @@ REWARD_MODES = {  # name -> (urm serve options, request headers, the transform i
 
 
 def compare_rewards(model_dir: Path, kind: str, args) -> dict:
-    """The reward transforms side by side, on dynamic batching: every server up at once, rounds interleaved;
+    """The reward transforms side by side, on dynamic batching: every server up at once, rounds interleaved (in
+    turn forwards and backwards);
     ``today`` (a server of the --baseline tree) when given, and each mode's ratios to it."""
     from contextlib import ExitStack
 
@@ -284,7 +285,7 @@ def compare_rewards(model_dir: Path, kind: str, args) -> dict:
     results: dict = {"query_tokens": {"min": min(lengths), "median": float(np.median(lengths)), "max": max(lengths)}}
     per_round = args.requests // args.rounds
     common = ["--device", "cpu", "--dtype", "float32", "--max-wait-ms", str(args.max_wait_ms)]
-    modes = dict(REWARD_MODES)
+    modes = {name: mode for name, mode in REWARD_MODES.items() if name in args.modes.split(",")}
     if args.baseline:
         modes = {"today": ([], None, "mean"), **modes}
     with ExitStack() as stack:
@@ -297,10 +298,10 @@ def compare_rewards(model_dir: Path, kind: str, args) -> dict:
         rounds: dict[str, list] = {name: [] for name in modes}
         for name, url in urls.items():  # warm-up
             run_load(url, queries, expected[name], args.clients, min(64, per_round), headers=modes[name][1])
-        for _ in range(args.rounds):
-            for name, url in urls.items():
-                rounds[name].append(run_load(url, queries, expected[name], args.clients, per_round, keep_latencies=True,
-                                             headers=modes[name][1]))
+        for r in range(args.rounds):  # the order turns round every round: no mode always goes first
+            for name in (list(urls) if r % 2 == 0 else list(urls)[::-1]):
+                rounds[name].append(run_load(urls[name], queries, expected[name], args.clients, per_round,
+                                             keep_latencies=True, headers=modes[name][1]))
     for name in modes:
         results[name] = merge(rounds[name])
         r = results[name]
@@ -311,11 +312,40 @@ def compare_rewards(model_dir: Path, kind: str, args) -> dict:
     ref = results[reference]
     results["ratios_to_" + reference] = {
         name: {"throughput": results[name]["requests_per_s"] / ref["requests_per_s"],
+               "throughput_paired_median": float(np.median(np.array(results[name]["requests_per_s_by_round"]) /
+                                                           np.array(ref["requests_per_s_by_round"]))),
                "p50": results[name]["latency_ms"]["p50"] / ref["latency_ms"]["p50"],
                "p99": results[name]["latency_ms"]["p99"] / ref["latency_ms"]["p99"]} for name in modes}
-    print(f"{kind}: requests/s relative to {reference}: " + ", ".join(
-        f"{n} {v['throughput']:.2f}x" for n, v in results["ratios_to_" + reference].items()), flush=True)
+    print(f"{kind}: requests/s relative to {reference} (overall; median of the rounds' ratios): " + ", ".join(
+        f"{n} {v['throughput']:.2f}x; {v['throughput_paired_median']:.2f}x"
+        for n, v in results["ratios_to_" + reference].items()), flush=True)
+    results["answer_us"] = answer_cost(out)
     return results
+
+
+def answer_cost(out: dict) -> dict:
+    """What the transforms add to one request in the server's process, without the noise of a loaded
+    machine: microseconds (median of 20 x 2000 calls) to read the request's choice and build /get_reward's
+    answer for one row, under each transform, beside the answer built the way it was before them."""
+    import timeit
+
+    from pipeline.serve import RewardChoice, reward_choice, rewards
+
+    one = {name: values[:1] for name, values in out.items()}
+
+    def before():  # the answer before the transforms: plain lists of the score and its spread
+        scores = one["score"].tolist()
+        logs = {"score_std": one["score_std"].tolist(), "ensemble_std": one["ensemble_std"].tolist()}
+        return {"rewards": scores, "scores": scores, "extra_logs": logs}
+
+    def now(name):
+        choice = reward_choice({"query": ["q"]}, RewardChoice(name, 1.0), 2)
+        return rewards(one, choice)
+
+    def us(fn):
+        return float(np.median(timeit.repeat(fn, number=2000, repeat=20))) / 2000 * 1e6
+
+    return {"before": us(before), **{name: us(lambda name=name: now(name)) for name in ("mean", "lcb", "uwo")}}
 
 
 def main_rewards(model_dir: Path, args, what: str) -> None:
@@ -343,6 +373,8 @@ def main(argv: list[str]) -> None:
                    "SmolLM2 after `make demo`); the result goes to serve_load_export.json")
     p.add_argument("--rewards", action="store_true", help="compare the reward transforms instead (mean, lcb, uwo, "
                    "mean behind --api-key); the result goes to serve_load_rewards.json")
+    p.add_argument("--modes", default=",".join(REWARD_MODES), help="with --rewards: which of "
+                   f"{', '.join(REWARD_MODES)} to serve")
     p.add_argument("--baseline", default=None, help="with --rewards: a checkout of the code before the transforms, "
                    "served beside them as 'today'")
     args = p.parse_args(argv)
