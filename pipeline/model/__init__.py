@@ -18,11 +18,11 @@ from pipeline.model.heads import (GATES, OUTPUTS, Heads, SoftmaxGate, ValueEnsem
 from pipeline.model.heads_io import (EXPORT_TENSORS, META, TENSORS, CacheIdentity, HeadsError, HeadsMeta, LabelScaling,
                                      PairCalibration, SigmaCalibration, StageRecord, check_tensors, load_heads,
                                      read_meta, save_heads)
-from pipeline.model.rewards import (DEFAULT_RISK, ENSEMBLE_TRANSFORMS, RISK_TRANSFORMS, TRANSFORMS, lower_bound,
+from pipeline.model.rewards import (ENSEMBLE_TRANSFORMS, RISK_TRANSFORMS, TRANSFORMS, lower_bound,
                                     needs_ensemble, reward, rewards_of, risk_ok, uncertainty_weighted, worst_member)
 
 __all__ = [
-    "CacheIdentity", "DEFAULT_RISK", "ENSEMBLE_TRANSFORMS", "EXPORT_TENSORS", "GATES", "Heads", "HeadsError",
+    "CacheIdentity", "ENSEMBLE_TRANSFORMS", "EXPORT_TENSORS", "GATES", "Heads", "HeadsError",
     "HeadsMeta", "LabelScaling", "META", "OUTPUTS", "PairCalibration", "RISK_TRANSFORMS", "SigmaCalibration",
     "SoftmaxGate", "StageRecord", "TENSORS", "TRANSFORMS", "ValueEnsemble", "build_heads", "check_tensors",
     "gate_weights", "head_outputs", "init_linear_", "last_token_index", "load_heads", "lower_bound", "needs_ensemble",

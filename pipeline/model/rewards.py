@@ -26,7 +26,6 @@ import numpy as np
 TRANSFORMS = ("mean", "lcb", "min", "uwo")
 ENSEMBLE_TRANSFORMS = ("min", "uwo")  # these read the members' scores
 RISK_TRANSFORMS = ("lcb", "uwo")  # these read the risk parameter
-DEFAULT_RISK = 1.0
 
 
 def needs_ensemble(transform: str) -> bool:
