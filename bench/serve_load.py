@@ -17,6 +17,13 @@ on it: the load average is recorded), so the rounds are interleaved and the comp
 On a tiny model a forward pass is cheap and batching can only save per-call overhead; with a real
 backbone on a GPU a call costs far more and batching is worth more.
 
+``--rewards`` compares reward transforms instead, on the dynamic-batching server: ``mean`` (the
+default), ``lcb``, ``uwo`` and ``mean`` behind --api-key, each answer checked against the transform
+of the export's own outputs (pipeline.model.rewards); with ``--baseline DIR`` (a checkout of the code
+before the transforms existed, e.g. ``git archive <commit> | tar -x -C DIR``) a server run from that
+tree joins as ``today``, and every mode's throughput and latency are given as ratios to it. Writes
+bench/results/serve_load_rewards.json.
+
 `run_load` and `serve` are also what tests/test_serve.py runs (a short bounded load, no timing asserted).
 """
 
@@ -46,18 +53,20 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @contextmanager
-def serve(model_dir, *options: str, timeout: float = 120.0, log_path: Path | None = None):
-    """`urm serve MODEL_DIR --port 0 OPTIONS` in a subprocess: yields (process, base URL) once it answers
-    /health; stopped (SIGTERM, then SIGKILL) on the way out whatever happened."""
+def serve(model_dir, *options: str, timeout: float = 120.0, log_path: Path | None = None, headers: dict | None = None,
+          env: dict | None = None, tree: Path = ROOT):
+    """`urm serve MODEL_DIR --port 0 OPTIONS` in a subprocess (the code of ``tree``: this checkout unless told):
+    yields (process, base URL) once it answers /health (sent with ``headers``); stopped (SIGTERM, then SIGKILL)
+    on the way out whatever happened."""
     log = open(log_path, "w") if log_path else tempfile.TemporaryFile("w+")
     cmd = [sys.executable, "-m", "cli", "serve", str(model_dir), "--port", "0", *options]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TRANSFORMERS_VERBOSITY": "error"}
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, text=True,
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TRANSFORMERS_VERBOSITY": "error", **(env or {})}
+    proc = subprocess.Popen(cmd, cwd=tree, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, text=True,
                             env=env)
     try:
         url = wait_for_address(proc, timeout)
         deadline = time.monotonic() + timeout
-        while request(url, "GET", "/health", timeout=5)[0] != 200:
+        while request(url, "GET", "/health", timeout=5, headers=headers)[0] != 200:
             if time.monotonic() > deadline or proc.poll() is not None:
                 raise RuntimeError(f"urm serve did not answer /health: {tail(log)}")
             time.sleep(0.1)
@@ -134,9 +143,11 @@ def request(url: str, method: str, path: str, payload=None, body: bytes | None =
 
 
 def run_load(url: str, queries: list[str], expected: list[float], clients: int, requests: int,
-             tolerance: float = 1e-4, timeout: float = 60, keep_latencies: bool = False) -> dict:
-    """``requests`` POST /get_reward calls (one query each) from ``clients`` threads; every answer checked
-    against ``expected`` for its own query. Returns counts and latencies (ms)."""
+             tolerance: float = 1e-4, timeout: float = 60, keep_latencies: bool = False, headers: dict | None = None,
+             body: dict | None = None) -> dict:
+    """``requests`` POST /get_reward calls (one query each, plus ``body``'s keys, with ``headers``) from
+    ``clients`` threads; every answer's reward checked against ``expected`` for its own query. Returns counts
+    and latencies (ms)."""
     host, port = url.removeprefix("http://").rsplit(":", 1)
     latencies: list[float] = []
     failures = {"errors": 0, "mismatched": 0}
@@ -152,7 +163,8 @@ def run_load(url: str, queries: list[str], expected: list[float], clients: int, 
                 break
             q = i % len(queries)
             started = time.perf_counter()
-            status, answer = request(url, "POST", "/get_reward", {"query": [queries[q]]}, conn=conn)
+            status, answer = request(url, "POST", "/get_reward", {"query": [queries[q]], **(body or {})}, conn=conn,
+                                     headers=headers)
             took = time.perf_counter() - started
             with lock:
                 if status != 200 or not answer or len(answer.get("rewards", [])) != 1:
@@ -181,9 +193,9 @@ def run_load(url: str, queries: list[str], expected: list[float], clients: int, 
     return result
 
 
-def workload(model_dir: Path, kind: str, n: int) -> tuple[list[str], list[float], list[int]]:
+def workload(model_dir: Path, kind: str, n: int, outputs: bool = False):
     """``n`` conversations as templated text (what OpenRLHF sends), their scores from the export (`urm score`'s
-    path, in this process) and their token counts. ``synthetic``: the demo's synthetic HelpSteer2-schema
+    path, in this process; all its outputs by name with ``outputs``) and their token counts. ``synthetic``: the demo's synthetic HelpSteer2-schema
     conversations (138-904 tokens here); ``short``: one-line questions and answers (~30 tokens)."""
     from pipeline.data import load_conversations
     from pipeline.features import encode_texts, pad_id_of, render_texts
@@ -198,7 +210,7 @@ def workload(model_dir: Path, kind: str, n: int) -> tuple[list[str], list[float]
     texts = render_texts(tokenizer, convs)
     ids = encode_texts(tokenizer, texts)
     out = score_ids(model, ids, 8192, pad_id_of(tokenizer))
-    return texts, out["score"].tolist(), [len(x) for x in ids]
+    return texts, out if outputs else out["score"].tolist(), [len(x) for x in ids]
 
 
 def merge(rounds: list[dict]) -> dict:
@@ -252,6 +264,104 @@ def compare(model_dir: Path, kind: str, args) -> dict:
     return results
 
 
+API_KEY = "bench-key"
+REWARD_MODES = {  # name -> (urm serve options, request headers, the transform its answers carry)
+    "mean": ([], None, "mean"),
+    "lcb": (["--reward", "lcb", "--risk", "1"], None, "lcb"),
+    "uwo": (["--reward", "uwo", "--risk", "1"], None, "uwo"),
+    "mean_api_key": ([], {"Authorization": f"Bearer {API_KEY}"}, "mean"),
+}
+
+
+def compare_rewards(model_dir: Path, kind: str, args) -> dict:
+    """The reward transforms side by side, on dynamic batching: every server up at once, rounds interleaved (in
+    turn forwards and backwards);
+    ``today`` (a server of the --baseline tree) when given, and each mode's ratios to it."""
+    from contextlib import ExitStack
+
+    from pipeline.model import rewards_of
+
+    queries, out, lengths = workload(model_dir, kind, args.conversations, outputs=True)
+    results: dict = {"query_tokens": {"min": min(lengths), "median": float(np.median(lengths)), "max": max(lengths)}}
+    per_round = args.requests // args.rounds
+    common = ["--device", "cpu", "--dtype", "float32", "--max-wait-ms", str(args.max_wait_ms)]
+    modes = {name: mode for name, mode in REWARD_MODES.items() if name in args.modes.split(",")}
+    if args.baseline:
+        modes = {"today": ([], None, "mean"), **modes}
+    with ExitStack() as stack:
+        urls = {}
+        for name, (options, headers, _) in modes.items():
+            tree = Path(args.baseline) if name == "today" else ROOT
+            env = {"URM_API_KEY": API_KEY} if headers else None
+            urls[name] = stack.enter_context(serve(model_dir, *common, *options, headers=headers, env=env, tree=tree))[1]
+        expected = {name: rewards_of(out, transform, 1.0).tolist() for name, (_, _, transform) in modes.items()}
+        rounds: dict[str, list] = {name: [] for name in modes}
+        for name, url in urls.items():  # warm-up
+            run_load(url, queries, expected[name], args.clients, min(64, per_round), headers=modes[name][1])
+        for r in range(args.rounds):  # the order turns round every round: no mode always goes first
+            for name in (list(urls) if r % 2 == 0 else list(urls)[::-1]):
+                rounds[name].append(run_load(urls[name], queries, expected[name], args.clients, per_round,
+                                             keep_latencies=True, headers=modes[name][1]))
+    for name in modes:
+        results[name] = merge(rounds[name])
+        r = results[name]
+        print(f"{kind} {name}: {r['requests_per_s']:.0f} req/s (rounds {r['requests_per_s_by_round']}), p50 "
+              f"{r['latency_ms']['p50']:.1f} ms, p99 {r['latency_ms']['p99']:.1f} ms, errors {r['errors']}, "
+              f"mismatched {r['mismatched']}", flush=True)
+    reference = "today" if args.baseline else "mean"
+    ref = results[reference]
+    results["ratios_to_" + reference] = {
+        name: {"throughput": results[name]["requests_per_s"] / ref["requests_per_s"],
+               "throughput_paired_median": float(np.median(np.array(results[name]["requests_per_s_by_round"]) /
+                                                           np.array(ref["requests_per_s_by_round"]))),
+               "p50": results[name]["latency_ms"]["p50"] / ref["latency_ms"]["p50"],
+               "p99": results[name]["latency_ms"]["p99"] / ref["latency_ms"]["p99"]} for name in modes}
+    print(f"{kind}: requests/s relative to {reference} (overall; median of the rounds' ratios): " + ", ".join(
+        f"{n} {v['throughput']:.2f}x; {v['throughput_paired_median']:.2f}x"
+        for n, v in results["ratios_to_" + reference].items()), flush=True)
+    results["answer_us"] = answer_cost(out)
+    return results
+
+
+def answer_cost(out: dict) -> dict:
+    """What the transforms add to one request in the server's process, without the noise of a loaded
+    machine: microseconds (median of 20 x 2000 calls) to read the request's choice and build /get_reward's
+    answer for one row, under each transform, beside the answer built the way it was before them."""
+    import timeit
+
+    from pipeline.serve import RewardChoice, reward_choice, rewards
+
+    one = {name: values[:1] for name, values in out.items()}
+
+    def before():  # the answer before the transforms: plain lists of the score and its spread
+        scores = one["score"].tolist()
+        logs = {"score_std": one["score_std"].tolist(), "ensemble_std": one["ensemble_std"].tolist()}
+        return {"rewards": scores, "scores": scores, "extra_logs": logs}
+
+    def now(name):
+        choice = reward_choice({"query": ["q"]}, RewardChoice(name, 1.0), 2)
+        return rewards(one, choice)
+
+    def us(fn):
+        return float(np.median(timeit.repeat(fn, number=2000, repeat=20))) / 2000 * 1e6
+
+    return {"before": us(before), **{name: us(lambda name=name: now(name)) for name in ("mean", "lcb", "uwo")}}
+
+
+def main_rewards(model_dir: Path, args, what: str) -> None:
+    load_before = os.getloadavg()
+    workloads = {kind: compare_rewards(model_dir, kind, args) for kind in ("short", "synthetic")}
+    lost = sum(w[m]["errors"] + w[m]["mismatched"] for w in workloads.values() for m in w
+               if isinstance(w[m], dict) and "errors" in w[m])
+    print(f"lost or wrong answers: {lost}")
+    write_result("serve_load_rewards", {
+        "what": f"urm serve's reward transforms side by side (dynamic batching), POST /get_reward with one templated "
+                f"query per request, {what}; 'today' is a server run from the --baseline tree",
+        "config": vars(args), "workloads": workloads, "lost_or_wrong": lost,
+        "machine": {**machine_info(), "load_average_before": list(load_before)},
+    })
+
+
 def main(argv: list[str]) -> None:
     p = argparse.ArgumentParser(prog="python -m bench serve_load")
     p.add_argument("--clients", type=int, default=16)
@@ -261,8 +371,14 @@ def main(argv: list[str]) -> None:
     p.add_argument("--rounds", type=int, default=4, help="rounds per mode, interleaved between the two servers")
     p.add_argument("--model", default=None, help="serve this export instead of the tiny one (e.g. runs/demo/model, "
                    "SmolLM2 after `make demo`); the result goes to serve_load_export.json")
+    p.add_argument("--rewards", action="store_true", help="compare the reward transforms instead (mean, lcb, uwo, "
+                   "mean behind --api-key); the result goes to serve_load_rewards.json")
+    p.add_argument("--modes", default=",".join(REWARD_MODES), help="with --rewards: which of "
+                   f"{', '.join(REWARD_MODES)} to serve")
+    p.add_argument("--baseline", default=None, help="with --rewards: a checkout of the code before the transforms, "
+                   "served beside them as 'today'")
     args = p.parse_args(argv)
-    if args.model is not None:
+    if args.model is not None and not args.rewards:
         return main_export(Path(args.model), args)
 
     sys.path.insert(0, str(ROOT / "tests"))  # the tiny export builder the tests use
@@ -270,6 +386,11 @@ def main(argv: list[str]) -> None:
 
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
+        if args.rewards:
+            model_dir = Path(args.model) if args.model else export_tiny(Path(tmp), reward_model=True, members=2)[2]
+            what = (f"the export {model_dir}" if args.model else
+                    "tiny random Llama export (d=64, 2 layers, 2-member ensemble, URM gate)") + ", float32 on CPU"
+            return main_rewards(model_dir, args, what)
         _, _, model_dir = export_tiny(Path(tmp), reward_model=True, members=2)
         workloads = {kind: compare(model_dir, kind, args) for kind in ("short", "synthetic")}
     lost = sum(w[m]["errors"] + w[m]["mismatched"] for w in workloads.values() for m in ("dynamic", "one_at_a_time"))

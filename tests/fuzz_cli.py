@@ -510,7 +510,8 @@ WHOLE = {"limit", "max_length", "max_tokens_per_batch", "part_rows", "ensemble",
 POSITIVE = {"lr", "gate_lr", "temperature", "memory_budget"}
 NON_NEGATIVE = {"weight_decay", "gate_weight_decay"}
 FRACTIONS = {"calibration_fraction", "val_fraction", "gate_val_fraction"}
-CHOICES = {"dtype", "attn_implementation", "device", "kind", "format", "storage_dtype", "loss", "gate"}
+CHOICES = {"dtype", "attn_implementation", "device", "kind", "format", "storage_dtype", "loss", "gate", "reward"}
+RISKS = {"risk"}  # a finite number, 0 or more
 STAGES = {"extract": ["extract"], "train-heads": ["value_head", "gating"], "train-value-head": ["value_head"],
           "train-gating": ["gating"], "export": ["export"], "evaluate": ["evaluate"], "score": ["score"]}
 
@@ -529,12 +530,15 @@ def bad_values(name: str, typ: str) -> list[str]:
         values += ["0", "-1", "1e400"]
     if name in NON_NEGATIVE:
         values += ["-0.1"]
+    if name in RISKS:
+        values += ["-1", "-0.1", "1e400"]
     if name == "beta":
         values += ["-0.5", "1.5"]
     if name in FRACTIONS:
         values += ["0", "1", "1.5", "-0.1"]
     if name in CHOICES:
-        values += ["bogus", "FLOAT16", ""] + (["gpu", "cuda:99", "tpu"] if name == "device" else [])
+        values += ["bogus", "FLOAT16", ""] + (["gpu", "cuda:99", "tpu"] if name == "device" else []) + (
+            ["max", "LCB", "ucb"] if name == "reward" else [])
     return values
 
 

@@ -201,6 +201,49 @@ def test_scoring_something_that_is_not_an_export_is_one_clear_line(tiny, write_j
     assert "Traceback" not in result.output
 
 
+def test_reward_lcb_is_score_minus_k_std_per_row_and_the_others_as_stated(tiny, write_jsonl, tmp_path):
+    convs = write_jsonl("convs.jsonl", [{"id": f"c{i}", "messages": c} for i, c in enumerate(CONVERSATIONS)])
+    output = tmp_path / "lcb.jsonl"
+    result = runner.invoke(app, ["score", str(tiny[2]), "--input", str(convs), "-o", str(output), "--reward", "lcb",
+                                 "--risk", "1", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in output.read_text().splitlines()]
+    assert len(rows) == len(CONVERSATIONS)
+    for r in rows:  # reward = score - 1 x score_std, from the row's own numbers
+        assert r["reward"] == pytest.approx(r["score"] - r["score_std"], abs=1e-6)
+    mean = urm_score(tiny[2], convs)
+    assert [r["reward"] for r in mean] == [r["score"] for r in mean]  # the default: the score itself
+    assert [r["score"] for r in mean] == [r["score"] for r in rows]  # the transform changes only `reward`
+    for r in urm_score(tiny[2], convs, "--reward", "lcb", "--risk", "2.5"):
+        assert r["reward"] == pytest.approx(r["score"] - 2.5 * r["score_std"], abs=1e-6)
+    for r in urm_score(tiny[2], convs, "--reward", "min"):
+        assert r["reward"] == pytest.approx(min(r["ensemble_scores"]), abs=1e-6)
+    for r in urm_score(tiny[2], convs, "--reward", "uwo", "--risk", "0.5"):
+        m = r["ensemble_scores"]
+        assert r["reward"] == pytest.approx(sum(m) / 2 - 0.5 * r["ensemble_std"] ** 2, abs=1e-6)
+    pairs = write_jsonl("pairs.jsonl", [{"prompt": "What is 2+2?", "chosen": "4", "rejected": "5"}])
+    got = urm_score(tiny[2], pairs, "--reward", "lcb", "--risk", "1")[0]
+    for side in (got["chosen"], got["rejected"]):
+        assert side["reward"] == pytest.approx(side["score"] - side["score_std"], abs=1e-6)
+
+
+def test_a_reward_the_export_cannot_give_or_a_bad_risk_is_one_line_and_writes_nothing(tmp_path, write_jsonl):
+    single = export_tiny(tmp_path / "single", members=1)[2]
+    convs = write_jsonl("convs.jsonl", [{"messages": CONVERSATIONS[0]}])
+    output = tmp_path / "out" / "scores.jsonl"
+    for args, code, says in ((["--reward", "min"], 1, "--reward 'min' needs an ensemble, and this export has 1 value "
+                                                      "head"),
+                             (["--reward", "uwo"], 1, "--reward 'uwo' needs an ensemble"),
+                             (["--risk", "-1"], 2, "--risk must be a finite number, 0 or more, got -1.0"),
+                             (["--risk", "inf"], 2, "--risk must be a finite number, 0 or more, got inf"),
+                             (["--reward", "LCB"], 2, "--reward must be one of mean, lcb, min, uwo, got 'LCB'")):
+        result = runner.invoke(app, ["score", str(single), "-i", str(convs), "-o", str(output), *args])
+        assert result.exit_code == code and says in result.output, result.output
+        assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
+        assert not output.parent.exists()
+    assert urm_score(single, convs, "--reward", "lcb")[0]["reward"] is not None  # lcb needs no ensemble
+
+
 def test_seed_snippet_runs_on_an_export_and_matches_urm_score(tiny, write_jsonl, tmp_path):
     score1, score2 = run_seed_snippet(tiny[2], tmp_path)  # templated text tokenised again: two BOS here
     got = urm_score(tiny[2], write_jsonl("snippet.jsonl", SNIPPET_ROWS))

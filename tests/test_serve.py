@@ -81,10 +81,32 @@ def test_scores_over_http_equal_urm_score_and_the_models_own(server, expected, e
     # OpenRLHF's request, with its prompts and labels, and its answer's shape (openrlhf/utils/agent.py)
     body = {"query": expected["texts"], "prompts": ["p"] * len(CONVS), "labels": [None] * len(CONVS)}
     status, got = request(server, "POST", "/get_reward", body)
-    assert status == 200 and set(got) == {"rewards", "scores", "extra_logs"}
+    assert status == 200 and set(got) == {"rewards", "scores", "transform", "extra_logs"}
     assert got["rewards"] == pytest.approx(expected["score"], abs=1e-5) and got["scores"] == got["rewards"]
+    assert got["transform"] == {"reward": "mean", "risk": None}
     assert got["extra_logs"]["score_std"] == pytest.approx(expected["score_std"], abs=1e-5)
     assert got["extra_logs"]["ensemble_std"] == pytest.approx(expected["ensemble_std"], abs=1e-5)
+
+
+def test_a_request_names_its_reward_transform(server, expected):
+    n = len(CONVS)
+    score, std = expected["score"], expected["score_std"]
+    status, got = request(server, "POST", "/get_reward", {"query": expected["texts"], "reward": "lcb", "risk": 2})
+    assert status == 200 and got["transform"] == {"reward": "lcb", "risk": 2.0}
+    assert got["rewards"] == pytest.approx([s - 2 * d for s, d in zip(score, std)], abs=1e-5)
+    assert got["scores"] == pytest.approx(score, abs=1e-5)  # the plain score beside the transform
+    assert got["extra_logs"]["transform_lcb"] == [1.0] * n and got["extra_logs"]["risk"] == [2.0] * n
+    status, got = request(server, "POST", "/score", {"conversations": CONVS, "reward": "uwo", "risk": 0.5})
+    assert status == 200 and got["transform"] == {"reward": "uwo", "risk": 0.5}
+    for r in got["results"]:
+        members = r["ensemble_scores"]
+        assert r["reward"] == pytest.approx(sum(members) / len(members) - 0.5 * r["ensemble_std"] ** 2, abs=1e-5)
+    status, got = request(server, "POST", "/get_reward", {"query": expected["texts"], "reward": "min"})
+    assert status == 200 and got["transform"] == {"reward": "min", "risk": None} and "risk" not in got["extra_logs"]
+    status, again = request(server, "POST", "/score", {"conversations": CONVS})
+    assert got["rewards"] == pytest.approx([min(r["ensemble_scores"]) for r in again["results"]], abs=1e-5)
+    status, got = request(server, "POST", "/get_reward", {"query": expected["texts"][:1], "risk": -1})
+    assert status == 422 and "'risk' must be a finite number, 0 or more" in got["error"]
 
 
 def test_a_bounded_load_loses_and_swaps_nothing(server, expected):
@@ -185,6 +207,13 @@ def bad_requests(rng: random.Random, texts: list[str], n: int) -> list[tuple[str
         return "nested too deeply", "POST", path, b"[" * depth + b"]" * depth, {}
 
     @case
+    def bad_transform(path):
+        key = "query" if path == "/get_reward" else "conversations"
+        field, value = rng.choice([("reward", "max"), ("reward", None), ("reward", 3), ("reward", "LCB"), ("risk", -1),
+                                   ("risk", "1"), ("risk", float("inf")), ("risk", None), ("risk", [1])])
+        return f"bad {field}", "POST", path, json.dumps({key: good[path][key], field: value}).encode(), {}
+
+    @case
     def wrong_route(path):
         method, route = rng.choice([("GET", "/score"), ("GET", "/get_reward"), ("POST", "/health"), ("POST", "/"),
                                     ("DELETE", "/score"), ("GET", "/admin"), ("PUT", "/get_reward")])
@@ -196,7 +225,7 @@ def bad_requests(rng: random.Random, texts: list[str], n: int) -> list[tuple[str
 def test_fuzzed_bad_requests_get_4xx_and_the_server_keeps_serving(server, expected):
     rng = random.Random(0)
     cases = bad_requests(rng, expected["texts"], 300)
-    assert len({what for what, *_ in cases}) >= 14  # every kind of mistake was made
+    assert len({what for what, *_ in cases}) >= 15  # every kind of mistake was made
     wrong = []
     for what, method, path, body, headers in cases:
         status, answer = request(server, method, path, body=body, headers=headers, timeout=30)
@@ -245,3 +274,58 @@ def test_a_full_queue_is_503_and_sigterm_lets_the_request_in_flight_finish(expor
     assert status == 200, answer
     assert [r["score"] for r in answer["results"]] == pytest.approx(expected["score"][:3], abs=1e-5)
     assert "urm serve: stopped" in log.read_text() and "Traceback" not in log.read_text()
+
+
+# ----------------------------------------------------------------------------------------------
+# Who may call: --api-key / URM_API_KEY
+
+
+KEY = "k3y-for-tests_0123456789"
+
+
+def calls(url: str, key: str) -> dict:
+    """The server's request count, read with the key."""
+    return request(url, "GET", "/health", headers={"Authorization": f"Bearer {key}"})[1]["stats"]["requests"]
+
+
+def test_with_a_key_a_request_without_it_is_401_and_never_scored(export, expected, tmp_path):
+    log = tmp_path / "serve.log"
+    good = {"Authorization": f"Bearer {KEY}"}
+    with serve(export, "--device", "cpu", "--reward", "lcb", "--risk", "1", headers=good, log_path=log,
+               env={"URM_API_KEY": KEY}) as (_, url):
+        body = {"query": expected["texts"][:2]}
+        before = calls(url, KEY)
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}, {"Authorization": f"Basic {KEY}"},
+                        {"Authorization": f"Bearer {KEY}x"}, {"X-Api-Key": KEY}):
+            for method, path, payload in (("POST", "/get_reward", body), ("POST", "/score", {"conversations": CONVS}),
+                                          ("GET", "/health", None)):
+                status, got = request(url, method, path, payload, headers=headers)
+                assert status == 401 and "Authorization: Bearer <key>" in got["error"], (headers, path, got)
+                assert KEY not in json.dumps(got)
+        assert calls(url, KEY) == before  # nothing reached the model
+        status, got = request(url, "POST", "/get_reward", body, headers=good)
+        assert status == 200 and got["transform"] == {"reward": "lcb", "risk": 1.0}  # the server's --reward
+        want = [s - d for s, d in zip(expected["score"][:2], expected["score_std"][:2])]
+        assert got["rewards"] == pytest.approx(want, abs=1e-5)
+        assert calls(url, KEY) == before + 1
+        status, health = request(url, "GET", "/health", headers=good)
+        assert health["api_key"] is True and health["reward"] == {"reward": "lcb", "risk": 1.0}
+        assert KEY not in json.dumps(health)
+    text = log.read_text()
+    assert KEY not in text and "Traceback" not in text
+
+
+def test_health_open_only_when_asked_and_off_loopback_without_a_key_warns(export, expected, tmp_path):
+    log = tmp_path / "open.log"
+    with serve(export, "--device", "cpu", "--host", "0.0.0.0", "--api-key", KEY, "--open-health",
+               log_path=log) as (_, url):
+        status, health = request(url, "GET", "/health")
+        assert status == 200 and health["api_key"] is True
+        status, got = request(url, "POST", "/get_reward", {"query": expected["texts"][:1]})
+        assert status == 401
+    assert "warning" not in log.read_text()  # a key is set: nothing to warn about
+    log = tmp_path / "bare.log"
+    with serve(export, "--device", "cpu", "--host", "0.0.0.0", log_path=log) as (_, url):
+        status, got = request(url, "POST", "/get_reward", {"query": expected["texts"][:1]})
+        assert status == 200 and got["rewards"] == pytest.approx(expected["score"][:1], abs=1e-5)
+    assert "warning: listening on 0.0.0.0, not loopback: the server has no authentication" in log.read_text()

@@ -8,6 +8,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from cli import app
@@ -190,14 +191,88 @@ def test_a_taken_port_is_one_line(tmp_path):
 
 
 def test_health_and_results_are_json_of_the_scoring_rows():
-    from pipeline.serve import results, rewards
+    from pipeline.serve import RewardChoice, results, rewards
 
     out = {"score": np.array([1.5, -2.0], dtype=np.float32), "score_std": np.array([0.5, 0.25], dtype=np.float32),
            "attribute_means": np.array([[1, 2], [3, 4]], dtype=np.float32),
            "ensemble_std": np.array([0.1, 0.2], dtype=np.float32)}
     rows = results(out, ["a", "b"], [[1, 2, 3], [4]])
     assert rows[1] == {"score": -2.0, "score_std": 0.25, "attribute_means": {"a": 3.0, "b": 4.0},
-                       "ensemble_std": pytest.approx(0.2), "tokens": 1}
+                       "ensemble_std": pytest.approx(0.2), "reward": -2.0, "tokens": 1}
     assert json.loads(json.dumps(rewards(out))) == {
-        "rewards": [1.5, -2.0], "scores": [1.5, -2.0],
-        "extra_logs": {"score_std": [0.5, 0.25], "ensemble_std": [pytest.approx(0.1), pytest.approx(0.2)]}}
+        "rewards": [1.5, -2.0], "scores": [1.5, -2.0], "transform": {"reward": "mean", "risk": None},
+        "extra_logs": {"score_std": [0.5, 0.25], "ensemble_std": [pytest.approx(0.1), pytest.approx(0.2)],
+                       "transform_mean": [1.0, 1.0]}}
+    lcb = RewardChoice("lcb", 2.0)  # score - 2 x score_std: 1.5 - 1.0, -2.0 - 0.5
+    assert [r["reward"] for r in results(out, ["a", "b"], [[1], [2]], lcb)] == [0.5, -2.5]
+    got = json.loads(json.dumps(rewards(out, lcb)))
+    assert got["rewards"] == [0.5, -2.5] and got["scores"] == [1.5, -2.0]
+    assert got["transform"] == {"reward": "lcb", "risk": 2.0}
+    assert got["extra_logs"]["transform_lcb"] == [1.0, 1.0] and got["extra_logs"]["risk"] == [2.0, 2.0]
+    # OpenRLHF makes a tensor of every extra_logs value (samples_generator.py): numbers only
+    assert all(torch.tensor([v]).dtype.is_floating_point for v in got["extra_logs"].values())
+
+
+# ----------------------------------------------------------------------------------------------
+# A request's reward transform, and the API key
+
+
+def test_a_request_may_name_its_own_transform():
+    from pipeline.serve import RewardChoice, reward_choice
+
+    server = RewardChoice("lcb", 0.5)
+    assert reward_choice({"query": ["a"]}, server, members=1) == server
+    assert reward_choice({"query": ["a"], "risk": 2}, server, members=1) == RewardChoice("lcb", 2.0)
+    assert reward_choice({"query": ["a"], "reward": "uwo"}, server, members=3) == RewardChoice("uwo", 0.5)
+    assert reward_choice({"query": ["a"], "reward": "mean"}, server, members=1).as_json() == {"reward": "mean",
+                                                                                            "risk": None}
+
+
+@pytest.mark.parametrize("payload, says", [
+    ({"reward": "max"}, "'reward' must be one of mean, lcb, min, uwo, got str 'max'"),
+    ({"reward": None}, "'reward' must be one of"),
+    ({"risk": -1}, "'risk' must be a finite number, 0 or more, got int -1"),
+    ({"risk": "1"}, "'risk' must be a finite number"),
+    ({"risk": True}, "'risk' must be a finite number"),
+    ({"reward": "min"}, "reward 'min' needs an ensemble, and this export has 1 value head"),
+    ({"reward": "uwo", "risk": 1}, "reward 'uwo' needs an ensemble"),
+])
+def test_a_transform_the_request_cannot_get_is_422(payload, says):
+    from pipeline.serve import RewardChoice, reward_choice
+
+    e = refused(reward_choice, {"query": ["a"], **payload}, RewardChoice(), 1)
+    assert e.status == 422 and says in e.message, e.message
+
+
+@pytest.mark.parametrize("header", [None, "", "Bearer", "Bearer ", "Bearer wrong", "Basic s3cret", "Bearer s3cret2",
+                                    "Bearer s3cre", "s3cret", "Bearer \xe9t\xe9"])
+def test_without_the_right_bearer_key_it_is_401(header):
+    from pipeline.serve import check_key
+
+    e = refused(check_key, header, "s3cret")
+    assert e.status == 401 and "Authorization: Bearer <key>" in e.message and "s3cret" not in e.message
+
+
+def test_the_right_bearer_key_passes_through_a_constant_time_compare(monkeypatch):
+    import hmac
+
+    from pipeline.serve import check_key
+
+    compared = []
+    real = hmac.compare_digest
+    monkeypatch.setattr(hmac, "compare_digest", lambda a, b: compared.append((a, b)) or real(a, b))
+    for header in ("Bearer s3cret", "bearer s3cret", "Bearer  s3cret "):
+        check_key(header, "s3cret")
+    assert compared == [(b"s3cret", b"s3cret")] * 3
+
+
+def test_serve_options_for_rewards_and_keys_are_checked_before_anything_loads(tmp_path):
+    for args, says in ((["--reward", "best"], "--reward must be one of mean, lcb, min, uwo"),
+                       (["--risk", "-1"], "--risk must be a finite number, 0 or more, got -1.0"),
+                       (["--risk", "nan"], "--risk must be a finite number"),
+                       (["--api-key", "two words"], "--api-key (or URM_API_KEY) must be")):
+        result = runner.invoke(app, ["serve", str(tmp_path), *args])
+        assert result.exit_code == 2 and says in result.output, result.output
+        assert len(result.output.strip().splitlines()) == 1
+    result = runner.invoke(app, ["serve", str(tmp_path)], env={"URM_API_KEY": "bad key"})
+    assert result.exit_code == 2 and "--api-key (or URM_API_KEY)" in result.output and "bad key" not in result.output

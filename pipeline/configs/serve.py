@@ -5,8 +5,28 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline.configs.options import DTYPE_HELP, check, device_name, number, one_of, opt, positive, whole
+from pipeline.configs.options import DTYPE_HELP, ConfigError, check, device_name, number, one_of, opt, positive, whole
 from pipeline.device import AUTO_DTYPES, COMPUTE_DTYPES
+
+REWARD_HELP = ("The reward to give: mean (the score), lcb (score - risk x score_std), min (the worst ensemble "
+               "member's score) or uwo (the members' mean - risk x their variance); min and uwo need an export "
+               "with an ensemble.")
+RISK_HELP = "The risk parameter of --reward lcb (k) and uwo (lambda): a finite number, 0 or more."
+
+
+def check_reward(reward: str, risk: float) -> None:
+    """--reward is a transform pipeline.model.rewards knows, --risk a finite number, 0 or more."""
+    from pipeline.model.rewards import TRANSFORMS, risk_ok
+
+    one_of(reward, TRANSFORMS, "reward")
+    check(risk_ok(risk), "risk", risk, "a finite number, 0 or more")
+
+
+def check_api_key(key: str | None) -> None:
+    """A key a client can send in an HTTP header: visible ASCII, no spaces (the key itself is never echoed)."""
+    if key is not None and not (isinstance(key, str) and key and all("!" <= c <= "~" for c in key)):
+        raise ConfigError("--api-key (or URM_API_KEY) must be a non-empty string of visible ASCII characters "
+                          "without spaces (the key is not shown here)")
 
 
 @dataclass
@@ -24,8 +44,11 @@ class ScoreConfig:
                                  "positions); a pair goes whole.")
     verify: bool = opt(True, "Check every file of the export against the checksums `urm export` recorded before "
                        "loading it; --no-verify only checks that they are there (and the heads' own checksum).")
+    reward: str = opt("mean", REWARD_HELP + " Each row gets it as `reward` (each side of a pair too).")
+    risk: float = opt(1.0, RISK_HELP)
 
     def __post_init__(self):
+        check_reward(self.reward, self.risk)
         if self.format is not None:
             from pipeline.data import PAIR_FORMATS
 
@@ -41,8 +64,9 @@ class ScoreConfig:
 class ServeConfig:
     """`urm serve`: an exported model behind HTTP, requests batched dynamically (pipeline.serve.serving)."""
 
-    host: str = opt("127.0.0.1", "Address to listen on. Loopback by default: the server has no authentication, so "
-                    "serving on another address (0.0.0.0, ...) exposes the model to whoever can reach it.")
+    host: str = opt("127.0.0.1", "Address to listen on. Loopback by default: without --api-key the server has no "
+                    "authentication, so serving on another address (0.0.0.0, ...) exposes the model to whoever can "
+                    "reach it.")
     port: int = opt(8000, "Port to listen on (0 picks a free one; the address is printed).", shown="8000")
     max_tokens_per_batch: int = opt(8192, "Token budget per forward pass (padded batch size x longest row).")
     dtype: str = opt("auto", DTYPE_HELP)
@@ -60,8 +84,18 @@ class ServeConfig:
     max_queue: int = opt(4096, "Most conversations waiting to be scored; a request that would exceed it gets HTTP 503 "
                          "(retry later) instead of growing memory.")
     max_body_mb: float = opt(16.0, "Largest request body in MiB; larger is refused with HTTP 413.")
+    reward: str = opt("mean", REWARD_HELP + " /get_reward's `rewards` and /score's `reward` carry it; a request "
+                      "may ask for another with \"reward\" and \"risk\" in its JSON body.")
+    risk: float = opt(1.0, RISK_HELP)
+    api_key: str | None = opt(None, "Require `Authorization: Bearer KEY` on every request (HTTP 401 otherwise, "
+                              "nothing scored), as vLLM and SGLang do; set it with URM_API_KEY rather than on the "
+                              "command line, where other users of the machine can read it.")
+    open_health: bool = opt(False, "With --api-key: leave GET /health open to callers without the key (for a load "
+                            "balancer's probe); by default it needs the key too.")
 
     def __post_init__(self):
+        check_reward(self.reward, self.risk)
+        check_api_key(self.api_key)
         check(isinstance(self.host, str) and self.host.strip() != "", "host", self.host, "an address")
         whole(self.port, "port", least=0)
         check(self.port <= 65535, "port", self.port, "at most 65535")

@@ -8,7 +8,8 @@ conversation or pair atomically (or to stdout), and return the throughput for th
 One JSON line per conversation: ``id`` and the heads' outputs (``score``, ``score_std``, and per
 attribute ``attribute_means``, ``attribute_stds``, ``gating_weights`` keyed by attribute name; with
 an ensemble ``ensemble_scores`` and ``ensemble_std``; ``base_score`` when the backbone was a reward
-model). One line per pair: ``id``, ``subset``, ``chosen`` and ``rejected`` (each as above, without
+model), and ``reward``: the --reward transform of them (pipeline.model.rewards; ``score`` itself under
+mean). One line per pair: ``id``, ``subset``, ``chosen`` and ``rejected`` (each as above, without
 id), ``p_chosen_bt`` = sigmoid(s_c - s_r) and ``p_chosen_gaussian`` = Phi((s_c - s_r) /
 sqrt(var_c + var_r)) (METHOD.md 1), each at the temperature fitted on validation pairs when the heads
 were trained (config.json's ``urm.pair_temperature``).
@@ -26,7 +27,8 @@ import numpy as np
 
 from pipeline.atomic import WRITE_CAUSES, WriteError, write_text
 from pipeline.configs import ScoreConfig
-from pipeline.serve import ScoreError, length_limit, pair_probabilities, row_scores
+from pipeline.model import rewards_of
+from pipeline.serve import ScoreError, check_reward_fits, length_limit, pair_probabilities, row_scores
 
 
 def load_input(source: str, cfg: ScoreConfig):
@@ -50,14 +52,21 @@ def flatten(kind: str, items) -> list[list[dict]]:
     return [c.messages for c in items]
 
 
-def output_rows(kind: str, items, out: dict[str, np.ndarray], names: list[str], temperature: dict | None = None):
-    """One JSON-ready dict per conversation or pair, in input order (pairs' probabilities at ``temperature``)."""
+def output_rows(kind: str, items, out: dict[str, np.ndarray], names: list[str], temperature: dict | None = None,
+                reward: str = "mean", risk: float = 1.0):
+    """One JSON-ready dict per conversation or pair, in input order (pairs' probabilities at ``temperature``),
+    each conversation with its ``reward`` under the transform."""
+    given = rewards_of(out, reward, risk).tolist()
+
+    def row(i: int) -> dict:
+        return {**row_scores(out, i, names), "reward": given[i]}
+
     if kind == "conversations":
         for i, conv in enumerate(items):
-            yield {"id": conv.id, **row_scores(out, i, names)}
+            yield {"id": conv.id, **row(i)}
         return
     for j, pair in enumerate(items):
-        chosen, rejected = row_scores(out, 2 * j, names), row_scores(out, 2 * j + 1, names)
+        chosen, rejected = row(2 * j), row(2 * j + 1)
         yield {"id": pair.pair_id, "subset": pair.subset, "chosen": chosen, "rejected": rejected,
                **pair_probabilities(chosen, rejected, temperature)}
 
@@ -107,6 +116,7 @@ def score_file(model_dir: str, source: str, output: str | None, cfg: ScoreConfig
 
     log = log or (lambda line: print(line, file=sys.stderr))
     check_output(output)
+    check_reward_fits(model_dir, cfg.reward)  # a transform the export cannot give stops here, before any read
     kind, items, report = load_input(source, cfg)
     log(report.summary())
     model, tokenizer = load_scorer(model_dir, cfg.dtype, cfg.device, cfg.verify)
@@ -130,7 +140,8 @@ def score_file(model_dir: str, source: str, output: str | None, cfg: ScoreConfig
     from pipeline.model.modeling_urm import pair_temperatures
 
     names = list(model.config.urm["attributes"])
-    written = write_jsonl(output_rows(kind, items, out, names, pair_temperatures(model.config)), output)
+    rows = output_rows(kind, items, out, names, pair_temperatures(model.config), cfg.reward, cfg.risk)
+    written = write_jsonl(rows, output)
     return {"kind": kind, "rows": written, "dropped": dropped, "conversations": len(ids), **counts, "seconds": seconds,
             "rows_per_s": len(ids) / seconds if seconds else 0.0,
             "tokens_per_s": counts["tokens"] / seconds if seconds else 0.0,

@@ -69,32 +69,37 @@ def load_service(model_dir: str, cfg: ServeConfig):
     return Service(encode_conversations=lambda convs: render_ids(tokenizer, convs),
                    encode_texts=lambda texts: encode_texts(tokenizer, texts),
                    score_fn=lambda ids: score_ids(model, ids, cfg.max_tokens_per_batch, pad_id),
-                   names=list(urm["attributes"]), max_length=limit, max_tokens=cfg.max_tokens_per_batch, info=info)
+                   names=list(urm["attributes"]), max_length=limit, max_tokens=cfg.max_tokens_per_batch, info=info,
+                   members=int(urm["members"]))
 
 
 def run_serve(model_dir: str, cfg: ServeConfig, log=None) -> dict:
     """Serve ``model_dir`` on cfg.host:cfg.port until SIGTERM / Ctrl-C; returns what was served."""
     import uvicorn
 
-    from pipeline.serve import Batcher, Limits, create_app
+    from pipeline.serve import Access, Batcher, Limits, RewardChoice, check_reward_fits, create_app
 
     log = log or (lambda line: print(line, file=sys.stderr, flush=True))
     sock = bind(cfg.host, cfg.port)  # before loading: a taken port fails in a second, not after the model loads
     try:
+        check_reward_fits(model_dir, cfg.reward)  # and a --reward the export cannot give, before it loads
         service = load_service(model_dir, cfg)
         limits = Limits(max_items=cfg.max_items, max_queue=cfg.max_queue,
                         max_body_bytes=int(cfg.max_body_mb * (1 << 20)))
         batcher = Batcher(service.score_fn, cfg.max_tokens_per_batch, cfg.max_wait_ms / 1000, cfg.max_queue,
                           batching=cfg.dynamic_batching)
-        app = create_app(service, limits, batcher)
+        app = create_app(service, limits, batcher, RewardChoice(cfg.reward, float(cfg.risk)),
+                         Access(cfg.api_key, cfg.open_health))
         host, port = sock.getsockname()[:2]
         shown = f"[{host}]" if ":" in host else host
-        if not is_loopback(cfg.host):
+        if not is_loopback(cfg.host) and cfg.api_key is None:
             log(f"warning: listening on {cfg.host}, not loopback: the server has no authentication; anyone who can "
-                "reach this address can use the model")
+                "reach this address can use the model (--api-key or URM_API_KEY requires a key)")
         # The address line goes to stdout, flushed, so scripts (and the tests) can wait for it.
+        keyed = ("; API key required" + ("" if cfg.open_health else ", /health too")) if cfg.api_key else ""
         print(f"urm serve: listening on http://{shown}:{port} ({service.info['device']}, "
-              f"{service.info['dtype']}; POST /score, POST /get_reward, GET /health)", flush=True)
+              f"{service.info['dtype']}; POST /score, POST /get_reward, GET /health; reward {cfg.reward}{keyed})",
+              flush=True)
         config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=60,
                                 limit_concurrency=max(64, 2 * cfg.max_queue), timeout_keep_alive=30)
         server = uvicorn.Server(config)

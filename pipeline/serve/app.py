@@ -2,12 +2,22 @@
 
 ``create_app(service, limits)`` builds the app that `urm serve` runs under uvicorn:
 
-  POST /score        {"conversations": [[{role, content}, ...] | "templated text", ...]}
-                     -> {"attributes": [...], "results": [{score, score_std, attribute_means, attribute_stds,
-                        gating_weights, (ensemble_scores, ensemble_std, base_score), tokens}, ...]}
-  POST /get_reward   OpenRLHF's remote reward-model protocol: {"query": [str, ...], "prompts": ..., "labels": ...}
-                     -> {"rewards": [...], "scores": [...], "extra_logs": {"score_std": [...], ...}}
+  POST /score        {"conversations": [[{role, content}, ...] | "templated text", ...], ("reward", "risk")}
+                     -> {"attributes": [...], "transform": {reward, risk}, "results": [{score, score_std,
+                        attribute_means, attribute_stds, gating_weights, (ensemble_scores, ensemble_std,
+                        base_score), reward, tokens}, ...]}
+  POST /get_reward   OpenRLHF's remote reward-model protocol: {"query": [str, ...], "prompts": ..., "labels": ...,
+                     ("reward", "risk")}
+                     -> {"rewards": [the transform's], "scores": [the plain score], "transform": {reward, risk},
+                         "extra_logs": {"score_std": [...], "transform_<name>": [1.0, ...], ("risk": [...]), ...}}
   GET  /health       {"status": "ok", "model": {...}, "limits": {...}, "stats": {...}}
+
+The reward transform (pipeline.model.rewards: mean, lcb, min, uwo) is the server's --reward / --risk
+unless the request names its own. OpenRLHF turns every ``extra_logs`` value into a tensor
+(openrlhf/trainer/ppo_utils/samples_generator.py, ``torch.tensor([value])``), so the transform rides
+there as numbers: a 1.0 per row under ``transform_<name>`` and its parameter under ``risk``; the
+top-level ``transform`` says the same for other clients. With --api-key every request needs
+``Authorization: Bearer KEY`` (401 before its body is read; /health too unless --open-health).
 
 OpenRLHF's protocol, as read in OpenRLHF/OpenRLHF at 3c3be62 (2026-08-13): the trainer
 (openrlhf/utils/agent.py, ``SingleTurnAgentExecutor._fetch_rewards_via_http``) POSTs
@@ -40,10 +50,13 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from pipeline.model import RISK_TRANSFORMS, rewards_of
 from pipeline.serve.batcher import Batcher, ScoreFn
-from pipeline.serve.requests import (Limits, RequestError, check_lengths, parse_json, read_body, reward_queries,
-                                     score_items)
+from pipeline.serve.requests import (Limits, RequestError, RewardChoice, check_key, check_lengths, parse_json,
+                                     read_body, reward_choice, reward_queries, score_items)
 from pipeline.serve.scoring import row_scores
+
+MEAN = RewardChoice()
 
 
 UNCERTAINTY = {"aleatoric": ["score_std", "attribute_stds"], "epistemic": ["ensemble_std", "ensemble_scores"],
@@ -63,24 +76,43 @@ class Service:
     max_length: int
     max_tokens: int
     info: dict = field(default_factory=dict)
+    members: int = 1
 
 
-def results(out: dict[str, np.ndarray], names: list[str], ids: list[list[int]]) -> list[dict]:
-    """/score's rows: `urm score`'s JSON fields per conversation, plus its token count."""
-    return [{**row_scores(out, i, names), "tokens": len(x)} for i, x in enumerate(ids)]
+@dataclass(frozen=True)
+class Access:
+    """Who may call: with ``api_key`` every request needs ``Authorization: Bearer KEY``; ``open_health``
+    leaves GET /health open without it."""
+
+    api_key: str | None = None
+    open_health: bool = False
 
 
-def rewards(out: dict[str, np.ndarray]) -> dict:
-    """/get_reward's answer in OpenRLHF's shape; the uncertainty rides along in ``extra_logs``."""
+def results(out: dict[str, np.ndarray], names: list[str], ids: list[list[int]], choice: RewardChoice = MEAN) -> list[dict]:
+    """/score's rows: `urm score`'s JSON fields per conversation (``reward`` included), plus its token count."""
+    given = rewards_of(out, choice.transform, choice.risk).tolist()
+    return [{**row_scores(out, i, names), "reward": given[i], "tokens": len(x)} for i, x in enumerate(ids)]
+
+
+def rewards(out: dict[str, np.ndarray], choice: RewardChoice = MEAN) -> dict:
+    """/get_reward's answer in OpenRLHF's shape: ``rewards`` the transform's, ``scores`` the plain score; the
+    uncertainty and the transform ride along in ``extra_logs`` (numbers only: OpenRLHF makes tensors of them)."""
     scores = out["score"].tolist()
+    n = len(scores)
     logs = {"score_std": out["score_std"].tolist()}
     if "ensemble_std" in out:
         logs["ensemble_std"] = out["ensemble_std"].tolist()
-    return {"rewards": scores, "scores": scores, "extra_logs": logs}
+    logs[f"transform_{choice.transform}"] = [1.0] * n
+    if choice.transform in RISK_TRANSFORMS:
+        logs["risk"] = [choice.risk] * n
+    return {"rewards": rewards_of(out, choice.transform, choice.risk).tolist(), "scores": scores,
+            "transform": choice.as_json(), "extra_logs": logs}
 
 
-def create_app(service: Service, limits: Limits, batcher: Batcher | None = None):
-    """The FastAPI app: /score, /get_reward (OpenRLHF) and /health, on one ``Batcher``."""
+def create_app(service: Service, limits: Limits, batcher: Batcher | None = None, reward: RewardChoice = MEAN,
+               access: Access = Access()):
+    """The FastAPI app: /score, /get_reward (OpenRLHF) and /health, on one ``Batcher``; ``reward`` is the
+    transform a request gets unless it asks for another, ``access`` who may call."""
     from contextlib import asynccontextmanager
 
     batcher = batcher or Batcher(service.score_fn, service.max_tokens, 0.005, limits.max_queue)
@@ -105,22 +137,25 @@ def create_app(service: Service, limits: Limits, batcher: Batcher | None = None)
                                       "POST /get_reward, GET /health)"}, status_code=e.status_code)
 
     def error(status: int, message: str) -> JSONResponse:
-        headers = {"Retry-After": "1"} if status == 503 else None
+        headers = {"Retry-After": "1"} if status == 503 else {"WWW-Authenticate": "Bearer"} if status == 401 else None
         return JSONResponse({"error": message}, status_code=status, headers=headers)
 
     async def scored(request: Request, parse, encode, key: str):
-        """Read, check, tokenise, length-check and score one request: (ids, outputs)."""
-        items = parse(parse_json(await read_body(request, limits)), limits)
+        """Read, check, tokenise, length-check and score one request: (ids, outputs, its reward transform)."""
+        payload = parse_json(await read_body(request, limits))
+        items, choice = parse(payload, limits), reward_choice(payload, reward, service.members)
         loop = asyncio.get_running_loop()
         try:
             ids = await loop.run_in_executor(tokenizer_thread, encode, items)
         except Exception as e:  # a chat template that refuses these messages, ...
             raise RequestError(422, f"{key}: cannot be rendered ({type(e).__name__}: {str(e)[:200]})") from None
         check_lengths(ids, service.max_length, key)
-        return ids, await batcher.submit(ids)
+        return ids, await batcher.submit(ids), choice
 
-    async def answer(handler):
+    async def answer(request: Request, handler, open_route: bool = False):
         try:
+            if access.api_key is not None and not open_route:  # before the body is read: nothing scored
+                check_key(request.headers.get("authorization"), access.api_key)
             return JSONResponse(await handler())
         except RequestError as e:
             return error(e.status, e.message)
@@ -130,10 +165,11 @@ def create_app(service: Service, limits: Limits, batcher: Batcher | None = None)
     @app.post("/score")
     async def score(request: Request):
         async def handle():
-            ids, out = await scored(request, score_items, encode_items, "conversations")
-            return {"attributes": service.names, "uncertainty": UNCERTAINTY, "results": results(out, service.names, ids)}
+            ids, out, choice = await scored(request, score_items, encode_items, "conversations")
+            return {"attributes": service.names, "uncertainty": UNCERTAINTY, "transform": choice.as_json(),
+                    "results": results(out, service.names, ids, choice)}
 
-        return await answer(handle)
+        return await answer(request, handle)
 
     def encode_items(items: list) -> list[list[int]]:
         """Message lists rendered by the chat template, texts encoded as they are; in the request's order."""
@@ -148,19 +184,23 @@ def create_app(service: Service, limits: Limits, batcher: Batcher | None = None)
     @app.post("/get_reward")
     async def get_reward(request: Request):
         async def handle():
-            _, out = await scored(request, reward_queries, service.encode_texts, "query")
-            return rewards(out)
+            _, out, choice = await scored(request, reward_queries, service.encode_texts, "query")
+            return rewards(out, choice)
 
-        return await answer(handle)
+        return await answer(request, handle)
 
     @app.get("/health")
-    async def health():
+    async def health(request: Request):
+        return await answer(request, health_body, open_route=access.open_health)
+
+    async def health_body():
         s = batcher.stats
         return {"status": "ok", "model": service.info, "uptime_s": round(time.time() - started, 1),
                 "limits": {"max_items": limits.max_items, "max_queue": limits.max_queue,
                            "max_body_bytes": limits.max_body_bytes, "max_length": service.max_length,
                            "max_tokens_per_batch": service.max_tokens, "max_wait_ms": batcher.max_wait_s * 1000,
                            "dynamic_batching": batcher.batching},
+                "reward": reward.as_json(), "api_key": access.api_key is not None,
                 "stats": {"requests": s.requests, "conversations": s.rows, "model_calls": s.model_calls,
                           "largest_call_requests": s.largest_call_requests, "rejected_full": s.rejected_full,
                           "queued": batcher.queued_rows}}

@@ -4,18 +4,24 @@ or a ``RequestError`` (HTTP status + one message naming what is wrong), never a 
   POST /score        {"conversations": [[{role, content}, ...] | "templated text", ...]}
   POST /get_reward   OpenRLHF's remote reward-model protocol: {"query": [str, ...], "prompts": ..., "labels": ...}
 
-Too big is 413 (body, items per request), malformed 400 (not UTF-8, not JSON) or 422 (wrong shape,
-too long for the heads), a body that does not arrive in time 408.
+Either body may also carry ``"reward"`` (mean, lcb, min, uwo) and ``"risk"``: the transform for this
+request (``reward_choice``), else the server's --reward / --risk. With --api-key set, a request
+without ``Authorization: Bearer KEY`` is 401 before its body is read (``check_key``, a constant-time
+compare). Too big is 413 (body, items per request), malformed 400 (not UTF-8, not JSON) or 422 (wrong
+shape, too long for the heads, a transform the model cannot give), a body that does not arrive in time 408.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 from dataclasses import dataclass
 from typing import Any
 
 from pipeline.data import RowError, check_ends_with_assistant, messages_from
+from pipeline.model import RISK_TRANSFORMS, TRANSFORMS, risk_ok
+from pipeline.serve.scoring import ensemble_missing
 
 
 class RequestError(Exception):
@@ -34,6 +40,43 @@ class Limits:
     max_queue: int = 4096
     max_body_bytes: int = 16 << 20
     body_timeout_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class RewardChoice:
+    """The reward transform a request gets (pipeline.model.rewards) and its risk parameter."""
+
+    transform: str = "mean"
+    risk: float = 1.0
+
+    def as_json(self) -> dict:
+        """What the answer says it gave: the transform, and its parameter where it has one."""
+        return {"reward": self.transform, "risk": self.risk if self.transform in RISK_TRANSFORMS else None}
+
+
+def reward_choice(payload, default: RewardChoice, members: int) -> RewardChoice:
+    """The request's ``reward`` / ``risk`` (each optional: the server's default), 422 when the model cannot
+    give it or the risk is not a finite number, 0 or more."""
+    if not isinstance(payload, dict) or ("reward" not in payload and "risk" not in payload):
+        return default
+    transform, risk = payload.get("reward", default.transform), payload.get("risk", default.risk)
+    if transform not in TRANSFORMS:
+        raise RequestError(422, f"'reward' must be one of {', '.join(TRANSFORMS)}, got {_kind(transform)}")
+    if not risk_ok(risk):
+        raise RequestError(422, f"'risk' must be a finite number, 0 or more, got {_kind(risk)}")
+    why = ensemble_missing(transform, members)
+    if why:
+        raise RequestError(422, why)
+    return RewardChoice(transform, float(risk))
+
+
+def check_key(authorization: str | None, key: str) -> None:
+    """401 unless the Authorization header is ``Bearer KEY``; the key is compared in constant time."""
+    scheme, _, token = (authorization or "").partition(" ")
+    given = token.strip().encode("latin-1", "replace")  # header values arrive latin-1 decoded
+    if not (scheme.lower() == "bearer" and hmac.compare_digest(given, key.encode("ascii"))):
+        what = "no Authorization header" if authorization is None else "a wrong or malformed Authorization header"
+        raise RequestError(401, f"{what}: this server needs 'Authorization: Bearer <key>' (its --api-key)")
 
 
 def parse_json(body: bytes) -> Any:

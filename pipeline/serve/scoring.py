@@ -16,7 +16,7 @@ import torch
 
 from pipeline.errors import UserError
 from pipeline.features import OnBatch, run_batches
-from pipeline.model import OUTPUTS, p_chosen_bt, p_chosen_gaussian
+from pipeline.model import OUTPUTS, needs_ensemble, p_chosen_bt, p_chosen_gaussian
 
 PER_ATTRIBUTE = ("attribute_means", "attribute_stds", "gating_weights")  # [B, K]: keyed by attribute name
 
@@ -25,14 +25,10 @@ class ScoreError(UserError):
     """The model directory or the input cannot be scored."""
 
 
-def load_scorer(model_dir: str, dtype: str = "auto", device: str = "auto", verify: bool = True):
-    """An exported model (pipeline's own copy of modeling_urm: no remote code runs) and its tokenizer;
-    its files are checked against the checksums the export recorded (``verify``; the heads' always)."""
-    from transformers import AutoTokenizer
-
-    from pipeline.device import resolve_device, resolve_dtype
+def export_config(model_dir: str):
+    """The export's config.json (``URMConfig``, with its ``urm`` section), or ScoreError saying why not; reads
+    no weights, so a command can check what the export can give before loading it."""
     from pipeline.model.configuration_urm import URMConfig
-    from pipeline.model.modeling_urm import URMForSequenceClassification
 
     path = Path(model_dir)
     if not (path / "config.json").is_file():
@@ -44,6 +40,34 @@ def load_scorer(model_dir: str, dtype: str = "auto", device: str = "auto", verif
                          "`urm export`") from None
     if not getattr(config, "urm", None):
         raise ScoreError(f"{path / 'config.json'}: no 'urm' section, so not a model exported by `urm export`")
+    return config
+
+
+def ensemble_missing(transform: str, members: int) -> str | None:
+    """Why this model cannot give ``transform`` (min and uwo need an ensemble), or None."""
+    if needs_ensemble(transform) and members < 2:
+        return (f"reward {transform!r} needs an ensemble, and this export has {members} value head; use mean or "
+                "lcb, or train with --ensemble 2 or more and export again")
+    return None
+
+
+def check_reward_fits(model_dir: str, transform: str) -> None:
+    """Before loading: ScoreError when ``transform`` needs an ensemble the export lacks (--reward min / uwo)."""
+    why = ensemble_missing(transform, int(export_config(model_dir).urm.get("members", 1)))
+    if why:
+        raise ScoreError(f"--{why}")
+
+
+def load_scorer(model_dir: str, dtype: str = "auto", device: str = "auto", verify: bool = True):
+    """An exported model (pipeline's own copy of modeling_urm: no remote code runs) and its tokenizer;
+    its files are checked against the checksums the export recorded (``verify``; the heads' always)."""
+    from transformers import AutoTokenizer
+
+    from pipeline.device import resolve_device, resolve_dtype
+    from pipeline.model.modeling_urm import URMForSequenceClassification
+
+    path = Path(model_dir)
+    config = export_config(model_dir)
     check_export(path, verify)
     dev = resolve_device(device)
     try:
