@@ -188,7 +188,7 @@ def read_meta(directory: str | os.PathLike, tensors: str = TENSORS) -> HeadsMeta
         raise HeadsError(f"{directory}: no trained heads here ({META} + {tensors}); "
                          "train the value head first: `urm train-value-head`")
     try:
-        data = json.loads((directory / META).read_text())
+        data = json.loads((directory / META).read_text(encoding="utf-8-sig"))  # a BOM is not data
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise HeadsError(f"{directory / META}: unreadable ({e}); retrain the heads") from None
     return HeadsMeta.from_json(data, directory / META)

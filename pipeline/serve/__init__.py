@@ -13,11 +13,11 @@ from pipeline.serve.app import Service, create_app, results, rewards
 from pipeline.serve.batcher import BatchStats, Batcher
 from pipeline.serve.requests import (Limits, RequestError, check_lengths, parse_json, read_body, reward_queries,
                                      score_items)
-from pipeline.serve.scoring import (ScoreError, check_export, length_limit, load_scorer, pair_probabilities,
-                                    row_scores, score_ids)
+from pipeline.serve.scoring import (ScoreError, check_export, length_hint, length_limit, load_scorer,
+                                    pair_probabilities, row_scores, score_ids)
 
 __all__ = [
     "BatchStats", "Batcher", "Limits", "RequestError", "ScoreError", "Service", "check_export", "check_lengths",
-    "create_app", "length_limit", "load_scorer", "pair_probabilities", "parse_json", "read_body", "results",
-    "reward_queries", "rewards", "row_scores", "score_ids", "score_items",
+    "create_app", "length_hint", "length_limit", "load_scorer", "pair_probabilities", "parse_json", "read_body",
+    "results", "reward_queries", "rewards", "row_scores", "score_ids", "score_items",
 ]
