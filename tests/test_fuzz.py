@@ -1,8 +1,8 @@
 """The fuzz test: several hundred seeded bad inputs against the CLI (tests/fuzz_cli.py), in a subprocess.
 
 Every case must end with a non-zero exit, no traceback and one error line naming the problem, leave no
-output behind, and no command may exit 0 having used corrupt data; a damaged cache part must be rebuilt
-by `urm extract`. A sample of the cases also runs through the real `urm` entry point.
+output behind, and no command may exit 0 having used corrupt data (or data without signal, a cache of the
+wrong kind, a manifest that disagrees with its parts); a damaged cache part must be rebuilt by `urm extract`. A sample of the cases also runs through the real `urm` entry point.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 FUZZER = Path(__file__).with_name("fuzz_cli.py")
-SMALLEST = {"data": 100, "cache": 80, "repair": 3, "heads": 40, "export": 60, "preset": 20, "option": 150}
+SMALLEST = {"data": 100, "cache": 80, "repair": 3, "heads": 40, "export": 60, "preset": 20, "option": 150,
+            "nosignal": 30, "kind": 24, "layout": 30, "bom": 15, "missing": 20}
 
 
 @pytest.mark.integration

@@ -18,8 +18,9 @@ from pipeline.cache.layout import (COMPAT_FIELDS, FORMAT_VERSION, KINDS, MANIFES
                                    CacheError, CacheIncomplete, CacheInputError, CacheMismatch, CacheSpec,
                                    arrow_schema, journal_name, part_name)
 from pipeline.cache.manifest import manifest_problem, part_problem, read_manifest, require_kind, rows_problem
-from pipeline.cache.reader import (Features, Pairs, fixed_list_numpy, gather_embeddings, layout_problem, read_features,
-                                   read_pairs, row_index, row_location, verify_cache)
+from pipeline.cache.reader import (Features, Pairs, fixed_list_numpy, gather_embeddings, layout_problem,
+                                   parts_layout_problems, read_features, read_pairs, row_index, row_location,
+                                   verify_cache)
 from pipeline.cache.writer import CacheWriter, open_writer
 
 __all__ = [
@@ -27,6 +28,6 @@ __all__ = [
     "CacheIncomplete", "CacheInputError", "CacheMismatch", "CacheSpec", "CacheWriter", "Features", "Pairs",
     "RankWriter", "arrow_schema", "fixed_list_numpy", "gather_embeddings", "journal_name", "layout_problem",
     "manifest_problem", "nonfinite_rows", "open_rank_writer", "open_writer", "part_name", "part_problem",
-    "read_features", "read_manifest", "read_pairs", "require_kind", "row_index", "row_location", "rows_problem",
-    "verify_cache",
+    "parts_layout_problems", "read_features", "read_manifest", "read_pairs", "require_kind", "row_index",
+    "row_location", "rows_problem", "verify_cache",
 ]

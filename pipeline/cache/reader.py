@@ -78,10 +78,27 @@ class Pairs:
 
 
 def verify_cache(path) -> dict:
-    """Check every part's size and checksum against the manifest; returns the manifest."""
+    """Check every part's size and checksum against the manifest, and its columns, hidden size, dtype and rows
+    (``layout_problem``: what reading it would refuse); returns the manifest."""
     m = _open_complete(Path(path))
     _check_parts(Path(path), m, verify=True)
+    for file, why in parts_layout_problems(Path(path), m).items():
+        raise CacheError(f"{Path(path) / file}: {why}; {REBUILD}")
     return m
+
+
+def parts_layout_problems(folder: Path, m: dict) -> dict[str, str]:
+    """Part file -> what in it disagrees with the manifest (``layout_problem``, read from its footer alone)."""
+    found = {}
+    for p in m["parts"]:
+        try:
+            pf = pq.ParquetFile(folder / p["file"])
+            why = layout_problem(m, pf.schema_arrow, pf.metadata.num_rows, p)
+        except (pa.ArrowException, OSError) as e:  # read unverified (--no-verify) and damaged
+            why = f"is not a readable Parquet part ({e})"
+        if why:
+            found[p["file"]] = why
+    return found
 
 
 def read_features(path, *, source=None, subset=None, role=None, dtype=None, device="cpu",

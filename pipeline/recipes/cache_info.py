@@ -8,7 +8,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.cache import (MANIFEST, CacheError, arrow_schema, layout_problem, part_problem, read_manifest,
+from pipeline.cache import (MANIFEST, CacheError, arrow_schema, part_problem, parts_layout_problems, read_manifest,
                             rows_problem)
 from pipeline.cache.layout import REBUILD
 
@@ -77,15 +77,7 @@ class UnusableCache(CacheError):
 def layout_problems(folder: Path, m: dict) -> dict[str, str]:
     """File -> what in it disagrees with the manifest (a part's columns, hidden size, dtype or rows, as the readers
     check them; the manifest's own ``columns`` against its hidden size and dtype); empty when nothing does."""
-    found = {}
-    for p in m["parts"]:
-        try:
-            pf = pq.ParquetFile(folder / p["file"])
-            why = layout_problem(m, pf.schema_arrow, pf.metadata.num_rows, p)
-        except (pa.ArrowException, OSError) as e:  # read unverified (--no-verify) and damaged
-            why = f"is not a readable Parquet part ({e})"
-        if why:
-            found[p["file"]] = why
+    found = parts_layout_problems(folder, m)
     expected = {f.name: str(f.type) for f in arrow_schema(m["hidden_size"], m["storage_dtype"], len(m["label_names"]))}
     columns = m.get("columns")
     wrong = [k for k, v in columns.items() if k in expected and v != expected[k]] if isinstance(columns, dict) else []

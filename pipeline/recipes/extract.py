@@ -133,6 +133,8 @@ def extract_dataset(backbone: LazyBackbone, spec: DatasetSpec, cfg: ExtractConfi
     if not len(rows):
         raise DataError(spec.source, None, None, f"no rows to extract for dataset {spec.name!r}: nothing was cached")
     files = backbone.files
+    if ranks.is_main:
+        warn_positions(files.config, cfg)
     paired = spec.kind == "preferences"
     cache_spec = CacheSpec(
         backbone=cfg.backbone, backbone_revision=files.revision, hidden_size=files.hidden_size,
@@ -298,8 +300,6 @@ def run_extract(cfg: ExtractConfig, names=None) -> dict[str, ExtractStats]:
     if ranks.distributed:
         cfg = dataclasses.replace(cfg, device=distributed.rank_device(cfg.device, ranks))
     backbone = LazyBackbone(cfg)
-    if ranks.is_main:
-        warn_positions(backbone.files.config, cfg)
     distributed.start(ranks)
     try:
         return {spec.name: extract_dataset(backbone, spec, cfg, ranks) for spec in datasets}
