@@ -8,9 +8,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.cache import (MANIFEST, CacheError, arrow_schema, part_problem, parts_layout_problems, read_manifest,
-                            rows_problem)
-from pipeline.cache.layout import REBUILD
+from pipeline.cache import (MANIFEST, REBUILD, CacheError, arrow_schema, part_problem, parts_layout_problems,
+                            read_manifest, rows_problem)
 
 
 def cache_info(path, verify: bool = True) -> str:
