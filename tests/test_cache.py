@@ -441,10 +441,10 @@ def test_a_non_finite_feature_read_unverified_is_refused_naming_its_part_and_row
 
 
 @pytest.mark.parametrize("change, says", [
-    ({"hidden_size": 12}, f"holds embeddings of hidden size {D} stored as float16, the manifest says hidden size 12 "
-                          "stored as float16"),
-    ({"storage_dtype": "float32"}, f"holds embeddings of hidden size {D} stored as float16, the manifest says hidden "
-                                   f"size {D} stored as float32"),
+    ({"hidden_size": 12}, (f"holds embeddings of hidden size {D} stored as float16, the manifest says hidden size 12 "
+                           "stored as float16")),
+    ({"storage_dtype": "float32"}, (f"holds embeddings of hidden size {D} stored as float16, the manifest says "
+                                    f"hidden size {D} stored as float32")),
     ({"label_names": ["a", "b", "c"]}, "holds 5 labels per row, the manifest names 3"),
 ])
 def test_cache_info_and_the_readers_refuse_a_manifest_that_disagrees_with_its_parts(tmp_path, change, says):

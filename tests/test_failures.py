@@ -75,6 +75,12 @@ def test_preset_mistakes_name_the_file_the_key_and_the_nearest_name(tmp_path, te
     one_line_error(runner.invoke(app, ["extract", "-p", str(preset)]), str(preset), *needles, code=2)
 
 
+def test_a_preset_saved_with_a_byte_order_mark_is_read(tmp_path):
+    preset = tmp_path / "bom.toml"
+    preset.write_bytes(b"\xef\xbb\xbf" + b'[extract]\nmax_length = "long"\n')  # read: its own mistake is named
+    one_line_error(runner.invoke(app, ["extract", "-p", str(preset)]), "max_length must be a whole number", code=2)
+
+
 # ----------------------------------------------------------------------------------------------
 # Damaged caches
 
