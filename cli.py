@@ -129,6 +129,10 @@ def report_training(summary: dict) -> None:
     if "accuracy" in val:
         line = (f"gate: val accuracy {val['accuracy']:.4f} (equal weights {val['equal_weights']['accuracy']:.4f}), "
                 f"BT loss {val['bt_loss']:.4f}")
+        chance = val.get("chance") or {}
+        if chance and not chance["better_than_chance"]:
+            line += (f" (NOT shown better than chance: {chance['wins']} of {chance['untied']} untied "
+                     f"{chance['where']} pairs right, sign test p = {chance['p_value']:.3g})")
     else:
         line = f"value head: val MSE {val['mse']:.4f}, Pearson r {val['pearson']:.3f}, NLL {val['nll']:.3f}"
     typer.echo(f"{line}; heads saved in {summary['heads_dir']}")

@@ -77,6 +77,18 @@ def pairwise_accuracy(s_chosen: torch.Tensor, s_rejected: torch.Tensor) -> float
     return (s_chosen > s_rejected).double().mean().item()
 
 
+def sign_test_p(wins: int, n: int) -> float:
+    """One-sided exact sign test: P(X >= wins) for X ~ Binomial(n, 1/2), the chance that a coin does as well on
+    ``n`` untied pairs as a model that got ``wins`` of them right (1.0 for n = 0).
+
+    >>> round(sign_test_p(8, 10), 4), sign_test_p(0, 0)
+    (0.0547, 1.0)
+    """
+    from scipy.stats import binom
+
+    return float(binom.sf(wins - 1, n, 0.5)) if n else 1.0
+
+
 def brier(p_chosen: torch.Tensor) -> float:
     """Brier score of P(chosen > rejected): mean (1 - p)^2 (the chosen side always won)."""
     return (1 - p_chosen.double()).square().mean().item()

@@ -862,6 +862,185 @@ COUNTS = {"data": 120, "cache": 110, "heads": 50, "export": 80, "preset": 30, "m
           **WRITE_COUNTS}
 
 
+# ----------------------------------------------------------------------------------------------
+# Data without signal, caches of the wrong kind, manifests that disagree with their parts, a byte-order mark,
+# missing paths (issue 22; self-contained: registered into MAKERS / COUNTS at the end of this block)
+
+
+BOM = b"\xef\xbb\xbf"
+
+
+def same_sides_rows(fmt: str, n: int) -> list[dict]:
+    """``n`` pairs of one format whose chosen is identical to their rejected."""
+    if fmt == "hh-rlhf":
+        text = "\n\nHuman: What is 2 plus 2?\n\nAssistant: 4"
+        return [{"chosen": text, "rejected": text} for _ in range(n)]
+    if fmt == "trl-standard":
+        return [{"prompt": f"Question {i}?", "chosen": "It is 4.", "rejected": "It is 4."} for i in range(n)]
+    return [{"chosen": conversation(i, "It is 4."), "rejected": conversation(i, "It is 4.")} for i in range(n)]
+
+
+def unrated_rows(fmt: str, n: int, rng: random.Random) -> list[dict]:
+    """``n`` rating rows of one format, not one of them with a rating (missing, null or -100)."""
+    if fmt == "nemo-regression":
+        return [{"text": f"<extra_id_1>User\nQuestion {i}?\n<extra_id_1>Assistant\nIt is 4.\n<extra_id_2>",
+                 "label": [-100] * 5} for i in range(n)]
+    none = rng.choice([{}, {a: None for a in ATTRS}, {a: -100 for a in ATTRS}])
+    return [{"prompt": f"Question {i}?", "response": "It is 4.", **none} for i in range(n)]
+
+
+def write_rows(path: Path, rows: list[dict], bom: bool) -> Path:
+    """Rows as JSON lines (``.jsonl``) or a JSON array (``.json``), with a UTF-8 byte-order mark in front if asked."""
+    text = json.dumps(rows) if path.suffix == ".json" else "".join(json.dumps(r) + "\n" for r in rows)
+    path.write_bytes((BOM if bom else b"") + text.encode("utf-8"))
+    return path
+
+
+def identical_feature_cache(base: Base, folder: Path, rng: random.Random) -> None:
+    """A preference cache like the base's (same backbone, template, hidden size) whose pairs have the same
+    features on both sides: only training can tell they carry no preference."""
+    import numpy as np
+
+    from pipeline.cache import CacheSpec, open_writer, read_manifest
+
+    m = read_manifest(base.cache / "preferences")
+    spec = CacheSpec(**{k: m[k] for k in ("backbone", "backbone_revision", "hidden_size", "storage_dtype", "max_length",
+                                          "chat_template_hash", "dataset", "kind", "label_names")},
+                     dataset_fingerprint="identical-sides", extra={})
+    n = rng.randint(4, 24)
+    emb = np.random.default_rng(rng.randrange(1 << 30)).standard_normal((n, m["hidden_size"])).astype(np.float32)
+    with open_writer(folder, spec, n_parts=1) as w:
+        w.write_part(0, {"id": [f"r{i}" for i in range(2 * n)], "source": "s", "n_tokens": np.ones(2 * n, np.int32),
+                         "embedding": np.repeat(emb, 2, axis=0), "pair_id": [f"p{i // 2}" for i in range(2 * n)],
+                         "role": ["chosen", "rejected"] * n, "labels": np.full((2 * n, 5), np.nan, np.float32)})
+        w.finish(1)
+
+
+def no_signal_case(base: Base, d: Path, rng: random.Random) -> Case:
+    """Well-formed data that carries no signal: refused at extract (pairs all identical, ratings without a rating)
+    or, for a cache of pairs with identical features, by train-gating, which leaves the heads as they were."""
+    what = rng.choice(["identical pairs", "identical pairs", "no ratings", "no ratings", "identical features"])
+    n = rng.randint(1, N_ROWS)
+    path = d / f"nosignal{rng.choice(['.jsonl', '.json'])}"
+    bom = rng.random() < 0.3
+    if what == "identical pairs":
+        fmt = rng.choice(["conversational", "trl-standard", "hh-rlhf"])
+        write_rows(path, same_sides_rows(fmt, n), bom)
+        argv = base_argv("extract", base, d, source=path, kind="preferences")
+        return Case("nosignal", f"extract: {n} {fmt} pairs, chosen == rejected" + (" (BOM)" if bom else ""), argv,
+                    [path.name, f"all {n} pairs have chosen identical to rejected"],
+                    code=1, must_not_exist=[str(d / "cache/x/_manifest.json")])
+    if what == "no ratings":
+        fmt = rng.choice(["helpsteer2", "helpsteer2", "nemo-regression"])
+        write_rows(path, unrated_rows(fmt, n, rng), bom)
+        argv = base_argv("extract", base, d, source=path, kind="ratings")
+        return Case("nosignal", f"extract: {n} {fmt} rows without a rating" + (" (BOM)" if bom else ""), argv,
+                    [path.name, f"none of the {n} rows has a rating"], code=1,
+                    must_not_exist=[str(d / "cache/x/_manifest.json")])
+    identical_feature_cache(base, d / "cache" / "preferences", rng)
+    heads = copy(base.heads, d / "heads")
+    argv = base_argv("train-gating", base, d, cache=d / "cache")
+    return Case("nosignal", "train-gating: pairs with identical features", argv,
+                ["preferences", "identical chosen and rejected features"], code=1, unchanged=snapshot(heads))
+
+
+KIND_OPTIONS = [  # (command, option, the kind the option takes)
+    ("evaluate", "--eval-ratings", "ratings"), ("evaluate", "--eval-preferences", "preferences"),
+    ("evaluate", "--shift-ratings", "ratings"), ("evaluate", "--train-ratings-cache", "ratings"),
+    ("evaluate", "--train-preferences-cache", "preferences"), ("train-value-head", "--ratings-cache", "ratings"),
+    ("train-gating", "--preferences-cache", "preferences"), ("train-heads", "--ratings-cache", "ratings"),
+    ("train-heads", "--preferences-cache", "preferences"),
+]
+
+
+def wrong_kind_case(base: Base, d: Path, rng: random.Random) -> Case:
+    """A cache of the other kind given to an option that names a cache: refused, naming the option."""
+    command, option, kind = rng.choice(KIND_OPTIONS)
+    other = "preferences" if kind == "ratings" else "ratings"
+    wrong = str(base.cache / other)
+    argv = base_argv(command, base, d)
+    if option in argv:
+        argv[argv.index(option) + 1] = wrong
+    else:
+        argv += [option, wrong]
+    unchanged = snapshot(copy(base.heads, d / "heads")) if command == "train-gating" else {}
+    return Case("kind", f"{command} {option} given a {other} cache", argv,
+                [f"{option} {wrong}: a {other} cache, but {option} takes a {kind} cache"], code=1,
+                must_not_exist=[] if unchanged else [str(d / "eval"), str(d / "heads")], unchanged=unchanged)
+
+
+def manifest_parts_case(base: Base, d: Path, rng: random.Random) -> Case:
+    """A manifest edited so that it disagrees with its parts while every size and checksum still agrees: its hidden
+    size, dtype, labels, a part's row count, or (for cache info) its own list of columns."""
+    cache = copy(base.cache, d / "cache")
+    which = rng.choice(["ratings", "preferences"])
+    folder = cache / which
+    m = json.loads((folder / "_manifest.json").read_text())
+    i = rng.randrange(len(m["parts"]))
+    edits = {
+        "hidden_size": lambda: m.update(hidden_size=rng.choice([v for v in (1, 8, 63, 65, 128, 4096)
+                                                              if v != m["hidden_size"]])),
+        "storage_dtype": lambda: m.update(storage_dtype="float16" if m["storage_dtype"] == "float32" else "float32"),
+        "label_names": lambda: m.update(label_names=m["label_names"][:rng.randint(1, 4)]
+                                        if rng.random() < 0.5 else m["label_names"] + ["extra"]),
+        "rows": lambda: (m["parts"][i].update(rows=m["parts"][i]["rows"] + 1), m.update(rows=m["rows"] + 1)),
+    }
+    command = rng.choice(["cache info", "cache info", "train-heads", "evaluate",
+                          "train-value-head" if which == "ratings" else "train-gating"])
+    key = rng.choice(list(edits) + (["columns"] if command == "cache info" else []))
+    if key == "columns":
+        m["columns"]["embedding"] = f"fixed_size_list<element: float not null>[{m['hidden_size'] + 1}]"
+    else:
+        edits[key]()
+    (folder / "_manifest.json").write_text(json.dumps(m))
+    label = f"{command}: {which} manifest's {key} disagrees with its parts"
+    if command == "cache info":
+        named = "_manifest.json" if key == "columns" else (m["parts"][i]["file"] if key == "rows" else "part-00000")
+        return Case("layout", label, ["cache", "info", str(folder)], ["DISAGREE", named], code=1)
+    if command == "train-gating":
+        heads = copy(base.heads, d / "heads")
+        return Case("layout", label, base_argv(command, base, d, cache=cache), [which], code=1,
+                    unchanged=snapshot(heads))
+    out = d / ("eval" if command == "evaluate" else "heads")
+    return Case("layout", label, base_argv(command, base, d, cache=cache), [which], code=1, must_not_exist=[str(out)])
+
+
+def bom_case(base: Base, d: Path, rng: random.Random) -> Case:
+    """A file saved with a UTF-8 byte-order mark is read: a damaged row in it is named by its own row and field
+    (the mark is never the problem), in JSON lines and in a JSON array."""
+    command = rng.choice(["extract ratings", "extract preferences", "score conversations", "score preferences"])
+    fmt = command.split()[1]
+    rows = [json.loads(line) for line in base.files[fmt].read_text().splitlines()]
+    r = rng.choice([1, 1, rng.randint(2, N_ROWS)])  # the first row holds the mark
+    what, damage, fieldname = row_damage(fmt, rng)
+    damage(rows[r - 1])
+    path = write_rows(d / f"bom-{fmt}{rng.choice(['.jsonl', '.json'])}", rows, bom=True)
+    argv = base_argv(command.split()[0], base, d, source=path, kind=fmt, input=path)
+    out = d / ("cache/x/_manifest.json" if command.startswith("extract") else "scores.jsonl")
+    return Case("bom", f"{command}: BOM, row {r}: {what}", argv,
+                [path.name, f"row {r}"] + ([fieldname] if fieldname else []), code=1, must_not_exist=[str(out)])
+
+
+def missing_path_case(base: Base, d: Path, rng: random.Random) -> Case:
+    """A local path that is not there, whatever its ending and slashes, is "file not found", never a hub dataset;
+    only a bare ``org/name`` is tried as one (offline here), and its error says no such local file exists either."""
+    u = f"no-such-{rng.randrange(1 << 40):x}"  # relative to the working directory: nothing there has this name
+    path = rng.choice([f"{u}/nope.txt", f"{u}/nope.csv", f"{u}/sub/pairs.jsonl", f"./{u}.jsonl", f"{u}/x.json.gz",
+                       f"{u}.txt", f"{u}/a/b", str(d / "nope.txt"), f"{u}/name"])
+    command = rng.choice(["extract ratings", "extract preferences", "score conversations"])
+    argv = base_argv(command.split()[0], base, d, source=path, kind=command.split()[1], input=Path(path))
+    if command.startswith("score"):
+        argv[argv.index("-i") + 1] = path  # as typed, not made absolute
+    needles = [path, "no local file" if path == f"{u}/name" else "file not found"]
+    out = d / ("cache/x/_manifest.json" if command.startswith("extract") else "scores.jsonl")
+    return Case("missing", f"{command}: {path}", argv, needles, code=1, must_not_exist=[str(out)])
+
+
+MAKERS.update({"nosignal": no_signal_case, "kind": wrong_kind_case, "layout": manifest_parts_case, "bom": bom_case,
+               "missing": missing_path_case})
+COUNTS.update({"nosignal": 40, "kind": 30, "layout": 40, "bom": 20, "missing": 25})
+
+
 def make_case(base: Base, d: Path, kind: str, seed: float, spec=None) -> Case:
     """The case ``kind`` #``seed`` built in the fresh folder ``d`` (the same seed makes the same case)."""
     d.mkdir(parents=True)

@@ -438,3 +438,34 @@ def test_a_non_finite_feature_read_unverified_is_refused_naming_its_part_and_row
     with pytest.raises(CacheError, match=r"part-00001.parquet row 7 \(id 'p1-7'\) and 0 more rows hold non-finite "
                                          "features: the cache is damaged"):
         read_features(tmp_path / "c", verify=False)
+
+
+@pytest.mark.parametrize("change, says", [
+    ({"hidden_size": 12}, (f"holds embeddings of hidden size {D} stored as float16, the manifest says hidden size 12 "
+                           "stored as float16")),
+    ({"storage_dtype": "float32"}, (f"holds embeddings of hidden size {D} stored as float16, the manifest says "
+                                    f"hidden size {D} stored as float32")),
+    ({"label_names": ["a", "b", "c"]}, "holds 5 labels per row, the manifest names 3"),
+])
+def test_cache_info_and_the_readers_refuse_a_manifest_that_disagrees_with_its_parts(tmp_path, change, says):
+    """Checksums and sizes agree (the manifest was edited, or written by something else): only the parts'
+    own columns can tell, and cache info says what disagrees, as the readers do."""
+    write_cache(tmp_path / "c")
+    manifest = tmp_path / "c" / "_manifest.json"
+    m = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps({**m, **change}))
+    with pytest.raises(UnusableCache, match="MANIFEST AND PARTS DISAGREE: part-00000.parquet " + says) as e:
+        cache_info(tmp_path / "c")
+    assert "(and 2 more)" in str(e.value) and "--overwrite" in str(e.value)
+    with pytest.raises(CacheError, match="part-00000.parquet: " + says):
+        C.read_features(tmp_path / "c")
+    m["columns"]["embedding"] = "fixed_size_list<element: halffloat not null>[99]"  # parts fine, the list is not
+    manifest.write_text(json.dumps(m))
+    with pytest.raises(UnusableCache, match="_manifest.json lists column 'embedding' as .*\\[99\\]"):
+        cache_info(tmp_path / "c")
+    m["parts"][1]["rows"] += 1  # a part's row count, with the total kept consistent
+    m["rows"] += 1
+    del m["columns"]
+    manifest.write_text(json.dumps(m))
+    with pytest.raises(UnusableCache, match=f"part-00001.parquet holds {ROWS} rows, the manifest says {ROWS + 1}"):
+        cache_info(tmp_path / "c")

@@ -75,6 +75,12 @@ def test_preset_mistakes_name_the_file_the_key_and_the_nearest_name(tmp_path, te
     one_line_error(runner.invoke(app, ["extract", "-p", str(preset)]), str(preset), *needles, code=2)
 
 
+def test_a_preset_saved_with_a_byte_order_mark_is_read(tmp_path):
+    preset = tmp_path / "bom.toml"
+    preset.write_bytes(b"\xef\xbb\xbf" + b'[extract]\nmax_length = "long"\n')  # read: its own mistake is named
+    one_line_error(runner.invoke(app, ["extract", "-p", str(preset)]), "max_length must be a whole number", code=2)
+
+
 # ----------------------------------------------------------------------------------------------
 # Damaged caches
 
@@ -262,3 +268,83 @@ def test_a_missing_local_path_is_a_missing_file_not_a_hub_id(tmp_path, monkeypat
     assert source_kind("data/pairs") == "file" and source_kind("org/name") == "hub"
     one_line_error(runner.invoke(app, ["extract", "--source", "data/pairs", "--kind", "preferences"]),
                    "data/pairs: file not found")
+
+
+# ----------------------------------------------------------------------------------------------
+# Data without signal, caches of the wrong kind, heads of another width
+
+
+@pytest.mark.integration
+def test_data_without_signal_is_refused_at_extract_in_one_line(tmp_path, write_jsonl):
+    from tiny_models import build_tiny_llama
+
+    model = build_tiny_llama(tmp_path / "m")
+    base = ["extract", "--backbone", str(model), "--cache-dir", str(tmp_path / "c"), "--device", "cpu"]
+    turn = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]
+    same = write_jsonl("same.jsonl", [{"chosen": turn, "rejected": turn}] * 3)
+    one_line_error(runner.invoke(app, [*base, "--source", str(same), "--kind", "preferences"]),
+                   "same.jsonl: all 3 pairs have chosen identical to rejected: they carry no preference")
+    unrated = write_jsonl("unrated.jsonl", [{"prompt": "hi", "response": "yo", "helpfulness": None}] * 4)
+    one_line_error(runner.invoke(app, [*base, "--source", str(unrated), "--kind", "ratings"]),
+                   "unrated.jsonl: none of the 4 rows has a rating")
+    assert not (tmp_path / "c").exists()  # refused before any cache folder is made
+    other = [turn[0], {"role": "assistant", "content": "5"}]
+    mixed = write_jsonl("mixed.jsonl", [{"chosen": turn, "rejected": turn}, {"chosen": turn, "rejected": other}])
+    result = runner.invoke(app, [*base, "--source", str(mixed), "--kind", "preferences"])
+    assert result.exit_code == 0 and "warning: 1 of 2 pairs dropped: their chosen is identical" in result.output
+    manifest = json.loads((tmp_path / "c" / "mixed" / "_manifest.json").read_text())
+    assert manifest["rows"] == 2 and manifest["extra"]["identical_pairs_dropped"] == 1  # one pair, both sides
+
+
+def test_a_cache_of_the_wrong_kind_is_refused_by_every_option_that_names_one(tmp_path):
+    from tiny_models import export_tiny
+
+    _, heads, _ = export_tiny(tmp_path)
+    ratings, prefs = tmp_path / "ratings", tmp_path / "prefs"
+    for folder, kind in ((ratings, "ratings"), (prefs, "preferences")):
+        pairs = {"pair_id": ["p0", "p0"], "role": ["chosen", "rejected"]} if kind == "preferences" else {}
+        with open_writer(folder, small_spec(kind=kind), n_parts=1) as w:
+            w.write_part(0, {"id": ["a", "b"], "source": "s", "n_tokens": np.ones(2, np.int32),
+                             "embedding": np.eye(2, 4, dtype=np.float32), "labels": np.ones((2, 5), np.float32),
+                             **pairs})
+            w.finish(1)
+    evaluate = ["evaluate", str(heads), "--report-dir", str(tmp_path / "eval"), "--device", "cpu"]
+    right = ["--eval-preferences", str(prefs), "--eval-ratings", str(ratings)]  # the others, of the right kinds
+
+    def evaluate_with(option, cache):
+        given = right if option not in right else right[:right.index(option)] + right[right.index(option) + 2:]
+        return [*evaluate, *given, option, str(cache)]
+
+    cases = [
+        (evaluate_with("--eval-ratings", prefs), "--eval-ratings", "preferences"),
+        (evaluate_with("--eval-preferences", ratings), "--eval-preferences", "ratings"),
+        (evaluate_with("--shift-ratings", prefs), "--shift-ratings", "preferences"),
+        (evaluate_with("--train-ratings-cache", prefs), "--train-ratings-cache", "preferences"),
+        (evaluate_with("--train-preferences-cache", ratings), "--train-preferences-cache", "ratings"),
+        (["train-value-head", "--ratings-cache", str(prefs), "--heads-dir", str(tmp_path / "h")], "--ratings-cache",
+         "preferences"),
+        (["train-gating", "--preferences-cache", str(ratings), "--heads-dir", str(heads)], "--preferences-cache",
+         "ratings"),
+        (["train-heads", "--ratings-cache", str(ratings), "--preferences-cache", str(ratings), "--heads-dir",
+          str(tmp_path / "h")], "--preferences-cache", "ratings"),
+    ]
+    for argv, option, kind in cases:
+        wrong = argv[argv.index(option) + 1]
+        one_line_error(runner.invoke(app, argv), f"{option} {wrong}: a {kind} cache, but {option} takes a")
+    assert not (tmp_path / "eval").exists() and not (tmp_path / "h").exists()
+
+
+def test_heads_of_another_width_in_an_export_are_urms_one_line_even_unverified(tmp_path):
+    import shutil
+
+    from tiny_models import export_tiny, random_heads_dir
+
+    bb, _, out = export_tiny(tmp_path)
+    other = random_heads_dir(tmp_path / "h32", bb, d=32)  # heads fitted on a 32-wide backbone's features
+    shutil.copyfile(other / "heads.json", out / "heads.json")
+    shutil.copyfile(other / "heads.safetensors", out / "urm-heads.safetensors")
+    convs = tmp_path / "c.jsonl"
+    convs.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n')
+    one_line_error(runner.invoke(app, ["score", str(out), "-i", str(convs), "--no-verify"]),
+                   "heads.json: the heads take features of hidden size 32, but the backbone in",
+                   "has hidden size 64")

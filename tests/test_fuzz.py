@@ -1,10 +1,11 @@
 """The fuzz test: several hundred seeded bad inputs against the CLI (tests/fuzz_cli.py), in a subprocess.
 
 Every case must end with a non-zero exit, no traceback and one error line naming the problem, leave no
-output behind, and no command may exit 0 having used corrupt data; a damaged cache part must be rebuilt
-by `urm extract`; a training killed at any step of a heads save leaves heads that load (old or new), a
-second training into a folder in use is refused at once, and a full disk is named as such. A sample of
-the cases also runs through the real `urm` entry point.
+output behind, and no command may exit 0 having used corrupt data (or data without signal, a cache of the
+wrong kind, a manifest that disagrees with its parts); a damaged cache part must be rebuilt by `urm extract`;
+a training killed at any step of a heads save leaves heads that load (old or new), a second training into a
+folder in use is refused at once, and a full disk is named as such. A sample of the cases also runs through
+the real `urm` entry point.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from pathlib import Path
 import pytest
 
 FUZZER = Path(__file__).with_name("fuzz_cli.py")
-SMALLEST = {"data": 100, "cache": 80, "repair": 3, "heads": 40, "export": 60, "preset": 20, "option": 150}
+SMALLEST = {"data": 100, "cache": 80, "repair": 3, "heads": 40, "export": 60, "preset": 20, "option": 150,
+            "nosignal": 30, "kind": 24, "layout": 30, "bom": 15, "missing": 20}
 SMALLEST_WRITES = {"kill": 8, "writers": 3, "disk": 10}  # heads saves killed, two writers, a full disk
 
 

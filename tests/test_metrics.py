@@ -122,3 +122,9 @@ def test_ece_if_calibrated_is_the_noise_floor_of_a_calibrated_model():
     assert M.ece_if_calibrated(torch.rand(3000, generator=g, dtype=torch.float64)) < 0.3 * M.ece_if_calibrated(
         torch.rand(100, generator=g, dtype=torch.float64))
     assert M.ece(torch.full((500,), 0.02, dtype=torch.float64)) > 10 * M.ece_if_calibrated(torch.full((500,), 0.02))
+
+
+def test_the_sign_test_is_the_binomial_tail_summed_by_hand():
+    for wins, n in ((0, 0), (3, 3), (8, 10), (5, 10), (0, 7), (61, 100)):
+        by_hand = sum(math.comb(n, i) for i in range(wins, n + 1)) / 2 ** n if n else 1.0
+        assert M.sign_test_p(wins, n) == pytest.approx(by_hand, rel=1e-9)

@@ -257,3 +257,46 @@ def test_synthetic_preferences():
     assert all(p.chosen[-1]["role"] == p.rejected[-1]["role"] == "assistant" for p in pairs)
     with pytest.raises(DataError, match="load it with load_ratings"):
         load_preferences("synthetic:ratings?n=3")
+
+
+# ----------------------------------------------------------------------------------------------
+# Pairs without signal, a byte-order mark, a missing path
+
+
+def test_identical_pairs_are_dropped_and_counted_and_a_file_of_nothing_else_refused(write_jsonl):
+    from pipeline.data import drop_identical
+
+    same = {"prompt": "q", "chosen": "same", "rejected": "same"}
+    rows = [RECORDS["trl-standard"], same, {**same, "id": "twin"}, RECORDS["trl-standard"] | {"id": "x"}]
+    pairs, report = load_preferences(str(write_jsonl("p.jsonl", rows)))
+    assert len(pairs) == 4  # the loader reads what is there (`urm score` scores such a pair: p = 0.5)
+    kept = drop_identical(pairs, report)
+    assert [p.pair_id for p in kept] == ["p:1", "x"] and report.identical_pairs == ["p:2", "twin"]
+    assert "warning: 2 of 4 pairs dropped: their chosen is identical to their rejected" in report.summary()
+    pairs, report = load_preferences(str(write_jsonl("same.jsonl", [same, same | {"id": "b"}])))
+    with pytest.raises(DataError, match=r"same.jsonl: all 2 pairs have chosen identical to rejected"):
+        drop_identical(pairs, report)
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+def test_a_utf8_byte_order_mark_is_read(tmp_path, suffix):
+    import json
+
+    rows = [RECORDS["trl-standard"] | {"id": str(i)} for i in range(3)]
+    text = json.dumps(rows) if suffix == ".json" else "".join(json.dumps(r) + "\n" for r in rows)
+    path = tmp_path / f"bom{suffix}"
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))  # what Notepad and Excel save
+    pairs, report = load_preferences(str(path))
+    assert [p.pair_id for p in pairs] == ["0", "1", "2"] and report.rows_skipped == 0
+
+
+def test_a_missing_path_is_a_missing_file_whatever_its_ending(tmp_path, monkeypatch):
+    from pipeline.data import source_kind
+
+    monkeypatch.chdir(tmp_path)
+    for missing in ("data/nope.txt", "data/nope.csv", "nope/pairs.jsonl", "a/b/c", "./x", "nope.txt"):
+        assert source_kind(missing) == "file", missing
+        with pytest.raises(DataError, match=re.escape(missing) + ": file not found"):
+            load_preferences(missing)
+    for hub in ("org/name", "allenai/tulu-2.5-preference-data", "org/name@v1.0"):  # dots in a hub name stay
+        assert source_kind(hub) == "hub", hub

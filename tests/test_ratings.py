@@ -384,3 +384,15 @@ def test_unknown_rating_columns_and_format_are_clear(write_jsonl):
         load_ratings(str(write_jsonl("odd.jsonl", [{"question": "x"}])))
     with pytest.raises(DataError, match="unknown format 'steer'; known formats: helpsteer2, steerlm"):
         load_ratings(str(write_jsonl("ok.jsonl", [STEERLM])), format="steer")
+
+
+def test_a_ratings_file_without_any_rating_is_refused_and_unrated_rows_counted(write_jsonl):
+    from pipeline.data import require_labels
+
+    unrated = hs(**{a: None for a in ATTRIBUTES})
+    rows, report = load_ratings(str(write_jsonl("none.jsonl", [unrated, unrated | {"helpfulness": -100}])))
+    with pytest.raises(DataError, match=r"none.jsonl: none of the 2 rows has a rating"):
+        require_labels(rows, report)
+    rows, report = load_ratings(str(write_jsonl("some.jsonl", [unrated, hs(helpfulness=3), unrated])))
+    assert require_labels(rows, report) == rows and report.unlabeled_rows == 2
+    assert "warning: 2 of 3 rows have no rating at all" in report.summary()

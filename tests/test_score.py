@@ -163,12 +163,17 @@ def test_pair_probabilities_use_the_temperatures_fitted_with_the_heads(tmp_path,
 def test_conversations_longer_than_the_limit_are_dropped_and_counted(tiny, write_jsonl):
     """The limit is the export's max_length (the longest the heads saw), --max-length, and never more than
     the backbone's positions; a pair with one side too long is dropped whole."""
-    from pipeline.recipes.score import length_limit
+    from pipeline.recipes.score import length_hint, length_limit
+    from pipeline.serve import ScoreError
 
     out = tiny[2]
     config = load_export(out).config
     assert length_limit(config, None) == config.max_position_embeddings == 1024  # heads.json named no length
-    assert length_limit(config, 99_999) == 1024 and length_limit(config, 30) == 30
+    assert length_limit(config, 1024) == 1024 and length_limit(config, 30) == 30
+    with pytest.raises(ScoreError, match="--max-length 99999 is more than the backbone's 1024 positions"):
+        length_limit(config, 99_999)  # refused, not capped in silence
+    assert length_hint(config, 1024).startswith("the backbone takes at most 1024 positions")
+    assert length_hint(config, 30).startswith("--max-length up to 1024")
     short, long = CONVERSATIONS[0], CONVERSATIONS[2]  # 2 + 4 words vs a five-turn conversation
     n_short, n_long = (len(x) for x in render_ids(tokenizer_of(out), [short, long]))
     limit = str((n_short + n_long) // 2)
@@ -183,6 +188,9 @@ def test_conversations_longer_than_the_limit_are_dropped_and_counted(tiny, write
     assert [json.loads(line)["id"] for line in result.stdout.splitlines()] == ["b"]  # pair a dropped whole
     result = runner.invoke(app, ["score", str(out), "-i", str(convs), "--max-length", "3"])
     assert result.exit_code == 1 and "all 2 rows are longer than max_length=3" in result.output
+    assert "--max-length up to 1024 (the backbone's positions) raises the limit" in result.output
+    result = runner.invoke(app, ["score", str(out), "-i", str(convs), "--max-length", "1025"])
+    assert result.exit_code == 1 and "--max-length 1025 is more than the backbone's 1024 positions" in result.output
 
 
 def test_helpsteer2_rows_are_conversations(tiny, write_jsonl):

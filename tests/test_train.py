@@ -281,6 +281,59 @@ def test_train_gating_refuses_another_hidden_size(tmp_path):
         train_gating(build(GatingConfig, dict(preferences_cache=prefs, heads_dir=heads_dir, **STAGE2)), **QUIET)
 
 
+def test_pairs_without_preference_train_no_gate(tmp_path):
+    """Identical features on both sides of every pair: every gate ties on every pair, so none is fitted or saved;
+    some such pairs are a warning with their count."""
+    from pipeline.train import NoPreference
+
+    chosen, rejected = prompt_dependent_pairs(n=300)
+    cfg = build(GatingConfig, dict(gate="global", **STAGE2))
+    with pytest.raises(NoPreference, match="all 300 pairs have identical chosen and rejected features"):
+        fit_gate(chosen, chosen.clone(), identity_value_head(), cfg, **QUIET)
+    some = rejected.clone()
+    some[:30] = chosen[:30]
+    lines = []
+    fit_gate(chosen, some, identity_value_head(), cfg, log=lines.append)
+    assert any(line.startswith("warning: 30 of 300 pairs have identical chosen and rejected") for line in lines)
+    ratings = write_cache(tmp_path / "ratings", chosen[:100], torch.zeros(100, K).numpy())
+    prefs = write_cache(tmp_path / "prefs", (chosen, chosen))
+    heads_dir = value_head_folder(tmp_path, ratings)
+    before = (tmp_path / "heads" / "heads.json").read_bytes()
+    with pytest.raises(NoPreference, match=f"{prefs}: all 300 pairs"):  # names the cache
+        train_gating(build(GatingConfig, dict(preferences_cache=prefs, heads_dir=heads_dir, **STAGE2)), **QUIET)
+    assert (tmp_path / "heads" / "heads.json").read_bytes() == before and load_heads(heads_dir)[1].gating is None
+
+
+def test_a_gate_not_better_than_chance_is_flagged_and_one_that_ties_everywhere_refused(tmp_path):
+    """The sign test of the held-out pairs: preferences that do not depend on the features leave the gate at
+    chance (a warning, and heads.json says so); real ones give a tiny p; no pair told apart is refused."""
+    from pipeline.metrics import sign_test_p
+    from pipeline.train import NoPreference
+    from pipeline.train.trainers import against_chance
+
+    chosen, rejected = prompt_dependent_pairs(n=2000)
+    cfg = build(GatingConfig, dict(gate="global", **STAGE2))
+    real = fit_gate(chosen, rejected, identity_value_head(), cfg, **QUIET).val["chance"]
+    assert real["better_than_chance"] and real["p_value"] < 1e-6
+    assert real["p_value"] == sign_test_p(real["wins"], real["untied"]) and real["where"] == "validation"
+    coin = torch.rand(len(chosen), generator=torch.Generator().manual_seed(3)) < 0.5  # who "won": a coin
+    noise_c, noise_r = torch.where(coin[:, None], chosen, rejected), torch.where(coin[:, None], rejected, chosen)
+    lines = []
+    fit = fit_gate(noise_c, noise_r, identity_value_head(), cfg, log=lines.append)
+    chance = fit.val["chance"]
+    assert not chance["better_than_chance"] and chance["p_value"] >= 0.05 and chance["untied"] == 200
+    assert any(line.startswith("warning: the gate is not shown better than chance") for line in lines)
+    with pytest.raises(NoPreference, match="every one of the 4 validation pairs ties"):
+        against_chance(torch.zeros(4), "validation", **QUIET)
+    ratings = write_cache(tmp_path / "ratings", chosen[:100], torch.zeros(100, K).numpy())
+    heads_dir = value_head_folder(tmp_path, ratings)
+    prefs = write_cache(tmp_path / "prefs", (noise_c, noise_r))
+    summary = train_gating(build(GatingConfig, dict(preferences_cache=prefs, heads_dir=heads_dir, gate="global",
+                                                    **STAGE2)), **QUIET)
+    recorded = load_heads(heads_dir)[1].gating.val["chance"]  # saved, but not as if it were a trained gate
+    assert recorded["better_than_chance"] is False and recorded == summary["val"]["chance"]
+
+
 def test_gate_on_an_ensemble_keeps_every_member_frozen():
     chosen, rejected = prompt_dependent_pairs(n=300)
     value = Heads(16, K, members=3)

@@ -75,7 +75,7 @@ def journal_parts(folder: Path, manifest: dict, known: set[int]) -> tuple[dict[i
 def read_journal(file: Path) -> dict | None:
     """A journal's content, or None when it cannot be read or does not hold a list of part entries."""
     try:
-        journal = json.loads(file.read_text())
+        journal = json.loads(file.read_text(encoding="utf-8-sig"))
     except (OSError, json.JSONDecodeError, UnicodeDecodeError):
         return None
     ok = isinstance(journal, dict) and isinstance(journal.get("parts"), list)

@@ -67,13 +67,23 @@ def read_manifest(path) -> dict:
     if not file.exists():
         raise CacheError(f"{folder}: no {MANIFEST}, so this is not a feature cache; run `urm extract` to build it")
     try:
-        manifest = json.loads(file.read_text())
+        manifest = json.loads(file.read_text(encoding="utf-8-sig"))  # a BOM is not data
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CacheError(f"{file}: unreadable manifest ({e}); {REBUILD}") from None
     problem = manifest_problem(manifest)
     if problem:
         raise CacheError(f"{file}: not a cache manifest this version reads ({problem}); {REBUILD}")
     return manifest
+
+
+def require_kind(path, kind: str, option: str) -> dict:
+    """The manifest of the cache folder ``path``, which must hold ``kind`` rows ("ratings" or "preferences"); a
+    cache of the other kind raises CacheError naming ``option``, the command's option that named it."""
+    m = read_manifest(path)
+    if m["kind"] != kind:
+        raise CacheError(f"{option} {path}: a {m['kind']} cache, but {option} takes a {kind} cache; give it one "
+                         f"extracted with `urm extract --kind {kind}`")
+    return m
 
 
 def whole(v) -> bool:

@@ -22,7 +22,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.cache.columns import nonfinite_rows
-from pipeline.cache.layout import FORMAT_VERSION, MANIFEST, SMALL_COLUMNS, CacheError, CacheIncomplete, arrow_schema
+from pipeline.cache.layout import (FORMAT_VERSION, MANIFEST, REBUILD, SMALL_COLUMNS, CacheError, CacheIncomplete,
+                                   arrow_schema)
 from pipeline.cache.manifest import part_problem, read_manifest, rows_problem
 from pipeline.cache.parquet_pages import copy_rows, fixed_list_blocks
 
@@ -77,10 +78,27 @@ class Pairs:
 
 
 def verify_cache(path) -> dict:
-    """Check every part's size and checksum against the manifest; returns the manifest."""
+    """Check every part's size and checksum against the manifest, and its columns, hidden size, dtype and rows
+    (``layout_problem``: what reading it would refuse); returns the manifest."""
     m = _open_complete(Path(path))
     _check_parts(Path(path), m, verify=True)
+    for file, why in parts_layout_problems(Path(path), m).items():
+        raise CacheError(f"{Path(path) / file}: {why}; {REBUILD}")
     return m
+
+
+def parts_layout_problems(folder: Path, m: dict) -> dict[str, str]:
+    """Part file -> what in it disagrees with the manifest (``layout_problem``, read from its footer alone)."""
+    found = {}
+    for p in m["parts"]:
+        try:
+            pf = pq.ParquetFile(folder / p["file"])
+            why = layout_problem(m, pf.schema_arrow, pf.metadata.num_rows, p)
+        except (pa.ArrowException, OSError) as e:  # read unverified (--no-verify) and damaged
+            why = f"is not a readable Parquet part ({e})"
+        if why:
+            found[p["file"]] = why
+    return found
 
 
 def read_features(path, *, source=None, subset=None, role=None, dtype=None, device="cpu",
@@ -168,15 +186,38 @@ def _read_small(folder: Path, m: dict) -> tuple[pa.Table, np.ndarray]:
         except (pa.ArrowException, OSError) as e:
             raise CacheError(f"{folder / p['file']}: not a readable Parquet part ({e}); run the same `urm extract` "
                              "again to rebuild it") from None
+        if why := layout_problem(m, pf.schema_arrow, pf.metadata.num_rows, p):
+            raise CacheError(f"{folder / p['file']}: {why}; {REBUILD}")
         if "margin" not in t.column_names:  # written before the margin column existed: all null
             t = t.append_column(pa.field("margin", pa.float32()), pa.nulls(t.num_rows, pa.float32()))
-        if t.num_rows != p["rows"]:
-            raise CacheError(f"{folder / p['file']}: {t.num_rows} rows, the manifest says {p['rows']}; "
-                             "run `urm extract` again to rewrite it")
         tables.append(t)
     starts = np.cumsum([0] + [p["rows"] for p in m["parts"]])
     small = pa.concat_tables(tables) if tables else arrow_schema(m["hidden_size"], m["storage_dtype"]).empty_table()
     return small.select(list(SMALL_COLUMNS)), starts
+
+
+def layout_problem(m: dict, schema: pa.Schema, rows: int, part: dict) -> str | None:
+    """What in a part file (its columns' names and types: hidden size, storage dtype, label count; its row count)
+    disagrees with the manifest ``m`` and its entry ``part``, in words; None when nothing does. What the readers
+    refuse a part for, and what `urm cache info` reports."""
+    for f in arrow_schema(m["hidden_size"], m["storage_dtype"], len(m["label_names"])):
+        if f.name not in schema.names:
+            if f.name == "margin":  # written before the margin column existed: read as all null
+                continue
+            return f"has no column {f.name!r}, which every part holds"
+        found = schema.field(f.name).type
+        if found == f.type:
+            continue
+        if f.name == "embedding" and pa.types.is_fixed_size_list(found):
+            dtype = {pa.float16(): "float16", pa.float32(): "float32"}.get(found.value_type, str(found.value_type))
+            return (f"holds embeddings of hidden size {found.list_size} stored as {dtype}, the manifest says hidden "
+                    f"size {m['hidden_size']} stored as {m['storage_dtype']}")
+        if f.name == "labels" and pa.types.is_fixed_size_list(found):
+            return f"holds {found.list_size} labels per row, the manifest names {len(m['label_names'])}"
+        return f"column {f.name!r} is {found}, the manifest says {f.type}"
+    if rows != part["rows"]:
+        return f"holds {rows} rows, the manifest says {part['rows']}"
+    return None
 
 
 def _mask(small: pa.Table, **filters) -> np.ndarray:

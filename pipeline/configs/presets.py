@@ -71,7 +71,7 @@ def read_preset(preset: str) -> dict:
     path = preset_path(preset)
     data = path.read_bytes()
     try:
-        return tomllib.loads(data.decode("utf-8"))
+        return tomllib.loads(data.decode("utf-8-sig"))  # a byte-order mark (Windows editors) is not TOML
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: {not_utf8(data, e)}") from None
     except tomllib.TOMLDecodeError as e:

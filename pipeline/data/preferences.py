@@ -18,7 +18,9 @@ assistant turn; ``chosen[:-1] == rejected[:-1]`` for well-formed pairs (a few up
 carry an extra turn and are kept as they are). Consecutive turns of the same role are kept.
 
 ``LoadReport.empty_responses`` counts pairs whose chosen or rejected response (the last turn) is empty
-or whitespace only; such pairs are kept. Empty turns earlier in a conversation are kept, not counted.
+or whitespace only; such pairs are kept. A pair whose chosen is identical to its rejected carries no
+preference: ``drop_identical`` (what `urm extract` applies) drops and counts them, and refuses a file of
+nothing else. Empty turns earlier in a conversation are kept, not counted.
 Pair ids: an ``id`` column (``pair_uid`` for RMB), else ``<file stem>:<row>``.
 """
 
@@ -30,6 +32,7 @@ from numbers import Real
 
 from pipeline.data.records import LoadReport, Message, PreferencePair
 from pipeline.data.sources import RowError, is_blank, load_rows, record_id, require_text
+from pipeline.errors import DataError
 
 FORMATS = ("conversational", "trl-standard", "rewardbench", "hh-rlhf", "ultrafeedback", "rmb")
 ROLES = ("system", "user", "assistant")
@@ -262,6 +265,18 @@ def load_preferences(
     """
     return load_rows(source, "preferences", FORMATS, detect_format, parse_pair, has_empty_response, format=format,
                      split=split, skip_invalid=skip_invalid, limit=limit)
+
+
+def drop_identical(pairs: list[PreferencePair], report: LoadReport) -> list[PreferencePair]:
+    """The pairs whose chosen and rejected conversations differ. A pair whose two sides are the same carries no
+    preference (its features are the same on both sides, so every gate ties on it): it is dropped, its id recorded
+    in ``report.identical_pairs``; when every pair is such, ``DataError`` (there is nothing to learn)."""
+    kept = [p for p in pairs if p.chosen != p.rejected]
+    report.identical_pairs = [p.pair_id for p in pairs if p.chosen == p.rejected]
+    if pairs and not kept:
+        raise DataError(report.path, None, None, f"all {len(pairs)} pairs have chosen identical to rejected: they "
+                        "carry no preference, so there is nothing to learn from them")
+    return kept
 
 
 def has_empty_response(pair: PreferencePair) -> bool:

@@ -13,7 +13,8 @@ Formats (``FORMATS``; ``detect_format`` picks one from the first record's column
                    <extra_id_1>User\n...<extra_id_1>Assistant\n...<extra_id_2>", ``label`` = the five
                    ratings, or nine whose last five are HelpSteer2's (-100 = missing)
 A non-empty system prompt becomes a system turn. ``LoadReport.empty_responses`` counts rows whose
-response is empty or whitespace only (kept).
+response is empty or whitespace only (kept). ``require_labels`` (what `urm extract` applies) counts the rows
+with no rating at all and refuses a file of nothing else.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pipeline import ATTRIBUTES
 from pipeline.data.nemo_turns import LABEL_MARKER, SYSTEM_MARKER, TURN_MARKER, split_helpsteer2_prompt
 from pipeline.data.records import LoadReport, Message, RatingRow
 from pipeline.data.sources import RowError, is_blank, load_rows, record_id, require_text
+from pipeline.errors import DataError
 
 FORMATS = ("helpsteer2", "steerlm", "nemo-regression")
 RATING_MIN, RATING_MAX = 0.0, 4.0
@@ -178,6 +180,17 @@ def load_ratings(
     """
     return load_rows(source, "ratings", FORMATS, detect_format, parse_rating_row, _empty_response, format=format,
                      split=split, skip_invalid=skip_invalid, limit=limit)
+
+
+def require_labels(rows: list[RatingRow], report: LoadReport) -> list[RatingRow]:
+    """``rows``, with the rows that have no rating at all counted in ``report.unlabeled_rows`` (kept: their labels
+    are missing ones); ``DataError`` when no row has any rating, so the file holds nothing to learn from."""
+    report.unlabeled_rows = sum(all(math.isnan(v) for v in row.labels) for row in rows)
+    if rows and report.unlabeled_rows == len(rows):
+        raise DataError(report.path, None, None, f"none of the {len(rows)} rows has a rating (every one of "
+                        f"{', '.join(ATTRIBUTES)} is missing, null or -100): a ratings dataset needs labels "
+                        "(for chosen/rejected pairs use --kind preferences)")
+    return rows
 
 
 def _empty_response(row: RatingRow) -> bool:

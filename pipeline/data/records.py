@@ -51,6 +51,8 @@ class LoadReport:
     rows_skipped: int = 0
     empty_responses: int = 0
     skipped: list[DataError] = field(default_factory=list)
+    identical_pairs: list[str] = field(default_factory=list)  # ids of pairs dropped: chosen == rejected
+    unlabeled_rows: int = 0  # rating rows with no rating at all (kept: every label of theirs is missing)
 
     def skip(self, err: DataError) -> None:
         self.rows_skipped += 1
@@ -61,6 +63,13 @@ class LoadReport:
             f"{self.path} [{self.format}]: {self.rows_loaded} rows loaded, "
             f"{self.rows_skipped} skipped, {self.empty_responses} with an empty response (kept)"
         ]
+        if self.identical_pairs:
+            n, ids = len(self.identical_pairs), ", ".join(self.identical_pairs[:3])
+            lines.append(f"  warning: {n} of {self.rows_loaded} pairs dropped: their chosen is identical to their "
+                         f"rejected, so they carry no preference (e.g. {ids})")
+        if self.unlabeled_rows:
+            lines.append(f"  warning: {self.unlabeled_rows} of {self.rows_loaded} rows have no rating at all (kept: "
+                         "they teach nothing, every label of theirs is missing)")
         for err in self.skipped[:show]:
             lines.append(f"  skipped: {err}")
         if len(self.skipped) > show:

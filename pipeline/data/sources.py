@@ -33,6 +33,12 @@ T = TypeVar("T")
 Record = tuple[int, "dict | DataError"]
 
 FILE_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet")
+# Endings that make a source a file (read, or refused as of an unknown type), never a hub id: a hub name may hold
+# dots ("org/tulu-2.5"), but not one of these.
+FILE_ENDINGS = FILE_SUFFIXES + (".gz", ".txt", ".csv", ".tsv", ".ndjson", ".jsonlines", ".zip", ".bz2", ".xz", ".zst",
+                                ".tar", ".arrow", ".feather", ".pq", ".xls", ".xlsx", ".yaml", ".yml", ".toml", ".md",
+                                ".html", ".xml", ".pkl", ".pickle", ".pt", ".npy", ".npz", ".h5", ".hdf5", ".db",
+                                ".sqlite", ".avro", ".orc")
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?")
 SYNTHETIC_KINDS = ("ratings", "preferences")
 LOADER_VERSION = 1  # bump when parsing changes what a file yields: it is part of the fingerprint
@@ -52,13 +58,14 @@ class RowError(ValueError):
 
 
 def source_kind(source: str) -> str:
-    """``"synthetic"``, ``"file"`` or ``"hub"``. A path that exists, ends like a data file, or lies in a
-    folder that exists here (``data/pairs`` with a local ``data/``) is a file; only an ``org/name`` that
-    is none of these is a hub id."""
+    """``"synthetic"``, ``"file"`` or ``"hub"``. A path that exists, ends like a file (``FILE_ENDINGS``:
+    ``data/nope.txt`` is a missing file, not a hub id), or lies in a folder that exists here
+    (``data/pairs`` with a local ``data/``) is a file, as is anything with ``./``, ``/`` or ``~`` in front
+    or more than one slash; only an ``org/name`` that is none of these is a hub id."""
     if source.startswith("synthetic:"):
         return "synthetic"
     path = Path(source).expanduser()
-    if path.exists() or source.lower().endswith(FILE_SUFFIXES) or path.parent.is_dir() and str(path.parent) != ".":
+    if path.exists() or source.lower().endswith(FILE_ENDINGS) or path.parent.is_dir() and str(path.parent) != ".":
         return "file"
     if source.startswith((".", "/", "~")) or not HUB_ID.fullmatch(source):
         return "file"
@@ -170,7 +177,7 @@ def _record(path: Path, row: int, value) -> Record:
 
 def _json_line(path: Path, row: int, line: bytes) -> Record:
     try:
-        text = line.decode("utf-8")
+        text = line.decode("utf-8-sig")  # a byte-order mark (files saved on Windows) is not data
     except UnicodeDecodeError as err:
         return row, DataError(path, row, None, not_utf8(line, err))
     try:
@@ -212,13 +219,13 @@ def _iter_json(path: Path) -> Iterator[Record]:
     except _READ_ERRORS as err:
         raise _unreadable(path, err) from err
     try:
-        text = data.decode("utf-8")
+        text = data.decode("utf-8-sig")  # a byte-order mark (files saved on Windows) is not data
     except UnicodeDecodeError as err:
         raise DataError(path, None, None, not_utf8(data, err)) from None
     try:
         value = json.loads(text)
     except ValueError as err:
-        if data.lstrip()[:1] == b"{":
+        if text.lstrip()[:1] == "{":
             yield from _iter_lines(path, data.splitlines())
             return
         raise DataError(path, None, None, f"not valid JSON: {err}") from err
@@ -255,7 +262,8 @@ def _iter_hub(source: str, split: str) -> Iterator[Record]:
         ds = datasets.load_dataset(repo, split=split, revision=revision)
     except Exception as err:  # the hub client raises many kinds: network, auth, missing split, ...
         raise DataError(source, None, None, f"could not load hub dataset {repo!r} split {split!r} "
-                        f"({type(err).__name__}: {err}); for offline use give a local file") from err
+                        f"({type(err).__name__}: {err}); no local file {source!r} exists either; for offline use "
+                        "give a local file") from err
     for row, record in enumerate(ds, 1):
         yield row, record
 

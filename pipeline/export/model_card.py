@@ -78,6 +78,11 @@ def stage_section(title: str, stage: StageRecord | None, keys: tuple[str, ...]) 
         eq = val["equal_weights"]
         lines.append(f"- equal weights (w_k = 1/K) on the same pairs: accuracy {_fmt(eq.get('accuracy'))}, "
                      f"BT loss {_fmt(eq.get('bt_loss'))}")
+    chance = val.get("chance") or {}
+    if chance and not chance.get("better_than_chance"):
+        lines.append(f"- **not shown better than chance**: {chance.get('wins')} of {chance.get('untied')} untied "
+                     f"{chance.get('where', 'validation')} pairs right, one-sided sign test against 1/2 p = "
+                     f"{_fmt(chance.get('p_value'))}")
     return "\n".join(lines) + "\n"
 
 

@@ -237,7 +237,7 @@ def check_export_files(directory: Path, verify: bool) -> None:
     if not record.is_file():  # a directory built by hand or by another tool: nothing to check against
         return
     try:
-        checksums = json.loads(record.read_text()).get("checksums") or {}
+        checksums = json.loads(record.read_text(encoding="utf-8-sig")).get("checksums") or {}
         items = [(str(name), str(value)) for name, value in checksums.items()]
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
         raise ExportError(f"{record}: unreadable ({e}); export it again with `urm export`") from None

@@ -297,9 +297,9 @@ def read_meta(directory: str | os.PathLike, tensors: str = TENSORS) -> HeadsMeta
                          "train the value head first: `urm train-value-head`")
     try:
         try:
-            data = json.loads(source.read_text())
+            data = json.loads(source.read_text(encoding="utf-8-sig"))
         except FileNotFoundError:  # the pending heads.json was renamed into place meanwhile
-            data = json.loads((directory / META).read_text())
+            data = json.loads((directory / META).read_text(encoding="utf-8-sig"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise HeadsError(f"{directory / META}: unreadable ({e}); retrain the heads") from None
     return HeadsMeta.from_json(data, directory / META)

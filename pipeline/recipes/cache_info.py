@@ -8,24 +8,32 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.cache import MANIFEST, CacheError, part_problem, read_manifest, rows_problem
+from pipeline.cache import (MANIFEST, REBUILD, CacheError, arrow_schema, part_problem, parts_layout_problems,
+                            read_manifest, rows_problem)
 
 
 def cache_info(path, verify: bool = True) -> str:
     """A human summary of a cache (complete or not): what made it, its size, rows per group; every part's
-    checksum is verified first (``verify``), and missing or changed parts are named. A damaged or incomplete
+    checksum is verified first (``verify``), and missing or changed parts are named, as is a part whose columns,
+    hidden size, dtype or rows disagree with the manifest (what the readers refuse). A damaged or incomplete
     cache raises ``UnusableCache`` carrying the summary (the CLI prints it, then fails: exit 0 means usable)."""
     folder = Path(path)
     m = read_manifest(folder)
     problems = {p["file"]: why for p in m["parts"] if (why := part_problem(folder, p, verify))}
     if why := rows_problem(m):
         problems[MANIFEST] = why
-    parts = [p for p in m["parts"] if p["file"] not in problems]
+    disagree = {} if problems else layout_problems(folder, m)
+    parts = [p for p in m["parts"] if p["file"] not in problems and p["file"] not in disagree]
     size = sum(p["bytes"] for p in m["parts"]) + (folder / MANIFEST).stat().st_size
     if problems:
         first = next(iter(problems.items()))
         state = (f"DAMAGED: {len(problems)} of {len(m['parts'])} parts missing or changed ({first[0]} {first[1]}); "
                  "run the same `urm extract` again to rebuild them")
+    elif disagree:
+        first = next(iter(disagree.items()))
+        state = (f"MANIFEST AND PARTS DISAGREE: {first[0]} {first[1]}"
+                 + (f" (and {len(disagree) - 1} more)" if len(disagree) > 1 else "") + f"; {REBUILD}")
+        problems = disagree
     elif not m.get("complete"):
         state = "INCOMPLETE: run `urm extract` again to finish it"
     else:
@@ -63,6 +71,19 @@ class UnusableCache(CacheError):
     def __init__(self, summary: str, message: str):
         super().__init__(message)
         self.summary = summary
+
+
+def layout_problems(folder: Path, m: dict) -> dict[str, str]:
+    """File -> what in it disagrees with the manifest (a part's columns, hidden size, dtype or rows, as the readers
+    check them; the manifest's own ``columns`` against its hidden size and dtype); empty when nothing does."""
+    found = parts_layout_problems(folder, m)
+    expected = {f.name: str(f.type) for f in arrow_schema(m["hidden_size"], m["storage_dtype"], len(m["label_names"]))}
+    columns = m.get("columns")
+    wrong = [k for k, v in columns.items() if k in expected and v != expected[k]] if isinstance(columns, dict) else []
+    if wrong and not found:  # the parts agree with the manifest's settings, its own list of columns does not
+        found[MANIFEST] = (f"lists column {wrong[0]!r} as {columns[wrong[0]]}, but its hidden size {m['hidden_size']}, "
+                           f"dtype {m['storage_dtype']} and {len(m['label_names'])} labels make it {expected[wrong[0]]}")
+    return found
 
 
 def _group_counts(folder: Path, parts: list) -> list[str]:

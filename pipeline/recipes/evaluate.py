@@ -49,6 +49,21 @@ def check_features(path: Path, manifest: dict, meta: HeadsMeta) -> None:
                          f"{getattr(trained, key)!r} ({trained.path}); extract it with the heads' backbone")
 
 
+def check_cache_kinds(cfg: EvaluateConfig) -> None:
+    """Every cache an option names holds the kind that option takes (pairs or ratings): checked before anything
+    loads, the error naming the option (CacheError)."""
+    from pipeline.cache import require_kind
+
+    named = [(name, "preferences", "--eval-preferences") for name in cfg.eval_preferences]
+    named += [(name, "ratings", "--shift-ratings") for name in cfg.shift_ratings]
+    named += [(name, kind, flag) for name, kind, flag in ((cfg.eval_ratings, "ratings", "--eval-ratings"),
+                                                          (cfg.train_ratings_cache, "ratings", "--train-ratings-cache"),
+                                                          (cfg.train_preferences_cache, "preferences",
+                                                           "--train-preferences-cache")) if name]
+    for name, kind, flag in named:
+        require_kind(cache_path(cfg, name), kind, flag)
+
+
 def read_eval_caches(cfg: EvaluateConfig, meta: HeadsMeta, device):
     """The held-out pairs by name, the held-out ratings (or None), and the other sources' rated caches by name."""
     from pipeline.cache import read_features, read_pairs
@@ -183,6 +198,7 @@ def run_evaluate(cfg: EvaluateConfig, model_dir: str | None = None, log=print) -
     t0 = time.perf_counter()
     device = resolve_device(cfg.device)
     heads, meta, loaded = load_for_evaluation(model_dir or cfg.heads_dir)
+    check_cache_kinds(cfg)  # before any cache is read, and before the baselines train
     heads = heads.to(device)
     eval_pairs, eval_ratings, shift_ratings = read_eval_caches(cfg, meta, device)
     candidates = [heads_candidate("URM (these heads)", describe(meta), heads, meta.pair_calibration)]

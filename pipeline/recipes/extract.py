@@ -96,21 +96,25 @@ def select_datasets(cfg: ExtractConfig, names=None) -> list[DatasetSpec]:
 
 
 def load_rows(spec: DatasetSpec, skip_invalid: bool, limit: int | None, report: bool = True):
-    """Load a dataset's records, print the load report, flatten them into Rows."""
-    from pipeline.data import load_preferences, load_ratings
+    """Load a dataset's records, print the load report, flatten them into Rows; returns (rows, the load report).
+
+    Data without signal is refused here, before the backbone loads: pairs whose chosen is identical to their
+    rejected are dropped (and counted), a file of nothing else is refused, and so is a ratings file without any
+    rating."""
+    from pipeline.data import drop_identical, load_preferences, load_ratings, require_labels
     from pipeline.features import pair_rows, rating_rows
 
     if spec.kind == "ratings":
         records, loaded = load_ratings(spec.source, format=spec.format, split=spec.split, skip_invalid=skip_invalid,
                                        limit=limit)
-        rows = rating_rows(records)
+        rows = rating_rows(require_labels(records, loaded))
     else:
         records, loaded = load_preferences(spec.source, format=spec.format, split=spec.split,
                                            skip_invalid=skip_invalid, limit=limit)
-        rows = pair_rows(records)
+        rows = pair_rows(drop_identical(records, loaded))
     if report:
         print(loaded.summary())
-    return rows
+    return rows, loaded
 
 
 def extract_dataset(backbone: LazyBackbone, spec: DatasetSpec, cfg: ExtractConfig,
@@ -124,11 +128,13 @@ def extract_dataset(backbone: LazyBackbone, spec: DatasetSpec, cfg: ExtractConfi
     # A hub dataset is read at the commit the Hub resolves now, and that commit is part of the cache's identity:
     # an upstream change gives another cache, not a stale one (offline: as asked, as before). Rank 0 asks.
     source, commit = from_main(ranks, lambda: pin_revision(spec.source, spec.revision))
-    rows = load_rows(dataclasses.replace(spec, source=source, revision=None), cfg.skip_invalid, limit,
-                     report=ranks.is_main)
+    rows, loaded = load_rows(dataclasses.replace(spec, source=source, revision=None), cfg.skip_invalid, limit,
+                             report=ranks.is_main)
     if not len(rows):
         raise DataError(spec.source, None, None, f"no rows to extract for dataset {spec.name!r}: nothing was cached")
     files = backbone.files
+    if ranks.is_main:
+        warn_positions(files.config, cfg)
     paired = spec.kind == "preferences"
     cache_spec = CacheSpec(
         backbone=cfg.backbone, backbone_revision=files.revision, hidden_size=files.hidden_size,
@@ -136,7 +142,10 @@ def extract_dataset(backbone: LazyBackbone, spec: DatasetSpec, cfg: ExtractConfi
         chat_template_hash=chat_template_hash(files.tokenizer), dataset=spec.source,
         dataset_fingerprint=fingerprint(source, split=spec.split, format=spec.format, limit=limit),
         kind=spec.kind, extra={"part_rows": cfg.part_rows, "compute_dtype": backbone.compute_dtype,
-                               **({"dataset_revision": commit} if commit else {})},
+                               **({"dataset_revision": commit} if commit else {}),
+                               # the rows differ from what this loader read before it dropped such pairs
+                               **({"identical_pairs_dropped": len(loaded.identical_pairs)}
+                                  if loaded.identical_pairs else {})},
     )
     path = Path(cfg.cache_dir) / spec.name
     bounds = part_bounds(len(rows), cfg.part_rows, paired)
@@ -266,6 +275,16 @@ def summary_line(name: str, path: Path, stats: ExtractStats, max_length: int) ->
         line += (f"; {stats.tokens} tokens in {stats.seconds:.1f} s = {stats.tokens_per_s:.0f} tok/s, "
                  f"padding {stats.padding_share:.1%}")
     return line
+
+
+def warn_positions(config, cfg: ExtractConfig) -> None:
+    """Say so when ``--max-length`` is more than the backbone's positions: rows that long run past what it was
+    trained on (they are kept, as asked: a backbone may extrapolate; the heads never see a longer row than this)."""
+    positions = getattr(config, "max_position_embeddings", None)
+    if isinstance(positions, int) and cfg.max_length > positions:
+        print(f"warning: --max-length {cfg.max_length} is more than the {positions} positions of the backbone "
+              f"(max_position_embeddings): rows between {positions} and {cfg.max_length} tokens run past what it was "
+              f"trained on; --max-length {positions} or less keeps to them")
 
 
 def run_extract(cfg: ExtractConfig, names=None) -> dict[str, ExtractStats]:

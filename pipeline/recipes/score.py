@@ -28,7 +28,7 @@ import numpy as np
 from pipeline.atomic import WRITE_CAUSES, WriteError, write_text
 from pipeline.configs import ScoreConfig
 from pipeline.model import rewards_of
-from pipeline.serve import ScoreError, check_reward_fits, length_limit, pair_probabilities, row_scores
+from pipeline.serve import ScoreError, check_reward_fits, length_hint, length_limit, pair_probabilities, row_scores
 
 
 def load_input(source: str, cfg: ScoreConfig):
@@ -71,7 +71,7 @@ def output_rows(kind: str, items, out: dict[str, np.ndarray], names: list[str], 
                **pair_probabilities(chosen, rejected, temperature)}
 
 
-def within_length(kind: str, items, ids: list[list[int]], limit: int, log):
+def within_length(kind: str, items, ids: list[list[int]], limit: int, log, hint: str = "--max-length raises the limit"):
     """Drop (and count) the conversations longer than ``limit`` tokens, a pair with either side whole, as
     extraction does: the heads never saw such lengths (and the backbone may not fit them)."""
     from pipeline.features import keep_mask
@@ -83,10 +83,9 @@ def within_length(kind: str, items, ids: list[list[int]], limit: int, log):
     dropped = [item for item, k in zip(items, per_item) if not k]
     names = [getattr(item, "pair_id", None) or item.id for item in dropped[:3]]
     if len(dropped) == len(items):
-        raise ScoreError(f"all {len(items)} rows are longer than max_length={limit} tokens: nothing to score; pass "
-                         "--max-length (up to the backbone's positions) to score them anyway")
+        raise ScoreError(f"all {len(items)} rows are longer than max_length={limit} tokens: nothing to score; {hint}")
     log(f"dropped {len(dropped)} {kind} longer than max_length={limit} tokens (e.g. {', '.join(map(str, names))}); "
-        "--max-length raises the limit")
+        f"{hint}")
     return [i for i, k in zip(items, per_item) if k], [x for x, k in zip(ids, keep) if k], len(dropped)
 
 
@@ -121,7 +120,8 @@ def score_file(model_dir: str, source: str, output: str | None, cfg: ScoreConfig
     log(report.summary())
     model, tokenizer = load_scorer(model_dir, cfg.dtype, cfg.device, cfg.verify)
     ids = render_ids(tokenizer, flatten(kind, items))
-    items, ids, dropped = within_length(kind, items, ids, length_limit(model.config, cfg.max_length), log)
+    limit = length_limit(model.config, cfg.max_length)
+    items, ids, dropped = within_length(kind, items, ids, limit, log, length_hint(model.config, limit))
     pad_id = pad_id_of(tokenizer)
     counts = {"tokens": 0, "padded_tokens": 0}
     bar = tqdm(total=len(ids), unit="row", desc="score", dynamic_ncols=True, file=sys.stderr)

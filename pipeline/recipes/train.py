@@ -22,7 +22,7 @@ from pipeline.configs import GatingConfig, ValueHeadConfig, to_dict
 from pipeline.device import resolve_device
 from pipeline.errors import UserError
 from pipeline.model import CacheIdentity, HeadsError, HeadsMeta, StageRecord, heads_writer, load_heads, save_heads
-from pipeline.train import Fit
+from pipeline.train import Fit, NoPreference
 
 
 def stage_record(cfg, fit: Fit, cache: CacheIdentity) -> StageRecord:
@@ -71,6 +71,16 @@ def feature_rows(path: str, run, pairs: bool, log=print):
     return TensorRows(*sides, part=part), first.labels, first.margin, first.manifest
 
 
+def ratings_cache(cfg: ValueHeadConfig) -> str:
+    """Stage 1's cache: --ratings-cache, else CACHE_DIR/ratings."""
+    return cfg.ratings_cache or os.path.join(cfg.run.cache_dir, "ratings")
+
+
+def preferences_cache(cfg: GatingConfig) -> str:
+    """Stage 2's cache: --preferences-cache, else CACHE_DIR/preferences."""
+    return cfg.preferences_cache or os.path.join(cfg.run.cache_dir, "preferences")
+
+
 def holds_heads(train):
     """``train(cfg, ...)`` run holding ``cfg.run.heads_dir`` (one writer per heads folder), taken before it reads
     anything: a second training into the same folder is refused at once."""
@@ -85,14 +95,11 @@ def holds_heads(train):
 @holds_heads
 def train_value_head(cfg: ValueHeadConfig, log=print) -> dict:
     """Stage 1 from the ratings cache into ``cfg.run.heads_dir``; returns a summary dict."""
-    from pipeline.cache import read_manifest
+    from pipeline.cache import require_kind
     from pipeline.train import fit_value_head
 
-    path = cfg.ratings_cache or os.path.join(cfg.run.cache_dir, "ratings")
-    kind = read_manifest(path).get("kind")
-    if kind != "ratings":
-        raise UserError(f"{path} is a {kind!r} cache; stage 1 needs a ratings "
-                        "cache: set --ratings-cache to one extracted from a ratings dataset")
+    path = ratings_cache(cfg)
+    require_kind(path, "ratings", "--ratings-cache")
     rows, labels, _, manifest = feature_rows(path, cfg.run, pairs=False, log=log)
     names = list(manifest.get("label_names") or ATTRIBUTES)
     t0 = time.perf_counter()
@@ -117,17 +124,21 @@ def pair_margins(path: str, margin: torch.Tensor) -> torch.Tensor:
 @holds_heads
 def train_gating(cfg: GatingConfig, log=print) -> dict:
     """Stage 2 from the preference cache; adds the gate to the heads in ``cfg.run.heads_dir``."""
-    from pipeline.cache import read_manifest
+    from pipeline.cache import require_kind
     from pipeline.train import fit_gate
 
+    path = preferences_cache(cfg)
+    manifest = require_kind(path, "preferences", "--preferences-cache")
     value, meta = load_heads(cfg.run.heads_dir)
-    path = cfg.preferences_cache or os.path.join(cfg.run.cache_dir, "preferences")
-    identity = CacheIdentity.of(path, read_manifest(path))
+    identity = CacheIdentity.of(path, manifest)
     check_same_backbone(meta.value_head.cache, identity, cfg.run.heads_dir)
     rows, _, margin, _ = feature_rows(path, cfg.run, pairs=True, log=log)
     margin = pair_margins(path, margin) if cfg.use_margin else None
     t0 = time.perf_counter()
-    fit = fit_gate(rows, None, value, cfg, meta.attributes, log, margin)
+    try:
+        fit = fit_gate(rows, None, value, cfg, meta.attributes, log, margin)
+    except NoPreference as e:  # the pairs' own fault: name them
+        raise NoPreference(f"{path}: {e}") from None
     save_heads(cfg.run.heads_dir, fit.heads, dataclasses.replace(meta, gating=stage_record(cfg, fit, identity),
                                                                 pair_calibration=fit.calibration))
     return {"heads_dir": cfg.run.heads_dir, "pairs": rows.n,
@@ -137,13 +148,15 @@ def train_gating(cfg: GatingConfig, log=print) -> dict:
 
 def train_heads(value_cfg: ValueHeadConfig, gating_cfg: GatingConfig, log=print) -> list[dict]:
     """Stage 1 then stage 2 (`urm train-heads`), the heads folder(s) held throughout, so that no other training
-    comes between; the preference cache is checked first, so a damaged one stops the run before stage 1
-    spends its time."""
-    from pipeline.cache import verify_cache
+    comes between; both caches' kinds and the preference cache's checksums are checked first, so a wrong or
+    damaged one stops the run before stage 1 spends its time."""
+    from pipeline.cache import require_kind, verify_cache
 
     with holding_heads(value_cfg, gating_cfg):
+        require_kind(ratings_cache(value_cfg), "ratings", "--ratings-cache")
+        require_kind(preferences_cache(gating_cfg), "preferences", "--preferences-cache")
         if gating_cfg.run.verify:
-            verify_cache(gating_cfg.preferences_cache or os.path.join(gating_cfg.run.cache_dir, "preferences"))
+            verify_cache(preferences_cache(gating_cfg))
         return [train_value_head(value_cfg, log), train_gating(gating_cfg, log)]
 
 

@@ -14,11 +14,11 @@ from pipeline.serve.batcher import BatchStats, Batcher
 from pipeline.serve.requests import (Limits, RequestError, RewardChoice, check_key, check_lengths, parse_json,
                                      read_body, reward_choice, reward_queries, score_items)
 from pipeline.serve.scoring import (ScoreError, check_export, check_reward_fits, ensemble_missing, export_config,
-                                    length_limit, load_scorer, pair_probabilities, row_scores, score_ids)
+                                    length_hint, length_limit, load_scorer, pair_probabilities, row_scores, score_ids)
 
 __all__ = [
     "Access", "BatchStats", "Batcher", "Limits", "RequestError", "RewardChoice", "ScoreError", "Service",
     "check_export", "check_key", "check_lengths", "check_reward_fits", "create_app", "ensemble_missing",
-    "export_config", "length_limit", "load_scorer", "pair_probabilities", "parse_json", "read_body", "results",
-    "reward_choice", "reward_queries", "rewards", "row_scores", "score_ids", "score_items",
+    "export_config", "length_hint", "length_limit", "load_scorer", "pair_probabilities", "parse_json", "read_body",
+    "results", "reward_choice", "reward_queries", "rewards", "row_scores", "score_ids", "score_items",
 ]

@@ -83,8 +83,8 @@ def parse_json(body: bytes) -> Any:
     """The request body as JSON (400 when it is not UTF-8, not JSON, or nested too deeply)."""
     if not body.strip():
         raise RequestError(400, "empty request body: send a JSON object")
-    try:  # UTF-8 only (RFC 8259), though json.loads would guess UTF-16 / 32 from bytes
-        return json.loads(body.decode("utf-8"))
+    try:  # UTF-8 only (RFC 8259), though json.loads would guess UTF-16 / 32 from bytes; a BOM is ignored
+        return json.loads(body.decode("utf-8-sig"))
     except UnicodeDecodeError as e:
         raise RequestError(400, f"the body is not UTF-8 (byte {e.start}): send JSON text") from None
     except json.JSONDecodeError as e:

@@ -68,7 +68,7 @@ def load_scorer(model_dir: str, dtype: str = "auto", device: str = "auto", verif
 
     path = Path(model_dir)
     config = export_config(model_dir)
-    check_export(path, verify)
+    check_hidden_size(path, config, check_export(path, verify))
     dev = resolve_device(device)
     try:
         model = URMForSequenceClassification.from_pretrained(path, config=config, dtype=resolve_dtype(dtype, dev))
@@ -79,14 +79,38 @@ def load_scorer(model_dir: str, dtype: str = "auto", device: str = "auto", verif
     return model.to(dev).eval(), tokenizer
 
 
-def check_export(path: Path, verify: bool) -> None:
+def check_export(path: Path, verify: bool):
     """Before loading an export: its heads shard against heads.json's checksum (always: it is the heads' own
-    file), then every file against urm_export.json's checksums (``verify``; else only that each is there)."""
+    file), then every file against urm_export.json's checksums (``verify``; else only that each is there).
+    Returns the heads' ``HeadsMeta``."""
     from pipeline.export import check_export_files
     from pipeline.model import EXPORT_TENSORS, check_tensors, read_meta
 
-    check_tensors(path, read_meta(path, tensors=EXPORT_TENSORS), EXPORT_TENSORS)
+    meta = read_meta(path, tensors=EXPORT_TENSORS)
+    check_tensors(path, meta, EXPORT_TENSORS)
     check_export_files(path, verify)
+    return meta
+
+
+def check_hidden_size(path: Path, config, meta) -> None:
+    """ScoreError when the heads were fitted on features of another width than this backbone's hidden size
+    (heads from another backbone; under --no-verify nothing else would catch it before the weights load)."""
+    from safetensors import SafetensorError, safe_open
+
+    from pipeline.model import EXPORT_TENSORS
+
+    want = getattr(config, "hidden_size", None)
+    try:
+        with safe_open(str(path / EXPORT_TENSORS), "pt") as f:
+            names = set(f.keys())
+            found = f.get_slice("score.weight").get_shape()[-1] if "score.weight" in names else meta.hidden_size
+    except (SafetensorError, OSError, ValueError):  # an unreadable shard: the load that follows names it
+        found = meta.hidden_size
+    for width, where in ((meta.hidden_size, "heads.json"), (found, EXPORT_TENSORS)):
+        if want is not None and width != want:
+            raise ScoreError(f"{path / where}: the heads take features of hidden size {width}, but the backbone in "
+                             f"{path / 'config.json'} has hidden size {want}: they were trained on another backbone's "
+                             "features; export them onto that backbone (`urm export --backbone ...`)")
 
 
 def model_forward(model, input_ids: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -104,10 +128,30 @@ def score_ids(model, id_lists: list[list[int]], max_tokens: int, pad_id: int,
 
 def length_limit(config, asked: int | None) -> int:
     """The longest conversation to score: as asked, else the longest the heads were trained on (the export's
-    ``urm.max_length``), and never more than the backbone's positions."""
-    positions = getattr(config, "max_position_embeddings", None) or 1 << 62
+    ``urm.max_length``), never more than the backbone's positions: a ``--max-length`` above them is refused
+    (ScoreError), as the model cannot take such rows."""
+    positions = positions_of(config)
+    if asked and asked > positions:
+        raise ScoreError(f"--max-length {asked} is more than the backbone's {positions} positions "
+                         f"(max_position_embeddings in config.json): give --max-length {positions} or less")
     trained = (getattr(config, "urm", None) or {}).get("max_length")
     return min(asked or trained or positions, positions)
+
+
+def positions_of(config) -> int:
+    """The backbone's positions (``max_position_embeddings``; unbounded when the config names none)."""
+    positions = getattr(config, "max_position_embeddings", None)
+    return positions if isinstance(positions, int) and positions > 0 else 1 << 62
+
+
+def length_hint(config, limit: int) -> str:
+    """What a person can do about rows longer than ``limit``: true whether or not the limit is the backbone's."""
+    positions = getattr(config, "max_position_embeddings", None)
+    if not isinstance(positions, int) or positions <= 0:
+        return "--max-length raises the limit"
+    if limit >= positions:
+        return f"the backbone takes at most {positions} positions, so no --max-length lets them in"
+    return f"--max-length up to {positions} (the backbone's positions) raises the limit"
 
 
 def row_scores(out: dict[str, np.ndarray], i: int, names: list[str]) -> dict:

@@ -26,14 +26,14 @@ from pipeline.train.gates import (GATE_KINDS, calibrate_pairs, equal_weights, fi
 from pipeline.train.losses import GRADIENT_LOSSES, STAGE1_LOSSES, bt_loss, stage1_criterion, stage1_loss
 from pipeline.train.optimization import EarlyStopping, adamw, split_rows
 from pipeline.train.fit import Fit
-from pipeline.train.trainers import fit_gate, fit_value_head
+from pipeline.train.trainers import NoPreference, fit_gate, fit_value_head
 
 __all__ = [
-    "GATE_KINDS", "GRADIENT_LOSSES", "STAGE1_LOSSES", "EarlyStopping", "Fit", "calibrate_pairs", "choose",
-    "equal_weights", "fit_gate_kind", "fit_ridge_value_head", "frozen_pair_outputs", "global_weights", "pair_report",
-    "pair_scores", "select_gate", "set_constant_gate", "StreamedRows", "TensorRows", "adamw", "as_rows", "bt_loss",
-    "calibrate_heads", "common_direction", "default_memory_budget", "fit_gate", "fit_pair_temperatures",
-    "fit_scale_offset", "fit_temperature", "fit_value_head", "frozen_outputs", "gate_epoch", "open_streamed",
-    "pair_nll", "part_shuffled", "row_chunks", "sigma_report", "split_rows", "stage1_criterion", "stage1_loss",
-    "with_gate",
+    "GATE_KINDS", "GRADIENT_LOSSES", "STAGE1_LOSSES", "EarlyStopping", "Fit", "NoPreference", "calibrate_pairs",
+    "choose", "equal_weights", "fit_gate_kind", "fit_ridge_value_head", "frozen_pair_outputs", "global_weights",
+    "pair_report", "pair_scores", "select_gate", "set_constant_gate", "StreamedRows", "TensorRows", "adamw",
+    "as_rows", "bt_loss", "calibrate_heads", "common_direction", "default_memory_budget", "fit_gate",
+    "fit_pair_temperatures", "fit_scale_offset", "fit_temperature", "fit_value_head", "frozen_outputs",
+    "gate_epoch", "open_streamed", "pair_nll", "part_shuffled", "row_chunks", "sigma_report", "split_rows",
+    "stage1_criterion", "stage1_loss", "with_gate",
 ]

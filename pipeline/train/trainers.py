@@ -166,6 +166,56 @@ def evaluate_value_head(heads: Heads, x: torch.Tensor, y: torch.Tensor, names=AT
 # Stage 2: gate on preference pairs, value head frozen (METHOD.md 3; the gates: pipeline.train.gates)
 
 
+class NoPreference(UserError):
+    """The pairs carry no preference: every gate ties on every one of them, so none can be trained."""
+
+
+CHANCE_LEVEL = 0.05  # a gate not better than a coin at this one-sided level is flagged (see ``against_chance``)
+
+
+@torch.no_grad()
+def check_preference(rows, mu_c: torch.Tensor, mu_r: torch.Tensor, log=print) -> int:
+    """How many pairs have the same features on both sides (checked where the frozen value head already ties:
+    identical features give identical outputs). Such a pair carries no preference: every gate scores its
+    two sides the same. Some are a warning; all of them ``NoPreference``, before any gate is fitted."""
+    tied = torch.nonzero((mu_c == mu_r).all(1)).flatten()
+    same = 0
+    for rows_ in row_chunks(len(tied)):
+        xc, xr = rows.take(tied[rows_])
+        same += int((xc == xr).all(1).sum())
+    if same == rows.n:
+        raise NoPreference(f"all {rows.n} pairs have identical chosen and rejected features: they carry no "
+                           "preference, so no gate can be trained on them (every gate ties on every pair); extract "
+                           "pairs whose two sides differ (`urm extract` drops identical ones)")
+    if same:
+        log(f"warning: {same} of {rows.n} pairs have identical chosen and rejected features: they carry no "
+            "preference (every gate ties on them; counted as wrong)")
+    return same
+
+
+def against_chance(d: torch.Tensor, where: str, log=print, level: float = CHANCE_LEVEL) -> dict:
+    """Whether held-out pairs show the gate better than a coin, from its score differences d = s_c - s_r on them
+    (``where``: "out-of-fold" when --gate auto cross-validated, each pair judged by a gate that did not see it;
+    else "validation"): a one-sided exact sign test of its wins among the untied pairs against 1/2
+    (``metrics.sign_test_p``). Not shown better (p >= ``level``) is a loud warning and a record in heads.json,
+    not a refusal: on a few pairs a good gate often fails the test (at 60% right on 20 pairs p = 0.25), and
+    refusing would refuse small honest datasets. Every held-out pair tied (no pair told apart at all: no
+    preference reaches the gate) is ``NoPreference``: nothing is saved."""
+    wins, n = int((d > 0).sum()), int((d != 0).sum())
+    if n == 0:
+        raise NoPreference(f"every one of the {len(d)} {where} pairs ties (s_chosen == s_rejected): the pairs carry "
+                           "no preference the gate can see, so it is not saved as if trained")
+    p = M.sign_test_p(wins, n)
+    better = p < level
+    if not better:
+        log(f"warning: the gate is not shown better than chance: {wins} of {n} untied {where} pairs right, one-sided "
+            f"sign test against 1/2 p = {p:.3g} (>= {level}); it is saved, and heads.json records it "
+            "(gating.val.chance). With few pairs that may be noise; with many, the pairs may carry no preference the "
+            "value head's attributes see")
+    return {"pairs": len(d), "where": where, "untied": n, "wins": wins, "p_value": p, "level": level,
+            "better_than_chance": better}
+
+
 def fit_gate(chosen, rejected: torch.Tensor | None, value: Heads, cfg: GatingConfig,
              names=ATTRIBUTES, log=print, margin: torch.Tensor | None = None) -> Fit:
     """Stage 2: fit a gate with the BT loss on pairs (chosen, rejected [N, d]; or ``chosen`` a minibatch
@@ -191,6 +241,7 @@ def fit_gate(chosen, rejected: torch.Tensor | None, value: Heads, cfg: GatingCon
     m = margin.to(device, torch.float32) if cfg.use_margin else None
     frozen = frozen_pair_outputs(value, rows)
     mu_c, ls_c, mu_r, ls_r = frozen
+    check_preference(rows, mu_c, mu_r, log)
     train, val = (i.to(device) for i in split_rows(rows.n, cfg.optim.val_fraction, cfg.run.seed,
                                                    "--gate-val-fraction"))
     xc_val, xr_val = rows.take(val)  # the validation pairs are held in memory
@@ -209,8 +260,10 @@ def fit_gate(chosen, rejected: torch.Tensor | None, value: Heads, cfg: GatingCon
         pairs = calibrate_pairs(d, torch.zeros_like(d), var_sum, torch.zeros_like(var_sum), cfg.pair_temperature)
         where = "out-of-fold"
     else:
-        pairs = calibrate_pairs(*pair_scores(heads.gate_weights, *val_pairs[:6])[:4], cfg.pair_temperature)
-        where = "validation"
+        s_c, s_r, var_c, var_r, _ = pair_scores(heads.gate_weights, *val_pairs[:6])
+        pairs = calibrate_pairs(s_c, s_r, var_c, var_r, cfg.pair_temperature)
+        d, where = s_c - s_r, "validation"
+    val_report["chance"] = against_chance(d, where, log)
     if cfg.pair_temperature:
         log(f"pair temperatures on {pairs.validation_pairs} {where} pairs: BT {pairs.temperature_bt:.3g} "
             f"(ECE {pairs.before['ece']:.3f} -> {pairs.after['ece']:.3f}), Gaussian {pairs.temperature_gaussian:.3g} "
