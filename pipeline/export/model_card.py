@@ -22,7 +22,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 model_name = "{name}"
 model = AutoModelForSequenceClassification.from_pretrained(model_name, device_map='auto', trust_remote_code=True)
-tokenizer = AutoTokenizer.from_pretrained(model_name)
+tokenizer = AutoTokenizer.from_pretrained(model_name, trust_remote_code=True)
 prompt = "{prompt}"
 response1 = "{answer1}"
 response2 = "{answer2}"

@@ -19,6 +19,8 @@ from pipeline.features import OnBatch, run_batches
 from pipeline.model import OUTPUTS, p_chosen_bt, p_chosen_gaussian
 
 PER_ATTRIBUTE = ("attribute_means", "attribute_stds", "gating_weights")  # [B, K]: keyed by attribute name
+# An export made before the URM gate's tensors were nested as published (weights.{0,2,4}.*, not weights.fc.*)
+UNNESTED_GATE = {r"^weights\.(\d+)\.": r"weights.fc.\1."}
 
 
 class ScoreError(UserError):
@@ -31,6 +33,7 @@ def load_scorer(model_dir: str, dtype: str = "auto", device: str = "auto", verif
     from transformers import AutoTokenizer
 
     from pipeline.device import resolve_device, resolve_dtype
+    from pipeline.model import PUBLISHED_ARCHITECTURE, checkpoint_settings
     from pipeline.model.configuration_urm import URMConfig
     from pipeline.model.modeling_urm import URMForSequenceClassification
 
@@ -42,13 +45,17 @@ def load_scorer(model_dir: str, dtype: str = "auto", device: str = "auto", verif
     except Exception as e:  # transformers raises OSError, ValueError or a JSON error for a damaged config
         raise ScoreError(f"{path / 'config.json'}: unreadable ({type(e).__name__}: {e}); export it again with "
                          "`urm export`") from None
-    if not getattr(config, "urm", None):
-        raise ScoreError(f"{path / 'config.json'}: no 'urm' section, so not a model exported by `urm export`")
-    check_export(path, verify)
+    config.urm = checkpoint_settings(path)  # an export's section, or a published-layout checkpoint's
+    if not config.urm:
+        raise ScoreError(f"{path / 'config.json'}: no 'urm' section and not the published URM layout "
+                         f"({PUBLISHED_ARCHITECTURE}), so not a model exported by `urm export`")
+    if config.urm.get("layout") != "published":  # a published checkpoint has no heads.json to check against
+        check_export(path, verify)
     dev = resolve_device(device)
     try:
-        model = URMForSequenceClassification.from_pretrained(path, config=config, dtype=resolve_dtype(dtype, dev))
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = URMForSequenceClassification.from_pretrained(path, config=config, dtype=resolve_dtype(dtype, dev),
+                                                             key_mapping=UNNESTED_GATE)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)  # model_type urm: no prompt
     except Exception as e:  # truncated or missing shards, a damaged tokenizer
         raise ScoreError(f"{path}: the export cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0]}); "
                          "export it again with `urm export`") from None
