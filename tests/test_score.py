@@ -63,7 +63,8 @@ def run_seed_snippet(model_dir: Path, tmp_path: Path) -> tuple[float, float]:
     # answer here: it goes on with the tokenizer alone); anything before the scores is that question.
     *before, last = done.stdout.strip().splitlines()
     asked, _, printed = last.rpartition("[y/N] ")
-    assert all("custom code" in line or "trust_remote_code" in line or not line.strip() for line in before + [asked])
+    question = "\n".join(before + [asked]).strip()
+    assert not question or (question.endswith("Do you wish to run the custom code?") and "trust_remote_code" in question)
     score1, score2 = map(float, printed.split())
     return score1, score2
 

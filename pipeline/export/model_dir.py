@@ -5,6 +5,13 @@ The export (pipeline.recipes.export) is ``AutoModelForSequenceClassification``-l
 ``configuration_urm.py`` (copied from this package), config.json (the backbone's config plus a
 ``urm`` section and ``auto_map``), the weights and the tokenizer with its chat template.
 
+Laid out as the published URM-LLaMa-3.1-8B (so SGLang serves it, write_config): ``num_labels`` 2K,
+``score.weight`` [2K, d], the gate ``weights.fc.{0,2,4}.*``, the backbone ``model.*``, and
+``architectures`` SGLang's class where that class computes our score (serves_in_sglang). Every other
+tensor (``ensemble.weight``, ``softmax_gate.*``, ``base_score.*``, an LM head) has a name SGLang's
+model lacks, which its loader logs and skips. ``model_type`` is "urm": a load without
+``trust_remote_code`` is an error, never a plain LlamaForSequenceClassification's 2K logits.
+
 Weights, without loading the model: the backbone's safetensors shard files are reused as they are
 (hardlinked when the file system allows, else copied), the heads go in one more shard
 (``urm-heads.safetensors``, a copy of heads.safetensors: the tensor names are the export's), and a
@@ -376,13 +383,14 @@ def write_tokenizer(tokenizer, directory: Path, tmp: Path) -> None:
         config_file.write_text(json.dumps(cfg, indent=2) + "\n")
 
 
-def check_tokenizer_round_trip(tmp: Path, template: str) -> None:
-    """The exported tokenizer must render exactly as the one the cache was extracted with."""
+def check_tokenizer_round_trip(tmp: Path, template: str, config=None) -> None:
+    """The exported tokenizer must render exactly as the one the cache was extracted with (``config``: the
+    backbone's, given so that transformers does not look up config.json's model_type "urm")."""
     from transformers import AutoTokenizer
 
     from pipeline.features import chat_template_hash
 
-    got = chat_template_hash(AutoTokenizer.from_pretrained(tmp, trust_remote_code=False))  # model_type urm: no prompt
+    got = chat_template_hash(AutoTokenizer.from_pretrained(tmp, config=config))
     if got != template:
         raise ExportError(f"the exported tokenizer renders with chat template hash {got}, the backbone's with "
                           f"{template}: please report this (backbone tokenizer files could not be carried over)")

@@ -41,21 +41,23 @@ def load_scorer(model_dir: str, dtype: str = "auto", device: str = "auto", verif
     if not (path / "config.json").is_file():
         raise ScoreError(f"{path}: no config.json, so not a model directory; export one with `urm export`")
     try:
-        config = URMConfig.from_pretrained(path)
+        config_dict, _ = URMConfig.get_config_dict(path)
+        config_dict.pop("model_type", None)  # "llama" in a published checkpoint or an older export: no warning
+        config = URMConfig.from_dict(config_dict)
     except Exception as e:  # transformers raises OSError, ValueError or a JSON error for a damaged config
         raise ScoreError(f"{path / 'config.json'}: unreadable ({type(e).__name__}: {e}); export it again with "
                          "`urm export`") from None
     config.urm = checkpoint_settings(path)  # an export's section, or a published-layout checkpoint's
     if not config.urm:
-        raise ScoreError(f"{path / 'config.json'}: no 'urm' section and not the published URM layout "
-                         f"({PUBLISHED_ARCHITECTURE}), so not a model exported by `urm export`")
+        raise ScoreError(f"{path / 'config.json'}: no 'urm' section, so not a model exported by `urm export` (nor "
+                         f"a checkpoint in the published URM layout, {PUBLISHED_ARCHITECTURE})")
     if config.urm.get("layout") != "published":  # a published checkpoint has no heads.json to check against
         check_export(path, verify)
     dev = resolve_device(device)
     try:
         model = URMForSequenceClassification.from_pretrained(path, config=config, dtype=resolve_dtype(dtype, dev),
                                                              key_mapping=UNNESTED_GATE)
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)  # model_type urm: no prompt
+        tokenizer = AutoTokenizer.from_pretrained(path, config=config)  # given: no model_type urm lookup, no prompt
     except Exception as e:  # truncated or missing shards, a damaged tokenizer
         raise ScoreError(f"{path}: the export cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0]}); "
                          "export it again with `urm export`") from None
