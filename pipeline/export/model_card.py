@@ -149,18 +149,17 @@ def front_matter(record: dict, datasets: list[str]) -> str:
 def serving_section(urm: dict, architecture: str) -> list[str]:
     """What SGLang, RL frameworks and `urm serve` get from this export."""
     if architecture != PUBLISHED_ARCHITECTURE:
-        return ["This export's heads are not the published URM's shape (a URM gate as wide as the backbone, no "
-                "value-head bias, a Llama backbone), so `architectures` names `URMForSequenceClassification`, "
-                "which SGLang does not serve (it refuses to load it): serve it with `urm serve` (`/get_reward`, "
-                "`/score`)."]
+        return [("This export's heads are not the published URM's shape (a URM gate as wide as the backbone, no "
+                 "value-head bias, a Llama backbone), so `architectures` names `URMForSequenceClassification`, "
+                 "which SGLang does not serve (it refuses to load it): serve it with `urm serve` (`/get_reward`, "
+                 "`/score`).")]
     extra = [n for n, on in (("ensemble.weight", urm["members"] > 1), ("base_score.*", urm["base_score"])) if on]
-    return [f"`architectures` is `{PUBLISHED_ARCHITECTURE}`, the published URM's class, which SGLang serves "
-            "(start it with `--is-embedding --trust-remote-code`: config.json's `model_type` is `urm`, so "
-            "transformers reads it only through this folder's configuration_urm.py). SGLang's `/classify` returns "
-            "the score alone (`logits[0][0]` here; its gate runs in float16, ours in float32), not sigma, the gate "
-            "weights or P(better)" + (f"; it skips {', '.join(f'`{n}`' for n in extra)} (names it does not have)"
-                                      if extra else "") + ". For those, `urm serve` answers `/score` and "
-            "OpenRLHF's `/get_reward`."]
+    skipped = f"; it skips {', '.join(f'`{n}`' for n in extra)} (names it does not have)" if extra else ""
+    return [(f"`architectures` is `{PUBLISHED_ARCHITECTURE}`, the published URM's class, which SGLang serves "
+             "(start it with `--is-embedding --trust-remote-code`: config.json's `model_type` is `urm`, so "
+             "transformers reads it only through this folder's configuration_urm.py). SGLang's `/classify` returns "
+             "the score alone (`logits[0][0]` here; its gate runs in float16, ours in float32), not sigma, the gate "
+             f"weights or P(better){skipped}. For those, `urm serve` answers `/score` and OpenRLHF's `/get_reward`.")]
 
 
 def model_card(meta: HeadsMeta, record: dict, urm: dict, architecture: str = PUBLISHED_ARCHITECTURE,

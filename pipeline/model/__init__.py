@@ -22,10 +22,10 @@ from pipeline.model.published import (PUBLISHED_ARCHITECTURE, PUBLISHED_LOSS, ch
                                       published_heads, read_config_json)
 
 __all__ = [
-    "EXPORT_TENSORS", "GATES", "META", "OUTPUTS", "TENSORS", "CacheIdentity", "Heads", "HeadsError", "HeadsMeta",
-    "LabelScaling", "PUBLISHED_ARCHITECTURE", "PUBLISHED_LOSS", "PairCalibration", "SigmaCalibration", "SoftmaxGate", "StageRecord", "ValueEnsemble",
-    "build_heads", "check_tensors", "checkpoint_settings", "gate_weights", "head_outputs", "init_linear_", "is_published_layout", "last_token_index",
-    "load_heads",
-    "p_chosen_bt", "p_chosen_gaussian", "published_heads", "read_config_json", "read_meta", "save_heads", "score", "score_variance", "split_mean_logstd",
-    "unstandardize", "urm_gate",
+    "EXPORT_TENSORS", "GATES", "META", "OUTPUTS", "PUBLISHED_ARCHITECTURE", "PUBLISHED_LOSS", "TENSORS",
+    "CacheIdentity", "Heads", "HeadsError", "HeadsMeta", "LabelScaling", "PairCalibration", "SigmaCalibration",
+    "SoftmaxGate", "StageRecord", "ValueEnsemble", "build_heads", "check_tensors", "checkpoint_settings",
+    "gate_weights", "head_outputs", "init_linear_", "is_published_layout", "last_token_index", "load_heads",
+    "p_chosen_bt", "p_chosen_gaussian", "published_heads", "read_config_json", "read_meta", "save_heads", "score",
+    "score_variance", "split_mean_logstd", "unstandardize", "urm_gate",
 ]

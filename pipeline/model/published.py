@@ -90,7 +90,7 @@ def published_heads(directory: str | Path) -> tuple[Heads, HeadsMeta]:
     try:
         for file in tensor_files(directory):
             with safe_open(str(file), framework="pt") as f:
-                state.update({key: f.get_tensor(key).float() for key in f.keys() if key in wanted})
+                state.update({key: f.get_tensor(key).float() for key in wanted & set(f.keys())})
         heads.load_state_dict(state)
     except (OSError, RuntimeError, KeyError, ValueError) as e:
         missing = sorted(wanted - set(state))

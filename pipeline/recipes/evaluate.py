@@ -41,9 +41,9 @@ def load_for_evaluation(path: str):
 def published_checkpoint(folder: Path):
     """A published-layout checkpoint's heads, with the identity of the features they read: the checkpoint is
     its own backbone (`urm extract --backbone DIR` makes caches that match it)."""
-    from pipeline.features import chat_template_hash, weights_fingerprint
-
     from transformers import AutoTokenizer
+
+    from pipeline.features import chat_template_hash, weights_fingerprint
 
     heads, meta = published_heads(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder)
