@@ -37,8 +37,8 @@ def main(argv: list[str] | None = None) -> dict:
     from pipeline.train import fit_gate, fit_value_head
 
     ap = argparse.ArgumentParser(prog="python -m bench published_gap")
-    ap.add_argument("--ratings", type=int, default=300)
-    ap.add_argument("--pairs", type=int, default=300)
+    ap.add_argument("--ratings", type=int, default=120)
+    ap.add_argument("--pairs", type=int, default=80)
     ap.add_argument("--cache-dir", default=str(ROOT / "cache" / "bench-published-gap"))
     args = ap.parse_args(argv or [])
     cache = Path(args.cache_dir)
