@@ -18,14 +18,14 @@ from pipeline.model.heads import (GATES, OUTPUTS, Heads, SoftmaxGate, ValueEnsem
 from pipeline.model.heads_io import (EXPORT_TENSORS, META, TENSORS, CacheIdentity, HeadsError, HeadsMeta, LabelScaling,
                                      PairCalibration, SigmaCalibration, StageRecord, check_tensors, load_heads,
                                      read_meta, save_heads)
-from pipeline.model.published import (PUBLISHED_ARCHITECTURE, PUBLISHED_LOSS, checkpoint_settings, is_published_layout,
-                                      published_heads, read_config_json)
+from pipeline.model.published import (PUBLISHED_ARCHITECTURE, PUBLISHED_LOSS, checkpoint_settings,
+                                      is_published_checkpoint, is_published_layout, published_heads, read_config_json)
 
 __all__ = [
     "EXPORT_TENSORS", "GATES", "META", "OUTPUTS", "PUBLISHED_ARCHITECTURE", "PUBLISHED_LOSS", "TENSORS",
     "CacheIdentity", "Heads", "HeadsError", "HeadsMeta", "LabelScaling", "PairCalibration", "SigmaCalibration",
     "SoftmaxGate", "StageRecord", "ValueEnsemble", "build_heads", "check_tensors", "checkpoint_settings",
-    "gate_weights", "head_outputs", "init_linear_", "is_published_layout", "last_token_index", "load_heads",
-    "p_chosen_bt", "p_chosen_gaussian", "published_heads", "read_config_json", "read_meta", "save_heads", "score",
-    "score_variance", "split_mean_logstd", "unstandardize", "urm_gate",
+    "gate_weights", "head_outputs", "init_linear_", "is_published_checkpoint", "is_published_layout",
+    "last_token_index", "load_heads", "p_chosen_bt", "p_chosen_gaussian", "published_heads", "read_config_json",
+    "read_meta", "save_heads", "score", "score_variance", "split_mean_logstd", "unstandardize", "urm_gate",
 ]

@@ -47,6 +47,15 @@ def is_published_layout(config: dict) -> bool:
             and labels >= 2 and labels % 2 == 0)
 
 
+def is_published_checkpoint(directory: str | Path) -> bool:
+    """A model directory in the published layout that is not one of our exports (an export has urm_export.json
+    and heads.json: one whose ``urm`` section was lost is a damaged export, not a published checkpoint)."""
+    directory = Path(directory)
+    if (directory / "urm_export.json").exists() or (directory / "heads.json").exists():
+        return False
+    return (directory / "config.json").is_file() and is_published_layout(read_config_json(directory))
+
+
 def published_settings(config: dict) -> dict:
     """The ``urm`` section a published-layout checkpoint would have (see the module docstring)."""
     k = (len(config.get("id2label") or {}) or config["num_labels"]) // 2
@@ -62,7 +71,7 @@ def checkpoint_settings(directory: str | Path) -> dict:
     ``backbone_model_type`` was written kept the backbone's type as ``model_type``, and its sigma was
     calibrated when its heads.json says so), a published-layout checkpoint's derived ones, else {}."""
     config = read_config_json(directory)
-    if is_published_layout(config):
+    if is_published_checkpoint(directory):
         return published_settings(config)
     urm = dict(config.get("urm") or {})
     if urm:

@@ -19,15 +19,15 @@ from pipeline import __version__
 from pipeline.configs import ConfigError, EvaluateConfig, build, options
 from pipeline.eval import (Candidate, Scores, attribute_metrics, chosen_probabilities, pair_metrics, row_signals,
                            shift_metrics, uncertainty_signals)
-from pipeline.model import (EXPORT_TENSORS, PUBLISHED_LOSS, CacheIdentity, HeadsError, HeadsMeta, is_published_layout,
-                            load_heads, published_heads, read_config_json)
+from pipeline.model import (EXPORT_TENSORS, PUBLISHED_LOSS, CacheIdentity, HeadsError, HeadsMeta, is_published_checkpoint,
+                            load_heads, published_heads)
 
 
 def load_for_evaluation(path: str):
     """(heads, meta, what was loaded) from a heads folder, an export directory (its copy of the heads), or a
     checkpoint in the published URM layout (its value head and gate; its caches must come from it as backbone)."""
     folder = Path(path)
-    if (folder / "config.json").is_file() and is_published_layout(read_config_json(folder)):
+    if is_published_checkpoint(folder):
         return (*published_checkpoint(folder), f"published-layout checkpoint {folder} (sigma not calibrated)")
     if (folder / EXPORT_TENSORS).is_file() or (folder / "urm_export.json").is_file():  # an export: its heads copy
         heads, meta = load_heads(folder, tensors=EXPORT_TENSORS)
