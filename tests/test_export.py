@@ -63,7 +63,9 @@ def test_export_directory_holds_code_config_weights_tokenizer_and_card(tiny):
     config = json.loads((out / "config.json").read_text())
     assert config["auto_map"] == {"AutoConfig": "configuration_urm.URMConfig",
                                   "AutoModelForSequenceClassification": "modeling_urm.URMForSequenceClassification"}
-    assert config["model_type"] == "llama" and config["urm"]["attributes"] == list(ATTRIBUTES)
+    assert config["model_type"] == "urm" and config["urm"]["backbone_model_type"] == "llama"
+    assert config["urm"]["attributes"] == list(ATTRIBUTES) and len(config["id2label"]) == 2 * K
+    assert config["architectures"] == ["URMForSequenceClassification"]  # a 16-wide gate: not SGLang's class
     assert config["urm"]["members"] == 3 and config["urm"]["gate"] == "urm"
     index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
     assert index["score.weight"] == index["ensemble.weight"] == "urm-heads.safetensors"
@@ -184,19 +186,22 @@ def test_the_exported_code_imports_only_torch_transformers_and_its_siblings(tiny
         assert siblings <= siblings_allowed, (name, siblings)
 
 
-def test_config_is_the_backbones_own_without_remote_code_and_urm_config_with_it(tiny):
-    """AutoConfig in auto_map, yet model_type stays the backbone's: no custom code (and no prompt)
-    is needed to read the config or the tokenizer, as the usage snippet's AutoTokenizer does."""
-    from transformers import AutoConfig, AutoTokenizer, LlamaConfig
+def test_without_remote_code_loading_is_an_error_and_with_it_urm_config(tiny):
+    """model_type "urm" (unknown to transformers): AutoConfig and AutoModelForSequenceClassification without
+    trust_remote_code stop and ask for it, rather than build a plain LlamaForSequenceClassification that would
+    read the [2K, d] value head as 2K logits (the first: helpfulness's mean, a wrong reward). The tokenizer
+    loads without it (its class is in tokenizer_config.json)."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, LlamaConfig
 
     out = tiny[2]
-    plain = AutoConfig.from_pretrained(out)
-    assert type(plain) is LlamaConfig and plain.urm["members"] == 3
+    for load in (AutoConfig.from_pretrained, AutoModelForSequenceClassification.from_pretrained):
+        with pytest.raises(ValueError, match="trust_remote_code=True"):
+            load(out, trust_remote_code=False)
     remote = AutoConfig.from_pretrained(out, trust_remote_code=True)
-    assert type(remote).__name__ == "URMConfig" and isinstance(remote, LlamaConfig)
-    assert remote.urm == plain.urm and remote.hidden_size == plain.hidden_size
+    assert type(remote).__name__ == "URMConfig" and isinstance(remote, LlamaConfig) and remote.model_type == "urm"
+    assert remote.urm["members"] == 3 and remote.num_labels == 2 * K and remote.id2label[0] == "score"
     assert "from transformers import LlamaConfig as BackboneConfig" in (out / "configuration_urm.py").read_text()
-    AutoTokenizer.from_pretrained(out)  # would stop at a prompt if model_type were custom
+    AutoTokenizer.from_pretrained(out, trust_remote_code=False)
 
 
 def test_return_dict_false_gives_a_tuple_starting_with_the_logits(tiny_model):

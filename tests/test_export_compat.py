@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from pipeline.features import render_ids
-from tiny_models import (CONVERSATIONS, REWARDBENCH, TF457_VERSION, build_tiny_llama, export_tiny, require_side_env, require_tf457, scores_here, scores_under, tokenizer_of)
+from tiny_models import (CONVERSATIONS, REWARDBENCH, TF457, TF457_VERSION, build_tiny_llama, export_tiny, require_side_env, require_tf457, scores_here, scores_under, tokenizer_of)
 
 pytestmark = pytest.mark.integration
 
@@ -79,3 +82,26 @@ def test_export_scores_the_same_in_rewardbenchs_runner(tmp_path, monkeypatch):
     alone = scores_here(out, CONVERSATIONS, render_ids(tokenizer, CONVERSATIONS))["ids"]
     assert len({len(tokenizer(t)["input_ids"]) for t in texts}) > 1  # padded: the rows differ in length
     assert [g[0] for g in got] == pytest.approx(alone, abs=1e-5)
+
+
+REFUSAL = r'''
+import sys, transformers
+from transformers import AutoModelForSequenceClassification
+try:
+    AutoModelForSequenceClassification.from_pretrained(sys.argv[1], trust_remote_code=False)
+    print("loaded")
+except ValueError as e:
+    print("refused", "trust_remote_code=True" in str(e))
+'''
+
+
+def test_under_transformers_457_too_a_load_without_remote_code_is_refused(tmp_path):
+    """model_type "urm" under 4.57 as under 5.x: no plain LlamaForSequenceClassification with 2K logits."""
+    require_tf457()
+    _, _, out = export_tiny(tmp_path, gate_hidden=64)  # the published class named in config.json
+    (tmp_path / "refusal.py").write_text(REFUSAL)
+    done = subprocess.run([sys.executable, str(tmp_path / "refusal.py"), str(out)], capture_output=True, text=True,
+                          timeout=300, stdin=subprocess.DEVNULL,
+                          env={**os.environ, "PYTHONPATH": str(TF457), "TRANSFORMERS_VERBOSITY": "error"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "refused True"

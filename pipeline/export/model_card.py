@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
-from pipeline.model import HeadsMeta, StageRecord
+from pipeline.model import PUBLISHED_ARCHITECTURE, HeadsMeta, StageRecord
 
 # The example of the peers' model cards (ArmoRM, URM): answer 2 is the right one. `make demo` scores it too.
 SIGMOID_PROMPT = "What is the range of the numeric output of a sigmoid node in a neural network?"
@@ -22,7 +23,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 model_name = "{name}"
 model = AutoModelForSequenceClassification.from_pretrained(model_name, device_map='auto', trust_remote_code=True)
-tokenizer = AutoTokenizer.from_pretrained(model_name)
+tokenizer = AutoTokenizer.from_pretrained(model_name, trust_remote_code=True)
 prompt = "{prompt}"
 response1 = "{answer1}"
 response2 = "{answer2}"
@@ -132,8 +133,44 @@ def uncertainty_note(meta: HeadsMeta) -> str:
     return "\n\n".join(note)
 
 
-def model_card(meta: HeadsMeta, record: dict, urm: dict) -> str:
-    """The README.md text of an export."""
+def is_hub_id(spec: str) -> bool:
+    """"owner/name" on the Hub, not a local path, a file or a synthetic:/package: source."""
+    return spec.count("/") == 1 and not spec.startswith(("/", ".", "~")) and ":" not in spec and \
+        not spec.endswith((".json", ".jsonl", ".parquet", ".gz")) and not Path(spec).exists()
+
+
+def front_matter(record: dict, datasets: list[str]) -> str:
+    """The card's YAML metadata, written by huggingface_hub's ModelCardData (the Hub's own schema): the
+    backbone as ``base_model`` (a Hub id only, not a local path), the Hub datasets the caches were made from."""
+    from huggingface_hub import ModelCardData
+
+    spec = record["backbone"]["spec"]
+    data = ModelCardData(library_name="transformers", pipeline_tag="text-classification",
+                         tags=["reward-model", "uncertainty", "urm"], base_model=spec if is_hub_id(spec) else None,
+                         datasets=sorted({d for d in datasets if is_hub_id(d)}) or None)
+    return f"---\n{data.to_yaml()}\n---"
+
+
+def serving_section(urm: dict, architecture: str) -> list[str]:
+    """What SGLang, RL frameworks and `urm serve` get from this export."""
+    if architecture != PUBLISHED_ARCHITECTURE:
+        return [("This export's heads are not the published URM's shape (a URM gate as wide as the backbone, no "
+                 "value-head bias, a Llama backbone), so `architectures` names `URMForSequenceClassification`, "
+                 "which SGLang does not serve (it refuses to load it): serve it with `urm serve` (`/get_reward`, "
+                 "`/score`).")]
+    extra = [n for n, on in (("ensemble.weight", urm["members"] > 1), ("base_score.*", urm["base_score"])) if on]
+    skipped = f"; it skips {', '.join(f'`{n}`' for n in extra)} (names it does not have)" if extra else ""
+    return [(f"`architectures` is `{PUBLISHED_ARCHITECTURE}`, the published URM's class, which SGLang serves "
+             "(start it with `--is-embedding --trust-remote-code`: config.json's `model_type` is `urm`, so "
+             "transformers reads it only through this folder's configuration_urm.py). SGLang's `/classify` returns "
+             "the score alone (`logits[0][0]` here; its gate runs in float16, ours in float32), not sigma, the gate "
+             f"weights or P(better){skipped}. For those, `urm serve` answers `/score` and OpenRLHF's `/get_reward`.")]
+
+
+def model_card(meta: HeadsMeta, record: dict, urm: dict, architecture: str = PUBLISHED_ARCHITECTURE,
+               datasets: list[str] | None = None) -> str:
+    """The README.md text of an export (``architecture``: config.json's; ``datasets``: the sources of the
+    caches the heads were trained on)."""
     backbone = record["backbone"]
     members = urm["members"]
     outputs = ["- `logits` [B, 1]: the reward s (so `logits[0][0]` is the score of the first row)",
@@ -149,11 +186,7 @@ def model_card(meta: HeadsMeta, record: dict, urm: dict) -> str:
     shards = record["shards"]
     linked = [n for n, how in shards.items() if how == "linked"]
     return "\n".join([
-        "---",
-        "library_name: transformers",
-        "pipeline_tag: text-classification",
-        "tags: [reward-model, uncertainty, urm]",
-        "---",
+        front_matter(record, datasets or []),
         "",
         f"# Uncertainty-aware reward model on `{backbone['spec']}`",
         "",
@@ -183,12 +216,15 @@ def model_card(meta: HeadsMeta, record: dict, urm: dict) -> str:
         "",
         "Or batched, with uncertainty, from the command line: `urm score MODEL_DIR --input conversations.jsonl`.",
         "",
+        "## Serving", "",
+        *serving_section(urm, architecture),
+        "",
         "## Uncertainty", "",
         uncertainty_note(meta),
         "",
         "## Files", "",
         "- `urm-heads.safetensors`: the heads (`score.weight` [2K, d] rows interleaved mu_1, log sigma_1, ...; "
-        "`weights.*` URM gate, `softmax_gate.*` ArmoRM-style gate, `ensemble.weight` [M, 2K, d]); the other "
+        "`weights.fc.{0,2,4}.*` URM gate, `softmax_gate.*` ArmoRM-style gate, `ensemble.weight` [M, 2K, d]); the other "
         "shards are the backbone's (`model.*`); `model.safetensors.index.json` maps every tensor to its shard.",
         "- `heads.json`: the heads' full training record; `urm_export.json`: this export's config and provenance.",
         ("- " + ", ".join(f"`{n}`" for n in linked) + (" is a hardlink" if len(linked) == 1 else " are hardlinks")

@@ -5,6 +5,13 @@ The export (pipeline.recipes.export) is ``AutoModelForSequenceClassification``-l
 ``configuration_urm.py`` (copied from this package), config.json (the backbone's config plus a
 ``urm`` section and ``auto_map``), the weights and the tokenizer with its chat template.
 
+Laid out as the published URM-LLaMa-3.1-8B (so SGLang serves it, write_config): ``num_labels`` 2K,
+``score.weight`` [2K, d], the gate ``weights.fc.{0,2,4}.*``, the backbone ``model.*``, and
+``architectures`` SGLang's class where that class computes our score (serves_in_sglang). Every other
+tensor (``ensemble.weight``, ``softmax_gate.*``, ``base_score.*``, an LM head) has a name SGLang's
+model lacks, which its loader logs and skips. ``model_type`` is "urm": a load without
+``trust_remote_code`` is an error, never a plain LlamaForSequenceClassification's 2K logits.
+
 Weights, without loading the model: the backbone's safetensors shard files are reused as they are
 (hardlinked when the file system allows, else copied), the heads go in one more shard
 (``urm-heads.safetensors``, a copy of heads.safetensors: the tensor names are the export's), and a
@@ -43,6 +50,11 @@ HEADS_SHARD = EXPORT_TENSORS
 SINGLE_FILE_SHARD = "model-backbone.safetensors"
 INDEX = "model.safetensors.index.json"
 HEAD_PREFIXES = ("score.", "ensemble.", "weights.", "softmax_gate.", "base_score.")
+# The published URM-LLaMa-3.1-8B's class: SGLang (python/sglang/srt/models/llama_reward.py) picks it from
+# config.json's architectures and loads model.*, score.weight [2K, d] and weights.fc.{0,2,4}.* by name.
+PUBLISHED_ARCHITECTURE = "LlamaForSequenceClassificationWithNormal_Weights"
+OWN_ARCHITECTURE = "URMForSequenceClassification"
+MODEL_TYPE = "urm"  # unknown to transformers: without trust_remote_code a load stops instead of scoring wrong
 AUTO_MAP = {"AutoConfig": "configuration_urm.URMConfig",
             "AutoModelForSequenceClassification": "modeling_urm.URMForSequenceClassification"}
 BACKBONE_CONFIG_LINE = "from transformers import LlamaConfig as BackboneConfig"
@@ -288,21 +300,38 @@ def urm_section(meta: HeadsMeta, reward_model: bool, base_bias: bool) -> dict:
     temperature = {"bt": pairs.temperature_bt, "gaussian": pairs.temperature_gaussian} if pairs else {"bt": 1.0,
                                                                                                     "gaussian": 1.0}
     lengths = [s.cache.max_length for s in (meta.value_head, meta.gating) if s is not None and s.cache.max_length]
-    return {"format_version": 1, "attributes": list(meta.attributes), "members": arch["members"],
+    sigma = meta.sigma_calibration
+    return {"format_version": 2, "attributes": list(meta.attributes), "members": arch["members"],
             "value_bias": arch["bias"], "gate": arch["gate"], "gate_hidden": arch["gate_hidden"],
             "gate_temperature": arch["temperature"], "base_score": reward_model, "base_score_bias": base_bias,
-            "pair_temperature": temperature, "max_length": max(lengths) if lengths else None}
+            "pair_temperature": temperature, "max_length": max(lengths) if lengths else None,
+            "sigma_calibrated": sigma is not None and sigma.method == "calibrated"}
+
+
+def serves_in_sglang(config, urm: dict) -> bool:
+    """Whether SGLang's PUBLISHED_ARCHITECTURE computes this export's score: a Llama backbone, a URM gate
+    as wide as the backbone (its Weights are Linear(d, d) twice) and a value head without bias (its
+    ``score`` has none, and its loader drops a ``score.bias`` it lacks without a word)."""
+    return (config.model_type == "llama" and urm["gate"] == "urm" and urm["gate_hidden"] == config.hidden_size
+            and not urm["value_bias"])
 
 
 def write_config(config, urm: dict, tmp: Path) -> dict:
-    """config.json: the backbone's config, its head replaced by the URM heads (1 label = the score).
+    """config.json: the backbone's config in the published URM's layout (``num_labels`` 2K, the value
+    head's rows; ``architectures`` its class where SGLang's computes the same score, else ours), with
+    ``model_type`` "urm" and the backbone's own type in ``urm["backbone_model_type"]``. Label 0 is the
+    reward (``logits[:, 0]``, what our model returns; SGLang's /classify gives the same one number).
 
     transformers 5.x writes RoPE settings only as ``rope_parameters``; 4.x reads ``rope_theta`` /
     ``rope_scaling`` and would silently fall back to its default theta, so both forms are written.
     """
+    urm = {**urm, "backbone_model_type": config.model_type}
+    labels = 2 * len(urm["attributes"])
+    id2label = {str(i): "score" if i == 0 else f"LABEL_{i}" for i in range(labels)}
     d = {k: v for k, v in config.to_dict().items() if k not in DROP_CONFIG_KEYS}
-    d.update(architectures=["URMForSequenceClassification"], auto_map=dict(AUTO_MAP), urm=urm,
-             id2label={"0": "score"}, label2id={"score": 0}, tie_word_embeddings=False)
+    d.update(architectures=[PUBLISHED_ARCHITECTURE if serves_in_sglang(config, urm) else OWN_ARCHITECTURE],
+             auto_map=dict(AUTO_MAP), urm=urm, model_type=MODEL_TYPE, id2label=id2label,
+             label2id={v: int(k) for k, v in id2label.items()}, tie_word_embeddings=False)
     d.pop("num_labels", None)  # derived from id2label
     rope = d.get("rope_parameters")
     if isinstance(rope, dict) and "rope_theta" in rope:
@@ -354,13 +383,14 @@ def write_tokenizer(tokenizer, directory: Path, tmp: Path) -> None:
         config_file.write_text(json.dumps(cfg, indent=2) + "\n")
 
 
-def check_tokenizer_round_trip(tmp: Path, template: str) -> None:
-    """The exported tokenizer must render exactly as the one the cache was extracted with."""
+def check_tokenizer_round_trip(tmp: Path, template: str, config=None) -> None:
+    """The exported tokenizer must render exactly as the one the cache was extracted with (``config``: the
+    backbone's, given so that transformers does not look up config.json's model_type "urm")."""
     from transformers import AutoTokenizer
 
     from pipeline.features import chat_template_hash
 
-    got = chat_template_hash(AutoTokenizer.from_pretrained(tmp))
+    got = chat_template_hash(AutoTokenizer.from_pretrained(tmp, config=config))
     if got != template:
         raise ExportError(f"the exported tokenizer renders with chat template hash {got}, the backbone's with "
                           f"{template}: please report this (backbone tokenizer files could not be carried over)")

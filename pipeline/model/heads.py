@@ -5,10 +5,11 @@ copies this file into every export, where ``modeling_urm.py`` imports it as a si
 model repo. So it imports only torch.
 
 Parameter names are the export's tensor names: ``score.weight`` [2K, d] (rows interleaved
-mu_1, s_1, mu_2, s_2, ...), ``ensemble.weight`` [M, 2K, d] for an ensemble, ``weights.*`` for the
-URM gate and ``softmax_gate.*`` for the ArmoRM-style gate. ``build_heads`` gives any module these
-submodules (``Heads`` here, ``URMForSequenceClassification`` in an export) and ``head_outputs``
-is the whole score math on them, under the output names used everywhere (``OUTPUTS``).
+mu_1, s_1, mu_2, s_2, ...), ``ensemble.weight`` [M, 2K, d] for an ensemble, ``weights.fc.*`` for the
+URM gate (the published checkpoint's names) and ``softmax_gate.*`` for the ArmoRM-style gate.
+``build_heads`` gives any module these submodules (``Heads`` here, ``URMForSequenceClassification``
+in an export) and ``head_outputs`` is the whole score math on them, under the output names used
+everywhere (``OUTPUTS``).
 """
 
 from __future__ import annotations
@@ -124,9 +125,35 @@ def mlp(d: int, hidden: int, k: int, n_hidden: int, act: type[nn.Module]) -> nn.
     return nn.Sequential(*layers, nn.Linear(hidden, k))
 
 
-def urm_gate(d: int, k: int, hidden: int | None = None) -> nn.Sequential:
-    """The published URM gate: Linear(d,h) -> SELU -> Linear(h,h) -> SELU -> Linear(h,K), unnormalised."""
-    return mlp(d, hidden or d, k, 2, nn.SELU)
+class URMGate(nn.Module):
+    """The published URM gate: Linear(d,h) -> SELU -> Linear(h,h) -> SELU -> Linear(h,K), unnormalised.
+
+    Its layers are ``fc`` (tensors ``weights.fc.{0,2,4}.*``, the published checkpoint's names, which
+    SGLang's ``LlamaForSequenceClassificationWithNormal_Weights`` loads); a state dict saved before they
+    were (``weights.{0,2,4}.*``) loads too. ``gate[i]`` is ``gate.fc[i]``.
+    """
+
+    def __init__(self, d: int, k: int, hidden: int | None = None):
+        super().__init__()
+        self.fc = mlp(d, hidden or d, k, 2, nn.SELU)
+        self._register_load_state_dict_pre_hook(rename_unnested_gate)
+
+    def __getitem__(self, i: int) -> nn.Module:
+        return self.fc[i]
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.fc(h)
+
+
+def rename_unnested_gate(state_dict, prefix, *args) -> None:
+    """``weights.0.weight`` (the gate's names before ``fc``) -> ``weights.fc.0.weight``, in place."""
+    for key in [k for k in state_dict if k.startswith(prefix) and k[len(prefix):].split(".")[0].isdigit()]:
+        state_dict[prefix + "fc." + key[len(prefix):]] = state_dict.pop(key)
+
+
+def urm_gate(d: int, k: int, hidden: int | None = None) -> URMGate:
+    """The published URM gate (``URMGate``)."""
+    return URMGate(d, k, hidden)
 
 
 class SoftmaxGate(nn.Module):

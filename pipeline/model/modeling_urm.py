@@ -5,10 +5,14 @@ Imports only torch, transformers and its sibling files: `urm export` copies this
 every export, where ``config.json``'s ``auto_map`` points ``AutoModelForSequenceClassification`` at
 it. Works under transformers 4.57.x and 5.x.
 
-``config.json`` is the backbone's own config (``model_type`` "llama", ...) plus a ``urm`` section
-with the heads' shapes; ``configuration_urm.URMConfig`` (``auto_map["AutoConfig"]``) is the
-backbone's config class with that section, so ``model_type`` stays the backbone's and loading the
-tokenizer or config without ``trust_remote_code`` needs no custom code (no prompt).
+``config.json`` is the backbone's own config plus a ``urm`` section with the heads' shapes, laid out as
+the published URM-LLaMa-3.1-8B is (so SGLang serves it): ``architectures``
+["LlamaForSequenceClassificationWithNormal_Weights"] where SGLang's class computes what this one does
+(a URM gate as wide as the backbone, no value-head bias), ``num_labels`` 2K, ``score.weight`` [2K, d],
+the gate under ``weights.fc.*``. ``model_type`` is "urm" (``configuration_urm.URMConfig``, through
+``auto_map``): transformers refuses the checkpoint without ``trust_remote_code`` rather than build a
+plain ``LlamaForSequenceClassification`` whose first logit would be one attribute's mean. The
+backbone's own type is ``urm["backbone_model_type"]``.
 
 The math (METHOD.md section 1; ``heads.head_outputs``, on tensors named as in training):
   h                  last-token hidden state of the backbone (final layer, after the final norm)
@@ -95,8 +99,10 @@ def pair_temperatures(config) -> dict:
 
 
 def backbone_model(config) -> nn.Module:
-    """The backbone's base model (LlamaModel, ...) for ``config.model_type``, weights under ``model.*``."""
-    return getattr(transformers, MODEL_MAPPING_NAMES[config.model_type])(config)
+    """The backbone's base model (LlamaModel, ...) for ``urm["backbone_model_type"]`` (an export made
+    before it was written kept the backbone's type as ``config.model_type``), weights under ``model.*``."""
+    kind = urm_settings(config).get("backbone_model_type") or config.model_type
+    return getattr(transformers, MODEL_MAPPING_NAMES[kind])(config)
 
 
 class URMForSequenceClassification(PreTrainedModel):

@@ -19,12 +19,16 @@ from pipeline import __version__
 from pipeline.configs import ConfigError, EvaluateConfig, build, options
 from pipeline.eval import (Candidate, Scores, attribute_metrics, chosen_probabilities, pair_metrics, row_signals,
                            shift_metrics, uncertainty_signals)
-from pipeline.model import EXPORT_TENSORS, CacheIdentity, HeadsError, HeadsMeta, load_heads
+from pipeline.model import (EXPORT_TENSORS, PUBLISHED_LOSS, CacheIdentity, HeadsError, HeadsMeta, is_published_checkpoint,
+                            load_heads, published_heads)
 
 
 def load_for_evaluation(path: str):
-    """(heads, meta, what was loaded) from a heads folder or an export directory (its copy of the heads)."""
+    """(heads, meta, what was loaded) from a heads folder, an export directory (its copy of the heads), or a
+    checkpoint in the published URM layout (its value head and gate; its caches must come from it as backbone)."""
     folder = Path(path)
+    if is_published_checkpoint(folder):
+        return (*published_checkpoint(folder), f"published-layout checkpoint {folder} (sigma not calibrated)")
     if (folder / EXPORT_TENSORS).is_file() or (folder / "urm_export.json").is_file():  # an export: its heads copy
         heads, meta = load_heads(folder, tensors=EXPORT_TENSORS)
         return heads, meta, f"export {folder}"
@@ -32,6 +36,20 @@ def load_for_evaluation(path: str):
         raise HeadsError(f"{folder}: no such heads folder or export; train heads (`urm train-heads`) or pass one")
     heads, meta = load_heads(folder)
     return heads, meta, f"heads {folder}"
+
+
+def published_checkpoint(folder: Path):
+    """A published-layout checkpoint's heads, with the identity of the features they read: the checkpoint is
+    its own backbone (`urm extract --backbone DIR` makes caches that match it)."""
+    from transformers import AutoTokenizer
+
+    from pipeline.features import chat_template_hash, weights_fingerprint
+
+    heads, meta = published_heads(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    identity = dataclasses.replace(meta.value_head.cache, backbone_revision=weights_fingerprint(folder),
+                                   chat_template_hash=chat_template_hash(tokenizer))
+    return heads, dataclasses.replace(meta, value_head=dataclasses.replace(meta.value_head, cache=identity))
 
 
 def cache_path(cfg: EvaluateConfig, name: str) -> Path:
@@ -184,7 +202,8 @@ def _with_val(fitted, val_pairs):
 
 def describe(meta: HeadsMeta) -> str:
     sigma = meta.sigma_calibration
-    how = "calibrated sigma" if sigma and sigma.method == "calibrated" else "sigma as trained"
+    how = "calibrated sigma" if sigma and sigma.method == "calibrated" else (
+        "sigma never calibrated" if meta.value_head.config.get("loss") == PUBLISHED_LOSS else "sigma as trained")
     gate = meta.architecture.get("gate") or "no"
     return (f"the heads under evaluation: {meta.value_head.config.get('loss')} value head ({how}), {gate} gate, "
             f"{meta.architecture.get('members', 1)} member(s)")
@@ -199,6 +218,9 @@ def run_evaluate(cfg: EvaluateConfig, model_dir: str | None = None, log=print) -
     device = resolve_device(cfg.device)
     heads, meta, loaded = load_for_evaluation(model_dir or cfg.heads_dir)
     check_cache_kinds(cfg)  # before any cache is read, and before the baselines train
+    if cfg.baselines and not meta.value_head.cache.path and not (cfg.train_ratings_cache and cfg.train_preferences_cache):
+        raise ConfigError(f"{loaded} names no training caches for the baselines: give --train-ratings-cache and "
+                          "--train-preferences-cache, or --no-baselines")
     heads = heads.to(device)
     eval_pairs, eval_ratings, shift_ratings = read_eval_caches(cfg, meta, device)
     candidates = [heads_candidate("URM (these heads)", describe(meta), heads, meta.pair_calibration)]

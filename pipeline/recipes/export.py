@@ -58,17 +58,31 @@ def export_model(cfg: ExportConfig, log=print) -> dict:
         config_json = write_config(files.config, urm_section(meta, reward_model, base_bias), tmp)
         write_code(files.config, tmp)
         write_tokenizer(files.tokenizer, directory, tmp)
-        check_tokenizer_round_trip(tmp, template)
+        check_tokenizer_round_trip(tmp, template, files.config)
         shutil.copyfile(meta_file(heads_dir), tmp / META)  # heads.json, or the pending one a killed save left
         record = {"format_version": 1, "pipeline_version": __version__, "config": to_dict(cfg),
                   "backbone": {"spec": spec, "path": str(directory), "revision": files.revision,
                                "chat_template_hash": template, "reward_model": reward_model},
                   "heads_dir": str(heads_dir), "shards": shards, "unused_tensors": plan.extra}
-        (tmp / "README.md").write_text(model_card(meta, record, config_json["urm"]))
+        (tmp / "README.md").write_text(model_card(meta, record, config_json["urm"], config_json["architectures"][0],
+                                                  trained_on(meta)))
         record["checksums"] = export_checksums(tmp)
         record["seconds"] = time.perf_counter() - t0
         (tmp / "urm_export.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
     return {**record, "out_dir": str(out)}
+
+
+def trained_on(meta) -> list[str]:
+    """The dataset sources of the caches the heads were trained on (their manifests' ``dataset``), where readable."""
+    from pipeline.cache import CacheError, read_manifest
+
+    sources = []
+    for stage in (s for s in (meta.value_head, meta.gating) if s is not None):
+        try:
+            sources.append(read_manifest(Path(stage.cache.path)).get("dataset"))
+        except CacheError:  # the cache moved or was deleted since: the card goes without it
+            continue
+    return [s for s in sources if isinstance(s, str)]
 
 
 def summary(record: dict) -> str:

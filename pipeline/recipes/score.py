@@ -141,6 +141,10 @@ def score_file(model_dir: str, source: str, output: str | None, cfg: ScoreConfig
 
     names = list(model.config.urm["attributes"])
     rows = output_rows(kind, items, out, names, pair_temperatures(model.config), cfg.reward, cfg.risk)
+    if model.config.urm.get("layout") == "published":  # its sigma never calibrated: said on every row
+        log(f"{model_dir}: its sigma was never calibrated on held-out data (attribute_stds, score_std and "
+            "p_chosen_gaussian are as the checkpoint gives them); rows carry sigma_calibrated: false")
+        rows = ({**row, "sigma_calibrated": False} for row in rows)
     written = write_jsonl(rows, output)
     return {"kind": kind, "rows": written, "dropped": dropped, "conversations": len(ids), **counts, "seconds": seconds,
             "rows_per_s": len(ids) / seconds if seconds else 0.0,

@@ -58,9 +58,11 @@ def load_service(model_dir: str, cfg: ServeConfig):
     model, tokenizer = load_scorer(model_dir, cfg.dtype, cfg.device, cfg.verify)
     pad_id = pad_id_of(tokenizer)
     urm = model.config.urm
-    meta = read_meta(model_dir, tensors=EXPORT_TENSORS)
+    published = urm.get("layout") == "published"  # a published-layout checkpoint: no heads.json
+    backbone = str(model_dir) if published else read_meta(model_dir, tensors=EXPORT_TENSORS).value_head.cache.backbone
     limit = length_limit(model.config, cfg.max_length)
-    info = {"model_dir": str(model_dir), "backbone": meta.value_head.cache.backbone,
+    info = {"model_dir": str(model_dir), "backbone": backbone, "layout": "published" if published else "export",
+            "sigma_calibrated": urm.get("sigma_calibrated"),
             "model_type": model.config.model_type, "hidden_size": model.config.hidden_size,
             "attributes": list(urm["attributes"]), "members": urm["members"], "gate": urm["gate"],
             "base_score": bool(urm.get("base_score")), "max_length": limit,

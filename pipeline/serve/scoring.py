@@ -19,6 +19,8 @@ from pipeline.features import OnBatch, run_batches
 from pipeline.model import OUTPUTS, needs_ensemble, p_chosen_bt, p_chosen_gaussian
 
 PER_ATTRIBUTE = ("attribute_means", "attribute_stds", "gating_weights")  # [B, K]: keyed by attribute name
+# An export made before the URM gate's tensors were nested as published (weights.{0,2,4}.*, not weights.fc.*)
+UNNESTED_GATE = {r"^weights\.(\d+)\.": r"weights.fc.\1."}
 
 
 class ScoreError(UserError):
@@ -28,18 +30,23 @@ class ScoreError(UserError):
 def export_config(model_dir: str):
     """The export's config.json (``URMConfig``, with its ``urm`` section), or ScoreError saying why not; reads
     no weights, so a command can check what the export can give before loading it."""
+    from pipeline.model import PUBLISHED_ARCHITECTURE, checkpoint_settings
     from pipeline.model.configuration_urm import URMConfig
 
     path = Path(model_dir)
     if not (path / "config.json").is_file():
         raise ScoreError(f"{path}: no config.json, so not a model directory; export one with `urm export`")
     try:
-        config = URMConfig.from_pretrained(path)
+        config_dict, _ = URMConfig.get_config_dict(path)
+        config_dict.pop("model_type", None)  # "llama" in a published checkpoint or an older export: no warning
+        config = URMConfig.from_dict(config_dict)
     except Exception as e:  # transformers raises OSError, ValueError or a JSON error for a damaged config
         raise ScoreError(f"{path / 'config.json'}: unreadable ({type(e).__name__}: {e}); export it again with "
                          "`urm export`") from None
-    if not getattr(config, "urm", None):
-        raise ScoreError(f"{path / 'config.json'}: no 'urm' section, so not a model exported by `urm export`")
+    config.urm = checkpoint_settings(path)  # an export's section, or a published-layout checkpoint's
+    if not config.urm:
+        raise ScoreError(f"{path / 'config.json'}: no 'urm' section, so not a model exported by `urm export` (nor "
+                         f"a checkpoint in the published URM layout, {PUBLISHED_ARCHITECTURE})")
     return config
 
 
@@ -60,7 +67,8 @@ def check_reward_fits(model_dir: str, transform: str) -> None:
 
 def load_scorer(model_dir: str, dtype: str = "auto", device: str = "auto", verify: bool = True):
     """An exported model (pipeline's own copy of modeling_urm: no remote code runs) and its tokenizer;
-    its files are checked against the checksums the export recorded (``verify``; the heads' always)."""
+    its files are checked against the checksums the export recorded (``verify``; the heads' always). A
+    checkpoint in the published layout has no heads.json to check against."""
     from transformers import AutoTokenizer
 
     from pipeline.device import resolve_device, resolve_dtype
@@ -68,11 +76,13 @@ def load_scorer(model_dir: str, dtype: str = "auto", device: str = "auto", verif
 
     path = Path(model_dir)
     config = export_config(model_dir)
-    check_hidden_size(path, config, check_export(path, verify))
+    if config.urm.get("layout") != "published":
+        check_hidden_size(path, config, check_export(path, verify))
     dev = resolve_device(device)
     try:
-        model = URMForSequenceClassification.from_pretrained(path, config=config, dtype=resolve_dtype(dtype, dev))
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = URMForSequenceClassification.from_pretrained(path, config=config, dtype=resolve_dtype(dtype, dev),
+                                                             key_mapping=UNNESTED_GATE)
+        tokenizer = AutoTokenizer.from_pretrained(path, config=config)  # given: no model_type urm lookup, no prompt
     except Exception as e:  # truncated or missing shards, a damaged tokenizer
         raise ScoreError(f"{path}: the export cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0]}); "
                          "export it again with `urm export`") from None

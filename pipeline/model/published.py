@@ -1,0 +1,112 @@
+"""Checkpoints in the published URM layout (LxzGordon/URM-LLaMa-3.1-8B, as SGLang serves it) read as our heads.
+
+The layout (SGLang's ``LlamaForSequenceClassificationWithNormal_Weights``, its
+python/sglang/srt/models/llama_reward.py): config.json ``architectures``
+[PUBLISHED_ARCHITECTURE], ``model_type`` "llama", ``num_labels`` 2K; tensors ``model.*`` (the
+backbone), ``score.weight`` [2K, d] (rows interleaved mu_k, log sigma_k; no bias) and the gate
+``weights.fc.{0,2,4}.{weight,bias}`` (Linear(d, d) -> SELU -> Linear(d, d) -> SELU -> Linear(d, K)).
+Our exports use the same names and add a ``urm`` section; a published checkpoint has none, so
+``checkpoint_settings`` derives one: K attributes (HelpSteer2's five when K = 5), one member, no
+value-head bias, the URM gate as wide as the backbone, temperatures 1, and ``sigma_calibrated``
+False: nothing says its log-sigma rows were ever checked against held-out data.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from pipeline import ATTRIBUTES
+from pipeline.model.heads import Heads
+from pipeline.model.heads_io import CacheIdentity, HeadsError, HeadsMeta, StageRecord
+
+PUBLISHED_ARCHITECTURE = "LlamaForSequenceClassificationWithNormal_Weights"
+PUBLISHED_LOSS = "published checkpoint"  # the value head's "loss" in a HeadsMeta made for one
+INDEX = "model.safetensors.index.json"
+
+
+def read_config_json(directory: str | Path) -> dict:
+    """config.json of ``directory`` as a dict (HeadsError when unreadable)."""
+    path = Path(directory) / "config.json"
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise HeadsError(f"{path}: unreadable ({e})") from None
+    if not isinstance(data, dict):
+        raise HeadsError(f"{path}: a JSON {type(data).__name__}, not a model config")
+    return data
+
+
+def is_published_layout(config: dict) -> bool:
+    """A checkpoint laid out as the published URM (its class, an even number of labels) without our ``urm`` section."""
+    labels = len(config.get("id2label") or {}) or config.get("num_labels") or 0
+    return (not config.get("urm") and PUBLISHED_ARCHITECTURE in (config.get("architectures") or [])
+            and labels >= 2 and labels % 2 == 0)
+
+
+def is_published_checkpoint(directory: str | Path) -> bool:
+    """A model directory in the published layout that is not one of our exports (an export has urm_export.json
+    and heads.json: one whose ``urm`` section was lost is a damaged export, not a published checkpoint)."""
+    directory = Path(directory)
+    if (directory / "urm_export.json").exists() or (directory / "heads.json").exists():
+        return False
+    return (directory / "config.json").is_file() and is_published_layout(read_config_json(directory))
+
+
+def published_settings(config: dict) -> dict:
+    """The ``urm`` section a published-layout checkpoint would have (see the module docstring)."""
+    k = (len(config.get("id2label") or {}) or config["num_labels"]) // 2
+    return {"format_version": 2, "layout": "published", "attributes": list(ATTRIBUTES) if k == len(ATTRIBUTES)
+            else [f"attribute_{i}" for i in range(k)], "members": 1, "value_bias": False, "gate": "urm",
+            "gate_hidden": config["hidden_size"], "gate_temperature": None, "base_score": False,
+            "base_score_bias": False, "pair_temperature": {"bt": 1.0, "gaussian": 1.0}, "max_length": None,
+            "sigma_calibrated": False, "backbone_model_type": config.get("model_type", "llama")}
+
+
+def checkpoint_settings(directory: str | Path) -> dict:
+    """The ``urm`` settings of a model directory: an export's section (one made before
+    ``backbone_model_type`` was written kept the backbone's type as ``model_type``, and its sigma was
+    calibrated when its heads.json says so), a published-layout checkpoint's derived ones, else {}."""
+    config = read_config_json(directory)
+    if is_published_checkpoint(directory):
+        return published_settings(config)
+    urm = dict(config.get("urm") or {})
+    if urm:
+        urm.setdefault("backbone_model_type", config.get("model_type"))
+    return urm
+
+
+def tensor_files(directory: Path) -> list[Path]:
+    """The safetensors files of a checkpoint (its index's, else model.safetensors)."""
+    index = directory / INDEX
+    if index.is_file():
+        return [directory / n for n in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    return [directory / "model.safetensors"]
+
+
+def published_heads(directory: str | Path) -> tuple[Heads, HeadsMeta]:
+    """The heads of a published-layout checkpoint (``score.weight``, ``weights.fc.*``, upcast to fp32) and
+    a HeadsMeta for them: no training record, sigma not calibrated; the cache identity names the
+    checkpoint as its own backbone (the caller fills in its revision and chat template)."""
+    directory = Path(directory)
+    settings = published_settings(read_config_json(directory))
+    d, k = settings["gate_hidden"], len(settings["attributes"])
+    heads = Heads(d, k, gate="urm", gate_hidden=d)
+    wanted, state = set(heads.state_dict()), {}
+    try:
+        for file in tensor_files(directory):
+            with safe_open(str(file), framework="pt") as f:
+                state.update({key: f.get_tensor(key).float() for key in wanted & set(f.keys())})
+        heads.load_state_dict(state)
+    except (OSError, RuntimeError, KeyError, ValueError) as e:
+        missing = sorted(wanted - set(state))
+        raise HeadsError(f"{directory}: not a checkpoint in the published URM layout ("
+                         f"{'missing ' + ', '.join(missing[:3]) if missing else str(e).splitlines()[0]})") from None
+    identity = CacheIdentity(path="", backbone=str(directory), hidden_size=d)
+    value = StageRecord(config={"loss": PUBLISHED_LOSS}, cache=identity)
+    meta = HeadsMeta(attributes=settings["attributes"], hidden_size=d, architecture=dict(heads.architecture),
+                     value_head=value)
+    return heads.to(torch.float32), meta
