@@ -135,7 +135,7 @@ def test_curating_40_ultrafeedback_pairs_keeps_the_most_certain_half_as_trl_rows
     by_id = {p.pair_id: p for p in pairs}
     assert all(b.chosen == by_id[b.pair_id].chosen and b.rejected == by_id[b.pair_id].rejected for b in back)
     text = (out / "report.md").read_text()
-    assert "| read | 40 |" in text and f"| kept (the most certain 0.5 of the pairs, less the suspects) | {len(curated)} |" in text
+    assert "| read | 40 |" in text and f"| kept (the most certain 50% of the pairs, less the suspects) | {len(curated)} |" in text
     assert "curated 40 pairs" in result.stderr
 
 

@@ -17,8 +17,6 @@ Unlabelled pairs (A, B): the same numbers with A as "chosen"; the **uncertainty*
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from pipeline.errors import UserError
@@ -97,7 +95,3 @@ def least_certain(unsure: torch.Tensor, n: int) -> torch.Tensor:
 def keep_cut(certain: torch.Tensor, keep: torch.Tensor) -> float | None:
     """The lowest certainty among the kept pairs (where the keep rule cut), None when none is kept."""
     return float(certain[keep].min()) if keep.any() else None
-
-
-def share(mask: torch.Tensor) -> float:
-    return float(mask.double().mean()) if len(mask) else math.nan

@@ -195,7 +195,7 @@ def curate(data: JudgedInput, judged: dict, cfg: CurateConfig, folder: Path) -> 
     curation_plot(folder / PLOT, judged["p_chosen"].numpy(), keep.numpy(), cfg.suspect_threshold,
                   certain.numpy(), cfg.signal, cut)
     rule = ("every pair but the suspects" if cfg.drop_suspect_only else
-            f"the most certain {cfg.keep_certain:g} of the pairs, less the suspects")
+            f"the most certain {cfg.keep_certain:.0%} of the pairs, less the suspects")
     return {"mode": "curate", "suspects": int(suspect.sum()), "kept": int(keep.sum()), "rule": rule, "cut": cut,
             "suspect_threshold": cfg.suspect_threshold, "mean_p_chosen": float(judged["p_chosen"].mean()),
             "agreement": float((judged["gap"] > 0).double().mean()), "outputs": ["scored.jsonl", "curated.jsonl"]}
