@@ -157,7 +157,8 @@ def noisy_labels(value, xc, xr, xc_test, xr_test, seed: int) -> dict:
     suspect = suspects(j["p_chosen"], 0.2)
     for name, rule in RULES.items():
         runs[name] = kept_pairs(certainty(j, "gaussian"), suspect, **rule)
-    out = {"auroc": auroc, "suspects": int(suspect.sum()), "flipped_among_suspects": int((suspect & flipped).sum()),
+    out = {"auroc": auroc, "judge_accuracy": ((j["gap"] > 0) != flipped).double().mean().item(),
+           "suspects": int(suspect.sum()), "flipped_among_suspects": int((suspect & flipped).sum()),
            "training": {}}
     for name, keep in runs.items():
         xa, xb = (xc, xr) if name == "clean" else (nc, nr)
@@ -264,12 +265,18 @@ def main(argv: list[str] | None = None) -> dict:
         bon_summary[n]["oracle_true_reward"] = mean_sd([b[n]["oracle_true_reward"] for b in bon])
         bon_summary[n]["random_true_reward"] = mean_sd([b[n]["random_true_reward"] for b in bon])
     best = max((s for s in SIGNAL_NAMES if s != "random"), key=lambda s: auroc[s]["mean"])
+    judge = mean_sd([f["judge_accuracy"] for f in flips])
+    normal = torch.distributions.Normal(0.0, 1.0)
+    # a judge right on a share a of the pairs, its gap d ~ N(m, 1) with Phi(m) = a: flipped pairs' gaps are
+    # N(-m, 1), so the gap ranks them with AUROC Phi(sqrt(2) m) (0.7 needs a >= 0.645)
+    expected = normal.cdf(2 ** 0.5 * normal.icdf(torch.tensor(judge["mean"]))).item()
     result = {
         "what": __doc__.split("\n")[0],
         "data": {"pairs": f"{len(xc_all)} shortest pairs of {HH_RLHF.name} (75% training, 25% held out, seeded)",
                  "ratings": f"synthetic:ratings?n={args.ratings}&seed=0 (60% value head, 40% best-of-n pool)",
                  "flipped": FLIP, "seeds": args.seeds, "draws": args.draws},
-        "flip_detection_auroc": auroc, "best_signal": best,
+        "flip_detection_auroc": auroc, "best_signal": best, "judge_accuracy_on_true_labels": judge,
+        "auroc_a_gaussian_gap_judge_of_that_accuracy_would_give": expected,
         "target_auroc_above_0.7": auroc[best]["mean"] > 0.7,
         "training": training, "accuracy_lost_to_noise": lost, "share_recovered": recovered,
         "probe_accuracy_lost_to_noise": probe_lost, "probe_share_recovered": probe_recovered,

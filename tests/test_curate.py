@@ -222,3 +222,18 @@ def test_the_ensemble_signal_on_a_model_without_one_fails_before_scoring(tmp_pat
     result = curate(str(model), "-i", str(pairs), "-o", str(tmp_path / "out"), "--signal", "ensemble")
     assert result.exit_code == 1 and "--signal ensemble needs an ensemble" in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_the_best_of_n_rules_of_the_benchmark_against_hand_computed_values():
+    from bench.curate import bon_rewards
+
+    mu = torch.tensor([[2.0, 1.0], [1.0, 3.0]], dtype=torch.float64)  # 2 rows, 2 attributes
+    sigma = torch.tensor([[0.3, 0.4], [1.0, 0.0]], dtype=torch.float64)
+    members = torch.tensor([[[2.0, 0.0], [1.0, 3.0]], [[2.0, 2.0], [1.0, 1.0]]], dtype=torch.float64)  # [M, N, K]
+    w = torch.tensor([1.0, 0.5], dtype=torch.float64)
+    r = bon_rewards(mu, sigma, members, w, k=2.0, lam=0.5)
+    assert r["mean"].tolist() == pytest.approx([2.5, 2.5])
+    assert r["lcb"].tolist() == pytest.approx([2.5 - 2 * math.sqrt(0.09 + 0.25 * 0.16), 2.5 - 2 * 1.0])
+    # the members' w . mu: row 0 (2.0, 3.0), row 1 (2.5, 1.5): mean 2.5 and 2.0, unbiased variance 0.5 and 0.5
+    assert r["min"].tolist() == pytest.approx([2.0, 1.5])
+    assert r["uwo"].tolist() == pytest.approx([2.5 - 0.5 * 0.5, 2.0 - 0.5 * 0.5])
