@@ -184,9 +184,9 @@ def bon_rewards(mu, sigma, member_mu, w, k: float = 1.0, lam: float = 1.0) -> di
 
 
 def best_of_n(value, x_pool, y_pool, ns, draws: int, seed: int) -> dict:
+    from pipeline import ATTRIBUTES
     from pipeline.data.synthetic import PAIR_WEIGHTS
     from pipeline.model import split_mean_logstd
-    from pipeline import ATTRIBUTES
 
     w = torch.tensor([PAIR_WEIGHTS[a] for a in ATTRIBUTES], dtype=torch.float64)
     truth = y_pool.double() @ w
@@ -196,7 +196,7 @@ def best_of_n(value, x_pool, y_pool, ns, draws: int, seed: int) -> dict:
         member_mu = split_mean_logstd(value.ensemble(x_pool.float()))[0].double()
     rewards = bon_rewards(mu, log_sigma.exp(), member_mu, w)
     gen = torch.Generator().manual_seed(2000 + seed)
-    out = {}
+    out = {"score_truth_pearson": torch.corrcoef(torch.stack([rewards["mean"], truth]))[0, 1].item()}
     for n in ns:
         picks = torch.stack([torch.randperm(len(truth), generator=gen)[:n] for _ in range(draws)])  # [draws, n]
         best = truth[picks].max(1).values
@@ -261,6 +261,7 @@ def main(argv: list[str] | None = None) -> dict:
     bon_summary = {n: {rule: {key: mean_sd([b[n][rule][key] for b in bon])
                               for key in ("true_reward", "regret", "truly_low_picked")}
                        for rule in ("mean", "lcb", "min", "uwo")} for n in (4, 16)}
+    bon_summary["score_truth_pearson"] = mean_sd([b["score_truth_pearson"] for b in bon])
     for n in (4, 16):
         bon_summary[n]["oracle_true_reward"] = mean_sd([b[n]["oracle_true_reward"] for b in bon])
         bon_summary[n]["random_true_reward"] = mean_sd([b[n]["random_true_reward"] for b in bon])
