@@ -260,6 +260,31 @@ def score(
 
 
 @app.command()
+@with_config("curate")
+def curate(
+    model_dir: str = typer.Argument(..., help="Exported model directory (or, for a preference cache, a heads folder)."),
+    input: str = typer.Option(..., "--input", "-i", help="Preference pairs (any format `urm extract` reads), a "
+                              "preference cache, or with --select unlabelled two-response rows."),
+    out_dir: str = typer.Option(..., "--out-dir", "-o", help="Folder to write (replaced atomically as a whole)."),
+    configs: dict = None,
+):
+    """Curate preference pairs with the model's uncertainty: flag the pairs it confidently reverses, keep the
+    ones it is most certain of; or (--select N) pick the unlabelled pairs to label next.
+
+    Writes OUT_DIR/scored.jsonl (per pair: p_chosen, p_chosen_gaussian, the ensemble's disagreement, suspect,
+    kept), OUT_DIR/curated.jsonl (the kept pairs, TRL conversational chosen/rejected rows that `urm extract`
+    reads), report.md and p_chosen.png. With --select: selected.jsonl instead of curated.jsonl.
+
+    \b
+    Example: urm curate runs/demo/model -i ../shared/data/ultrafeedback-binarized-sample-train.jsonl -o curated/
+             urm curate runs/demo/model -i unlabelled.jsonl --select 100 -o to-label/
+    """
+    from pipeline.recipes.curate import run_curate, summary
+
+    typer.echo(summary(run_or_fail(run_curate, model_dir, input, out_dir, configs["curate"])), err=True)
+
+
+@app.command()
 def demo(preset: str = typer.Option(C.DEFAULT_PRESET, "--preset", "-p", help=PRESET_HELP, envvar="URM_PRESET")):
     """The whole job in one command: extract, train-heads, export, evaluate; then the export scores the
     sigmoid example (both answers with their uncertainty, P(answer 2 better)) and the run ends with the

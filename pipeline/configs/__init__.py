@@ -8,6 +8,7 @@ the presets that fill them, shipped beside them as TOML (``pipeline/configs/*.to
   export    ``ExportConfig``
   evaluate  ``EvaluateConfig``
   serve     ``ScoreConfig``, ``ServeConfig``
+  curate    ``CurateConfig``
   presets   ``STAGES``, reading and checking a preset, ``load_config``
 
 Configs are what the command line reads before anything else, so importing them imports no stage
@@ -16,6 +17,7 @@ formats) by importing that stage when a config is built. The stages never import
 a config as an argument; type checkers see the types under ``TYPE_CHECKING``).
 """
 
+from pipeline.configs.curate import CurateConfig
 from pipeline.configs.evaluate import EvaluateConfig
 from pipeline.configs.export import ExportConfig
 from pipeline.configs.extract import ATTENTION, KINDS, SMOLLM2_GGUF, DatasetSpec, ExtractConfig
@@ -28,7 +30,7 @@ from pipeline.configs.train import GatingConfig, Optimization, TrainingRun, Valu
 
 __all__ = [
     "ATTENTION", "DEFAULT_PATHS", "DEFAULT_PRESET", "DTYPE_HELP", "KINDS", "PRESET_DIR", "SMOLLM2_GGUF", "STAGES",
-    "VERIFY_HELP", "ConfigError", "DatasetSpec", "EvaluateConfig", "ExportConfig", "ExtractConfig", "GatingConfig",
+    "VERIFY_HELP", "ConfigError", "CurateConfig", "DatasetSpec", "EvaluateConfig", "ExportConfig", "ExtractConfig", "GatingConfig",
     "Optimization", "Option", "ScoreConfig", "ServeConfig", "TrainingRun", "ValueHeadConfig", "build",
     "check_preset", "check_preset_values", "load_config", "options", "preset_names", "preset_path", "read_preset",
     "run_paths", "to_dict",

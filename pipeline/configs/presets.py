@@ -7,7 +7,7 @@ environment variable (which is also how ``make VAR=...`` overrides reach the CLI
 
 A preset file has shared keys at the top level (every stage with an option of that name takes
 them), one table per stage (``[extract]``, ``[value_head]``, ``[gating]``, ``[export]``, ``[evaluate]``,
-``[score]``, ``[serve]``) and one ``[datasets.NAME]`` table per dataset to extract.
+``[score]``, ``[serve]``, ``[curate]``) and one ``[datasets.NAME]`` table per dataset to extract.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from pipeline.configs.curate import CurateConfig
 from pipeline.configs.evaluate import EvaluateConfig
 from pipeline.configs.export import ExportConfig
 from pipeline.configs.extract import DatasetSpec, ExtractConfig
@@ -43,6 +44,7 @@ STAGES: dict[str, type] = {
     "evaluate": EvaluateConfig,
     "score": ScoreConfig,
     "serve": ServeConfig,
+    "curate": CurateConfig,
 }
 
 

@@ -6,6 +6,7 @@
   nemo_turns     the <extra_id_N> turn markers of NVIDIA's formats, and a prompt split on them
   ratings        HelpSteer2 / SteerLM / NeMo regression rows -> ``RatingRow``
   preferences    every pair format -> ``PreferencePair``
+  response_pairs unlabelled pairs (two responses per prompt) for `urm curate --select`
   conversations  rows to score -> ``Conversation``; whether a scoring input holds pairs
   synthetic      the seeded HelpSteer2-schema generator (the demo and the tests)
   testing        data with a known answer for tests and benchmarks (imports torch; not re-exported here)
@@ -20,6 +21,7 @@ from pipeline.data.preferences import (check_ends_with_assistant, drop_identical
 from pipeline.data.preferences import FORMATS as PAIR_FORMATS
 from pipeline.data.ratings import load_ratings, require_labels
 from pipeline.data.ratings import FORMATS as RATING_FORMATS
+from pipeline.data.response_pairs import load_response_pairs
 from pipeline.data.records import LoadReport, Message, PreferencePair, RatingRow
 from pipeline.data.sources import (RowError, fingerprint, hub_commit, iter_records, not_utf8, parse_synthetic,
                                    pin_revision, source_kind, source_label, source_stem, split_hub_id)
@@ -28,7 +30,8 @@ from pipeline.data.synthetic import make_preferences, make_ratings, write_helpst
 __all__ = [
     "PAIR_FORMATS", "RATING_FORMATS", "Conversation", "LoadReport", "Message", "PreferencePair", "RatingRow",
     "RowError", "check_ends_with_assistant", "drop_identical", "fingerprint", "hub_commit", "input_kind",
-    "iter_records", "load_conversations", "load_preferences", "load_ratings", "make_preferences", "make_ratings",
-    "messages_from", "not_utf8", "parse_synthetic", "pin_revision", "require_labels", "source_kind", "source_label",
-    "source_stem", "split_helpsteer2_prompt", "split_hub_id", "split_transcript", "write_helpsteer2_jsonl",
+    "iter_records", "load_conversations", "load_preferences", "load_ratings", "load_response_pairs",
+    "make_preferences", "make_ratings", "messages_from", "not_utf8", "parse_synthetic", "pin_revision",
+    "require_labels", "source_kind", "source_label", "source_stem", "split_helpsteer2_prompt", "split_hub_id",
+    "split_transcript", "write_helpsteer2_jsonl",
 ]

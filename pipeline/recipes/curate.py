@@ -1,0 +1,247 @@
+"""`urm curate`: preference pairs judged by a reward model with uncertainty -> the pairs worth keeping, or the
+unlabelled pairs worth labelling next.
+
+The wiring: read the pairs (a preference file in any format pipeline.data.preferences reads, scored through an
+export as `urm score` scores them; or a preference cache, scored by the heads on its cached features, its
+conversations read back from the source the cache's manifest names), judge every pair
+(pipeline.eval.curation: P(chosen) under Bradley-Terry and the Gaussians at the fitted temperatures, the
+ensemble's disagreement), then write OUT_DIR as one atomic folder (pipeline.atomic.atomic_directory):
+
+  scored.jsonl    one row per pair: id, subset, score_chosen, score_rejected, p_chosen, p_chosen_gaussian,
+                  ensemble_disagreement (with an ensemble), the certainty under --signal, suspect, kept
+  curated.jsonl   the kept pairs as TRL conversational rows ({id, chosen: [messages], rejected: [messages]}),
+                  which `urm extract` reads back
+  report.md       counts and the rule, with p_chosen.png: the distributions with the thresholds marked
+
+With ``--select N`` the input is unlabelled pairs (pipeline.data.response_pairs; A in the chosen slot) and
+``selected.jsonl`` holds the N pairs the model is least sure of, each with the signal and its value.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.atomic import atomic_directory, write_text
+from pipeline.configs import CurateConfig
+from pipeline.errors import UserError
+from pipeline.eval.curation import (
+    certainty,
+    check_signal,
+    judge_pairs,
+    keep_cut,
+    kept_pairs,
+    least_certain,
+    suspects,
+    uncertainty,
+)
+from pipeline.eval.curation_report import PLOT, curation_plot, write_curation_report
+from pipeline.eval.evaluation import Scores
+
+
+class CurateError(UserError):
+    """The pairs or the model cannot be curated."""
+
+
+@dataclass
+class JudgedInput:
+    """The pairs read, the model's scores for both sides, and what the summary says about where they came from."""
+
+    pairs: list  # PreferencePair, in input order (those scored)
+    chosen: Scores
+    rejected: Scores
+    temperature_bt: float
+    temperature_gaussian: float
+    dropped: int
+    model: str
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading and scoring
+
+
+def is_cache(source: str) -> bool:
+    return (Path(source) / "_manifest.json").is_file()
+
+
+def read_pairs_file(source: str, cfg: CurateConfig) -> list:
+    """Labelled pairs (curating) or unlabelled response pairs (``--select``); CurateError when there are none."""
+    from pipeline.data import input_kind, load_preferences, load_response_pairs
+
+    if cfg.select is not None:
+        pairs, report = load_response_pairs(source, skip_invalid=cfg.skip_invalid, limit=cfg.limit)
+    else:
+        if cfg.format is None and input_kind(source) != "pairs":
+            raise CurateError(f"{source}: its rows hold no chosen/rejected pairs (conversations to score go to `urm "
+                              "score`; unlabelled two-response rows to `urm curate --select N`)")
+        pairs, report = load_preferences(source, format=cfg.format, skip_invalid=cfg.skip_invalid, limit=cfg.limit)
+    if not pairs:
+        raise CurateError(f"{source}: no pairs to curate ({report.rows_skipped} rows skipped)")
+    return pairs
+
+
+def side_scores(out: dict[str, np.ndarray], side: int) -> Scores:
+    """The outputs of every pair's chosen (side 0) or rejected (side 1) conversation as ``Scores``."""
+    def take(name):
+        return torch.from_numpy(np.ascontiguousarray(out[name][side::2])) if name in out else None
+
+    return Scores(take("score"), take("score_std"), take("ensemble_scores"), take("attribute_means"),
+                  take("attribute_stds"))
+
+
+def score_with_export(model_dir: str, source: str, cfg: CurateConfig, log) -> JudgedInput:
+    """Both sides of every pair through the export, batched as `urm score` does."""
+    from pipeline.features import pad_id_of, render_ids
+    from pipeline.model.modeling_urm import pair_temperatures
+    from pipeline.recipes.score import flatten, within_length
+    from pipeline.serve import length_limit, load_scorer, score_ids
+
+    pairs = read_pairs_file(source, cfg)
+    model, tokenizer = load_scorer(model_dir, cfg.dtype, cfg.device, cfg.verify)
+    require_members(cfg, model.config.urm.get("members", 1), model_dir)
+    ids = render_ids(tokenizer, flatten("pairs", pairs))
+    pairs, ids, dropped = within_length("pairs", pairs, ids, length_limit(model.config, cfg.max_length), log)
+    out = score_ids(model, ids, cfg.max_tokens_per_batch, pad_id_of(tokenizer))
+    t = pair_temperatures(model.config)
+    return JudgedInput(pairs, side_scores(out, 0), side_scores(out, 1), t["bt"], t["gaussian"], dropped,
+                       f"export {model_dir}")
+
+
+def score_cached(model_dir: str, cache: str, cfg: CurateConfig, log) -> JudgedInput:
+    """A preference cache's pairs scored by the heads on their cached features; the conversations come from the
+    source file the manifest names (curated.jsonl needs them), matched by pair id."""
+    from pipeline.cache import read_pairs
+    from pipeline.eval.baselines import heads_scores
+    from pipeline.recipes.evaluate import check_features, load_for_evaluation
+
+    if cfg.select is not None:
+        raise CurateError(f"{cache}: --select reads unlabelled pairs from a file; a cache holds labelled pairs")
+    heads, meta, what = load_for_evaluation(model_dir)
+    require_members(cfg, heads.architecture["members"], model_dir)
+    cached = read_pairs(cache, verify=cfg.verify)
+    check_features(Path(cache), cached.chosen.manifest, meta)
+    dataset = cached.chosen.manifest.get("dataset")
+    try:
+        from pipeline.data import load_preferences
+
+        pairs, _ = load_preferences(dataset, format=cfg.format, skip_invalid=True)
+    except UserError as e:
+        raise CurateError(f"{cache}: curated.jsonl needs the pairs' conversations, and the cache's source "
+                          f"{dataset!r} cannot be read ({e})") from None
+    by_id = {p.pair_id: p for p in pairs}
+    missing = [i for i in cached.chosen.pair_id if i not in by_id]
+    if missing:
+        raise CurateError(f"{cache}: {len(missing)} cached pairs (e.g. {missing[0]!r}) are not in its source "
+                          f"{dataset!r} any more: extract the cache again")
+    with torch.no_grad():
+        chosen, rejected = (heads_scores(heads, side.embedding) for side in (cached.chosen, cached.rejected))
+    p = meta.pair_calibration
+    return JudgedInput([by_id[i] for i in cached.chosen.pair_id], chosen, rejected,
+                       p.temperature_bt if p else 1.0, p.temperature_gaussian if p else 1.0, 0, what)
+
+
+def require_members(cfg: CurateConfig, members: int, model_dir: str) -> None:
+    """Before anything is scored: --signal ensemble needs an ensemble."""
+    if cfg.signal == "ensemble" and members < 2:
+        raise CurateError(f"--signal ensemble needs an ensemble, and {model_dir} has one value head; use --signal "
+                          "bt or gaussian, or train the value head with --ensemble 2 or more")
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing
+
+
+def jsonl(rows) -> str:
+    return "".join(json.dumps(row, allow_nan=False) + "\n" for row in rows)
+
+
+def trl_row(pair) -> dict:
+    """A pair in TRL's conversational format (whole conversations on both sides), as `urm extract` reads it."""
+    row = {"id": pair.pair_id, "chosen": pair.chosen, "rejected": pair.rejected}
+    if pair.subset is not None:
+        row["subset"] = pair.subset
+    return row
+
+
+def scored_rows(data: JudgedInput, judged: dict, signal: str, name: str, values: torch.Tensor,
+                extra: dict) -> list[dict]:
+    """One row per pair: its scores, probabilities, the signal's value under ``name``, and the ``extra`` flags."""
+    rows = []
+    for i, pair in enumerate(data.pairs):
+        row = {"id": pair.pair_id, "subset": pair.subset, "score_chosen": float(data.chosen.score[i]),
+               "score_rejected": float(data.rejected.score[i]), "p_chosen": float(judged["p_chosen"][i])}
+        for key in ("p_chosen_gaussian", "ensemble_disagreement"):
+            if key in judged:
+                row[key] = float(judged[key][i])
+        row.update(signal=signal, **{name: float(values[i])})
+        rows.append({**row, **{k: bool(v[i]) for k, v in extra.items()}})
+    return rows
+
+
+def curate(data: JudgedInput, judged: dict, cfg: CurateConfig, folder: Path) -> dict:
+    """scored.jsonl, curated.jsonl, the plot; the numbers for report.md."""
+    certain = certainty(judged, cfg.signal)
+    suspect = suspects(judged["p_chosen"], cfg.suspect_threshold)
+    keep = kept_pairs(certain, suspect, cfg.keep_certain, cfg.drop_suspect_only)
+    write_text(folder / "scored.jsonl", jsonl(scored_rows(data, judged, cfg.signal, "certainty", certain,
+                                                          {"suspect": suspect, "kept": keep})))
+    write_text(folder / "curated.jsonl", jsonl(trl_row(p) for p, k in zip(data.pairs, keep.tolist()) if k))
+    cut = None if cfg.drop_suspect_only else keep_cut(certain, keep)
+    curation_plot(folder / PLOT, judged["p_chosen"].numpy(), keep.numpy(), cfg.suspect_threshold,
+                  certain.numpy(), cfg.signal, cut)
+    rule = ("every pair but the suspects" if cfg.drop_suspect_only else
+            f"the most certain {cfg.keep_certain:.0%} of the pairs, less the suspects")
+    return {"mode": "curate", "suspects": int(suspect.sum()), "kept": int(keep.sum()), "rule": rule, "cut": cut,
+            "suspect_threshold": cfg.suspect_threshold, "mean_p_chosen": float(judged["p_chosen"].mean()),
+            "agreement": float((judged["gap"] > 0).double().mean()), "outputs": ["scored.jsonl", "curated.jsonl"]}
+
+
+def select(data: JudgedInput, judged: dict, cfg: CurateConfig, folder: Path) -> dict:
+    """selected.jsonl (the N least certain pairs, least certain first), scored.jsonl, the plot."""
+    unsure = uncertainty(judged, cfg.signal)
+    picked = least_certain(unsure, cfg.select)
+    chosen = torch.zeros(len(unsure), dtype=torch.bool)
+    chosen[picked] = True
+    rows = scored_rows(data, judged, cfg.signal, "uncertainty", unsure, {"selected": chosen})
+    for row in rows:
+        row["p_a_better"] = row.pop("p_chosen")
+        row["score_a"], row["score_b"] = row.pop("score_chosen"), row.pop("score_rejected")
+        if "p_chosen_gaussian" in row:
+            row["p_a_better_gaussian"] = row.pop("p_chosen_gaussian")
+    write_text(folder / "scored.jsonl", jsonl(rows))
+    selected = [{"id": data.pairs[i].pair_id, "signal": cfg.signal, "uncertainty": float(unsure[i]),
+                 "p_a_better": float(judged["p_chosen"][i]), "a": data.pairs[i].chosen, "b": data.pairs[i].rejected}
+                for i in picked.tolist()]
+    write_text(folder / "selected.jsonl", jsonl(selected))
+    curation_plot(folder / PLOT, judged["p_chosen"].numpy(), chosen.numpy(), None, unsure.numpy(), cfg.signal, None)
+    values = unsure[picked]
+    return {"mode": "select", "selected": len(selected), "uncertainty_range": (float(values.min()), float(values.max())),
+            "outputs": ["scored.jsonl", "selected.jsonl"]}
+
+
+def run_curate(model_dir: str, source: str, out_dir: str, cfg: CurateConfig, log=None) -> dict:
+    """Judge every pair of ``source`` with the model in ``model_dir``; write OUT_DIR atomically (module docstring)."""
+    log = log or (lambda line: print(line, file=sys.stderr))
+    data = (score_cached if is_cache(source) else score_with_export)(model_dir, source, cfg, log)
+    judged = judge_pairs(data.chosen, data.rejected, data.temperature_bt, data.temperature_gaussian)
+    check_signal(judged, cfg.signal)
+    with atomic_directory(out_dir) as folder:
+        result = (select if cfg.select is not None else curate)(data, judged, cfg, folder)
+        result.update(input=source, model=data.model, pairs=len(data.pairs), dropped=data.dropped, signal=cfg.signal,
+                      temperature_bt=data.temperature_bt)
+        write_curation_report(folder, result)
+    return {**result, "out_dir": out_dir}
+
+
+def summary(result: dict) -> str:
+    """One line for the CLI."""
+    if result["mode"] == "select":
+        return (f"selected the {result['selected']} of {result['pairs']} pairs the model is least sure of "
+                f"(--signal {result['signal']}) -> {result['out_dir']}/selected.jsonl")
+    return (f"curated {result['pairs']} pairs: {result['suspects']} suspect, {result['kept']} kept ({result['rule']}) "
+            f"-> {result['out_dir']}/curated.jsonl (scores: scored.jsonl, report.md)")
