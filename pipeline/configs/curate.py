@@ -5,17 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline.configs.options import (
-    DTYPE_HELP,
-    ConfigError,
-    check,
-    device_name,
-    number,
-    one_of,
-    opt,
-    whole,
-)
-from pipeline.device import AUTO_DTYPES, COMPUTE_DTYPES
+from pipeline.configs.options import DTYPE_HELP, ConfigError, check, number, one_of, opt, whole
+from pipeline.configs.serve import check_scoring
 
 SIGNALS = ("bt", "gaussian", "ensemble")  # pipeline.eval.curation.SIGNALS (configs import no stage)
 
@@ -60,12 +51,4 @@ class CurateConfig:
         if self.select is not None and self.drop_suspect_only:
             raise ConfigError("--select picks unlabelled pairs to label; --drop-suspect-only curates labelled ones: "
                               "give one of them")
-        if self.format is not None:
-            from pipeline.data import PAIR_FORMATS
-
-            one_of(self.format, PAIR_FORMATS, "format")
-        one_of(self.dtype, (*AUTO_DTYPES, *COMPUTE_DTYPES), "dtype")
-        device_name(self.device)
-        whole(self.max_tokens_per_batch, "max_tokens_per_batch")
-        whole(self.limit, "limit", allow_none=True)
-        whole(self.max_length, "max_length", allow_none=True)
+        check_scoring(self)

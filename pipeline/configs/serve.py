@@ -49,15 +49,21 @@ class ScoreConfig:
 
     def __post_init__(self):
         check_reward(self.reward, self.risk)
-        if self.format is not None:
-            from pipeline.data import PAIR_FORMATS
+        check_scoring(self)
 
-            one_of(self.format, PAIR_FORMATS, "format")
-        one_of(self.dtype, (*AUTO_DTYPES, *COMPUTE_DTYPES), "dtype")
-        device_name(self.device)
-        whole(self.max_tokens_per_batch, "max_tokens_per_batch")
-        whole(self.limit, "limit", allow_none=True)
-        whole(self.max_length, "max_length", allow_none=True)
+
+def check_scoring(cfg) -> None:
+    """The options `urm score` and `urm curate` share: the input's format, dtype, device, token budget, limit and
+    length limit."""
+    if cfg.format is not None:
+        from pipeline.data import PAIR_FORMATS
+
+        one_of(cfg.format, PAIR_FORMATS, "format")
+    one_of(cfg.dtype, (*AUTO_DTYPES, *COMPUTE_DTYPES), "dtype")
+    device_name(cfg.device)
+    whole(cfg.max_tokens_per_batch, "max_tokens_per_batch")
+    whole(cfg.limit, "limit", allow_none=True)
+    whole(cfg.max_length, "max_length", allow_none=True)
 
 
 @dataclass
