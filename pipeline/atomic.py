@@ -222,6 +222,7 @@ def atomic_directory(out: str | os.PathLike) -> Iterator[Path]:
     docstring for what is atomic where). On failure the temporary folder is removed and ``out`` is
     untouched. What an earlier, killed run left for ``out`` is cleaned up first (``recover_directory``)."""
     out = Path(out)
+    require_folder_target(out)
     with named_for(out, out.parent):
         out.parent.mkdir(parents=True, exist_ok=True)
     recover_directory(out)
@@ -242,6 +243,15 @@ def atomic_directory(out: str | os.PathLike) -> Iterator[Path]:
                 _fsync(out.parent, os.O_RDONLY)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def require_folder_target(out: str | os.PathLike) -> None:
+    """Refuse an ``out`` where something other than a folder stands (a file, a link to one): ``atomic_directory``
+    replaces its target as a whole, and a user's file is never what it may replace."""
+    out = Path(out)
+    if os.path.lexists(out) and not out.is_dir():
+        raise WriteError(f"cannot write {out}: a file stands there, and the output is a folder (replaced as a "
+                         "whole): give the path of a folder, or move the file away")
 
 
 def recover_directory(out: Path) -> None:

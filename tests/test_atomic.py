@@ -65,6 +65,18 @@ def test_atomic_directory_replaces_a_folder_whole(tmp_path):
     assert (out / "marker.txt").read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["model"]
 
 
+def test_atomic_directory_never_replaces_a_file(tmp_path):
+    """A folder output given the path of the user's file (or a link to one) is refused, the file left as it was."""
+    mine = tmp_path / "notes.txt"
+    mine.write_text("mine")
+    link = tmp_path / "link"
+    link.symlink_to(mine)
+    for out in (mine, link):
+        with pytest.raises(A.WriteError, match=f"cannot write {out}: a file stands there"), A.atomic_directory(out):
+            pass
+    assert mine.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["link", "notes.txt"]
+
+
 def test_the_swap_never_leaves_the_target_missing(tmp_path, monkeypatch):
     """Where the system swaps two folders in one step the two-rename fallback is never taken."""
     a, b = folder_with(tmp_path / "a", "a"), folder_with(tmp_path / "b", "b")

@@ -214,6 +214,27 @@ def test_bad_input_is_one_line_and_leaves_nothing_half_written(tiny_demo, write_
 
 
 @pytest.mark.integration
+def test_an_output_that_is_a_file_and_a_cache_of_ratings_are_refused_naming_them(tiny_demo, uf40, tmp_path):
+    """Found by the fuzz test: an -o that is a file was replaced by the folder (the user's file gone), and a
+    ratings cache as --input got the cache reader's own words; now one line each, before anything is scored."""
+    root = tiny_demo[0]
+    mine = tmp_path / "notes.txt"
+    mine.write_text("the user's own file")
+    result = curate(str(root / "model"), "-i", str(uf40), "-o", str(mine))
+    assert result.exit_code == 1 and result.output.strip().splitlines() == [(
+        f"error: cannot write {mine}: a file stands there, and the output is a folder (replaced as a whole): give "
+        "the path of a folder, or move the file away")], result.output
+    assert mine.read_text() == "the user's own file"
+    ratings = root / "cache" / "eval_ratings"
+    for model in ("heads", "model"):
+        result = curate(str(root / model), "-i", str(ratings), "-o", str(tmp_path / "out"))
+        assert result.exit_code == 1 and result.output.strip().splitlines() == [(
+            f"error: --input {ratings}: a ratings cache, but --input takes a preferences cache; give it one extracted "
+            "with `urm extract --kind preferences`")], result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "uf40.jsonl"]
+
+
+@pytest.mark.integration
 def test_the_ensemble_signal_on_a_model_without_one_fails_before_scoring(tmp_path, write_jsonl):
     from tiny_models import export_tiny
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.atomic import atomic_directory, write_text
+from pipeline.atomic import atomic_directory, require_folder_target, write_text
 from pipeline.configs import CurateConfig
 from pipeline.errors import UserError
 from pipeline.eval.curation import (
@@ -115,12 +115,13 @@ def score_with_export(model_dir: str, source: str, cfg: CurateConfig, log) -> Ju
 def score_cached(model_dir: str, cache: str, cfg: CurateConfig, log) -> JudgedInput:
     """A preference cache's pairs scored by the heads on their cached features; the conversations come from the
     source file the manifest names (curated.jsonl needs them), matched by pair id."""
-    from pipeline.cache import read_pairs
+    from pipeline.cache import read_pairs, require_kind
     from pipeline.eval.baselines import heads_scores
     from pipeline.recipes.evaluate import check_features, load_for_evaluation
 
     if cfg.select is not None:
         raise CurateError(f"{cache}: --select reads unlabelled pairs from a file; a cache holds labelled pairs")
+    require_kind(cache, "preferences", "--input")
     heads, meta, what = load_for_evaluation(model_dir)
     require_members(cfg, heads.architecture["members"], model_dir)
     cached = read_pairs(cache, verify=cfg.verify)
@@ -227,6 +228,7 @@ def select(data: JudgedInput, judged: dict, cfg: CurateConfig, folder: Path) -> 
 def run_curate(model_dir: str, source: str, out_dir: str, cfg: CurateConfig, log=None) -> dict:
     """Judge every pair of ``source`` with the model in ``model_dir``; write OUT_DIR atomically (module docstring)."""
     log = log or (lambda line: print(line, file=sys.stderr))
+    require_folder_target(out_dir)  # before anything is scored
     data = (score_cached if is_cache(source) else score_with_export)(model_dir, source, cfg, log)
     judged = judge_pairs(data.chosen, data.rejected, data.temperature_bt, data.temperature_gaussian)
     check_signal(judged, cfg.signal)
