@@ -17,6 +17,9 @@ runs the command on it. A case passes when the command
 One more class, "repair": a damaged part of a cache is rebuilt by running `urm extract` again, which
 must exit 0 with the cache then verifying and holding the original bytes.
 
+"curate" runs `urm curate` on a bad pair file, a damaged export, heads folder or preference cache, a ratings
+cache, a bad option or an -o that is a file: OUT_DIR must not exist afterwards, or one there before is as it was.
+
 Writes (the block "Heads folder writes"): "kill" kills a training (a forked child running the CLI) at one
 step of a heads save, chosen at random among every fsync and rename of it, and the folder must then load
 as the old heads or the new ones, with nothing left once the next writer opens it; "writers" starts a
@@ -1039,6 +1042,145 @@ def missing_path_case(base: Base, d: Path, rng: random.Random) -> Case:
 MAKERS.update({"nosignal": no_signal_case, "kind": wrong_kind_case, "layout": manifest_parts_case, "bom": bom_case,
                "missing": missing_path_case})
 COUNTS.update({"nosignal": 40, "kind": 30, "layout": 40, "bom": 20, "missing": 25})
+
+
+# ----------------------------------------------------------------------------------------------
+# `urm curate` (issue 21; self-contained: registered into MAKERS / COUNTS at the end of this block): bad pair files,
+# a damaged export, heads folder or preference cache, a cache of the wrong kind, bad options, an -o that is a file;
+# OUT_DIR must not exist afterwards, or an OUT_DIR that was there must be as it was
+
+
+def curate_argv(model: Path, source: Path | str, out: Path, *extra: str) -> list[str]:
+    return ["curate", str(model), "-i", str(source), "-o", str(out), "--device", "cpu", *extra]
+
+
+def single_head(base: Base) -> Path:
+    """Heads with one value head (no ensemble), trained once beside the base on its caches."""
+    heads = base.root / "heads-single"
+    if not (heads / "heads.json").is_file():
+        must_pass(["train-heads", "--cache-dir", str(base.cache), "--heads-dir", str(heads), "--device", "cpu",
+                   "--ensemble", "1", "--epochs", "1", "--gate-epochs", "1"])
+    return heads
+
+
+def response_rows(n: int) -> list[dict]:
+    return [{"id": f"u{i}", "prompt": f"Question {i}: what is {i} plus {i}?",
+             "responses": [f"It is {2 * i}.", f"It is {2 * i + 1}."]} for i in range(n)]
+
+
+CURATE_OPTIONS = [  # (the flag, its bad value, what the error line must say besides the flag)
+    ("--keep-certain", "0", []), ("--keep-certain", "1.5", []), ("--keep-certain", "nan", []),
+    ("--keep-certain", "-0.1", []), ("--keep-certain", "abc", []), ("--suspect-threshold", "0.5", []),
+    ("--suspect-threshold", "-1", []), ("--suspect-threshold", "0", []), ("--suspect-threshold", "inf", []),
+    ("--signal", "gausian", ["did you mean 'gaussian'?"]), ("--signal", "BT", []), ("--signal", "", []),
+    ("--select", "0", []), ("--select", "-3", []), ("--select", "2.5", []), ("--limit", "0", []),
+    ("--max-tokens-per-batch", "0", []), ("--dtype", "bogus", []), ("--device", "tpu", []),
+]
+
+
+def curate_pairs_file(base: Base, d: Path, rng: random.Random) -> tuple[str, Path, list[str], list[str]]:
+    """A bad input file: (what, the file, the options the command adds, needles)."""
+    how = rng.choice(["damaged", "damaged", "conversations", "bom", "one response", "select labelled row damaged"])
+    r = rng.randint(1, N_ROWS)
+    if how == "damaged":  # the data class's damage to a preference file (malformed JSON, a bad row, empty, ...)
+        path, what, needles = bad_data_file("preferences", base.files["preferences"], d, rng)
+        return what, path, [], needles
+    if how == "conversations":
+        path = copy_file(base.files["conversations"], d / "conversations.jsonl")
+        return "conversations, no pairs", path, [], [path.name, "no chosen/rejected pairs"]
+    if how == "bom":
+        rows = [json.loads(line) for line in base.files["preferences"].read_text().splitlines()]
+        what, damage, fieldname = row_damage("preferences", rng)
+        damage(rows[r - 1])
+        path = write_rows(d / f"bom-pairs{rng.choice(['.jsonl', '.json'])}", rows, bom=True)
+        return f"BOM, row {r}: {what}", path, [], [path.name, f"row {r}", fieldname]
+    rows = response_rows(N_ROWS)
+    if how == "one response":
+        rows[r - 1]["responses"] = rng.choice([rows[r - 1]["responses"][:1], [], "It is 4.", None])
+        path = write_jsonl(d / "unlabelled.jsonl", rows)
+        got = rows[r - 1]["responses"]
+        needles = [path.name, f"row {r}", "responses"]
+        return f"--select, row {r}: responses = {got!r}", path, ["--select", "3"], needles
+    rows = [json.loads(line) for line in base.files["preferences"].read_text().splitlines()]
+    what, damage, fieldname = row_damage("preferences", rng)
+    damage(rows[r - 1])
+    path = write_jsonl(d / "pairs.jsonl", rows)
+    return f"--select, labelled pairs, row {r}: {what}", path, ["--select", "3"], [path.name, f"row {r}", fieldname]
+
+
+def copy_file(src: Path, dst: Path) -> Path:
+    shutil.copyfile(src, dst)
+    return dst
+
+
+def curate_case(base: Base, d: Path, rng: random.Random) -> Case:
+    """`urm curate` on one bad input, option or output path (the block's comment)."""
+    out = d / "curated"
+    pairs = base.files["preferences"]
+    how = rng.choice(["file", "file", "file", "export", "heads", "cache", "kind", "option", "option", "option",
+                      "rule", "ensemble", "output"])
+    if how == "file":
+        what, source, extra, needles = curate_pairs_file(base, d, rng)
+        argv = curate_argv(base.export, source, out, *extra)
+    elif how == "export":  # the export class's damage, curating a file through it (or its heads, a cache)
+        damaged = export_case(base, d, rng)
+        model, verify = d / "model", [a for a in damaged.argv if a == "--no-verify"]
+        what, needles = damaged.label.split(": ", 1)[1], damaged.needles
+        via_heads = damaged.label.startswith("evaluate")
+        argv = curate_argv(model, base.cache / "preferences" if via_heads else pairs, out, *verify)
+    elif how == "heads":
+        heads = copy(base.heads, d / "heads")
+        what, needles = heads_damage(heads, rng)
+        what, argv = f"heads: {what}", curate_argv(heads, base.cache / "preferences", out)
+    elif how == "cache":
+        cache = copy(base.cache / "preferences", d / "preferences")
+        what, needles, _ = cache_damage(cache, rng)
+        if what == "manifest deleted":  # then not a cache: a folder given where a file of pairs goes
+            needles = [cache.name, "not a file"]
+        what, argv = f"preference cache: {what}", curate_argv(base.heads, cache, out)
+    elif how == "kind":
+        wrong = base.cache / "ratings"
+        what, argv = "--input a ratings cache", curate_argv(rng.choice([base.heads, base.export]), wrong, out)
+        needles = [f"--input {wrong}: a ratings cache, but --input takes a preferences cache"]
+    elif how == "option":
+        flag, value, needles = rng.choice(CURATE_OPTIONS)
+        argv = curate_argv(base.export, pairs, out, flag, value)
+        return Case("curate", f"{flag} {value!r}", argv, [flag, *needles], code=2, must_not_exist=[str(out)])
+    elif how == "rule":
+        n = str(rng.randint(1, 5))
+        if rng.random() < 0.5:  # two rules at once: refused with the options, before any model loads
+            unlabelled = write_jsonl(d / "unlabelled.jsonl", response_rows(4))
+            argv = curate_argv(base.export, unlabelled, out, "--select", n, "--drop-suspect-only")
+            return Case("curate", "--select with --drop-suspect-only", argv, ["--select", "--drop-suspect-only"],
+                        code=2, must_not_exist=[str(out)])
+        cache = base.cache / "preferences"
+        return Case("curate", "--select on a preference cache", curate_argv(base.heads, cache, out, "--select", n),
+                    [str(cache), "--select"], code=1, must_not_exist=[str(out)])
+    elif how == "ensemble":
+        heads = single_head(base)
+        what = "--signal ensemble, heads without an ensemble"
+        argv = curate_argv(heads, base.cache / "preferences", out, "--signal", "ensemble")
+        needles = ["--signal ensemble needs an ensemble", str(heads)]
+    else:  # a valid run whose -o is a file, or is under one
+        holder = d / "a-file"
+        holder.write_text("not a folder\n")
+        out = rng.choice([holder, holder / "curated"])
+        what = f"-o {'is a file' if out == holder else 'under a file'}"
+        argv = curate_argv(base.export, pairs, out)
+        needles = [str(out), "a file stands there" if out == holder else "a file stands where a folder"]
+        return Case("curate", what, argv, needles, code=1, unchanged={str(holder): checksum(holder)},
+                    must_not_exist=[] if out == holder else [str(out)])
+    needles = [n for n in needles if n]  # a damaged row's field, where it has one
+    if rng.random() < 0.3:  # an OUT_DIR from an earlier run: a failed one leaves it as it was
+        out.mkdir()
+        write_jsonl(out / "scored.jsonl", [{"id": "old", "p_chosen": 0.9}])
+        (out / "report.md").write_text("# an earlier curation\n")
+        return Case("curate", f"{what} (OUT_DIR there before)", argv, needles, unchanged=snapshot(out))
+    return Case("curate", what, argv, needles, must_not_exist=[str(out)])
+
+
+MAKERS["curate"] = curate_case
+COUNTS["curate"] = 36
 
 
 def make_case(base: Base, d: Path, kind: str, seed: float, spec=None) -> Case:

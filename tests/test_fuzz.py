@@ -19,7 +19,7 @@ import pytest
 
 FUZZER = Path(__file__).with_name("fuzz_cli.py")
 SMALLEST = {"data": 100, "cache": 80, "repair": 3, "heads": 40, "export": 60, "preset": 20, "option": 150,
-            "nosignal": 30, "kind": 24, "layout": 30, "bom": 15, "missing": 20}
+            "nosignal": 30, "kind": 24, "layout": 30, "bom": 15, "missing": 20, "curate": 30}
 SMALLEST_WRITES = {"kill": 8, "writers": 3, "disk": 10}  # heads saves killed, two writers, a full disk
 
 
