@@ -383,3 +383,21 @@ def test_cli_export_end_to_end_and_its_errors_are_one_line(tmp_path):
     again = runner.invoke(app, args)
     assert again.exit_code == 1 and "already exists; pass --overwrite" in again.output
     assert "Traceback" not in again.output
+
+
+@pytest.mark.integration
+def test_the_text_classification_pipeline_returns_the_reward(tiny):
+    """2K labels but one logit: without problem_type "regression" the pipeline's default softmax over that one
+    logit would give 1.0 for every input; it gives the reward itself, as `logits[0][0]`."""
+    from transformers import AutoTokenizer, pipeline
+
+    _, _, out = tiny
+    tok = AutoTokenizer.from_pretrained(out, trust_remote_code=True)
+    model = load_export(out)
+    texts = ["Hello there, how are you?", "The capital of France is Paris."]
+    scored = pipeline("text-classification", model=model, tokenizer=tok)(texts)
+    with torch.no_grad():
+        want = [model(**tok(t, return_tensors="pt")).logits[0][0].item() for t in texts]
+    assert [r["label"] for r in scored] == ["score", "score"]
+    assert [r["score"] for r in scored] == pytest.approx(want, abs=1e-5)
+    assert len({round(w, 4) for w in want}) == 2  # two different rewards, not a constant

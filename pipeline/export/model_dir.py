@@ -321,6 +321,8 @@ def write_config(config, urm: dict, tmp: Path) -> dict:
     head's rows; ``architectures`` its class where SGLang's computes the same score, else ours), with
     ``model_type`` "urm" and the backbone's own type in ``urm["backbone_model_type"]``. Label 0 is the
     reward (``logits[:, 0]``, what our model returns; SGLang's /classify gives the same one number).
+    ``problem_type`` "regression": with 2K labels and one logit, transformers' text-classification pipeline
+    would otherwise softmax that one logit into 1.0; as a regression it returns the reward as is.
 
     transformers 5.x writes RoPE settings only as ``rope_parameters``; 4.x reads ``rope_theta`` /
     ``rope_scaling`` and would silently fall back to its default theta, so both forms are written.
@@ -331,7 +333,8 @@ def write_config(config, urm: dict, tmp: Path) -> dict:
     d = {k: v for k, v in config.to_dict().items() if k not in DROP_CONFIG_KEYS}
     d.update(architectures=[PUBLISHED_ARCHITECTURE if serves_in_sglang(config, urm) else OWN_ARCHITECTURE],
              auto_map=dict(AUTO_MAP), urm=urm, model_type=MODEL_TYPE, id2label=id2label,
-             label2id={v: int(k) for k, v in id2label.items()}, tie_word_embeddings=False)
+             label2id={v: int(k) for k, v in id2label.items()}, tie_word_embeddings=False,
+             problem_type="regression")  # one output, the reward: transformers' pipeline applies no softmax to it
     d.pop("num_labels", None)  # derived from id2label
     rope = d.get("rope_parameters")
     if isinstance(rope, dict) and "rope_theta" in rope:
