@@ -135,6 +135,13 @@ def gather(ranks: Ranks, value: T) -> list[T]:
     return out
 
 
+def barrier(ranks: Ranks) -> None:
+    """Wait until every rank got here (nothing for a single process): called when all work is done, so that no
+    rank leaves the group while another still works in it (gloo aborted at exit in one rank that had)."""
+    if ranks.distributed:
+        _collective(ranks, "barrier")
+
+
 def _collective(ranks: Ranks, name: str, *args, **kwargs) -> None:
     import torch.distributed as dist
 

@@ -302,6 +302,8 @@ def run_extract(cfg: ExtractConfig, names=None) -> dict[str, ExtractStats]:
     backbone = LazyBackbone(cfg)
     distributed.start(ranks)
     try:
-        return {spec.name: extract_dataset(backbone, spec, cfg, ranks) for spec in datasets}
+        stats = {spec.name: extract_dataset(backbone, spec, cfg, ranks) for spec in datasets}
+        distributed.barrier(ranks)  # rank 0 finishes the last manifest while the others wait, in the group
+        return stats
     finally:
         distributed.stop(ranks)
