@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from pipeline.errors import UserError
-from pipeline.eval.evaluation import Scores, chosen_probabilities
+from pipeline.eval.evaluation import Scores, chosen_probabilities, signed_ensemble_z
 
 SIGNALS = ("bt", "gaussian", "ensemble")
 SIGNAL_ABOUT = {
@@ -40,9 +40,8 @@ def judge_pairs(chosen: Scores, rejected: Scores, temperature_bt: float = 1.0,
         out["p_chosen_gaussian"] = p_g
     if chosen.ensemble_scores is not None and chosen.ensemble_scores.shape[-1] > 1:
         member_d = chosen.ensemble_scores.double() - rejected.ensemble_scores.double()  # [N, M]
-        spread = member_d.std(-1)
-        out["ensemble_disagreement"] = spread
-        out["ensemble_z"] = member_d.mean(-1) / spread.clamp(min=1e-12)
+        out["ensemble_disagreement"] = member_d.std(-1)
+        out["ensemble_z"] = signed_ensemble_z(member_d)
     return out
 
 

@@ -70,8 +70,13 @@ def uncertainty_signals(chosen: Scores, rejected: Scores) -> dict[str, torch.Ten
         member_d = chosen.ensemble_scores - rejected.ensemble_scores  # [N, M]
         out["ensemble_std"] = member_d.std(-1)
         out["ensemble_range"] = member_d.max(-1).values - member_d.min(-1).values
-        out["ensemble_z"] = -member_d.mean(-1).abs() / member_d.std(-1).clamp(min=1e-12)
+        out["ensemble_z"] = -signed_ensemble_z(member_d).abs()
     return out
+
+
+def signed_ensemble_z(member_d: torch.Tensor) -> torch.Tensor:
+    """mean_m d_m / std_m d_m over the members' score gaps d [N, M]: the gap in units of their disagreement."""
+    return member_d.mean(-1) / member_d.std(-1).clamp(min=1e-12)
 
 
 def row_signals(scores: Scores) -> dict[str, torch.Tensor]:

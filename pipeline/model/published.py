@@ -51,9 +51,13 @@ def is_published_checkpoint(directory: str | Path) -> bool:
     """A model directory in the published layout that is not one of our exports (an export has urm_export.json
     and heads.json: one whose ``urm`` section was lost is a damaged export, not a published checkpoint)."""
     directory = Path(directory)
-    if (directory / "urm_export.json").exists() or (directory / "heads.json").exists():
-        return False
-    return (directory / "config.json").is_file() and is_published_layout(read_config_json(directory))
+    return (not made_by_urm(directory) and (directory / "config.json").is_file()
+            and is_published_layout(read_config_json(directory)))
+
+
+def made_by_urm(directory: Path) -> bool:
+    """The folder holds an export's own records (urm_export.json or heads.json)."""
+    return (directory / "urm_export.json").exists() or (directory / "heads.json").exists()
 
 
 def published_settings(config: dict) -> dict:
@@ -71,7 +75,7 @@ def checkpoint_settings(directory: str | Path) -> dict:
     ``backbone_model_type`` was written kept the backbone's type as ``model_type``, and its sigma was
     calibrated when its heads.json says so), a published-layout checkpoint's derived ones, else {}."""
     config = read_config_json(directory)
-    if is_published_checkpoint(directory):
+    if not made_by_urm(Path(directory)) and is_published_layout(config):  # is_published_checkpoint, config read once
         return published_settings(config)
     urm = dict(config.get("urm") or {})
     if urm:

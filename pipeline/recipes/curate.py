@@ -19,7 +19,6 @@ With ``--select N`` the input is unlabelled pairs (pipeline.data.response_pairs;
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -158,7 +157,9 @@ def require_members(cfg: CurateConfig, members: int, model_dir: str) -> None:
 
 
 def jsonl(rows) -> str:
-    return "".join(json.dumps(row, allow_nan=False) + "\n" for row in rows)
+    from pipeline.recipes.score import jsonl_lines
+
+    return "".join(jsonl_lines(rows))
 
 
 def trl_row(pair) -> dict:

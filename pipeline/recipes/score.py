@@ -91,13 +91,18 @@ def within_length(kind: str, items, ids: list[list[int]], limit: int, log, hint:
 
 def write_jsonl(rows, output: str | None) -> int:
     """Write rows to ``output`` atomically, or to stdout when None; returns how many."""
-    lines = [json.dumps(row, allow_nan=False) + "\n" for row in rows]
+    lines = jsonl_lines(rows)
     if output is None:
         sys.stdout.writelines(lines)
         sys.stdout.flush()
     else:
         write_text(output, "".join(lines))
     return len(lines)
+
+
+def jsonl_lines(rows) -> list[str]:
+    """Rows as JSON lines (NaN refused: a non-finite number is a bug, not a value)."""
+    return [json.dumps(row, allow_nan=False) + "\n" for row in rows]
 
 
 def check_output(output: str | None) -> None:
