@@ -138,3 +138,119 @@ def test_a_shared_alpha_is_one_alpha_and_missing_labels_fit_apart():
     group = [a for i, a in enumerate(ATTRIBUTES) if i != 1]
     assert len({alphas[a] for a in group}) == 1  # shared within the fit of the fully labelled attributes
     assert torch.isfinite(fit.heads.score.weight).all()
+
+
+# ----------------------------------------------------------------------------------------------
+# Members without another eigendecomposition, and the dual (issue 26): the same numbers as the eigh-based solve
+
+
+def eigh_member_rows(x, t, weights, u, alpha):
+    """Each member the way it was solved before: its weighted moments, an eigh of its own Gram, ``ridge_rows``."""
+    out = []
+    for w in weights:
+        mm = R.moments(chunks(x, t)() if w is None else
+                       ((x[i:i + 7], t[i:i + 7], w[i:i + 7]) for i in range(0, len(x), 7)))
+        rows, bias = R.ridge_rows(R.spectrum(mm, u), mm, alpha)
+        out.append((rows, bias))
+    return torch.stack([r for r, _ in out]), torch.stack([b for _, b in out])
+
+
+def relative(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("alpha", [0.3, 30.0, (0.5, 40.0)])
+def test_members_by_conjugate_gradients_are_the_eigh_solve(with_bias, alpha):
+    x, t = data(300, 40, seed=4)
+    m = R.moments(chunks(x, t)())
+    u = None if with_bias else R.common_direction(m)
+    sp = R.spectrum(m, u)
+    alpha = torch.tensor(alpha if isinstance(alpha, tuple) else (alpha, alpha), dtype=torch.float64)
+    weights = torch.stack(list(R.bootstrap_weights(len(x), 4, seed=0)))
+    rows, bias, how = R.member_rows(sp, chunks(x, t), weights, alpha, max_steps=200)  # at d = 40 a direct solve
+    ref_rows, ref_bias = eigh_member_rows(x, t, weights, u, alpha)  # costs ~10 steps: here the steps are the test
+    assert how["members_solved_directly"] == 0 and how["passes"] < 60
+    assert relative(rows, ref_rows) < 1e-10 and (bias - ref_bias).abs().max() < 1e-9
+    assert relative(torch.einsum("nd,mkd->mnk", x, rows), torch.einsum("nd,mkd->mnk", x, ref_rows)) < 1e-11
+    direct_rows, direct_bias, how = R.member_rows(sp, chunks(x, t), weights, alpha, max_steps=0)  # Cholesky
+    assert how["members_solved_directly"] == 4
+    assert relative(direct_rows, ref_rows) < 1e-10 and (direct_bias - ref_bias).abs().max() < 1e-9
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_the_dual_is_the_primal_with_fewer_rows_than_features(with_bias):
+    x, t = data(25, 60, seed=5)
+    m = R.moments(chunks(x, t)())
+    u = None if with_bias else R.common_direction(m)
+    primal, dual = R.spectrum(m, u), R.dual_spectrum(x, u)
+    assert len(dual.lam) == len(primal.lam) == 24  # n - 1: the unpenalised column takes one
+    assert torch.allclose(dual.lam, primal.lam, rtol=1e-10) and dual.scale == pytest.approx(primal.scale, rel=1e-12)
+    v_p, v_d = primal.V, dual.V  # the same eigenvectors, up to sign
+    assert torch.allclose((v_p * v_d).sum(0).abs(), torch.ones(24, dtype=torch.float64), atol=1e-8)
+    alpha = torch.tensor([0.5, 20.0], dtype=torch.float64)
+    for a, b in zip(R.ridge_rows(dual, m, alpha), R.ridge_rows(primal, m, alpha)):
+        assert (a - b).abs().max() < 1e-10 * max(1.0, b.abs().max().item())
+    grid = torch.logspace(-4, 3, 15, dtype=torch.float64) * primal.scale
+    assert torch.allclose(R.loo_path(dual, m, chunks(x, t), grid), R.loo_path(primal, m, chunks(x, t), grid), rtol=1e-8)
+    weights = torch.stack(list(R.bootstrap_weights(len(x), 3, seed=1)))
+    rows, bias, _ = R.member_rows_dual(x, t, weights, u, alpha)
+    ref_rows, ref_bias = eigh_member_rows(x, t, weights, u, alpha)
+    assert relative(rows, ref_rows) < 1e-9 and (bias - ref_bias).abs().max() < 1e-9
+
+
+def test_gcv_at_the_grids_low_end_is_the_exact_hat_matrix_value_with_fewer_rows_than_features():
+    """With n < d the fit interpolates as alpha -> 0 and GCV is 0 / 0 in the limit: computed from the dual's
+    eigenpairs without cancellation it is the value of the hat-matrix formula in 60-digit arithmetic."""
+    mpmath = pytest.importorskip("mpmath")
+    mpmath.mp.dps = 60
+    x, t = data(12, 20, k=1, seed=6)
+    m = R.moments(chunks(x, t)())
+    sp = R.dual_spectrum(x, None)
+    alphas = torch.tensor([1e-8, 1e-6, 1e-2, 10.0], dtype=torch.float64) * sp.scale
+    got = R.gcv_path(sp, m, alphas)[:, 0]
+    xc = mpmath.matrix([[1] + [mpmath.mpf(v) for v in row] for row in x.tolist()])  # the bias column first
+    tt = mpmath.matrix([[v] for v in t[:, 0].tolist()])
+    for a, value in zip(alphas.tolist(), got.tolist()):
+        penalty = mpmath.eye(21) * mpmath.mpf(a)
+        penalty[0, 0] = 0
+        hat = xc * mpmath.inverse(xc.T * xc + penalty) * xc.T
+        resid = tt - hat * tt
+        exact = 12 * sum(r ** 2 for r in resid) / (12 - sum(hat[i, i] for i in range(12))) ** 2
+        assert value == pytest.approx(float(exact), rel=1e-6)
+
+
+def test_the_value_head_solves_its_members_without_another_eigendecomposition(monkeypatch):
+    """Today's fit against the eigh-based members it replaces, end to end: every member's mean rows the same to
+    float64 round-off (stored in float32), with one eigendecomposition per label group and sigma fit, no more."""
+    h, y = linear_ratings(n=400, d=24, seed=3)
+    calls = []
+    eigh = torch.linalg.eigh
+    monkeypatch.setattr(torch.linalg, "eigh", lambda a: calls.append(a.shape) or eigh(a))
+    fit = fit_value_head(h, y, build(ValueHeadConfig, dict(device="cpu", ensemble=5)), **QUIET)
+    assert calls == [(24, 24), (24, 24)]  # the means' fit and sigma's fit; the members take none
+    assert fit.selection["decomposition"] == ["primal (d x d)"]
+    alpha = torch.tensor([fit.selection["alpha"][a] for a in ATTRIBUTES], dtype=torch.float64)
+    x = h.double()
+    m = R.moments(chunks(x, y.double())())
+    weights = torch.stack(list(R.bootstrap_weights(len(x), 5, seed=0)))
+    ref_rows, _ = eigh_member_rows(x, y.double(), weights, R.common_direction(m), alpha)
+    members = fit.heads.ensemble.weight.detach().double()[:, 0::2]
+    assert (members - ref_rows).abs().max() < 1e-6 * ref_rows.abs().max()  # float32 storage of the same numbers
+
+
+def test_fewer_rows_than_features_fit_in_the_dual():
+    h, y = linear_ratings(n=40, d=64, seed=1)
+    fit = fit_value_head(h, y, build(ValueHeadConfig, dict(device="cpu", ensemble=3)), **QUIET)
+    assert fit.selection["decomposition"] == ["dual (n x n)"]
+    assert fit.selection["members_solved_by"][0]["solver"].startswith("the n x n dual")
+    x = h.double()
+    m = R.moments(chunks(x, y.double())())
+    u = R.common_direction(m)
+    alpha = torch.tensor([fit.selection["alpha"][a] for a in ATTRIBUTES], dtype=torch.float64)
+    ref_mu, _ = R.ridge_rows(R.spectrum(m, u), m, alpha)  # the primal eigh solve of the same fit
+    assert (fit.heads.score.weight.detach().double()[0::2] - ref_mu).abs().max() < 1e-6 * ref_mu.abs().max()
+    weights = torch.stack(list(R.bootstrap_weights(len(x), 3, seed=0)))
+    ref_rows, _ = eigh_member_rows(x, y.double(), weights, u, alpha)
+    members = fit.heads.ensemble.weight.detach().double()[:, 0::2]
+    assert (members - ref_rows).abs().max() < 1e-6 * ref_rows.abs().max()

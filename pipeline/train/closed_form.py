@@ -10,7 +10,10 @@
              rows' own leave-one-out residuals, so the two never share residuals.
   members    ``--ensemble M``: M ridge fits on bootstrap resamples of the rows (at the full fit's alphas), so
              they differ where the data is thin; ``score.weight`` is the fit on every row, the members carry
-             the spread (epistemic), all with its calibrated sigma rows (aleatoric).
+             the spread (epistemic), all with its calibrated sigma rows (aleatoric). They are solved without
+             another eigendecomposition: conjugate gradients preconditioned by the full fit's eigenpairs, or
+             the n x n dual when there are fewer rows than features (``pipeline.train.ridge``).
+  dual       with fewer rows than features (n < d) every fit decomposes the n x n Z Zᵀ, not the d x d ZᵀZ.
 
 Rows are read in chunks from the trainers' minibatch source (``pipeline.train.feature_stream``), so a cache
 streamed from its parts is fitted the same way as one held in memory. Every number is float64 until the
@@ -73,6 +76,42 @@ def predict_rows(rows, idx: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     return torch.cat(out) if out else weight.new_zeros(0, weight.shape[0])
 
 
+def decomposed(rows, idx: torch.Tensor, t: torch.Tensor, u) -> tuple[R.Moments, R.Spectrum, torch.Tensor | None]:
+    """(moments, spectrum, u) of the ridge fit of targets ``t`` on the samples ``idx``: the n x n dual when they are
+    fewer than the features (their rows held, float64), else the d x d Gram. ``u``: the intercept's direction,
+    "common direction" to take the rows' own (``R.common_direction``), or None for a plain bias."""
+    dual = R.use_dual(len(idx), rows.d)
+    m = R.moments(chunks_of(rows, idx, t)(), gram=not dual)
+    if isinstance(u, str):
+        u = R.common_direction(m)
+    if dual:
+        x = torch.cat([x.double() for x, _, _ in chunks_of(rows, idx, t)()])
+        return m, R.dual_spectrum(x, u), u
+    return m, R.spectrum(m, u), u
+
+
+def bootstrap_members(rows, fits: list, members: int, seed: int, chosen: dict, names, mu_w, mu_b):
+    """The ``members`` bootstrap refits at the full fit's alphas: (one (rows [K, d], bias [K]) per member, how each
+    label group's were solved). A group of fewer rows than features is solved in the n x n dual, else by conjugate
+    gradients preconditioned by its full fit's eigenpairs (``pipeline.train.ridge``): no eigendecomposition."""
+    device = mu_w.device
+    weights = torch.stack(list(R.bootstrap_weights(rows.n, members, seed))).to(device)  # [M, N]
+    out = [(mu_w.clone(), mu_b.clone()) for _ in range(members)]
+    solved = []
+    for cols, idx, t, u, sp in fits:
+        alpha = torch.tensor([chosen[names[c]] for c in cols], dtype=torch.float64, device=device)
+        w = weights[:, idx]
+        if R.use_dual(len(idx), rows.d):
+            x = torch.cat([x.double() for x, _, _ in chunks_of(rows, idx, t)()])
+            w_rows, w_bias, how = R.member_rows_dual(x, t, w, u, alpha)
+        else:
+            w_rows, w_bias, how = R.member_rows(sp, chunks_of(rows, idx, t), w, alpha)
+        for i, (rows_m, bias_m) in enumerate(out):
+            rows_m[cols], bias_m[cols] = w_rows[i], w_bias[i]
+        solved.append({"attributes": [names[c] for c in cols], **how})
+    return out, solved
+
+
 def fit_ridge_value_head(features, labels: torch.Tensor, cfg: ValueHeadConfig, names=ATTRIBUTES, log=print) -> Fit:
     """Stage 1 in closed form on features [N, d] (a tensor, or a minibatch source) and labels [N, K] (NaN =
     missing): see the module docstring. Returns the heads, their leave-one-out validation metrics and, in
@@ -101,9 +140,7 @@ def fit_ridge_value_head(features, labels: torch.Tensor, cfg: ValueHeadConfig, n
         if len(idx) < 3:
             raise UserError(f"{', '.join(names[c] for c in cols)}: {len(idx)} rated rows; ridge needs at least 3")
         t = y[idx][:, cols]
-        m = R.moments(chunks_of(rows, idx, t)())
-        u = None if cfg.bias else R.common_direction(m)
-        sp = R.spectrum(m, u)
+        m, sp, u = decomposed(rows, idx, t, None if cfg.bias else "common direction")
         grid = R.grid_for(sp)
         raw = R.loo_path(sp, m, chunks_of(rows, idx, t), grid)
         path = raw if cfg.ridge_alpha == "per-attribute" else raw.mean(1, keepdim=True).expand(-1, len(cols))
@@ -115,8 +152,7 @@ def fit_ridge_value_head(features, labels: torch.Tensor, cfg: ValueHeadConfig, n
         # sigma: ridge of log r^2 on the rows outside the calibration split, alpha by GCV (the same features)
         own = torch.isin(idx, rest)
         z = R.log_sigma_targets(r[own], LOG_R2_FLOOR)
-        ms = R.moments(chunks_of(rows, idx[own], z)())
-        sps = R.spectrum(ms, u)
+        ms, sps, _ = decomposed(rows, idx[own], z, u)
         grid_s = R.grid_for(sps)
         alpha_s, _, _ = R.pick(R.gcv_path(sps, ms, grid_s), grid_s)
         lw, lb = R.log_sigma_from(*R.ridge_rows(sps, ms, alpha_s), u)
@@ -125,7 +161,7 @@ def fit_ridge_value_head(features, labels: torch.Tensor, cfg: ValueHeadConfig, n
             chosen[names[c]], sigma_alpha[names[c]], loo_mse[names[c]] = float(alpha[i]), float(alpha_s[i]), float(best[i])
             if edge[i]:
                 edges.append(names[c])
-        fits.append((cols, idx, t, u))
+        fits.append((cols, idx, t, u, sp))
     if edges:
         log(f"note: the ridge alpha of {', '.join(edges)} lies at the edge of its grid (relative "
             f"{R.ALPHA_GRID[0]:.0e}..{R.ALPHA_GRID[-1]:.0e} of the Gram's mean eigenvalue): the features hardly "
@@ -148,14 +184,8 @@ def fit_ridge_value_head(features, labels: torch.Tensor, cfg: ValueHeadConfig, n
         log(f"sigma calibrated on the leave-one-out residuals of {len(cal)} held-out rows: 90% coverage "
             f"{before['coverage90']:.3f} -> {after['coverage90']:.3f}, NLL {before['nll']:.3f} -> {after['nll']:.3f}")
     members = cfg.ensemble
-    member_mu = []  # (rows [K, d], bias [K]) of each bootstrap member
-    for weight in (R.bootstrap_weights(n, members, cfg.run.seed) if members > 1 else []):
-        rows_m, bias_m = mu_w.clone(), mu_b.clone()
-        for cols, idx, t, u in fits:
-            mm = R.moments(chunks_of(rows, idx, t, weight.to(device)[idx])())
-            alpha = torch.tensor([chosen[names[c]] for c in cols], dtype=torch.float64, device=device)
-            rows_m[cols], bias_m[cols] = R.ridge_rows(R.spectrum(mm, u), mm, alpha)
-        member_mu.append((rows_m, bias_m))
+    member_mu, solved = bootstrap_members(rows, fits, members, cfg.run.seed, chosen, names, mu_w, mu_b) \
+        if members > 1 else ([], [])
     heads = build_ridge_heads(d, k, mu_w, mu_b, ls_w, ls_b, member_mu, cfg.bias).to(device)
     if not all(bool(torch.isfinite(t).all()) for t in heads.state_dict().values()):
         raise UserError("the closed-form value head came out with non-finite weights (features that are constant, or "
@@ -176,7 +206,10 @@ def fit_ridge_value_head(features, labels: torch.Tensor, cfg: ValueHeadConfig, n
                                 "x the Gram's mean eigenvalue"],
                  "at_grid_edge": edges, "intercept": "exact bias" if cfg.bias else "along the common direction u",
                  "rows": n, "calibration_rows": len(cal), "members": members,
-                 "members_are": "bootstrap resamples of the rows" if members > 1 else None, "seconds": seconds}
+                 "members_are": "bootstrap resamples of the rows" if members > 1 else None,
+                 "decomposition": sorted({"dual (n x n)" if R.use_dual(len(idx), d) else "primal (d x d)"
+                                          for _, idx, _, _, _ in fits}),
+                 "members_solved_by": solved, "seconds": seconds}
     shown = (f"alpha {next(iter(chosen.values())):.3g} (shared)" if len(set(chosen.values())) == 1 and len(chosen) > 1
              else "alpha " + ", ".join(f"{a} {v:.3g}" for a, v in chosen.items()))
     log(f"value head (ridge): {shown}; leave-one-out MSE "
