@@ -265,7 +265,8 @@ def test_urm_score_reads_a_published_checkpoint_with_sigma_and_gate_weights(publ
     assert config["model_type"] == "llama" and config["architectures"] == [PUBLISHED_ARCHITECTURE]
     rows = tmp_path / "rows.jsonl"
     rows.write_text("".join(json.dumps({"id": str(i), "messages": c}) + "\n" for i, c in enumerate(CONVERSATIONS)))
-    result = runner.invoke(app, ["score", str(published), "--input", str(rows), "--device", "cpu"])
+    result = runner.invoke(app, ["score", str(published), "--input", str(rows), "--device", "cpu", "--dtype",
+                                 "float32"])
     assert result.exit_code == 0, result.output
     got = [json.loads(line) for line in result.stdout.splitlines()]
     assert [r["score"] for r in got] == pytest.approx(expected_published(published, CONVERSATIONS).tolist(), abs=1e-5)
@@ -279,7 +280,7 @@ def test_urm_serve_loads_a_published_checkpoint(published):
     from pipeline.configs import ServeConfig
     from pipeline.recipes.serve import load_service
 
-    service = load_service(str(published), ServeConfig(device="cpu"))
+    service = load_service(str(published), ServeConfig(device="cpu", dtype="float32"))
     assert service.info["layout"] == "published" and service.info["sigma_calibrated"] is False
     out = service.score_fn(service.encode_conversations(CONVERSATIONS))
     assert out["score"].tolist() == pytest.approx(expected_published(published, CONVERSATIONS).tolist(), abs=1e-5)
@@ -390,6 +391,6 @@ def test_trl_grpo_rewards_equal_urm_score(published_export, tmp_path):
                               train_dataset=Dataset.from_dict({"prompt": prompts}))
     inputs = [{"prompt": p, "completion": c} for p, c in zip(prompts, completions)]
     rewards = trainer._calculate_rewards(inputs, prompts, completions, [[0]] * len(prompts))
-    model, tokenizer = load_scorer(str(out), device="cpu")
+    model, tokenizer = load_scorer(str(out), "float32", device="cpu")
     expected = score_ids(model, render_ids(tokenizer, CONVERSATIONS), 4096, tokenizer.pad_token_id)["score"]
     assert rewards[:, 0].tolist() == pytest.approx(expected.tolist(), abs=1e-5)

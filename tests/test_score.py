@@ -70,8 +70,9 @@ def run_seed_snippet(model_dir: Path, tmp_path: Path) -> tuple[float, float]:
 
 
 def urm_score(model_dir: Path, rows_file: Path, *options: str) -> list[dict]:
-    """`urm score` through the CLI, JSONL on stdout parsed."""
-    result = runner.invoke(app, ["score", str(model_dir), "--input", str(rows_file), "--device", "cpu", *options])
+    """`urm score` through the CLI in float32 (compared with the model loaded in fp32), JSONL on stdout parsed."""
+    result = runner.invoke(app, ["score", str(model_dir), "--input", str(rows_file), "--device", "cpu", "--dtype",
+                                 "float32", *options])
     assert result.exit_code == 0, result.output
     return [json.loads(line) for line in result.stdout.splitlines()]
 
@@ -114,7 +115,8 @@ def test_pairs_get_both_sides_and_both_probabilities(tiny, write_jsonl, tmp_path
     rows = [{"id": "p1", "prompt": "What is 2+2?", "chosen": "4", "rejected": "5", "subset": "math"},
             {"id": "p2", "prompt": "Capital of France?", "chosen": "Paris.", "rejected": "Lyon.", "subset": "geo"}]
     output = tmp_path / "out" / "scores.jsonl"
-    result = runner.invoke(app, ["score", str(tiny[2]), "-i", str(write_jsonl("pairs.jsonl", rows)), "-o", str(output)])
+    result = runner.invoke(app, ["score", str(tiny[2]), "-i", str(write_jsonl("pairs.jsonl", rows)), "-o", str(output),
+                                 "--dtype", "float32"])
     assert result.exit_code == 0, result.output
     assert result.stdout == "" and "scored 2 pairs" in result.stderr  # the summary goes to stderr
     assert [p.name for p in output.parent.iterdir()] == ["scores.jsonl"]  # no temp file left
@@ -349,3 +351,64 @@ def test_smollm2_export_scores_the_same_under_transformers_457(smollm2, tmp_path
     assert old["version"] == TF457_VERSION
     assert old["ids"] == pytest.approx(new["ids"], abs=1e-4)
     assert old["snippet"] == pytest.approx(new["ids"], abs=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------
+# The compute dtype: bf16 where the CPU runs it natively, loaded without a second copy (issue 26)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_scores_in_bf16_where_the_cpu_has_it_and_says_what_fp32_costs_where_not(tiny, monkeypatch, native):
+    import pipeline.device as device
+    from pipeline.serve import load_scorer
+
+    monkeypatch.setattr(device, "native_bf16_cpu", lambda: native)
+    said = []
+    model, _ = load_scorer(str(tiny[2]), "auto", "cpu", log=said.append)
+    backbone = {p.dtype for p in model.model.parameters()}
+    heads = {p.dtype for name, p in model.named_parameters() if not name.startswith("model.")}
+    assert backbone == {torch.bfloat16 if native else torch.float32} and heads == {torch.float32}  # heads stay fp32
+    _, count = device.stored_parameters(tiny[2])
+    if native:
+        assert said == []
+    else:
+        (note,) = said
+        assert f"about {count * 4 / 1e9:.1f} GB" in note and "--dtype bfloat16 halves" in note
+    model32, _ = load_scorer(str(tiny[2]), "float32", "cpu", log=said.append)  # asked for: no note
+    assert {p.dtype for p in model32.parameters()} == {torch.float32} and len(said) == (0 if native else 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_loading_into_a_dtype_by_casting_gives_what_loading_in_it_gives(tiny, dtype):
+    """load_in_dtype reads the files in their own dtype and casts parameter by parameter (no second full copy):
+    the weights, buffers and outputs are those of transformers loading straight into the dtype."""
+    from pipeline.device import load_in_dtype, stored_parameters
+    from pipeline.model.modeling_urm import URMForSequenceClassification
+    from pipeline.serve import export_config
+
+    out = tiny[2]
+    config = export_config(str(out))
+    load = lambda dt: URMForSequenceClassification.from_pretrained(out, config=config, dtype=dt).eval()  # noqa: E731
+    keep = tuple(f"{m}." for m in URMForSequenceClassification.HEAD_MODULES)
+    stored, count = stored_parameters(out)
+    assert stored == "float32" and count == sum(p.numel() for p in load(torch.float32).parameters())
+    direct, cast = load(dtype), load_in_dtype(load, out, dtype, keep)
+    a, b = direct.state_dict(), cast.state_dict()
+    assert a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+    ids = torch.tensor([render_ids(tokenizer_of(out), CONVERSATIONS[:1])[0]])
+    with torch.no_grad():
+        assert torch.equal(direct(ids).logits, cast(ids).logits)
+
+
+def test_a_bf16_checkpoint_loads_into_fp32_by_casting_as_transformers_loads_it(tiny, tmp_path):
+    """The other way (a bf16 checkpoint, as Skywork's, scored or extracted in fp32 on a CPU without native bf16)."""
+    from transformers import AutoModel
+
+    from pipeline.device import load_in_dtype, stored_parameters
+
+    AutoModel.from_pretrained(tiny[0], dtype=torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    assert stored_parameters(tmp_path / "bf16")[0] == "bfloat16"
+    load = lambda dt: AutoModel.from_pretrained(tmp_path / "bf16", dtype=dt).eval()  # noqa: E731
+    direct, cast = load(torch.float32), load_in_dtype(load, tmp_path / "bf16", torch.float32)
+    a, b = direct.state_dict(), cast.state_dict()
+    assert all(a[k].dtype == b[k].dtype == torch.float32 and torch.equal(a[k], b[k]) for k in a)

@@ -49,8 +49,8 @@ def expected(export):
 @pytest.fixture(scope="module")
 def server(export, tmp_path_factory):
     log = tmp_path_factory.mktemp("serve-log") / "serve.log"
-    with serve(export, "--device", "cpu", "--max-body-mb", str(MAX_BODY_MB), "--max-items", str(MAX_ITEMS),
-               log_path=log) as (proc, url):
+    with serve(export, "--device", "cpu", "--dtype", "float32", "--max-body-mb", str(MAX_BODY_MB),  # as `expected`
+               "--max-items", str(MAX_ITEMS), log_path=log) as (proc, url):
         yield url
 
 
@@ -253,7 +253,7 @@ def test_fuzzed_bad_requests_get_4xx_and_the_server_keeps_serving(server, expect
 
 
 def test_a_full_queue_is_503_and_sigterm_lets_the_request_in_flight_finish(export, expected, tmp_path):
-    options = ["--device", "cpu", "--max-items", "3", "--max-queue", "4", "--max-wait-ms", "3000",
+    options = ["--device", "cpu", "--dtype", "float32", "--max-items", "3", "--max-queue", "4", "--max-wait-ms", "3000",
                "--max-tokens-per-batch", "100000"]  # the first request waits 3 s for company
     log = tmp_path / "serve.log"
     with serve(export, *options, log_path=log) as (proc, url):
@@ -291,7 +291,7 @@ def calls(url: str, key: str) -> dict:
 def test_with_a_key_a_request_without_it_is_401_and_never_scored(export, expected, tmp_path):
     log = tmp_path / "serve.log"
     good = {"Authorization": f"Bearer {KEY}"}
-    with serve(export, "--device", "cpu", "--reward", "lcb", "--risk", "1", headers=good, log_path=log,
+    with serve(export, "--device", "cpu", "--dtype", "float32", "--reward", "lcb", "--risk", "1", headers=good, log_path=log,
                env={"URM_API_KEY": KEY}) as (_, url):
         body = {"query": expected["texts"][:2]}
         before = calls(url, KEY)
@@ -317,7 +317,7 @@ def test_with_a_key_a_request_without_it_is_401_and_never_scored(export, expecte
 
 def test_health_open_only_when_asked_and_off_loopback_without_a_key_warns(export, expected, tmp_path):
     log = tmp_path / "open.log"
-    with serve(export, "--device", "cpu", "--host", "0.0.0.0", "--api-key", KEY, "--open-health",
+    with serve(export, "--device", "cpu", "--dtype", "float32", "--host", "0.0.0.0", "--api-key", KEY, "--open-health",
                log_path=log) as (_, url):
         status, health = request(url, "GET", "/health")
         assert status == 200 and health["api_key"] is True
@@ -325,7 +325,7 @@ def test_health_open_only_when_asked_and_off_loopback_without_a_key_warns(export
         assert status == 401
     assert "warning" not in log.read_text()  # a key is set: nothing to warn about
     log = tmp_path / "bare.log"
-    with serve(export, "--device", "cpu", "--host", "0.0.0.0", log_path=log) as (_, url):
+    with serve(export, "--device", "cpu", "--dtype", "float32", "--host", "0.0.0.0", log_path=log) as (_, url):
         status, got = request(url, "POST", "/get_reward", {"query": expected["texts"][:1]})
         assert status == 200 and got["rewards"] == pytest.approx(expected["score"][:1], abs=1e-5)
     assert "warning: listening on 0.0.0.0, not loopback: the server has no authentication" in log.read_text()

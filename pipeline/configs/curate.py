@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline.configs.options import DTYPE_HELP, ConfigError, check, number, one_of, opt, whole
+from pipeline.configs.options import SCORING_DTYPE_HELP, ConfigError, check, number, one_of, opt, whole
 from pipeline.configs.serve import check_scoring
 
 SIGNALS = ("bt", "gaussian", "ensemble")  # pipeline.eval.curation.SIGNALS (configs import no stage)
@@ -30,7 +30,7 @@ class CurateConfig:
     select: int | None = opt(None, "Instead of curating: the input is unlabelled response pairs (two responses per "
                              "prompt); write the N whose preference the model is least sure of to selected.jsonl.")
     max_tokens_per_batch: int = opt(8192, "Token budget per forward pass (padded batch size x longest row).")
-    dtype: str = opt("auto", DTYPE_HELP)
+    dtype: str = opt("auto", SCORING_DTYPE_HELP)
     device: str = opt("auto", "Device: auto (cuda if available, else cpu), cpu, cuda, ...")
     format: str | None = opt(None, "Input format for pairs (default: detect from the columns).")
     skip_invalid: bool = opt(False, "Skip malformed input rows (counted) instead of stopping.")

@@ -30,6 +30,9 @@ VERIFY_HELP = ("Check every cache part's checksum before its rows are used (a da
                "`urm extract` rebuilds it); --no-verify checks sizes only.")
 DTYPE_HELP = ("Compute dtype: auto (bf16 on CUDA, fp32 on CPU), auto-bf16 (bf16 on CUDA and on CPUs with native "
               "bf16, AVX-512 BF16 or AMX; fp32 otherwise), float32, bfloat16, float16.")
+SCORING_DTYPE_HELP = ("Compute dtype: auto (bf16 on CUDA and on CPUs with native bf16, AVX-512 BF16 or AMX: half the "
+                      "memory of fp32; fp32 otherwise, saying first how much memory that takes; auto-bf16 is the same "
+                      "here), float32, bfloat16, float16. The weights load straight into it.")
 
 
 def opt(default: Any, help: str, cli: bool = True, shown: str | None = None) -> Any:

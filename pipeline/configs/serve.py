@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline.configs.options import DTYPE_HELP, ConfigError, check, device_name, number, one_of, opt, positive, whole
+from pipeline.configs.options import (SCORING_DTYPE_HELP, ConfigError, check, device_name, number, one_of, opt, positive,
+                                      whole)
 from pipeline.device import AUTO_DTYPES, COMPUTE_DTYPES
 
 REWARD_HELP = ("The reward to give: mean (the score), lcb (score - risk x score_std), min (the worst ensemble "
@@ -34,7 +35,7 @@ class ScoreConfig:
     """`urm score`: batched scoring with uncertainty from an exported model directory."""
 
     max_tokens_per_batch: int = opt(8192, "Token budget per forward pass (padded batch size x longest row).")
-    dtype: str = opt("auto", DTYPE_HELP)
+    dtype: str = opt("auto", SCORING_DTYPE_HELP)
     device: str = opt("auto", "Device: auto (cuda if available, else cpu), cpu, cuda, ...")
     format: str | None = opt(None, "Input format for pairs (default: detect from the columns).")
     skip_invalid: bool = opt(False, "Skip malformed input rows (counted) instead of stopping.")
@@ -75,7 +76,7 @@ class ServeConfig:
                     "reach it.")
     port: int = opt(8000, "Port to listen on (0 picks a free one; the address is printed).", shown="8000")
     max_tokens_per_batch: int = opt(8192, "Token budget per forward pass (padded batch size x longest row).")
-    dtype: str = opt("auto", DTYPE_HELP)
+    dtype: str = opt("auto", SCORING_DTYPE_HELP)
     device: str = opt("auto", "Device: auto (cuda if available, else cpu), cpu, cuda, ...")
     max_length: int | None = opt(None, "Refuse (HTTP 422) conversations longer than this many tokens (default: the "
                                  "longest the heads were trained on, from the export; never more than the backbone's "

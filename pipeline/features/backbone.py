@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from pipeline.atomic import atomic_directory
-from pipeline.device import resolve_device, resolve_dtype
+from pipeline.device import load_in_dtype, resolve_device, resolve_dtype
 from pipeline.errors import UserError
 from pipeline.hashing import file_sha256
 
@@ -199,11 +199,15 @@ def load_weights(files: BackboneFiles, dtype: str = "auto", device: str = "auto"
     kwargs = dict(dtype=torch_dtype, attn_implementation=attn_implementation)
     if files.requested_revision:
         kwargs["revision"] = files.requested_revision
+    # straight into the compute dtype: a bf16 checkpoint extracted in fp32 holds no second full copy
     if is_reward_model(files.config):
-        reward_model = AutoModelForSequenceClassification.from_pretrained(files.path, **kwargs)
+        reward_model = load_in_dtype(lambda dt: AutoModelForSequenceClassification.from_pretrained(
+            files.path, **{**kwargs, "dtype": dt}), files.path, torch_dtype)
         model, score_head = reward_model.base_model, reward_model.score
     else:
-        model, score_head = AutoModel.from_pretrained(files.path, **kwargs), None
+        model = load_in_dtype(lambda dt: AutoModel.from_pretrained(files.path, **{**kwargs, "dtype": dt}), files.path,
+                              torch_dtype)
+        score_head = None
     model.to(dev).eval().requires_grad_(False)
     if score_head is not None:
         score_head.to(dev).eval().requires_grad_(False)

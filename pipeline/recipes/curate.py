@@ -101,7 +101,7 @@ def score_with_export(model_dir: str, source: str, cfg: CurateConfig, log) -> Ju
     from pipeline.serve import length_limit, load_scorer, score_ids
 
     pairs = read_pairs_file(source, cfg)
-    model, tokenizer = load_scorer(model_dir, cfg.dtype, cfg.device, cfg.verify)
+    model, tokenizer = load_scorer(model_dir, cfg.dtype, cfg.device, cfg.verify, log)
     require_members(cfg, model.config.urm.get("members", 1), model_dir)
     ids = render_ids(tokenizer, flatten("pairs", pairs))
     pairs, ids, dropped = within_length("pairs", pairs, ids, length_limit(model.config, cfg.max_length), log)

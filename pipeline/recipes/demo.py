@@ -57,7 +57,7 @@ def run_demo(preset: str = C.DEFAULT_PRESET, log=print) -> dict:
         report = run_evaluate(configs["evaluate"], log=log)
         seconds["evaluate"] = time.perf_counter() - t
     t = step(4, log)
-    example = score_sigmoid_example(exported["out_dir"], configs["score"])
+    example = score_sigmoid_example(exported["out_dir"], configs["score"], log)
     seconds["score"] = time.perf_counter() - t
     seconds["total"] = time.perf_counter() - started
     result = {"preset": preset, "extracted": extracted, "trained": trained, "export": exported["out_dir"],
@@ -67,14 +67,14 @@ def run_demo(preset: str = C.DEFAULT_PRESET, log=print) -> dict:
     return result
 
 
-def score_sigmoid_example(model_dir: str, cfg: C.ScoreConfig) -> dict:
+def score_sigmoid_example(model_dir: str, cfg: C.ScoreConfig, log=None) -> dict:
     """Both answers of the sigmoid example through the export: their outputs and P(answer 2 better)."""
     from pipeline.export import SIGMOID_ANSWERS, SIGMOID_PROMPT, sigmoid_example
     from pipeline.features import pad_id_of, render_ids
     from pipeline.model.modeling_urm import pair_temperatures
     from pipeline.serve import load_scorer, pair_probabilities, row_scores, score_ids
 
-    model, tokenizer = load_scorer(model_dir, cfg.dtype, cfg.device, cfg.verify)
+    model, tokenizer = load_scorer(model_dir, cfg.dtype, cfg.device, cfg.verify, log)
     ids = render_ids(tokenizer, sigmoid_example())
     out = score_ids(model, ids, cfg.max_tokens_per_batch, pad_id_of(tokenizer))
     names = list(model.config.urm["attributes"])

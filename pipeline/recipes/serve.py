@@ -49,13 +49,13 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def load_service(model_dir: str, cfg: ServeConfig):
+def load_service(model_dir: str, cfg: ServeConfig, log=None):
     """The export loaded once, and how the server tokenises and scores for it (`urm score`'s functions)."""
     from pipeline.features import encode_texts, pad_id_of, render_ids
     from pipeline.model import EXPORT_TENSORS, read_meta
     from pipeline.serve import Service, length_limit, load_scorer, score_ids
 
-    model, tokenizer = load_scorer(model_dir, cfg.dtype, cfg.device, cfg.verify)
+    model, tokenizer = load_scorer(model_dir, cfg.dtype, cfg.device, cfg.verify, log)
     pad_id = pad_id_of(tokenizer)
     urm = model.config.urm
     published = urm.get("layout") == "published"  # a published-layout checkpoint: no heads.json
@@ -85,7 +85,7 @@ def run_serve(model_dir: str, cfg: ServeConfig, log=None) -> dict:
     sock = bind(cfg.host, cfg.port)  # before loading: a taken port fails in a second, not after the model loads
     try:
         check_reward_fits(model_dir, cfg.reward)  # and a --reward the export cannot give, before it loads
-        service = load_service(model_dir, cfg)
+        service = load_service(model_dir, cfg, log)
         limits = Limits(max_items=cfg.max_items, max_queue=cfg.max_queue,
                         max_body_bytes=int(cfg.max_body_mb * (1 << 20)))
         batcher = Batcher(service.score_fn, cfg.max_tokens_per_batch, cfg.max_wait_ms / 1000, cfg.max_queue,

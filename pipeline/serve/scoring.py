@@ -65,13 +65,17 @@ def check_reward_fits(model_dir: str, transform: str) -> None:
         raise ScoreError(f"--{why}")
 
 
-def load_scorer(model_dir: str, dtype: str = "auto", device: str = "auto", verify: bool = True):
+def load_scorer(model_dir: str, dtype: str = "auto", device: str = "auto", verify: bool = True, log=None):
     """An exported model (pipeline's own copy of modeling_urm: no remote code runs) and its tokenizer;
     its files are checked against the checksums the export recorded (``verify``; the heads' always). A
-    checkpoint in the published layout has no heads.json to check against."""
+    checkpoint in the published layout has no heads.json to check against.
+
+    The weights load straight into the compute dtype (``pipeline.device.load_in_dtype``: no second full copy);
+    ``auto`` is bf16 where the hardware runs it natively (``pipeline.device.scoring_dtype``), and where it resolves
+    to fp32 on a CPU, ``log`` says first how much memory that takes and that --dtype bfloat16 halves it."""
     from transformers import AutoTokenizer
 
-    from pipeline.device import resolve_device, resolve_dtype
+    from pipeline.device import load_in_dtype, resolve_device, resolve_dtype, scoring_dtype, stored_parameters
     from pipeline.model.modeling_urm import URMForSequenceClassification
 
     path = Path(model_dir)
@@ -79,9 +83,15 @@ def load_scorer(model_dir: str, dtype: str = "auto", device: str = "auto", verif
     if config.urm.get("layout") != "published":
         check_hidden_size(path, config, check_export(path, verify))
     dev = resolve_device(device)
+    torch_dtype = resolve_dtype(scoring_dtype(dtype), dev)
+    if dtype in ("auto", "auto-bf16") and dev.type == "cpu" and torch_dtype == torch.float32 and log is not None:
+        _, count = stored_parameters(path)
+        log(f"note: this CPU has no native bf16, so --dtype {dtype} scores in float32: the weights take about "
+            f"{count * 4 / 1e9:.1f} GB of memory; --dtype bfloat16 halves that (bf16 is emulated here, so slower)")
+    keep = tuple(f"{name}." for name in URMForSequenceClassification.HEAD_MODULES)  # the heads stay fp32
     try:
-        model = URMForSequenceClassification.from_pretrained(path, config=config, dtype=resolve_dtype(dtype, dev),
-                                                             key_mapping=UNNESTED_GATE)
+        model = load_in_dtype(lambda dt: URMForSequenceClassification.from_pretrained(
+            path, config=config, dtype=dt, key_mapping=UNNESTED_GATE), path, torch_dtype, keep)
         tokenizer = AutoTokenizer.from_pretrained(path, config=config)  # given: no model_type urm lookup, no prompt
     except Exception as e:  # truncated or missing shards, a damaged tokenizer
         raise ScoreError(f"{path}: the export cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0]}); "
