@@ -119,3 +119,44 @@ def test_bad_gate_options_are_clear(bad, needle):
 
     with pytest.raises(ConfigError, match=needle):
         build(GatingConfig, bad)
+
+
+# ----------------------------------------------------------------------------------------------
+# The same choice in less time (issue 26): the MLP gates only where the pairs can support them, fits in parallel
+
+
+def test_mlp_gates_are_not_tried_on_fewer_pairs_than_the_features_can_be_interpolated_by():
+    """120 pairs at d = 200: each fold's MLP would learn from 86 pairs, 172 feature vectors in 200 dimensions
+    (linearly independent: it could give every pair any weights); the same pairs at d = 16 support them."""
+    from pipeline.train.gate_selection import mlp_supported
+
+    chosen, rejected = prompt_dependent_pairs(n=120, d=200)
+    said = []
+    fit = fit_gate(chosen, rejected, identity_value_head(d=200), auto(), log=said.append)
+    sel = fit.selection
+    assert set(sel["not_tried"]) == {"urm-warm", "softmax"} and set(sel["candidates"]) == {"equal", "global"}
+    assert any("not tried" in line and "86 pairs" in line for line in said)
+    assert not mlp_supported(86, 200) and mlp_supported(101, 200)
+    small = fit_gate(chosen[:, :16].contiguous(), rejected[:, :16].contiguous(), identity_value_head(), auto(), **QUIET)
+    assert small.selection["not_tried"] == {} and "softmax" in small.selection["candidates"]
+    only_mlp = fit_gate(chosen, rejected, identity_value_head(d=200), auto(gate_candidates=["urm-warm"]), **QUIET)
+    assert only_mlp.selection["chosen"] == "urm-warm"  # asked for alone: tried whatever the rule says
+
+
+def test_parallel_fits_give_the_sequential_choice_and_say_how_long_is_left(monkeypatch):
+    import pipeline.train.gate_selection as S
+
+    chosen, rejected = prompt_dependent_pairs(n=600)
+    runs = {}
+    for cores in (1, 2):
+        monkeypatch.setattr(S, "available_cores", lambda: cores)
+        said = []
+        runs[cores] = fit_gate(chosen, rejected, identity_value_head(), auto(), log=said.append).selection, said
+    (one, _), (two, said) = runs[1], runs[2]
+    assert one["parallel_fits"] == 1 and two["parallel_fits"] == 2 and one["chosen"] == two["chosen"]
+    for kind, row in one["candidates"].items():  # the same fits (their own thread counts aside: rounding only)
+        assert two["candidates"][kind]["bt_loss"] == pytest.approx(row["bt_loss"], rel=1e-4)
+        assert two["candidates"][kind].get("epochs") == row.get("epochs")
+    progress = [line for line in said if " fold " in line and "left)" in line]
+    assert len(progress) == 10 and all(line.lstrip().startswith(("softmax", "urm-warm")) for line in progress)
+    assert {line.split(" fold ")[1].split(":")[0] for line in progress} == {f"{i}/5" for i in range(1, 6)}

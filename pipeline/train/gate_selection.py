@@ -14,12 +14,29 @@ every simpler candidate's AND it beats the best simpler one by more than ``Z[kin
 their paired per-pair difference (0 for the K-number global vector, 1 for the MLP gates). So the choice
 never has a higher cross-validated loss than a simpler gate, and extra capacity pays for itself beyond
 the noise of these pairs. The choice is then fitted on the training split as ``--gate <kind>`` would be.
+
+What the data can support: the trained kinds (the MLP gates urm-warm, urm, softmax, ``TRAINED_KINDS``) are tried
+only when the pairs each of their fits learns from give more feature vectors than the features have dimensions
+(2 x fitted pairs > d; ``mlp_supported``). With no more, those 2n vectors are linearly independent (as h's
+are), so a gate that reads h through a linear layer can give every training pair whatever weights fit its label:
+it interpolates the pairs, and early stopping, not the data, decides what it learns; cross-validation can then
+only measure noise. The closed-form kinds (equal, global: K numbers) are always tried. SmolLM2's d = 576 needs
+about 400 pairs at 5 folds (the demo's 160 are fewer: it keeps the global gate it chose when the MLPs were
+fitted too); Llama-3.1-8B's d = 4096 about 2,850.
+
+Cost: the closed-form kinds take a moment (L-BFGS on K numbers); the trained kinds' fits (folds x kinds) run
+in parallel on a CPU with more than one core, each on its own share of the cores, their AdamW steps fused
+(``pipeline.train.optimization.adamw``). A line per finished fit says which candidate and fold, and how long
+is left.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import dataclasses
 import math
+import os
 import time
 from typing import TYPE_CHECKING
 
@@ -28,7 +45,8 @@ import torch.nn.functional as F
 
 from pipeline import ATTRIBUTES
 from pipeline.train.calibration import fit_temperature
-from pipeline.train.gates import GATE_KINDS, fit_gate_kind, pair_scores
+from pipeline.train.feature_stream import TensorRows
+from pipeline.train.gates import GATE_KINDS, TRAINED_KINDS, fit_gate_kind, pair_scores
 from pipeline.train.optimization import split_rows
 
 if TYPE_CHECKING:  # the configs are the caller's (pipeline.configs)
@@ -82,11 +100,54 @@ def choose(losses: dict[str, torch.Tensor], order: list[str], z: dict[str, float
     return chosen, reasons
 
 
+def mlp_supported(fitted_pairs: int, d: int) -> bool:
+    """Whether an MLP gate fitted on ``fitted_pairs`` pairs of width-``d`` features can learn from them rather than
+    interpolate them: more feature vectors (two a pair) than dimensions (see the module docstring).
+
+    >>> mlp_supported(115, 576), mlp_supported(1150, 576)
+    (False, True)
+    """
+    return 2 * fitted_pairs > d
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """torch's intra-op threads set to ``n`` for the block (each parallel fit then runs on its own cores: small
+    matmuls split over threads that other fits also want only wait for each other)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@dataclasses.dataclass
+class Fold:
+    """One split of `--gate auto`'s plan: the pairs a candidate is fitted on (``train``, stopping early on
+    ``val_pairs``, a split of them) and the pairs it is scored on (``scored``, with their features ``xs``)."""
+
+    index: int
+    train: torch.Tensor
+    val_pairs: tuple
+    scored: torch.Tensor
+    xs: list
+
+
 def select_gate(rows, value, frozen: tuple, train: torch.Tensor, val: torch.Tensor, cfg: GatingConfig, margin=None,
                 names=ATTRIBUTES, log=print) -> tuple[str, dict, tuple[torch.Tensor, torch.Tensor]]:
     """The gate kind for these pairs (``rows``, a minibatch source; ``frozen`` the value head's (mu_c, ls_c, mu_r,
     ls_r) of every pair), the record of how it was chosen (for heads.json), and the chosen kind's out-of-fold
-    (s_c - s_r, Var_c + Var_r) of every scored pair: what its pair temperatures are best fitted on."""
+    (s_c - s_r, Var_c + Var_r) of every scored pair: what its pair temperatures are best fitted on.
+
+    The fits of the trained kinds run in parallel over the folds on a CPU with more than one core (each on its
+    own share of the cores; their numbers do not depend on how many run at once), and a line per finished fit
+    says which candidate and fold, and how long is left."""
     t0 = time.perf_counter()
     mu_c, ls_c, mu_r, ls_r = frozen
     device = mu_c.device
@@ -100,29 +161,66 @@ def select_gate(rows, value, frozen: tuple, train: torch.Tensor, val: torch.Tens
         plan = [(train.cpu(), val.cpu())]
         protocol = (f"the validation split ({len(val)} pairs; over {CV_MAX_PAIRS} pairs it decides alone)" if
                     cfg.gate_folds > 1 else f"the validation split ({len(val)} pairs; --gate-folds 1)")
-    log(f"gate: choosing among {', '.join(kinds)} by {protocol} ...")
     quiet = dataclasses.replace(cfg, pair_temperature=False)
-    oof = {k: torch.empty(rows.n, dtype=torch.float64) for k in kinds}  # s_c - s_r of the gate that did not see it
-    oof_var = {k: torch.empty(rows.n, dtype=torch.float64) for k in kinds}  # Var_c + Var_r under its weights
-    seconds = dict.fromkeys(kinds, 0.0)
-    for fit_idx, score_idx in plan:
+    splits = []
+    for i, (fit_idx, score_idx) in enumerate(plan):
         # a trained kind stops early on a split of the pairs it is fitted on, never on the pairs it is scored on
-        inner_train, inner_val = (fit_idx[i] for i in split_rows(len(fit_idx), cfg.optim.val_fraction, cfg.run.seed,
+        inner_train, inner_val = (fit_idx[j] for j in split_rows(len(fit_idx), cfg.optim.val_fraction, cfg.run.seed,
                                                                 "--gate-val-fraction"))
         inner_train, inner_val, score_idx = inner_train.to(device), inner_val.to(device), score_idx.to(device)
         xv = rows.take(inner_val)
         val_pairs = (*xv, mu_c[inner_val], ls_c[inner_val], mu_r[inner_val], ls_r[inner_val],
                      None if margin is None else margin[inner_val])
-        xs = rows.take(score_idx)
-        for kind in kinds:
-            t1 = time.perf_counter()
-            heads, _, _ = fit_gate_kind(kind, rows, value, mu_c, mu_r, inner_train, val_pairs, quiet, margin, names,
-                                        log=lambda line: None)
-            s_c, s_r, var_c, var_r, _ = pair_scores(heads.gate_weights, *xs, mu_c[score_idx], ls_c[score_idx],
-                                                    mu_r[score_idx], ls_r[score_idx])
-            oof[kind][score_idx.cpu()] = (s_c - s_r).double().cpu()
-            oof_var[kind][score_idx.cpu()] = (var_c + var_r).double().cpu()
-            seconds[kind] += time.perf_counter() - t1
+        splits.append(Fold(i, inner_train, val_pairs, score_idx, rows.take(score_idx)))
+    fitted = min(len(f.train) for f in splits)
+    not_tried = {}
+    if not mlp_supported(fitted, rows.d) and any(k not in TRAINED_KINDS for k in kinds):
+        not_tried = {k: (f"not tried: fitted on {fitted} pairs, 2 x {fitted} feature vectors are no more than the "
+                         f"features' width d = {rows.d}, so it would interpolate them") for k in kinds if k in TRAINED_KINDS}
+        kinds = [k for k in kinds if k not in not_tried]
+        log(f"gate: {', '.join(not_tried)} not tried: each fit would learn from {fitted} pairs, whose {2 * fitted} "
+            f"feature vectors do not outnumber the features' width ({rows.d}); an MLP gate would interpolate them")
+    oof = {k: torch.empty(rows.n, dtype=torch.float64) for k in kinds}  # s_c - s_r of the gate that did not see it
+    oof_var = {k: torch.empty(rows.n, dtype=torch.float64) for k in kinds}  # Var_c + Var_r under its weights
+    seconds = dict.fromkeys(kinds, 0.0)
+    epochs = {k: [0] * len(splits) for k in kinds if k in TRAINED_KINDS}  # each fold's, in fold order
+
+    def fit(kind: str, fold: Fold) -> tuple[str, Fold, float, int, torch.Tensor, torch.Tensor]:
+        """``kind`` fitted on ``fold``: (kind, fold, seconds, epochs, s_c - s_r and Var_c + Var_r of its scored pairs)."""
+        t1 = time.perf_counter()
+        heads, history, _ = fit_gate_kind(kind, rows, value, mu_c, mu_r, fold.train, fold.val_pairs, quiet, margin,
+                                          names, log=lambda line: None)
+        idx = fold.scored
+        s_c, s_r, var_c, var_r, _ = pair_scores(heads.gate_weights, *fold.xs, mu_c[idx], ls_c[idx], mu_r[idx],
+                                                ls_r[idx])
+        return kind, fold, time.perf_counter() - t1, len(history), (s_c - s_r).double().cpu(), \
+            (var_c + var_r).double().cpu()
+
+    def record(result) -> tuple[str, Fold, float, int]:
+        kind, fold, took, ran, d, var = result
+        oof[kind][fold.scored.cpu()] = d
+        oof_var[kind][fold.scored.cpu()] = var
+        seconds[kind] += took
+        return kind, fold, took, ran
+
+    trained = [k for k in kinds if k in TRAINED_KINDS]
+    for kind in [k for k in kinds if k not in TRAINED_KINDS]:  # closed form / L-BFGS on K numbers: a moment each
+        for fold in splits:
+            record(fit(kind, fold))
+    tasks = [(kind, fold) for kind in sorted(trained, key=TRAINED_KINDS.index, reverse=True) for fold in splits]
+    workers = max(1, min(len(tasks), available_cores())) if device.type == "cpu" and isinstance(rows, TensorRows) else 1
+    log(f"gate: choosing among {', '.join(kinds)} by {protocol}: {len(tasks)} trained fits"
+        + (f", {workers} at a time" if workers > 1 else "") + " ...")
+    done, started = 0, time.perf_counter()
+    with torch_threads(max(1, available_cores() // workers)) if workers > 1 else contextlib.nullcontext(), \
+            concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        for future in concurrent.futures.as_completed([pool.submit(fit, kind, fold) for kind, fold in tasks]):
+            kind, fold, took, ran = record(future.result())
+            epochs[kind][fold.index] = ran
+            done += 1
+            left = (time.perf_counter() - started) / done * (len(tasks) - done)
+            log(f"  {kind} fold {fold.index + 1}/{len(splits)}: {ran} epochs, {took:.1f}s ({done}/{len(tasks)} fits; "
+                f"about {left:.0f}s left)")
     scored = torch.cat([s for _, s in plan]).sort().values
     tempered, table = {}, {}
     for kind in kinds:
@@ -130,7 +228,7 @@ def select_gate(rows, value, frozen: tuple, train: torch.Tensor, val: torch.Tens
         tempered[kind], temperature = tempered_bt_losses(d)
         table[kind] = {"bt_loss": float(-F.logsigmoid(d).mean()), "bt_loss_tempered": float(tempered[kind].mean()),
                        "temperature": temperature, "accuracy": float((d > 0).double().mean()),
-                       "seconds": seconds[kind]}
+                       "seconds": seconds[kind], **({"epochs": epochs[kind]} if kind in epochs else {})}
     chosen, reasons = choose(tempered, kinds)
     for line in reasons:
         log(f"  {line}")
@@ -139,4 +237,6 @@ def select_gate(rows, value, frozen: tuple, train: torch.Tensor, val: torch.Tens
                     "criterion": "per-pair BT loss at each candidate's own temperature",
                     "rule": "simplest first; a candidate must beat every simpler one, the best of them by more than z "
                             "paired standard errors", "z": {k: Z[k] for k in kinds}, "reasons": reasons,
-                    "seconds": time.perf_counter() - t0}, (oof[chosen][scored], oof_var[chosen][scored])
+                    "not_tried": not_tried, "mlp_rule": "trained (MLP) kinds only when 2 x fitted pairs > d",
+                    "parallel_fits": workers, "seconds": time.perf_counter() - t0}, \
+        (oof[chosen][scored], oof_var[chosen][scored])

@@ -38,6 +38,7 @@ if TYPE_CHECKING:  # the configs are the caller's (pipeline.configs)
     from pipeline.configs import GatingConfig
 
 GATE_KINDS = ("equal", "global", "urm-warm", "urm", "softmax")  # simplest first
+TRAINED_KINDS = ("urm-warm", "urm", "softmax")  # fitted by AdamW with early stopping (the others in closed form)
 
 
 def with_gate(value: Heads, cfg: GatingConfig, gate: str | None = None) -> Heads:
