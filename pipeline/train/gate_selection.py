@@ -214,13 +214,17 @@ def select_gate(rows, value, frozen: tuple, train: torch.Tensor, val: torch.Tens
     done, started = 0, time.perf_counter()
     with torch_threads(max(1, available_cores() // workers)) if workers > 1 else contextlib.nullcontext(), \
             concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        for future in concurrent.futures.as_completed([pool.submit(fit, kind, fold) for kind, fold in tasks]):
-            kind, fold, took, ran = record(future.result())
-            epochs[kind][fold.index] = ran
-            done += 1
-            left = (time.perf_counter() - started) / done * (len(tasks) - done)
-            log(f"  {kind} fold {fold.index + 1}/{len(splits)}: {ran} epochs, {took:.1f}s ({done}/{len(tasks)} fits; "
-                f"about {left:.0f}s left)")
+        try:
+            for future in concurrent.futures.as_completed([pool.submit(fit, kind, fold) for kind, fold in tasks]):
+                kind, fold, took, ran = record(future.result())
+                epochs[kind][fold.index] = ran
+                done += 1
+                left = (time.perf_counter() - started) / done * (len(tasks) - done)
+                log(f"  {kind} fold {fold.index + 1}/{len(splits)}: {ran} epochs, {took:.1f}s ({done}/{len(tasks)} "
+                    f"fits; about {left:.0f}s left)")
+        except BaseException:  # an error, or Ctrl-C: the fits not started yet are dropped, not waited for
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
     scored = torch.cat([s for _, s in plan]).sort().values
     tempered, table = {}, {}
     for kind in kinds:
