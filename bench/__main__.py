@@ -5,7 +5,8 @@ import importlib
 import sys
 
 BENCHES = ["cache_read", "extract_speed", "train_heads", "sigma_recovery", "gating_real", "export_speed", "evaluate_real",
-           "curate", "demo_dtype", "demo_clone", "serve_load", "out_of_core", "published_gap"]
+           "curate", "demo_dtype", "demo_clone", "serve_load", "out_of_core", "published_gap", "gate_auto_real",
+           "full_shape"]
 ON_REQUEST = ["gpu"]  # not in `make bench` (needs a CUDA GPU): `make bench-gpu`
 
 
