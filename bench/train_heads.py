@@ -1,9 +1,11 @@
 """How fast the two training stages run at the published model's shapes, against this machine's matmul peak.
 
 Shapes of URM-LLaMa-3.1-8B's training: 20k ratings (HelpSteer2) and 80k pairs (Skywork 80K) =
-160k rows, d = 4096, random float16 features held in memory, random labels. Stage 1: the default
-closed form (``--loss ridge``) end to end, one head and the default 8 bootstrap members; and one full
-epoch of the AdamW loop (``--loss nll``) after a warm-up epoch (the per-epoch training time it records,
+160k rows, d = 4096, random float16 features held in memory, random labels (for the closed form: ratings
+with a linear signal in the features, ``--ridge-labels``). Stage 1: the default closed form (``--loss ridge``)
+end to end, one head and the default 8 bootstrap members (each fit in a child process, ``bench/ridge_fit.py``;
+with ``--reference DIR`` also under that earlier checkout, side by side, and the two fits' tensors compared);
+and one full epoch of the AdamW loop (``--loss nll``) after a warm-up epoch (the per-epoch training time it records,
 validation excluded). Stage 2: the global weight vector `--gate auto` tries (L-BFGS); and the real
 inner loop (``gate_epoch``) over a fixed number of steps after warm-up steps, with the URM gate
 (hidden = d) and the frozen head's outputs precomputed.
@@ -19,8 +21,11 @@ Figures go to bench/results/train_heads.json.
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -28,17 +33,11 @@ from bench import machine_info, matmul_gflops, timed, write_result
 from pipeline.configs import GatingConfig, ValueHeadConfig, build
 from pipeline.model import Heads
 from pipeline.train import TensorRows, adamw, fit_value_head, frozen_outputs, gate_epoch, with_gate
+from bench.ridge_fit import random_features
 
 K = 5
-
-
-def random_features(rows: int, d: int, seed: int) -> torch.Tensor:
-    """[rows, d] float16 N(0, 1), made in chunks (no full float32 copy)."""
-    g = torch.Generator().manual_seed(seed)
-    out = torch.empty(rows, d, dtype=torch.float16)
-    for i in range(0, rows, 8192):
-        out[i:i + 8192] = torch.randn(min(8192, rows - i), d, generator=g)
-    return out
+ROOT = Path(__file__).resolve().parents[1]
+RIDGE_FIT = Path(__file__).resolve().parent / "ridge_fit.py"
 
 
 def bench_stage1(rows: int, d: int, members: int, batch_size: int, device: str = "cpu") -> dict:
@@ -60,17 +59,38 @@ def bench_stage1(rows: int, d: int, members: int, batch_size: int, device: str =
             "fit_seconds_2_epochs_with_validation": total}
 
 
-def bench_stage1_ridge(rows: int, d: int, members: int, device: str = "cpu") -> dict:
+def bench_stage1_ridge(rows: int, d: int, members: int, labels: str, reference: str | None) -> dict:
     """The default stage 1 (``--loss ridge``): the whole closed-form fit, penalties by leave-one-out, sigma, the
-    calibration and ``members`` bootstrap refits, timed end to end (no epochs: it is solved once)."""
-    x = random_features(rows, d, seed=0).to(device)
-    y = torch.randint(0, 5, (rows, K), generator=torch.Generator().manual_seed(1)).float()
-    out = {"rows": rows, "members": members}
-    for m in sorted({1, members}):
-        cfg = build(ValueHeadConfig, dict(ensemble=m, device=device))
-        t = time.perf_counter()
-        fit_value_head(x, y, cfg, log=lambda line: None)
-        out[f"seconds_{m}_member{'s' if m > 1 else ''}"] = time.perf_counter() - t
+    calibration and ``members`` bootstrap refits, timed end to end (no epochs: it is solved once), 1 and
+    ``members`` members, each fit in a child process (``bench/ridge_fit.py``) under this checkout and, with
+    ``reference``, under that one too, one after the other; then how far the two fits' tensors are apart."""
+    from safetensors.torch import load_file
+
+    from bench.measured import checkout_commit, checkout_python, run_measured
+
+    out = {"rows": rows, "members": members, "labels": labels, "runs": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        for m in sorted({1, members}):
+            for name, checkout in (("after", None), ("before", reference)):
+                if name == "before" and checkout is None:
+                    continue
+                heads = Path(tmp) / f"{name}-{m}.safetensors"
+                run = run_measured([str(checkout_python(checkout)), str(RIDGE_FIT), "--rows", str(rows), "--dim",
+                                    str(d), "--members", str(m), "--labels", labels, "--out", str(heads)],
+                                   cwd=checkout or ROOT)
+                if run["returncode"] != 0:
+                    raise SystemExit(f"bench/ridge_fit.py failed under {checkout or ROOT}:\n{run['output_tail']}")
+                record = json.loads(run["output_tail"].strip().splitlines()[-1])
+                out["runs"][f"{name}_{m}"] = {"commit": checkout_commit(checkout), **record}
+                print(f"  ridge {name}, {m} member(s): {record['seconds']:.1f} s ({record['cpu_seconds']:.1f} s CPU)",
+                      flush=True)
+            if reference:
+                a, b = load_file(Path(tmp) / f"after-{m}.safetensors"), load_file(Path(tmp) / f"before-{m}.safetensors")
+                out[f"max_relative_difference_{m}"] = max(float((a[k] - b[k]).norm() / b[k].norm().clamp(min=1e-30))
+                                                          for k in b)
+                runs = out["runs"]
+                out[f"speedup_{m}"] = {"wall": runs[f"before_{m}"]["seconds"] / runs[f"after_{m}"]["seconds"],
+                                       "cpu": runs[f"before_{m}"]["cpu_seconds"] / runs[f"after_{m}"]["cpu_seconds"]}
     return out
 
 
@@ -129,11 +149,16 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--stage2-steps", type=int, default=20, help="timed stage-2 steps (after warm-up)")
     ap.add_argument("--stage2-warmup", type=int, default=2)
     ap.add_argument("--gate-hidden", type=int, default=None, help="default: d (the published URM)")
+    ap.add_argument("--ridge-labels", choices=("linear", "random"), default="linear",
+                    help="ratings with a linear signal in the features (the penalty inside its grid, as on real data), "
+                         "or random ones (the penalty at the grid's top edge)")
+    ap.add_argument("--reference", default=None,
+                    help="an earlier checkout (with its .venv) whose closed-form fit is timed beside this one's")
     args = ap.parse_args(argv or [])
     load_before = list(os.getloadavg())
     peak = matmul_gflops()
     s1 = bench_stage1(args.ratings, args.dim, args.members, args.stage1_batch)
-    ridge = bench_stage1_ridge(args.ratings, args.dim, args.ridge_members)
+    ridge = bench_stage1_ridge(args.ratings, args.dim, args.ridge_members, args.ridge_labels, args.reference)
     constant = bench_global_gate(args.pairs, args.dim)
     s2 = bench_stage2(args.pairs, args.dim, args.gate_hidden or args.dim, args.stage2_batch,
                       args.stage2_steps, args.stage2_warmup)
@@ -154,7 +179,7 @@ def main(argv: list[str] | None = None) -> dict:
           f"stage 1: {s1['examples_per_s']:.0f} examples/s (epoch of {s1['train_rows']:.0f} rows in "
           f"{s1['epoch_seconds']:.2f} s), {s1['feature_gb_per_s']:.2f} GB/s of float16 features, "
           f"{s1['gflops_per_s']:.1f} GFLOP/s = {s1['share_of_matmul_peak']:.1%} of peak\n"
-          f"stage 1 ridge (the default): {ridge}\n"
+          f"stage 1 ridge (the default): " + json.dumps({k: v for k, v in ridge.items() if k != "runs"}) + "\n"
           f"stage 2 global weights: {constant}\n"
           f"stage 2: {s2['pairs_per_s']:.0f} pairs/s ({s2['steps_timed']} steps of {s2['batch_size']} in "
           f"{s2['seconds']:.1f} s; epoch ~{s2['epoch_seconds_estimate']:.0f} s), {s2['gflops_per_s']:.1f} "
