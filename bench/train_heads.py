@@ -3,7 +3,7 @@
 Shapes of URM-LLaMa-3.1-8B's training: 20k ratings (HelpSteer2) and 80k pairs (Skywork 80K) =
 160k rows, d = 4096, random float16 features held in memory, random labels (for the closed form: ratings
 with a linear signal in the features, ``--ridge-labels``). Stage 1: the default closed form (``--loss ridge``)
-end to end, one head and the default 8 bootstrap members (each fit in a child process, ``bench/ridge_fit.py``;
+end to end with the default 8 bootstrap members (and one, ``--ridge-one-member-too``; each fit in a child process, ``bench/ridge_fit.py``;
 with ``--reference DIR`` also under that earlier checkout, side by side, and the two fits' tensors compared);
 and one full epoch of the AdamW loop (``--loss nll``) after a warm-up epoch (the per-epoch training time it records,
 validation excluded). Stage 2: the global weight vector `--gate auto` tries (L-BFGS); and the real
@@ -59,10 +59,11 @@ def bench_stage1(rows: int, d: int, members: int, batch_size: int, device: str =
             "fit_seconds_2_epochs_with_validation": total}
 
 
-def bench_stage1_ridge(rows: int, d: int, members: int, labels: str, reference: str | None) -> dict:
+def bench_stage1_ridge(rows: int, d: int, members: int, labels: str, reference: str | None,
+                       one_member_too: bool = False) -> dict:
     """The default stage 1 (``--loss ridge``): the whole closed-form fit, penalties by leave-one-out, sigma, the
-    calibration and ``members`` bootstrap refits, timed end to end (no epochs: it is solved once), 1 and
-    ``members`` members, each fit in a child process (``bench/ridge_fit.py``) under this checkout and, with
+    calibration and ``members`` bootstrap refits, timed end to end (no epochs: it is solved once), with ``members``
+    members (and 1, with ``one_member_too``), each fit in a child process (``bench/ridge_fit.py``) under this checkout and, with
     ``reference``, under that one too, one after the other; then how far the two fits' tensors are apart."""
     from safetensors.torch import load_file
 
@@ -70,7 +71,7 @@ def bench_stage1_ridge(rows: int, d: int, members: int, labels: str, reference: 
 
     out = {"rows": rows, "members": members, "labels": labels, "runs": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        for m in sorted({1, members}):
+        for m in sorted({1, members} if one_member_too else {members}):
             for name, checkout in (("after", None), ("before", reference)):
                 if name == "before" and checkout is None:
                     continue
@@ -154,11 +155,14 @@ def main(argv: list[str] | None = None) -> dict:
                          "or random ones (the penalty at the grid's top edge)")
     ap.add_argument("--reference", default=None,
                     help="an earlier checkout (with its .venv) whose closed-form fit is timed beside this one's")
+    ap.add_argument("--ridge-one-member-too", action="store_true",
+                    help="also time the closed form with one member (no bootstrap)")
     args = ap.parse_args(argv or [])
     load_before = list(os.getloadavg())
     peak = matmul_gflops()
     s1 = bench_stage1(args.ratings, args.dim, args.members, args.stage1_batch)
-    ridge = bench_stage1_ridge(args.ratings, args.dim, args.ridge_members, args.ridge_labels, args.reference)
+    ridge = bench_stage1_ridge(args.ratings, args.dim, args.ridge_members, args.ridge_labels, args.reference,
+                               args.ridge_one_member_too)
     constant = bench_global_gate(args.pairs, args.dim)
     s2 = bench_stage2(args.pairs, args.dim, args.gate_hidden or args.dim, args.stage2_batch,
                       args.stage2_steps, args.stage2_warmup)
