@@ -9,8 +9,12 @@ the wall time of a step grows with the load, its CPU time much less.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import signal
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -18,33 +22,58 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+# Linux starts an exec'd child's peak RSS at the peak of the memory it was forked (or vforked) from: a child started
+# straight from a benchmark holding torch would report at least the benchmark's own peak. So the command is started
+# by this small Python (a few MB), which forks and execs it, reaps it and writes its rusage to a file.
+TRAMPOLINE = r"""
+import json, os, sys
+pid = os.fork()
+if pid == 0:
+    try:
+        os.execvp(sys.argv[2], sys.argv[2:])
+    except OSError as e:
+        print(f"{sys.argv[2]}: {e}", file=sys.stderr)
+        os._exit(127)
+_, status, usage = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as f:
+    json.dump({"utime": usage.ru_utime, "stime": usage.ru_stime, "maxrss": usage.ru_maxrss}, f)
+code = os.waitstatus_to_exitcode(status)
+sys.exit(code if code >= 0 else 128 - code)
+"""
+
+
 def run_measured(cmd: list[str], *, cwd: str | Path | None = None, env: dict | None = None,
                  timeout: float | None = None, log_path: Path | None = None) -> dict:
-    """Run ``cmd`` to its end; return its exit status, wall and CPU seconds, peak RSS (bytes) and the tail of its
-    output (the whole output goes to ``log_path``, a temporary file when not given). A command that runs past
-    ``timeout`` seconds is killed and reported with ``timed_out``."""
+    """Run ``cmd`` to its end; return its exit status, wall and CPU seconds, its own peak RSS (bytes; started by
+    ``TRAMPOLINE``, so the peak is not this process's) and the tail of its output (the whole output goes to
+    ``log_path``, a temporary file when not given). A command that runs past ``timeout`` seconds is killed (its
+    whole process group) and reported with ``timed_out``."""
     with tempfile.TemporaryDirectory() as tmp:
         log = Path(log_path) if log_path else Path(tmp) / "output.log"
+        usage_file = Path(tmp) / "rusage.json"
         with open(log, "wb") as out:
             t0 = time.perf_counter()
-            proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
+            proc = subprocess.Popen([sys.executable, "-c", TRAMPOLINE, str(usage_file), *map(str, cmd)], cwd=cwd,
+                                    env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
             timed_out = False
-            while True:  # reaped here, not by Popen, so that its rusage can be read
-                pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-                if pid:
-                    break
-                if timeout is not None and time.perf_counter() - t0 > timeout:
-                    proc.kill()
-                    _, status, usage = os.wait4(proc.pid, 0)
-                    timed_out = True
-                    break
-                time.sleep(0.05)
+            try:
+                while proc.poll() is None:
+                    if timeout is not None and time.perf_counter() - t0 > timeout:
+                        timed_out = True
+                        break
+                    time.sleep(0.05)
+            finally:  # a timeout, or Ctrl-C: the command and anything it started are stopped, not left running
+                if proc.poll() is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
             wall = time.perf_counter() - t0
-        proc.returncode = os.waitstatus_to_exitcode(status)
+        usage = json.loads(usage_file.read_text()) if usage_file.is_file() else {"utime": 0.0, "stime": 0.0,
+                                                                                  "maxrss": 0}
         tail = log.read_bytes()[-4000:].decode(errors="replace")
     return {"cmd": [str(c) for c in cmd], "returncode": proc.returncode, "timed_out": timed_out,
-            "wall_seconds": wall, "cpu_seconds": usage.ru_utime + usage.ru_stime,
-            "peak_rss_bytes": usage.ru_maxrss * 1024, "output_tail": tail}
+            "wall_seconds": wall, "cpu_seconds": usage["utime"] + usage["stime"],
+            "peak_rss_bytes": usage["maxrss"] * 1024, "output_tail": tail}
 
 
 def checkout_python(checkout: str | Path | None) -> Path:

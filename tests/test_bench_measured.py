@@ -23,3 +23,14 @@ def test_the_peak_rss_is_the_childs_own_and_a_timeout_kills_it(tmp_path):
 def test_a_checkout_is_named_by_its_commit():
     commit = checkout_commit(None)
     assert commit != "unknown" and len(commit.split("+")[0]) >= 7
+
+
+def test_the_peak_is_not_the_benchmarks_own():
+    """Linux starts an exec'd child's peak at the memory it was forked from: a benchmark holding 400 MB must not
+    see a child that prints one number peak there."""
+    import numpy as np
+
+    held = np.ones(50_000_000)  # 400 MB, touched
+    held += 1
+    small = run_measured([sys.executable, "-c", "print(1)"])
+    assert small["returncode"] == 0 and small["peak_rss_bytes"] < 100e6 and held[0] == 2
