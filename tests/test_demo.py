@@ -18,8 +18,11 @@ runner = CliRunner()
 
 
 def test_the_sigmoid_example_is_scored_as_the_export_scores_it(tiny_demo):
+    from pipeline.device import native_bf16_cpu
+
     root, _, result = tiny_demo
-    model = load_export(root / "model", dtype=torch.float32)
+    dtype = torch.bfloat16 if native_bf16_cpu() else torch.float32  # `--dtype auto` on this CPU
+    model = load_export(root / "model", dtype=dtype)
     ids = render_ids(tokenizer_of(root / "model"), sigmoid_example())
     example = result["example"]
     for got, x in zip(example["answers"], ids):
@@ -29,7 +32,7 @@ def test_the_sigmoid_example_is_scored_as_the_export_scores_it(tiny_demo):
         assert got["score_std"] == pytest.approx(out.score_std[0].item(), rel=1e-5)
     with torch.no_grad():
         p = model.p_chosen(model(torch.tensor([ids[1]])), model(torch.tensor([ids[0]])))
-    assert example["dtype"] == "float32"  # scoring keeps `auto`: fp32 on CPU
+    assert example["dtype"] == str(dtype).removeprefix("torch.")  # `auto`: bf16 where the CPU has it natively
     assert example["p_answer2_gaussian"] == pytest.approx(p["p_chosen_gaussian"].item(), abs=1e-6)
     assert example["p_answer2_bt"] == pytest.approx(p["p_chosen_bt"].item(), abs=1e-6)
     assert 0 < example["p_answer2_bt"] < 1 and 0 < example["p_answer2_gaussian"] < 1
