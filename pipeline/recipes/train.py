@@ -23,6 +23,7 @@ from pipeline.device import resolve_device
 from pipeline.errors import UserError
 from pipeline.model import CacheIdentity, HeadsError, HeadsMeta, StageRecord, heads_writer, load_heads, save_heads
 from pipeline.train import Fit, NoPreference
+from pipeline.train.optimization import flush_denormals
 
 
 def stage_record(cfg, fit: Fit, cache: CacheIdentity) -> StageRecord:
@@ -83,10 +84,11 @@ def preferences_cache(cfg: GatingConfig) -> str:
 
 def holds_heads(train):
     """``train(cfg, ...)`` run holding ``cfg.run.heads_dir`` (one writer per heads folder), taken before it reads
-    anything: a second training into the same folder is refused at once."""
+    anything: a second training into the same folder is refused at once. It runs with denormals flushed to zero
+    (``flush_denormals``), set before its first torch operation so that torch's worker threads start with it."""
     @functools.wraps(train)
     def holding(cfg, *args, **kwargs):
-        with heads_writer(cfg.run.heads_dir):
+        with heads_writer(cfg.run.heads_dir), flush_denormals():
             return train(cfg, *args, **kwargs)
 
     return holding
@@ -152,7 +154,7 @@ def train_heads(value_cfg: ValueHeadConfig, gating_cfg: GatingConfig, log=print)
     damaged one stops the run before stage 1 spends its time."""
     from pipeline.cache import require_kind, verify_cache
 
-    with holding_heads(value_cfg, gating_cfg):
+    with holding_heads(value_cfg, gating_cfg), flush_denormals():
         require_kind(ratings_cache(value_cfg), "ratings", "--ratings-cache")
         require_kind(preferences_cache(gating_cfg), "preferences", "--preferences-cache")
         if gating_cfg.run.verify:
