@@ -508,12 +508,13 @@ def export_case(base: Base, d: Path, rng: random.Random) -> Case:
 # Bad option values and presets
 
 
-WHOLE = {"limit", "max_length", "max_tokens_per_batch", "part_rows", "ensemble", "epochs", "batch_size", "patience",
+WHOLE = {"limit", "max_length", "max_tokens_per_batch", "part_rows", "tensor_parallel_size", "ensemble", "epochs", "batch_size", "patience",
          "gate_hidden", "gate_epochs", "gate_batch_size", "gate_patience"}
 POSITIVE = {"lr", "gate_lr", "temperature", "memory_budget"}
 NON_NEGATIVE = {"weight_decay", "gate_weight_decay"}
-FRACTIONS = {"calibration_fraction", "val_fraction", "gate_val_fraction"}
-CHOICES = {"dtype", "attn_implementation", "device", "kind", "format", "storage_dtype", "loss", "gate", "reward"}
+FRACTIONS = {"calibration_fraction", "val_fraction", "gate_val_fraction", "gpu_memory_utilization"}
+CHOICES = {"dtype", "attn_implementation", "device", "kind", "format", "storage_dtype", "loss", "gate", "reward",
+           "engine"}
 RISKS = {"risk"}  # a finite number, 0 or more
 STAGES = {"extract": ["extract"], "train-heads": ["value_head", "gating"], "train-value-head": ["value_head"],
           "train-gating": ["gating"], "export": ["export"], "evaluate": ["evaluate"], "score": ["score"]}
