@@ -6,7 +6,8 @@ import sys
 
 BENCHES = ["cache_read", "extract_speed", "train_heads", "sigma_recovery", "gating_real", "export_speed", "evaluate_real",
            "curate", "demo_dtype", "demo_clone", "serve_load", "out_of_core", "published_gap"]
-ON_REQUEST = ["gpu"]  # not in `make bench` (needs a CUDA GPU): `make bench-gpu`
+ON_REQUEST = ["gpu", "extract_engines"]  # not in `make bench`: gpu needs a CUDA GPU (`make bench-gpu`), extract_engines
+# vLLM (`.venv-vllm/bin/python -m bench extract_engines`)
 
 
 def main(argv: list[str]) -> int:

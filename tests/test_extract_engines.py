@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from cli import app
 from pipeline.configs import ConfigError, ExtractConfig
 from pipeline.features.vllm_engine import (EngineError, VllmSettings, base_model_view, engine_arguments, head_names,
-                                           rank_gpus, score_head)
+                                           pair_waves, rank_gpus, score_head)
 
 ROOT = Path(__file__).resolve().parents[1]
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
@@ -75,6 +75,17 @@ def test_engine_arguments_follow_the_options_and_the_machine():
     args = engine_arguments("m", mine, on_cpu=True)
     assert (args["gpu_memory_utilization"], args["tensor_parallel_size"], args["enable_prefix_caching"],
             args["enforce_eager"], args["max_num_batched_tokens"]) == (0.5, 2, False, False, 8192)
+
+
+def test_pairs_go_to_vllm_in_waves_chosen_before_rejected():
+    lengths = [100, 120] * 50  # 50 pairs of 110 tokens on average
+    order = pair_waves(lengths, budget=550, steps=2)  # waves of 2 x 550 / 110 = 10 pairs
+    assert sorted(order) == list(range(100))
+    assert order[:20] == list(range(0, 20, 2)) + list(range(1, 20, 2))  # a wave's chosen rows, then its rejected
+    position = {row: i for i, row in enumerate(order)}
+    assert all(position[2 * i] < position[2 * i + 1] for i in range(50))
+    assert pair_waves(lengths, budget=550) == order  # a pure function: a part goes the same way on resume
+    assert pair_waves([5, 5, 5], budget=100) == [0, 1, 2] and pair_waves([], budget=10) == []
 
 
 def test_each_torchrun_rank_takes_its_own_gpus():

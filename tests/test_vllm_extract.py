@@ -176,3 +176,33 @@ def test_a_backbone_vllm_cannot_run_fails_in_one_line_leaving_nothing(tmp_path):
     assert "vLLM loaded backbone" in errors[0] and "use --engine hf" in errors[0]
     assert "Traceback" not in run.stderr
     assert not (cache / "ratings").exists(), list((cache / "ratings").iterdir())
+
+
+def test_a_reward_model_backbone_gives_the_same_h_and_base_score(tmp_path):
+    from tiny_models import build_tiny_llama
+
+    model = build_tiny_llama(tmp_path / "rm", reward_model=True, hidden_size=128)  # head size 32: vLLM's CPU has it
+    env = {**os.environ, "URM_BACKBONE_CACHE": str(tmp_path / "backbones")}
+    for engine in ("hf", "vllm"):
+        urm("extract", "--backbone", model, "--engine", engine, "--dtype", "float32", "--storage-dtype", "float32",
+            "--device", "cpu", "--cache-dir", tmp_path / engine, "--source", "synthetic:preferences?n=12&seed=0",
+            "--kind", "preferences", "--name", "pairs", env=env)
+    hf, vl = features(tmp_path / "hf" / "pairs"), features(tmp_path / "vllm" / "pairs")
+    assert hf.id.tolist() == vl.id.tolist()
+    assert (hf.embedding - vl.embedding).abs().max() <= 1e-4
+    assert not hf.base_score.isnan().any() and not vl.base_score.isnan().any()
+    assert (hf.base_score - vl.base_score).abs().max() <= 1e-4
+    assert hf.base_score.std() > 0.1  # a head that scores, not a constant
+
+
+def test_two_torchrun_ranks_with_an_engine_each_write_the_single_process_bytes(caches, tmp_path):
+    cache = tmp_path / "ranks"
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "--no-python", URM, "extract", *COMMON, "--engine", "vllm", "--cache-dir", str(cache),
+                          "--limit", "32", "preferences"], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    single, ranks = caches["vllm"] / "preferences", cache / "preferences"
+    parts = sorted(p.name for p in single.glob("part-*.parquet"))
+    assert len(parts) > 1 and parts == sorted(p.name for p in ranks.glob("part-*.parquet"))
+    for part in parts:
+        assert (single / part).read_bytes() == (ranks / part).read_bytes(), part

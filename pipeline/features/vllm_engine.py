@@ -75,6 +75,29 @@ class VllmSettings:
     prefix_caching: bool = True
     enforce_eager: bool | None = None  # None: eager on a CPU build, compiled (CUDA graphs) on a GPU
     device: str = "auto"  # auto, cpu or cuda: must be what this vLLM build runs on
+    worker_process: bool = False  # the model in a worker process of its own: under torchrun (see engine_arguments)
+
+
+def pair_waves(lengths, budget: int, steps: int = 2) -> list[int]:
+    """The order in which to hand vLLM the rows of a part of pairs (chosen, rejected, chosen, rejected, ...) so that
+    prefix caching can work: in waves of about ``steps`` forward passes' worth (``budget`` tokens each) of chosen
+    rows, then the same pairs' rejected rows. A rejected row then starts after its chosen row's prompt is computed
+    and cached; handed over side by side, both would run in the same forward pass and share nothing. A pure
+    function of the lengths, so a part is always embedded the same way (its bytes on resume).
+
+    >>> pair_waves([10, 10, 10, 10, 10, 10], budget=10, steps=2)
+    [0, 2, 1, 3, 4, 5]
+    """
+    n_pairs = len(lengths) // 2
+    if n_pairs == 0:
+        return list(range(len(lengths)))
+    mean = max(1.0, sum(lengths) / len(lengths))
+    wave = max(1, int(steps * budget / mean))
+    order = []
+    for start in range(0, n_pairs, wave):
+        pairs = range(start, min(start + wave, n_pairs))
+        order += [2 * i for i in pairs] + [2 * i + 1 for i in pairs]
+    return order + list(range(2 * n_pairs, len(lengths)))
 
 
 def engine_arguments(path: str, settings: VllmSettings, on_cpu: bool, revision: str | None = None) -> dict:
@@ -91,6 +114,10 @@ def engine_arguments(path: str, settings: VllmSettings, on_cpu: bool, revision: 
         # on this project's CPU, compiling cost ~50 s at start and ran at 0.65x the eager speed
         enforce_eager=eager if eager is not None else on_cpu,
         seed=0, use_tqdm_on_load=False,
+        # Under torchrun this process already holds the ranks' gloo group as torch.distributed's default group,
+        # which an in-process worker would take for its own world: the model then runs in a worker process (vLLM's
+        # "mp" executor; it exits when this process dies). Alone, vLLM runs it in this process.
+        **({"distributed_executor_backend": "mp"} if settings.worker_process else {}),
     )
 
 
@@ -231,14 +258,15 @@ class VllmBackbone:
         probe = [files.tokenizer.bos_token_id if files.tokenizer.bos_token_id is not None else 0] * 2
         self.llm = start_engine(engine_arguments(path, settings, self.on_cpu, revision), files.spec, probe)
 
-    def embed_all(self, id_lists: list[list[int]], max_tokens: int = 0,
-                  on_batch=None) -> tuple[np.ndarray, np.ndarray | None]:
+    def embed_all(self, id_lists: list[list[int]], max_tokens: int = 0, on_batch=None,
+                  paired: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
         """h [N, d] float32 for every row (input order), and the base score [N] (None without a reward head).
 
         The prefix cache is emptied first, so a call's features depend on its own rows alone: a part embedded
-        again (a resumed run, another torchrun rank) gives the same bytes. ``max_tokens`` is the engine's own
-        (``max_num_batched_tokens``, set when it started); ``on_batch(rows, tokens, processed)`` is called for
-        each finished row, then once with the call's tokens.
+        again (a resumed run, another torchrun rank) gives the same bytes. ``paired``: the rows are pairs, chosen
+        then rejected, handed over in ``pair_waves`` order so that a pair's shared prompt is computed once.
+        ``max_tokens`` is the engine's own (``max_num_batched_tokens``, set when it started); ``on_batch(rows,
+        tokens, processed)`` is called for each finished row, then once with the call's tokens.
         """
         from tqdm.auto import tqdm
 
@@ -252,10 +280,14 @@ class VllmBackbone:
                     on_batch(n, 0, 0)
                 return super().update(n)
 
+        order = list(range(len(id_lists)))
+        if paired and self.settings.prefix_caching:
+            order = pair_waves([len(ids) for ids in id_lists], self.settings.max_num_batched_tokens)
         self.llm.reset_prefix_cache()
-        outputs = self.llm.embed([{"prompt_token_ids": ids} for ids in id_lists],
+        outputs = self.llm.embed([{"prompt_token_ids": id_lists[i]} for i in order],
                                  use_tqdm=functools.partial(Progress, disable=True))
-        h = np.asarray([o.outputs.embedding for o in outputs], dtype=np.float32)
+        h = np.empty((len(id_lists), len(outputs[0].outputs.embedding) if outputs else 0), dtype=np.float32)
+        h[order] = np.asarray([o.outputs.embedding for o in outputs], dtype=np.float32)
         if h.shape != (len(id_lists), self.hidden_size):
             raise EngineError(f"vLLM returned features of shape {h.shape} for {len(id_lists)} rows of hidden size "
                               f"{self.hidden_size}: not the last-token hidden states (a pooler of its own?)")

@@ -58,8 +58,8 @@ class ExtractStats:
 class LazyBackbone:
     """The backbone opened once (tokenizer and revision now), its weights loaded only when a part needs them."""
 
-    def __init__(self, cfg: ExtractConfig):
-        self.cfg, self._files, self._backbone = cfg, None, None
+    def __init__(self, cfg: ExtractConfig, ranks: Ranks = Ranks()):
+        self.cfg, self.ranks, self._files, self._backbone = cfg, ranks, None, None
 
     @property
     def files(self):
@@ -106,7 +106,8 @@ class LazyBackbone:
                                         max_num_batched_tokens=c.max_tokens_per_batch,
                                         gpu_memory_utilization=c.gpu_memory_utilization,
                                         tensor_parallel_size=c.tensor_parallel_size, prefix_caching=c.prefix_caching,
-                                        enforce_eager=c.enforce_eager, device=c.device)
+                                        enforce_eager=c.enforce_eager, device=c.device,
+                                        worker_process=self.ranks.distributed)
                 self._backbone = VllmBackbone(self.files, settings)
             else:
                 from pipeline.features import load_weights
@@ -114,13 +115,14 @@ class LazyBackbone:
                 self._backbone = load_weights(self.files, c.dtype, c.device, c.attn_implementation)
         return self._backbone
 
-    def embed(self, id_lists, on_batch):
-        """h and base scores of ``id_lists`` through the loaded engine (``features.embed_all`` for hf)."""
+    def embed(self, id_lists, on_batch, paired: bool = False):
+        """h and base scores of ``id_lists`` (``paired``: chosen, rejected, ...) through the loaded engine
+        (``features.embed_all`` for hf)."""
         from pipeline.features import embed_all
 
         model = self.load()
         if self.cfg.engine == "vllm":
-            return model.embed_all(id_lists, on_batch=on_batch)
+            return model.embed_all(id_lists, on_batch=on_batch, paired=paired)
         return embed_all(model, id_lists, self.cfg.max_tokens_per_batch, on_batch)
 
     def close(self) -> None:
@@ -319,7 +321,7 @@ def write_parts(backbone: LazyBackbone, spec: DatasetSpec, cfg: ExtractConfig, r
                 bar.update(int((~keep).sum()))
                 kept = part.take(np.flatnonzero(keep))
                 kept_ids = [x for x, k in zip(ids, keep) if k]
-                emb, scores = backbone.embed(kept_ids, on_batch)
+                emb, scores = backbone.embed(kept_ids, on_batch, paired)
                 writer.write_part(i, {
                     "id": kept.id, "source": [label] * len(kept), "subset": kept.subset,
                     "pair_id": kept.pair_id, "role": kept.role, "margin": kept.margin,
@@ -412,7 +414,7 @@ def run_extract(cfg: ExtractConfig, names=None) -> dict[str, ExtractStats]:
     datasets = select_datasets(cfg, names)
     if ranks.distributed and cfg.engine == "hf":
         cfg = dataclasses.replace(cfg, device=distributed.rank_device(cfg.device, ranks))
-    backbone = LazyBackbone(cfg)
+    backbone = LazyBackbone(cfg, ranks)
     distributed.start(ranks)
     try:
         stats = {spec.name: extract_dataset(backbone, spec, cfg, ranks) for spec in datasets}
