@@ -86,7 +86,7 @@ def test_every_row_agrees_in_float32(caches):
 def test_the_vllm_cache_is_complete_and_records_its_engine(caches):
     for name in LIMITS:
         run = urm("cache", "info", caches["vllm"] / name)
-        assert "(complete, every part's checksum verified)" in run.stdout
+        assert "(complete, every part's checksum verified)" in run.stdout and "engine         vllm (vllm 0." in run.stdout
         manifest = json.loads((caches["vllm"] / name / "_manifest.json").read_text())
         assert manifest["extra"]["engine"] == "vllm" and manifest["extra"]["engine_version"]
         assert manifest["info"]["engine"] == "vllm"
