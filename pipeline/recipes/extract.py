@@ -208,16 +208,16 @@ def extract_dataset(backbone: LazyBackbone, spec: DatasetSpec, cfg: ExtractConfi
         return extract_on_ranks(backbone, spec, cfg, rows, bounds, cache_spec, path, ranks)
     refuse_other_engine(path, cfg)
     begun = path.is_dir()
-    try:
-        with open_writer(path, cache_spec, overwrite=cfg.overwrite, n_parts=len(bounds), verify=cfg.verify) as writer:
+    with open_writer(path, cache_spec, overwrite=cfg.overwrite, n_parts=len(bounds), verify=cfg.verify) as writer:
+        try:
             todo = [i for i in range(len(bounds)) if not writer.part_done(i)]
             stats = write_parts(backbone, spec, cfg, rows, bounds, todo, writer)
             stats.parts_skipped = len(bounds) - len(todo)
             return finish(writer, spec, cfg, rows, bounds, stats, path, backbone.engine_info)
-    except BaseException:
-        if not begun:
-            remove_unbegun(path)
-        raise
+        except BaseException:
+            if not begun:  # this run made the folder, and still holds its lock
+                remove_unbegun(path)
+            raise
 
 
 def extract_on_ranks(backbone: LazyBackbone, spec: DatasetSpec, cfg: ExtractConfig, rows, bounds, cache_spec,
