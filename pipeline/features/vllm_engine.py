@@ -266,7 +266,7 @@ class VllmBackbone:
         again (a resumed run, another torchrun rank) gives the same bytes. ``paired``: the rows are pairs, chosen
         then rejected, handed over in ``pair_waves`` order so that a pair's shared prompt is computed once.
         ``max_tokens`` is the engine's own (``max_num_batched_tokens``, set when it started); ``on_batch(rows,
-        tokens, processed)`` is called for each finished row, then once with the call's tokens.
+        tokens, processed)`` is called as rows finish (at the mean row's tokens), then once with the rest.
         """
         from tqdm.auto import tqdm
 
@@ -274,10 +274,14 @@ class VllmBackbone:
             return (np.empty((0, self.hidden_size), dtype=np.float32),
                     np.empty(0, dtype=np.float32) if self.score_head is not None else None)
 
-        class Progress(tqdm):  # vLLM's own bar, silent, each finished row passed on
+        tokens = sum(len(ids) for ids in id_lists)
+        mean, counted = tokens // len(id_lists), [0]
+
+        class Progress(tqdm):  # vLLM's own bar, silent: each finished row passed on, at the mean row's tokens
             def update(self, n=1):
                 if on_batch is not None:
-                    on_batch(n, 0, 0)
+                    counted[0] += n * mean
+                    on_batch(n, n * mean, n * mean)
                 return super().update(n)
 
         order = list(range(len(id_lists)))
@@ -292,9 +296,8 @@ class VllmBackbone:
             raise EngineError(f"vLLM returned features of shape {h.shape} for {len(id_lists)} rows of hidden size "
                               f"{self.hidden_size}: not the last-token hidden states (a pooler of its own?)")
         self.cached_tokens += sum(int(o.num_cached_tokens or 0) for o in outputs)
-        tokens = sum(len(ids) for ids in id_lists)
-        if on_batch is not None:
-            on_batch(0, tokens, tokens)
+        if on_batch is not None:  # the rest, so that the call's rows and tokens add up exactly
+            on_batch(0, tokens - counted[0], tokens - counted[0])
         return h, self.base_score(h)
 
     def base_score(self, h: np.ndarray) -> np.ndarray | None:
