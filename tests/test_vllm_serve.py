@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -193,7 +194,7 @@ def rendered_ids(model: Path, conversations) -> list[list[int]]:
 
 
 @pytest.mark.vllm
-def test_the_checks_at_load_refuse_with_one_line_each():
+def test_the_checks_at_load_refuse_with_one_line_each(tmp_path):
     """A transform it does not know or cannot give, a bad risk, another pooling, another backbone family, a config
     that is not an export: ScoreError, one line naming the option and the fix; good settings pass."""
     require_vllm()
@@ -237,6 +238,20 @@ def test_the_checks_at_load_refuse_with_one_line_each():
     published = LlamaConfig(hidden_size=64, architectures=["LlamaForSequenceClassificationWithNormal_Weights"],
                             num_labels=10)
     assert served_settings(published)["gate_hidden"] == 64 and served_settings(published)["sigma_calibrated"] is False
+
+    from pipeline.export import ExportError
+    from pipeline.serve.vllm_model import check_files
+
+    model = tiny_export(tmp_path, "checked", members=1, gate_hidden=16, reward_model=False)
+    exported = LlamaConfig(hidden_size=128)
+    check_files(str(model), exported, verify=True)
+    with (model / "tokenizer_config.json").open("a") as f:
+        f.write(" ")
+    with pytest.raises(ExportError, match="tokenizer_config.json has changed since it was exported"):
+        check_files(str(model), exported, verify=True)
+    check_files(str(model), exported, verify=False)  # urm_verify false: the heads' own shard only
+    with pytest.raises(ScoreError, match="the heads take features of hidden size 128, but the backbone"):
+        check_files(str(model), LlamaConfig(hidden_size=64), verify=False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -293,12 +308,27 @@ def assert_rows_match(got: dict, want: dict, tolerance: float = TOLERANCE) -> No
         assert got["ensemble_scores"] == pytest.approx(want["ensemble_scores"], abs=tolerance)
 
 
+def as_published(export: Path, out: Path) -> Path:
+    """The export's files laid out as the published URM-LLaMa-3.1-8B is: a plain Llama config.json (no ``urm``
+    section, no remote code), no urm_export.json or heads.json; the tensors as they are."""
+    shutil.copytree(export, out)
+    for record in ("urm_export.json", "heads.json"):
+        (out / record).unlink()
+    config = json.loads((out / "config.json").read_text())
+    for key in ("urm", "auto_map"):
+        config.pop(key)
+    config.update(model_type="llama", architectures=["LlamaForSequenceClassificationWithNormal_Weights"])
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
 @pytest.mark.vllm
-def test_classify_offline_on_the_published_architecture_gives_the_lcb_reward(exports, tmp_path):
-    """``LLM.classify`` on an export whose config.json names the published URM's class: one class per row, the
-    reward under lcb with k = 2 (``hf_overrides``), equal to `urm score --reward lcb --risk 2`'s within 1e-4."""
-    model = exports["published"]
-    want = urm_score_rows(model, ALL, tmp_path, reward="lcb", risk=2.0)
+def test_classify_offline_on_a_published_checkpoint_gives_the_lcb_reward(exports, tmp_path):
+    """``LLM.classify`` on a checkpoint in the published URM's layout (a Llama config naming SGLang's class, no urm
+    section: LxzGordon/URM-LLaMa-3.1-8B's shape): one class per row, the reward under lcb with k = 2
+    (``hf_overrides``), equal to `urm score --reward lcb --risk 2`'s on the export it was made from, within 1e-4."""
+    model = as_published(exports["published"], tmp_path / "published")
+    want = urm_score_rows(exports["published"], ALL, tmp_path, reward="lcb", risk=2.0)
     probs = vllm_offline(model, rendered_ids(model, ALL), tmp_path, hf_overrides={"urm_reward": "lcb", "urm_risk": 2})
     assert all(len(p) == 1 for p in probs)
     for p, row in zip(probs, want):
@@ -508,14 +538,8 @@ def test_a_gate_narrower_than_the_published_class_holds_is_refused_at_load(tmp_p
     """A checkpoint in the published layout (no urm section: the gate is d x d there) whose gate is 16 wide stops at
     load naming the tensor and both shapes: never served with a gate read wrong."""
     require_vllm()
-    narrow = tiny_export(tmp_path, "narrow-gate", members=1, gate_hidden=16, reward_model=False)  # on a 128-wide backbone
-    for record in ("urm_export.json", "heads.json"):
-        (narrow / record).unlink()
-    config = json.loads((narrow / "config.json").read_text())
-    for key in ("urm", "auto_map"):  # as published: a Llama config, no remote code
-        config.pop(key)
-    config.update(model_type="llama", architectures=["LlamaForSequenceClassificationWithNormal_Weights"])
-    (narrow / "config.json").write_text(json.dumps(config))
+    narrow = as_published(tiny_export(tmp_path, "narrow", members=1, gate_hidden=16, reward_model=False),
+                          tmp_path / "narrow-gate")  # a gate 16 wide on a 128-wide backbone
     output = vllm_serve_fails(narrow, tmp_path)
     lines = refusal_lines(output, "in the checkpoint but the config's heads take")
     assert len(lines) == 1, output[-3000:]

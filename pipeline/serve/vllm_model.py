@@ -41,6 +41,7 @@ from vllm.model_executor.layers.pooler.seqwise import LastPool, SequencePooler, 
 from vllm.model_executor.models.llama import LlamaModel
 from vllm.model_executor.models.utils import AutoWeightsLoader, maybe_prefix
 
+from pipeline.errors import UserError
 from pipeline.model import (PUBLISHED_ARCHITECTURE, TRANSFORMS, build_heads, head_outputs, is_published_layout,
                             needs_ensemble, published_settings, reward, risk_ok)
 from pipeline.serve.engine_answer import answer_layout, answer_vectors
@@ -101,18 +102,14 @@ def check_pooling(pooler_config) -> None:
                          "whole conversation, not of a chunk; leave it off (and raise --max-model-len instead)")
 
 
-def check_files(model: str, verify: bool) -> None:
-    """An export's files against its records, as `urm score` checks them (a local folder with urm_export.json
-    only: a published checkpoint or a hub id has none to check against)."""
+def check_files(model: str, config, verify: bool) -> None:
+    """An export's files against its records, as `urm score` checks them, and its heads' width against the
+    backbone's (a local folder with urm_export.json only: a published checkpoint or a hub id has none)."""
     path = Path(model)
     if not (path / "urm_export.json").is_file():
-        logger.info("%s: no urm_export.json, so no checksums to check its files against", model)
+        logger.info("URM plugin: %s has no urm_export.json, so no checksums to check its files against", model)
         return
-    from pipeline.model.configuration_urm import URMConfig
-
-    meta = check_export(path, verify)
-    config_dict, _ = URMConfig.get_config_dict(path)
-    check_hidden_size(path, URMConfig.from_dict({k: v for k, v in config_dict.items() if k != "model_type"}), meta)
+    check_hidden_size(path, config, check_export(path, verify))
 
 
 class LastTokenPool(LastPool):
@@ -183,9 +180,9 @@ class URMForVLLM(nn.Module):
             self.transform, self.risk = reward_setting(config, int(self.settings["members"]))
             check_pooling(model_config.pooler_config)
             if self.settings.get("layout") != "published":
-                check_files(where, bool(getattr(config, "urm_verify", True)))
-        except ScoreError as e:
-            raise ScoreError(f"{where}: {e}") from None
+                check_files(where, config, getattr(config, "urm_verify", True) is not False)
+        except UserError as e:  # ScoreError, and the export's own (ExportError, HeadsError): one class, one line
+            raise ScoreError(str(e) if str(where) in str(e) else f"{where}: {e}") from None
         self.config, self.source = config, where
         self.attributes = list(self.settings["attributes"])
         self.model = LlamaModel(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model"))
