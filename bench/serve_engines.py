@@ -11,7 +11,10 @@ servers are up at once on 127.0.0.1, float32 on the CPU:
 At each concurrency level (--concurrency: that many client threads, each with its own keep-alive connection, one
 conversation per request) the 200 conversations go to each server once, split over --rounds rounds (round r: every
 rounds-th conversation from the r-th) that alternate between the engines (the one that goes first alternates too),
-so a busy spell of this shared machine falls on both alike. Every answer is checked
+so a busy spell of this shared machine falls on both alike. Compute threads are matched: vLLM's CPU worker runs
+on one OpenMP thread bound to a core (it reserves the other core of a 2-core machine for its API server), so `urm
+serve` gets OMP_NUM_THREADS=1 (--urm-threads); on a loaded machine torch's default of one thread per core was
+measured 7-14x slower per request than one thread (0.4 s vs 3-6 s for a 40-token conversation, load average 10). Every answer is checked
 against `urm score`'s reward for its conversation (computed here beforehand, float32): an error or a reward off
 by more than 1e-4 is counted, never skipped. Reported per engine and level: requests/s, p50 / p99 latency.
 
@@ -208,7 +211,7 @@ def verl_preprocessing_gap(url: str, model: str, texts: list[str], expected: lis
     first token is lost: how far the reward then moves, over the conversations."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model)
+    tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=True)  # the export's own config class
     bos = tokenizer.bos_token
     stripped = [t[len(bos):] if bos and t.startswith(bos) else t for t in texts]
     changed = sum(a != b for a, b in zip(stripped, texts))
@@ -304,7 +307,13 @@ def main(argv: list[str]) -> None:
     p.add_argument("--rounds", type=int, default=2, help="rounds per engine and level (each a share of the "
                    "conversations), interleaved between the engines")
     p.add_argument("--no-dtype-gap", action="store_true", help="skip the bf16 gap (two offline vLLM runs)")
+    p.add_argument("--urm-threads", type=int, default=1, help="torch's compute threads for `urm serve` (its "
+                   "OMP_NUM_THREADS) and this process's own scoring; 1 by default, as vLLM's CPU worker computes on "
+                   "one thread bound to a core (it reserves the other core of this machine for its API server)")
     args = p.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.urm_threads)
     model, vllm = Path(args.model), VLLM_VENV / "bin" / "vllm"
     for needed, how in ((model / "config.json", "`make demo` makes runs/demo/model"),
                         (vllm, "`make test-vllm` builds .venv-vllm"), (SHARED / SOURCE, "../shared/data is the "
@@ -319,7 +328,8 @@ def main(argv: list[str]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         started = time.perf_counter()
-        with serve(model, "--device", "cpu", "--dtype", "float32") as (_, urm_url), \
+        with serve(model, "--device", "cpu", "--dtype", "float32",
+                   env={"OMP_NUM_THREADS": str(args.urm_threads)}) as (_, urm_url), \
                 vllm_server(vllm_serve_args(vllm, model, free_port()), tmp / "vllm.log") as vllm_url:
             print(f"both servers up in {time.perf_counter() - started:.0f} s", flush=True)
             urls = {"urm": urm_url, "vllm": vllm_url}
@@ -345,12 +355,14 @@ def main(argv: list[str]) -> None:
         dtype = None if args.no_dtype_gap else dtype_gaps(model, texts, out32, tmp)
         if dtype:
             print("served vs scored (urm score float32): " + json.dumps(dtype), flush=True)
+    shown = model.resolve().relative_to(ROOT) if model.resolve().is_relative_to(ROOT) else model
     write_result("serve_engines", {
         "what": f"urm serve (POST /get_reward, OpenRLHF) and vllm serve with the urm plugin (POST /classify, verl's "
-                f"request) on loopback, both up at once, float32 on CPU; the export {model}; {len(texts)} real "
+                f"request) on loopback, both up at once, float32 on CPU, urm serve on {args.urm_threads} compute "
+                f"thread(s), vLLM's worker on its one bound thread; the export {shown}; {len(texts)} real "
                 f"conversations (both sides of the {args.pairs} shortest pairs of {SOURCE}); each level's rounds "
                 "interleaved; every answer checked against `urm score` (1e-4)",
-        "vllm_options": list(CPU_OPTIONS), "config": vars(args),
+        "vllm_options": list(CPU_OPTIONS), "config": {**vars(args), "model": str(shown)},
         "conversation_tokens": {"min": min(lengths), "median": float(np.median(lengths)), "max": max(lengths),
                                 "total": int(sum(lengths))},
         "engines": results, "vllm_over_urm_requests_per_s": ratios,
