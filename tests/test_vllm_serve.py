@@ -420,66 +420,75 @@ def bad_requests(model: str, path: str) -> list[tuple[bytes | None, object]]:
     return [(body, None) for body in raw] + [(None, payload) for payload in payloads]
 
 
-@pytest.mark.vllm
-def test_verl_reads_urm_scores_reward_from_vllm_serve_and_bad_requests_get_4xx(exports, tmp_path):
-    """`vllm serve` on our export (a tokenizer that adds the BOS its template writes, as Llama 3's): verl's own
-    request, built as verl builds it, gets `urm score`'s score (1e-4, float32); /pooling and /classify with
-    ``messages`` give the same number; 53 malformed requests are answered 4xx, never 5xx, and the server answers
-    right after them; text that still carries its BOS (two BOS once tokenised) is scored as given, with a warning."""
-    model = exports["ours"]
-    tokenizer = tokenizer_of(model)
-    want = urm_score_rows(model, ALL, tmp_path)
-    server, log = serving(model, tmp_path)
-    with server as url:
-        for chat, row in zip(ALL, want):
-            assert verl_reward(url, str(model), verl_input(tokenizer, chat)) == pytest.approx(row["score"], abs=TOLERANCE)
-        status, pooled = post(url, "/pooling", {"model": str(model), "input": verl_input(tokenizer, ALL[0])})
-        assert status == 200 and pooled["data"][0]["data"] == pytest.approx([want[0]["score"]], abs=TOLERANCE)
-        status, chat = post(url, "/classify", {"model": str(model), "messages": ALL[2]})
-        assert status == 200 and chat["data"][0]["probs"] == pytest.approx([want[2]["score"]], abs=TOLERANCE)
-        refused = [(path, body, payload, status) for path in ("/classify", "/pooling")
-                   for body, payload in bad_requests(str(model), path)
-                   for status, _ in [post(url, path, payload, body=body)] if not 400 <= status < 500]
-        assert refused == [], refused
-        assert healthy(url)
-        assert verl_reward(url, str(model), verl_input(tokenizer, ALL[1])) == pytest.approx(want[1]["score"],
-                                                                                            abs=TOLERANCE)
-        doubled = verl_reward(url, str(model), tokenizer.apply_chat_template(ALL[3], tokenize=False))
-        time.sleep(1)
-    assert doubled != pytest.approx(want[3]["score"], abs=TOLERANCE)  # what the warning is about
-    assert "1 request(s) so far began with two BOS tokens" in log.read_text()
-
-
-@pytest.mark.vllm
-def test_the_demo_export_served_gives_urm_scores_reward_and_lcb_gives_score_minus_std(demo_export, tmp_path):
-    """The README's command on the demo export: verl's request shape gets `urm score`'s reward within 1e-4 in
-    float32; started with ``--hf-overrides '{"urm_reward": "lcb", "urm_risk": 1}'`` the same request gets
-    score - score_std. The input is the text `urm score` renders: SmolLM2's template starts with its BOS,
-    <|im_start|>, which its tokenizer does not add back, so verl's stripping of it changes the input (README)."""
+@pytest.fixture(scope="module")
+def demo_served(demo_export, tmp_path_factory):
+    """The README's command on the demo export (float32, the default transform, mean), one server for the module's
+    tests: (base URL, the conversations as `urm score` renders them, `urm score`'s rows for them)."""
+    tmp = tmp_path_factory.mktemp("vllm-demo-served")
     tokenizer = tokenizer_of(demo_export)
-    want = urm_score_rows(demo_export, ALL, tmp_path)
     texts = [tokenizer.apply_chat_template(chat, tokenize=False) for chat in ALL]
-    for options, expected in (((), [r["score"] for r in want]),
-                              (("--hf-overrides", '{"urm_reward": "lcb", "urm_risk": 1}'),
-                               [r["score"] - r["score_std"] for r in want])):
-        server, _ = serving(demo_export, tmp_path, *options, max_model_len=2048)
-        with server as url:
-            got = [verl_reward(url, str(demo_export), text) for text in texts]
-        assert got == pytest.approx(expected, abs=TOLERANCE), options
+    want = urm_score_rows(demo_export, ALL, tmp)
+    server, _ = serving(demo_export, tmp, max_model_len=2048)
+    with server as url:
+        yield url, texts, want
+
+
+@pytest.mark.vllm
+def test_verl_reads_urm_scores_reward_from_vllm_serve(demo_export, demo_served):
+    """verl's request shape (VERL_ENDPOINT above) on the demo export gets `urm score`'s reward within 1e-4 in
+    float32, and /classify with ``messages`` the same number. The input is the text `urm score` renders: SmolLM2's
+    template starts with its BOS, <|im_start|>, which its tokenizer does not add back, so verl's stripping of it
+    would change the input (README; tested on a tokenizer that adds it back below)."""
+    url, texts, want = demo_served
+    got = [verl_reward(url, str(demo_export), text) for text in texts]
+    assert got == pytest.approx([r["score"] for r in want], abs=TOLERANCE)
+    assert len({round(r["score"], 3) for r in want}) == len(want)  # the rows differ: a mix-up would show
+    status, chat = post(url, "/classify", {"model": str(demo_export), "messages": ALL[2]})
+    assert status == 200 and chat["data"][0]["probs"] == pytest.approx([want[2]["score"]], abs=TOLERANCE)
+
+
+@pytest.mark.vllm
+def test_bad_requests_get_4xx_and_the_server_stays_up(demo_export, demo_served):
+    """53 malformed requests to /classify and /pooling are answered 4xx, never 5xx, and the server answers right
+    after them."""
+    url, texts, want = demo_served
+    refused = [(path, body, payload, status) for path in ("/classify", "/pooling")
+               for body, payload in bad_requests(str(demo_export), path)
+               for status, _ in [post(url, path, payload, body=body)] if not 400 <= status < 500]
+    assert refused == [], refused
+    assert healthy(url)
+    assert verl_reward(url, str(demo_export), texts[1]) == pytest.approx(want[1]["score"], abs=TOLERANCE)
+
+
+@pytest.mark.vllm
+def test_lcb_selected_at_start_gives_score_minus_std_to_verl(demo_export, demo_served, tmp_path):
+    """Started with ``--hf-overrides '{"urm_reward": "lcb", "urm_risk": 1}'``, the same verl request gets
+    score - score_std of `urm score`'s rows within 1e-4 (float32, the demo export)."""
+    _, texts, want = demo_served
+    server, _ = serving(demo_export, tmp_path, "--hf-overrides", '{"urm_reward": "lcb", "urm_risk": 1}',
+                        max_model_len=2048)
+    with server as url:
+        got = [verl_reward(url, str(demo_export), text) for text in texts]
+    assert got == pytest.approx([r["score"] - r["score_std"] for r in want], abs=TOLERANCE)
+    assert all(r["score_std"] > 10 * TOLERANCE for r in want)  # lcb differs from the score here
 
 
 @pytest.mark.vllm
 def test_the_whole_answer_over_pooling_and_embeddings_when_started_for_embed(exports, tmp_path):
-    """Started with ``--pooler-config '{"task": "embed"}'`` and uwo: /pooling and /v1/embeddings give the whole
+    """Started with ``--pooler-config '{"task": "embed"}'`` and uwo, on an export whose tokenizer adds the BOS its
+    template writes (as Llama 3's): verl's input (BOS string stripped) to /pooling and /v1/embeddings gives the whole
     answer (layout pipeline.serve.engine_answer: 3 value heads, a base score) equal to `urm score --reward uwo
     --risk 0.5`'s row within 1e-4; the uwo reward is computed in the engine, and it is last, where an SGLang-style
     client reads it (embedding[-1]); /classify is not served by such a server (one pooling task per vLLM server: vLLM
-    answers 501, not implemented here)."""
+    answers 501, not implemented here); text that still carries its BOS (two BOS once tokenised) is scored as
+    given, with a warning."""
     model = exports["ours"]
+    tokenizer = tokenizer_of(model)
     want = urm_score_rows(model, ALL, tmp_path, reward="uwo", risk=0.5)
-    texts = [verl_input(tokenizer_of(model), chat) for chat in ALL]
-    server, _ = serving(model, tmp_path, "--pooler-config", '{"task": "embed"}',
-                        "--hf-overrides", '{"urm_reward": "uwo", "urm_risk": 0.5}')
+    texts = [verl_input(tokenizer, chat) for chat in ALL]
+    assert all(not t.startswith(tokenizer.bos_token) for t in texts)
+    server, log = serving(model, tmp_path, "--pooler-config", '{"task": "embed"}',
+                          "--hf-overrides", '{"urm_reward": "uwo", "urm_risk": 0.5}')
     with server as url:
         status, pooled = post(url, "/pooling", {"model": str(model), "input": texts})
         assert status == 200, pooled
@@ -487,6 +496,10 @@ def test_the_whole_answer_over_pooling_and_embeddings_when_started_for_embed(exp
         assert status == 200, embedded
         status, refused = post(url, "/classify", {"model": str(model), "input": texts[0]})
         assert status == 501 and "does not support Classification API" in refused, (status, refused)
+        status, doubled = post(url, "/pooling", {"model": str(model),
+                                                 "input": tokenizer.apply_chat_template(ALL[3], tokenize=False)})
+        assert status == 200, doubled
+        time.sleep(1)
     for i, row in enumerate(want):
         got = read_answer(pooled["data"][i]["data"], ATTRIBUTES, 3, True)
         assert_rows_match(got, row)
@@ -494,6 +507,8 @@ def test_the_whole_answer_over_pooling_and_embeddings_when_started_for_embed(exp
         assert got["reward"] == pytest.approx(np.mean(got["ensemble_scores"]) - 0.5 * np.var(got["ensemble_scores"],
                                                                                                ddof=1), abs=TOLERANCE)
         assert embedded["data"][i]["embedding"][-1] == pytest.approx(row["reward"], abs=TOLERANCE)
+    assert doubled["data"][0]["data"][-1] != pytest.approx(want[3]["reward"], abs=TOLERANCE)  # what the warning is about
+    assert "1 request(s) so far began with two BOS tokens" in log.read_text()
 
 
 # ----------------------------------------------------------------------------------------------
