@@ -13,8 +13,8 @@ conversation per request) the 200 conversations go to each server once, split ov
 rounds-th conversation from the r-th) that alternate between the engines (the one that goes first alternates too),
 so a busy spell of this shared machine falls on both alike. Compute threads are matched: vLLM's CPU worker runs
 on one OpenMP thread bound to a core (it reserves the other core of a 2-core machine for its API server), so `urm
-serve` gets OMP_NUM_THREADS=1 (--urm-threads); on a loaded machine torch's default of one thread per core was
-measured 7-14x slower per request than one thread (0.4 s vs 3-6 s for a 40-token conversation, load average 10). Every answer is checked
+serve` gets OMP_NUM_THREADS=1 (--urm-threads; on a machine loaded by other jobs torch's default of one thread per
+core made `urm serve` many times slower per request than one thread). Every answer is checked
 against `urm score`'s reward for its conversation (computed here beforehand, float32): an error or a reward off
 by more than 1e-4 is counted, never skipped. Reported per engine and level: requests/s, p50 / p99 latency.
 
