@@ -110,7 +110,7 @@ def test_training_options_of_both_stages_reach_their_configs(tmp_path, monkeypat
     monkeypatch.setattr(recipe, "train_gating", lambda cfg, log: seen.update(gating=cfg) or {"val": {}})
     monkeypatch.setattr("cli.report_training", lambda summary: None)
     monkeypatch.setattr("pipeline.cache.verify_cache", lambda path: None)
-    monkeypatch.setattr("pipeline.cache.require_kind", lambda path, kind, option: {})  # no caches here
+    monkeypatch.setattr("pipeline.cache.require_kind", lambda path, kind, option, typed=None: {})  # no caches here
     args = ["train-heads", "--seed", "5", "--lr", "0.5", "--gate-lr", "0.25", "--use-margin", "--heads-dir", "h"]
     result = runner.invoke(app, args, env={"URM_GATE_EPOCHS": "2"})
     assert result.exit_code == 0, result.output

@@ -11,15 +11,15 @@ from pipeline.device import AUTO_DTYPES, COMPUTE_DTYPES
 REWARD_HELP = ("The reward to give: mean (the score), lcb (score - risk x score_std), min (the worst ensemble "
                "member's score) or uwo (the members' mean - risk x their variance); min and uwo need an export "
                "with an ensemble.")
-RISK_HELP = "The risk parameter of --reward lcb (k) and uwo (lambda): a finite number, 0 or more."
+RISK_HELP = "The risk parameter of --reward lcb (k) and uwo (lambda): a number from 0 to 1e6."
 
 
 def check_reward(reward: str, risk: float) -> None:
-    """--reward is a transform pipeline.model.rewards knows, --risk a finite number, 0 or more."""
-    from pipeline.model.rewards import TRANSFORMS, risk_ok
+    """--reward is a transform pipeline.model.rewards knows, --risk a number from 0 to 1e6 (``MAX_RISK``)."""
+    from pipeline.model.rewards import RISK_RANGE, TRANSFORMS, risk_ok
 
     one_of(reward, TRANSFORMS, "reward")
-    check(risk_ok(risk), "risk", risk, "a finite number, 0 or more")
+    check(risk_ok(risk), "risk", risk, RISK_RANGE)
 
 
 def check_api_key(key: str | None) -> None:
@@ -39,6 +39,8 @@ class ScoreConfig:
     format: str | None = opt(None, "Input format for pairs (default: detect from the columns).")
     skip_invalid: bool = opt(False, "Skip malformed input rows (counted) instead of stopping.")
     limit: int | None = opt(None, "Score only the first N rows (pairs) of the input.")
+    overwrite: bool = opt(False, "Replace an -o file that is there and is not an earlier `urm score` output (an "
+                          "earlier output is replaced anyway; an input of the run never is).")
     max_length: int | None = opt(None, "Drop (and count) conversations longer than this many tokens (default: the "
                                  "longest the heads were trained on, from the export; never more than the backbone's "
                                  "positions); a pair goes whole.")
@@ -95,9 +97,11 @@ class ServeConfig:
     risk: float = opt(1.0, RISK_HELP)
     api_key: str | None = opt(None, "Require `Authorization: Bearer KEY` on every request (HTTP 401 otherwise, "
                               "nothing scored), as vLLM and SGLang do; set it with URM_API_KEY rather than on the "
-                              "command line, where other users of the machine can read it.")
+                              "command line, where other users of the machine can read it. An empty or blank key "
+                              "(URM_API_KEY= included) is refused, never taken for none.", secret=True)
     open_health: bool = opt(False, "With --api-key: leave GET /health open to callers without the key (for a load "
-                            "balancer's probe); by default it needs the key too.")
+                            "balancer's probe); by default it needs the key too. Without a key it is refused: "
+                            "everything is open then.")
 
     def __post_init__(self):
         check_reward(self.reward, self.risk)
