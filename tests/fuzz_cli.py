@@ -1217,7 +1217,7 @@ def outputs_case(base: Base, d: Path, rng: random.Random) -> Case:
         link = d / "scores.jsonl"
         link.symlink_to(os.devnull)
         return Case("outputs", how, base_argv("score", base, d), [f"-o {link}: a device, pipe or socket"], code=1,
-                    unchanged={str(link): checksum(link)})
+                    unchanged={str(link): f"link:{os.devnull}"})
     if how == "score into /proc":
         out = f"/proc/urm-fuzz-{rng.randrange(1 << 30)}.jsonl"
         argv = [*base_argv("score", base, d)[:-4], "-o", out, "--device", "cpu"]
@@ -1422,7 +1422,7 @@ def checkpoint_case(base: Base, d: Path, rng: random.Random) -> Case:
         tensors[name] = torch.zeros(shape, dtype=t.dtype)
         needles = [f"{name} in model.safetensors has shape {shape}"]
     else:
-        n = config["num_labels"] + rng.choice([-4, -2, 2, 4])
+        n = (len(config.get("id2label") or {}) or config["num_labels"]) + rng.choice([-4, -2, 2, 4])
         config.update(num_labels=n, id2label={str(i): f"LABEL_{i}" for i in range(n)},
                       label2id={f"LABEL_{i}": i for i in range(n)})
         name, needles = "config.json", ["score.weight in model.safetensors has shape", f"makes it [{n}, "]
@@ -1611,7 +1611,9 @@ def judge(case: Case, code: int, output: str, escaped: BaseException | None) -> 
         if path.exists():
             problems.append(f"left {path} behind")
     for path, expected in case.unchanged.items():
-        if not Path(path).is_file() or checksum(Path(path)) != expected:
+        p = Path(path)
+        now = f"link:{os.readlink(p)}" if p.is_symlink() else checksum(p) if p.is_file() else None
+        if now != expected:
             problems.append(f"changed {path}")
     return problems
 

@@ -186,6 +186,26 @@ def test_curate_drops_identical_pairs_as_extract_does(tiny, tmp_path):
     assert "all 3 pairs have chosen identical to rejected" in line and not (tmp_path / "d").exists()
 
 
+def test_curate_reads_a_cache_only_while_its_source_is_what_was_extracted(tiny, tmp_path):
+    bb, heads, _ = tiny
+    source = pairs_file(tmp_path / "pairs.jsonl", n=6)
+    cache = tmp_path / "cache"
+    result = runner.invoke(app, ["extract", "--backbone", str(bb), "--cache-dir", str(cache), "--device", "cpu",
+                                 "--kind", "preferences", "--source", str(source), "--name", "pairs", "--limit", "5"])
+    assert result.exit_code == 0, result.output
+    read = json.loads((cache / "pairs" / "_manifest.json").read_text())["info"]["source_read"]
+    assert read == {"source": str(source), "split": "train", "format": None, "limit": 5}
+    args = ["curate", str(heads), "-i", str(cache / "pairs"), "--device", "cpu"]
+    result = runner.invoke(app, [*args, "-o", str(tmp_path / "a")])
+    assert result.exit_code == 0, result.output  # as extracted (its first 5 rows): curated
+    rows = [json.loads(line) for line in source.read_text().splitlines()]
+    rows[1]["chosen"], rows[1]["rejected"] = rows[1]["rejected"], rows[1]["chosen"]  # the labels swapped since
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    line = one_error(runner.invoke(app, [*args, "-o", str(tmp_path / "b")]))
+    assert f"{cache / 'pairs'}: its source {str(source)!r} is not what the cache was extracted from" in line
+    assert not (tmp_path / "b").exists()
+
+
 def test_a_full_stdout_is_one_line(tiny, tmp_path):
     if not Path("/dev/full").is_char_device():
         pytest.skip("no /dev/full here")

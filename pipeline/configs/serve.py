@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline.configs.options import DTYPE_HELP, ConfigError, check, device_name, number, one_of, opt, positive, whole
+from pipeline.configs.options import DTYPE_HELP, ConfigError, check, device_name, number, one_of, opt, whole
 from pipeline.device import AUTO_DTYPES, COMPUTE_DTYPES
 
 REWARD_HELP = ("The reward to give: mean (the score), lcb (score - risk x score_std), min (the worst ensemble "
@@ -113,10 +113,11 @@ class ServeConfig:
         device_name(self.device)
         whole(self.max_tokens_per_batch, "max_tokens_per_batch")
         whole(self.max_length, "max_length", allow_none=True)
-        check(number(self.max_wait_ms) and self.max_wait_ms >= 0, "max_wait_ms", self.max_wait_ms,
-              "a finite number of milliseconds, 0 or more")
+        check(number(self.max_wait_ms) and 0 <= self.max_wait_ms <= 60_000, "max_wait_ms", self.max_wait_ms,
+              "a number of milliseconds from 0 to 60000 (a minute)")
         whole(self.max_items, "max_items")
         whole(self.max_queue, "max_queue")
         check(self.max_queue >= self.max_items, "max_queue", self.max_queue,
               f"at least --max-items ({self.max_items}), or a full request could never be queued")
-        positive(self.max_body_mb, "max_body_mb")
+        check(number(self.max_body_mb) and 0 < self.max_body_mb <= 65_536, "max_body_mb", self.max_body_mb,
+              "a positive number of MiB, at most 65536 (64 GiB)")
