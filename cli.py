@@ -103,10 +103,12 @@ def with_config(*stages: str):
 def run_or_fail(fn, *args, **kwargs):
     """Call a pipeline function: expected failures (bad data, bad config, ...) become one clear line, and so
     does anything unforeseen (its traceback only with --debug or URM_DEBUG=1)."""
-    from pipeline.errors import USER_ERRORS
+    from pipeline.errors import USER_ERRORS, AlreadyReported
 
     try:
         return fn(*args, **kwargs)
+    except AlreadyReported:
+        raise typer.Exit(1)
     except USER_ERRORS as e:
         fail(str(e))
     except KeyboardInterrupt:

@@ -31,7 +31,7 @@ SMALLEST_OUTPUTS = {"outputs": 40, "oddplace": 8, "keys": 10, "checkpoint": 20, 
 def test_bad_inputs_end_in_one_clear_line_and_nothing_corrupt_is_used(tmp_path):
     report = tmp_path / "report.json"
     done = subprocess.run([sys.executable, str(FUZZER), str(tmp_path / "work"), "--seed", "0", "--processes", "24",
-                           "--report", str(report)], capture_output=True, text=True, timeout=1200)
+                           "--report", str(report)], capture_output=True, text=True, timeout=2400)
     summary = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else done.stderr[-3000:]
     print(summary)
     assert done.returncode == 0, done.stdout[-20000:] + done.stderr[-3000:]
