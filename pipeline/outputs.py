@@ -9,7 +9,7 @@ own files to. The rule, in the order it is checked:
    no input. ``--overwrite`` does not change this.
 2. Never an odd target: not empty, not a device, a pipe or a socket (``-o /dev/null``), not on a system file
    system (``/proc``, ``/sys``, ``/dev``), and a place this process can create files in (checked by creating one and
-   removing it). A folder written whole is never ``.``, nor a folder the command runs in.
+   removing it). A folder written whole is never ``.`` (the folder the command runs in), nor one above it.
 3. Never deletes or overwrites what the run did not create, unless ``--overwrite``: a file or folder already there
    is replaced only when it is empty or the same command's own earlier output (``own``: a scores file, a report
    folder, a curation folder; an export never: `urm export` always asks). A folder the command adds its own files
