@@ -29,7 +29,7 @@ def curation_markdown(summary: dict) -> str:
         return "\n".join(lines)
     rule, cut = summary["rule"], summary.get("cut")
     where = f"; the keep rule cut at {cut:.4f}" if cut is not None else ""
-    lines += ["| | pairs | share |", "|---|---:|---:|", f"| read | {n} | 1.000 |",
+    lines += ["| | pairs | share |", "|---|---:|---:|", f"| scored | {n} | 1.000 |",
               f"| suspect (P(chosen) < {summary['suspect_threshold']:.3g}) | {summary['suspects']} | "
               f"{summary['suspects'] / n:.3f} |",
               f"| kept ({rule}) | {summary['kept']} | {summary['kept'] / n:.3f} |", "",

@@ -302,6 +302,7 @@ def summary(result: dict) -> str:
     if result["mode"] == "select":
         return (f"selected the {result['selected']} of {result['pairs']} pairs the model is least sure of "
                 f"(--signal {result['signal']}) -> {result['out_dir']}/selected.jsonl")
-    identical = f" ({result['identical']} identical pairs dropped)" if result.get("identical") else ""
+    k = result.get("identical") or 0
+    identical = f" ({k} identical pair{'s' if k != 1 else ''} dropped)" if k else ""
     return (f"curated {result['pairs']} pairs{identical}: {result['suspects']} suspect, {result['kept']} kept "
             f"({result['rule']}) -> {result['out_dir']}/curated.jsonl (scores: scored.jsonl, report.md)")
