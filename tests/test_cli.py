@@ -69,6 +69,19 @@ def test_preset_then_overrides():
     assert big.datasets["preferences"].source == "Skywork/Skywork-Reward-Preference-80K-v0.1"
 
 
+def test_evaluates_explicit_caches_replace_the_presets_set():
+    """`urm evaluate HEADS --eval-preferences X` evaluates X alone: the preset's held-out ratings are not added."""
+    preset = load_config("evaluate", "demo")
+    assert preset.eval_preferences == ["eval_preferences"] and preset.eval_ratings == "eval_ratings"
+    for given, want in (({"eval_preferences": ["x"]}, (["x"], None, [])),
+                        ({"eval_ratings": "r"}, ([], "r", [])),
+                        ({"shift_ratings": ["s"]}, ([], None, ["s"])),
+                        ({"eval_preferences": None, "eval_ratings": None, "device": "cpu"},
+                         (["eval_preferences"], "eval_ratings", []))):  # none given: the preset's set
+        cfg = load_config("evaluate", "demo", given)
+        assert (cfg.eval_preferences, cfg.eval_ratings, cfg.shift_ratings) == want, given
+
+
 def test_bad_presets_are_clear(tmp_path):
     with pytest.raises(ConfigError, match="unknown preset 'nope'.*demo"):
         load_config("extract", "nope")

@@ -331,6 +331,8 @@ def test_a_cache_of_the_wrong_kind_is_refused_by_every_option_that_names_one(tmp
     for argv, option, kind in cases:
         wrong = argv[argv.index(option) + 1]
         one_line_error(runner.invoke(app, argv), f"{option} {wrong}: a {kind} cache, but {option} takes a")
+        missing = argv[:argv.index(option) + 1] + ["nope/shift"] + argv[argv.index(option) + 2:]
+        one_line_error(runner.invoke(app, missing), f"{option} nope/shift: no such cache")  # as typed, the option's
     assert not (tmp_path / "eval").exists() and not (tmp_path / "h").exists()
 
 

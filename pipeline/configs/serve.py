@@ -85,13 +85,13 @@ class ServeConfig:
     verify: bool = opt(True, "Check every file of the export against the checksums `urm export` recorded before "
                        "loading it; --no-verify only checks that they are there (and the heads' own checksum).")
     max_wait_ms: float = opt(5.0, "Dynamic batching: how long the first waiting request waits for others to join its "
-                             "batch (milliseconds; a batch also starts once it fills the token budget).")
+                             "batch (milliseconds, 0 to 60000; a batch also starts once it fills the token budget).")
     dynamic_batching: bool = opt(True, "Batch requests that arrive together; --no-dynamic-batching scores one request "
                                  "at a time (for comparison).")
     max_items: int = opt(256, "Most conversations (or queries) in one request; more is refused with HTTP 413.")
     max_queue: int = opt(4096, "Most conversations waiting to be scored; a request that would exceed it gets HTTP 503 "
                          "(retry later) instead of growing memory.")
-    max_body_mb: float = opt(16.0, "Largest request body in MiB; larger is refused with HTTP 413.")
+    max_body_mb: float = opt(16.0, "Largest request body in MiB (at most 65536); larger is refused with HTTP 413.")
     reward: str = opt("mean", REWARD_HELP + " /get_reward's `rewards` and /score's `reward` carry it; a request "
                       "may ask for another with \"reward\" and \"risk\" in its JSON body.")
     risk: float = opt(1.0, RISK_HELP)
