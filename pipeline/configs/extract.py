@@ -66,7 +66,9 @@ class ExtractConfig:
     name: str | None = opt(None, "With --source: its cache folder name under CACHE_DIR (default: from the source).")
     format: str | None = opt(None, "With --source: the data format, a rating or a pair format (default: detect "
                              "from the columns).")
-    limit: int | None = opt(None, "Keep only the first N rows (pairs) of each dataset.")
+    limit: int | None = opt(None, "Keep only the first N rows (pairs) of each dataset, counted as read: pairs whose "
+                            "chosen is identical to their rejected are dropped after that, so the cache may hold "
+                            "fewer.")
     cache_dir: str = opt(DEFAULT_PATHS["cache_dir"], "Folder holding one cache folder per dataset.",
                          shown="cache/PRESET")
     max_length: int = opt(2048, "Drop (and count) conversations longer than this many tokens; never truncate.")

@@ -110,19 +110,6 @@ def check_heads_fit(meta: HeadsMeta, files, template: str, heads_dir) -> None:
                           "export onto the backbone (and tokenizer) the cache was extracted with")
 
 
-def check_out_dir(out: Path, overwrite: bool, keep: list[Path]) -> None:
-    """Refuse an existing non-empty out_dir unless overwrite, and never a folder holding the inputs."""
-    resolved = out.resolve()
-    for p in keep:
-        p = p.resolve()
-        if resolved == p or resolved in p.parents:
-            raise ExportError(f"out_dir {out} would replace {p}, an input of the export; choose another --out-dir")
-    if out.exists() and not out.is_dir():
-        raise ExportError(f"out_dir {out} exists and is not a directory; choose another --out-dir")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ExportError(f"out_dir {out} already exists; pass --overwrite to replace it, or choose another --out-dir")
-
-
 # ----------------------------------------------------------------------------------------------
 # The backbone's shard files
 

@@ -31,6 +31,7 @@ import numpy as np
 from pipeline.configs import ConfigError, DatasetSpec, ExtractConfig
 from pipeline.errors import DataError
 from pipeline.features import Ranks
+from pipeline.outputs import PARTS, check_output
 
 
 @dataclass
@@ -204,8 +205,9 @@ def extract_dataset(backbone: LazyBackbone, spec: DatasetSpec, cfg: ExtractConfi
     )
     path = Path(cfg.cache_dir) / spec.name
     bounds = part_bounds(len(rows), cfg.part_rows, paired)
+    read = source_read(source, spec, limit)
     if ranks.distributed:
-        return extract_on_ranks(backbone, spec, cfg, rows, bounds, cache_spec, path, ranks)
+        return extract_on_ranks(backbone, spec, cfg, rows, bounds, cache_spec, path, ranks, read)
     refuse_other_engine(path, cfg)
     begun = path.is_dir()
     with open_writer(path, cache_spec, overwrite=cfg.overwrite, n_parts=len(bounds), verify=cfg.verify) as writer:
@@ -213,7 +215,7 @@ def extract_dataset(backbone: LazyBackbone, spec: DatasetSpec, cfg: ExtractConfi
             todo = [i for i in range(len(bounds)) if not writer.part_done(i)]
             stats = write_parts(backbone, spec, cfg, rows, bounds, todo, writer)
             stats.parts_skipped = len(bounds) - len(todo)
-            return finish(writer, spec, cfg, rows, bounds, stats, path, backbone.engine_info)
+            return finish(writer, spec, cfg, rows, bounds, stats, path, {**read, **backbone.engine_info})
         except BaseException:
             if not begun:  # this run made the folder, and still holds its lock
                 remove_unbegun(path)
@@ -221,7 +223,7 @@ def extract_dataset(backbone: LazyBackbone, spec: DatasetSpec, cfg: ExtractConfi
 
 
 def extract_on_ranks(backbone: LazyBackbone, spec: DatasetSpec, cfg: ExtractConfig, rows, bounds, cache_spec,
-                     path: Path, ranks: Ranks) -> ExtractStats:
+                     path: Path, ranks: Ranks, read: dict) -> ExtractStats:
     """One dataset under torchrun: rank 0 opens the cache, every rank writes its share of the missing
     parts, and once all are done rank 0 merges their journals and finishes (see the module docstring)."""
     from pipeline.cache import open_rank_writer, open_writer
@@ -250,7 +252,7 @@ def extract_on_ranks(backbone: LazyBackbone, spec: DatasetSpec, cfg: ExtractConf
                              **{k: sum(getattr(s, k) for s in everyone)
                                 for k in ("tokens", "padded_tokens", "cached_tokens", "parts_written")})
         writer.merge_journals()
-        return finish(writer, spec, cfg, rows, bounds, total, path, backbone.engine_info)
+        return finish(writer, spec, cfg, rows, bounds, total, path, {**read, **backbone.engine_info})
     finally:
         if writer is not None:
             writer.close()
@@ -336,16 +338,23 @@ def write_parts(backbone: LazyBackbone, spec: DatasetSpec, cfg: ExtractConfig, r
     return stats
 
 
-def finish(writer, spec: DatasetSpec, cfg: ExtractConfig, rows, bounds, stats: ExtractStats, path: Path,
-           engine_info: dict | None = None):
-    """Mark the cache complete (refusing an empty one) and print the closing summary."""
+def finish(writer, spec: DatasetSpec, cfg: ExtractConfig, rows, bounds, stats: ExtractStats, path: Path, info: dict):
+    """Mark the cache complete (refusing an empty one), recording ``info`` (how its rows were read, the engine), and
+    print the closing summary."""
     if writer.manifest["rows"] == 0:  # every row longer than max_length: an empty cache would train nothing
         raise DataError(spec.source, None, None, f"all {stats.dropped or len(rows)} rows are longer than max_length="
                         f"{cfg.max_length} tokens: nothing to cache; raise --max-length")
-    manifest = writer.finish(len(bounds), extra=engine_info)
+    manifest = writer.finish(len(bounds), info)
     stats.rows, stats.dropped = manifest["rows"], manifest["dropped_rows"]
     print(summary_line(spec.name, path, stats, cfg.max_length))
     return stats
+
+
+def source_read(source: str, spec: DatasetSpec, limit: int | None) -> dict:
+    """How the rows were read (manifest ``info``, not compared on resume): the source as read (a hub dataset pinned
+    to its commit), split, format and limit, which `urm curate` reads again after checking that their fingerprint
+    is still the manifest's ``dataset_fingerprint``."""
+    return {"source_read": {"source": source, "split": spec.split, "format": spec.format, "limit": limit}}
 
 
 def summary_line(name: str, path: Path, stats: ExtractStats, max_length: int) -> str:
@@ -412,6 +421,9 @@ def run_extract(cfg: ExtractConfig, names=None) -> dict[str, ExtractStats]:
         if ranks.distributed:  # before anything starts CUDA in this process
             select_rank_gpus(ranks.local_rank, cfg.tensor_parallel_size)
     datasets = select_datasets(cfg, names)
+    for spec in datasets:  # the output rule (pipeline.outputs), before the backbone opens
+        check_output(Path(cfg.cache_dir) / spec.name, "--cache-dir", PARTS,
+                     inputs=[("--backbone", cfg.backbone), ("the dataset source", spec.source)])
     if ranks.distributed and cfg.engine == "hf":
         cfg = dataclasses.replace(cfg, device=distributed.rank_device(cfg.device, ranks))
     backbone = LazyBackbone(cfg, ranks)
