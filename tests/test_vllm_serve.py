@@ -161,7 +161,7 @@ def demo_export(tmp_path_factory) -> Path:
     if (DEMO_EXPORT / "config.json").is_file():
         return DEMO_EXPORT
     from pipeline.configs import SMOLLM2_GGUF, ExportConfig
-    from pipeline.features import convert_gguf, local_gguf
+    from pipeline.features.backbone import convert_gguf, local_gguf
     from pipeline.recipes.export import export_model
 
     backbone = convert_gguf(local_gguf(SMOLLM2_GGUF))
