@@ -114,19 +114,6 @@ def check_heads_fit(meta: HeadsMeta, files, template: str, heads_dir) -> None:
 # The backbone's shard files
 
 
-def checkpoint_dir(path: str, revision: str | None) -> Path:
-    """A local directory holding the backbone's files (a hub id is fetched into the hub cache)."""
-    if Path(path).is_dir():
-        return Path(path)
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(path, revision=revision,
-                                      allow_patterns=["*.safetensors", "*.json", "*.jinja", "tokenizer*"]))
-    except Exception as e:  # offline, gated, missing: say which
-        raise ExportError(f"cannot fetch backbone {path!r} from the Hugging Face Hub: {e}") from None
-
-
 def shard_keys(directory: Path) -> dict[str, list[str]]:
     """Shard file -> the tensor names it holds (index file, else the single model.safetensors)."""
     index = directory / INDEX

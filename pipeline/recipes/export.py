@@ -21,7 +21,7 @@ from safetensors import safe_open
 from pipeline import __version__
 from pipeline.atomic import atomic_directory
 from pipeline.configs import ExportConfig, to_dict
-from pipeline.export import (HEADS_SHARD, ExportError, check_heads_fit, check_tokenizer_round_trip, checkpoint_dir,
+from pipeline.export import (HEADS_SHARD, ExportError, check_heads_fit, check_tokenizer_round_trip,
                              export_checksums, place_shards, plan_shards, urm_section, write_code, write_config,
                              write_index, write_tokenizer)
 from pipeline.model import META, HeadsError, copy_heads, heads_reader, load_heads
@@ -35,7 +35,7 @@ def export_model(cfg: ExportConfig, log=print) -> dict:
     copy into the export is checked against the heads.json copied with it (``copy_heads``): a training cannot save
     in between, and one already writing refuses the export, so an export never holds a torn pair."""
     from pipeline.export import model_card
-    from pipeline.features import chat_template_hash, is_reward_model, open_backbone
+    from pipeline.features import chat_template_hash, checkpoint_dir, is_reward_model, open_backbone
 
     t0 = time.perf_counter()
     heads_dir, out = Path(cfg.heads_dir), Path(cfg.out_dir)
