@@ -46,7 +46,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench import machine_info, write_result
+from bench import machine_info, run_clients, write_result
 from bench.serve_load import serve
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -183,13 +183,7 @@ def run_load(engine: str, url: str, model: str, texts: list[str], expected: list
                 latencies.append(took)
         conn.close()
 
-    started = time.perf_counter()
-    threads = [threading.Thread(target=client) for _ in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    seconds = time.perf_counter() - started
+    seconds = run_clients(client, clients)
     return {"seconds": seconds, "requests": len(texts), **failures, "latencies_ms": [1000 * x for x in latencies],
             "max_abs_difference": max(differences) if differences else None}
 
