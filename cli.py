@@ -57,7 +57,7 @@ def _config_params(*stages: str) -> list[inspect.Parameter]:
                 continue
             seen.add(o.name)
             flag = "--" + o.name.replace("_", "-")
-            decls = [f"{flag}/--no-{flag[2:]}"] if o.type is bool else [flag]
+            decls = [f"{flag}/--no-{flag[2:]}"] if _option_type(o.type) == Optional[bool] else [flag]
             default = o.shown or o.default
             shown = "" if default in (None, [], {}) else f"  [default: {default}, unless the preset sets it]"
             extra = {"metavar": "<str>"} if typing.get_origin(o.type) is list else {}
@@ -79,10 +79,14 @@ def with_config(*stages: str):
                                    default=typer.Option(C.DEFAULT_PRESET, "--preset", "-p",
                                                         help=PRESET_HELP, envvar="URM_PRESET"))
         own_names = {p.name for p in own}
+        secrets = {o.name for s in stages for o in C.options(C.STAGES[s]) if o.secret}
 
         @functools.wraps(func)
         def wrapper(**kwargs):
             overrides = {p.name: kwargs.pop(p.name) for p in extra}
+            for name in secrets:  # click drops an empty URM_ variable: for a key, empty is a value, and refused
+                if overrides[name] is None and os.environ.get(f"URM_{name.upper()}") is not None:
+                    overrides[name] = os.environ[f"URM_{name.upper()}"]
             name = kwargs.pop("preset")
             try:
                 configs = {s: C.load_config(s, name, overrides) for s in stages}
@@ -99,10 +103,12 @@ def with_config(*stages: str):
 def run_or_fail(fn, *args, **kwargs):
     """Call a pipeline function: expected failures (bad data, bad config, ...) become one clear line, and so
     does anything unforeseen (its traceback only with --debug or URM_DEBUG=1)."""
-    from pipeline.errors import USER_ERRORS
+    from pipeline.errors import USER_ERRORS, AlreadyReported
 
     try:
         return fn(*args, **kwargs)
+    except AlreadyReported:
+        raise typer.Exit(1)
     except USER_ERRORS as e:
         fail(str(e))
     except KeyboardInterrupt:

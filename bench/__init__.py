@@ -52,6 +52,19 @@ def timed(fn) -> float:
     return time.perf_counter() - t
 
 
+def run_clients(client, clients: int) -> float:
+    """Wall seconds for ``clients`` threads each running ``client()`` at once (a load generator's clients)."""
+    import threading
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - started
+
+
 def matmul_gflops(n: int = 4096, repeats: int = 3) -> float:
     """This machine's fp32 matmul rate: best-of-``repeats`` torch.mm of n x n (GFLOP/s) after a warm-up."""
     import torch

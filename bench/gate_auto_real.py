@@ -1,5 +1,4 @@
-"""`urm train-heads` with `--gate auto` (the default) on real pairs and on the demo, before and after: wall time,
-CPU time and the gate chosen.
+"""`urm train-heads --gate auto` (the default) on real pairs and on the demo, before and after: wall and CPU time, gate chosen.
 
 Features of SmolLM2-135M-Instruct (d = 576; bf16 where the CPU runs it natively, as `--dtype auto-bf16`):
   real   ratings: the SteerLM sample of ../shared/data (rows up to 1024 tokens); pairs: the N (2000) shortest

@@ -43,7 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench import machine_info, write_result
+from bench import machine_info, run_clients, write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -176,13 +176,7 @@ def run_load(url: str, queries: list[str], expected: list[float], clients: int, 
                     latencies.append(took)
         conn.close()
 
-    started = time.perf_counter()
-    threads = [threading.Thread(target=client) for _ in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    seconds = time.perf_counter() - started
+    seconds = run_clients(client, clients)
     ms = np.array(latencies) * 1000 if latencies else np.array([np.nan])
     result = {"clients": clients, "requests": requests, "answered_correctly": len(latencies), **failures,
               "seconds": seconds, "requests_per_s": requests / seconds,

@@ -27,7 +27,9 @@ is a folder, no permission) is a ``WriteError`` naming the path the user gave, n
 
 One writer per folder (``lock_folder``, ``hold_folder``): an exclusive ``flock`` on the folder itself, so no
 lock file is left behind and the kernel releases it when the process ends, however it ends; a second
-writer is refused at once, told the holder's pid (read from ``/proc/locks`` where there is one).
+writer is refused at once, told the holder's pid (read from ``/proc/locks`` where there is one). A reader that
+must see the folder unchanged while it copies (an export of a heads folder) takes the shared lock instead:
+readers together, never beside a writer.
 """
 
 from __future__ import annotations
@@ -231,7 +233,7 @@ def atomic_directory(out: str | os.PathLike) -> Iterator[Path]:
     with named_for(out, tmp):
         tmp.mkdir()
     try:
-        with named_for(out, tmp):
+        with named_for(out, tmp), naming_out(out, tmp):
             yield tmp
             _fsync_tree(tmp)
             if out.exists() and exchange(tmp, out):  # out is the new folder now, tmp the old one
@@ -243,6 +245,17 @@ def atomic_directory(out: str | os.PathLike) -> Iterator[Path]:
                 _fsync(out.parent, os.O_RDONLY)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def naming_out(out: Path, tmp: Path) -> Iterator[None]:
+    """A ``WriteError`` about a file in the temporary folder ``tmp`` names it as it will be, inside ``out``."""
+    try:
+        yield
+    except WriteError as e:
+        if os.fspath(tmp) not in str(e):
+            raise
+        raise WriteError(str(e).replace(os.fspath(tmp), os.fspath(out))) from None
 
 
 def require_folder_target(out: str | os.PathLike) -> None:
@@ -302,64 +315,69 @@ def _replace_in_two_renames(new: Path, out: Path) -> None:
 
 
 class FolderBusy(Exception):
-    """``folder`` is locked by another process (``pid``: its id, None when the system does not say)."""
+    """``folder`` is locked by another process (``pid``: its id, None when the system does not say; ``shared``: it
+    holds the shared lock, a reader's, rather than a writer's)."""
 
-    def __init__(self, folder: Path, pid: int | None):
-        self.folder, self.pid = folder, pid
+    def __init__(self, folder: Path, pid: int | None, shared: bool = False):
+        self.folder, self.pid, self.shared = folder, pid, shared
         super().__init__(f"{folder} is locked by {'process ' + str(pid) if pid else 'another process'}")
 
 
-def lock_folder(folder: str | os.PathLike) -> int:
-    """An open descriptor of ``folder`` holding its exclusive lock (``flock``; released with the descriptor,
-    or by the kernel when the process ends); ``FolderBusy`` with the holder's pid when another has it."""
+def lock_folder(folder: str | os.PathLike, shared: bool = False) -> int:
+    """An open descriptor of ``folder`` holding its exclusive lock (``flock``; ``shared``: the shared one; released
+    with the descriptor, or by the kernel when the process ends); ``FolderBusy`` with the holder's pid when another
+    process holds a lock that excludes it."""
     import fcntl
 
     folder = Path(folder)
     fd = os.open(folder, os.O_RDONLY)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise FolderBusy(folder, lock_holder(folder)) from None
+        pid, holder_shared = lock_holder(folder, exclude=os.getpid())
+        raise FolderBusy(folder, pid, holder_shared) from None
     return fd
 
 
-def lock_holder(folder: Path) -> int | None:
-    """The pid of the process holding ``folder``'s ``flock``, from ``/proc/locks`` (None where it cannot tell).
+def lock_holder(folder: Path, exclude: int | None = None) -> tuple[int | None, bool]:
+    """(the pid of a process holding ``folder``'s ``flock``, whether its lock is the shared one), from
+    ``/proc/locks``; (None, False) where it cannot tell. ``exclude``: a pid not to name (our own shared lock).
 
-    A line there reads ``1: FLOCK  ADVISORY  WRITE 4242 fe:00:5941016 0 EOF`` (pid, then device:inode);
-    a waiting lock's line has ``->`` and is skipped."""
+    A line there reads ``1: FLOCK  ADVISORY  WRITE 4242 fe:00:5941016 0 EOF`` (READ for a shared lock; pid,
+    then device:inode); a waiting lock's line has ``->`` and is skipped. A writer is named before readers."""
     try:
         st = os.stat(folder)
         lines = Path("/proc/locks").read_text().splitlines()
     except OSError:
-        return None
+        return None, False
     device = (os.major(st.st_dev), os.minor(st.st_dev))
-    by_inode = {}
+    by_device: dict[tuple[int, int], list[tuple[int, bool]]] = {}
     for fields in map(str.split, lines):
-        if len(fields) < 6 or fields[1] != "FLOCK" or fields[3] != "WRITE":
+        if len(fields) < 6 or fields[1] != "FLOCK" or fields[3] not in ("WRITE", "READ"):
             continue
         major, minor, inode = fields[5].split(":")
-        if int(inode) == st.st_ino:
-            by_inode[(int(major, 16), int(minor, 16))] = int(fields[4])
-    if device in by_inode:
-        return by_inode[device]
-    return next(iter(by_inode.values())) if len(by_inode) == 1 else None  # an overlay reports another device
+        if int(inode) == st.st_ino and int(fields[4]) != exclude:
+            by_device.setdefault((int(major, 16), int(minor, 16)), []).append((int(fields[4]), fields[3] == "READ"))
+    found = by_device.get(device) or (next(iter(by_device.values())) if len(by_device) == 1 else None)
+    if not found:  # an overlay reports another device: taken when there is only one
+        return None, False
+    return min(found, key=lambda holder: holder[1])  # a writer (shared False) first
 
 
 _HELD: dict[tuple[int, int], list[int]] = {}  # (device, inode) -> [descriptor, depth] of the folders this process holds
 
 
 @contextlib.contextmanager
-def hold_folder(folder: str | os.PathLike) -> Iterator[None]:
-    """Hold ``folder``'s lock for the block (``lock_folder``); re-entrant within this process, so a recipe that
-    holds it can call one that takes it again."""
+def hold_folder(folder: str | os.PathLike, shared: bool = False) -> Iterator[None]:
+    """Hold ``folder``'s lock for the block (``lock_folder``; ``shared``: the readers' lock); re-entrant within this
+    process, so a recipe that holds it can call one that takes it again (a lock held is kept as it is)."""
     st = os.stat(folder)
     key = (st.st_dev, st.st_ino)
     if key in _HELD:
         _HELD[key][1] += 1
     else:
-        _HELD[key] = [lock_folder(folder), 1]
+        _HELD[key] = [lock_folder(folder, shared), 1]
     try:
         yield
     finally:

@@ -27,4 +27,10 @@ class DataError(UserError, ValueError):
         super().__init__(f"{where}: {message}")
 
 
+class AlreadyReported(UserError):
+    """A failure whose one error line this process has already printed (a torchrun rank that says why it stops
+    while the rank that failed waits for it: torchrun stops every rank once one exits); the CLI exits 1 without
+    printing it again."""
+
+
 USER_ERRORS = (UserError,)

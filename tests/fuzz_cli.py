@@ -508,13 +508,14 @@ def export_case(base: Base, d: Path, rng: random.Random) -> Case:
 # Bad option values and presets
 
 
-WHOLE = {"limit", "max_length", "max_tokens_per_batch", "part_rows", "ensemble", "epochs", "batch_size", "patience",
+WHOLE = {"limit", "max_length", "max_tokens_per_batch", "part_rows", "tensor_parallel_size", "ensemble", "epochs", "batch_size", "patience",
          "gate_hidden", "gate_epochs", "gate_batch_size", "gate_patience"}
 POSITIVE = {"lr", "gate_lr", "temperature", "memory_budget"}
 NON_NEGATIVE = {"weight_decay", "gate_weight_decay"}
-FRACTIONS = {"calibration_fraction", "val_fraction", "gate_val_fraction"}
-CHOICES = {"dtype", "attn_implementation", "device", "kind", "format", "storage_dtype", "loss", "gate", "reward"}
-RISKS = {"risk"}  # a finite number, 0 or more
+FRACTIONS = {"calibration_fraction", "val_fraction", "gate_val_fraction", "gpu_memory_utilization"}
+CHOICES = {"dtype", "attn_implementation", "device", "kind", "format", "storage_dtype", "loss", "gate", "reward",
+           "engine"}
+RISKS = {"risk"}  # a number from 0 to 1e6 (MAX_RISK)
 STAGES = {"extract": ["extract"], "train-heads": ["value_head", "gating"], "train-value-head": ["value_head"],
           "train-gating": ["gating"], "export": ["export"], "evaluate": ["evaluate"], "score": ["score"]}
 
@@ -534,7 +535,7 @@ def bad_values(name: str, typ: str) -> list[str]:
     if name in NON_NEGATIVE:
         values += ["-0.1"]
     if name in RISKS:
-        values += ["-1", "-0.1", "1e400"]
+        values += ["-1", "-0.1", "1e400", "1e308", "1000001"]
     if name == "beta":
         values += ["-0.5", "1.5"]
     if name in FRACTIONS:
@@ -1183,6 +1184,378 @@ MAKERS["curate"] = curate_case
 COUNTS["curate"] = 36
 
 
+# ----------------------------------------------------------------------------------------------
+# Issue 27 (self-contained: registered into MAKERS / COUNTS / RUNNERS at the end of this block): outputs that would
+# replace an input or what the user has, odd output targets, blank keys, damaged published checkpoints, curate's
+# stale caches and identical pairs, cache options named as typed, an export while a training writes the heads
+
+
+def conversations_copy(base: Base, where: Path) -> Path:
+    return copy_file(base.files["conversations"], where)
+
+
+def outputs_case(base: Base, d: Path, rng: random.Random) -> Case:
+    """An output path that names an input of the run, or a place the user's files are, or a device or system place:
+    refused in one line naming the option and the path, with every file as it was (pipeline.outputs)."""
+    how = rng.choice(["score into its input", "score inside the export", "score onto a device", "score into /proc",
+                      "score over a file of mine", "curate into the input's folder", "curate over a folder of mine",
+                      "evaluate around the heads", "evaluate over a folder of mine", "export inside the heads",
+                      "export onto the backbone", "train inside the cache", "train into /sys", "extract into the backbone"])
+    overwrite = ["--overwrite"] if rng.random() < 0.3 and how.split()[0] in ("score", "curate", "evaluate", "export") \
+        and "mine" not in how else []
+    if how == "score into its input":
+        source = conversations_copy(base, d / "rows.jsonl")
+        argv = [*base_argv("score", base, d, input=source)[:-4], "-o", str(source), "--device", "cpu", *overwrite]
+        return Case("outputs", how, argv, [f"-o {source}: it is --input {source}", "an input of this run"], code=1,
+                    unchanged={str(source): checksum(source)})
+    if how == "score inside the export":
+        model = copy(base.export, d / "model")
+        out = model / "scores.jsonl"
+        argv = [*base_argv("score", base, d, model=model)[:-4], "-o", str(out), "--device", "cpu", *overwrite]
+        return Case("outputs", how, argv, [f"-o {out}: it is inside MODEL_DIR {model}"], code=1,
+                    must_not_exist=[str(out)], unchanged=snapshot(model))
+    if how == "score onto a device":  # a link to /dev/null: refused, the link (and the device) untouched
+        link = d / "scores.jsonl"
+        link.symlink_to(os.devnull)
+        return Case("outputs", how, base_argv("score", base, d), [f"-o {link}: a device, pipe or socket"], code=1,
+                    unchanged={str(link): f"link:{os.devnull}"})
+    if how == "score into /proc":
+        out = f"/proc/urm-fuzz-{rng.randrange(1 << 30)}.jsonl"
+        argv = [*base_argv("score", base, d)[:-4], "-o", out, "--device", "cpu"]
+        return Case("outputs", how, argv, [f"-o {out}: it is on the system's proc file system"], code=1)
+    if how == "score over a file of mine":
+        mine = d / "scores.jsonl"
+        mine.write_text(rng.choice(["my notes\n", '{"id": 1}\n', "[1, 2]\n", "\x00binary"]))
+        return Case("outputs", how, base_argv("score", base, d), [f"-o {mine}: a file is there", "--overwrite"],
+                    code=1, unchanged={str(mine): checksum(mine)})
+    if how.startswith("curate"):
+        folder = d / "data"
+        folder.mkdir()
+        source = copy_file(base.files["preferences"], folder / "p.jsonl")
+        (folder / "notes.txt").write_text("mine\n")
+        if how == "curate into the input's folder":
+            argv = curate_argv(base.export, source, folder, *overwrite)
+            needles = [f"-o {folder}: it holds --input {source}"]
+        else:
+            out = d / "out"
+            out.mkdir()
+            (out / rng.choice(["notes.txt", "scored.jsonl.bak", "data.parquet"])).write_text("mine\n")
+            (out / "report.md").write_text("# an earlier curation\n")
+            argv, needles, folder = curate_argv(base.export, source, out), [f"-o {out}: the folder holds 1 entry",
+                                                                             "--overwrite"], out
+        return Case("outputs", how, argv, needles, code=1, unchanged=snapshot(folder))
+    if how.startswith("evaluate"):
+        run = d / "run"
+        heads = copy(base.heads, run / "heads")
+        argv = base_argv("evaluate", base, d, heads=heads)
+        if how == "evaluate around the heads":
+            argv[argv.index("--report-dir") + 1] = str(run)
+            return Case("outputs", how, [*argv, *overwrite], [f"--report-dir {run}: it holds MODEL_DIR {heads}"],
+                        code=1, unchanged=snapshot(heads))
+        report = d / "eval"
+        report.mkdir()
+        (report / "mine.csv").write_text("a,b\n")
+        return Case("outputs", how, argv, [f"--report-dir {report}: the folder holds 1 entry", "mine.csv"], code=1,
+                    unchanged=snapshot(report))
+    if how == "export inside the heads":
+        heads = copy(base.heads, d / "heads")
+        out = heads / "model"
+        argv = ["export", "--backbone", str(base.backbone), "--heads-dir", str(heads), "--out-dir", str(out), *overwrite]
+        return Case("outputs", how, argv, [f"--out-dir {out}: it is inside --heads-dir {heads}"], code=1,
+                    must_not_exist=[str(out)], unchanged=snapshot(heads))
+    if how == "export onto the backbone":
+        backbone = copy(base.backbone, d / "backbone")
+        argv = ["export", "--backbone", str(backbone), "--heads-dir", str(base.heads), "--out-dir", str(backbone),
+                *overwrite]
+        return Case("outputs", how, argv, [f"--out-dir {backbone}: it is --backbone {backbone}"], code=1,
+                    unchanged=snapshot(backbone))
+    if how == "train inside the cache":
+        cache = copy(base.cache, d / "cache")
+        command = rng.choice(["train-value-head", "train-heads"])
+        argv = base_argv(command, base, d, cache=cache)
+        heads = cache / "ratings" / "heads"
+        argv[argv.index("--heads-dir") + 1] = str(heads)
+        return Case("outputs", f"{command}: --heads-dir inside the ratings cache", argv,
+                    [f"--heads-dir {heads}: it is inside --cache-dir {cache / 'ratings'}"], code=1,
+                    must_not_exist=[str(heads)], unchanged=snapshot(cache / "ratings"))
+    if how == "train into /sys":
+        command = rng.choice(list(SAVE_STEPS))
+        argv = base_argv(command, base, d)
+        argv[argv.index("--heads-dir") + 1] = "/sys/urm-heads"
+        return Case("outputs", f"{command} --heads-dir /sys/urm-heads", argv,
+                    ["--heads-dir /sys/urm-heads: it is on the system's sysfs file system"], code=1)
+    backbone = copy(base.backbone, d / "backbone")
+    argv = base_argv("extract", base, d, cache=backbone)
+    argv[argv.index("--backbone") + 1] = str(backbone)
+    return Case("outputs", how, argv, [f"--cache-dir {backbone / 'x'}: it is inside --backbone"], code=1,
+                must_not_exist=[str(backbone / "x")], unchanged=snapshot(backbone))
+
+
+def oddplace_case(base: Base, d: Path, rng: random.Random) -> Case:
+    """`-o .` for a folder written whole (run in the case's folder), and a stdout that is a full disk."""
+    if rng.random() < 0.5:
+        (d / "mine.txt").write_text("mine\n")
+        command = rng.choice(["curate", "evaluate", "export"])
+        if command == "curate":
+            argv, flag = curate_argv(base.export, base.files["preferences"], Path(".")), "-o"
+        elif command == "evaluate":
+            argv, flag = base_argv("evaluate", base, d), "--report-dir"
+            argv[argv.index(flag) + 1] = "."
+        else:
+            argv, flag = base_argv("export", base, d), "--out-dir"
+            argv[argv.index(flag) + 1] = "."
+        return Case("oddplace", f"{command} {flag} .", [*argv, *(["--overwrite"] if rng.random() < 0.5 else [])],
+                    [f"{flag} .: that is the folder this command runs in"], code=1,
+                    unchanged={str(d / "mine.txt"): checksum(d / "mine.txt")}, runner="cwd", extra={"cwd": str(d)})
+    argv = [a for a in base_argv("score", base, d)]
+    i = argv.index("-o")
+    argv = argv[:i] + argv[i + 2:]
+    return Case("oddplace", "score to a stdout that is a full disk", argv,
+                ["cannot write the scores to stdout: no space left on the device"], code=1, runner="stdout")
+
+
+def run_cwd_case(case: Case) -> tuple[int, str, list[str]]:
+    here = os.getcwd()
+    os.chdir(case.extra["cwd"])
+    try:
+        code, output, escaped = invoke(case.argv)
+    finally:
+        os.chdir(here)
+    return code, output, judge(case, code, output, escaped)
+
+
+def run_stdout_case(case: Case) -> tuple[int, str, list[str]]:
+    with open("/dev/full", "w") as full:
+        done = subprocess.run([*urm_command(), *case.argv], stdout=full, stderr=subprocess.PIPE, text=True,
+                              timeout=300, env=without_urm_env())
+    problems = judge(case, done.returncode, done.stderr, None)
+    if "Exception ignored" in done.stderr:
+        problems.append("Python printed a second message at exit")
+    return done.returncode, done.stderr, problems
+
+
+def urm_command() -> list[str]:
+    urm = Path(sys.executable).parent / "urm"
+    return [str(urm)] if urm.exists() else [sys.executable, str(ROOT / "cli.py")]
+
+
+def without_urm_env() -> dict:
+    return {k: v for k, v in os.environ.items() if not k.startswith("URM_")}
+
+
+KEY_MARK = "sk-fuzz-KEYMARK"  # a key's text: no message may show it
+
+
+def keys_case(base: Base, d: Path, rng: random.Random) -> Case:
+    """`urm serve` with an empty or blank key, from the environment or the option, or --open-health without a key:
+    refused before the model loads (run as a process: if the server started, the case fails on a timeout)."""
+    argv = ["serve", str(base.export), "--device", "cpu", "--port", "0"]
+    how = rng.choice(["URM_API_KEY empty", "URM_API_KEY blank", "--api-key empty", "--api-key with a space",
+                      "--open-health without a key"])
+    env = {}
+    if how == "URM_API_KEY empty":
+        env["URM_API_KEY"] = ""
+    elif how == "URM_API_KEY blank":
+        env["URM_API_KEY"] = rng.choice([" ", "   ", "\t"])
+    elif how == "--api-key empty":
+        argv += ["--api-key", ""]
+    elif how == "--api-key with a space":  # on the command line or in the environment: never shown
+        key = f"{KEY_MARK} {rng.randrange(1000)}"
+        if rng.random() < 0.5:
+            argv += ["--api-key", key]
+        else:
+            env["URM_API_KEY"] = key
+    else:
+        return Case("keys", how, [*argv, "--open-health"], ["--open-health", "no key is set"], code=1, runner="serve")
+    return Case("keys", how, argv, ["--api-key (or URM_API_KEY) must be a non-empty string"], code=2, runner="serve",
+                extra={"env": env})
+
+
+def run_serve_case(case: Case) -> tuple[int, str, list[str]]:
+    env = {**without_urm_env(), **case.extra.get("env", {})}
+    try:
+        done = subprocess.run([*urm_command(), *case.argv], capture_output=True, text=True, timeout=120, env=env,
+                              stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired as e:
+        return 0, str(e.stdout or ""), ["the server started (killed after 120 s): the bad key or option was taken"]
+    output = done.stdout + done.stderr
+    problems = judge(case, done.returncode, output, None)
+    if KEY_MARK in output:
+        problems.append("the key was shown")
+    if "listening" in done.stdout:
+        problems.append("the server started listening")
+    return done.returncode, output, problems
+
+
+def published_base(base: Base) -> Path:
+    """A tiny checkpoint in the published URM layout, built once beside the base."""
+    from tiny_models import build_published_checkpoint
+
+    folder = base.root / "published"
+    if not (folder / "model.safetensors").is_file():
+        build_published_checkpoint(folder)
+    return folder
+
+
+def checkpoint_case(base: Base, d: Path, rng: random.Random) -> Case:
+    """A published-layout checkpoint with a tensor missing, non-finite or of the wrong shape, or a wrong label
+    count in config.json: `urm score` (or `urm curate`) refuses it in one line naming the tensor, scoring nothing."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    model = copy(published_base(base), d / "published")
+    tensors = load_file(str(model / "model.safetensors"))
+    config = json.loads((model / "config.json").read_text())
+    heads = sorted(n for n in tensors if not n.startswith("model."))
+    name = rng.choice(heads + [rng.choice(sorted(n for n in tensors if n.startswith("model.")))])
+    how = rng.choice(["missing", "missing", "nan", "inf", "shape", "labels"])
+    if how == "missing":
+        tensors.pop(name)
+        needles = [f"{name} not in its weight files"]
+    elif how in ("nan", "inf"):
+        t = tensors[name]
+        t.view(-1)[rng.randrange(t.numel())] = float("nan") if how == "nan" else rng.choice([1, -1]) * float("inf")
+        needles = [name, "holds NaN or infinite values"]
+    elif how == "shape":
+        t = tensors[name]
+        shape = list(t.shape)
+        shape[rng.randrange(len(shape))] += rng.choice([-1, 1, t.shape[0]])
+        tensors[name] = torch.zeros(shape, dtype=t.dtype)
+        needles = [f"{name} in model.safetensors has shape {shape}"]
+    else:
+        n = (len(config.get("id2label") or {}) or config["num_labels"]) + rng.choice([-4, -2, 2, 4])
+        config.update(num_labels=n, id2label={str(i): f"LABEL_{i}" for i in range(n)},
+                      label2id={f"LABEL_{i}": i for i in range(n)})
+        name, needles = "config.json", ["score.weight in model.safetensors has shape", f"makes it [{n}, "]
+    save_file(tensors, str(model / "model.safetensors"), metadata={"format": "pt"})
+    (model / "config.json").write_text(json.dumps(config))
+    if rng.random() < 0.25:
+        argv = curate_argv(model, base.files["preferences"], d / "curated")
+        return Case("checkpoint", f"curate: published checkpoint: {name} {how}", argv, [str(model), *needles], code=1,
+                    must_not_exist=[str(d / "curated")])
+    argv = base_argv("score", base, d, model=model)
+    return Case("checkpoint", f"score: published checkpoint: {name} {how}", argv, [str(model), *needles], code=1,
+                must_not_exist=[str(d / "scores.jsonl")])
+
+
+def file_cache(base: Base) -> Path:
+    """A preference cache extracted from the base's pair file (not a synthetic source), built once beside the base."""
+    cache = base.root / "file-cache"
+    if not (cache / "pairs" / "_manifest.json").is_file():
+        must_pass(["extract", *extract_args(base.backbone, cache), "--source", str(base.files["preferences"]),
+                   "--kind", "preferences", "--name", "pairs"])
+    return cache / "pairs"
+
+
+def stale_case(base: Base, d: Path, rng: random.Random) -> Case:
+    """`urm curate` on a preference cache whose source file changed after extraction (a pair's sides swapped, a reply
+    edited, a row dropped or added), or on a file whose every pair has chosen identical to rejected: refused."""
+    if rng.random() < 0.25:
+        n = rng.randint(1, N_ROWS)
+        fmt = rng.choice(["conversational", "trl-standard", "hh-rlhf"])
+        path = write_rows(d / "same.jsonl", same_sides_rows(fmt, n), bom=rng.random() < 0.3)
+        return Case("stale", f"curate: {n} {fmt} pairs, chosen == rejected", curate_argv(base.export, path, d / "out"),
+                    [path.name, f"all {n} pairs have chosen identical to rejected"], code=1,
+                    must_not_exist=[str(d / "out")])
+    (d / "src").mkdir()
+    source = copy_file(base.files["preferences"], d / "src" / base.files["preferences"].name)  # same name, same ids
+    cache = copy(file_cache(base), d / "pairs")
+    m = json.loads((cache / "_manifest.json").read_text())
+    m["dataset"] = str(source)
+    m.setdefault("info", {}).setdefault("source_read", {})["source"] = str(source)
+    (cache / "_manifest.json").write_text(json.dumps(m))
+    rows = [json.loads(line) for line in source.read_text().splitlines()]
+    r = rng.randrange(len(rows))
+    how = rng.choice(["sides swapped", "reply edited", "row dropped", "row added"])
+    if how == "sides swapped":
+        rows[r]["chosen"], rows[r]["rejected"] = rows[r]["rejected"], rows[r]["chosen"]
+    elif how == "reply edited":
+        rows[r]["chosen"][-1]["content"] += rng.choice([" ", "!", " Really."])
+    elif how == "row dropped":
+        rows.pop(r)
+    else:
+        rows.append(rows[r])
+    write_jsonl(source, rows)
+    return Case("stale", f"curate: preference cache whose source had its row {r + 1} {how}",
+                curate_argv(base.heads, cache, d / "out"), [str(cache), "is not what the cache was extracted from"],
+                code=1, must_not_exist=[str(d / "out")])
+
+
+def cachename_case(base: Base, d: Path, rng: random.Random) -> Case:
+    """A cache option given a name that is nowhere: the error names the option and the name as typed."""
+    command, option, _ = rng.choice(KIND_OPTIONS)
+    wrong = rng.choice([f"nope-{rng.randrange(1 << 20):x}", f"sub/nope-{rng.randrange(1 << 20):x}"])
+    argv = base_argv(command, base, d)
+    if option in argv:
+        argv[argv.index(option) + 1] = wrong
+    else:
+        argv += [option, wrong]
+    unchanged = snapshot(copy(base.heads, d / "heads")) if command == "train-gating" else {}
+    return Case("cachename", f"{command} {option} {wrong}", argv, [f"{option} {wrong}: no such cache"], code=1,
+                must_not_exist=[] if unchanged else [str(d / "eval"), str(d / "heads")], unchanged=unchanged)
+
+
+def exporting_case(base: Base, d: Path, rng: random.Random) -> Case:
+    """`urm export` while a training (paused in its save, holding the heads folder) writes the heads: refused at once
+    naming the training's pid, nothing exported; once the training is done, an export holds its heads whole."""
+    trainer = rng.choice(list(SAVE_STEPS))
+    heads = copy(base.heads, d / "heads")
+    argv = ["export", "--backbone", str(base.backbone), "--heads-dir", str(heads), "--out-dir", str(d / "model")]
+    return Case("exporting", f"export while {trainer} writes the heads", argv,
+                [str(heads), "a training is writing these heads now"], code=1, runner="exporting",
+                must_not_exist=[str(d / "model")], extra={"heads": str(heads), "first": base_argv(trainer, base, d)})
+
+
+def run_exporting_case(case: Case) -> tuple[int, str, list[str]]:
+    heads = Path(case.extra["heads"])
+    ready, go = heads.parent / "first-is-saving", heads.parent / "go-on"
+
+    def pause(n: int) -> None:
+        if n == 0:
+            ready.touch()
+            deadline = time.monotonic() + 120
+            while not go.exists() and time.monotonic() < deadline:
+                time.sleep(0.01)
+
+    first = forked_cli(case.extra["first"], heads, pause)
+    deadline = time.monotonic() + 120
+    while not ready.exists() and time.monotonic() < deadline and os.waitpid(first, os.WNOHANG) == (0, 0):
+        time.sleep(0.02)
+    if not ready.exists():
+        go.touch()
+        return 1, "", ["the training did not reach its save"]
+    code, output, escaped = invoke(case.argv)
+    case.needles.append(f"(process {first})")
+    problems = judge(case, code, output, escaped)
+    go.touch()
+    _, status = os.waitpid(first, 0)
+    if exit_code(status) != 0:
+        problems.append(f"the training ended with exit {exit_code(status)}, not 0")
+    again, output2, escaped2 = invoke(case.argv)
+    out = Path(case.argv[case.argv.index("--out-dir") + 1])
+    if again != 0 or escaped2:
+        problems.append(f"the export after the training failed: {output2[-300:]}")
+    else:
+        config = json.loads((out / "config.json").read_text())["urm"]
+        meta = json.loads((heads / "heads.json").read_text())
+        if (out / "heads.json").read_bytes() != (heads / "heads.json").read_bytes() or \
+                (out / "urm-heads.safetensors").read_bytes() != (heads / "heads.safetensors").read_bytes():
+            problems.append("the export's heads pair is not the folder's")
+        if config.get("gate") != meta["architecture"].get("gate") or config.get("members") != \
+                meta["architecture"].get("members"):
+            problems.append("the export's config.json describes other heads than its tensors")
+    return code, output, problems
+
+
+MAKERS.update({"outputs": outputs_case, "oddplace": oddplace_case, "keys": keys_case, "checkpoint": checkpoint_case,
+               "stale": stale_case, "cachename": cachename_case, "exporting": exporting_case})
+COUNTS.update({"outputs": 42, "oddplace": 8, "keys": 10, "checkpoint": 24, "stale": 16, "cachename": 12,
+               "exporting": 4})
+RUNNERS.update({"cwd": run_cwd_case, "stdout": run_stdout_case, "serve": run_serve_case,
+                "exporting": run_exporting_case})
+OWN_PROCESSES |= {"oddplace", "keys", "exporting"}
+
+
 def make_case(base: Base, d: Path, kind: str, seed: float, spec=None) -> Case:
     """The case ``kind`` #``seed`` built in the fresh folder ``d`` (the same seed makes the same case)."""
     d.mkdir(parents=True)
@@ -1239,7 +1612,9 @@ def judge(case: Case, code: int, output: str, escaped: BaseException | None) -> 
         if path.exists():
             problems.append(f"left {path} behind")
     for path, expected in case.unchanged.items():
-        if not Path(path).is_file() or checksum(Path(path)) != expected:
+        p = Path(path)
+        now = f"link:{os.readlink(p)}" if p.is_symlink() else checksum(p) if p.is_file() else None
+        if now != expected:
             problems.append(f"changed {path}")
     return problems
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -279,6 +280,21 @@ def test_damaged_parts_are_caught_and_rewritten(tmp_path):
     part.write_bytes(b"short")  # a size change is caught cheaply, without verify
     with pytest.raises(CacheError, match="has 5 bytes"):
         read_features(tmp_path / "c")
+
+
+def test_a_part_copied_over_another_is_refused_from_its_footer_even_unverified(tmp_path):
+    """Parts of the same size (same rows): --no-verify compares sizes only, and the footer says which part a file is."""
+    write_cache(tmp_path / "c")
+    folder = tmp_path / "c"
+    shutil.copyfile(folder / "part-00000.parquet", folder / "part-00002.parquet")
+    m = json.loads((folder / "_manifest.json").read_text())
+    m["parts"][2]["bytes"] = (folder / "part-00002.parquet").stat().st_size  # as a swap of equal sizes would be
+    (folder / "_manifest.json").write_text(json.dumps(m))
+    with pytest.raises(CacheError, match="part-00002.parquet: is part 0 by its footer, but the manifest lists it as "
+                                         "part 2: another part's file was copied over it"):
+        read_features(folder, verify=False)
+    with pytest.raises(UnusableCache, match="MANIFEST AND PARTS DISAGREE: part-00002.parquet is part 0 by its footer"):
+        cache_info(folder, verify=False)
 
 
 # ------------------------------------------------------------------------------------------- pairs

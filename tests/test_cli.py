@@ -69,6 +69,19 @@ def test_preset_then_overrides():
     assert big.datasets["preferences"].source == "Skywork/Skywork-Reward-Preference-80K-v0.1"
 
 
+def test_evaluates_explicit_caches_replace_the_presets_set():
+    """`urm evaluate HEADS --eval-preferences X` evaluates X alone: the preset's held-out ratings are not added."""
+    preset = load_config("evaluate", "demo")
+    assert preset.eval_preferences == ["eval_preferences"] and preset.eval_ratings == "eval_ratings"
+    for given, want in (({"eval_preferences": ["x"]}, (["x"], None, [])),
+                        ({"eval_ratings": "r"}, ([], "r", [])),
+                        ({"shift_ratings": ["s"]}, ([], None, ["s"])),
+                        ({"eval_preferences": None, "eval_ratings": None, "device": "cpu"},
+                         (["eval_preferences"], "eval_ratings", []))):  # none given: the preset's set
+        cfg = load_config("evaluate", "demo", given)
+        assert (cfg.eval_preferences, cfg.eval_ratings, cfg.shift_ratings) == want, given
+
+
 def test_bad_presets_are_clear(tmp_path):
     with pytest.raises(ConfigError, match="unknown preset 'nope'.*demo"):
         load_config("extract", "nope")
@@ -110,7 +123,7 @@ def test_training_options_of_both_stages_reach_their_configs(tmp_path, monkeypat
     monkeypatch.setattr(recipe, "train_gating", lambda cfg, log: seen.update(gating=cfg) or {"val": {}})
     monkeypatch.setattr("cli.report_training", lambda summary: None)
     monkeypatch.setattr("pipeline.cache.verify_cache", lambda path: None)
-    monkeypatch.setattr("pipeline.cache.require_kind", lambda path, kind, option: {})  # no caches here
+    monkeypatch.setattr("pipeline.cache.require_kind", lambda path, kind, option, typed=None: {})  # no caches here
     args = ["train-heads", "--seed", "5", "--lr", "0.5", "--gate-lr", "0.25", "--use-margin", "--heads-dir", "h"]
     result = runner.invoke(app, args, env={"URM_GATE_EPOCHS": "2"})
     assert result.exit_code == 0, result.output

@@ -105,7 +105,10 @@ def test_curating_40_ultrafeedback_pairs_keeps_the_most_certain_half_as_trl_rows
     assert sorted(p.name for p in tmp_path.iterdir()) == ["curated", "uf40.jsonl"]  # no temp folder left
     scored = read_jsonl(out / "scored.jsonl")
     pairs, _ = load_preferences(str(uf40))
-    assert [r["id"] for r in scored] == [p.pair_id for p in pairs] and len(scored) == 40
+    same = [p.pair_id for p in pairs if p.chosen == p.rejected]  # UltraFeedback's sample has one: no preference
+    assert same == ["uf40:18"] and "warning: 1 of 40 pairs dropped: their chosen is identical" in result.stderr
+    pairs = [p for p in pairs if p.chosen != p.rejected]
+    assert [r["id"] for r in scored] == [p.pair_id for p in pairs] and len(scored) == 39
     urm = json.loads((root / "model" / "config.json").read_text())["urm"]
     t = urm["pair_temperature"]["bt"]
     for r in scored:
@@ -114,11 +117,11 @@ def test_curating_40_ultrafeedback_pairs_keeps_the_most_certain_half_as_trl_rows
         assert r["signal"] == "gaussian" and r["certainty"] == r["p_chosen_gaussian"]
         assert r["ensemble_disagreement"] >= 0  # the demo's value head is an 8-member ensemble
     # the rule: the 20 most certain, less the suspects among them
-    ranked = sorted(range(40), key=lambda i: -scored[i]["certainty"])[:20]
+    ranked = sorted(range(39), key=lambda i: -scored[i]["certainty"])[:20]  # round(0.5 x 39) = 20 most certain
     expected = [scored[i]["id"] for i in sorted(ranked) if not scored[i]["suspect"]]
     assert [r["id"] for r in scored if r["kept"]] == expected
     curated = read_jsonl(out / "curated.jsonl")
-    assert [r["id"] for r in curated] == expected and 0 < len(curated) < 40
+    assert [r["id"] for r in curated] == expected and 0 < len(curated) < 39
     # a threshold that flags some pairs: suspects are never kept, whatever their rank
     lowest = min(r["p_chosen"] for r in scored)
     assert lowest < 0.5  # the model reverses some real pairs
@@ -127,7 +130,7 @@ def test_curating_40_ultrafeedback_pairs_keeps_the_most_certain_half_as_trl_rows
                     str((lowest + 0.5) / 2), "--keep-certain", "1")
     assert result.exit_code == 0, result.output
     rescored = read_jsonl(again / "scored.jsonl")
-    assert 0 < sum(r["suspect"] for r in rescored) < 40
+    assert 0 < sum(r["suspect"] for r in rescored) < 39
     assert [r["id"] for r in read_jsonl(again / "curated.jsonl")] == [r["id"] for r in rescored if not r["suspect"]]
     # urm extract's loader reads curated.jsonl back as the same conversations
     back, report = load_preferences(str(out / "curated.jsonl"))
@@ -135,8 +138,9 @@ def test_curating_40_ultrafeedback_pairs_keeps_the_most_certain_half_as_trl_rows
     by_id = {p.pair_id: p for p in pairs}
     assert all(b.chosen == by_id[b.pair_id].chosen and b.rejected == by_id[b.pair_id].rejected for b in back)
     text = (out / "report.md").read_text()
-    assert "| read | 40 |" in text and f"| kept (the most certain 50% of the pairs, less the suspects) | {len(curated)} |" in text
-    assert "curated 40 pairs" in result.stderr
+    assert "| scored | 39 |" in text and f"| kept (the most certain 50% of the pairs, less the suspects) | {len(curated)} |" in text
+    assert "(1 dropped as read: chosen identical to rejected)" in text
+    assert "curated 39 pairs (1 identical pair dropped)" in result.stderr
 
 
 @pytest.mark.integration
@@ -189,8 +193,9 @@ def test_select_writes_the_pairs_the_model_is_least_sure_of(tiny_demo, write_jso
 def test_bad_input_is_one_line_and_leaves_nothing_half_written(tiny_demo, write_jsonl, tmp_path, uf40):
     root = tiny_demo[0]
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "earlier.txt").write_text("kept")
+    out.mkdir()  # an earlier curation's OUT_DIR (a folder of the user's own files is refused first: test_outputs)
+    (out / "scored.jsonl").write_text('{"id": "earlier"}\n')
+    (out / "report.md").write_text("# an earlier curation\n")
     conversations = write_jsonl("convs.jsonl", [{"messages": [{"role": "user", "content": "hi"},
                                                               {"role": "assistant", "content": "hello"}]}])
     cases = [
@@ -207,9 +212,10 @@ def test_bad_input_is_one_line_and_leaves_nothing_half_written(tiny_demo, write_
     for args, code, message in cases:
         result = curate(*args)
         assert result.exit_code == code, (args, result.output)
-        lines = result.output.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], (args, result.output)
-        assert sorted(p.name for p in out.iterdir()) == ["earlier.txt"]  # the earlier folder untouched
+        lines = [line for line in result.output.strip().splitlines() if line.startswith("error:")]  # the load report
+        assert len(lines) == 1 and message in lines[0] and "Traceback" not in result.output, (args, result.output)
+        assert sorted(p.name for p in out.iterdir()) == ["report.md", "scored.jsonl"]  # the earlier folder untouched
+        assert (out / "scored.jsonl").read_text() == '{"id": "earlier"}\n'
     assert sorted(p.name for p in tmp_path.iterdir()) == ["convs.jsonl", "one.jsonl", "out", "uf40.jsonl"]
 
 
@@ -222,7 +228,7 @@ def test_an_output_that_is_a_file_and_a_cache_of_ratings_are_refused_naming_them
     mine.write_text("the user's own file")
     result = curate(str(root / "model"), "-i", str(uf40), "-o", str(mine))
     assert result.exit_code == 1 and result.output.strip().splitlines() == [(
-        f"error: cannot write {mine}: a file stands there, and the output is a folder (replaced as a whole): give "
+        f"error: -o {mine}: a file stands there, and the output is a folder (replaced as a whole): give "
         "the path of a folder, or move the file away")], result.output
     assert mine.read_text() == "the user's own file"
     ratings = root / "cache" / "eval_ratings"

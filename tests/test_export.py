@@ -20,6 +20,7 @@ from pipeline.configs import ExportConfig
 from pipeline.export import ExportError
 from pipeline.features import embed_all, load_backbone, render_ids
 from pipeline.model import load_heads
+from pipeline.outputs import OutputRefused
 from pipeline.recipes.export import export_model
 from tiny_models import (CONVERSATIONS, QUIET, build_tiny_llama, cache_identity_of, export_tiny, load_export,
                          random_heads_dir, tokenizer_of)
@@ -322,13 +323,13 @@ def test_heads_from_another_backbone_are_refused(tmp_path, field, value, message
 def test_an_existing_out_dir_needs_overwrite(tmp_path):
     bb, heads, out = export_tiny(tmp_path)
     cfg = ExportConfig(backbone=str(bb), heads_dir=str(heads), out_dir=str(out))
-    with pytest.raises(ExportError, match="already exists; pass --overwrite"):
+    with pytest.raises(OutputRefused, match="already exists; pass --overwrite"):
         export_model(cfg, **QUIET)
     (out / "stale.txt").write_text("old export")
     export_model(ExportConfig(**{**cfg.__dict__, "overwrite": True}), **QUIET)
     assert not (out / "stale.txt").exists() and (out / "config.json").is_file()
     assert os.stat(out / "model-backbone.safetensors").st_ino == os.stat(bb / "model.safetensors").st_ino
-    with pytest.raises(ExportError, match="an input of the export"):
+    with pytest.raises(OutputRefused, match=f"--out-dir {heads}: it is --heads-dir {heads}, an input of this run"):
         export_model(ExportConfig(backbone=str(bb), heads_dir=str(heads), out_dir=str(heads), overwrite=True), **QUIET)
 
 

@@ -286,7 +286,17 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(tiny_dir, tmp_path):
     assert np.array_equal(a.labels.numpy(), b.labels.numpy(), equal_nan=True)
 
 
+# Ctrl-C after the first complete part, never racing the run's end: once the manifest records a part, the next
+# forward pass waits (interruptibly) for the test's SIGINT, however fast or loaded the machine is.
 CTRL_C_SCRIPT = SLOW_EMBED + """
+import json, pathlib
+slow = embedding.backbone_forward
+def backbone_forward(*a, **k):
+    manifest = pathlib.Path({cache!r}) / "ratings" / "_manifest.json"
+    if manifest.exists() and json.loads(manifest.read_text()).get("parts"):
+        time.sleep(600)
+    return slow(*a, **k)
+embedding.backbone_forward = backbone_forward
 from cli import app
 app(["extract", "--backbone", {model!r}, "--cache-dir", {cache!r}, "--device", "cpu", "--dtype", "float32",
      "--part-rows", "8",

@@ -240,7 +240,7 @@ def test_damaged_heads_and_exports_are_one_line(tmp_path):
                    "model-backbone.safetensors has changed since it was exported", "--no-verify")
     shard.write_bytes(bytes(weights[:1000]))  # truncated: with --no-verify the load itself fails, still one line
     one_line_error(runner.invoke(app, ["score", str(out), "-i", str(convs), "--no-verify"]),
-                   "the export cannot be loaded", "export it again")
+                   "cannot be loaded", "export it again")
     shard.unlink()
     one_line_error(runner.invoke(app, ["score", str(out), "-i", str(convs), "--no-verify"]),
                    "model-backbone.safetensors is missing")
@@ -331,6 +331,8 @@ def test_a_cache_of_the_wrong_kind_is_refused_by_every_option_that_names_one(tmp
     for argv, option, kind in cases:
         wrong = argv[argv.index(option) + 1]
         one_line_error(runner.invoke(app, argv), f"{option} {wrong}: a {kind} cache, but {option} takes a")
+        missing = argv[:argv.index(option) + 1] + ["nope/shift"] + argv[argv.index(option) + 2:]
+        one_line_error(runner.invoke(app, missing), f"{option} nope/shift: no such cache")  # as typed, the option's
     assert not (tmp_path / "eval").exists() and not (tmp_path / "h").exists()
 
 

@@ -31,7 +31,8 @@ from cli import app
 from pipeline import ATTRIBUTES
 from pipeline.features import render_ids
 from pipeline.model import PUBLISHED_ARCHITECTURE
-from tiny_models import CONVERSATIONS, build_tiny_llama, build_tokenizer, export_tiny, load_export, tokenizer_of
+from tiny_models import (CONVERSATIONS, build_published_checkpoint, build_tiny_llama, export_tiny, load_export,
+                         tokenizer_of)
 
 pytestmark = pytest.mark.integration
 runner = CliRunner()
@@ -225,31 +226,6 @@ def test_an_export_whose_heads_sglang_cannot_compute_does_not_name_its_class(tmp
 # A checkpoint in the published layout (shaped like LxzGordon/URM-LLaMa-3.1-8B), read by our commands
 
 
-def build_published_checkpoint(directory: Path, seed: int = 3) -> Path:
-    """A tiny checkpoint as SGLang's class reads it: config.json with architectures [the published class],
-    model_type llama, 10 labels; model.* (a random tiny Llama), score.weight [10, d], weights.fc.* in float16."""
-    from transformers import LlamaForCausalLM
-
-    source = build_tiny_llama(directory.parent / f"{directory.name}-source", seed=seed)
-    causal = LlamaForCausalLM.from_pretrained(source)
-    config = causal.config
-    config.architectures, config.num_labels = [PUBLISHED_ARCHITECTURE], 2 * K
-    config.tie_word_embeddings = False
-    g = torch.Generator().manual_seed(seed)
-    heads = {"score.weight": torch.randn(2 * K, D, generator=g) * 0.3,
-             "weights.fc.0.weight": torch.randn(D, D, generator=g) * 0.2, "weights.fc.0.bias": torch.randn(D, generator=g) * 0.1,
-             "weights.fc.2.weight": torch.randn(D, D, generator=g) * 0.2, "weights.fc.2.bias": torch.randn(D, generator=g) * 0.1,
-             "weights.fc.4.weight": torch.randn(K, D, generator=g) * 0.2, "weights.fc.4.bias": torch.randn(K, generator=g) * 0.1}
-    heads = {n: t.half() if n.startswith("weights.") else t for n, t in heads.items()}
-    backbone = {f"model.{n}": t.contiguous() for n, t in causal.model.state_dict().items()}
-    directory.mkdir(parents=True)
-    save_file({**backbone, **heads}, str(directory / "model.safetensors"), metadata={"format": "pt"})
-    config.save_pretrained(directory)
-    build_tokenizer().save_pretrained(directory)
-    shutil.rmtree(source)
-    return directory
-
-
 @pytest.fixture(scope="module")
 def published(tmp_path_factory):
     return build_published_checkpoint(tmp_path_factory.mktemp("lxz") / "URM-tiny")
@@ -274,6 +250,61 @@ def test_urm_score_reads_a_published_checkpoint_with_sigma_and_gate_weights(publ
         assert set(row["attribute_stds"]) == set(ATTRIBUTES) and set(row["gating_weights"]) == set(ATTRIBUTES)
         assert row["score_std"] > 0 and row["sigma_calibrated"] is False
     assert "never calibrated" in result.stderr
+
+
+def damaged_copy(published: Path, where: Path, change) -> Path:
+    """A copy of the checkpoint with ``change(tensors, config)`` applied to its weights and config.json."""
+    shutil.copytree(published, where)
+    tensors = load_file(str(where / "model.safetensors"))
+    config = json.loads((where / "config.json").read_text())
+    change(tensors, config)
+    save_file(tensors, str(where / "model.safetensors"), metadata={"format": "pt"})
+    (where / "config.json").write_text(json.dumps(config))
+    return where
+
+
+def relabelled(config: dict, n: int) -> None:
+    config["num_labels"] = n
+    config["id2label"] = {str(i): f"LABEL_{i}" for i in range(n)}
+    config["label2id"] = {f"LABEL_{i}": i for i in range(n)}
+
+
+@pytest.mark.parametrize("name, change, says", [
+    ("no-gate-bias", lambda t, c: t.pop("weights.fc.4.bias"), "weights.fc.4.bias not in its weight files"),
+    ("no-layer", lambda t, c: t.pop("model.layers.1.mlp.down_proj.weight"),
+     "model.layers.1.mlp.down_proj.weight not in its weight files"),
+    ("nan-score", lambda t, c: t["score.weight"].__setitem__((3, 5), float("nan")),
+     "score.weight in model.safetensors holds NaN or infinite values"),
+    ("inf-gate", lambda t, c: t["weights.fc.2.weight"].__setitem__((0, 0), float("inf")),
+     "weights.fc.2.weight in model.safetensors holds NaN or infinite values"),
+    ("wide-score", lambda t, c: t.__setitem__("score.weight", torch.zeros(2 * K, 2 * D)),
+     f"score.weight in model.safetensors has shape [{2 * K}, {2 * D}], but config.json makes it [{2 * K}, {D}]"),
+    ("labels", lambda t, c: relabelled(c, 2 * K + 2),
+     f"score.weight in model.safetensors has shape [{2 * K}, {D}], but config.json makes it [{2 * K + 2}, {D}]"),
+    ("nan-backbone", lambda t, c: t["model.layers.0.self_attn.q_proj.weight"].__setitem__((1, 1), float("nan")),
+     "its weight model.layers.0.self_attn.q_proj.weight holds NaN or infinite values"),
+])
+def test_a_damaged_published_checkpoint_is_refused_in_one_line_never_scored(published, tmp_path, name, change, says):
+    """Every tensor the class needs must be in the files with its shape, and finite: transformers would fill a
+    missing gate bias with random numbers and score with it (exit 0), and report shapes in its own table."""
+    damaged = damaged_copy(published, tmp_path / name, change)
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"messages": c}) + "\n" for c in CONVERSATIONS))
+    for command in (["score", str(damaged), "-i", str(rows), "-o", str(tmp_path / "s.jsonl")],
+                    ["curate", str(damaged), "-i", str(tmp_path / "p.jsonl"), "-o", str(tmp_path / "c")]):
+        if command[0] == "curate":
+            (tmp_path / "p.jsonl").write_text("".join(json.dumps({"chosen": c, "rejected": c[:-1] + [
+                {"role": "assistant", "content": "no"}]}) + "\n" for c in CONVERSATIONS))
+        result = runner.invoke(app, [*command, "--device", "cpu"])
+        errors = [line for line in result.output.splitlines() if line.startswith("error: ")]
+        assert result.exit_code == 1 and len(errors) == 1 and "Traceback" not in result.output, result.output
+        assert says in errors[0] and str(damaged) in errors[0], errors[0]
+    assert not (tmp_path / "s.jsonl").exists() and not (tmp_path / "c").exists()
+    if name in ("no-gate-bias", "nan-score", "wide-score", "labels"):  # evaluate reads the heads the same way
+        from pipeline.model import HeadsError, published_heads
+
+        with pytest.raises(HeadsError, match=says.split(" in model")[0].split(" has shape")[0]):
+            published_heads(damaged)
 
 
 def test_urm_serve_loads_a_published_checkpoint(published):

@@ -1,4 +1,5 @@
-"""Every command in the README runs as written: each fenced shell block is read line by line, and every
+"""Every command in the README and the pages of docs/ runs as written: each fenced shell block is read line by
+line, and every
 `make` target it names exists in the Makefile (with the variables it sets used there or being URM_
 options), every `urm` command line parses with the real CLI (subcommand, options and their values), and
 every `python -m bench NAME` names a benchmark."""
@@ -95,6 +96,14 @@ def check_urm(argv: list[str]) -> None:
 
 
 COMMANDS = shell_commands(README.read_text())
+PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]
+# (page, command) of every shell block of every page: the README's first, then docs/*.md
+PAGE_COMMANDS = [(str(page.relative_to(ROOT)), c) for page in PAGES for c in shell_commands(page.read_text())]
+
+
+def commands_where(keep) -> list:
+    """pytest params of the (page, command) pairs whose command ``keep`` selects, with readable ids."""
+    return [pytest.param(page, c, id=f"{page}: {' '.join(c)}") for page, c in PAGE_COMMANDS if keep(c)]
 
 
 def test_the_readme_has_shell_commands_to_check():
@@ -104,36 +113,42 @@ def test_the_readme_has_shell_commands_to_check():
     assert firsts == [["make", "demo"], ["make", "test"]], firsts  # the quick start comes first
 
 
-@pytest.mark.parametrize("command", [c for c in COMMANDS if c[0] == "make"], ids=" ".join)
-def test_make_targets_and_variables_exist(command):
+def test_the_docs_pages_are_checked_too():
+    pages = {page for page, _ in PAGE_COMMANDS}
+    assert "README.md" in pages and any(page.startswith("docs/") for page in pages), pages
+
+
+@pytest.mark.parametrize("page, command", commands_where(lambda c: c[0] == "make"))
+def test_make_targets_and_variables_exist(page, command):
     targets, variables, envvars = make_targets(), make_variables(), urm_envvars()
     for arg in command[1:]:
         if arg.startswith("-"):
             continue
         if "=" in arg:
             name = arg.split("=", 1)[0]
-            assert name in variables or name in envvars, f"{name} is neither a Makefile variable nor a URM_ option"
+            assert name in variables or name in envvars, f"{page}: {name} is neither a Makefile variable nor a URM_ option"
         else:
-            assert arg in targets, f"`make {arg}`: no such target in the Makefile"
+            assert arg in targets, f"{page}: `make {arg}`: no such target in the Makefile"
 
 
-@pytest.mark.parametrize("command", [c for c in COMMANDS if urm_argv(c) is not None], ids=" ".join)
-def test_urm_command_lines_parse(command):
+@pytest.mark.parametrize("page, command", commands_where(lambda c: urm_argv(c) is not None))
+def test_urm_command_lines_parse(page, command):
     try:
         check_urm(urm_argv(command))
     except click_errors.Exit:
         pass  # --help
     except click_errors.ClickException as e:
-        pytest.fail(f"`{' '.join(command)}`: {e.format_message()}")
+        pytest.fail(f"{page}: `{' '.join(command)}`: {e.format_message()}")
 
 
-@pytest.mark.parametrize("command", [c for c in COMMANDS if c[:3] in (["python", "-m", "bench"],
-                                                                   [".venv/bin/python", "-m", "bench"])],
-                         ids=" ".join)
-def test_benchmarks_named_exist(command):
+BENCH_PYTHONS = ("python", ".venv/bin/python", ".venv-vllm/bin/python")
+
+
+@pytest.mark.parametrize("page, command", commands_where(lambda c: c[0] in BENCH_PYTHONS and c[1:3] == ["-m", "bench"]))
+def test_benchmarks_named_exist(page, command):
     names = [a for a in command[3:] if not a.startswith("-")][:1]
     for name in names:
-        assert (ROOT / "bench" / f"{name}.py").is_file(), f"no benchmark bench/{name}.py"
+        assert (ROOT / "bench" / f"{name}.py").is_file(), f"{page}: no benchmark bench/{name}.py"
 
 
 def test_a_wrong_command_is_caught():

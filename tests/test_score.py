@@ -249,8 +249,9 @@ def test_a_reward_the_export_cannot_give_or_a_bad_risk_is_one_line_and_writes_no
     for args, code, says in ((["--reward", "min"], 1, "--reward 'min' needs an ensemble, and this export has 1 value "
                                                       "head"),
                              (["--reward", "uwo"], 1, "--reward 'uwo' needs an ensemble"),
-                             (["--risk", "-1"], 2, "--risk must be a finite number, 0 or more, got -1.0"),
-                             (["--risk", "inf"], 2, "--risk must be a finite number, 0 or more, got inf"),
+                             (["--risk", "-1"], 2, "--risk must be a number from 0 to 1e6, got -1.0"),
+                             (["--risk", "inf"], 2, "--risk must be a number from 0 to 1e6, got inf"),
+                             (["--risk", "1e308"], 2, "--risk must be a number from 0 to 1e6, got 1e+308"),
                              (["--reward", "LCB"], 2, "--reward must be one of mean, lcb, min, uwo, got 'LCB'")):
         result = runner.invoke(app, ["score", str(single), "-i", str(convs), "-o", str(output), *args])
         assert result.exit_code == code and says in result.output, result.output

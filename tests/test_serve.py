@@ -106,7 +106,7 @@ def test_a_request_names_its_reward_transform(server, expected):
     status, again = request(server, "POST", "/score", {"conversations": CONVS})
     assert got["rewards"] == pytest.approx([min(r["ensemble_scores"]) for r in again["results"]], abs=1e-5)
     status, got = request(server, "POST", "/get_reward", {"query": expected["texts"][:1], "risk": -1})
-    assert status == 422 and "'risk' must be a finite number, 0 or more" in got["error"]
+    assert status == 422 and "'risk' must be a number from 0 to 1e6" in got["error"]
 
 
 def test_a_bounded_load_loses_and_swaps_nothing(server, expected):

@@ -231,9 +231,9 @@ def test_a_request_may_name_its_own_transform():
 @pytest.mark.parametrize("payload, says", [
     ({"reward": "max"}, "'reward' must be one of mean, lcb, min, uwo, got str 'max'"),
     ({"reward": None}, "'reward' must be one of"),
-    ({"risk": -1}, "'risk' must be a finite number, 0 or more, got int -1"),
-    ({"risk": "1"}, "'risk' must be a finite number"),
-    ({"risk": True}, "'risk' must be a finite number"),
+    ({"risk": -1}, "'risk' must be a number from 0 to 1e6, got int -1"),
+    ({"risk": "1"}, "'risk' must be a number from 0 to 1e6"),
+    ({"risk": True}, "'risk' must be a number from 0 to 1e6"),
     ({"reward": "min"}, "reward 'min' needs an ensemble, and this export has 1 value head"),
     ({"reward": "uwo", "risk": 1}, "reward 'uwo' needs an ensemble"),
 ])
@@ -268,8 +268,11 @@ def test_the_right_bearer_key_passes_through_a_constant_time_compare(monkeypatch
 
 def test_serve_options_for_rewards_and_keys_are_checked_before_anything_loads(tmp_path):
     for args, says in ((["--reward", "best"], "--reward must be one of mean, lcb, min, uwo"),
-                       (["--risk", "-1"], "--risk must be a finite number, 0 or more, got -1.0"),
-                       (["--risk", "nan"], "--risk must be a finite number"),
+                       (["--risk", "-1"], "--risk must be a number from 0 to 1e6, got -1.0"),
+                       (["--risk", "nan"], "--risk must be a number from 0 to 1e6"),
+                       (["--risk", "1e308"], "--risk must be a number from 0 to 1e6, got 1e+308"),
+                       (["--max-wait-ms", "1e308"], "--max-wait-ms must be a number of milliseconds from 0 to 60000"),
+                       (["--max-body-mb", "1e308"], "--max-body-mb must be a positive number of MiB, at most 65536"),
                        (["--api-key", "two words"], "--api-key (or URM_API_KEY) must be")):
         result = runner.invoke(app, ["serve", str(tmp_path), *args])
         assert result.exit_code == 2 and says in result.output, result.output

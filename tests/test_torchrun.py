@@ -189,14 +189,39 @@ def test_two_ranks_make_the_cache_one_process_makes(tiny_dir, single, tmp_path):
         assert b["complete"] and a["fingerprint"] == b["fingerprint"]  # the same part files, bit for bit
         assert not [f.name for f in (cache / name).iterdir() if f.name.startswith((".", "_parts"))]
 
-    # rank 0 finds other settings: every rank stops with one line (torchrun then prints its own report)
-    done = torchrun(["-m", "cli", "extract", "--preset", str(preset), *flags, "--max-length=512", "ratings"], tmp_path)
+    # rank 0 finds other settings: every rank stops with one line (torchrun then prints its own report), rank 1's
+    # even when it is 3 s slower than rank 0 to leave (as on a loaded machine): torchrun stops every rank with
+    # SIGTERM 0.1 s after one exits, which once cut rank 1 off before it had said why
+    script = tmp_path / "slow_rank_1.py"
+    script.write_text(SLOW_RANK_1.format(argv=["urm", "extract", "--preset", str(preset), *flags, "--max-length=512",
+                                               "ratings"]))
+    done = torchrun([str(script)], tmp_path)
     assert done.returncode != 0
     lines = sorted(line for line in done.stderr.splitlines() if line.startswith("error: "))  # either order
     assert len(lines) == 2 and "holds features made with other settings" in lines[0], done.stderr[-3000:]
     assert lines[1] == "error: rank 1 of 2: stopped because rank 0 failed (its error line says why)"
     assert "terminate called" not in done.stderr  # the gloo group ends before the interpreter does
     assert read_manifest(cache / "ratings")["complete"]
+
+
+SLOW_RANK_1 = """
+import sys, time
+import pipeline.features.distributed as distributed
+
+leave = distributed.stop
+
+
+def slowly(ranks):
+    leave(ranks)
+    if ranks.rank == 1:
+        time.sleep(3)
+
+
+distributed.stop = slowly
+sys.argv = {argv!r}
+from cli import app
+app()
+"""
 
 
 KILL_SCRIPT = slow_forward(0.3) + """

@@ -150,6 +150,38 @@ embedding.backbone_forward = backbone_forward
 # Random heads on a tiny backbone, and their export
 
 
+def build_published_checkpoint(directory: Path, seed: int = 3) -> Path:
+    """A tiny checkpoint in the published URM layout, as SGLang's class reads it (tests/test_published_layout.py):
+    config.json with architectures [the published class], model_type llama, 10 labels; model.* (a random tiny
+    Llama), score.weight [10, d], weights.fc.* in float16."""
+    import shutil
+
+    from safetensors.torch import save_file
+    from transformers import LlamaForCausalLM
+
+    from pipeline.model import PUBLISHED_ARCHITECTURE
+
+    source = build_tiny_llama(directory.parent / f"{directory.name}-source", seed=seed)
+    causal = LlamaForCausalLM.from_pretrained(source)
+    config = causal.config
+    d = config.hidden_size
+    config.architectures, config.num_labels = [PUBLISHED_ARCHITECTURE], 2 * K
+    config.tie_word_embeddings = False
+    g = torch.Generator().manual_seed(seed)
+    heads = {"score.weight": torch.randn(2 * K, d, generator=g) * 0.3,
+             "weights.fc.0.weight": torch.randn(d, d, generator=g) * 0.2, "weights.fc.0.bias": torch.randn(d, generator=g) * 0.1,
+             "weights.fc.2.weight": torch.randn(d, d, generator=g) * 0.2, "weights.fc.2.bias": torch.randn(d, generator=g) * 0.1,
+             "weights.fc.4.weight": torch.randn(K, d, generator=g) * 0.2, "weights.fc.4.bias": torch.randn(K, generator=g) * 0.1}
+    heads = {n: t.half() if n.startswith("weights.") else t for n, t in heads.items()}
+    backbone = {f"model.{n}": t.contiguous() for n, t in causal.model.state_dict().items()}
+    directory.mkdir(parents=True)
+    save_file({**backbone, **heads}, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    config.save_pretrained(directory)
+    build_tokenizer().save_pretrained(directory)
+    shutil.rmtree(source)
+    return directory
+
+
 def tokenizer_of(directory):
     from transformers import AutoTokenizer
 

@@ -16,7 +16,9 @@ Columns: id string, source string, subset string?, pair_id string?, role string?
 "rejected"), n_tokens int32, embedding fixed_size_list<float16|float32>[d], labels
 fixed_size_list<float32>[5] (NaN = missing; all NaN for pairs), base_score float32? (null = none),
 margin float32? (a pair's preference strength, on both of its rows; null = none). Caches written
-before the margin column existed still read (margin all null).
+before the margin column existed still read (margin all null). Each part's footer also records which part it
+is (schema metadata ``PART_KEY``), so a part copied over another is refused from its footer alone, even by a
+read that skips the checksums (--no-verify); parts written before it was recorded are read without that check.
 
 How to open a cache without this package (plain Parquet; checked with pandas 3.1, polars 2.1 and
 duckdb 2.0, float16 and float32 caches):
@@ -47,6 +49,7 @@ from pipeline.errors import UserError
 
 FORMAT_VERSION = 1
 MANIFEST = "_manifest.json"
+PART_KEY = b"urm.part"  # a part's footer (Parquet key-value metadata): its index, as in its file name
 FIX = "pass --overwrite to replace it, or choose another --cache-dir"
 REBUILD = "rebuild the cache: the same `urm extract` with --overwrite"
 KINDS = ("ratings", "preferences")

@@ -76,12 +76,20 @@ def read_manifest(path) -> dict:
     return manifest
 
 
-def require_kind(path, kind: str, option: str) -> dict:
-    """The manifest of the cache folder ``path``, which must hold ``kind`` rows ("ratings" or "preferences"); a
-    cache of the other kind raises CacheError naming ``option``, the command's option that named it."""
-    m = read_manifest(path)
+def require_kind(path, kind: str, option: str, typed: str | None = None) -> dict:
+    """The manifest of the cache folder ``path``, which must be there and hold ``kind`` rows ("ratings" or
+    "preferences"); else CacheError naming ``option``, the command's option that named it, and the cache as the user
+    typed it (``typed``, when that is not ``path``: a name looked up under --cache-dir, or --cache-dir itself)."""
+    shown = f"{option} {path if typed is None else typed}"
+    if not Path(path).exists():
+        where = "" if typed is None or str(typed) == str(path) else f" ({path})"
+        raise CacheError(f"{shown}: no such cache{where}; extract it with `urm extract`, or give the path of one")
+    try:
+        m = read_manifest(path)
+    except CacheError as e:
+        raise CacheError(f"{shown}: {str(e).removeprefix(f'{Path(path)}: ')}") from None
     if m["kind"] != kind:
-        raise CacheError(f"{option} {path}: a {m['kind']} cache, but {option} takes a {kind} cache; give it one "
+        raise CacheError(f"{shown}: a {m['kind']} cache, but {option} takes a {kind} cache; give it one "
                          f"extracted with `urm extract --kind {kind}`")
     return m
 

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 from pipeline.atomic import atomic_write
 from pipeline.atomic import remove_stale_temps as remove_stale_temp_files
 from pipeline.cache.columns import build_table
-from pipeline.cache.layout import (FIX, PART_RE, CacheInputError, CacheMismatch, CacheSpec, is_cache_file,
+from pipeline.cache.layout import (FIX, PART_KEY, PART_RE, CacheInputError, CacheMismatch, CacheSpec, is_cache_file,
                                    parquet_options, part_name, row_group_rows)
 from pipeline.hashing import file_sha256, file_xxh3
 
@@ -29,6 +29,7 @@ def write_part_file(folder: Path, spec: CacheSpec, manifest: dict, index: int, c
         missing = sorted(set(written) - set(manifest["columns"]))
         raise CacheMismatch(f"{folder} was written by an older version of this package (without the "
                             f"column(s) {missing}); {FIX}.")
+    table = table.replace_schema_metadata({PART_KEY: str(index).encode()})  # which part it is, in its footer
     entry = write_parquet_atomic(folder, name, table, row_group_rows(spec))
     return {"index": index, **entry, "rows": table.num_rows, "dropped": int(dropped)}
 

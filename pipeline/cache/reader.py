@@ -22,8 +22,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.cache.columns import nonfinite_rows
-from pipeline.cache.layout import (FORMAT_VERSION, MANIFEST, REBUILD, SMALL_COLUMNS, CacheError, CacheIncomplete,
-                                   arrow_schema)
+from pipeline.cache.layout import (FORMAT_VERSION, MANIFEST, PART_KEY, PART_RE, REBUILD, SMALL_COLUMNS, CacheError,
+                                   CacheIncomplete, arrow_schema)
 from pipeline.cache.manifest import part_problem, read_manifest, rows_problem
 from pipeline.cache.parquet_pages import copy_rows, fixed_list_blocks
 
@@ -217,6 +217,11 @@ def layout_problem(m: dict, schema: pa.Schema, rows: int, part: dict) -> str | N
         return f"column {f.name!r} is {found}, the manifest says {f.type}"
     if rows != part["rows"]:
         return f"holds {rows} rows, the manifest says {part['rows']}"
+    recorded = (schema.metadata or {}).get(PART_KEY)
+    listed = PART_RE.match(part["file"])
+    if recorded is not None and listed and recorded.decode(errors="replace") != str(int(listed.group(1))):
+        return (f"is part {recorded.decode(errors='replace')} by its footer, but the manifest lists it as part "
+                f"{int(listed.group(1))}: another part's file was copied over it")
     return None
 
 

@@ -34,7 +34,10 @@ class CurateConfig:
     device: str = opt("auto", "Device: auto (cuda if available, else cpu), cpu, cuda, ...")
     format: str | None = opt(None, "Input format for pairs (default: detect from the columns).")
     skip_invalid: bool = opt(False, "Skip malformed input rows (counted) instead of stopping.")
-    limit: int | None = opt(None, "Read only the first N pairs of the input.")
+    limit: int | None = opt(None, "Read only the first N rows (pairs) of the input; pairs whose chosen is identical "
+                            "to their rejected are dropped after that, so fewer may be curated.")
+    overwrite: bool = opt(False, "Replace an OUT_DIR that holds files of its own, not only an earlier `urm curate` "
+                          "output (an earlier output is replaced anyway; a folder holding an input never is).")
     max_length: int | None = opt(None, "Drop (and count) pairs with a side longer than this many tokens (default: "
                                  "the longest the heads were trained on, from the export).")
     verify: bool = opt(True, "Check the export's files (or the cache's parts) against their recorded checksums "

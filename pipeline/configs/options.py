@@ -35,13 +35,15 @@ SCORING_DTYPE_HELP = ("Compute dtype: auto (bf16 on CUDA and on CPUs with native
                       "here), float32, bfloat16, float16. The weights load straight into it.")
 
 
-def opt(default: Any, help: str, cli: bool = True, shown: str | None = None) -> Any:
+def opt(default: Any, help: str, cli: bool = True, shown: str | None = None, secret: bool = False) -> Any:
     """A config field with its help text; ``cli=False`` keeps it out of the command line; ``shown`` is
-    the default as --help states it (when it depends on the preset)."""
-    meta = {"help": help, "cli": cli, "shown": shown}
+    the default as --help states it (when it depends on the preset); ``secret`` (a key) keeps its value out of
+    the config's repr, ``to_dict`` and every message, and makes a blank ``URM_<OPTION>`` count as given (so it is
+    refused as the blank option would be, never taken for "not set")."""
+    meta = {"help": help, "cli": cli, "shown": shown, "secret": secret}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
-    return field(default=default, metadata=meta)
+    return field(default=default, metadata=meta, repr=not secret)
 
 
 def group(default, prefix: str) -> Any:
@@ -140,6 +142,7 @@ class Option:
     help: str
     cli: bool
     shown: str | None  # the default as --help states it, when the preset decides it
+    secret: bool = False  # a key: never shown (see ``opt``)
 
 
 def options(cls: type) -> list[Option]:
@@ -151,11 +154,12 @@ def options(cls: type) -> list[Option]:
             inner = f.default_factory()
             inner_hints = typing.get_type_hints(type(inner))
             out += [Option(f.metadata["prefix"] + g.name, (f.name, g.name), inner_hints[g.name], getattr(inner, g.name),
-                           g.metadata["help"], g.metadata["cli"], g.metadata["shown"]) for g in dataclasses.fields(inner)]
+                           g.metadata["help"], g.metadata["cli"], g.metadata["shown"], g.metadata.get("secret", False))
+                    for g in dataclasses.fields(inner)]
         else:
             default = f.default_factory() if f.default is dataclasses.MISSING else f.default
             out.append(Option(f.name, (f.name,), hints[f.name], default, f.metadata["help"], f.metadata["cli"],
-                              f.metadata["shown"]))
+                              f.metadata["shown"], f.metadata.get("secret", False)))
     return out
 
 
@@ -190,5 +194,8 @@ def to_dict(config) -> dict:
         value = config
         for attr in o.path:
             value = getattr(value, attr)
-        out[o.name] = plain(value)
+        out[o.name] = SECRET_SHOWN if o.secret and value is not None else plain(value)
     return out
+
+
+SECRET_SHOWN = "(set, not shown)"  # a secret option's value wherever a config is written out

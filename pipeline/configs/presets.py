@@ -87,6 +87,7 @@ def check_preset(data: dict, where) -> None:
     known = {o.name for c in STAGES.values() for o in options(c)}
     tables = set(STAGES) | {"datasets"}
     types_ = {o.name: o.type for c in STAGES.values() for o in options(c)}
+    secrets = {o.name for c in STAGES.values() for o in options(c) if o.secret}
     for key, value in data.items():
         if isinstance(value, dict):
             unknown(where, "has unknown tables", key, tables)
@@ -94,10 +95,10 @@ def check_preset(data: dict, where) -> None:
                 by_name = {o.name: o.type for o in options(STAGES[key])}
                 for inner, v in value.items():
                     unknown(where, f"[{key}] has unknown keys", inner, by_name)
-                    typed(where, f"[{key}] {inner}", v, by_name[inner])
+                    typed(where, f"[{key}] {inner}", v, by_name[inner], inner in secrets)
         else:
             unknown(where, "unknown top-level keys", key, known)
-            typed(where, key, value, types_[key])
+            typed(where, key, value, types_[key], key in secrets)
     datasets = data.get("datasets", {})
     fields = {f.name for f in dataclasses.fields(DatasetSpec)} - {"name"}
     for name, spec in datasets.items():
@@ -113,11 +114,12 @@ def check_preset(data: dict, where) -> None:
                                   "\"preferences\", source = a file, hub id or synthetic:...)")
 
 
-def typed(where, shown: str, value, hint) -> None:
+def typed(where, shown: str, value, hint, secret: bool = False) -> None:
     try:
         check_type(shown, value, hint)
     except ConfigError as e:
-        raise ConfigError(f"{where}: {e}") from None
+        what = f"{shown} has the wrong type (a secret: its value is not shown)" if secret else str(e)
+        raise ConfigError(f"{where}: {what}") from None
 
 
 def unknown(where, what: str, key: str, known) -> None:
@@ -176,8 +178,14 @@ def check_preset_values(data: dict, where) -> None:
                 raise ConfigError(f"{where}: {e}") from None
 
 
+# Options a command line gives as one set: giving any of them drops the preset's values of the others (`urm evaluate
+# HEADS --eval-preferences X` evaluates X alone, never X plus the preset's held-out ratings).
+TOGETHER = {"evaluate": ("eval_preferences", "eval_ratings", "shift_ratings")}
+
+
 def load_config(stage: str, preset: str | None = DEFAULT_PRESET, overrides: dict | None = None):
-    """Build the config of ``stage`` from defaults, the preset, then non-None ``overrides`` (flat names)."""
+    """Build the config of ``stage`` from defaults, the preset, then non-None ``overrides`` (flat names); an
+    override of one option of a ``TOGETHER`` set leaves the others of the set at their defaults."""
     cls = STAGES[stage]
     by_name = {o.name: o for o in options(cls)}
     source = preset_path(preset) if preset else None
@@ -188,5 +196,9 @@ def load_config(stage: str, preset: str | None = DEFAULT_PRESET, overrides: dict
     values.update(preset_values(data, cls, stage))
     if "datasets" in by_name:
         values["datasets"] = {name: DatasetSpec(name=name, **spec) for name, spec in data.get("datasets", {}).items()}
-    values.update({k: v for k, v in (overrides or {}).items() if v is not None and k in by_name})
+    given = {k: v for k, v in (overrides or {}).items() if v is not None and k in by_name}
+    together = TOGETHER.get(stage, ())
+    if any(k in given for k in together):
+        values = {k: v for k, v in values.items() if k not in together}
+    values.update(given)
     return build(cls, values)

@@ -5,22 +5,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline.configs.options import (SCORING_DTYPE_HELP, ConfigError, check, device_name, number, one_of, opt, positive,
-                                      whole)
+from pipeline.configs.options import SCORING_DTYPE_HELP, ConfigError, check, device_name, number, one_of, opt, whole
 from pipeline.device import AUTO_DTYPES, COMPUTE_DTYPES
 
 REWARD_HELP = ("The reward to give: mean (the score), lcb (score - risk x score_std), min (the worst ensemble "
                "member's score) or uwo (the members' mean - risk x their variance); min and uwo need an export "
                "with an ensemble.")
-RISK_HELP = "The risk parameter of --reward lcb (k) and uwo (lambda): a finite number, 0 or more."
+RISK_HELP = "The risk parameter of --reward lcb (k) and uwo (lambda): a number from 0 to 1e6."
 
 
 def check_reward(reward: str, risk: float) -> None:
-    """--reward is a transform pipeline.model.rewards knows, --risk a finite number, 0 or more."""
-    from pipeline.model.rewards import TRANSFORMS, risk_ok
+    """--reward is a transform pipeline.model.rewards knows, --risk a number from 0 to 1e6 (``MAX_RISK``)."""
+    from pipeline.model.rewards import RISK_RANGE, TRANSFORMS, risk_ok
 
     one_of(reward, TRANSFORMS, "reward")
-    check(risk_ok(risk), "risk", risk, "a finite number, 0 or more")
+    check(risk_ok(risk), "risk", risk, RISK_RANGE)
 
 
 def check_api_key(key: str | None) -> None:
@@ -40,6 +39,8 @@ class ScoreConfig:
     format: str | None = opt(None, "Input format for pairs (default: detect from the columns).")
     skip_invalid: bool = opt(False, "Skip malformed input rows (counted) instead of stopping.")
     limit: int | None = opt(None, "Score only the first N rows (pairs) of the input.")
+    overwrite: bool = opt(False, "Replace an -o file that is there and is not an earlier `urm score` output (an "
+                          "earlier output is replaced anyway; an input of the run never is).")
     max_length: int | None = opt(None, "Drop (and count) conversations longer than this many tokens (default: the "
                                  "longest the heads were trained on, from the export; never more than the backbone's "
                                  "positions); a pair goes whole.")
@@ -84,21 +85,23 @@ class ServeConfig:
     verify: bool = opt(True, "Check every file of the export against the checksums `urm export` recorded before "
                        "loading it; --no-verify only checks that they are there (and the heads' own checksum).")
     max_wait_ms: float = opt(5.0, "Dynamic batching: how long the first waiting request waits for others to join its "
-                             "batch (milliseconds; a batch also starts once it fills the token budget).")
+                             "batch (milliseconds, 0 to 60000; a batch also starts once it fills the token budget).")
     dynamic_batching: bool = opt(True, "Batch requests that arrive together; --no-dynamic-batching scores one request "
                                  "at a time (for comparison).")
     max_items: int = opt(256, "Most conversations (or queries) in one request; more is refused with HTTP 413.")
     max_queue: int = opt(4096, "Most conversations waiting to be scored; a request that would exceed it gets HTTP 503 "
                          "(retry later) instead of growing memory.")
-    max_body_mb: float = opt(16.0, "Largest request body in MiB; larger is refused with HTTP 413.")
+    max_body_mb: float = opt(16.0, "Largest request body in MiB (at most 65536); larger is refused with HTTP 413.")
     reward: str = opt("mean", REWARD_HELP + " /get_reward's `rewards` and /score's `reward` carry it; a request "
                       "may ask for another with \"reward\" and \"risk\" in its JSON body.")
     risk: float = opt(1.0, RISK_HELP)
     api_key: str | None = opt(None, "Require `Authorization: Bearer KEY` on every request (HTTP 401 otherwise, "
                               "nothing scored), as vLLM and SGLang do; set it with URM_API_KEY rather than on the "
-                              "command line, where other users of the machine can read it.")
+                              "command line, where other users of the machine can read it. An empty or blank key "
+                              "(URM_API_KEY= included) is refused, never taken for none.", secret=True)
     open_health: bool = opt(False, "With --api-key: leave GET /health open to callers without the key (for a load "
-                            "balancer's probe); by default it needs the key too.")
+                            "balancer's probe); by default it needs the key too. Without a key it is refused: "
+                            "everything is open then.")
 
     def __post_init__(self):
         check_reward(self.reward, self.risk)
@@ -110,10 +113,11 @@ class ServeConfig:
         device_name(self.device)
         whole(self.max_tokens_per_batch, "max_tokens_per_batch")
         whole(self.max_length, "max_length", allow_none=True)
-        check(number(self.max_wait_ms) and self.max_wait_ms >= 0, "max_wait_ms", self.max_wait_ms,
-              "a finite number of milliseconds, 0 or more")
+        check(number(self.max_wait_ms) and 0 <= self.max_wait_ms <= 60_000, "max_wait_ms", self.max_wait_ms,
+              "a number of milliseconds from 0 to 60000 (a minute)")
         whole(self.max_items, "max_items")
         whole(self.max_queue, "max_queue")
         check(self.max_queue >= self.max_items, "max_queue", self.max_queue,
               f"at least --max-items ({self.max_items}), or a full request could never be queued")
-        positive(self.max_body_mb, "max_body_mb")
+        check(number(self.max_body_mb) and 0 < self.max_body_mb <= 65_536, "max_body_mb", self.max_body_mb,
+              "a positive number of MiB, at most 65536 (64 GiB)")

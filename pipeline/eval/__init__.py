@@ -16,14 +16,16 @@ from pipeline.eval.curation import (SIGNALS, certainty, check_signal, judge_pair
 from pipeline.eval.curation_report import curation_markdown, curation_plot, write_curation_report
 from pipeline.eval.evaluation import (Candidate, Scores, attribute_metrics, chosen_probabilities, pair_metrics,
                                       rewardbench_sections, row_signals, shift_metrics, uncertainty_signals)
-from pipeline.eval.report import (attributes_plot, attributes_table, chosen_lines, pairs_table, reliability_plot,
+from pipeline.eval.report import (attributes_plot, attributes_table, chosen_lines, is_report_file, pairs_table,
+                                  reliability_plot,
                                   reliability_points, shift_caches, shift_table, write_report)
 
 __all__ = [
     "SIGNALS", "certainty", "check_signal", "curation_markdown", "curation_plot", "judge_pairs", "keep_cut",
     "kept_pairs", "least_certain", "suspects", "uncertainty", "write_curation_report",
     "Candidate", "Scores", "armorm", "attribute_metrics", "attributes_plot", "attributes_table", "base_score",
-    "chosen_lines", "chosen_probabilities", "equal_weights", "heads_candidate", "heads_scores", "linear_probe", "pair_metrics",
+    "chosen_lines", "chosen_probabilities", "equal_weights", "heads_candidate", "heads_scores", "is_report_file",
+    "linear_probe", "pair_metrics",
     "pairs_table", "reliability_plot", "reliability_points", "rewardbench_sections", "shift_caches", "shift_table", "ridge_value_head", "row_signals", "shift_metrics",
     "uncertainty_signals", "urm_variant", "with_temperatures", "write_report",
 ]

@@ -17,7 +17,9 @@ PLOT = "p_chosen.png"
 def curation_markdown(summary: dict) -> str:
     """report.md of a curation or a selection (``summary`` from the recipe: counts, the rule, its thresholds)."""
     n, signal = summary["pairs"], summary["signal"]
-    dropped = f" ({summary['dropped']} dropped as too long)" if summary.get("dropped") else ""
+    why = [f"{summary['dropped']} dropped as too long"] if summary.get("dropped") else []
+    why += [f"{summary['identical']} dropped as read: chosen identical to rejected"] if summary.get("identical") else []
+    dropped = f" ({'; '.join(why)})" if why else ""
     lines = [f"# urm curate: {summary['input']}", "", f"Model: `{summary['model']}`. Pairs scored: {n}{dropped}.", ""]
     if summary["mode"] == "select":
         low, high = summary["uncertainty_range"]
@@ -27,7 +29,7 @@ def curation_markdown(summary: dict) -> str:
         return "\n".join(lines)
     rule, cut = summary["rule"], summary.get("cut")
     where = f"; the keep rule cut at {cut:.4f}" if cut is not None else ""
-    lines += ["| | pairs | share |", "|---|---:|---:|", f"| read | {n} | 1.000 |",
+    lines += ["| | pairs | share |", "|---|---:|---:|", f"| scored | {n} | 1.000 |",
               f"| suspect (P(chosen) < {summary['suspect_threshold']:.3g}) | {summary['suspects']} | "
               f"{summary['suspects'] / n:.3f} |",
               f"| kept ({rule}) | {summary['kept']} | {summary['kept'] / n:.3f} |", "",

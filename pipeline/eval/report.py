@@ -234,6 +234,11 @@ def plots(report: dict, curves: dict, folder: Path) -> list[str]:
     return written
 
 
+def is_report_file(name: str) -> bool:
+    """A file name ``write_report`` writes (report.json, report.md, the PNG plots)."""
+    return name in ("report.json", "report.md") or name.endswith(".png")
+
+
 def write_report(report: dict, curves: dict, folder: str | Path) -> dict[str, Path]:
     """report.json, report.md and the plots into ``folder``; returns the paths."""
     folder = Path(folder)

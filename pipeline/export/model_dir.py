@@ -110,34 +110,8 @@ def check_heads_fit(meta: HeadsMeta, files, template: str, heads_dir) -> None:
                           "export onto the backbone (and tokenizer) the cache was extracted with")
 
 
-def check_out_dir(out: Path, overwrite: bool, keep: list[Path]) -> None:
-    """Refuse an existing non-empty out_dir unless overwrite, and never a folder holding the inputs."""
-    resolved = out.resolve()
-    for p in keep:
-        p = p.resolve()
-        if resolved == p or resolved in p.parents:
-            raise ExportError(f"out_dir {out} would replace {p}, an input of the export; choose another --out-dir")
-    if out.exists() and not out.is_dir():
-        raise ExportError(f"out_dir {out} exists and is not a directory; choose another --out-dir")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ExportError(f"out_dir {out} already exists; pass --overwrite to replace it, or choose another --out-dir")
-
-
 # ----------------------------------------------------------------------------------------------
 # The backbone's shard files
-
-
-def checkpoint_dir(path: str, revision: str | None) -> Path:
-    """A local directory holding the backbone's files (a hub id is fetched into the hub cache)."""
-    if Path(path).is_dir():
-        return Path(path)
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(path, revision=revision,
-                                      allow_patterns=["*.safetensors", "*.json", "*.jinja", "tokenizer*"]))
-    except Exception as e:  # offline, gated, missing: say which
-        raise ExportError(f"cannot fetch backbone {path!r} from the Hugging Face Hub: {e}") from None
 
 
 def shard_keys(directory: Path) -> dict[str, list[str]]:

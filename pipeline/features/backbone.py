@@ -128,6 +128,19 @@ def convert_gguf(gguf: Path, out_root: Path | None = None) -> Path:
     return out
 
 
+def checkpoint_dir(path: str, revision: str | None) -> Path:
+    """A local directory holding the backbone's files (a hub id is fetched into the hub cache)."""
+    if Path(path).is_dir():
+        return Path(path)
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(path, revision=revision,
+                                      allow_patterns=["*.safetensors", "*.json", "*.jinja", "tokenizer*"]))
+    except Exception as e:  # offline, gated, missing: say which
+        raise BackboneError(f"cannot fetch backbone {path!r} from the Hugging Face Hub: {e}") from None
+
+
 def resolve_backbone(spec: str, revision: str | None = None) -> tuple[str, str | None]:
     """A backbone spec -> (what from_pretrained takes, revision or weights hash if known now)."""
     gguf = local_gguf(spec)

@@ -5,7 +5,8 @@ RANK, WORLD_SIZE and LOCAL_RANK (and MASTER_ADDR / MASTER_PORT) in its environme
 without them, or with WORLD_SIZE=1, is a single process and never touches torch.distributed.
 
 Ranks exchange only small Python objects (rank 0's view of the cache, each rank's counts) and wait
-for each other at a barrier, so the process group is gloo on every machine, CUDA ones included:
+for each other at a barrier (at the end, and when rank 0 fails: then the other ranks print why they stop
+before rank 0 may leave, since torchrun stops every rank as soon as one exits), so the process group is gloo on every machine, CUDA ones included:
 gloo runs these on the host over TCP, where NCCL would stage every object through GPU memory and
 its watchdog would stop a rank that waits longer than its timeout for a slower one. The GPUs
 themselves never communicate: each rank runs its own copy of the backbone on cuda:LOCAL_RANK.
@@ -16,10 +17,11 @@ from __future__ import annotations
 import datetime as _dt
 import gc
 import os
+import sys
 from dataclasses import dataclass
 from typing import Callable, TypeVar
 
-from pipeline.errors import UserError
+from pipeline.errors import AlreadyReported, UserError
 
 # How long a rank waits at a collective for the others: the slowest rank's remaining parts (about
 # one part's worth with balanced shares) plus rank 0's resume check of an existing cache.
@@ -106,8 +108,10 @@ def stop(ranks: Ranks) -> None:
 def from_main(ranks: Ranks, compute: Callable[[], T]) -> T:
     """``compute()`` on rank 0, its result sent to every rank; an error there stops every rank.
 
-    Rank 0 raises its own error; the others raise RankError saying rank 0 failed (its own error line
-    says why), so no rank waits for a result that will not come.
+    Rank 0 raises its own error; the others print an error line saying rank 0 failed (its own error line
+    says why) and raise ``AlreadyReported``, so no rank waits for a result that will not come. Rank 0 waits at a
+    barrier until they have printed it: once rank 0 exits, torchrun stops the other ranks at once (SIGTERM), and a
+    rank slower than rank 0's exit (a loaded machine) was stopped before it had said why.
     """
     if not ranks.distributed:
         return compute()
@@ -120,9 +124,19 @@ def from_main(ranks: Ranks, compute: Callable[[], T]) -> T:
     message = [None if error is None else "failed", result if error is None else None]
     _collective(ranks, "broadcast_object_list", message, src=0)
     if error is not None:
+        try:
+            _collective(ranks, "barrier")  # every other rank has said why it stops
+        except RankError:  # one died meanwhile: rank 0's own error is still the one to report
+            pass
         raise error
     if message[0] is not None:
-        raise RankError(f"{ranks}: stopped because rank 0 failed (its error line says why)")
+        stopped = RankError(f"{ranks}: stopped because rank 0 failed (its error line says why)")
+        print(f"error: {stopped}", file=sys.stderr, flush=True)  # the CLI's one line, before rank 0 may leave
+        try:
+            _collective(ranks, "barrier")
+        except RankError:  # rank 0 is gone already: the line is out, nothing more to say
+            pass
+        raise AlreadyReported(str(stopped))
     return message[1]
 
 

@@ -17,20 +17,23 @@ from pipeline.model.heads import (GATES, OUTPUTS, Heads, SoftmaxGate, ValueEnsem
                                   head_outputs, init_linear_, last_token_index, p_chosen_bt, p_chosen_gaussian, score,
                                   score_variance, split_mean_logstd, unstandardize, urm_gate)
 from pipeline.model.heads_io import (EXPORT_TENSORS, META, TENSORS, CacheIdentity, HeadsError, HeadsMeta, LabelScaling,
-                                     PairCalibration, SigmaCalibration, StageRecord, check_tensors, heads_writer,
-                                     load_heads, meta_file, read_meta, save_heads)
-from pipeline.model.published import (PUBLISHED_ARCHITECTURE, PUBLISHED_LOSS, checkpoint_settings,
-                                      is_published_checkpoint, is_published_layout, published_heads, read_config_json)
-from pipeline.model.rewards import (ENSEMBLE_TRANSFORMS, RISK_TRANSFORMS, TRANSFORMS, lower_bound,
-                                    needs_ensemble, reward, rewards_of, risk_ok, uncertainty_weighted, worst_member)
+                                     PairCalibration, SigmaCalibration, StageRecord, check_tensors, copy_heads,
+                                     heads_reader, heads_writer, load_heads, meta_file, read_meta, save_heads)
+from pipeline.model.published import (PUBLISHED_ARCHITECTURE, PUBLISHED_LOSS, check_checkpoint_tensors,
+                                      checkpoint_settings, is_published_checkpoint, is_published_layout,
+                                      published_heads, published_settings, read_config_json)
+from pipeline.model.rewards import (ENSEMBLE_TRANSFORMS, MAX_RISK, RISK_RANGE, RISK_TRANSFORMS, TRANSFORMS,
+                                    lower_bound, needs_ensemble, reward, rewards_of, risk_ok, uncertainty_weighted,
+                                    worst_member)
 
 __all__ = [
     "CacheIdentity", "ENSEMBLE_TRANSFORMS", "EXPORT_TENSORS", "GATES", "Heads", "HeadsError", "HeadsMeta",
-    "LabelScaling", "META", "OUTPUTS", "PUBLISHED_ARCHITECTURE", "PUBLISHED_LOSS", "PairCalibration",
-    "RISK_TRANSFORMS", "SigmaCalibration", "SoftmaxGate", "StageRecord", "TENSORS", "TRANSFORMS", "ValueEnsemble",
-    "build_heads", "check_tensors", "checkpoint_settings", "gate_weights", "head_outputs", "heads_writer",
-    "init_linear_", "is_published_checkpoint", "is_published_layout", "last_token_index", "load_heads",
-    "lower_bound", "meta_file", "needs_ensemble", "p_chosen_bt", "p_chosen_gaussian", "published_heads",
-    "read_config_json", "read_meta", "reward", "rewards_of", "risk_ok", "save_heads", "score", "score_variance",
-    "split_mean_logstd", "uncertainty_weighted", "unstandardize", "urm_gate", "worst_member",
+    "LabelScaling", "MAX_RISK", "META", "OUTPUTS", "PUBLISHED_ARCHITECTURE", "PUBLISHED_LOSS", "PairCalibration",
+    "RISK_RANGE", "RISK_TRANSFORMS", "SigmaCalibration", "SoftmaxGate", "StageRecord", "TENSORS", "TRANSFORMS",
+    "ValueEnsemble", "build_heads", "check_checkpoint_tensors", "check_tensors", "checkpoint_settings", "copy_heads",
+    "gate_weights", "head_outputs", "heads_reader", "heads_writer", "init_linear_", "is_published_checkpoint",
+    "is_published_layout", "last_token_index", "load_heads", "lower_bound", "meta_file", "needs_ensemble",
+    "p_chosen_bt", "p_chosen_gaussian", "published_heads", "published_settings", "read_config_json", "read_meta",
+    "reward", "rewards_of", "risk_ok", "save_heads", "score", "score_variance", "split_mean_logstd",
+    "uncertainty_weighted", "unstandardize", "urm_gate", "worst_member",
 ]

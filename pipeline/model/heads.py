@@ -102,7 +102,7 @@ class ValueEnsemble(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(members, 2 * k, d))
         self.bias = nn.Parameter(torch.zeros(members, 2 * k)) if bias else None
-        for m, g in enumerate(generators or [None] * members):  # member m: its own seed (METHOD 4)
+        for m, g in enumerate(generators or [None] * members):  # member m: its own seed (METHOD.md 4)
             layer = init_linear_(nn.Linear(d, 2 * k, bias=bias), g)
             with torch.no_grad():
                 self.weight[m] = layer.weight

@@ -19,7 +19,10 @@ pair is untouched. Other files in the folder are never touched.
 
 One writer per folder (``heads_writer``): training holds the folder's lock (``pipeline.atomic.hold_folder``)
 from before it reads anything until its save, and a second training into the same folder is refused at
-once, naming the holder's pid. Readers take no lock.
+once, naming the holder's pid. Readers that only load take no lock (they take the last complete pair); a reader
+that copies the pair elsewhere, `urm export`, holds the shared lock (``heads_reader``: refused while a training
+writes, and a training is refused while it copies) and checks its copy against the heads.json it copied
+(``copy_heads``), so an export never holds one stage's tensors beside another's description.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -227,10 +231,56 @@ def heads_writer(directory: str | os.PathLike) -> Iterator[Path]:
             stack.enter_context(hold_folder(directory))
         except FolderBusy as e:
             holder = f" (process {e.pid})" if e.pid else ""
+            if e.shared:
+                raise HeadsError(f"{directory}: an export is copying these heads now{holder}; wait for it to finish, "
+                                 "or train into another --heads-dir") from None
             raise HeadsError(f"{directory}: another training is writing these heads now{holder}; wait for it to "
                              "finish (or stop it), or train into another --heads-dir") from None
         recover_heads(directory)
         yield directory
+
+
+@contextlib.contextmanager
+def heads_reader(directory: str | os.PathLike) -> Iterator[Path]:
+    """Hold the heads folder ``directory`` for a copy of it: the shared lock, taken at once or refused (HeadsError
+    naming the training that writes it); no training can start saving meanwhile."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise HeadsError(f"{directory}: no trained heads here ({META} + {TENSORS}); train them first: "
+                         "`urm train-heads`")
+    try:
+        with hold_folder(directory, shared=True):
+            yield directory
+    except FolderBusy as e:
+        holder = f" (process {e.pid})" if e.pid else ""
+        raise HeadsError(f"{directory}: a training is writing these heads now{holder}; export once it has "
+                         "finished, so that the export holds its heads whole") from None
+
+
+def copy_heads(directory: str | os.PathLike, tensors_to: Path, meta_to: Path) -> HeadsMeta:
+    """Copy the heads pair of ``directory`` (the last complete one: ``meta_file``) to ``tensors_to`` and
+    ``meta_to``; returns the ``HeadsMeta`` copied. heads.json is read once, and the copied tensors' xxh3-128 must be
+    its checksum (HeadsError otherwise: the folder changed during the copy, or its tensors are not the ones
+    heads.json describes), so the copy is one pair. Call it under ``heads_reader``."""
+    directory = Path(directory)
+    source = meta_file(directory)
+    try:
+        text = source.read_bytes()
+    except OSError as e:
+        raise HeadsError(f"{directory}: no trained heads here ({META} + {TENSORS}: {e.strerror}); train them first: "
+                         "`urm train-heads`") from None
+    try:
+        meta = HeadsMeta.from_json(json.loads(text.decode("utf-8-sig")), directory / META)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise HeadsError(f"{directory / META}: unreadable ({e}); retrain the heads") from None
+    with named_for(tensors_to, tensors_to):
+        shutil.copyfile(directory / TENSORS, tensors_to)
+    if meta.checksum is not None and file_xxh3(tensors_to) != meta.checksum:
+        raise HeadsError(f"{directory / TENSORS} is not the file {META} describes (its checksum differs from "
+                         f"{META}'s): the heads changed while they were copied, or the file was replaced; export again "
+                         "(retrain the heads if it persists)")
+    meta_to.write_bytes(text)
+    return meta
 
 
 def _remove_if_empty(directory: Path) -> None:

@@ -9,12 +9,18 @@ Our exports use the same names and add a ``urm`` section; a published checkpoint
 ``checkpoint_settings`` derives one: K attributes (HelpSteer2's five when K = 5), one member, no
 value-head bias, the URM gate as wide as the backbone, temperatures 1, and ``sigma_calibrated``
 False: nothing says its log-sigma rows were ever checked against held-out data.
+
+Every tensor the class needs must be in the files, with the shape config.json gives it, and the heads' tensors
+finite (``check_checkpoint_tensors``): transformers would fill a missing one with random numbers and score with
+it, and report a wrong shape in its own load table.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import safe_open
@@ -91,6 +97,63 @@ def tensor_files(directory: Path) -> list[Path]:
     return [directory / "model.safetensors"]
 
 
+def check_checkpoint_tensors(directory: str | Path, wanted: dict[str, tuple[int, ...]],
+                             key_mapping: dict[str, str] | None = None,
+                             finite: Callable[[str], bool] = lambda name: True) -> None:
+    """HeadsError, naming the tensor and the cause, unless every tensor of ``wanted`` (name -> the shape the model
+    class gives it) is in the checkpoint's safetensors files with that shape, and every one ``finite`` picks holds
+    no NaN or infinity. ``key_mapping`` (regex -> replacement) renames the files' names first, as the load does.
+    Reads the files' headers, and the picked tensors only."""
+    from safetensors import SafetensorError, safe_open
+
+    directory = Path(directory)
+    mapping = [(re.compile(a), b) for a, b in (key_mapping or {}).items()]
+    found: dict[str, tuple[Path, str, tuple[int, ...]]] = {}  # name as the model calls it -> (file, name there, shape)
+    try:
+        files = tensor_files(directory)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise HeadsError(f"{directory / INDEX}: unreadable ({type(e).__name__}: {e})") from None
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                for key in f.keys():
+                    name = key
+                    for pattern, replacement in mapping:
+                        name = pattern.sub(replacement, name)
+                    found[name] = (file, key, tuple(f.get_slice(key).get_shape()))
+        except (OSError, SafetensorError, ValueError) as e:
+            raise HeadsError(f"{file}: not a readable safetensors file ({type(e).__name__}: {str(e).splitlines()[0]}), "
+                             "so the model cannot be loaded; restore the file, or export it again") from None
+    missing = [name for name in wanted if name not in found]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise HeadsError(f"{directory}: {', '.join(missing[:3])}{more} not in its weight files: the model needs every "
+                         "one (left out, it would be filled with random numbers and score with them); restore the "
+                         "checkpoint's files, or export it again")
+    for name, shape in wanted.items():
+        file, key, there = found[name]
+        if there != shape:
+            raise HeadsError(f"{directory}: {key} in {file.name} has shape {list(there)}, but config.json makes it "
+                             f"{list(shape)} ({shape_reason(name, shape)}); the weights and config.json disagree")
+    by_file: dict[Path, list[str]] = {}
+    for name in wanted:
+        if finite(name):
+            by_file.setdefault(found[name][0], []).append(found[name][1])
+    for file, keys in by_file.items():
+        with safe_open(str(file), framework="pt") as f:
+            for key in keys:
+                if not bool(f.get_tensor(key).float().isfinite().all()):
+                    raise HeadsError(f"{directory}: {key} in {file.name} holds NaN or infinite values, so every score "
+                                     "it gave would be meaningless; restore the checkpoint's files, or export it again")
+
+
+def shape_reason(name: str, shape: tuple[int, ...]) -> str:
+    """What in config.json makes tensor ``name`` this shape, in words."""
+    if name == "score.weight":
+        return f"{shape[0]} rows, a mean and a log-sigma per attribute (num_labels), of hidden_size {shape[-1]}"
+    return f"hidden_size {shape[-1]}" if len(shape) == 2 else "its shape in the model class"
+
+
 def published_heads(directory: str | Path) -> tuple[Heads, HeadsMeta]:
     """The heads of a published-layout checkpoint (``score.weight``, ``weights.fc.*``, upcast to fp32) and
     a HeadsMeta for them: no training record, sigma not calibrated; the cache identity names the
@@ -100,6 +163,7 @@ def published_heads(directory: str | Path) -> tuple[Heads, HeadsMeta]:
     d, k = settings["gate_hidden"], len(settings["attributes"])
     heads = Heads(d, k, gate="urm", gate_hidden=d)
     wanted, state = set(heads.state_dict()), {}
+    check_checkpoint_tensors(directory, {name: tuple(t.shape) for name, t in heads.state_dict().items()})
     try:
         for file in tensor_files(directory):
             with safe_open(str(file), framework="pt") as f:

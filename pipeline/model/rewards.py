@@ -11,7 +11,7 @@ their uncertainty (METHOD.md 9).
                                             ``ensemble_std`` states (unbiased, over M), so uwo = mean -
                                             lambda * ensemble_std^2 can be checked from a row by hand
 
-``k`` and ``lambda`` are the one ``risk`` parameter (0 or more; mean and min ignore it). min and uwo
+``k`` and ``lambda`` are the one ``risk`` parameter (0 to ``MAX_RISK``; mean and min ignore it). min and uwo
 need an ensemble (M > 1 value heads): ``needs_ensemble``. Pure functions on arrays (numpy arrays, or
 anything ``np.asarray`` takes, CPU tensors included); float64 out. ``reward`` takes the pieces,
 ``rewards_of`` a dict of the heads' outputs (``score``, ``score_std``, ``ensemble_scores`` [B, M]).
@@ -26,6 +26,10 @@ import numpy as np
 TRANSFORMS = ("mean", "lcb", "min", "uwo")
 ENSEMBLE_TRANSFORMS = ("min", "uwo")  # these read the members' scores
 RISK_TRANSFORMS = ("lcb", "uwo")  # these read the risk parameter
+# The largest risk: a million standard deviations (or variances) is beyond any use, and far below the risks whose
+# reward overflows float32 (what RL loops keep it in) for any sigma a trained head states.
+MAX_RISK = 1e6
+RISK_RANGE = "a number from 0 to 1e6"
 
 
 def needs_ensemble(transform: str) -> bool:
@@ -33,8 +37,9 @@ def needs_ensemble(transform: str) -> bool:
 
 
 def risk_ok(risk) -> bool:
-    """A risk parameter is a finite number, 0 or more (not a bool)."""
-    return isinstance(risk, (int, float)) and not isinstance(risk, bool) and math.isfinite(risk) and risk >= 0
+    """A risk parameter is a finite number from 0 to ``MAX_RISK`` (not a bool)."""
+    return (isinstance(risk, (int, float)) and not isinstance(risk, bool) and math.isfinite(risk)
+            and 0 <= risk <= MAX_RISK)
 
 
 def lower_bound(score, score_std, k: float) -> np.ndarray:
@@ -58,7 +63,7 @@ def reward(transform: str, risk: float, score, score_std=None, ensemble_scores=N
     if transform not in TRANSFORMS:
         raise ValueError(f"unknown reward transform {transform!r}; one of {', '.join(TRANSFORMS)}")
     if not risk_ok(risk):
-        raise ValueError(f"the risk parameter must be a finite number, 0 or more, got {risk!r}")
+        raise ValueError(f"the risk parameter must be {RISK_RANGE}, got {risk!r}")
     if transform == "mean":
         return np.asarray(score, dtype=np.float64)
     if transform == "lcb":

@@ -51,6 +51,7 @@ def cache_info(path, verify: bool = True) -> str:
         f"  created        {m.get('created')}" + (f", completed {m['completed']}" if m.get("completed") else ""),
         f"  fingerprint    {m.get('fingerprint') or '(none until complete)'}",
         f"  written by     urm-pipeline {m.get('package_version')}, cache format {m.get('format_version')}",
+        f"  engine         {engine_of(m)}",
     ]
     if m.get("extra"):
         lines.append(f"  extra          {json.dumps(m['extra'], sort_keys=True)}")
@@ -71,6 +72,17 @@ class UnusableCache(CacheError):
     def __init__(self, summary: str, message: str):
         super().__init__(message)
         self.summary = summary
+
+
+def engine_of(m: dict) -> str:
+    """The extraction engine of a cache and its version: vllm's from its identity (``extra``), hf's from the finished
+    manifest's ``info``; a cache made before engines were recorded is an hf one."""
+    extra, info = m.get("extra") or {}, m.get("info") or {}
+    engine = extra.get("engine") or info.get("engine") or "hf"
+    version = extra.get("engine_version") or info.get("engine_version")
+    if engine == "vllm" and version:
+        version = f"vllm {version}"
+    return f"{engine} ({version})" if version else engine
 
 
 def layout_problems(folder: Path, m: dict) -> dict[str, str]:

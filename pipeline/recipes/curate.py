@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.atomic import atomic_directory, require_folder_target, write_text
+from pipeline.atomic import atomic_directory, write_text
 from pipeline.configs import CurateConfig
 from pipeline.errors import UserError
 from pipeline.eval.curation import (
@@ -41,6 +41,9 @@ from pipeline.eval.curation import (
 )
 from pipeline.eval.curation_report import PLOT, curation_plot, write_curation_report
 from pipeline.eval.evaluation import Scores
+from pipeline.outputs import FOLDER, OwnFiles, check_output
+
+WRITES = ("scored.jsonl", "curated.jsonl", "selected.jsonl", "report.md", PLOT)  # everything OUT_DIR may hold
 
 
 class CurateError(UserError):
@@ -58,6 +61,7 @@ class JudgedInput:
     temperature_gaussian: float
     dropped: int
     model: str
+    identical: int = 0  # pairs dropped as read: their chosen is identical to their rejected
 
 
 # ----------------------------------------------------------------------------------------------
@@ -68,9 +72,12 @@ def is_cache(source: str) -> bool:
     return (Path(source) / "_manifest.json").is_file()
 
 
-def read_pairs_file(source: str, cfg: CurateConfig) -> list:
-    """Labelled pairs (curating) or unlabelled response pairs (``--select``); CurateError when there are none."""
-    from pipeline.data import input_kind, load_preferences, load_response_pairs
+def read_pairs_file(source: str, cfg: CurateConfig, log) -> tuple[list, int]:
+    """(labelled pairs (curating) or unlabelled response pairs (``--select``), how many pairs were dropped as
+    identical); CurateError when there are none. Pairs whose chosen is identical to their rejected are dropped and
+    counted as `urm extract` drops them (``drop_identical``: they carry no preference, and every model is "sure" of
+    them); a file of nothing else is refused. The load report goes to ``log``."""
+    from pipeline.data import drop_identical, input_kind, load_preferences, load_response_pairs
 
     if cfg.select is not None:
         pairs, report = load_response_pairs(source, skip_invalid=cfg.skip_invalid, limit=cfg.limit)
@@ -79,9 +86,11 @@ def read_pairs_file(source: str, cfg: CurateConfig) -> list:
             raise CurateError(f"{source}: its rows hold no chosen/rejected pairs (conversations to score go to `urm "
                               "score`; unlabelled two-response rows to `urm curate --select N`)")
         pairs, report = load_preferences(source, format=cfg.format, skip_invalid=cfg.skip_invalid, limit=cfg.limit)
+        pairs = drop_identical(pairs, report)
+    log(report.summary())
     if not pairs:
         raise CurateError(f"{source}: no pairs to curate ({report.rows_skipped} rows skipped)")
-    return pairs
+    return pairs, len(report.identical_pairs)
 
 
 def side_scores(out: dict[str, np.ndarray], side: int) -> Scores:
@@ -100,7 +109,7 @@ def score_with_export(model_dir: str, source: str, cfg: CurateConfig, log) -> Ju
     from pipeline.recipes.score import flatten, within_length
     from pipeline.serve import length_limit, load_scorer, score_ids
 
-    pairs = read_pairs_file(source, cfg)
+    pairs, identical = read_pairs_file(source, cfg, log)
     model, tokenizer = load_scorer(model_dir, cfg.dtype, cfg.device, cfg.verify, log)
     require_members(cfg, model.config.urm.get("members", 1), model_dir)
     ids = render_ids(tokenizer, flatten("pairs", pairs))
@@ -108,12 +117,13 @@ def score_with_export(model_dir: str, source: str, cfg: CurateConfig, log) -> Ju
     out = score_ids(model, ids, cfg.max_tokens_per_batch, pad_id_of(tokenizer))
     t = pair_temperatures(model.config)
     return JudgedInput(pairs, side_scores(out, 0), side_scores(out, 1), t["bt"], t["gaussian"], dropped,
-                       f"export {model_dir}")
+                       f"export {model_dir}", identical)
 
 
 def score_cached(model_dir: str, cache: str, cfg: CurateConfig, log) -> JudgedInput:
     """A preference cache's pairs scored by the heads on their cached features; the conversations come from the
-    source file the manifest names (curated.jsonl needs them), matched by pair id."""
+    source file the manifest names (curated.jsonl needs them), matched by pair id, once the source is checked to be
+    what the cache was extracted from (``check_source``: an edited file would pair old features with new rows)."""
     from pipeline.cache import read_pairs, require_kind
     from pipeline.eval.baselines import heads_scores
     from pipeline.recipes.evaluate import check_features, load_for_evaluation
@@ -125,11 +135,11 @@ def score_cached(model_dir: str, cache: str, cfg: CurateConfig, log) -> JudgedIn
     require_members(cfg, heads.architecture["members"], model_dir)
     cached = read_pairs(cache, verify=cfg.verify)
     check_features(Path(cache), cached.chosen.manifest, meta)
-    dataset = cached.chosen.manifest.get("dataset")
+    dataset, read = check_source(cache, cached.chosen.manifest)
     try:
         from pipeline.data import load_preferences
 
-        pairs, _ = load_preferences(dataset, format=cfg.format, skip_invalid=True)
+        pairs, _ = load_preferences(read["source"], format=read["format"], split=read["split"], skip_invalid=True)
     except UserError as e:
         raise CurateError(f"{cache}: curated.jsonl needs the pairs' conversations, and the cache's source "
                           f"{dataset!r} cannot be read ({e})") from None
@@ -143,6 +153,36 @@ def score_cached(model_dir: str, cache: str, cfg: CurateConfig, log) -> JudgedIn
     p = meta.pair_calibration
     return JudgedInput([by_id[i] for i in cached.chosen.pair_id], chosen, rejected,
                        p.temperature_bt if p else 1.0, p.temperature_gaussian if p else 1.0, 0, what)
+
+
+def check_source(cache: str, manifest: dict) -> tuple[str, dict]:
+    """(the cache's source as its manifest names it, how extraction read it: source, split, format, limit), once the
+    source's fingerprint now is the one the manifest recorded (``dataset_fingerprint``); CurateError otherwise.
+    A cache extracted before the reading was recorded (manifest ``info.source_read``) is checked as read with the
+    defaults, which is how most caches were read."""
+    from pipeline.data import fingerprint, source_kind, split_hub_id
+
+    dataset = manifest.get("dataset")
+    read = {"source": dataset, "split": "train", "format": None, "limit": None}
+    recorded = (manifest.get("info") or {}).get("source_read")
+    if isinstance(recorded, dict):
+        read.update({k: v for k, v in recorded.items() if k in read})
+    elif isinstance(dataset, str) and source_kind(dataset) == "hub" and (manifest.get("extra") or {}).get(
+            "dataset_revision"):  # read at the commit the extraction pinned
+        read["source"] = f"{split_hub_id(dataset)[0]}@{manifest['extra']['dataset_revision']}"
+    try:
+        now = fingerprint(read["source"], split=read["split"], format=read["format"], limit=read["limit"])
+    except UserError as e:
+        raise CurateError(f"{cache}: curated.jsonl needs the pairs' conversations, and the cache's source "
+                          f"{dataset!r} cannot be read ({e})") from None
+    if now != manifest.get("dataset_fingerprint"):
+        why = "" if isinstance(recorded, dict) else (" (or it was extracted with --limit, --format or a split the "
+                                                      "manifest of a cache this old does not record)")
+        raise CurateError(f"{cache}: its source {dataset!r} is not what the cache was extracted from: its fingerprint "
+                          f"differs from the manifest's dataset_fingerprint{why}, so the cached features may belong to "
+                          "other pairs or orientations; extract the cache again (`urm extract --overwrite`), or curate "
+                          "the file itself through an export")
+    return dataset, read
 
 
 def require_members(cfg: CurateConfig, members: int, model_dir: str) -> None:
@@ -229,16 +269,32 @@ def select(data: JudgedInput, judged: dict, cfg: CurateConfig, folder: Path) -> 
 def run_curate(model_dir: str, source: str, out_dir: str, cfg: CurateConfig, log=None) -> dict:
     """Judge every pair of ``source`` with the model in ``model_dir``; write OUT_DIR atomically (module docstring)."""
     log = log or (lambda line: print(line, file=sys.stderr))
-    require_folder_target(out_dir)  # before anything is scored
+    check_output(out_dir, "-o", FOLDER, inputs=curate_inputs(model_dir, source), overwrite=cfg.overwrite,
+                 own=OwnFiles(lambda name: name in WRITES))  # before anything is scored
     data = (score_cached if is_cache(source) else score_with_export)(model_dir, source, cfg, log)
     judged = judge_pairs(data.chosen, data.rejected, data.temperature_bt, data.temperature_gaussian)
     check_signal(judged, cfg.signal)
     with atomic_directory(out_dir) as folder:
         result = (select if cfg.select is not None else curate)(data, judged, cfg, folder)
         result.update(input=source, model=data.model, pairs=len(data.pairs), dropped=data.dropped, signal=cfg.signal,
-                      temperature_bt=data.temperature_bt)
+                      temperature_bt=data.temperature_bt, identical=data.identical)
         write_curation_report(folder, result)
     return {**result, "out_dir": out_dir}
+
+
+def curate_inputs(model_dir: str, source: str) -> list[tuple[str, str]]:
+    """What `urm curate` reads, for the output rule: the model, the input and, for a cache, the file it names."""
+    inputs = [("MODEL_DIR", model_dir), ("--input", source)]
+    if is_cache(source):
+        from pipeline.cache import CacheError, read_manifest
+
+        try:
+            dataset = read_manifest(source).get("dataset")
+        except CacheError:  # a damaged cache is refused when it is read
+            dataset = None
+        if isinstance(dataset, str) and Path(dataset).exists():
+            inputs.append(("the cache's source", dataset))
+    return inputs
 
 
 def summary(result: dict) -> str:
@@ -246,5 +302,7 @@ def summary(result: dict) -> str:
     if result["mode"] == "select":
         return (f"selected the {result['selected']} of {result['pairs']} pairs the model is least sure of "
                 f"(--signal {result['signal']}) -> {result['out_dir']}/selected.jsonl")
-    return (f"curated {result['pairs']} pairs: {result['suspects']} suspect, {result['kept']} kept ({result['rule']}) "
-            f"-> {result['out_dir']}/curated.jsonl (scores: scored.jsonl, report.md)")
+    k = result.get("identical") or 0
+    identical = f" ({k} identical pair{'s' if k != 1 else ''} dropped)" if k else ""
+    return (f"curated {result['pairs']} pairs{identical}: {result['suspects']} suspect, {result['kept']} kept "
+            f"({result['rule']}) -> {result['out_dir']}/curated.jsonl (scores: scored.jsonl, report.md)")

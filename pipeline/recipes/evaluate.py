@@ -16,11 +16,13 @@ from pathlib import Path
 import torch
 
 from pipeline import __version__
+from pipeline.atomic import atomic_directory
 from pipeline.configs import ConfigError, EvaluateConfig, build, options
-from pipeline.eval import (Candidate, Scores, attribute_metrics, chosen_probabilities, pair_metrics, row_signals,
-                           shift_metrics, uncertainty_signals)
+from pipeline.eval import (Candidate, Scores, attribute_metrics, chosen_probabilities, is_report_file, pair_metrics,
+                           row_signals, shift_metrics, uncertainty_signals)
 from pipeline.model import (EXPORT_TENSORS, PUBLISHED_LOSS, CacheIdentity, HeadsError, HeadsMeta, is_published_checkpoint,
                             load_heads, published_heads)
+from pipeline.outputs import FOLDER, OwnFiles, check_output
 
 
 def load_for_evaluation(path: str):
@@ -67,19 +69,28 @@ def check_features(path: Path, manifest: dict, meta: HeadsMeta) -> None:
                          f"{getattr(trained, key)!r} ({trained.path}); extract it with the heads' backbone")
 
 
-def check_cache_kinds(cfg: EvaluateConfig) -> None:
-    """Every cache an option names holds the kind that option takes (pairs or ratings): checked before anything
-    loads, the error naming the option (CacheError)."""
-    from pipeline.cache import require_kind
-
+def named_caches(cfg: EvaluateConfig) -> list[tuple[str, str, str]]:
+    """(the cache as typed, the kind it must hold, the option that named it) for every cache option given."""
     named = [(name, "preferences", "--eval-preferences") for name in cfg.eval_preferences]
     named += [(name, "ratings", "--shift-ratings") for name in cfg.shift_ratings]
     named += [(name, kind, flag) for name, kind, flag in ((cfg.eval_ratings, "ratings", "--eval-ratings"),
                                                           (cfg.train_ratings_cache, "ratings", "--train-ratings-cache"),
                                                           (cfg.train_preferences_cache, "preferences",
                                                            "--train-preferences-cache")) if name]
-    for name, kind, flag in named:
-        require_kind(cache_path(cfg, name), kind, flag)
+    return named
+
+
+def check_cache_kinds(cfg: EvaluateConfig) -> None:
+    """Every cache an option names is there and holds the kind that option takes (pairs or ratings): checked before
+    anything loads, the error naming the option and the cache as typed (CacheError)."""
+    from pipeline.cache import CacheError, require_kind
+
+    for name, kind, flag in named_caches(cfg):
+        path = cache_path(cfg, name)
+        if not path.exists():
+            raise CacheError(f"{flag} {name}: no such cache (neither {name} nor {Path(cfg.cache_dir) / name} is "
+                             "there); give a cache folder, or a name under --cache-dir")
+        require_kind(path, kind, flag, typed=name)
 
 
 def read_eval_caches(cfg: EvaluateConfig, meta: HeadsMeta, device):
@@ -216,6 +227,10 @@ def run_evaluate(cfg: EvaluateConfig, model_dir: str | None = None, log=print) -
 
     t0 = time.perf_counter()
     device = resolve_device(cfg.device)
+    inputs = [("MODEL_DIR", model_dir or cfg.heads_dir)] + [(flag, cache_path(cfg, name)) for name, _, flag in
+                                                            named_caches(cfg)]
+    check_output(cfg.report_dir, "--report-dir", FOLDER, inputs=inputs, overwrite=cfg.overwrite,
+                 own=OwnFiles(is_report_file))  # before anything loads
     heads, meta, loaded = load_for_evaluation(model_dir or cfg.heads_dir)
     check_cache_kinds(cfg)  # before any cache is read, and before the baselines train
     if cfg.baselines and not meta.value_head.cache.path and not (cfg.train_ratings_cache and cfg.train_preferences_cache):
@@ -258,7 +273,9 @@ def run_evaluate(cfg: EvaluateConfig, model_dir: str | None = None, log=print) -
                        "shift_ratings": {n: {"path": str(path), "rows": len(f)} for n, (path, f) in shift_ratings.items()}},
               "chosen": chosen_automatically(meta), **fitted, "models": models}
     report["seconds"] = time.perf_counter() - t0
-    report["files"] = {k: str(v) for k, v in write_report(report, curves, cfg.report_dir).items()}
+    with atomic_directory(cfg.report_dir) as folder:  # the whole report or none of it
+        written = write_report(report, curves, folder)
+    report["files"] = {k: str(Path(cfg.report_dir) / Path(v).name) for k, v in written.items()}
     return report
 
 

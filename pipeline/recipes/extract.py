@@ -12,6 +12,11 @@ the missing parts (``rows.balance_parts``: disjoint, about equal tokens) on cuda
 the last rank is done, rank 0 merges the ranks' journals into the manifest and marks it complete.
 Parts are the same row ranges as in a single process, each embedded on its own, so the cache is
 the same one.
+
+``--engine vllm`` runs the backbone in vLLM's pooling runner (``pipeline.features.vllm_engine``) instead of our
+loop: the same rows, token ids, parts and cache; the engine and its version go into the cache's identity
+(``extra.engine``), so a cache is finished by the engine that began it. Under torchrun each rank runs its own
+engine on its own GPUs.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import numpy as np
 from pipeline.configs import ConfigError, DatasetSpec, ExtractConfig
 from pipeline.errors import DataError
 from pipeline.features import Ranks
+from pipeline.outputs import PARTS, check_output
 
 
 @dataclass
@@ -36,6 +42,7 @@ class ExtractStats:
     dropped: int = 0
     tokens: int = 0
     padded_tokens: int = 0  # tokens the backbone processed, padding included
+    cached_tokens: int = 0  # --engine vllm: prompt tokens prefix caching did not compute again
     parts_written: int = 0
     parts_skipped: int = 0
     seconds: float = 0.0
@@ -52,8 +59,8 @@ class ExtractStats:
 class LazyBackbone:
     """The backbone opened once (tokenizer and revision now), its weights loaded only when a part needs them."""
 
-    def __init__(self, cfg: ExtractConfig):
-        self.cfg, self._files, self._backbone = cfg, None, None
+    def __init__(self, cfg: ExtractConfig, ranks: Ranks = Ranks()):
+        self.cfg, self.ranks, self._files, self._backbone = cfg, ranks, None, None
 
     @property
     def files(self):
@@ -71,13 +78,59 @@ class LazyBackbone:
 
         return str(resolve_dtype(self.cfg.dtype, resolve_device(self.cfg.device))).removeprefix("torch.")
 
-    def load(self):
-        from pipeline.features import load_weights
+    @property
+    def engine_identity(self) -> dict:
+        """What the cache's ``extra`` records of the engine: nothing for hf (as every cache made before the vllm
+        engine existed), the engine and its version for vllm (a cache is finished by the engine that began it)."""
+        if self.cfg.engine == "hf":
+            return {}
+        from pipeline.features.vllm_engine import require_vllm
 
+        return {"engine": "vllm", "engine_version": require_vllm()}
+
+    @property
+    def engine_info(self) -> dict:
+        """The engine and its version, for the finished manifest's ``info`` (either engine)."""
+        import importlib.metadata
+
+        if self.cfg.engine == "hf":
+            return {"engine": "hf", "engine_version": "transformers " + importlib.metadata.version("transformers")}
+        return self.engine_identity
+
+    def load(self):
         if self._backbone is None:
             c = self.cfg
-            self._backbone = load_weights(self.files, c.dtype, c.device, c.attn_implementation)
+            if c.engine == "vllm":
+                from pipeline.features.vllm_engine import VllmBackbone, VllmSettings
+
+                settings = VllmSettings(dtype=self.compute_dtype, max_model_len=c.max_length,
+                                        max_num_batched_tokens=c.max_tokens_per_batch,
+                                        gpu_memory_utilization=c.gpu_memory_utilization,
+                                        tensor_parallel_size=c.tensor_parallel_size, prefix_caching=c.prefix_caching,
+                                        enforce_eager=c.enforce_eager, device=c.device,
+                                        worker_process=self.ranks.distributed)
+                self._backbone = VllmBackbone(self.files, settings)
+            else:
+                from pipeline.features import load_weights
+
+                self._backbone = load_weights(self.files, c.dtype, c.device, c.attn_implementation)
         return self._backbone
+
+    def embed(self, id_lists, on_batch, paired: bool = False):
+        """h and base scores of ``id_lists`` (``paired``: chosen, rejected, ...) through the loaded engine
+        (``features.embed_all`` for hf)."""
+        from pipeline.features import embed_all
+
+        model = self.load()
+        if self.cfg.engine == "vllm":
+            return model.embed_all(id_lists, on_batch=on_batch, paired=paired)
+        return embed_all(model, id_lists, self.cfg.max_tokens_per_batch, on_batch)
+
+    def close(self) -> None:
+        """Stop the vLLM engine, if one was started (the HF model is freed with this object)."""
+        if self._backbone is not None and hasattr(self._backbone, "close"):
+            self._backbone.close()
+        self._backbone = None
 
 
 def select_datasets(cfg: ExtractConfig, names=None) -> list[DatasetSpec]:
@@ -133,7 +186,9 @@ def extract_dataset(backbone: LazyBackbone, spec: DatasetSpec, cfg: ExtractConfi
     if not len(rows):
         raise DataError(spec.source, None, None, f"no rows to extract for dataset {spec.name!r}: nothing was cached")
     files = backbone.files
-    if ranks.is_main:
+    if cfg.engine == "vllm":
+        require_positions(files.config, cfg)
+    elif ranks.is_main:
         warn_positions(files.config, cfg)
     paired = spec.kind == "preferences"
     cache_spec = CacheSpec(
@@ -142,6 +197,7 @@ def extract_dataset(backbone: LazyBackbone, spec: DatasetSpec, cfg: ExtractConfi
         chat_template_hash=chat_template_hash(files.tokenizer), dataset=spec.source,
         dataset_fingerprint=fingerprint(source, split=spec.split, format=spec.format, limit=limit),
         kind=spec.kind, extra={"part_rows": cfg.part_rows, "compute_dtype": backbone.compute_dtype,
+                               **backbone.engine_identity,
                                **({"dataset_revision": commit} if commit else {}),
                                # the rows differ from what this loader read before it dropped such pairs
                                **({"identical_pairs_dropped": len(loaded.identical_pairs)}
@@ -149,17 +205,25 @@ def extract_dataset(backbone: LazyBackbone, spec: DatasetSpec, cfg: ExtractConfi
     )
     path = Path(cfg.cache_dir) / spec.name
     bounds = part_bounds(len(rows), cfg.part_rows, paired)
+    read = source_read(source, spec, limit)
     if ranks.distributed:
-        return extract_on_ranks(backbone, spec, cfg, rows, bounds, cache_spec, path, ranks)
+        return extract_on_ranks(backbone, spec, cfg, rows, bounds, cache_spec, path, ranks, read)
+    refuse_other_engine(path, cfg)
+    begun = path.is_dir()
     with open_writer(path, cache_spec, overwrite=cfg.overwrite, n_parts=len(bounds), verify=cfg.verify) as writer:
-        todo = [i for i in range(len(bounds)) if not writer.part_done(i)]
-        stats = write_parts(backbone, spec, cfg, rows, bounds, todo, writer)
-        stats.parts_skipped = len(bounds) - len(todo)
-        return finish(writer, spec, cfg, rows, bounds, stats, path)
+        try:
+            todo = [i for i in range(len(bounds)) if not writer.part_done(i)]
+            stats = write_parts(backbone, spec, cfg, rows, bounds, todo, writer)
+            stats.parts_skipped = len(bounds) - len(todo)
+            return finish(writer, spec, cfg, rows, bounds, stats, path, {**read, **backbone.engine_info})
+        except BaseException:
+            if not begun:  # this run made the folder, and still holds its lock
+                remove_unbegun(path)
+            raise
 
 
 def extract_on_ranks(backbone: LazyBackbone, spec: DatasetSpec, cfg: ExtractConfig, rows, bounds, cache_spec,
-                     path: Path, ranks: Ranks) -> ExtractStats:
+                     path: Path, ranks: Ranks, read: dict) -> ExtractStats:
     """One dataset under torchrun: rank 0 opens the cache, every rank writes its share of the missing
     parts, and once all are done rank 0 merges their journals and finishes (see the module docstring)."""
     from pipeline.cache import open_rank_writer, open_writer
@@ -169,6 +233,7 @@ def extract_on_ranks(backbone: LazyBackbone, spec: DatasetSpec, cfg: ExtractConf
 
     def open_cache() -> dict:
         nonlocal writer
+        refuse_other_engine(path, cfg)
         writer = open_writer(path, cache_spec, overwrite=cfg.overwrite, n_parts=len(bounds), verify=cfg.verify)
         return writer.manifest
 
@@ -185,12 +250,27 @@ def extract_on_ranks(backbone: LazyBackbone, spec: DatasetSpec, cfg: ExtractConf
             return stats
         total = ExtractStats(parts_skipped=len(done), seconds=max(s.seconds for s in everyone),
                              **{k: sum(getattr(s, k) for s in everyone)
-                                for k in ("tokens", "padded_tokens", "parts_written")})
+                                for k in ("tokens", "padded_tokens", "cached_tokens", "parts_written")})
         writer.merge_journals()
-        return finish(writer, spec, cfg, rows, bounds, total, path)
+        return finish(writer, spec, cfg, rows, bounds, total, path, {**read, **backbone.engine_info})
     finally:
         if writer is not None:
             writer.close()
+
+
+def remove_unbegun(path: Path) -> None:
+    """Remove the cache folder this run created when it stops before writing any part (the backbone or engine
+    would not load, Ctrl-C while loading): nothing is left behind, where there was nothing before."""
+    import shutil
+
+    from pipeline.cache import MANIFEST, read_manifest
+
+    try:
+        empty = not (path / MANIFEST).exists() or not read_manifest(path)["parts"]
+    except Exception:  # an unreadable manifest is not this run's to remove
+        return
+    if empty and not any(path.glob("part-*.parquet")):
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def part_tokens(tokenizer, rows, bounds, parts: list[int], max_length: int, paired: bool) -> list[int]:
@@ -214,13 +294,14 @@ def write_parts(backbone: LazyBackbone, spec: DatasetSpec, cfg: ExtractConfig, r
     from tqdm.auto import tqdm
 
     from pipeline.data import source_label
-    from pipeline.features import embed_all, keep_mask, render_ids
+    from pipeline.features import keep_mask, render_ids
 
     paired = spec.kind == "preferences"
     stats = ExtractStats()
     label = source_label(spec.source)
     if todo:
         model = backbone.load()
+        cached_before = getattr(model, "cached_tokens", 0)
         started = time.perf_counter()
         desc = f"extract {spec.name}" + (f" ({ranks}, its share)" if ranks.distributed else "")
         bar = tqdm(total=sum(bounds[i][1] - bounds[i][0] for i in todo), unit="row", desc=desc,
@@ -242,7 +323,7 @@ def write_parts(backbone: LazyBackbone, spec: DatasetSpec, cfg: ExtractConfig, r
                 bar.update(int((~keep).sum()))
                 kept = part.take(np.flatnonzero(keep))
                 kept_ids = [x for x, k in zip(ids, keep) if k]
-                emb, scores = embed_all(model, kept_ids, cfg.max_tokens_per_batch, on_batch)
+                emb, scores = backbone.embed(kept_ids, on_batch, paired)
                 writer.write_part(i, {
                     "id": kept.id, "source": [label] * len(kept), "subset": kept.subset,
                     "pair_id": kept.pair_id, "role": kept.role, "margin": kept.margin,
@@ -253,18 +334,27 @@ def write_parts(backbone: LazyBackbone, spec: DatasetSpec, cfg: ExtractConfig, r
         finally:
             bar.close()
             stats.seconds = time.perf_counter() - started
+            stats.cached_tokens = getattr(model, "cached_tokens", 0) - cached_before
     return stats
 
 
-def finish(writer, spec: DatasetSpec, cfg: ExtractConfig, rows, bounds, stats: ExtractStats, path: Path):
-    """Mark the cache complete (refusing an empty one) and print the closing summary."""
+def finish(writer, spec: DatasetSpec, cfg: ExtractConfig, rows, bounds, stats: ExtractStats, path: Path, info: dict):
+    """Mark the cache complete (refusing an empty one), recording ``info`` (how its rows were read, the engine), and
+    print the closing summary."""
     if writer.manifest["rows"] == 0:  # every row longer than max_length: an empty cache would train nothing
         raise DataError(spec.source, None, None, f"all {stats.dropped or len(rows)} rows are longer than max_length="
                         f"{cfg.max_length} tokens: nothing to cache; raise --max-length")
-    manifest = writer.finish(len(bounds))
+    manifest = writer.finish(len(bounds), info)
     stats.rows, stats.dropped = manifest["rows"], manifest["dropped_rows"]
     print(summary_line(spec.name, path, stats, cfg.max_length))
     return stats
+
+
+def source_read(source: str, spec: DatasetSpec, limit: int | None) -> dict:
+    """How the rows were read (manifest ``info``, not compared on resume): the source as read (a hub dataset pinned
+    to its commit), split, format and limit, which `urm curate` reads again after checking that their fingerprint
+    is still the manifest's ``dataset_fingerprint``."""
+    return {"source_read": {"source": source, "split": spec.split, "format": spec.format, "limit": limit}}
 
 
 def summary_line(name: str, path: Path, stats: ExtractStats, max_length: int) -> str:
@@ -274,7 +364,35 @@ def summary_line(name: str, path: Path, stats: ExtractStats, max_length: int) ->
     if stats.parts_written:
         line += (f"; {stats.tokens} tokens in {stats.seconds:.1f} s = {stats.tokens_per_s:.0f} tok/s, "
                  f"padding {stats.padding_share:.1%}")
+        if stats.cached_tokens:
+            line += f", prefix cache reused {stats.cached_tokens / stats.tokens:.1%} of the tokens"
     return line
+
+
+def refuse_other_engine(path: Path, cfg: ExtractConfig) -> None:
+    """A cache is finished by the engine that began it: one begun by the other engine is refused in one line
+    (unless --overwrite). The two agree to ~1e-4 in float32 and less in bf16, so a mixed cache would hold rows
+    of two slightly different feature maps, and proving them equivalent would cost re-extracting them."""
+    from pipeline.cache import MANIFEST, CacheMismatch, read_manifest
+
+    if cfg.overwrite or not (path / MANIFEST).is_file():
+        return
+    begun = (read_manifest(path).get("extra") or {}).get("engine", "hf")
+    if begun != cfg.engine:
+        raise CacheMismatch(f"{path} was begun with --engine {begun}; this run has --engine {cfg.engine}: a cache is "
+                            f"finished by the engine that began it (their features differ slightly); run again with "
+                            f"--engine {begun}, or pass --overwrite to extract it anew with {cfg.engine}")
+
+
+def require_positions(config, cfg: ExtractConfig) -> None:
+    """--engine vllm reads at most the backbone's positions (vLLM refuses a longer max_model_len)."""
+    from pipeline.features.vllm_engine import EngineError
+
+    positions = getattr(config, "max_position_embeddings", None)
+    if isinstance(positions, int) and cfg.max_length > positions:
+        raise EngineError(f"--max-length {cfg.max_length} is more than the {positions} positions of the backbone "
+                          f"(max_position_embeddings), which vLLM does not run past: give --max-length {positions} "
+                          "or less, or use --engine hf")
 
 
 def warn_positions(config, cfg: ExtractConfig) -> None:
@@ -296,14 +414,24 @@ def run_extract(cfg: ExtractConfig, names=None) -> dict[str, ExtractStats]:
     from pipeline.features import distributed
 
     ranks = distributed.ranks_from_env()
+    if cfg.engine == "vllm":
+        from pipeline.features.vllm_engine import require_vllm, select_rank_gpus
+
+        require_vllm()  # at once, before any data or weights load
+        if ranks.distributed:  # before anything starts CUDA in this process
+            select_rank_gpus(ranks.local_rank, cfg.tensor_parallel_size)
     datasets = select_datasets(cfg, names)
-    if ranks.distributed:
+    for spec in datasets:  # the output rule (pipeline.outputs), before the backbone opens
+        check_output(Path(cfg.cache_dir) / spec.name, "--cache-dir", PARTS,
+                     inputs=[("--backbone", cfg.backbone), ("the dataset source", spec.source)])
+    if ranks.distributed and cfg.engine == "hf":
         cfg = dataclasses.replace(cfg, device=distributed.rank_device(cfg.device, ranks))
-    backbone = LazyBackbone(cfg)
+    backbone = LazyBackbone(cfg, ranks)
     distributed.start(ranks)
     try:
         stats = {spec.name: extract_dataset(backbone, spec, cfg, ranks) for spec in datasets}
         distributed.barrier(ranks)  # rank 0 finishes the last manifest while the others wait, in the group
         return stats
     finally:
+        backbone.close()
         distributed.stop(ranks)

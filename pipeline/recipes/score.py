@@ -17,8 +17,10 @@ were trained (config.json's ``urm.pair_temperature``).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -27,6 +29,7 @@ import numpy as np
 
 from pipeline.atomic import WRITE_CAUSES, WriteError, write_text
 from pipeline.configs import ScoreConfig
+from pipeline.outputs import FILE, check_output
 from pipeline.model import rewards_of
 from pipeline.serve import ScoreError, check_reward_fits, length_hint, length_limit, pair_probabilities, row_scores
 
@@ -93,11 +96,24 @@ def write_jsonl(rows, output: str | None) -> int:
     """Write rows to ``output`` atomically, or to stdout when None; returns how many."""
     lines = jsonl_lines(rows)
     if output is None:
-        sys.stdout.writelines(lines)
-        sys.stdout.flush()
+        write_stdout(lines)
     else:
         write_text(output, "".join(lines))
     return len(lines)
+
+
+def write_stdout(lines: list[str]) -> None:
+    """``lines`` to stdout; a stdout that cannot take them (a full disk, a closed pipe) is a ``WriteError`` saying
+    so, and stdout is pointed at /dev/null so that Python's flush at exit adds no second message."""
+    try:
+        sys.stdout.writelines(lines)
+        sys.stdout.flush()
+    except OSError as e:
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        why = ("its reader closed it before every row was written (a pipe into `head`?)" if e.errno == errno.EPIPE
+               else WRITE_CAUSES.get(e.errno, e.strerror or type(e).__name__))
+        raise WriteError(f"cannot write the scores to stdout: {why}") from None
 
 
 def jsonl_lines(rows) -> list[str]:
@@ -105,10 +121,16 @@ def jsonl_lines(rows) -> list[str]:
     return [json.dumps(row, allow_nan=False) + "\n" for row in rows]
 
 
-def check_output(output: str | None) -> None:
-    """Refuse, before anything loads, an output path that is a folder (writing it would fail at the end)."""
-    if output is not None and Path(output).is_dir():
-        raise WriteError(f"cannot write {output}: {WRITE_CAUSES[errno.EISDIR]}, e.g. -o {Path(output) / 'scores.jsonl'}")
+def earlier_scores(path: Path) -> bool:
+    """Whether the file at ``path`` is an earlier `urm score` output: its first line a JSON object with an ``id`` and a
+    ``score`` (a conversation) or ``chosen`` (a pair). Anything else there is the user's, replaced only with
+    --overwrite (``pipeline.outputs``)."""
+    try:
+        with open(path, "rb") as f:
+            first = json.loads(f.readline(1 << 20))
+    except (OSError, ValueError):
+        return False
+    return isinstance(first, dict) and "id" in first and ("score" in first or "chosen" in first)
 
 
 def score_file(model_dir: str, source: str, output: str | None, cfg: ScoreConfig, log=None) -> dict:
@@ -119,7 +141,9 @@ def score_file(model_dir: str, source: str, output: str | None, cfg: ScoreConfig
     from pipeline.serve import load_scorer, score_ids
 
     log = log or (lambda line: print(line, file=sys.stderr))
-    check_output(output)
+    if output is not None:  # before anything is read: the one output rule (pipeline.outputs)
+        check_output(output, "-o", FILE, inputs=[("--input", source), ("MODEL_DIR", model_dir)],
+                     overwrite=cfg.overwrite, own=earlier_scores)
     check_reward_fits(model_dir, cfg.reward)  # a transform the export cannot give stops here, before any read
     kind, items, report = load_input(source, cfg)
     log(report.summary())

@@ -82,6 +82,9 @@ def run_serve(model_dir: str, cfg: ServeConfig, log=None) -> dict:
     from pipeline.serve import Access, Batcher, Limits, RewardChoice, check_reward_fits, create_app
 
     log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+    if cfg.open_health and cfg.api_key is None:
+        raise ServeError("--open-health leaves GET /health open to callers without the key, but no key is set "
+                         "(--api-key or URM_API_KEY), so every route is open: set a key, or drop --open-health")
     sock = bind(cfg.host, cfg.port)  # before loading: a taken port fails in a second, not after the model loads
     try:
         check_reward_fits(model_dir, cfg.reward)  # and a --reward the export cannot give, before it loads

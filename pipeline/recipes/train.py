@@ -22,6 +22,7 @@ from pipeline.configs import GatingConfig, ValueHeadConfig, to_dict
 from pipeline.device import resolve_device
 from pipeline.errors import UserError
 from pipeline.model import CacheIdentity, HeadsError, HeadsMeta, StageRecord, heads_writer, load_heads, save_heads
+from pipeline.outputs import PARTS, check_output
 from pipeline.train import Fit, NoPreference
 from pipeline.train.optimization import flush_denormals
 
@@ -82,26 +83,50 @@ def preferences_cache(cfg: GatingConfig) -> str:
     return cfg.preferences_cache or os.path.join(cfg.run.cache_dir, "preferences")
 
 
+def stage_cache(cfg) -> tuple[str, str, str, str]:
+    """(the stage's cache, the kind it holds, the option the user gave it with, the path as typed there):
+    --ratings-cache / --preferences-cache, else --cache-dir (the cache named after the kind inside it)."""
+    kind = "ratings" if isinstance(cfg, ValueHeadConfig) else "preferences"
+    given = cfg.ratings_cache if kind == "ratings" else cfg.preferences_cache
+    path = ratings_cache(cfg) if kind == "ratings" else preferences_cache(cfg)
+    return (path, kind, f"--{kind}-cache", given) if given else (path, kind, "--cache-dir", cfg.run.cache_dir)
+
+
+def require_cache(cfg) -> dict:
+    """The manifest of the stage's cache (``stage_cache``), of the kind it takes; an error names the option."""
+    from pipeline.cache import require_kind
+
+    path, kind, option, typed = stage_cache(cfg)
+    return require_kind(path, kind, option, typed=typed)
+
+
 def holds_heads(train):
     """``train(cfg, ...)`` run holding ``cfg.run.heads_dir`` (one writer per heads folder), taken before it reads
     anything: a second training into the same folder is refused at once. It runs with denormals flushed to zero
     (``flush_denormals``), set before its first torch operation so that torch's worker threads start with it."""
     @functools.wraps(train)
     def holding(cfg, *args, **kwargs):
+        check_heads_dir(cfg)
         with heads_writer(cfg.run.heads_dir), flush_denormals():
             return train(cfg, *args, **kwargs)
 
     return holding
 
 
+def check_heads_dir(cfg) -> None:
+    """The output rule (pipeline.outputs) for --heads-dir: a folder training adds its two files to, never inside the
+    cache it reads, never a device or a place that cannot be written."""
+    path, _, option, _ = stage_cache(cfg)
+    check_output(cfg.run.heads_dir, "--heads-dir", PARTS, inputs=[(option, path)])
+
+
 @holds_heads
 def train_value_head(cfg: ValueHeadConfig, log=print) -> dict:
     """Stage 1 from the ratings cache into ``cfg.run.heads_dir``; returns a summary dict."""
-    from pipeline.cache import require_kind
     from pipeline.train import fit_value_head
 
     path = ratings_cache(cfg)
-    require_kind(path, "ratings", "--ratings-cache")
+    require_cache(cfg)
     rows, labels, _, manifest = feature_rows(path, cfg.run, pairs=False, log=log)
     names = list(manifest.get("label_names") or ATTRIBUTES)
     t0 = time.perf_counter()
@@ -126,11 +151,10 @@ def pair_margins(path: str, margin: torch.Tensor) -> torch.Tensor:
 @holds_heads
 def train_gating(cfg: GatingConfig, log=print) -> dict:
     """Stage 2 from the preference cache; adds the gate to the heads in ``cfg.run.heads_dir``."""
-    from pipeline.cache import require_kind
     from pipeline.train import fit_gate
 
     path = preferences_cache(cfg)
-    manifest = require_kind(path, "preferences", "--preferences-cache")
+    manifest = require_cache(cfg)
     value, meta = load_heads(cfg.run.heads_dir)
     identity = CacheIdentity.of(path, manifest)
     check_same_backbone(meta.value_head.cache, identity, cfg.run.heads_dir)
@@ -152,11 +176,13 @@ def train_heads(value_cfg: ValueHeadConfig, gating_cfg: GatingConfig, log=print)
     """Stage 1 then stage 2 (`urm train-heads`), the heads folder(s) held throughout, so that no other training
     comes between; both caches' kinds and the preference cache's checksums are checked first, so a wrong or
     damaged one stops the run before stage 1 spends its time."""
-    from pipeline.cache import require_kind, verify_cache
+    from pipeline.cache import verify_cache
 
+    for cfg in (value_cfg, gating_cfg):
+        check_heads_dir(cfg)
     with holding_heads(value_cfg, gating_cfg), flush_denormals():
-        require_kind(ratings_cache(value_cfg), "ratings", "--ratings-cache")
-        require_kind(preferences_cache(gating_cfg), "preferences", "--preferences-cache")
+        require_cache(value_cfg)
+        require_cache(gating_cfg)
         if gating_cfg.run.verify:
             verify_cache(preferences_cache(gating_cfg))
         return [train_value_head(value_cfg, log), train_gating(gating_cfg, log)]

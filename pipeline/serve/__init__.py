@@ -4,6 +4,9 @@
   requests  the server's request checks (``RequestError``: status + one message), the API key, a request's reward
   batcher   dynamic batching: one queue, one model call at a time, rows routed back
   app       the FastAPI app: /score, /get_reward (OpenRLHF), /health
+  engine_answer  the whole answer as one vector per response (vLLM's /pooling): its layout, made, read back
+  vllm_plugin    the vLLM plugin (entry point ``vllm.general_plugins``): registers the export's architectures
+  vllm_model     the export as a vLLM pooling model (imported by vLLM only: it imports vllm; nothing here does)
 
 Imports the cross-cutting modules, ``pipeline.model``, ``pipeline.features`` (batching), ``pipeline.data``
 (message checks) and ``pipeline.export`` (an export's checksums).
@@ -11,6 +14,7 @@ Imports the cross-cutting modules, ``pipeline.model``, ``pipeline.features`` (ba
 
 from pipeline.serve.app import Access, Service, create_app, results, rewards
 from pipeline.serve.batcher import BatchStats, Batcher
+from pipeline.serve.engine_answer import answer_layout, answer_vectors, read_answer
 from pipeline.serve.requests import (Limits, RequestError, RewardChoice, check_key, check_lengths, parse_json,
                                      read_body, reward_choice, reward_queries, score_items)
 from pipeline.serve.scoring import (ScoreError, check_export, check_reward_fits, ensemble_missing, export_config,
@@ -18,7 +22,8 @@ from pipeline.serve.scoring import (ScoreError, check_export, check_reward_fits,
 
 __all__ = [
     "Access", "BatchStats", "Batcher", "Limits", "RequestError", "RewardChoice", "ScoreError", "Service",
-    "check_export", "check_key", "check_lengths", "check_reward_fits", "create_app", "ensemble_missing",
-    "export_config", "length_hint", "length_limit", "load_scorer", "pair_probabilities", "parse_json", "read_body",
-    "results", "reward_choice", "reward_queries", "rewards", "row_scores", "score_ids", "score_items",
+    "answer_layout", "answer_vectors", "check_export", "check_key", "check_lengths", "check_reward_fits",
+    "create_app", "ensemble_missing", "export_config", "length_hint", "length_limit", "load_scorer",
+    "pair_probabilities", "parse_json", "read_answer", "read_body", "results", "reward_choice",
+    "reward_queries", "rewards", "row_scores", "score_ids", "score_items",
 ]

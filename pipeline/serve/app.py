@@ -84,7 +84,7 @@ class Access:
     """Who may call: with ``api_key`` every request needs ``Authorization: Bearer KEY``; ``open_health``
     leaves GET /health open without it."""
 
-    api_key: str | None = None
+    api_key: str | None = field(default=None, repr=False)  # never shown
     open_health: bool = False
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.data import RowError, check_ends_with_assistant, messages_from
-from pipeline.model import RISK_TRANSFORMS, TRANSFORMS, risk_ok
+from pipeline.model import RISK_RANGE, RISK_TRANSFORMS, TRANSFORMS, risk_ok
 from pipeline.serve.scoring import ensemble_missing
 
 
@@ -56,14 +56,14 @@ class RewardChoice:
 
 def reward_choice(payload, default: RewardChoice, members: int) -> RewardChoice:
     """The request's ``reward`` / ``risk`` (each optional: the server's default), 422 when the model cannot
-    give it or the risk is not a finite number, 0 or more."""
+    give it or the risk is out of range (``RISK_RANGE``)."""
     if not isinstance(payload, dict) or ("reward" not in payload and "risk" not in payload):
         return default
     transform, risk = payload.get("reward", default.transform), payload.get("risk", default.risk)
     if transform not in TRANSFORMS:
         raise RequestError(422, f"'reward' must be one of {', '.join(TRANSFORMS)}, got {_kind(transform)}")
     if not risk_ok(risk):
-        raise RequestError(422, f"'risk' must be a finite number, 0 or more, got {_kind(risk)}")
+        raise RequestError(422, f"'risk' must be {RISK_RANGE}, got {_kind(risk)}")
     why = ensemble_missing(transform, members)
     if why:
         raise RequestError(422, why)

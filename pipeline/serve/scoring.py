@@ -82,6 +82,7 @@ def load_scorer(model_dir: str, dtype: str = "auto", device: str = "auto", verif
     config = export_config(model_dir)
     if config.urm.get("layout") != "published":
         check_hidden_size(path, config, check_export(path, verify))
+    check_weights(path, config)
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(scoring_dtype(dtype), dev)
     if dtype in ("auto", "auto-bf16") and dev.type == "cpu" and torch_dtype == torch.float32 and log is not None:
@@ -96,7 +97,35 @@ def load_scorer(model_dir: str, dtype: str = "auto", device: str = "auto", verif
     except Exception as e:  # truncated or missing shards, a damaged tokenizer
         raise ScoreError(f"{path}: the export cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0]}); "
                          "export it again with `urm export`") from None
+    if bad := nonfinite_parameter(model):
+        raise ScoreError(f"{path}: its weight {bad} holds NaN or infinite values, so every score would be "
+                         "meaningless; restore the checkpoint's files, or export it again")
     return model.to(dev).eval(), tokenizer
+
+
+def check_weights(path: Path, config) -> None:
+    """Before the weights load: every tensor the model class needs for this config is in the files with its shape,
+    and the heads' tensors are finite (``pipeline.model.check_checkpoint_tensors``); the class is built on the meta
+    device for the names and shapes, so nothing is allocated."""
+    from pipeline.model import check_checkpoint_tensors
+    from pipeline.model.modeling_urm import URMForSequenceClassification
+
+    try:
+        with torch.device("meta"):
+            wanted = {name: tuple(t.shape) for name, t in URMForSequenceClassification(config).state_dict().items()}
+    except Exception as e:  # a config.json whose values no model can be built from
+        raise ScoreError(f"{path / 'config.json'}: no model can be built from it ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}); export it again with `urm export`") from None
+    check_checkpoint_tensors(path, wanted, UNNESTED_GATE, finite=lambda name: not name.startswith("model."))
+
+
+def nonfinite_parameter(model) -> str | None:
+    """The name of the first parameter holding a NaN or an infinity, or None. A sum in float32 per tensor finds
+    them without a copy of the weights (an overflowing sum is then checked element by element)."""
+    for name, p in model.named_parameters():
+        if not torch.isfinite(torch.sum(p.detach(), dtype=torch.float32)) and not bool(p.detach().isfinite().all()):
+            return name
+    return None
 
 
 def check_export(path: Path, verify: bool):
