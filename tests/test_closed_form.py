@@ -254,3 +254,35 @@ def test_fewer_rows_than_features_fit_in_the_dual():
     ref_rows, _ = eigh_member_rows(x, y.double(), weights, u, alpha)
     members = fit.heads.ensemble.weight.detach().double()[:, 0::2]
     assert (members - ref_rows).abs().max() < 1e-6 * ref_rows.abs().max()
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_leave_one_out_residuals_from_the_paths_leverages_are_the_direct_ones(with_bias):
+    """The fit takes each row's leave-one-out residual from loo_path's leverages and the fitted rows' predictions
+    (no second projection pass): the same numbers as loo_residuals, which projects every row again."""
+    x, t = data(60, 9, k=3)
+    m = R.moments(chunks(x, t)())
+    sp = R.spectrum(m, None if with_bias else R.common_direction(m))
+    alphas = R.grid_for(sp)
+    path, lev = R.loo_path(sp, m, chunks(x, t), alphas, leverages=True)
+    assert torch.equal(path, R.loo_path(sp, m, chunks(x, t), alphas)) and lev.shape == (len(alphas), 60)
+    at = torch.tensor([3, 60, 100])  # one alpha per target
+    rows, bias = R.ridge_rows(sp, m, alphas[at])
+    fast = R.loo_residuals_from(t, x @ rows.T + bias, lev[at].T)
+    direct = R.loo_residuals(sp, m, x, t, alphas[at])
+    assert relative(fast, direct) < 1e-10
+
+
+def test_sigmas_gram_is_the_full_gram_less_the_calibration_rows(monkeypatch):
+    """The sigma fit's Gram (the rows outside the calibration split) is the means' Gram less the calibration rows':
+    the value head is the one a Gram summed over those rows gives, to float64 round-off (stored in float32)."""
+    from pipeline.train import closed_form
+
+    h, y = linear_ratings(n=400, d=24, seed=5)
+    cfg = build(ValueHeadConfig, dict(device="cpu", ensemble=1))
+    fast = fit_value_head(h, y, cfg, **QUIET).heads.score.weight.detach().double()
+    monkeypatch.setattr(closed_form, "gram_of", lambda rows, idx: torch.zeros(()))  # unused below
+    real = closed_form.decomposed
+    monkeypatch.setattr(closed_form, "decomposed", lambda rows, idx, t, u, gram=None: real(rows, idx, t, u))
+    slow = fit_value_head(h, y, cfg, **QUIET).heads.score.weight.detach().double()
+    assert relative(fast, slow) < 1e-6 and not torch.equal(fast[1::2], torch.zeros_like(fast[1::2]))

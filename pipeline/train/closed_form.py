@@ -76,18 +76,27 @@ def predict_rows(rows, idx: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     return torch.cat(out) if out else weight.new_zeros(0, weight.shape[0])
 
 
-def decomposed(rows, idx: torch.Tensor, t: torch.Tensor, u) -> tuple[R.Moments, R.Spectrum, torch.Tensor | None]:
+def decomposed(rows, idx: torch.Tensor, t: torch.Tensor, u,
+               gram: torch.Tensor | None = None) -> tuple[R.Moments, R.Spectrum, torch.Tensor | None]:
     """(moments, spectrum, u) of the ridge fit of targets ``t`` on the samples ``idx``: the n x n dual when they are
-    fewer than the features (their rows held, float64), else the d x d Gram. ``u``: the intercept's direction,
-    "common direction" to take the rows' own (``R.common_direction``), or None for a plain bias."""
+    fewer than the features (their rows held, float64), else the d x d Gram (``gram``, when the caller has it:
+    then the pass over the rows sums only the rest). ``u``: the intercept's direction, "common direction" to take
+    the rows' own (``R.common_direction``), or None for a plain bias."""
     dual = R.use_dual(len(idx), rows.d)
-    m = R.moments(chunks_of(rows, idx, t)(), gram=not dual)
+    m = R.moments(chunks_of(rows, idx, t)(), gram=not dual and gram is None)
+    if not dual and gram is not None:
+        m.gram = gram
     if isinstance(u, str):
         u = R.common_direction(m)
     if dual:
         x = torch.cat([x.double() for x, _, _ in chunks_of(rows, idx, t)()])
         return m, R.dual_spectrum(x, u), u
     return m, R.spectrum(m, u), u
+
+
+def gram_of(rows, idx: torch.Tensor) -> torch.Tensor:
+    """sum x xᵀ [d, d] over the samples ``idx``, in float64."""
+    return R.moments(chunks_of(rows, idx, torch.zeros(len(idx), 1, dtype=torch.float64))()).gram
 
 
 def bootstrap_members(rows, fits: list, members: int, seed: int, chosen: dict, names, mu_w, mu_b):
@@ -142,17 +151,20 @@ def fit_ridge_value_head(features, labels: torch.Tensor, cfg: ValueHeadConfig, n
         t = y[idx][:, cols]
         m, sp, u = decomposed(rows, idx, t, None if cfg.bias else "common direction")
         grid = R.grid_for(sp)
-        raw = R.loo_path(sp, m, chunks_of(rows, idx, t), grid)
+        raw, lev = R.loo_path(sp, m, chunks_of(rows, idx, t), grid, leverages=True)
         path = raw if cfg.ridge_alpha == "per-attribute" else raw.mean(1, keepdim=True).expand(-1, len(cols))
         alpha, _, edge = R.pick(path, grid)  # shared: one alpha for this fit's attributes, by their summed error
-        best = raw[path.argmin(0), torch.arange(len(cols), device=raw.device)]  # each attribute's own at its alpha
+        at = path.argmin(0)
+        best = raw[at, torch.arange(len(cols), device=raw.device)]  # each attribute's own at its alpha
         w, b = R.ridge_rows(sp, m, alpha)
-        r = torch.cat([R.loo_residuals(sp, m, x, tt, alpha) for x, tt, _ in chunks_of(rows, idx, t)()])
+        r = R.loo_residuals_from(t, predict_rows(rows, idx, w, b), lev[at].T)
         resid[idx[:, None], torch.tensor(cols, device=device)[None, :]] = r
-        # sigma: ridge of log r^2 on the rows outside the calibration split, alpha by GCV (the same features)
+        # sigma: ridge of log r^2 on the rows outside the calibration split, alpha by GCV (the same features; their
+        # Gram is the full one less the calibration rows', a pass over those few rather than over the rest)
         own = torch.isin(idx, rest)
         z = R.log_sigma_targets(r[own], LOG_R2_FLOOR)
-        ms, sps, _ = decomposed(rows, idx[own], z, u)
+        gram = None if m.gram is None or own.all() else m.gram - gram_of(rows, idx[~own])
+        ms, sps, _ = decomposed(rows, idx[own], z, u, gram)
         grid_s = R.grid_for(sps)
         alpha_s, _, _ = R.pick(R.gcv_path(sps, ms, grid_s), grid_s)
         lw, lb = R.log_sigma_from(*R.ridge_rows(sps, ms, alpha_s), u)

@@ -169,13 +169,16 @@ def ridge_rows(sp: Spectrum, m: Moments, alpha: torch.Tensor) -> tuple[torch.Ten
     return beta.T, intercept
 
 
-def loo_path(sp: Spectrum, m: Moments, chunks: Chunks, alphas: torch.Tensor) -> torch.Tensor:
+def loo_path(sp: Spectrum, m: Moments, chunks: Chunks, alphas: torch.Tensor,
+             leverages: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Exact leave-one-out mean squared error [A, K] of every alpha [A] (absolute) for every target, in one
-    pass over the (unweighted) rows: (t_i - yhat_i) / (1 - h_ii), squared and averaged."""
+    pass over the (unweighted) rows: (t_i - yhat_i) / (1 - h_ii), squared and averaged. With ``leverages`` also
+    every row's h_ii at every alpha [A, n] (what ``loo_residuals`` needs at the chosen one, then without the pass
+    that projects every row on V again)."""
     q, coef = targets_side(sp, m)
     inv = 1.0 / (sp.lam[None, :] + alphas.double()[:, None])  # [A, r]
     qa = inv[:, :, None] * q[None]  # [A, r, K]
-    total, n = torch.zeros(len(alphas), q.shape[1], dtype=torch.float64, device=q.device), 0
+    total, n, levs = torch.zeros(len(alphas), q.shape[1], dtype=torch.float64, device=q.device), 0, []
     for x, t, _ in chunks():
         c = sp.c(x)
         p = (x.double() - c[:, None] * sp.g[None, :]) @ sp.V  # [b, r] = V^T z_i
@@ -183,7 +186,9 @@ def loo_path(sp: Spectrum, m: Moments, chunks: Chunks, alphas: torch.Tensor) -> 
         lev = (p.square() @ inv.T).T + (c.square() / sp.ctc)[None, :]  # [A, b]
         total += ((t.double()[None] - pred) / (1 - lev)[..., None]).square().sum(1)
         n += len(x)
-    return total / n
+        if leverages:
+            levs.append(lev)
+    return (total / n, torch.cat(levs, 1)) if leverages else total / n
 
 
 def loo_residuals(sp: Spectrum, m: Moments, x: torch.Tensor, t: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
@@ -194,6 +199,12 @@ def loo_residuals(sp: Spectrum, m: Moments, x: torch.Tensor, t: torch.Tensor, al
     inv = 1.0 / (sp.lam[:, None] + alpha.double()[None, :])  # [r, K]
     pred = p @ (inv * q) + c[:, None] * coef[None, :]
     lev = p.square() @ inv + (c.square() / sp.ctc)[:, None]  # [b, K]
+    return (t.double() - pred) / (1 - lev)
+
+
+def loo_residuals_from(t: torch.Tensor, pred: torch.Tensor, lev: torch.Tensor) -> torch.Tensor:
+    """Leave-one-out residuals [n, K] from the fit's predictions ``pred`` [n, K] and leverages ``lev`` [n, K]
+    (``loo_path``'s at the chosen alphas): (t - yhat) / (1 - h_ii), as ``loo_residuals`` without its pass."""
     return (t.double() - pred) / (1 - lev)
 
 
