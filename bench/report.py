@@ -375,6 +375,7 @@ def machine_line(r: dict) -> str:
     load = before or m.get("load_average")
     parts = [m.get("processor"), f"{m['cpu_count']} CPUs" if m.get("cpu_count") else None,
              f"torch {m['torch']}" if m.get("torch") else None,
+             f"{r['torch_threads']} torch thread{'s' * (r['torch_threads'] != 1)}" if r.get("torch_threads") else None,
              f"load average {' / '.join(f'{x:.1f}' for x in load)} (1 / 5 / 15 min) "
              + ("when it started" if before else "when it ended") if load else None]
     parts = [p for p in parts if p]
