@@ -413,3 +413,16 @@ def test_a_bf16_checkpoint_loads_into_fp32_by_casting_as_transformers_loads_it(t
     direct, cast = load(torch.float32), load_in_dtype(load, tmp_path / "bf16", torch.float32)
     a, b = direct.state_dict(), cast.state_dict()
     assert all(a[k].dtype == b[k].dtype == torch.float32 and torch.equal(a[k], b[k]) for k in a)
+
+
+def test_nonfinite_weights_are_found_chunk_by_chunk_and_large_finite_ones_pass():
+    from pipeline.serve.scoring import nonfinite_parameter
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 3))
+    assert nonfinite_parameter(model, chunk=5) is None
+    with torch.no_grad():
+        model[0].weight.fill_(3e38)  # finite, but every chunk's float32 sum overflows
+    assert nonfinite_parameter(model, chunk=5) is None
+    with torch.no_grad():
+        model[1].weight[-1, -1] = float("nan")  # in the last chunk of the last weight
+    assert nonfinite_parameter(model.to(torch.bfloat16), chunk=5) == "1.weight"

@@ -119,12 +119,15 @@ def check_weights(path: Path, config) -> None:
     check_checkpoint_tensors(path, wanted, UNNESTED_GATE, finite=lambda name: not name.startswith("model."))
 
 
-def nonfinite_parameter(model) -> str | None:
-    """The name of the first parameter holding a NaN or an infinity, or None. A sum in float32 per tensor finds
-    them without a copy of the weights (an overflowing sum is then checked element by element)."""
+def nonfinite_parameter(model, chunk: int = 1 << 22) -> str | None:
+    """The name of the first parameter holding a NaN or an infinity, or None. Checked ``chunk`` elements at a time
+    (a float32 sum per chunk; an overflowing sum is then checked element by element), so the check holds at most
+    16 MB more than the weights: a float32 copy of a whole bf16 embedding (an 8B's: 2 GB) would not fit the
+    memory the weights were loaded to fit."""
     for name, p in model.named_parameters():
-        if not torch.isfinite(torch.sum(p.detach(), dtype=torch.float32)) and not bool(p.detach().isfinite().all()):
-            return name
+        for part in p.detach().reshape(-1).split(chunk):
+            if not torch.isfinite(part.float().sum()) and not bool(part.isfinite().all()):
+                return name
     return None
 
 
