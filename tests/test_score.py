@@ -220,7 +220,7 @@ def test_reward_lcb_is_score_minus_k_std_per_row_and_the_others_as_stated(tiny, 
     convs = write_jsonl("convs.jsonl", [{"id": f"c{i}", "messages": c} for i, c in enumerate(CONVERSATIONS)])
     output = tmp_path / "lcb.jsonl"
     result = runner.invoke(app, ["score", str(tiny[2]), "--input", str(convs), "-o", str(output), "--reward", "lcb",
-                                 "--risk", "1", "--device", "cpu"])
+                                 "--risk", "1", "--device", "cpu", "--dtype", "float32"])
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in output.read_text().splitlines()]
     assert len(rows) == len(CONVERSATIONS)
