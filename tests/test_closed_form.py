@@ -286,3 +286,13 @@ def test_sigmas_gram_is_the_full_gram_less_the_calibration_rows(monkeypatch):
     monkeypatch.setattr(closed_form, "decomposed", lambda rows, idx, t, u, gram=None: real(rows, idx, t, u))
     slow = fit_value_head(h, y, cfg, **QUIET).heads.score.weight.detach().double()
     assert relative(fast, slow) < 1e-6 and not torch.equal(fast[1::2], torch.zeros_like(fast[1::2]))
+
+
+def test_a_sigma_far_off_the_errors_is_flagged_and_a_sound_one_is_not():
+    from pipeline.train.closed_form import sigma_warning
+
+    h, y = linear_ratings(n=400, d=24, seed=7)
+    fit = fit_value_head(h, y, build(ValueHeadConfig, dict(device="cpu", ensemble=1)), **QUIET)
+    assert sigma_warning(fit.val, 400, 24) is None and "sigma_warning" not in fit.val
+    assert "not to be trusted" in sigma_warning({**fit.val, "mean_sigma": 11 * fit.val["mse"] ** 0.5}, 24, 4096)
+    assert "not to be trusted" in sigma_warning({**fit.val, "nll": float("inf")}, 24, 4096)

@@ -426,3 +426,13 @@ def test_nonfinite_weights_are_found_chunk_by_chunk_and_large_finite_ones_pass()
     with torch.no_grad():
         model[1].weight[-1, -1] = float("nan")  # in the last chunk of the last weight
     assert nonfinite_parameter(model.to(torch.bfloat16), chunk=5) == "1.weight"
+
+
+def test_a_score_that_is_not_finite_is_refused_naming_the_row_and_field():
+    from pipeline.recipes.score import jsonl_lines
+    from pipeline.serve import ScoreError
+
+    good = {"id": "a", "score": 1.0, "attribute_stds": [0.5, 0.5]}
+    assert jsonl_lines([good]) == ['{"id": "a", "score": 1.0, "attribute_stds": [0.5, 0.5]}\n']
+    with pytest.raises(ScoreError, match=r"row 2 \(id 'b'\): attribute_stds.1 is inf"):
+        jsonl_lines([good, {"id": "b", "score": 1.0, "attribute_stds": [0.5, float("inf")]}])

@@ -117,8 +117,30 @@ def write_stdout(lines: list[str]) -> None:
 
 
 def jsonl_lines(rows) -> list[str]:
-    """Rows as JSON lines (NaN refused: a non-finite number is a bug, not a value)."""
-    return [json.dumps(row, allow_nan=False) + "\n" for row in rows]
+    """Rows as JSON lines. A non-finite number is refused, naming the row and the field: it is the model's fault on
+    that input (a sigma head that overflows there), never a value to pass on."""
+    lines = []
+    for i, row in enumerate(rows):
+        try:
+            lines.append(json.dumps(row, allow_nan=False) + "\n")
+        except ValueError:
+            field, value = nonfinite_field(row)
+            raise ScoreError(f"row {i + 1} (id {row.get('id')!r}): {field} is {value}: the model gave a number that is "
+                             "not finite for it, so nothing was written. Its heads overflow on this input (a sigma "
+                             "fitted on too few rows?): check heads.json's value_head.val, retrain on more rows") from None
+    return lines
+
+
+def nonfinite_field(value, name: str = "") -> tuple[str, float] | tuple[None, None]:
+    """(the dotted name, the value) of the first NaN or infinity in a row (nested dicts and lists), or (None, None)."""
+    if isinstance(value, float) and not np.isfinite(value):
+        return name, value
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, v in items:
+        found = nonfinite_field(v, f"{name}.{key}" if name else str(key))
+        if found[0] is not None:
+            return found
+    return None, None
 
 
 def earlier_scores(path: Path) -> bool:

@@ -22,6 +22,7 @@ heads are built.
 
 from __future__ import annotations
 
+import math
 import time
 from typing import TYPE_CHECKING
 
@@ -209,6 +210,9 @@ def fit_ridge_value_head(features, labels: torch.Tensor, cfg: ValueHeadConfig, n
     ls_all = predict_rows(rows, every, ls_w, ls_b)
     val = {**M.regression_report(mu_loo, ls_all, torch.where(labelled, y, torch.nan), names),
            "estimate": "leave-one-out over every rated row (sigma as calibrated)"}
+    if untrustworthy := sigma_warning(val, n, d):
+        val["sigma_warning"] = untrustworthy
+        log(f"warning: {untrustworthy}")
     seconds = time.perf_counter() - t0
     selection = {"solver": "ridge (closed form)", "criterion": "exact leave-one-out MSE",
                  "alpha_is": ("one alpha shared by the attributes (their summed leave-one-out error)"
@@ -232,6 +236,25 @@ def fit_ridge_value_head(features, labels: torch.Tensor, cfg: ValueHeadConfig, n
                    SigmaCalibration("as trained", "ridge", 0, {}, {}))
     history = [{"epoch": 0, "seconds": seconds, "examples_per_s": n / seconds if seconds else None}]
     return Fit(heads, history, val, [], scaling, calibration, selection)
+
+
+def sigma_warning(val: dict, n: int, d: int) -> str | None:
+    """What is wrong with the fitted sigma, judged on the leave-one-out errors of every rated row, or None: a NLL that
+    is not finite, or a mean sigma over 10x the errors' RMS. It happens with few rated rows (a sigma that varies
+    with h then follows each row's own residual, and its calibration has a handful of rows to go on).
+
+    >>> sigma_warning({"nll": 1.2, "mean_sigma": 0.7, "mse": 0.5}, 400, 576) is None
+    True
+    >>> sigma_warning({"nll": 7e77, "mean_sigma": 6.2e18, "mse": 0.41}, 24, 4096)[:46]
+    'sigma is not to be trusted: mean sigma 6.2e+18'
+    """
+    rms = math.sqrt(val["mse"]) if val.get("mse") is not None else math.nan
+    nll, sigma = val.get("nll"), val.get("mean_sigma")
+    if nll is None or sigma is None or (math.isfinite(nll) and math.isfinite(sigma) and sigma <= 10 * rms):
+        return None
+    return (f"sigma is not to be trusted: mean sigma {sigma:.2g} against a leave-one-out error RMS of {rms:.3g}, NLL "
+            f"{nll:.3g}, on {n} rated rows of {d} features (too few for a sigma that varies with h): score_std and "
+            "every P(A better) from these heads are meaningless; rate more rows")
 
 
 def build_ridge_heads(d: int, k: int, mu_w, mu_b, ls_w, ls_b, member_mu: list, bias: bool) -> Heads:
