@@ -106,9 +106,9 @@ def last_token_states(model_dir: Path, ids: list[list[int]]) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def published_export(tmp_path_factory):
-    """A tiny reward-model backbone, 2-member ensemble (extra tensors SGLang must skip) + a URM gate as wide as
-    the backbone (the published shape), exported."""
-    return export_tiny(tmp_path_factory.mktemp("published"), reward_model=True, members=2, gate_hidden=D)
+    """A tiny reward-model backbone, 2-member ensemble and a ridge posterior (extra tensors SGLang must skip) + a URM
+    gate as wide as the backbone (the published shape), exported."""
+    return export_tiny(tmp_path_factory.mktemp("published"), reward_model=True, members=2, gate_hidden=D, posterior=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -146,7 +146,9 @@ def test_sglangs_loader_fills_every_parameter_and_skips_only_our_extra_tensors(p
         if shape is not None:  # default_weight_loader asserts equal sizes
             assert [tuple(t.shape) for t in loaded[name]] == [shape], name
     skipped = {n for n in tensors if sglang_target(n, params, config["tie_word_embeddings"]) is None}
-    assert skipped == {"ensemble.weight", "base_score.weight"}
+    assert skipped == {"ensemble.weight", "base_score.weight"} | {n for n in tensors if n.startswith("posterior.")}
+    assert {n.split(".")[-1] for n in skipped if n.startswith("posterior.")} == {
+        "basis", "shrink", "outside", "noise", "center", "direction", "column"}
 
 
 def test_sglangs_forward_on_the_export_equals_its_reward(published_export):
