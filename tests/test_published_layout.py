@@ -126,7 +126,7 @@ def test_the_export_is_laid_out_as_the_published_urm(published_export):
         "weights.fc.2.bias": (D,), "weights.fc.4.weight": (K, D), "weights.fc.4.bias": (K,)}
     card = (out / "README.md").read_text()
     assert PUBLISHED_ARCHITECTURE in card and "--is-embedding --trust-remote-code" in card
-    assert "`ensemble.weight`, `base_score.*`" in card  # what SGLang skips, named
+    assert "`ensemble.weight`, `posterior.*`, `base_score.*`" in card  # what SGLang skips, named
     front = card.split("---")[1]
     assert "library_name: transformers" in front and "pipeline_tag: text-classification" in front
 
