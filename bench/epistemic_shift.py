@@ -1,0 +1,137 @@
+"""Epistemic std in closed form against the bootstrap spread on real features: which flags rows of another source,
+and what each costs, side by side in one run.
+
+SmolLM2-135M-Instruct features (fp32, CPU) of real rows: the value head (the default closed-form ridge, 8 bootstrap
+members) is fitted on SteerLM rated rows (the train side of ``bench/evaluate_real.py``'s split by conversation, rows
+up to ``--max-length`` tokens: shorter than evaluate_real's 2048, so the run takes minutes); the reference is the
+held-out SteerLM rows, the other sources both sides of the shortest UltraFeedback eval pairs and of the shortest
+hh-rlhf harmless pairs. For each row signal, stage 1 only (equal gate weights), the AUROC with which it tells the
+other source's rows from the reference rows (``pipeline.eval.shift_metrics``): ``epistemic_std`` (the ridge
+posterior, METHOD.md 10), ``ensemble_std`` (the bootstrap members' spread, METHOD.md 4) and ``score_std``
+(aleatoric). Cost, each the median of ``--repeats`` runs in this process: the fit with 8 members less the fit with 1
+(training 8 bootstrap members) against building the posterior factor from the fit's spectrum plus epistemic_std on
+every scored row. Writes bench/results/epistemic_shift.json; caches are resumable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+from bench import HH_RLHF, SHARED_DATA, machine_info, write_result
+
+ROOT = Path(__file__).resolve().parents[1]
+UF_EVAL = SHARED_DATA / "ultrafeedback-binarized-sample-eval.jsonl"
+MEMBERS = 8
+
+
+def median_seconds(fn, repeats: int) -> tuple[float, object]:
+    """(median wall seconds of ``repeats`` calls of ``fn``, the last call's result)."""
+    times, out = [], None
+    for _ in range(repeats):
+        t = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times), out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    import torch
+
+    from bench.evaluate_real import STEERLM, shortest_pairs_file, split_steerlm
+    from pipeline.cache import read_features, read_pairs
+    from pipeline.configs import SMOLLM2_GGUF, DatasetSpec, ExtractConfig, ValueHeadConfig, build
+    from pipeline.eval import shift_metrics
+    from pipeline.eval.baselines import heads_scores
+    from pipeline.recipes.extract import run_extract
+    from pipeline.train import fit_value_head
+    from pipeline.train import ridge as R
+    from pipeline.train.closed_form import decomposed, label_groups
+    from pipeline.train.feature_stream import as_rows
+
+    ap = argparse.ArgumentParser(prog="python -m bench epistemic_shift")
+    ap.add_argument("--max-length", type=int, default=640, help="longest SteerLM row (tokens) to train on")
+    ap.add_argument("--uf-pairs", type=int, default=100, help="shortest UltraFeedback eval pairs (other source)")
+    ap.add_argument("--hh-pairs", type=int, default=100, help="shortest hh-rlhf harmless pairs (other source)")
+    ap.add_argument("--held-out", type=float, default=0.25, help="share of SteerLM conversations held out")
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs of each cost, median kept")
+    ap.add_argument("--cache-dir", default=str(ROOT / "cache" / "bench-epistemic-shift"))
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv or [])
+    if not (STEERLM.is_file() and UF_EVAL.is_file() and HH_RLHF.is_file()):
+        print(f"skipped: the real data in {SHARED_DATA} is not there")
+        return {}
+    cache = Path(args.cache_dir)
+    data = cache / "data"
+    steer_train, steer_test = split_steerlm(data, args.held_out, args.seed)
+    uf = shortest_pairs_file(UF_EVAL, args.uf_pairs, data / f"uf-eval-shortest{args.uf_pairs}.jsonl")
+    hh = shortest_pairs_file(HH_RLHF, args.hh_pairs, data / f"hh-harmless-shortest{args.hh_pairs}.jsonl")
+    common = dict(backbone=SMOLLM2_GGUF, cache_dir=str(cache), storage_dtype="float32", device="cpu", part_rows=256,
+                  max_length=args.max_length, max_tokens_per_batch=8192)
+    t0 = time.perf_counter()
+    stats = run_extract(ExtractConfig(**common, datasets={
+        "ratings": DatasetSpec("ratings", "ratings", str(steer_train)),
+        "heldout_ratings": DatasetSpec("heldout_ratings", "ratings", str(steer_test)),
+        "ultrafeedback_eval": DatasetSpec("ultrafeedback_eval", "preferences", str(uf)),
+        "hh_rlhf_harmless": DatasetSpec("hh_rlhf_harmless", "preferences", str(hh))}))
+    extract_seconds = time.perf_counter() - t0
+    train = read_features(cache / "ratings")
+    x, y = train.embedding.float(), train.labels.float()
+    quiet = dict(log=lambda line: None)
+    cfg = {m: build(ValueHeadConfig, dict(device="cpu", seed=args.seed, ensemble=m)) for m in (1, MEMBERS)}
+    one_s, _ = median_seconds(lambda: fit_value_head(x, y, cfg[1], **quiet), args.repeats)
+    many_s, fit = median_seconds(lambda: fit_value_head(x, y, cfg[MEMBERS], **quiet), args.repeats)
+    heads = fit.heads.eval()
+    rows = as_rows(x, torch.device("cpu"))
+    groups = []
+    for cols, idx in label_groups(y.double()):  # each label group's spectrum, as the fit decomposes it
+        t = y.double()[idx][:, cols]
+        _, sp, _ = decomposed(rows, idx, t, "common direction")
+        alpha = torch.tensor([fit.selection["alpha"][a] for a in (fit.selection["alpha"])], dtype=torch.float64)[cols]
+        noise = torch.tensor([fit.selection["loo_mse"][a] for a in fit.selection["loo_mse"]], dtype=torch.float64)[cols]
+        groups.append((sp, alpha, noise))
+    reference = read_features(cache / "heldout_ratings").embedding.float()
+    others = {name: torch.cat([p.chosen.embedding, p.rejected.embedding]).float()
+              for name in ("ultrafeedback_eval", "hh_rlhf_harmless") for p in [read_pairs(cache / name)]}
+    scored = torch.cat([reference, *others.values()])
+
+    def epistemic():
+        for sp, alpha, noise in groups:
+            R.posterior_factor(sp, alpha, noise)
+        with torch.no_grad():
+            return heads(scored)["epistemic_std"]
+
+    epistemic_s, _ = median_seconds(epistemic, args.repeats)
+    ref_scores = heads_scores(heads, reference)
+    shift = {}
+    for name, h in others.items():
+        got = shift_metrics(ref_scores, heads_scores(heads, h))
+        shift[name] = {"rows": got["rows"], "reference_rows": got["reference_rows"], "auroc": got["auroc"]}
+    members_s = max(many_s - one_s, 0.0)
+    result = {"what": __doc__.split("\n")[0], "backbone": SMOLLM2_GGUF,
+              "data": {name: {"rows": s.rows, "dropped": s.dropped} for name, s in stats.items()},
+              "train_rows": len(x), "hidden_size": x.shape[1],
+              "decomposition": fit.selection["decomposition"], "posterior_rank": [g["rank"] for g in
+                                                                                   heads.architecture["posterior"]],
+              "alpha": fit.selection["alpha"], "loo_mse": fit.selection["loo_mse"],
+              "shift": shift,
+              "epistemic_above_bootstrap": {n: v["auroc"]["epistemic_std"] > v["auroc"]["ensemble_std"]
+                                            for n, v in shift.items()},
+              "cost": {"fit_1_member_seconds": one_s, f"fit_{MEMBERS}_members_seconds": many_s,
+                       f"training_{MEMBERS}_bootstrap_members_seconds": members_s,
+                       "epistemic_seconds": epistemic_s, "epistemic_rows_scored": len(scored),
+                       "epistemic_is_what": "posterior_factor of every label group's spectrum + epistemic_std of "
+                                            "every scored row (the spectrum itself is the fit's, needed without it)",
+                       "members_over_epistemic": members_s / epistemic_s if epistemic_s else None,
+                       "at_least_5x_faster": members_s >= 5 * epistemic_s, "repeats": args.repeats},
+              "extract_seconds": extract_seconds, "machine": machine_info()}
+    path = write_result("epistemic_shift", result)
+    print({k: result[k] for k in ("shift", "epistemic_above_bootstrap", "cost")})
+    print(f"-> {path}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
