@@ -10,7 +10,9 @@ other source's rows from the reference rows (``pipeline.eval.shift_metrics``): `
 posterior, METHOD.md 10), ``ensemble_std`` (the bootstrap members' spread, METHOD.md 4) and ``score_std``
 (aleatoric). Cost, each the median of ``--repeats`` runs in this process: the fit with 8 members less the fit with 1
 (training 8 bootstrap members) against building the posterior factor from the fit's spectrum plus epistemic_std on
-every scored row. Writes bench/results/epistemic_shift.json; caches are resumable.
+every scored row. The scale of the number, on the held-out rated rows: their MSE against the fit's leave-one-out MSE
+s^2 plus the mean epistemic variance there (equal if both are right). Writes bench/results/epistemic_shift.json;
+caches are resumable.
 """
 
 from __future__ import annotations
@@ -105,6 +107,20 @@ def main(argv: list[str] | None = None) -> dict:
 
     epistemic_s, _ = median_seconds(epistemic, args.repeats)
     ref_scores = heads_scores(heads, reference)
+    # the scale of the stated number, on the held-out rated rows: E[(y - mu)^2] = noise + Var_epi if both are right
+    held = read_features(cache / "heldout_ratings")
+    with torch.no_grad():
+        out, train_out = heads(held.embedding.float()), heads(x)
+    labelled = ~torch.isnan(held.labels)
+    err = torch.where(labelled, held.labels.double() - out["attribute_means"].double(), 0.0).square()
+    names = list(fit.selection["loo_mse"])
+    scale = {}
+    for k, a in enumerate(names):
+        epi = out["attribute_epistemic_stds"][:, k].double().square()[labelled[:, k]].mean().item()
+        scale[a] = {"held_out_mse": (err[:, k].sum() / labelled[:, k].sum()).item(),
+                    "loo_mse_s2": fit.selection["loo_mse"][a], "mean_epistemic_var": epi,
+                    "s2_plus_epistemic": fit.selection["loo_mse"][a] + epi,
+                    "mean_epistemic_var_train": train_out["attribute_epistemic_stds"][:, k].double().square().mean().item()}
     shift = {}
     for name, h in others.items():
         got = shift_metrics(ref_scores, heads_scores(heads, h))
@@ -117,6 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
                                                                                    heads.architecture["posterior"]],
               "alpha": fit.selection["alpha"], "loo_mse": fit.selection["loo_mse"],
               "shift": shift,
+              "held_out_scale": scale,
               "epistemic_above_bootstrap": {n: v["auroc"]["epistemic_std"] > v["auroc"]["ensemble_std"]
                                             for n, v in shift.items()},
               "cost": {"fit_1_member_seconds": one_s, f"fit_{MEMBERS}_members_seconds": many_s,

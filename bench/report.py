@@ -189,6 +189,28 @@ def evaluate_real(r: dict) -> list[Table]:
     return tables
 
 
+def epistemic_shift(r: dict) -> list[Table]:
+    c = r["cost"]
+    signals = ["epistemic_std", "ensemble_std", "score_std", "mean_sigma"]
+    return [
+        (f"shift: AUROC with which each row signal tells another source's rows from held-out SteerLM rows "
+         f"({r['train_rows']} training rows, d = {r['hidden_size']}, {', '.join(r['decomposition'])})",
+         ["other source", "rows", *signals, "epistemic above bootstrap"],
+         [[k, v["rows"], *(v["auroc"].get(s) for s in signals), r["epistemic_above_bootstrap"][k]]
+          for k, v in r["shift"].items()]),
+        ("cost, side by side (median of the repeats)", ["what", "seconds"],
+         [["fit, 1 member", c["fit_1_member_seconds"]], ["fit, 8 bootstrap members", c["fit_8_members_seconds"]],
+          ["training the 8 bootstrap members (the difference)", c["training_8_bootstrap_members_seconds"]],
+          [f"epistemic_std: posterior factor + {c['epistemic_rows_scored']} rows", c["epistemic_seconds"]],
+          ["members / epistemic", c["members_over_epistemic"]], ["at least 5x faster", c["at_least_5x_faster"]]]),
+        ("the number's scale on the held-out rated rows (equal if s^2 and the epistemic variance are both right)",
+         ["attribute", "held-out MSE", "s^2 (leave-one-out MSE)", "mean epistemic var", "s^2 + epistemic var",
+          "mean epistemic var, training rows"],
+         [[a, v["held_out_mse"], v["loo_mse_s2"], v["mean_epistemic_var"], v["s2_plus_epistemic"],
+           v["mean_epistemic_var_train"]] for a, v in r["held_out_scale"].items()]),
+    ]
+
+
 def export_speed(r: dict) -> list[Table]:
     ex, sc = r["export"], r["scoring"]
     return [("export onto the converted SmolLM2 checkpoint (best of the repeats)",
@@ -348,6 +370,7 @@ def full_shape(r: dict) -> list[Table]:
 
 LAYOUTS: dict[str, Callable[[dict], list[Table]]] = {
     "cache_read": cache_read, "curate": curate, "demo_clone": demo_clone, "demo_dtype": demo_dtype,
+    "epistemic_shift": epistemic_shift,
     "evaluate_real": evaluate_real, "export_speed": export_speed, "extract_engines": extract_engines,
     "extract_speed": extract_speed, "gating_real": gating_real, "out_of_core": out_of_core,
     "published_gap": published_gap, "serve_load": serve_load, "serve_load_export": serve_load,
