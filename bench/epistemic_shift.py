@@ -8,9 +8,11 @@ held-out SteerLM rows, the other sources both sides of the shortest UltraFeedbac
 hh-rlhf harmless pairs. For each row signal, stage 1 only (equal gate weights), the AUROC with which it tells the
 other source's rows from the reference rows (``pipeline.eval.shift_metrics``): ``epistemic_std`` (the ridge
 posterior, METHOD.md 10), ``ensemble_std`` (the bootstrap members' spread, METHOD.md 4) and ``score_std``
-(aleatoric). Cost, each the median of ``--repeats`` runs in this process: the fit with 8 members less the fit with 1
+(aleatoric), with a 90% bootstrap interval (rows resampled) of the epistemic_std - ensemble_std difference. Cost, each the median of ``--repeats`` runs in this process: the fit with 8 members less the fit with 1
 (training 8 bootstrap members) against building the posterior factor from the fit's spectrum plus epistemic_std on
-every scored row. The scale of the number, on the held-out rated rows: their MSE against the fit's leave-one-out MSE
+every scored row, on these rows (a few hundred: both take milliseconds); and on seeded features of a size where a fit
+takes seconds (``--speed-rows`` x ``--speed-dim``), training (the members against the posterior factor) and
+inference (epistemic_std against the members' scores, every row) apart. The scale of the number, on the held-out rated rows: their MSE against the fit's leave-one-out MSE
 s^2 plus the mean epistemic variance there (equal if both are right). Writes bench/results/epistemic_shift.json;
 caches are resumable.
 """
@@ -39,6 +41,75 @@ def median_seconds(fn, repeats: int) -> tuple[float, object]:
     return statistics.median(times), out
 
 
+def paired_difference_ci(reference, other, resamples: int, seed: int) -> list[float]:
+    """The 90% interval of AUROC(epistemic_std) - AUROC(ensemble_std) over ``resamples`` bootstrap resamples of the
+    rows (each side resampled apart, both signals on the same resample)."""
+    import numpy as np
+    import torch
+
+    from pipeline import metrics as M
+    from pipeline.eval import row_signals
+
+    ref, oth = row_signals(reference), row_signals(other)
+    n_ref, n_oth = len(reference.score), len(other.score)
+    truth = torch.cat([torch.zeros(n_ref, dtype=torch.bool), torch.ones(n_oth, dtype=torch.bool)])
+    rng = np.random.default_rng(seed)
+    diffs = []
+    for _ in range(resamples):
+        i, j = torch.from_numpy(rng.integers(n_ref, size=n_ref)), torch.from_numpy(rng.integers(n_oth, size=n_oth))
+        diffs.append(M.auroc(torch.cat([ref["epistemic_std"][i], oth["epistemic_std"][j]]), truth)
+                     - M.auroc(torch.cat([ref["ensemble_std"][i], oth["ensemble_std"][j]]), truth))
+    return [float(np.quantile(diffs, 0.05)), float(np.quantile(diffs, 0.95))]
+
+
+def cost_at(rows: int, d: int, repeats: int, seed: int) -> dict:
+    """The cost comparison on seeded features of a size where fitting takes time (``bench/ridge_fit.py``'s float16
+    N(0, 1) rows, ratings with a linear signal), each the median of ``repeats``: at training, the fit with 8 members
+    less the fit with 1 (training the members) against the posterior factor from the fit's spectrum (what
+    epistemic_std adds to the fit: the spectrum is the fit's own); at inference, epistemic_std of every row against
+    the members' scores of every row."""
+    import torch
+
+    from bench.ridge_fit import labels, random_features
+    from pipeline.configs import ValueHeadConfig, build
+    from pipeline.model import epistemic_variance
+    from pipeline.train import fit_value_head
+    from pipeline.train import ridge as R
+    from pipeline.train.closed_form import decomposed
+    from pipeline.train.feature_stream import as_rows
+
+    x = random_features(rows, d, seed)
+    y = labels(x, "linear", seed + 1)
+    quiet = dict(log=lambda line: None)
+    one_s, _ = median_seconds(lambda: fit_value_head(x, y, build(ValueHeadConfig, dict(device="cpu", ensemble=1)),
+                                                     **quiet), repeats)
+    many_s, fit = median_seconds(lambda: fit_value_head(x, y, build(ValueHeadConfig, dict(device="cpu",
+                                                                                           ensemble=MEMBERS)), **quiet),
+                                 repeats)
+    _, sp, _ = decomposed(as_rows(x, torch.device("cpu")), torch.arange(rows), y.double(), "common direction")
+    alpha = torch.tensor(list(fit.selection["alpha"].values()), dtype=torch.float64)
+    noise = torch.tensor(list(fit.selection["loo_mse"].values()), dtype=torch.float64)
+    factor_s, _ = median_seconds(lambda: R.posterior_factor(sp, alpha, noise), repeats)
+    heads = fit.heads.eval()
+    chunks = [x[i:i + 4096].float() for i in range(0, rows, 4096)]
+
+    def inference(fn):
+        with torch.no_grad():
+            return median_seconds(lambda: [fn(h) for h in chunks], repeats)[0]
+
+    members_s = max(many_s - one_s, 0.0)
+    return {"rows": rows, "hidden_size": d, "decomposition": fit.selection["decomposition"],
+            "posterior_basis": [list(g.basis.shape) for g in heads.posterior],
+            "fit_1_member_seconds": one_s, f"fit_{MEMBERS}_members_seconds": many_s,
+            f"training_{MEMBERS}_bootstrap_members_seconds": members_s, "posterior_factor_seconds": factor_s,
+            "members_over_posterior_factor": members_s / factor_s if factor_s else None,
+            "at_least_5x_faster": members_s >= 5 * factor_s,
+            "inference_rows": rows,
+            "epistemic_std_seconds": inference(lambda h: epistemic_variance(heads, h)),
+            f"{MEMBERS}_members_scores_seconds": inference(lambda h: heads.ensemble(h)),
+            "repeats": repeats}
+
+
 def main(argv: list[str] | None = None) -> dict:
     import torch
 
@@ -61,6 +132,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--repeats", type=int, default=3, help="timed runs of each cost, median kept")
     ap.add_argument("--cache-dir", default=str(ROOT / "cache" / "bench-epistemic-shift"))
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--bootstrap", type=int, default=1000, help="resamples for the AUROC difference's interval")
+    ap.add_argument("--speed-rows", type=int, default=8000, help="rows of the seeded features the cost is timed on")
+    ap.add_argument("--speed-dim", type=int, default=1024, help="their width")
     args = ap.parse_args(argv or [])
     if not (STEERLM.is_file() and UF_EVAL.is_file() and HH_RLHF.is_file()):
         print(f"skipped: the real data in {SHARED_DATA} is not there")
@@ -123,9 +197,13 @@ def main(argv: list[str] | None = None) -> dict:
                     "mean_epistemic_var_train": train_out["attribute_epistemic_stds"][:, k].double().square().mean().item()}
     shift = {}
     for name, h in others.items():
-        got = shift_metrics(ref_scores, heads_scores(heads, h))
-        shift[name] = {"rows": got["rows"], "reference_rows": got["reference_rows"], "auroc": got["auroc"]}
+        other_scores = heads_scores(heads, h)
+        got = shift_metrics(ref_scores, other_scores)
+        shift[name] = {"rows": got["rows"], "reference_rows": got["reference_rows"], "auroc": got["auroc"],
+                       "epistemic_minus_bootstrap_90ci": paired_difference_ci(
+                           ref_scores, other_scores, args.bootstrap, args.seed)}
     members_s = max(many_s - one_s, 0.0)
+    speed = cost_at(args.speed_rows, args.speed_dim, args.repeats, args.seed)
     result = {"what": __doc__.split("\n")[0], "backbone": SMOLLM2_GGUF,
               "data": {name: {"rows": s.rows, "dropped": s.dropped} for name, s in stats.items()},
               "train_rows": len(x), "hidden_size": x.shape[1],
@@ -143,9 +221,10 @@ def main(argv: list[str] | None = None) -> dict:
                                             "every scored row (the spectrum itself is the fit's, needed without it)",
                        "members_over_epistemic": members_s / epistemic_s if epistemic_s else None,
                        "at_least_5x_faster": members_s >= 5 * epistemic_s, "repeats": args.repeats},
+              "cost_at_size": speed,
               "extract_seconds": extract_seconds, "machine": machine_info()}
     path = write_result("epistemic_shift", result)
-    print({k: result[k] for k in ("shift", "epistemic_above_bootstrap", "cost")})
+    print({k: result[k] for k in ("shift", "epistemic_above_bootstrap", "cost", "cost_at_size")})
     print(f"-> {path}")
     return result
 
