@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> dict:
                            ref_scores, other_scores, args.bootstrap, args.seed)}
     members_s = max(many_s - one_s, 0.0)
     speed = cost_at(args.speed_rows, args.speed_dim, args.repeats, args.seed)
-    result = {"what": __doc__.split("\n")[0], "backbone": SMOLLM2_GGUF,
+    result = {"what": " ".join(__doc__.split("\n\n")[0].split()), "backbone": SMOLLM2_GGUF,
               "data": {name: {"rows": s.rows, "dropped": s.dropped} for name, s in stats.items()},
               "train_rows": len(x), "hidden_size": x.shape[1],
               "decomposition": fit.selection["decomposition"], "posterior_rank": [g["rank"] for g in
