@@ -289,7 +289,9 @@ with torch.no_grad():
     ids = [model(torch.tensor([x], device=model.device)).logits[0][0].item() for x in inputs["ids"]]
     texts = [tokenizer.apply_chat_template(c, tokenize=False) for c in inputs["conversations"]]
     snippet = [model(**tokenizer(t, return_tensors="pt").to(model.device)).logits[0][0].item() for t in texts]
-print(json.dumps({"version": transformers.__version__, "ids": ids, "snippet": snippet}))
+    outs = [model(torch.tensor([x], device=model.device)) for x in inputs["ids"]]
+    epistemic = [o.epistemic_std[0].item() if o.epistemic_std is not None else None for o in outs]
+print(json.dumps({"version": transformers.__version__, "ids": ids, "snippet": snippet, "epistemic": epistemic}))
 '''
 
 
@@ -325,5 +327,7 @@ def scores_here(model_dir: Path, conversations, ids) -> dict:
     model, tokenizer = load_export(model_dir), tokenizer_of(model_dir)
     texts = [tokenizer.apply_chat_template(c, tokenize=False) for c in conversations]
     with torch.no_grad():
-        return {"ids": [model(torch.tensor([x])).logits[0][0].item() for x in ids],
-                "snippet": [model(**tokenizer(t, return_tensors="pt")).logits[0][0].item() for t in texts]}
+        outs = [model(torch.tensor([x])) for x in ids]
+        return {"ids": [o.logits[0][0].item() for o in outs],
+                "snippet": [model(**tokenizer(t, return_tensors="pt")).logits[0][0].item() for t in texts],
+                "epistemic": [o.epistemic_std[0].item() if o.epistemic_std is not None else None for o in outs]}

@@ -7,7 +7,7 @@ model repo. So it imports only torch.
 Parameter names are the export's tensor names: ``score.weight`` [2K, d] (rows interleaved
 mu_1, s_1, mu_2, s_2, ...), ``ensemble.weight`` [M, 2K, d] for an ensemble, ``weights.fc.*`` for the
 URM gate (the published checkpoint's names), ``softmax_gate.*`` for the ArmoRM-style gate, and
-``posterior.{g}.*`` for the closed-form ridge posterior of a label group's attributes (buffers, METHOD.md 10).
+``posterior.{g}.*`` for the closed-form ridge posterior of a label group's attributes (frozen, METHOD.md 10).
 ``build_heads`` gives any module these submodules (``Heads`` here, ``URMForSequenceClassification``
 in an export) and ``head_outputs`` is the whole score math on them, under the output names used
 everywhere (``OUTPUTS``).
@@ -186,19 +186,24 @@ class RidgePosterior(nn.Module):
     numbers). The last, the part of h outside the span of the training rows, is a residual only when the basis is
     narrower than h (``ridge.posterior_factor`` completes it to d directions at 1 / alpha where that is cheaper), so
     inference is one [B, d] x [d, r] product, and one [B, r] x [r, d] more for the residual.
-    Buffers, not parameters: nothing trains them; ``attributes`` are the group's value-head attributes."""
+    Frozen parameters (``requires_grad`` False: nothing trains them; parameters, not buffers, so that transformers
+    keeps them in float32 under a bf16 load, 4.57 as 5.x); ``attributes`` are the group's value-head attributes."""
 
     def __init__(self, d: int, rank: int, attributes: list[int], direction: bool = True):
         super().__init__()
         self.attributes = list(attributes)
         k = len(self.attributes)
-        self.register_buffer("basis", torch.zeros(d, rank))  # V: eigenvectors of the centred rows' Gram
-        self.register_buffer("shrink", torch.zeros(k, rank))  # 1 / (lam_j + alpha_k)
-        self.register_buffer("outside", torch.zeros(k))  # 1 / alpha_k
-        self.register_buffer("noise", torch.zeros(k))  # s_k^2: the fit's residual variance (leave-one-out MSE)
-        self.register_buffer("center", torch.zeros(d))  # g: Z = X - c gᵀ
-        self.register_buffer("direction", torch.zeros(d) if direction else None)  # u: c(h) = u.h
-        self.register_buffer("column", torch.zeros(1))  # 1 / cᵀc
+
+        def frozen(*shape):
+            return nn.Parameter(torch.zeros(*shape), requires_grad=False)
+
+        self.basis = frozen(d, rank)  # V: eigenvectors of the centred rows' Gram (completed where cheaper)
+        self.shrink = frozen(k, rank)  # 1 / (lam_j + alpha_k)
+        self.outside = frozen(k)  # 1 / alpha_k
+        self.noise = frozen(k)  # s_k^2: the fit's residual variance (leave-one-out MSE)
+        self.center = frozen(d)  # g: Z = X - c gᵀ
+        self.direction = frozen(d) if direction else None  # u: c(h) = u.h
+        self.column = frozen(1)  # 1 / cᵀc
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         h = h.to(self.basis.dtype)

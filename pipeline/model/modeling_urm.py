@@ -23,7 +23,7 @@ The math (METHOD.md section 1; ``heads.head_outputs``, on tensors named as in tr
   Var s = sum_k w_k^2 sigma_k^2          -> score_std = sqrt(Var s)
 With an ensemble (``ensemble.weight`` [M, 2K, d]) each member's score under the same weights gives
 ``ensemble_scores`` [B, M] and their std ``ensemble_std`` [B] (epistemic spread). With a ridge posterior
-(``posterior.{g}.*`` buffers, a closed-form value head; ``urm["posterior"]`` gives their shapes)
+(``posterior.{g}.*`` tensors, a closed-form value head; ``urm["posterior"]`` gives their shapes)
 ``attribute_epistemic_stds`` [B, K] and ``epistemic_std`` [B] = sqrt(sum_k w_k^2 Var_epi,k) (METHOD.md 10);
 an export without it (older, or AdamW-trained heads) returns neither.
 

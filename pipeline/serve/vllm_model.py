@@ -267,7 +267,7 @@ class URMForVLLM(nn.Module):
         """The backbone through vLLM's loader (its fused q/k/v and gate/up), the heads here: each head tensor
         checked against its parameter's shape, every head parameter required, so a checkpoint whose heads do
         not fit is refused with one line instead of being scored with a random or truncated head."""
-        params = {**dict(self.named_parameters()), **{n: b for n, b in self.named_buffers() if n.startswith(HEAD_PREFIXES)}}
+        params = dict(self.named_parameters())
         loaded: set[str] = set()
 
         def backbone(items):
