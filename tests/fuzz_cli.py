@@ -542,7 +542,7 @@ def bad_values(name: str, typ: str) -> list[str]:
         values += ["0", "1", "1.5", "-0.1"]
     if name in CHOICES:
         values += ["bogus", "FLOAT16", ""] + (["gpu", "cuda:99", "tpu"] if name == "device" else []) + (
-            ["max", "LCB", "ucb"] if name == "reward" else [])
+            ["max", "LCB", "ucb", "ELCB"] if name == "reward" else [])
     return values
 
 

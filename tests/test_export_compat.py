@@ -40,12 +40,13 @@ def with_rope_theta(directory: Path, theta: float) -> Path:
 def test_export_scores_the_same_under_transformers_457_and_5(tmp_path):
     require_tf457()
     bb = with_rope_theta(build_tiny_llama(tmp_path / "backbone", reward_model=True), 500000.0)
-    _, _, out = export_tiny(tmp_path, backbone=bb, members=2)
+    _, _, out = export_tiny(tmp_path, backbone=bb, members=2, posterior=True)
     ids = render_ids(tokenizer_of(out), CONVERSATIONS)
     old = scores_under(out, CONVERSATIONS, ids, tmp_path, tf457=True)
     new = scores_here(out, CONVERSATIONS, ids)
     assert old["version"] == TF457_VERSION
     assert old["ids"] == pytest.approx(new["ids"], abs=1e-5)
+    assert all(e > 0 for e in new["epistemic"]) and old["epistemic"] == pytest.approx(new["epistemic"], rel=1e-5)
     assert old["snippet"] == pytest.approx(new["snippet"], abs=1e-5)
     assert new["snippet"] == pytest.approx(new["ids"], abs=1e-5)  # doubled BOS ignored in both versions
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from pipeline.eval.evaluation import Candidate, Scores
-from pipeline.model import Heads
+from pipeline.model import VALUE_PREFIXES, Heads
 from pipeline.train import fit_pair_temperatures, split_rows
 
 if TYPE_CHECKING:  # the configs are the caller's (pipeline.configs)
@@ -43,7 +43,8 @@ def heads_scores(heads: Heads, x: torch.Tensor) -> Scores:
     def cat(name):
         return torch.cat([p[name] for p in parts]).cpu() if name in parts[0] else None
 
-    return Scores(cat("score"), cat("score_std"), cat("ensemble_scores"), cat("attribute_means"), cat("attribute_stds"))
+    return Scores(cat("score"), cat("score_std"), cat("ensemble_scores"), cat("attribute_means"), cat("attribute_stds"),
+                  cat("epistemic_std"))
 
 
 def heads_candidate(name: str, about: str, heads: Heads, pairs=None) -> Candidate:
@@ -132,8 +133,9 @@ def armorm(x: torch.Tensor, y: torch.Tensor, xc: torch.Tensor, xr: torch.Tensor,
 
 def equal_weights(heads: Heads) -> Candidate:
     """The value head of ``heads`` with w_k = 1/K for every row (no gate)."""
-    plain = Heads(heads.d, heads.k, heads.members, bias=heads.score.bias is not None).to(heads.score.weight.device)
-    value = {n: t for n, t in heads.state_dict().items() if n.startswith(("score.", "ensemble."))}
+    plain = Heads(heads.d, heads.k, heads.members, bias=heads.score.bias is not None,
+                  posterior=heads.architecture.get("posterior")).to(heads.score.weight.device)
+    value = {n: t for n, t in heads.state_dict().items() if n.startswith(VALUE_PREFIXES)}
     plain.load_state_dict(value)
     return heads_candidate("equal weights", "the same value head, w_k = 1/K (SteerLM-style)", plain)
 
