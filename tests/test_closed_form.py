@@ -254,3 +254,56 @@ def test_fewer_rows_than_features_fit_in_the_dual():
     ref_rows, _ = eigh_member_rows(x, y.double(), weights, u, alpha)
     members = fit.heads.ensemble.weight.detach().double()[:, 0::2]
     assert (members - ref_rows).abs().max() < 1e-6 * ref_rows.abs().max()
+
+
+def by_hand_epistemic_variance(x: np.ndarray, labelled: np.ndarray, alpha: float, noise: float, h: np.ndarray,
+                               bias: bool) -> np.ndarray:
+    """s^2 [c(h)^2 / cᵀc + zᵀ (ZᵀZ + alpha I)^-1 z] for rows h, from the labelled rows of x in float64 by a direct
+    solve: the intercept column c = x.u (u = mean / |mean|^2, or 1 with a bias) and Z = X - c gᵀ, as the fit
+    centres (METHOD.md 10)."""
+    xs = x[labelled]
+    mean = xs.mean(0)
+    u = None if bias else mean / mean.dot(mean)
+    c = np.ones(len(xs)) if bias else xs @ u
+    g = xs.T @ c / c.dot(c)
+    z = xs - np.outer(c, g)
+    ch = np.ones(len(h)) if bias else h @ u
+    zh = h - np.outer(ch, g)
+    inv = np.linalg.solve(z.T @ z + alpha * np.eye(x.shape[1]), zh.T).T
+    return noise * (ch ** 2 / c.dot(c) + (zh * inv).sum(1))
+
+
+@pytest.mark.parametrize("n, d, bias", [(200, 12, False), (30, 40, False), (200, 12, True)])
+def test_epistemic_std_is_the_ridge_posterior_computed_by_hand_and_grows_off_the_data(n, d, bias):
+    """The heads' epistemic_std against a direct float64 solve on the same rows, per label group (one attribute
+    with missing labels fits apart), for more rows than features (primal), fewer (dual) and a plain bias; a point off
+    the span of the rows (or far along the least-seen direction) is less certain than every training row."""
+    x, y = linear_ratings(n=n, d=d, seed=4)
+    y[::4, 2] = float("nan")
+    fit = fit_value_head(x, y, build(ValueHeadConfig, dict(device="cpu", ensemble=1, bias=bias)), **QUIET)
+    xn = x.double().numpy()
+    g = np.random.default_rng(0)
+    low = np.linalg.svd(xn - xn.mean(0), full_matrices=True)[2][-1]  # the direction the rows vary least along
+    off = xn[:3] + 40 * low * np.sqrt((xn ** 2).sum(1).mean())  # off the data: far along it
+    probe = np.concatenate([xn[:20], off, g.normal(size=(2, d)) * 5])
+    out = fit.heads(torch.tensor(probe, dtype=torch.float32))
+    assert set(out) >= {"epistemic_std", "attribute_epistemic_stds"}
+    got = out["attribute_epistemic_stds"].detach().double().numpy() ** 2
+    for k, name in enumerate(ATTRIBUTES):
+        labelled = ~np.isnan(y[:, k].numpy())
+        want = by_hand_epistemic_variance(xn, labelled, fit.selection["alpha"][name], fit.selection["loo_mse"][name],
+                                          probe, bias)
+        np.testing.assert_allclose(got[:, k], want, rtol=1e-4, err_msg=name)
+    w = out["gating_weights"].detach().double().numpy()
+    np.testing.assert_allclose(out["epistemic_std"].detach().numpy(), np.sqrt((w ** 2 * got).sum(1)), rtol=1e-5)
+    std = out["epistemic_std"].detach().numpy()
+    train = fit.heads(x.float())["epistemic_std"].detach().numpy()
+    assert std[20:23].min() > 3 * train.max()  # grows off the data
+    assert std[20:23].min() > 3 * std[:20].max()
+
+
+def test_a_value_head_without_a_posterior_states_no_epistemic_std():
+    h, y = linear_ratings(n=200, d=8, seed=5)
+    fit = fit_value_head(h, y, build(ValueHeadConfig, dict(device="cpu", ensemble=1, loss="nll", epochs=2)), **QUIET)
+    out = fit.heads(h.float())
+    assert "epistemic_std" not in out and "attribute_epistemic_stds" not in out and fit.heads.posterior is None

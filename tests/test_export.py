@@ -41,8 +41,8 @@ def expected_from_heads(backbone_dir: Path, heads_dir: Path, conversations) -> d
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """A tiny causal-LM backbone with a 3-member ensemble + URM gate, exported."""
-    return export_tiny(tmp_path_factory.mktemp("export"), members=3)
+    """A tiny causal-LM backbone with a 3-member ensemble + URM gate + a ridge posterior, exported."""
+    return export_tiny(tmp_path_factory.mktemp("export"), members=3, posterior=True)
 
 
 @pytest.fixture(scope="module")
@@ -110,8 +110,10 @@ def test_scores_equal_the_heads_on_the_extracted_hidden_state(tiny, tiny_model):
             got = tiny_model(torch.tensor([ids]))
         torch.testing.assert_close(got.logits[0, 0], expected["score"][i], atol=1e-5, rtol=0)
         torch.testing.assert_close(got.score_std[0], expected["score_std"][i], atol=1e-5, rtol=1e-5)
-        for name in ("attribute_means", "attribute_stds", "gating_weights", "ensemble_scores", "ensemble_std"):
+        for name in ("attribute_means", "attribute_stds", "gating_weights", "ensemble_scores", "ensemble_std",
+                     "epistemic_std", "attribute_epistemic_stds"):
             torch.testing.assert_close(getattr(got, name)[0], expected[name][i], atol=1e-5, rtol=1e-5)
+        assert got.epistemic_std[0] > 0 and got.attribute_epistemic_stds.shape == (1, K)
         assert got.ensemble_scores.shape == (1, 3) and got.base_score is None
 
 
@@ -122,7 +124,9 @@ def test_in_bf16_the_backbone_runs_bf16_and_the_heads_stay_fp32(tiny):
 
     _, heads_dir, out = tiny
     model = AutoModelForSequenceClassification.from_pretrained(out, trust_remote_code=True, dtype=torch.bfloat16)
-    heads_params = {n: p.dtype for n, p in model.named_parameters() if not n.startswith("model.")}
+    heads_params = {n: p.dtype for n, p in [*model.named_parameters(), *model.named_buffers()]
+                    if not n.startswith("model.")}
+    assert any(n.startswith("posterior.") for n in heads_params)
     assert heads_params and set(heads_params.values()) == {torch.float32}, heads_params
     assert model.model.embed_tokens.weight.dtype == torch.bfloat16
     heads, _ = load_heads(heads_dir)
@@ -133,6 +137,7 @@ def test_in_bf16_the_backbone_runs_bf16_and_the_heads_stay_fp32(tiny):
         expected = heads(h.float())
     torch.testing.assert_close(got.logits[0, 0], expected["score"][0], atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(got.score_std[0], expected["score_std"][0], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(got.epistemic_std[0], expected["epistemic_std"][0], atol=1e-6, rtol=1e-6)
 
 
 def test_padding_side_holes_and_doubled_bos_do_not_change_the_score(tiny, tiny_model):
@@ -211,7 +216,8 @@ def test_return_dict_false_gives_a_tuple_starting_with_the_logits(tiny_model):
         as_dict, as_tuple = tiny_model(x), tiny_model(x, return_dict=False)
     assert isinstance(as_tuple, tuple) and torch.equal(as_tuple[0], as_dict.logits)
     assert as_dict.logits.shape == (1, 1)
-    assert len(as_tuple) == 7  # logits, score_std, means, stds, weights, ensemble_scores, ensemble_std
+    assert len(as_tuple) == 9  # logits, score_std, means, stds, weights, ensemble_scores, ensemble_std, epistemic x2
+    assert torch.equal(as_tuple[7], as_dict.epistemic_std)  # after the outputs exports had before it
 
 
 def test_text_classification_pipeline_returns_the_score(tiny, tiny_model):
@@ -249,11 +255,16 @@ def test_reward_model_backbone_keeps_its_own_head_as_base_score(tmp_path):
 def test_other_gates_ensembles_and_biases_export(tmp_path, gate, members, bias):
     bb, heads_dir, out = export_tiny(tmp_path, gate=gate, members=members, bias=bias)
     expected = expected_from_heads(bb, heads_dir, CONVERSATIONS)
+    config = json.loads((out / "config.json").read_text())
+    assert config["urm"]["posterior"] is None
+    del config["urm"]["posterior"]  # as an export made before the key was written
+    (out / "config.json").write_text(json.dumps(config))
     model = load_export(out)
     ids = render_ids(tokenizer_of(out), CONVERSATIONS)
     with torch.no_grad():
         got = [model(torch.tensor([x])) for x in ids]
     torch.testing.assert_close(torch.stack([g.logits[0, 0] for g in got]), expected["score"], atol=1e-5, rtol=0)
+    assert got[0].epistemic_std is None and got[0].attribute_epistemic_stds is None  # no posterior: not stated
     if gate is None:
         assert torch.allclose(got[0].gating_weights, torch.full((1, K), 1 / K))
     if members > 1:

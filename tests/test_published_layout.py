@@ -106,9 +106,9 @@ def last_token_states(model_dir: Path, ids: list[list[int]]) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def published_export(tmp_path_factory):
-    """A tiny reward-model backbone, 2-member ensemble (extra tensors SGLang must skip) + a URM gate as wide as
-    the backbone (the published shape), exported."""
-    return export_tiny(tmp_path_factory.mktemp("published"), reward_model=True, members=2, gate_hidden=D)
+    """A tiny reward-model backbone, 2-member ensemble and a ridge posterior (extra tensors SGLang must skip) + a URM
+    gate as wide as the backbone (the published shape), exported."""
+    return export_tiny(tmp_path_factory.mktemp("published"), reward_model=True, members=2, gate_hidden=D, posterior=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -126,7 +126,7 @@ def test_the_export_is_laid_out_as_the_published_urm(published_export):
         "weights.fc.2.bias": (D,), "weights.fc.4.weight": (K, D), "weights.fc.4.bias": (K,)}
     card = (out / "README.md").read_text()
     assert PUBLISHED_ARCHITECTURE in card and "--is-embedding --trust-remote-code" in card
-    assert "`ensemble.weight`, `base_score.*`" in card  # what SGLang skips, named
+    assert "`ensemble.weight`, `posterior.*`, `base_score.*`" in card  # what SGLang skips, named
     front = card.split("---")[1]
     assert "library_name: transformers" in front and "pipeline_tag: text-classification" in front
 
@@ -146,7 +146,9 @@ def test_sglangs_loader_fills_every_parameter_and_skips_only_our_extra_tensors(p
         if shape is not None:  # default_weight_loader asserts equal sizes
             assert [tuple(t.shape) for t in loaded[name]] == [shape], name
     skipped = {n for n in tensors if sglang_target(n, params, config["tie_word_embeddings"]) is None}
-    assert skipped == {"ensemble.weight", "base_score.weight"}
+    assert skipped == {"ensemble.weight", "base_score.weight"} | {n for n in tensors if n.startswith("posterior.")}
+    assert {n.split(".")[-1] for n in skipped if n.startswith("posterior.")} == {
+        "basis", "shrink", "outside", "noise", "center", "direction", "column"}
 
 
 def test_sglangs_forward_on_the_export_equals_its_reward(published_export):

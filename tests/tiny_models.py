@@ -208,30 +208,57 @@ def heads_meta(heads, identity, **stages):
                      value_head=value, **stages)
 
 
+# Two label groups, as a closed-form fit with one attribute's labels missing on some rows gives: ranks below d (the
+# part of h outside the rows' span counts) and one with a plain bias (c = 1)
+RANDOM_POSTERIOR = [{"attributes": [0, 1, 3, 4], "rank": 8, "direction": True},
+                    {"attributes": [2], "rank": 5, "direction": False}]
+
+
+def random_posterior_(heads) -> None:
+    """Seeded random ridge-posterior buffers of the right kinds: an orthonormal basis, positive weights."""
+    with torch.no_grad():
+        for group in heads.posterior:
+            d, r = group.basis.shape
+            group.basis.copy_(torch.linalg.qr(torch.randn(d, r))[0])
+            group.outside.uniform_(0.5, 1.0)
+            group.shrink.copy_(1.0 / (torch.rand(r).mul(5.0)[None, :] + 1.0 / group.outside[:, None]))
+            group.noise.uniform_(0.1, 0.5)
+            group.center.normal_(0.0, 0.1)
+            if group.direction is not None:
+                group.direction.normal_(0.0, 0.1)
+            group.column.fill_(0.01)
+
+
 def random_heads_dir(directory: Path, backbone_dir: Path, d: int = 64, members: int = 1, gate: str | None = "urm",
-                     bias: bool = False, seed: int = 0, identity=None, gate_hidden: int = 16) -> Path:
+                     bias: bool = False, seed: int = 0, identity=None, gate_hidden: int = 16,
+                     posterior: bool = False) -> Path:
     """A heads folder with seeded random heads (weights visibly non-zero) claiming ``backbone_dir``
-    (``gate_hidden`` = d: the published URM's gate width, which SGLang's class takes)."""
+    (``gate_hidden`` = d: the published URM's gate width, which SGLang's class takes); ``posterior``: with a random
+    ridge posterior (``RANDOM_POSTERIOR``), so the heads state epistemic_std."""
     from pipeline.model import Heads, save_heads
 
     torch.manual_seed(seed)
-    heads = Heads(d, K, members=members, bias=bias, gate=gate, gate_hidden=gate_hidden if gate else None)
+    heads = Heads(d, K, members=members, bias=bias, gate=gate, gate_hidden=gate_hidden if gate else None,
+                  posterior=RANDOM_POSTERIOR if posterior else None)
     with torch.no_grad():
         for p in heads.parameters():
             p.normal_(0.0, 0.2)
+    if posterior:
+        random_posterior_(heads)
     save_heads(directory, heads, heads_meta(heads, identity or cache_identity_of(backbone_dir, d)))
     return directory
 
 
 def export_tiny(root: Path, *, reward_model: bool = False, members: int = 1, gate: str | None = "urm",
                 bias: bool = False, backbone: Path | None = None, name: str = "model",
-                gate_hidden: int = 16) -> tuple[Path, Path, Path]:
+                gate_hidden: int = 16, posterior: bool = False) -> tuple[Path, Path, Path]:
     """(backbone dir, heads dir, export dir) of a tiny Llama with random heads, exported."""
     from pipeline.configs import ExportConfig
     from pipeline.recipes.export import export_model
 
     bb = backbone or build_tiny_llama(root / "backbone", reward_model=reward_model)
-    heads = random_heads_dir(root / f"heads-{name}", bb, members=members, gate=gate, bias=bias, gate_hidden=gate_hidden)
+    heads = random_heads_dir(root / f"heads-{name}", bb, members=members, gate=gate, bias=bias, gate_hidden=gate_hidden,
+                             posterior=posterior)
     out = root / name
     export_model(ExportConfig(backbone=str(bb), heads_dir=str(heads), out_dir=str(out)), **QUIET)
     return bb, heads, out

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from pipeline.eval.evaluation import Candidate, Scores
-from pipeline.model import Heads
+from pipeline.model import VALUE_PREFIXES, Heads
 from pipeline.train import fit_pair_temperatures, split_rows
 
 if TYPE_CHECKING:  # the configs are the caller's (pipeline.configs)
@@ -132,8 +132,9 @@ def armorm(x: torch.Tensor, y: torch.Tensor, xc: torch.Tensor, xr: torch.Tensor,
 
 def equal_weights(heads: Heads) -> Candidate:
     """The value head of ``heads`` with w_k = 1/K for every row (no gate)."""
-    plain = Heads(heads.d, heads.k, heads.members, bias=heads.score.bias is not None).to(heads.score.weight.device)
-    value = {n: t for n, t in heads.state_dict().items() if n.startswith(("score.", "ensemble."))}
+    plain = Heads(heads.d, heads.k, heads.members, bias=heads.score.bias is not None,
+                  posterior=heads.architecture.get("posterior")).to(heads.score.weight.device)
+    value = {n: t for n, t in heads.state_dict().items() if n.startswith(VALUE_PREFIXES)}
     plain.load_state_dict(value)
     return heads_candidate("equal weights", "the same value head, w_k = 1/K (SteerLM-style)", plain)
 

@@ -120,11 +120,16 @@ def uncertainty_note(meta: HeadsMeta) -> str:
     else:
         note.append(f"**How sigma was obtained.** Trained with the `{loss}` loss on the training rows, not "
                     "recalibrated on held-out data (see the coverage columns above).")
-    if meta.architecture.get("members", 1) > 1:
+    members, posterior = meta.architecture.get("members", 1) > 1, bool(meta.architecture.get("posterior"))
+    if members or posterior:
+        epistemic = ([("`ensemble_std` is epistemic: how much the ensemble's members disagree about it (with ridge, "
+                       "fits on bootstrap resamples of the training rows: it grows where the training data is thin or "
+                       "absent)")] if members else []) + \
+            ([("`epistemic_std` is epistemic too, in closed form: the ridge posterior's std of the score, "
+               "s_k^2 h^T (Z^T Z + alpha_k I)^-1 h per attribute (s_k^2 the fit's leave-one-out MSE), which grows "
+               "with the distance of h from the span of the training rows")] if posterior else [])
         note.append("**Aleatoric and epistemic.** `score_std` and `attribute_stds` are aleatoric: the noise a rating "
-                    "of the response carries. `ensemble_std` is epistemic: how much the ensemble's members disagree "
-                    "about it (with ridge, fits on bootstrap resamples of the training rows: it grows where the "
-                    "training data is thin or absent).")
+                    "of the response carries. " + ". ".join(epistemic) + ".")
     if pairs is not None:
         note.append(f"**Pair probabilities.** T_bt = {_fmt(pairs.temperature_bt)} and T_gauss = "
                     f"{_fmt(pairs.temperature_gaussian)}, fitted by NLL on {pairs.validation_pairs} held-out pairs; "
@@ -158,7 +163,8 @@ def serving_section(urm: dict, architecture: str) -> list[str]:
                  "value-head bias, a Llama backbone), so `architectures` names `URMForSequenceClassification`, "
                  "which SGLang does not serve (it refuses to load it): serve it with `urm serve` (`/get_reward`, "
                  "`/score`).")]
-    extra = [n for n, on in (("ensemble.weight", urm["members"] > 1), ("base_score.*", urm["base_score"])) if on]
+    extra = [n for n, on in (("ensemble.weight", urm["members"] > 1), ("posterior.*", bool(urm.get("posterior"))),
+                             ("base_score.*", urm["base_score"])) if on]
     skipped = f"; it skips {', '.join(f'`{n}`' for n in extra)} (names it does not have)" if extra else ""
     return [(f"`architectures` is `{PUBLISHED_ARCHITECTURE}`, the published URM's class, which SGLang serves "
              "(start it with `--is-embedding --trust-remote-code`: config.json's `model_type` is `urm`, so "
@@ -180,6 +186,10 @@ def model_card(meta: HeadsMeta, record: dict, urm: dict, architecture: str = PUB
     if members > 1:
         outputs.append(f"- `ensemble_scores` [B, {members}], `ensemble_std` [B]: each of the {members} value "
                        "heads' score under the same weights, and their std (epistemic)")
+    if urm.get("posterior"):
+        outputs.append("- `epistemic_std` [B], `attribute_epistemic_stds` [B, K]: the closed-form ridge posterior's "
+                       "std of the score (sqrt(sum_k w_k^2 Var_epi,k)) and of each attribute's mean (epistemic: it grows "
+                       "for responses unlike the training rows; tensors `posterior.*`)")
     if urm["base_score"]:
         outputs.append("- `base_score` [B]: the backbone reward model's own score (its `score` head, kept as "
                        "`base_score.weight`)")

@@ -8,7 +8,7 @@ The export (pipeline.recipes.export) is ``AutoModelForSequenceClassification``-l
 Laid out as the published URM-LLaMa-3.1-8B (so SGLang serves it, write_config): ``num_labels`` 2K,
 ``score.weight`` [2K, d], the gate ``weights.fc.{0,2,4}.*``, the backbone ``model.*``, and
 ``architectures`` SGLang's class where that class computes our score (serves_in_sglang). Every other
-tensor (``ensemble.weight``, ``softmax_gate.*``, ``base_score.*``, an LM head) has a name SGLang's
+tensor (``ensemble.weight``, ``posterior.*``, ``softmax_gate.*``, ``base_score.*``, an LM head) has a name SGLang's
 model lacks, which its loader logs and skips. ``model_type`` is "urm": a load without
 ``trust_remote_code`` is an error, never a plain LlamaForSequenceClassification's 2K logits.
 
@@ -49,7 +49,7 @@ CODE_FILES = ("modeling_urm.py", "heads.py", "configuration_urm.py")  # the expo
 HEADS_SHARD = EXPORT_TENSORS
 SINGLE_FILE_SHARD = "model-backbone.safetensors"
 INDEX = "model.safetensors.index.json"
-HEAD_PREFIXES = ("score.", "ensemble.", "weights.", "softmax_gate.", "base_score.")
+HEAD_PREFIXES = ("score.", "ensemble.", "weights.", "softmax_gate.", "base_score.", "posterior.")
 # The published URM-LLaMa-3.1-8B's class: SGLang (python/sglang/srt/models/llama_reward.py) picks it from
 # config.json's architectures and loads model.*, score.weight [2K, d] and weights.fc.{0,2,4}.* by name.
 PUBLISHED_ARCHITECTURE = "LlamaForSequenceClassificationWithNormal_Weights"
@@ -279,7 +279,8 @@ def urm_section(meta: HeadsMeta, reward_model: bool, base_bias: bool) -> dict:
             "value_bias": arch["bias"], "gate": arch["gate"], "gate_hidden": arch["gate_hidden"],
             "gate_temperature": arch["temperature"], "base_score": reward_model, "base_score_bias": base_bias,
             "pair_temperature": temperature, "max_length": max(lengths) if lengths else None,
-            "sigma_calibrated": sigma is not None and sigma.method == "calibrated"}
+            "sigma_calibrated": sigma is not None and sigma.method == "calibrated",
+            "posterior": arch.get("posterior")}
 
 
 def serves_in_sglang(config, urm: dict) -> bool:

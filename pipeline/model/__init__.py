@@ -13,9 +13,10 @@ imported by module (``pipeline.model.modeling_urm``) so that this package does n
 ``heads_io`` may import the cross-cutting modules (errors, atomic, hashing).
 """
 
-from pipeline.model.heads import (GATES, OUTPUTS, Heads, SoftmaxGate, ValueEnsemble, build_heads, gate_weights,
-                                  head_outputs, init_linear_, last_token_index, p_chosen_bt, p_chosen_gaussian, score,
-                                  score_variance, split_mean_logstd, unstandardize, urm_gate)
+from pipeline.model.heads import (GATES, OUTPUTS, VALUE_PREFIXES, Heads, RidgePosterior, SoftmaxGate, ValueEnsemble,
+                                  build_heads, epistemic_variance, gate_weights, head_outputs, init_linear_,
+                                  last_token_index, p_chosen_bt, p_chosen_gaussian, score, score_variance,
+                                  split_mean_logstd, unstandardize, urm_gate)
 from pipeline.model.heads_io import (EXPORT_TENSORS, META, TENSORS, CacheIdentity, HeadsError, HeadsMeta, LabelScaling,
                                      PairCalibration, SigmaCalibration, StageRecord, check_tensors, copy_heads,
                                      heads_reader, heads_writer, load_heads, meta_file, read_meta, save_heads)
@@ -29,9 +30,9 @@ from pipeline.model.rewards import (ENSEMBLE_TRANSFORMS, MAX_RISK, RISK_RANGE, R
 __all__ = [
     "CacheIdentity", "ENSEMBLE_TRANSFORMS", "EXPORT_TENSORS", "GATES", "Heads", "HeadsError", "HeadsMeta",
     "LabelScaling", "MAX_RISK", "META", "OUTPUTS", "PUBLISHED_ARCHITECTURE", "PUBLISHED_LOSS", "PairCalibration",
-    "RISK_RANGE", "RISK_TRANSFORMS", "SigmaCalibration", "SoftmaxGate", "StageRecord", "TENSORS", "TRANSFORMS",
-    "ValueEnsemble", "build_heads", "check_checkpoint_tensors", "check_tensors", "checkpoint_settings", "copy_heads",
-    "gate_weights", "head_outputs", "heads_reader", "heads_writer", "init_linear_", "is_published_checkpoint",
+    "RISK_RANGE", "RISK_TRANSFORMS", "RidgePosterior", "SigmaCalibration", "SoftmaxGate", "StageRecord", "TENSORS", "TRANSFORMS",
+    "VALUE_PREFIXES", "ValueEnsemble", "build_heads", "check_checkpoint_tensors", "check_tensors", "checkpoint_settings", "copy_heads",
+    "epistemic_variance", "gate_weights", "head_outputs", "heads_reader", "heads_writer", "init_linear_", "is_published_checkpoint",
     "is_published_layout", "last_token_index", "load_heads", "lower_bound", "meta_file", "needs_ensemble",
     "p_chosen_bt", "p_chosen_gaussian", "published_heads", "published_settings", "read_config_json", "read_meta",
     "reward", "rewards_of", "risk_ok", "save_heads", "score", "score_variance", "split_mean_logstd",

@@ -14,7 +14,7 @@ load without it (``tokenizer_config.json`` names the tokenizer class).
 ``urm`` holds: attributes (the K names, in the value head's row order), members (M value heads),
 value_bias, gate ("urm" | "softmax" | None), gate_hidden, gate_temperature, base_score (the
 backbone was a 1-label reward model whose head is kept as ``base_score``), base_score_bias,
-backbone_model_type, sigma_calibrated.
+backbone_model_type, sigma_calibrated, posterior (the ridge posterior's shapes per label group, or None).
 """
 
 from transformers import LlamaConfig as BackboneConfig  # urm-export: the backbone's config class

@@ -6,7 +6,8 @@ model repo. So it imports only torch.
 
 Parameter names are the export's tensor names: ``score.weight`` [2K, d] (rows interleaved
 mu_1, s_1, mu_2, s_2, ...), ``ensemble.weight`` [M, 2K, d] for an ensemble, ``weights.fc.*`` for the
-URM gate (the published checkpoint's names) and ``softmax_gate.*`` for the ArmoRM-style gate.
+URM gate (the published checkpoint's names), ``softmax_gate.*`` for the ArmoRM-style gate, and
+``posterior.{g}.*`` for the closed-form ridge posterior of a label group's attributes (buffers, METHOD.md 10).
 ``build_heads`` gives any module these submodules (``Heads`` here, ``URMForSequenceClassification``
 in an export) and ``head_outputs`` is the whole score math on them, under the output names used
 everywhere (``OUTPUTS``).
@@ -26,8 +27,12 @@ SOFTMAX_GATE_LAYERS = 3
 SOFTMAX_GATE_TEMPERATURE = 10.0
 # What the heads say about each row, in this order ([B] or [B, K] / [B, M]); an exported model
 # returns the same names, with the score as ``logits`` [B, 1] (the Hugging Face convention).
+# score_std / attribute_stds are aleatoric (the ratings' noise); ensemble_std and epistemic_std /
+# attribute_epistemic_stds are epistemic (what the training rows left open): the latter only where the heads carry
+# a ridge posterior (``posterior``, the closed-form value head), absent otherwise.
 OUTPUTS = ("score", "score_std", "attribute_means", "attribute_stds", "gating_weights",
-           "ensemble_scores", "ensemble_std")
+           "ensemble_scores", "ensemble_std", "epistemic_std", "attribute_epistemic_stds")
+VALUE_PREFIXES = ("score.", "ensemble.", "posterior.")  # the value head's tensors (the gate's are the rest)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -173,25 +178,76 @@ class SoftmaxGate(nn.Module):
         return F.softmax(self.layers(h) / self.temperature, dim=-1) * self.scale
 
 
+class RidgePosterior(nn.Module):
+    """The closed-form posterior of one label group's ridge fit (METHOD.md 10): h [B, d] -> the epistemic variance
+    of each of its attributes' means [B, K_g],
+        s_k^2 [ c(h)^2 / cᵀc + sum_j (v_jᵀz)^2 / (lam_j + alpha_k) + |z - V Vᵀz|^2 / alpha_k ],  z = h - c(h) g,
+    c(h) = u.h (``direction``; 1 for a head with a bias). Every term is a sum of squares (no difference of large
+    numbers); the last, the part of h outside the span of the training rows, is computed only when the basis is
+    narrower than h (fewer independent rows than features), so inference is one [B, d] x [d, r] product (two then).
+    Buffers, not parameters: nothing trains them; ``attributes`` are the group's value-head attributes."""
+
+    def __init__(self, d: int, rank: int, attributes: list[int], direction: bool = True):
+        super().__init__()
+        self.attributes = list(attributes)
+        k = len(self.attributes)
+        self.register_buffer("basis", torch.zeros(d, rank))  # V: eigenvectors of the centred rows' Gram
+        self.register_buffer("shrink", torch.zeros(k, rank))  # 1 / (lam_j + alpha_k)
+        self.register_buffer("outside", torch.zeros(k))  # 1 / alpha_k
+        self.register_buffer("noise", torch.zeros(k))  # s_k^2: the fit's residual variance (leave-one-out MSE)
+        self.register_buffer("center", torch.zeros(d))  # g: Z = X - c gᵀ
+        self.register_buffer("direction", torch.zeros(d) if direction else None)  # u: c(h) = u.h
+        self.register_buffer("column", torch.zeros(1))  # 1 / cᵀc
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        h = h.to(self.basis.dtype)
+        c = h @ self.direction if self.direction is not None else h.new_ones(h.shape[0])
+        z = h - c[:, None] * self.center[None, :]
+        p = z @ self.basis  # [B, r]
+        var = c.square()[:, None] * self.column + p.square() @ self.shrink.T
+        if self.basis.shape[1] < self.basis.shape[0]:
+            var = var + (z - p @ self.basis.T).square().sum(-1, keepdim=True) * self.outside[None, :]
+        return self.noise[None, :] * var
+
+
+def epistemic_variance(heads: nn.Module, h: torch.Tensor) -> torch.Tensor | None:
+    """Each attribute's epistemic variance [B, K] from the heads' ridge posterior (None without one)."""
+    groups = getattr(heads, "posterior", None)
+    if groups is None:
+        return None
+    var = h.new_zeros(h.shape[0], heads.score.out_features // 2)
+    for group in groups:
+        var[:, group.attributes] = group(h).to(var.dtype)
+    return var
+
+
 # ----------------------------------------------------------------------------------------------
 # The heads: built onto a module, then the score math on them
 
 
 def build_heads(module: nn.Module, d: int, k: int, members: int = 1, bias: bool = False, gate: str | None = None,
-                gate_hidden: int | None = None, temperature: float | None = None) -> dict:
+                gate_hidden: int | None = None, temperature: float | None = None,
+                posterior: list[dict] | None = None) -> dict:
     """Give ``module`` the heads, under the export's tensor names; returns the resolved architecture
-    (these keyword arguments with the gate's actual hidden width and temperature)."""
+    (these keyword arguments with the gate's actual hidden width and temperature). ``posterior``: one
+    {"attributes": [k, ...], "rank": r, "direction": bool} per label group of a closed-form value head
+    (``RidgePosterior``), or None (no epistemic_std)."""
     if gate not in (None, *GATES):
         raise ValueError(f"unknown gate {gate!r}: use one of {GATES}")
     module.score = nn.Linear(d, 2 * k, bias=bias)
     module.ensemble = ValueEnsemble(d, k, members, bias) if members > 1 else None
     module.weights = urm_gate(d, k, gate_hidden) if gate == "urm" else None
     module.softmax_gate = SoftmaxGate(d, k, gate_hidden, temperature) if gate == "softmax" else None
+    module.posterior = nn.ModuleList(
+        [RidgePosterior(d, int(g["rank"]), g["attributes"], bool(g["direction"])) for g in posterior]) \
+        if posterior else None
     first = module.weights[0] if module.weights is not None else (
         module.softmax_gate.layers[0] if module.softmax_gate is not None else None)
     return {"members": members, "bias": bias, "gate": gate,
             "gate_hidden": first.out_features if first is not None else None,
-            "temperature": module.softmax_gate.temperature if module.softmax_gate is not None else None}
+            "temperature": module.softmax_gate.temperature if module.softmax_gate is not None else None,
+            "posterior": [{"attributes": list(map(int, g["attributes"])), "rank": int(g["rank"]),
+                           "direction": bool(g["direction"])} for g in posterior] if posterior else None}
 
 
 def gate_weights(heads: nn.Module, h: torch.Tensor) -> torch.Tensor:
@@ -205,8 +261,10 @@ def gate_weights(heads: nn.Module, h: torch.Tensor) -> torch.Tensor:
 
 
 def head_outputs(heads: nn.Module, h: torch.Tensor) -> dict[str, torch.Tensor]:
-    """h [B, d] -> ``OUTPUTS``: the score, its std, per-attribute means, stds and gate weights, and
-    with an ensemble each member's score under the same weights and their std (METHOD.md 1, 4)."""
+    """h [B, d] -> ``OUTPUTS``: the score, its std, per-attribute means, stds and gate weights, with an
+    ensemble each member's score under the same weights and their std (METHOD.md 1, 4), and with a ridge
+    posterior the epistemic std of each attribute's mean and of the score under the same weights, the
+    attributes taken as independent as for sigma (METHOD.md 10)."""
     h = h.to(heads.score.weight.dtype)
     mu, log_sigma = split_mean_logstd(heads.score(h))
     sigma = log_sigma.exp()
@@ -217,6 +275,10 @@ def head_outputs(heads: nn.Module, h: torch.Tensor) -> dict[str, torch.Tensor]:
         member_mu, _ = split_mean_logstd(heads.ensemble(h))  # [M, B, K]
         out["ensemble_scores"] = score(w, member_mu).T  # [B, M]
         out["ensemble_std"] = out["ensemble_scores"].std(-1)
+    var = epistemic_variance(heads, h)
+    if var is not None:
+        out["epistemic_std"] = (w.square() * var).sum(-1).sqrt()
+        out["attribute_epistemic_stds"] = var.sqrt()
     return out
 
 
@@ -226,14 +288,16 @@ class Heads(nn.Module):
     Without a gate (stage 1 only) the weights are equal, w_k = 1/K. With an ensemble (M > 1)
     ``score.weight`` is the member average, so mu is exactly the ensemble-mean mu (the head is
     linear) and sigma the members' geometric mean; ``ensemble_std`` is the std (unbiased, over M)
-    of the members' scores under the same weights: the epistemic part (METHOD.md 4).
+    of the members' scores under the same weights: the epistemic part (METHOD.md 4). A closed-form
+    value head also carries its ridge posterior (``posterior``), which gives ``epistemic_std`` (METHOD.md 10).
     """
 
     def __init__(self, d: int, k: int, members: int = 1, bias: bool = False, gate: str | None = None,
-                 gate_hidden: int | None = None, temperature: float | None = None):
+                 gate_hidden: int | None = None, temperature: float | None = None,
+                 posterior: list[dict] | None = None):
         super().__init__()
         self.d, self.k = d, k
-        self.architecture = build_heads(self, d, k, members, bias, gate, gate_hidden, temperature)
+        self.architecture = build_heads(self, d, k, members, bias, gate, gate_hidden, temperature, posterior)
 
     @property
     def members(self) -> int:

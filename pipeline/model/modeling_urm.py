@@ -22,7 +22,10 @@ The math (METHOD.md section 1; ``heads.head_outputs``, on tensors named as in tr
   s = sum_k w_k mu_k                     -> logits[:, 0]
   Var s = sum_k w_k^2 sigma_k^2          -> score_std = sqrt(Var s)
 With an ensemble (``ensemble.weight`` [M, 2K, d]) each member's score under the same weights gives
-``ensemble_scores`` [B, M] and their std ``ensemble_std`` [B] (epistemic spread).
+``ensemble_scores`` [B, M] and their std ``ensemble_std`` [B] (epistemic spread). With a ridge posterior
+(``posterior.{g}.*`` buffers, a closed-form value head; ``urm["posterior"]`` gives their shapes)
+``attribute_epistemic_stds`` [B, K] and ``epistemic_std`` [B] = sqrt(sum_k w_k^2 Var_epi,k) (METHOD.md 10);
+an export without it (older, or AdamW-trained heads) returns neither.
 
 Which token is "last": the position of the LAST 1 in ``attention_mask`` (callers pad on either
 side; RewardBench zeroes a doubled BOS's mask entry, leaving a hole). Position ids come from the
@@ -72,7 +75,8 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 class URMOutput(ModelOutput):
     """logits [B, 1] = the score; per-attribute means, stds and gate weights [B, K]; score_std [B];
     ensemble_scores [B, M] and ensemble_std [B] with several value heads; base_score [B] when the
-    backbone was a reward model (its own head's score)."""
+    backbone was a reward model (its own head's score); epistemic_std [B] and attribute_epistemic_stds [B, K]
+    when the heads carry a ridge posterior (last, so the tuple positions of the others do not move)."""
 
     logits: Optional[torch.FloatTensor] = None
     score_std: Optional[torch.FloatTensor] = None
@@ -82,6 +86,8 @@ class URMOutput(ModelOutput):
     ensemble_scores: Optional[torch.FloatTensor] = None
     ensemble_std: Optional[torch.FloatTensor] = None
     base_score: Optional[torch.FloatTensor] = None
+    epistemic_std: Optional[torch.FloatTensor] = None
+    attribute_epistemic_stds: Optional[torch.FloatTensor] = None
 
 
 def urm_settings(config) -> dict:
@@ -111,7 +117,8 @@ class URMForSequenceClassification(PreTrainedModel):
     ``config`` is the backbone's own config (LlamaConfig, ...) plus a ``urm`` dict: attributes (the K
     names, in the value head's row order), members (M), value_bias, gate ("urm" | "softmax" | None),
     gate_hidden, gate_temperature, base_score (the backbone was a 1-label reward model whose head is
-    kept as ``base_score``), base_score_bias.
+    kept as ``base_score``), base_score_bias, posterior (each label group's ridge posterior shape, or
+    None: then no epistemic_std).
     """
 
     config_class = URMConfig
@@ -128,7 +135,7 @@ class URMForSequenceClassification(PreTrainedModel):
     # of 0.06 and two close answers tie exactly (P(better) = 0.5 from rounding alone). They are a few
     # thousand parameters; head_outputs casts the hidden state up to them. Set per instance in __init__
     # (transformers refuses a name that is not a module of the model, and the gate's kind varies).
-    HEAD_MODULES = ("score", "ensemble", "weights", "softmax_gate", "base_score")
+    HEAD_MODULES = ("score", "ensemble", "weights", "softmax_gate", "base_score", "posterior")
 
     def __init__(self, config):
         super().__init__(config)
@@ -136,7 +143,7 @@ class URMForSequenceClassification(PreTrainedModel):
         self.model = backbone_model(config)
         d = config.hidden_size
         build_heads(self, d, len(urm["attributes"]), urm["members"], urm["value_bias"], urm["gate"],
-                    urm["gate_hidden"], urm["gate_temperature"])
+                    urm["gate_hidden"], urm["gate_temperature"], urm.get("posterior"))
         self.base_score = nn.Linear(d, 1, bias=urm["base_score_bias"]) if urm["base_score"] else None
         self._keep_in_fp32_modules_strict = [name for name in self.HEAD_MODULES if getattr(self, name) is not None]
         self.post_init()

@@ -135,7 +135,7 @@ def fit_ridge_value_head(features, labels: torch.Tensor, cfg: ValueHeadConfig, n
     mu_w, mu_b = torch.zeros(k, d, dtype=torch.float64, device=device), torch.zeros(k, dtype=torch.float64, device=device)
     ls_w, ls_b = torch.zeros_like(mu_w), torch.zeros_like(mu_b)
     resid = torch.full((n, k), float("nan"), dtype=torch.float64, device=device)
-    chosen, sigma_alpha, loo_mse, edges, fits = {}, {}, {}, [], []
+    chosen, sigma_alpha, loo_mse, edges, fits, posterior = {}, {}, {}, [], [], []
     for cols, idx in label_groups(y):
         if len(idx) < 3:
             raise UserError(f"{', '.join(names[c] for c in cols)}: {len(idx)} rated rows; ridge needs at least 3")
@@ -162,6 +162,7 @@ def fit_ridge_value_head(features, labels: torch.Tensor, cfg: ValueHeadConfig, n
             if edge[i]:
                 edges.append(names[c])
         fits.append((cols, idx, t, u, sp))
+        posterior.append((cols, R.posterior_factor(sp, alpha, best)))  # epistemic: s_k^2 the leave-one-out MSE
     if edges:
         log(f"note: the ridge alpha of {', '.join(edges)} lies at the edge of its grid (relative "
             f"{R.ALPHA_GRID[0]:.0e}..{R.ALPHA_GRID[-1]:.0e} of the Gram's mean eigenvalue): the features hardly "
@@ -186,7 +187,7 @@ def fit_ridge_value_head(features, labels: torch.Tensor, cfg: ValueHeadConfig, n
     members = cfg.ensemble
     member_mu, solved = bootstrap_members(rows, fits, members, cfg.run.seed, chosen, names, mu_w, mu_b) \
         if members > 1 else ([], [])
-    heads = build_ridge_heads(d, k, mu_w, mu_b, ls_w, ls_b, member_mu, cfg.bias).to(device)
+    heads = build_ridge_heads(d, k, mu_w, mu_b, ls_w, ls_b, member_mu, cfg.bias, posterior).to(device)
     if not all(bool(torch.isfinite(t).all()) for t in heads.state_dict().values()):
         raise UserError("the closed-form value head came out with non-finite weights (features that are constant, or "
                         "labels that are?): nothing was saved; check the ratings cache with `urm cache info`")
@@ -222,12 +223,20 @@ def fit_ridge_value_head(features, labels: torch.Tensor, cfg: ValueHeadConfig, n
     return Fit(heads, history, val, [], scaling, calibration, selection)
 
 
-def build_ridge_heads(d: int, k: int, mu_w, mu_b, ls_w, ls_b, member_mu: list, bias: bool) -> Heads:
+def build_ridge_heads(d: int, k: int, mu_w, mu_b, ls_w, ls_b, member_mu: list, bias: bool,
+                      posterior: list | None = None) -> Heads:
     """``Heads`` with the closed-form rows: ``score`` the full fit, ``ensemble`` the bootstrap members' means (each
-    with the full fit's calibrated sigma rows: the members differ in what they know, not in the noise)."""
+    with the full fit's calibrated sigma rows: the members differ in what they know, not in the noise), and
+    ``posterior`` each label group's (attribute columns, ``R.posterior_factor``) as its ridge posterior."""
     members = max(1, len(member_mu))
-    heads = Heads(d, k, members, bias=bias)
+    groups = [{"attributes": cols, "rank": f["basis"].shape[1], "direction": f["direction"] is not None}
+              for cols, f in posterior or []]
+    heads = Heads(d, k, members, bias=bias, posterior=groups or None)
     with torch.no_grad():
+        for module, (_, factor) in zip(heads.posterior or [], posterior or []):
+            for name, value in factor.items():
+                if value is not None:
+                    getattr(module, name).copy_(value.float())
         heads.score.weight.copy_(R.interleave(mu_w, ls_w).float())
         if bias:
             heads.score.bias.copy_(R.interleave(mu_b[:, None], ls_b[:, None]).flatten().float())

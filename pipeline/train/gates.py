@@ -27,7 +27,7 @@ from torch import nn
 from pipeline import ATTRIBUTES
 from pipeline import metrics as M
 from pipeline.errors import UserError
-from pipeline.model import (GATES, Heads, PairCalibration, init_linear_, p_chosen_bt, p_chosen_gaussian, score,
+from pipeline.model import (GATES, VALUE_PREFIXES, Heads, PairCalibration, init_linear_, p_chosen_bt, p_chosen_gaussian, score,
                             score_variance, split_mean_logstd)
 from pipeline.train import losses
 from pipeline.train.calibration import fit_pair_temperatures
@@ -48,8 +48,9 @@ def with_gate(value: Heads, cfg: GatingConfig, gate: str | None = None) -> Heads
     if gate not in GATES:
         raise UserError(f"unknown gate {gate!r}: use one of {GATES} (--gate)")
     heads = Heads(value.d, value.k, value.members, bias=value.score.bias is not None, gate=gate,
-                  gate_hidden=cfg.gate_hidden, temperature=cfg.temperature)
-    frozen = {n: t for n, t in value.state_dict().items() if n.startswith(("score.", "ensemble."))}
+                  gate_hidden=cfg.gate_hidden, temperature=cfg.temperature,
+                  posterior=value.architecture.get("posterior"))
+    frozen = {n: t for n, t in value.state_dict().items() if n.startswith(VALUE_PREFIXES)}
     heads.load_state_dict(frozen, strict=False)
     g = torch.Generator().manual_seed(cfg.run.seed)
     gate = heads.weights if heads.weights is not None else heads.softmax_gate
@@ -57,7 +58,7 @@ def with_gate(value: Heads, cfg: GatingConfig, gate: str | None = None) -> Heads
         if isinstance(layer, nn.Linear):
             init_linear_(layer, g)
     for name, p in heads.named_parameters():
-        p.requires_grad_(not name.startswith(("score.", "ensemble.")))
+        p.requires_grad_(not name.startswith(VALUE_PREFIXES))
     return heads
 
 

@@ -197,6 +197,21 @@ def loo_residuals(sp: Spectrum, m: Moments, x: torch.Tensor, t: torch.Tensor, al
     return (t.double() - pred) / (1 - lev)
 
 
+def posterior_factor(sp: Spectrum, alpha: torch.Tensor, noise: torch.Tensor) -> dict:
+    """The ridge posterior of this fit (METHOD.md 10) as the tensors ``heads.RidgePosterior`` keeps, float64:
+    with prior beta ~ N(0, s^2 / alpha I), a flat prior on the unpenalised column's coefficient and noise s^2, the
+    epistemic variance of the fitted mean at h is
+        s^2 [ c(h)^2 / cᵀc + sum_j (v_jᵀz)^2 / (lam_j + alpha) + |z - V Vᵀz|^2 / alpha ],   z = h - c(h) g,
+    exactly (Zᵀc = 0, so the two coefficients' posteriors are independent; directions with an eigenvalue below
+    ``RANK_RTOL`` of the largest count as outside the span). ``alpha`` [K] absolute, ``noise`` [K] each attribute's
+    s^2. Returns basis V [d, r], shrink [K, r] = 1 / (lam + alpha_k), outside [K] = 1 / alpha_k, noise [K],
+    center g [d], direction u [d] (None with a plain bias: c = 1), column [1] = 1 / cᵀc."""
+    alpha = alpha.double()
+    return {"basis": sp.V, "shrink": 1.0 / (sp.lam[None, :] + alpha[:, None]), "outside": 1.0 / alpha,
+            "noise": noise.double(), "center": sp.g, "direction": sp.u,
+            "column": torch.tensor([1.0 / sp.ctc], dtype=torch.float64, device=sp.g.device)}
+
+
 def gcv_path(sp: Spectrum, m: Moments, alphas: torch.Tensor) -> torch.Tensor:
     """Generalised cross-validation n |t - H t|^2 / (n - tr H)^2 [A, K] from the sums alone (no pass), with
     s_j = alpha / (lam_j + alpha) = 1 - f_j:
