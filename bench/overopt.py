@@ -1,6 +1,50 @@
 """Over-optimisation with a known gold reward: does a conservative reward keep more gold in best-of-n? SmolLM2 features.
 
-DOC_PLACEHOLDER
+The protocol of Gao et al. 2023 and Coste et al. 2023 (METHOD.md 10) on real features, seeded, on a CPU in minutes:
+  pool       SmolLM2-135M-Instruct features (the offline backbone, its default dtype on CPU, float32 cache) of real
+             responses from ../shared/data: the shortest pairs of hh-rlhf harmless (150) and UltraFeedback (70), the
+             "training" sources; of RMB (120, answers of many LLMs), PandaLM (100) and anthropic-helpful (50), the
+             "shift" sources, never trained on; and the 40 shortest SteerLM rows (rated). About 1,000 responses,
+             ~80k tokens: the first run embeds them (~6 minutes on 2 cores), later runs reuse the caches.
+  gold       per attribute, kernel ridge regression (RBF kernel on the features standardised over the pool, length
+             half the median distance between pool rows, alpha by exact leave-one-out) fitted on every real label the
+             pool has: the SteerLM rows' five ratings (0-4), and UltraFeedback's 1-10 score of each side mapped to
+             0-4 as helpfulness and correctness; combined by fixed gold weights (the project's synthetic PAIR_WEIGHTS:
+             helpfulness 1, correctness 0.5, coherence 0.25, complexity 0, verbosity -0.1) and scaled to mean 0, std 1
+             over the pool. Why a fair stand-in for a gold model: like Gao's gold RM it is a fixed function of the
+             response that encodes real judgements (fitted to them) and is richer than the proxy's function class
+             (nonlinear in the features: the best linear function of the features reaches only `gold.linear_share` of
+             its variance, LOO R^2), so a linear proxy is misspecified and can only approximate it from the data it is
+             given; unlike a real gold model it is fitted on few labels (its LOO R^2 on them is in the result) and it
+             flattens towards the labels' mean far from the labelled rows, as any smooth model fitted on them would.
+  training   per seed, the proxy data: 30% of the training sources' pairs (and SteerLM rows) are held out as candidates; of the
+             rest, a share (`sizes`) is used: rated rows = both sides of those pairs and the SteerLM rows, labelled
+             gold attributes + Gaussian noise (std 0.5 x each gold attribute's std over the pool); pairs = the same
+             real pairs with their label drawn from the gold by Bradley-Terry, P(a preferred) = sigmoid((G_a - G_b) /
+             0.25), then 0% or 25% of the labels flipped (the same draw at both noise levels).
+  proxies    this tool's own training (pipeline.train fit_value_head, then fit_gate): the `train-heads` defaults
+             (closed-form ridge, calibrated sigma, 8 bootstrap members, its ridge posterior; --gate auto) and the
+             seed's recipe (--loss reparam --ensemble 1 --gate urm). Each reward is computed from the heads' outputs
+             by the package's transforms (pipeline.model.rewards) at the default --risk 1: mean, lcb (score - score_std:
+             aleatoric), the epistemic lower bound (score - epistemic_std, the ridge posterior), min and uwo (the
+             bootstrap members; default recipe only, the seed's has one member).
+  best-of-n  candidates: the held-out rows of the training sources and every row of the shift sources (~750). For
+             n = 1, 2, 4, ..., 256: the expected gold reward of the candidate with the highest reward among n drawn at
+             random without replacement, exact over every draw (P(the j-th ranked is picked) = C(N-j, n-1) / C(N, n)),
+             less the pool's mean gold (= a random pick's): the gold gain, against KL_bon = log n - (n-1)/n; the
+             proxy's own gain and the share of picks from shift sources beside it. Mean and 90% t-interval over seeds.
+  targets    (reported, not asserted) the default recipe at the full size, n = 256: under 25% flipped the best
+             conservative reward keeps >= 1.3 x mean's gold gain with the two 90% intervals apart; at 0% the same
+             reward keeps >= 0.95 x mean's.
+  curation   the default recipe's 25%-flipped pairs: bench.curate's cross-judging (each pair judged by a gate trained on
+             the other half, the math of `urm curate`, pipeline.eval.curation) and signals, with the pair's epistemic
+             std sqrt(e_c^2 + e_r^2) where the heads state it; the AUROC of each for the known flipped pairs (and for
+             labels against the gold order); then the gate (--gate auto, 2 folds as bench.curate) trained on the clean,
+             noisy, curated (`urm curate`'s rules) and random-control pairs, its accuracy on the held-out pairs
+             ordered by the gold.
+`python -m bench overopt` (10 seeds, sizes 0.5 and 1, both recipes, all curation rules) writes
+bench/results/overopt.json and overopt.png; `--quick` (5 seeds, size 1, the default recipe, the default curation rule;
+under 10 minutes on 2 cores with the first extraction) writes overopt_quick.json and .png.
 """
 
 from __future__ import annotations
@@ -565,6 +609,20 @@ def plot(summary: dict, sizes, recipes, path: Path) -> Path:
 # ----------------------------------------------------------------------------------------------
 
 
+def method_steps(doc: str) -> dict[str, str]:
+    """The docstring's named steps ("  name   text..." and its indented continuation lines), each on one line."""
+    steps, name = {}, None
+    for line in doc.split("\n\n", 2)[1].splitlines():
+        if line.startswith("  ") and not line.startswith("   "):
+            name, _, text = line.strip().partition(" ")
+            steps[name] = text.strip()
+        elif line.startswith("   ") and name:
+            steps[name] += " " + line.strip()
+        else:
+            name = None
+    return steps
+
+
 def main(argv: list[str] | None = None) -> dict:
     from bench import RESULTS
     from pipeline import ATTRIBUTES
@@ -617,7 +675,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"{ {r: round(v['gold_gain'][NS[-1]], 3) for r, v in p.items()} }", flush=True)
     summary = summarise(runs, sizes, recipes)
     result = {
-        "what": __doc__.split("\n")[0], "quick": args.quick, "seeds": seeds, "sizes": list(sizes),
+        "what": __doc__.split("\n")[0], "method": method_steps(__doc__), "quick": args.quick, "seeds": seeds, "sizes": list(sizes),
         "recipes": {r: RECIPES[r] for r in recipes}, "ns": list(NS), "kl_bon": kl_bon(NS).tolist(),
         "settings": {"risk": RISK, "rating_noise_share": RATING_NOISE, "bt_temperature": BT_TEMPERATURE,
                      "held_out": HELD_OUT, "flipped": 0.25, "bandwidth_share": BANDWIDTH_SHARE},
