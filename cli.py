@@ -253,8 +253,9 @@ def score(
     Conversations: rows with a `messages` list (or HelpSteer2 prompt/response). Pairs: chosen/rejected
     rows in any format `urm extract` reads; each pair also gets P(chosen better) under Bradley-Terry
     and under the Gaussian scores. Every conversation also gets `reward`, the --reward transform
-    (mean: the score; lcb: score - risk x score_std; min, uwo: from the ensemble). The summary line goes
-    to stderr, so stdout stays pure JSONL.
+    (mean: the score; lcb: score - risk x score_std, aleatoric; elcb: score - risk x epistemic_std, epistemic;
+    min, uwo: from the ensemble, epistemic). Heads with a ridge posterior (--loss ridge) also state
+    `epistemic_std` per row. The summary line goes to stderr, so stdout stays pure JSONL.
 
     \b
     Example: urm score runs/demo/model --input ../shared/data/pandalm-test.jsonl -o scores.jsonl
@@ -321,10 +322,11 @@ def serve(
     """Serve an exported model over HTTP for RLHF loops: batched scores with uncertainty.
 
     POST /score takes {"conversations": [[{role, content}, ...] or "templated text", ...]} and returns
-    each one's score, score_std, per-attribute means / stds / gate weights (and the ensemble spread);
+    each one's score, score_std, per-attribute means / stds / gate weights (and the ensemble spread and
+    epistemic_std where the export has them);
     POST /get_reward speaks OpenRLHF's remote reward-model protocol ({"query": [...]} -> {"rewards":
     [...]}); GET /health gives the model's metadata. Requests that arrive together are batched under
-    the token budget. --reward (mean, lcb, min, uwo) and --risk choose the reward the answers carry; a
+    the token budget. --reward (mean, lcb, elcb, min, uwo) and --risk choose the reward the answers carry; a
     request may name its own. Listens on loopback unless --host says otherwise; --api-key (or
     URM_API_KEY) requires `Authorization: Bearer KEY` on every request (401 otherwise).
     SIGTERM or Ctrl-C lets the requests in flight finish, then stops.

@@ -76,3 +76,41 @@ def test_a_bad_preset_stops_before_anything_runs(tmp_path):
     result = runner.invoke(app, ["demo", "--preset", str(bad)])
     assert result.exit_code == 2 and "error:" in result.output and "dtype" in result.output
     assert "== [1/5]" not in result.output
+
+
+def test_urm_score_on_the_demo_export_prints_epistemic_std_per_row_as_the_closed_form_by_hand(tiny_demo, tmp_path):
+    """Each row of `urm score` states epistemic_std and its per-attribute parts, equal to the ridge posterior
+    s_k^2 [c^2 / cᵀc + zᵀ (ZᵀZ + alpha_k I)^-1 z] solved directly in float64 on the demo's own ratings cache, at the
+    alpha and leave-one-out MSE heads.json records (METHOD.md 10)."""
+    import json
+
+    import numpy as np
+
+    from pipeline.cache import read_features
+    from pipeline.model import read_meta
+    from test_closed_form import by_hand_epistemic_variance
+
+    root, _, _ = tiny_demo
+    convs = tmp_path / "convs.jsonl"
+    convs.write_text("".join(json.dumps({"id": f"c{i}", "messages": c}) + "\n" for i, c in enumerate(sigmoid_example())))
+    result = runner.invoke(app, ["score", str(root / "model"), "-i", str(convs), "--device", "cpu", "--dtype", "float32"])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(rows) == 2 and all(r["epistemic_std"] > 0 for r in rows)
+    meta = read_meta(root / "heads")
+    selection, names = meta.value_head.selection, meta.attributes
+    features = read_features(root / "cache" / "ratings")
+    x, labels = features.embedding.double().numpy(), features.labels.numpy()
+    model = load_export(root / "model")
+    with torch.no_grad():
+        h = torch.cat([model.model(torch.tensor([ids])).last_hidden_state[:, -1]
+                       for ids in render_ids(tokenizer_of(root / "model"), sigmoid_example())]).double().numpy()
+    for k, name in enumerate(names):
+        want = by_hand_epistemic_variance(x, ~np.isnan(labels[:, k]), selection["alpha"][name],
+                                          selection["loo_mse"][name], h, bias=False)
+        got = [r["attribute_epistemic_stds"][name] ** 2 for r in rows]
+        np.testing.assert_allclose(got, want, rtol=1e-3, err_msg=name)
+    for r in rows:  # the score's, under the row's own gate weights
+        w = np.array([r["gating_weights"][a] for a in names])
+        e = np.array([r["attribute_epistemic_stds"][a] for a in names])
+        assert r["epistemic_std"] == pytest.approx(np.sqrt((w ** 2 * e ** 2).sum()), rel=1e-5)

@@ -79,8 +79,8 @@ def urm_score(model_dir: Path, rows_file: Path, *options: str) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """A tiny reward-model backbone, 2-member ensemble + URM gate, exported."""
-    return export_tiny(tmp_path_factory.mktemp("score"), reward_model=True, members=2)
+    """A tiny reward-model backbone, 2-member ensemble + URM gate + a ridge posterior, exported."""
+    return export_tiny(tmp_path_factory.mktemp("score"), reward_model=True, members=2, posterior=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -105,6 +105,10 @@ def test_batched_scores_equal_the_model_one_conversation_at_a_time(tiny, write_j
         assert list(row["gating_weights"].values()) == pytest.approx(one.gating_weights[0].tolist(), abs=1e-5)
         assert row["ensemble_scores"] == pytest.approx(one.ensemble_scores[0].tolist(), abs=1e-5)
         assert row["base_score"] == pytest.approx(one.base_score[0].item(), abs=1e-5)
+        assert row["epistemic_std"] == pytest.approx(one.epistemic_std[0].item(), rel=1e-5)
+        assert list(row["attribute_epistemic_stds"]) == list(ATTRIBUTES)
+        assert list(row["attribute_epistemic_stds"].values()) == pytest.approx(
+            one.attribute_epistemic_stds[0].tolist(), rel=1e-5)
     # the score's std is sqrt(sum_k w_k^2 sigma_k^2) of the row's own numbers (METHOD.md 1)
     r = got[0]
     var = sum(r["gating_weights"][a] ** 2 * r["attribute_stds"][a] ** 2 for a in ATTRIBUTES)
@@ -220,7 +224,7 @@ def test_reward_lcb_is_score_minus_k_std_per_row_and_the_others_as_stated(tiny, 
     convs = write_jsonl("convs.jsonl", [{"id": f"c{i}", "messages": c} for i, c in enumerate(CONVERSATIONS)])
     output = tmp_path / "lcb.jsonl"
     result = runner.invoke(app, ["score", str(tiny[2]), "--input", str(convs), "-o", str(output), "--reward", "lcb",
-                                 "--risk", "1", "--device", "cpu"])
+                                 "--risk", "1", "--device", "cpu", "--dtype", "float32"])
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in output.read_text().splitlines()]
     assert len(rows) == len(CONVERSATIONS)
@@ -231,6 +235,9 @@ def test_reward_lcb_is_score_minus_k_std_per_row_and_the_others_as_stated(tiny, 
     assert [r["score"] for r in mean] == [r["score"] for r in rows]  # the transform changes only `reward`
     for r in urm_score(tiny[2], convs, "--reward", "lcb", "--risk", "2.5"):
         assert r["reward"] == pytest.approx(r["score"] - 2.5 * r["score_std"], abs=1e-6)
+    for r in urm_score(tiny[2], convs, "--reward", "elcb", "--risk", "2"):  # the epistemic std, not score_std
+        assert r["reward"] == pytest.approx(r["score"] - 2 * r["epistemic_std"], abs=1e-6)
+        assert r["epistemic_std"] != pytest.approx(r["score_std"])
     for r in urm_score(tiny[2], convs, "--reward", "min"):
         assert r["reward"] == pytest.approx(min(r["ensemble_scores"]), abs=1e-6)
     for r in urm_score(tiny[2], convs, "--reward", "uwo", "--risk", "0.5"):
@@ -249,10 +256,11 @@ def test_a_reward_the_export_cannot_give_or_a_bad_risk_is_one_line_and_writes_no
     for args, code, says in ((["--reward", "min"], 1, "--reward 'min' needs an ensemble, and this export has 1 value "
                                                       "head"),
                              (["--reward", "uwo"], 1, "--reward 'uwo' needs an ensemble"),
+                             (["--reward", "elcb"], 1, "--reward 'elcb' needs the heads' ridge posterior"),
                              (["--risk", "-1"], 2, "--risk must be a number from 0 to 1e6, got -1.0"),
                              (["--risk", "inf"], 2, "--risk must be a number from 0 to 1e6, got inf"),
                              (["--risk", "1e308"], 2, "--risk must be a number from 0 to 1e6, got 1e+308"),
-                             (["--reward", "LCB"], 2, "--reward must be one of mean, lcb, min, uwo, got 'LCB'")):
+                             (["--reward", "LCB"], 2, "--reward must be one of mean, lcb, elcb, min, uwo, got 'LCB'")):
         result = runner.invoke(app, ["score", str(single), "-i", str(convs), "-o", str(output), *args])
         assert result.exit_code == code and says in result.output, result.output
         assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
@@ -392,7 +400,9 @@ def test_loading_into_a_dtype_by_casting_gives_what_loading_in_it_gives(tiny, dt
     load = lambda dt: URMForSequenceClassification.from_pretrained(out, config=config, dtype=dt).eval()  # noqa: E731
     keep = tuple(f"{m}." for m in URMForSequenceClassification.HEAD_MODULES)
     stored, count = stored_parameters(out)
-    assert stored == "float32" and count == sum(p.numel() for p in load(torch.float32).parameters())
+    fp32 = load(torch.float32)
+    stored_buffers = sum(b.numel() for n, b in fp32.named_buffers() if n.startswith("posterior."))  # saved, not trained
+    assert stored == "float32" and count == sum(p.numel() for p in fp32.parameters()) + stored_buffers
     direct, cast = load(dtype), load_in_dtype(load, out, dtype, keep)
     a, b = direct.state_dict(), cast.state_dict()
     assert a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)

@@ -60,18 +60,21 @@ def require_vllm():
 def test_the_answer_vector_reads_back_as_urm_scores_row():
     """Vectors made from the heads' outputs read back field by field, whatever the export's shape."""
     from pipeline.model import Heads
+    from tiny_models import RANDOM_POSTERIOR, random_posterior_
 
     torch.manual_seed(0)
-    for members, base in ((1, False), (3, True)):
-        heads = Heads(8, 5, members=members, gate="urm", gate_hidden=4)
+    for members, base, epistemic in ((1, False, False), (3, True, False), (2, True, True)):
+        heads = Heads(8, 5, members=members, gate="urm", gate_hidden=4, posterior=RANDOM_POSTERIOR if epistemic else None)
+        if epistemic:
+            random_posterior_(heads)
         out = heads(torch.randn(2, 8))
         if base:
             out["base_score"] = torch.tensor([0.5, -0.5])
         reward = torch.tensor([1.25, -2.5], dtype=torch.float64)
         vectors = answer_vectors(out, reward)
-        assert vectors.shape == (2, len(answer_layout(ATTRIBUTES, members, base)))
+        assert vectors.shape == (2, len(answer_layout(ATTRIBUTES, members, base, epistemic)))
         for i in range(2):
-            row = read_answer(vectors[i].tolist(), ATTRIBUTES, members, base)
+            row = read_answer(vectors[i].tolist(), ATTRIBUTES, members, base, epistemic)
             assert row["score"] == pytest.approx(out["score"][i].item())
             assert row["score_std"] == pytest.approx(out["score_std"][i].item())
             assert list(row["attribute_stds"]) == list(ATTRIBUTES)
@@ -80,6 +83,11 @@ def test_the_answer_vector_reads_back_as_urm_scores_row():
             assert ("ensemble_std" in row) == (members > 1) and ("base_score" in row) == base
             if members > 1:
                 assert row["ensemble_scores"] == pytest.approx(out["ensemble_scores"][i].tolist())
+            assert ("epistemic_std" in row) == epistemic
+            if epistemic:
+                assert row["epistemic_std"] == pytest.approx(out["epistemic_std"][i].item())
+                assert list(row["attribute_epistemic_stds"].values()) == pytest.approx(
+                    out["attribute_epistemic_stds"][i].tolist())
     with pytest.raises(ValueError, match="an answer of 3 numbers, but this export's layout has 18"):
         read_answer([1, 2, 3], ATTRIBUTES)
 
@@ -214,9 +222,10 @@ def test_the_checks_at_load_refuse_with_one_line_each(tmp_path):
     assert reward_setting(config(urm_reward="lcb", urm_risk=2), 1) == ("lcb", 2.0)
     assert reward_setting(config(urm_reward="uwo", urm_risk=0.5), 3) == ("uwo", 0.5)
     for extra, members, text in (({"urm_reward": "median"}, 1, "urm_reward 'median' is not a reward transform; use "
-                                                              "one of mean, lcb, min, uwo"),
+                                                              "one of mean, lcb, elcb, min, uwo"),
                                  ({"urm_reward": "min"}, 1, "urm_reward 'min' needs an ensemble, and this export has "
                                                             "1 value head"),
+                                 ({"urm_reward": "elcb"}, 3, "urm_reward 'elcb' needs the heads' ridge posterior"),
                                  ({"urm_risk": -1}, 1, "urm_risk -1.0 is not a finite number, 0 or more"),
                                  ({"urm_risk": "high"}, 1, "urm_risk 'high' is not a finite number"),
                                  ({"urm_risk": float("nan")}, 1, "urm_risk nan is not a finite number"),

@@ -8,10 +8,12 @@ from dataclasses import dataclass
 from pipeline.configs.options import SCORING_DTYPE_HELP, ConfigError, check, device_name, number, one_of, opt, whole
 from pipeline.device import AUTO_DTYPES, COMPUTE_DTYPES
 
-REWARD_HELP = ("The reward to give: mean (the score), lcb (score - risk x score_std), min (the worst ensemble "
-               "member's score) or uwo (the members' mean - risk x their variance); min and uwo need an export "
-               "with an ensemble.")
-RISK_HELP = "The risk parameter of --reward lcb (k) and uwo (lambda): a number from 0 to 1e6."
+REWARD_HELP = ("The reward to give: mean (the score; subtracts no uncertainty), lcb (score - risk x score_std: "
+               "aleatoric, the ratings' noise, about the same for every response), elcb (score - risk x epistemic_std: "
+               "epistemic, the ridge posterior's std, which grows for responses unlike the training rows), min (the "
+               "worst ensemble member's score) or uwo (the members' mean - risk x their variance), both epistemic; "
+               "min and uwo need an export with an ensemble, elcb one with a ridge posterior (--loss ridge).")
+RISK_HELP = "The risk parameter of --reward lcb and elcb (k) and uwo (lambda): a number from 0 to 1e6."
 
 
 def check_reward(reward: str, risk: float) -> None:

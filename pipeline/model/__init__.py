@@ -4,7 +4,7 @@
   modeling_urm       ``URMForSequenceClassification``, the exported model (shipped)
   configuration_urm  ``URMConfig``, the backbone's config plus the heads' settings (shipped)
   heads_io           the heads folder: safetensors + heads.json (``HeadsMeta``)
-  rewards            reward transforms on the heads' outputs: mean, lcb, min, uwo (`urm score`, `urm serve`)
+  rewards            reward transforms on the heads' outputs: mean, lcb, elcb, min, uwo (`urm score`, `urm serve`)
   published          checkpoints in the published URM layout (SGLang's) read as heads and settings
 
 The three shipped files import only torch, transformers and each other: `urm export` copies them
@@ -23,18 +23,19 @@ from pipeline.model.heads_io import (EXPORT_TENSORS, META, TENSORS, CacheIdentit
 from pipeline.model.published import (PUBLISHED_ARCHITECTURE, PUBLISHED_LOSS, check_checkpoint_tensors,
                                       checkpoint_settings, is_published_checkpoint, is_published_layout,
                                       published_heads, published_settings, read_config_json)
-from pipeline.model.rewards import (ENSEMBLE_TRANSFORMS, MAX_RISK, RISK_RANGE, RISK_TRANSFORMS, TRANSFORMS,
-                                    lower_bound, needs_ensemble, reward, rewards_of, risk_ok, uncertainty_weighted,
-                                    worst_member)
+from pipeline.model.rewards import (ENSEMBLE_TRANSFORMS, MAX_RISK, POSTERIOR_TRANSFORMS, RISK_RANGE, RISK_TRANSFORMS,
+                                    SUBTRACTS, TRANSFORMS, lower_bound, needs_ensemble, needs_posterior, reward,
+                                    rewards_of, risk_ok, uncertainty_weighted, worst_member)
 
 __all__ = [
     "CacheIdentity", "ENSEMBLE_TRANSFORMS", "EXPORT_TENSORS", "GATES", "Heads", "HeadsError", "HeadsMeta",
-    "LabelScaling", "MAX_RISK", "META", "OUTPUTS", "PUBLISHED_ARCHITECTURE", "PUBLISHED_LOSS", "PairCalibration",
-    "RISK_RANGE", "RISK_TRANSFORMS", "RidgePosterior", "SigmaCalibration", "SoftmaxGate", "StageRecord", "TENSORS", "TRANSFORMS",
-    "VALUE_PREFIXES", "ValueEnsemble", "build_heads", "check_checkpoint_tensors", "check_tensors", "checkpoint_settings", "copy_heads",
-    "epistemic_variance", "gate_weights", "head_outputs", "heads_reader", "heads_writer", "init_linear_", "is_published_checkpoint",
-    "is_published_layout", "last_token_index", "load_heads", "lower_bound", "meta_file", "needs_ensemble",
-    "p_chosen_bt", "p_chosen_gaussian", "published_heads", "published_settings", "read_config_json", "read_meta",
-    "reward", "rewards_of", "risk_ok", "save_heads", "score", "score_variance", "split_mean_logstd",
-    "uncertainty_weighted", "unstandardize", "urm_gate", "worst_member",
+    "LabelScaling", "MAX_RISK", "META", "OUTPUTS", "POSTERIOR_TRANSFORMS", "PUBLISHED_ARCHITECTURE",
+    "PUBLISHED_LOSS", "PairCalibration", "RISK_RANGE", "RISK_TRANSFORMS", "RidgePosterior", "SUBTRACTS",
+    "SigmaCalibration", "SoftmaxGate", "StageRecord", "TENSORS", "TRANSFORMS", "VALUE_PREFIXES", "ValueEnsemble",
+    "build_heads", "check_checkpoint_tensors", "check_tensors", "checkpoint_settings", "copy_heads",
+    "epistemic_variance", "gate_weights", "head_outputs", "heads_reader", "heads_writer", "init_linear_",
+    "is_published_checkpoint", "is_published_layout", "last_token_index", "load_heads", "lower_bound", "meta_file",
+    "needs_ensemble", "needs_posterior", "p_chosen_bt", "p_chosen_gaussian", "published_heads",
+    "published_settings", "read_config_json", "read_meta", "reward", "rewards_of", "risk_ok", "save_heads", "score",
+    "score_variance", "split_mean_logstd", "uncertainty_weighted", "unstandardize", "urm_gate", "worst_member",
 ]

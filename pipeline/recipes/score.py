@@ -7,7 +7,8 @@ conversation or pair atomically (or to stdout), and return the throughput for th
 
 One JSON line per conversation: ``id`` and the heads' outputs (``score``, ``score_std``, and per
 attribute ``attribute_means``, ``attribute_stds``, ``gating_weights`` keyed by attribute name; with
-an ensemble ``ensemble_scores`` and ``ensemble_std``; ``base_score`` when the backbone was a reward
+an ensemble ``ensemble_scores`` and ``ensemble_std``; with a ridge posterior ``epistemic_std`` and
+``attribute_epistemic_stds`` keyed by attribute name; ``base_score`` when the backbone was a reward
 model), and ``reward``: the --reward transform of them (pipeline.model.rewards; ``score`` itself under
 mean). One line per pair: ``id``, ``subset``, ``chosen`` and ``rejected`` (each as above, without
 id), ``p_chosen_bt`` = sigmoid(s_c - s_r) and ``p_chosen_gaussian`` = Phi((s_c - s_r) /

@@ -65,14 +65,15 @@ def load_service(model_dir: str, cfg: ServeConfig, log=None):
             "sigma_calibrated": urm.get("sigma_calibrated"),
             "model_type": model.config.model_type, "hidden_size": model.config.hidden_size,
             "attributes": list(urm["attributes"]), "members": urm["members"], "gate": urm["gate"],
-            "base_score": bool(urm.get("base_score")), "max_length": limit,
+            "base_score": bool(urm.get("base_score")), "epistemic_std": bool(urm.get("posterior")),
+            "max_length": limit,
             "trained_max_length": urm.get("max_length"), "pair_temperature": urm.get("pair_temperature"),
             "device": str(model.device), "dtype": str(model.dtype).removeprefix("torch.")}
     return Service(encode_conversations=lambda convs: render_ids(tokenizer, convs),
                    encode_texts=lambda texts: encode_texts(tokenizer, texts),
                    score_fn=lambda ids: score_ids(model, ids, cfg.max_tokens_per_batch, pad_id),
                    names=list(urm["attributes"]), max_length=limit, max_tokens=cfg.max_tokens_per_batch, info=info,
-                   members=int(urm["members"]))
+                   members=int(urm["members"]), posterior=bool(urm.get("posterior")))
 
 
 def run_serve(model_dir: str, cfg: ServeConfig, log=None) -> dict:

@@ -5,14 +5,15 @@
   POST /score        {"conversations": [[{role, content}, ...] | "templated text", ...], ("reward", "risk")}
                      -> {"attributes": [...], "transform": {reward, risk}, "results": [{score, score_std,
                         attribute_means, attribute_stds, gating_weights, (ensemble_scores, ensemble_std,
-                        base_score), reward, tokens}, ...]}
+                        epistemic_std, attribute_epistemic_stds, base_score), reward, tokens}, ...]}
   POST /get_reward   OpenRLHF's remote reward-model protocol: {"query": [str, ...], "prompts": ..., "labels": ...,
                      ("reward", "risk")}
                      -> {"rewards": [the transform's], "scores": [the plain score], "transform": {reward, risk},
-                         "extra_logs": {"score_std": [...], "transform_<name>": [1.0, ...], ("risk": [...]), ...}}
+                         "extra_logs": {"score_std": [...], ("ensemble_std", "epistemic_std": [...]),
+                                        "transform_<name>": [1.0, ...], ("risk": [...])}}
   GET  /health       {"status": "ok", "model": {...}, "limits": {...}, "stats": {...}}
 
-The reward transform (pipeline.model.rewards: mean, lcb, min, uwo) is the server's --reward / --risk
+The reward transform (pipeline.model.rewards: mean, lcb, elcb, min, uwo) is the server's --reward / --risk
 unless the request names its own. OpenRLHF turns every ``extra_logs`` value into a tensor
 (openrlhf/trainer/ppo_utils/samples_generator.py, ``torch.tensor([value])``), so the transform rides
 there as numbers: a 1.0 per row under ``transform_<name>`` and its parameter under ``risk``; the
@@ -50,7 +51,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from pipeline.model import RISK_TRANSFORMS, rewards_of
+from pipeline.model import RISK_TRANSFORMS, SUBTRACTS, rewards_of
 from pipeline.serve.batcher import Batcher, ScoreFn
 from pipeline.serve.requests import (Limits, RequestError, RewardChoice, check_key, check_lengths, parse_json,
                                      read_body, reward_choice, reward_queries, score_items)
@@ -59,9 +60,12 @@ from pipeline.serve.scoring import row_scores
 MEAN = RewardChoice()
 
 
-UNCERTAINTY = {"aleatoric": ["score_std", "attribute_stds"], "epistemic": ["ensemble_std", "ensemble_scores"],
+UNCERTAINTY = {"aleatoric": ["score_std", "attribute_stds"],
+               "epistemic": ["ensemble_std", "ensemble_scores", "epistemic_std", "attribute_epistemic_stds"],
                "about": "aleatoric: the noise of the ratings (sigma, calibrated on held-out rows); epistemic: how much the "
-                        "ensemble members, fitted on resamples of the training rows, disagree (grows off the data)"}
+                        "ensemble members, fitted on resamples of the training rows, disagree, and the ridge "
+                        "posterior's std (closed form); both grow off the data",
+               "rewards": dict(SUBTRACTS)}
 
 
 @dataclass
@@ -77,6 +81,7 @@ class Service:
     max_tokens: int
     info: dict = field(default_factory=dict)
     members: int = 1
+    posterior: bool = False  # the heads carry a ridge posterior (epistemic_std, --reward elcb)
 
 
 @dataclass(frozen=True)
@@ -100,8 +105,9 @@ def rewards(out: dict[str, np.ndarray], choice: RewardChoice = MEAN) -> dict:
     scores = out["score"].tolist()
     n = len(scores)
     logs = {"score_std": out["score_std"].tolist()}
-    if "ensemble_std" in out:
-        logs["ensemble_std"] = out["ensemble_std"].tolist()
+    for name in ("ensemble_std", "epistemic_std"):
+        if name in out:
+            logs[name] = out[name].tolist()
     logs[f"transform_{choice.transform}"] = [1.0] * n
     if choice.transform in RISK_TRANSFORMS:
         logs["risk"] = [choice.risk] * n
@@ -143,7 +149,7 @@ def create_app(service: Service, limits: Limits, batcher: Batcher | None = None,
     async def scored(request: Request, parse, encode, key: str):
         """Read, check, tokenise, length-check and score one request: (ids, outputs, its reward transform)."""
         payload = parse_json(await read_body(request, limits))
-        items, choice = parse(payload, limits), reward_choice(payload, reward, service.members)
+        items, choice = parse(payload, limits), reward_choice(payload, reward, service.members, service.posterior)
         loop = asyncio.get_running_loop()
         try:
             ids = await loop.run_in_executor(tokenizer_thread, encode, items)

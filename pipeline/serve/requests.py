@@ -4,7 +4,7 @@ or a ``RequestError`` (HTTP status + one message naming what is wrong), never a 
   POST /score        {"conversations": [[{role, content}, ...] | "templated text", ...]}
   POST /get_reward   OpenRLHF's remote reward-model protocol: {"query": [str, ...], "prompts": ..., "labels": ...}
 
-Either body may also carry ``"reward"`` (mean, lcb, min, uwo) and ``"risk"``: the transform for this
+Either body may also carry ``"reward"`` (mean, lcb, elcb, min, uwo) and ``"risk"``: the transform for this
 request (``reward_choice``), else the server's --reward / --risk. With --api-key set, a request
 without ``Authorization: Bearer KEY`` is 401 before its body is read (``check_key``, a constant-time
 compare). Too big is 413 (body, items per request), malformed 400 (not UTF-8, not JSON) or 422 (wrong
@@ -21,7 +21,7 @@ from typing import Any
 
 from pipeline.data import RowError, check_ends_with_assistant, messages_from
 from pipeline.model import RISK_RANGE, RISK_TRANSFORMS, TRANSFORMS, risk_ok
-from pipeline.serve.scoring import ensemble_missing
+from pipeline.serve.scoring import reward_missing
 
 
 class RequestError(Exception):
@@ -54,9 +54,10 @@ class RewardChoice:
         return {"reward": self.transform, "risk": self.risk if self.transform in RISK_TRANSFORMS else None}
 
 
-def reward_choice(payload, default: RewardChoice, members: int) -> RewardChoice:
+def reward_choice(payload, default: RewardChoice, members: int, posterior: bool = False) -> RewardChoice:
     """The request's ``reward`` / ``risk`` (each optional: the server's default), 422 when the model cannot
-    give it or the risk is out of range (``RISK_RANGE``)."""
+    give it (``members`` value heads; ``posterior``: whether it has a ridge posterior) or the risk is out of range
+    (``RISK_RANGE``)."""
     if not isinstance(payload, dict) or ("reward" not in payload and "risk" not in payload):
         return default
     transform, risk = payload.get("reward", default.transform), payload.get("risk", default.risk)
@@ -64,7 +65,7 @@ def reward_choice(payload, default: RewardChoice, members: int) -> RewardChoice:
         raise RequestError(422, f"'reward' must be one of {', '.join(TRANSFORMS)}, got {_kind(transform)}")
     if not risk_ok(risk):
         raise RequestError(422, f"'risk' must be {RISK_RANGE}, got {_kind(risk)}")
-    why = ensemble_missing(transform, members)
+    why = reward_missing(transform, members, posterior)
     if why:
         raise RequestError(422, why)
     return RewardChoice(transform, float(risk))

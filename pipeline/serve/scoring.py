@@ -16,9 +16,10 @@ import torch
 
 from pipeline.errors import UserError
 from pipeline.features import OnBatch, run_batches
-from pipeline.model import OUTPUTS, needs_ensemble, p_chosen_bt, p_chosen_gaussian
+from pipeline.model import OUTPUTS, needs_ensemble, needs_posterior, p_chosen_bt, p_chosen_gaussian
 
-PER_ATTRIBUTE = ("attribute_means", "attribute_stds", "gating_weights")  # [B, K]: keyed by attribute name
+# [B, K]: keyed by attribute name
+PER_ATTRIBUTE = ("attribute_means", "attribute_stds", "gating_weights", "attribute_epistemic_stds")
 # An export made before the URM gate's tensors were nested as published (weights.{0,2,4}.*, not weights.fc.*)
 UNNESTED_GATE = {r"^weights\.(\d+)\.": r"weights.fc.\1."}
 
@@ -50,17 +51,23 @@ def export_config(model_dir: str):
     return config
 
 
-def ensemble_missing(transform: str, members: int) -> str | None:
-    """Why this model cannot give ``transform`` (min and uwo need an ensemble), or None."""
+def reward_missing(transform: str, members: int, posterior: bool = False) -> str | None:
+    """Why this model cannot give ``transform`` (min and uwo need an ensemble, elcb a ridge posterior), or None."""
     if needs_ensemble(transform) and members < 2:
         return (f"reward {transform!r} needs an ensemble, and this export has {members} value head; use mean or "
                 "lcb, or train with --ensemble 2 or more and export again")
+    if needs_posterior(transform) and not posterior:
+        return (f"reward {transform!r} needs the heads' ridge posterior (epistemic_std), and this export has none "
+                "(heads trained with an AdamW loss, or exported before it was kept); use mean or lcb, or train "
+                "with --loss ridge (the default) and export again")
     return None
 
 
 def check_reward_fits(model_dir: str, transform: str) -> None:
-    """Before loading: ScoreError when ``transform`` needs an ensemble the export lacks (--reward min / uwo)."""
-    why = ensemble_missing(transform, int(export_config(model_dir).urm.get("members", 1)))
+    """Before loading: ScoreError when ``transform`` needs what the export lacks (--reward min / uwo: an ensemble;
+    elcb: a ridge posterior)."""
+    urm = export_config(model_dir).urm
+    why = reward_missing(transform, int(urm.get("members", 1)), bool(urm.get("posterior")))
     if why:
         raise ScoreError(f"--{why}")
 

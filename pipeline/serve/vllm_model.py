@@ -12,15 +12,17 @@ What it returns (one pooling task per vLLM instance, vLLM's rule):
       it as ``data[-1]["probs"][-1]``.
   embed (``--pooler-config '{"task": "embed"}'``: /pooling, /v1/embeddings, ``LLM.embed``)   the whole answer
       as one vector per response, laid out by ``pipeline.serve.engine_answer`` (score, score_std, per-attribute
-      means, stds and gate weights, the ensemble's std and members, the reward last), never normalised.
+      means, stds and gate weights, the ensemble's std and members, the epistemic stds with a ridge posterior, the
+      reward last), never normalised.
 
-The transform: ``--hf-overrides '{"urm_reward": "lcb", "urm_risk": 1.0}'`` (mean | lcb | min | uwo, as
+The transform: ``--hf-overrides '{"urm_reward": "lcb", "urm_risk": 1.0}'`` (mean | lcb | elcb | min | uwo, as
 `urm score --reward`; default mean, risk 1). The heads run in float32 whatever the backbone's dtype (the
 last-token state is upcast); the reward is computed in float64 by ``rewards.reward`` and returned as float32.
 
 Refused at load, with one line saying why (never scored wrong): a backbone other than Llama, heads whose
 tensors do not fit the backbone or the config (another hidden size, a gate of another width), a tensor of the
-heads missing, an unknown transform or a bad risk, min/uwo without an ensemble, a pooling type other than
+heads missing, an unknown transform or a bad risk, min/uwo without an ensemble, elcb without a ridge posterior,
+a pooling type other than
 the last token, and, for an export with ``urm_export.json``, a file whose checksum differs from the one
 recorded (``--hf-overrides '{"urm_verify": false}'`` checks only the heads' own shard, as `urm score --no-verify`).
 """
@@ -42,16 +44,16 @@ from vllm.model_executor.models.llama import LlamaModel
 from vllm.model_executor.models.utils import AutoWeightsLoader, maybe_prefix
 
 from pipeline.errors import UserError
-from pipeline.model import (PUBLISHED_ARCHITECTURE, TRANSFORMS, build_heads, head_outputs, is_published_layout,
-                            needs_ensemble, published_settings, reward, risk_ok)
+from pipeline.model import (PUBLISHED_ARCHITECTURE, RISK_TRANSFORMS, TRANSFORMS, build_heads, head_outputs,
+                            is_published_layout, published_settings, reward, risk_ok)
 from pipeline.serve.engine_answer import answer_layout, answer_vectors
-from pipeline.serve.scoring import ScoreError, check_export, check_hidden_size, ensemble_missing
+from pipeline.serve.scoring import ScoreError, check_export, check_hidden_size, reward_missing
 
 # A child of vLLM's own logger: its lines appear with vLLM's, at VLLM_LOGGING_LEVEL (INFO by default)
 logger = logging.getLogger("vllm.urm_plugin")
 
 BACKBONES = ("llama",)  # backbone families whose vLLM implementation this class wraps (LlamaModel)
-HEAD_PREFIXES = ("score.", "ensemble.", "weights.", "softmax_gate.", "base_score.")
+HEAD_PREFIXES = ("score.", "ensemble.", "weights.", "softmax_gate.", "base_score.", "posterior.")
 UNNESTED_GATE = re.compile(r"^weights\.(\d+)\.")  # an export made before the gate was nested as published
 
 
@@ -74,9 +76,9 @@ def served_settings(config) -> dict:
     return settings
 
 
-def reward_setting(config, members: int) -> tuple[str, float]:
+def reward_setting(config, members: int, posterior: bool = False) -> tuple[str, float]:
     """The transform and risk from ``--hf-overrides`` (``urm_reward``, ``urm_risk``); ScoreError when unknown,
-    not a finite number 0 or more, or needing an ensemble the export lacks."""
+    not a finite number 0 or more, or needing an ensemble (or a ridge posterior) the export lacks."""
     transform, risk = getattr(config, "urm_reward", "mean"), getattr(config, "urm_risk", 1.0)
     if transform not in TRANSFORMS:
         raise ScoreError(f"--hf-overrides urm_reward {transform!r} is not a reward transform; use one of "
@@ -85,7 +87,7 @@ def reward_setting(config, members: int) -> tuple[str, float]:
         risk = float(risk)
     if not risk_ok(risk):
         raise ScoreError(f"--hf-overrides urm_risk {risk!r} is not a finite number, 0 or more")
-    why = ensemble_missing(transform, members) if needs_ensemble(transform) else None
+    why = reward_missing(transform, members, posterior)
     if why:
         raise ScoreError(f"--hf-overrides urm_{why}")
     return transform, risk
@@ -177,7 +179,8 @@ class URMForVLLM(nn.Module):
         where = model_config.model
         try:
             self.settings = served_settings(config)
-            self.transform, self.risk = reward_setting(config, int(self.settings["members"]))
+            self.transform, self.risk = reward_setting(config, int(self.settings["members"]),
+                                                       bool(self.settings.get("posterior")))
             check_pooling(model_config.pooler_config)
             if self.settings.get("layout") != "published":
                 check_files(where, config, getattr(config, "urm_verify", True) is not False)
@@ -188,13 +191,13 @@ class URMForVLLM(nn.Module):
         self.model = LlamaModel(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model"))
         s, d = self.settings, config.hidden_size
         build_heads(self, d, len(self.attributes), s["members"], s["value_bias"], s["gate"], s["gate_hidden"],
-                    s["gate_temperature"])
+                    s["gate_temperature"], s.get("posterior"))
         self.base_score = nn.Linear(d, 1, bias=s["base_score_bias"]) if s["base_score"] else None
-        self.head_names = [n for n in ("score", "ensemble", "weights", "softmax_gate", "base_score")
+        self.head_names = [n for n in ("score", "ensemble", "weights", "softmax_gate", "base_score", "posterior")
                            if getattr(self, n) is not None]
         for name in self.head_names:  # float32 whatever the backbone's dtype (vLLM built them in it)
             setattr(self, name, getattr(self, name).to(torch.float32))
-        self.layout = answer_layout(self.attributes, s["members"], s["base_score"])
+        self.layout = answer_layout(self.attributes, s["members"], s["base_score"], bool(s.get("posterior")))
         self.pooler = self.make_pooler(vllm_config)
         self.make_empty_intermediate_tensors = self.model.make_empty_intermediate_tensors
         self.describe(where, model_config)
@@ -212,7 +215,7 @@ class URMForVLLM(nn.Module):
 
     def describe(self, where: str, model_config) -> None:
         s = self.settings
-        risk = f" (risk {self.risk})" if self.transform in ("lcb", "uwo") else ""
+        risk = f" (risk {self.risk})" if self.transform in RISK_TRANSFORMS else ""
         logger.info("URM plugin: %s, %d attributes, %d value head(s), gate %s, reward %s%s; heads in float32, "
                     "backbone in %s", where, len(self.attributes), s["members"], s["gate"], self.transform, risk,
                     str(model_config.dtype).removeprefix("torch."))
@@ -243,7 +246,8 @@ class URMForVLLM(nn.Module):
         if self.base_score is not None:
             out["base_score"] = self.base_score(h)[:, 0]
         given = reward(self.transform, self.risk, out["score"].detach().cpu(), out["score_std"].detach().cpu(),
-                       None if out.get("ensemble_scores") is None else out["ensemble_scores"].detach().cpu())
+                       None if out.get("ensemble_scores") is None else out["ensemble_scores"].detach().cpu(),
+                       None if out.get("epistemic_std") is None else out["epistemic_std"].detach().cpu())
         return out, torch.from_numpy(given)
 
     def rewards(self, h: torch.Tensor) -> torch.Tensor:
@@ -263,7 +267,7 @@ class URMForVLLM(nn.Module):
         """The backbone through vLLM's loader (its fused q/k/v and gate/up), the heads here: each head tensor
         checked against its parameter's shape, every head parameter required, so a checkpoint whose heads do
         not fit is refused with one line instead of being scored with a random or truncated head."""
-        params = dict(self.named_parameters())
+        params = {**dict(self.named_parameters()), **{n: b for n, b in self.named_buffers() if n.startswith(HEAD_PREFIXES)}}
         loaded: set[str] = set()
 
         def backbone(items):
