@@ -26,7 +26,7 @@ The protocol of Gao et al. 2023 and Coste et al. 2023 (METHOD.md 10) on real fea
              (closed-form ridge, calibrated sigma, 8 bootstrap members, its ridge posterior; --gate auto) and the
              seed's recipe (--loss reparam --ensemble 1 --gate urm). Each reward is computed from the heads' outputs
              by the package's transforms (pipeline.model.rewards) at the default --risk 1: mean, lcb (score - score_std:
-             aleatoric), the epistemic lower bound (score - epistemic_std, the ridge posterior), min and uwo (the
+             aleatoric), elcb (score - epistemic_std: the ridge posterior, epistemic), min and uwo (the
              bootstrap members; default recipe only, the seed's has one member).
   best-of-n  candidates: the held-out rows of the training sources and every row of the shift sources (~750). For
              n = 1, 2, 4, ..., 256: the expected gold reward of the candidate with the highest reward among n drawn at
@@ -325,6 +325,7 @@ def oriented(pairs: torch.Tensor, first_preferred: torch.Tensor, flipped: torch.
 NS = tuple(2**i for i in range(9))  # 1 .. 256
 NOISES = (0.0, 0.25)
 RISK = 1.0  # k of lcb and of the epistemic bound, lambda of uwo: the default --risk of `urm score` / `urm serve`
+SWEEP_RISKS = (0.5, 1.0, 2.0, 4.0, 8.0)  # beside the default: how the gain at n = 256 moves with k / lambda
 RATING_NOISE = 0.5  # the rated rows' label noise std, as a share of each gold attribute's std over the pool
 BT_TEMPERATURE = 0.25  # the gold's BT temperature, in units of the gold's std over the pool
 HELD_OUT = 0.3  # share of the training sources' pairs (and SteerLM rows) kept out of training: candidates
@@ -339,24 +340,13 @@ def quiet(line):
 
 
 def rewards_of_outputs(out: dict) -> dict[str, np.ndarray]:
-    """Each reward a user can pass to --reward that these heads support, through the package's transforms."""
+    """Each reward a user can pass to --reward that these heads support, through the package's transforms
+    (``pipeline.model.rewards``) at the default risk."""
     from pipeline.model import rewards as R
 
-    result = {"mean": R.rewards_of(out, "mean", 0.0), "lcb": R.rewards_of(out, "lcb", RISK)}
-    if "epistemic_std" in out:
-        result["epistemic_lcb"] = EPISTEMIC(out)
-    if out.get("ensemble_scores") is not None:
-        result["min"] = R.rewards_of(out, "min", 0.0)
-        result["uwo"] = R.rewards_of(out, "uwo", RISK)
-    return result
-
-
-def EPISTEMIC(out: dict) -> np.ndarray:
-    from pipeline.model import rewards as R
-
-    if "epistemic_lcb" in getattr(R, "TRANSFORMS", ()):
-        return R.rewards_of(out, "epistemic_lcb", RISK)
-    return R.lower_bound(out["score"], out["epistemic_std"], RISK)
+    names = [t for t in R.TRANSFORMS if not (R.needs_ensemble(t) and out.get("ensemble_scores") is None)
+             and not (t in R.POSTERIOR_TRANSFORMS and out.get("epistemic_std") is None)]
+    return {t: R.rewards_of(out, t, RISK if t in R.RISK_TRANSFORMS else 0.0) for t in names}
 
 
 def train_value(recipe: str, x_rated, y_rated, seed: int):
@@ -407,8 +397,11 @@ def key(recipe: str, size: float, noise: float) -> str:
 def run_seed(pool: Pool, g_pool: torch.Tensor, g_attr: torch.Tensor, seed: int, sizes, recipes, curation: bool,
              rules) -> dict:
     """One seed: its split, and for each size and recipe the proxy at each noise level and its best-of-n curves
-    (the expected gold gain over a random pick, exact over the draws of n candidates); with ``curation``, the
-    curation experiment on the 25%-noise pairs of the default recipe at the largest size."""
+    (the expected gold gain over a random pick, exact over the draws of n candidates; and at n = 256 the gain of each
+    risk transform at the risks SWEEP_RISKS); with ``curation``, the curation experiment on the 25%-noise pairs of the
+    default recipe at the largest size."""
+    from pipeline.model import rewards as R
+
     split = split_seed(pool, seed)
     cand = split["candidates"]
     shift = torch.from_numpy(np.isin(pool.source[cand.numpy()], [s for s, v in SOURCES.items() if v[2] == "shift"]))
@@ -435,7 +428,8 @@ def run_seed(pool: Pool, g_pool: torch.Tensor, g_attr: torch.Tensor, seed: int, 
                 t0 = time.perf_counter()
                 cr = oriented(ab, first, flips if noise > 0 else torch.zeros_like(flips))
                 fit = train_gate(recipe, value, pool.x[cr[:, 0]], pool.x[cr[:, 1]], seed)
-                rewards = rewards_of_outputs(outputs(fit.heads, pool.x[cand]))
+                o = outputs(fit.heads, pool.x[cand])
+                rewards = rewards_of_outputs(o)
                 entry = {"pairs": len(ab), "rated_rows": len(rated), "gate": fit.val.get("gate"),
                          "label_agrees_with_gold": ((g_pool[cr[:, 0]] > g_pool[cr[:, 1]]).double().mean().item()),
                          "value_head_seconds": value_seconds, "gate_seconds": time.perf_counter() - t0, "rewards": {}}
@@ -445,6 +439,8 @@ def run_seed(pool: Pool, g_pool: torch.Tensor, g_attr: torch.Tensor, seed: int, 
                         "proxy_gain": {n: best_of_n(r, r, n) - r.mean() for n in NS},
                         "shift_share": {n: best_of_n(r, shift.double().numpy(), n) for n in NS},
                         "pearson_with_gold": float(np.corrcoef(r, gold_c)[0, 1])}
+                entry["risk_sweep"] = {t: {str(k): best_of_n(R.rewards_of(o, t, k), gold_c, NS[-1]) - gold_c.mean()
+                                           for k in SWEEP_RISKS} for t in R.RISK_TRANSFORMS if t in rewards}
                 out["proxies"][key(recipe, size, noise)] = entry
                 if curation and noise > 0 and recipe == "default" and size == max(sizes):
                     out["curation"] = curate_seed(pool, g_pool, value, fit, cr, flips, split, seed, rules)
@@ -506,7 +502,7 @@ def interval(values) -> dict:
             "runs": [float(x) for x in v]}
 
 
-CONSERVATIVE = ("lcb", "epistemic_lcb", "min", "uwo")
+CONSERVATIVE = ("lcb", "elcb", "min", "uwo")
 
 
 def summarise(seeds: list[dict], sizes, recipes) -> dict:
@@ -527,7 +523,10 @@ def summarise(seeds: list[dict], sizes, recipes) -> dict:
                              "label_agrees_with_gold": interval([e["label_agrees_with_gold"] for e in entries]),
                              "gates": {g: sum(e["gate"] == g for e in entries) for g in sorted({e["gate"] for e in entries})},
                              "seconds": interval([e["value_head_seconds"] + e["gate_seconds"] for e in entries]),
-                             "rewards": rewards}
+                             "rewards": rewards,
+                             "risk_sweep_gain_256": {t: {k: interval([e["risk_sweep"][t][k] for e in entries])
+                                                         for k in entries[0]["risk_sweep"][t]}
+                                                     for t in entries[0]["risk_sweep"]}}
     out["targets"] = targets(out["proxies"], max(sizes)) if "default" in recipes else None
     return out
 
@@ -569,7 +568,7 @@ def summarise_curation(runs: list[dict]) -> dict:
     }
 
 
-LABELS = {"mean": "mean", "lcb": "lcb (aleatoric)", "epistemic_lcb": "epistemic lower bound", "min": "min (WCO)",
+LABELS = {"mean": "mean", "lcb": "lcb (aleatoric)", "elcb": "elcb (epistemic)", "min": "min (WCO)",
           "uwo": "uwo"}
 
 

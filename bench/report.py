@@ -382,6 +382,13 @@ def overopt(r: dict) -> list[Table]:
                    f"{_ci(r['oracle_gold_gain'][top])} at n = {top}. Curves: [{r['plot']}](../{r['plot']})",
                    ["recipe", "size (pairs)", "flipped", "reward", "gain n = 4", "gain n = 16", f"gain n = {top}",
                     f"/ mean's at {top}", f"picks from shift sources at {top}", f"proxy's own gain at {top}"], rows))
+    sweep = [[k.split("|")[0], f"{float(k.split('|')[2]):.0%}", t, *(_ci(v) for v in risks.values())]
+             for k, p in r["proxies"].items() if k.split("|")[1] == str(max(r["sizes"]))
+             for t, risks in p["risk_sweep_gain_256"].items()]
+    if sweep:
+        risks = list(next(iter(next(iter(r["proxies"].values()))["risk_sweep_gain_256"].values())))
+        tables.append((f"The risk parameter (k of lcb and elcb, lambda of uwo; the default is 1): gold gain at n = {top}, "
+                       "full size", ["recipe", "flipped", "reward", *(f"risk {k}" for k in risks)], sweep))
     t = r["targets"]
     if t:
         tables.append(("Targets (default recipe, full size, n = 256)", ["what", "value"],

@@ -125,6 +125,7 @@ def test_method_steps_are_read_from_the_docstring():
     assert "kernel ridge" in steps["gold"] and "\n" not in steps["gold"]
 
 
+@pytest.mark.integration
 def test_a_seed_runs_end_to_end_on_a_small_pool(tmp_path, monkeypatch):
     """The wiring: a seed's split, proxies trained by this tool, rewards through the package's transforms, best-of-n
     curves, curation, the summary, the targets and the plot, on made-up features (train and shift sources)."""
@@ -144,7 +145,7 @@ def test_a_seed_runs_end_to_end_on_a_small_pool(tmp_path, monkeypatch):
     r = runs[0]
     assert r["shift_candidates"] == 340 and r["candidates"] == 340 + 2 * 45 + 18
     p = r["proxies"]["default|1.0|0.25"]
-    assert set(p["rewards"]) >= {"mean", "lcb", "min", "uwo"}
+    assert set(p["rewards"]) == {"mean", "lcb", "elcb", "min", "uwo"}
     assert p["pairs"] == 105 and p["label_agrees_with_gold"] < r["proxies"]["default|1.0|0.0"]["label_agrees_with_gold"]
     for v in p["rewards"].values():
         assert v["gold_gain"][1] == pytest.approx(0.0, abs=1e-9)  # n = 1 is a random pick
@@ -159,7 +160,7 @@ def test_a_seed_runs_end_to_end_on_a_small_pool(tmp_path, monkeypatch):
     assert mean["mean"] == pytest.approx(1.0)
     out = O.plot(summary, (1.0,), ("default",), tmp_path / "curves.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    result = {"method": O.method_steps(O.__doc__), "quick": True, "seeds": 2, "ns": list(O.NS),
+    result = {"method": O.method_steps(O.__doc__), "quick": True, "seeds": 2, "sizes": [1.0], "ns": list(O.NS),
               "kl_bon": O.kl_bon(O.NS).tolist(), "plot": "bench/results/x.png", "wall_seconds": 1.0,
               "extract_seconds": 0.0, "pool": {"rows": 700, "candidates_per_seed": r["candidates"],
                                                "shift_candidates_per_seed": r["shift_candidates"]},
