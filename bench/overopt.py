@@ -518,7 +518,10 @@ def summarise(seeds: list[dict], sizes, recipes) -> dict:
                              for field in ("gold_gain", "proxy_gain", "shift_share")}
             rewards[name]["pearson_with_gold"] = interval([x["pearson_with_gold"] for x in r])
             mean_256 = np.array([e["rewards"]["mean"]["gold_gain"][NS[-1]] for e in entries])
-            rewards[name]["gain_256_over_mean"] = interval(np.array([x["gold_gain"][NS[-1]] for x in r]) / mean_256)
+            gain_256 = np.array([x["gold_gain"][NS[-1]] for x in r])
+            rewards[name]["gain_256_over_mean"] = float(gain_256.mean() / mean_256.mean())  # ratio of the means
+            rewards[name]["gain_256_minus_mean"] = interval(gain_256 - mean_256)  # paired over the seeds
+            rewards[name]["seeds_above_mean_256"] = int((gain_256 > mean_256).sum())
         out["proxies"][k] = {"pairs": entries[0]["pairs"], "rated_rows": entries[0]["rated_rows"],
                              "label_agrees_with_gold": interval([e["label_agrees_with_gold"] for e in entries]),
                              "gates": {g: sum(e["gate"] == g for e in entries) for g in sorted({e["gate"] for e in entries})},
@@ -540,9 +543,13 @@ def targets(proxies: dict, size: float) -> dict:
     m, b = noisy["mean"]["gold_gain"][n], noisy[best]["gold_gain"][n]
     ratio_noisy = b["mean"] / m["mean"]
     ratio_clean = clean[best]["gold_gain"][n]["mean"] / clean["mean"]["gold_gain"][n]["mean"]
+    paired = noisy[best]["gain_256_minus_mean"]
     return {"best_conservative_under_noise": best, "gain_ratio_at_25pct": ratio_noisy,
             "gain_ratio_at_0pct": ratio_clean,
             "intervals_apart_at_25pct": b["ci90"][0] > m["ci90"][1],
+            "paired_difference_at_25pct": paired, "paired_interval_above_0_at_25pct": paired["ci90"][0] > 0,
+            "seeds_above_mean_at_25pct": noisy[best]["seeds_above_mean_256"],
+            "paired_difference_at_0pct": clean[best]["gain_256_minus_mean"],
             "target_30pct_more_at_25pct": bool(ratio_noisy >= 1.3 and b["ci90"][0] > m["ci90"][1]),
             "target_loses_le_5pct_at_0pct": bool(ratio_clean >= 0.95)}
 

@@ -376,12 +376,15 @@ def overopt(r: dict) -> list[Table]:
         for name, v in p["rewards"].items():
             rows.append([recipe, f"{float(size):.0%} ({p['pairs']})", f"{float(noise):.0%}", name,
                          _ci(v["gold_gain"]["4"]), _ci(v["gold_gain"]["16"]), _ci(v["gold_gain"][top]),
-                         v["gain_256_over_mean"]["mean"], v["shift_share"][top]["mean"], v["proxy_gain"][top]["mean"]])
+                         v["gain_256_over_mean"], _ci(v["gain_256_minus_mean"]), v["seeds_above_mean_256"],
+                         v["shift_share"][top]["mean"], v["proxy_gain"][top]["mean"]])
     tables.append((f"Best-of-n: gold gain of the pick over a random pick (gold std units), mean [90% interval] over "
                    f"seeds; n = {top} is KL_bon {fmt(r['kl_bon'][-1])} nats; the oracle (picking by the gold) gains "
                    f"{_ci(r['oracle_gold_gain'][top])} at n = {top}. Curves: [{r['plot']}](../{r['plot']})",
                    ["recipe", "size (pairs)", "flipped", "reward", "gain n = 4", "gain n = 16", f"gain n = {top}",
-                    f"/ mean's at {top}", f"picks from shift sources at {top}", f"proxy's own gain at {top}"], rows))
+                    f"/ mean's at {top} (ratio of means)", f"minus mean's at {top} (paired)",
+                    f"seeds above mean's at {top}", f"picks from shift sources at {top}", f"proxy's own gain at {top}"],
+                   rows))
     sweep = [[k.split("|")[0], f"{float(k.split('|')[2]):.0%}", t, *(_ci(v) for v in risks.values())]
              for k, p in r["proxies"].items() if k.split("|")[1] == str(max(r["sizes"]))
              for t, risks in p["risk_sweep_gain_256"].items()]
@@ -395,6 +398,9 @@ def overopt(r: dict) -> list[Table]:
                        [["best conservative reward under 25% flipped", t["best_conservative_under_noise"]],
                         ["its gain / mean's at 25% flipped", t["gain_ratio_at_25pct"]],
                         ["90% intervals apart at 25% flipped", t["intervals_apart_at_25pct"]],
+                        ["its gain minus mean's, paired over seeds, 25% flipped", _ci(t["paired_difference_at_25pct"])],
+                        ["seeds where it beats mean, 25% flipped", t["seeds_above_mean_at_25pct"]],
+                        ["its gain minus mean's, paired over seeds, 0% flipped", _ci(t["paired_difference_at_0pct"])],
                         ["target: >= 1.3 x mean's gain, intervals apart (25% flipped)", t["target_30pct_more_at_25pct"]],
                         ["its gain / mean's at 0% flipped", t["gain_ratio_at_0pct"]],
                         ["target: loses <= 5% of mean's gain (0% flipped)", t["target_loses_le_5pct_at_0pct"]]]))

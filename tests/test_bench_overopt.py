@@ -156,8 +156,9 @@ def test_a_seed_runs_end_to_end_on_a_small_pool(tmp_path, monkeypatch):
     assert c["training"]["clean"]["flipped_kept"] == 0 and c["training"]["noisy"]["flipped_kept"] == round(0.25 * 105)
     summary = O.summarise(runs, (1.0,), ("default",))
     assert summary["targets"]["best_conservative_under_noise"] in O.CONSERVATIVE
-    mean = summary["proxies"]["default|1.0|0.25"]["rewards"]["mean"]["gain_256_over_mean"]
-    assert mean["mean"] == pytest.approx(1.0)
+    mean = summary["proxies"]["default|1.0|0.25"]["rewards"]["mean"]
+    assert mean["gain_256_over_mean"] == pytest.approx(1.0) and mean["gain_256_minus_mean"]["runs"] == [0.0, 0.0]
+    assert mean["seeds_above_mean_256"] == 0
     out = O.plot(summary, (1.0,), ("default",), tmp_path / "curves.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     result = {"method": O.method_steps(O.__doc__), "quick": True, "seeds": 2, "sizes": [1.0], "ns": list(O.NS),
