@@ -8,8 +8,9 @@ The whole pipeline on the offline backbone (SmolLM2-135M-Instruct, fp32 on CPU),
             eval sample (pairs up to 1024 tokens) and the shortest hh-rlhf harmless pairs (another kind
             of preference: a shift the uncertainty should see).
 Stage 1 with the default recipe (closed-form ridge, sigma from the leave-one-out residuals calibrated on
-held-out rows, 8 bootstrap members), stage 2 `--gate auto`, then `urm evaluate` with every baseline and the
-shift check (the demo's synthetic rated rows as another rated source), its report (report.md,
+held-out rows, 8 bootstrap members, the ridge posterior), stage 2 `--gate auto`, then `urm evaluate` with every
+baseline and the shift check (the demo's synthetic rated rows as another rated source; epistemic_std, the
+posterior's, beside the bootstrap spread ensemble_std), its report (report.md,
 report.json, plots) kept in
 bench/results/evaluate_real/. Measured against the targets of the evaluate issue (not tests):
   - calibrated sigma: coverage of the central 90% interval on the held-out ratings within 0.85-0.95
@@ -91,6 +92,12 @@ def targets(report: dict) -> dict:
     out["wrong_pair_auroc_of_the_ensemble"] = {d: {k: p["signals"][k]["auroc"] for k in
                                                    ("ensemble_std", "ensemble_range", "ensemble_z") if k in p["signals"]}
                                                for d, p in main["pairs"].items()}
+    # the two epistemic signals on the same caches: the ridge posterior's std (closed form) and the bootstrap spread
+    out["epistemic_vs_bootstrap"] = {
+        "shift_auroc": {c: {k: v["auroc"].get(k) for k in ("epistemic_std", "ensemble_std")}
+                        for c, v in out["shift"].items()},
+        "wrong_pair_auroc": {d: {k: p["signals"][k]["auroc"] for k in ("epistemic_std", "ensemble_std")
+                                 if k in p["signals"]} for d, p in main["pairs"].items()}}
     out["chosen"] = report.get("chosen")
     return out
 

@@ -190,6 +190,37 @@ def evaluate_real(r: dict) -> list[Table]:
     return tables
 
 
+def epistemic_shift(r: dict) -> list[Table]:
+    c, z = r["cost"], r["cost_at_size"]
+    signals = ["epistemic_std", "ensemble_std", "score_std", "mean_sigma"]
+    return [
+        (f"shift: AUROC with which each row signal tells another source's rows from held-out SteerLM rows "
+         f"({r['train_rows']} training rows, d = {r['hidden_size']}, {', '.join(r['decomposition'])})",
+         ["other source", "rows (reference rows)", *signals, "epistemic - bootstrap, 90% interval"],
+         [[k, f"{v['rows']} ({v['reference_rows']})", *(v["auroc"].get(s) for s in signals),
+           " to ".join(fmt(x) for x in v["epistemic_minus_bootstrap_90ci"])] for k, v in r["shift"].items()]),
+        ("cost on these real rows, side by side (median of the repeats)", ["what", "seconds"],
+         [["fit, 1 member", c["fit_1_member_seconds"]], ["fit, 8 bootstrap members", c["fit_8_members_seconds"]],
+          ["training the 8 bootstrap members (the difference)", c["training_8_bootstrap_members_seconds"]],
+          [f"posterior factor + epistemic_std of {c['epistemic_rows_scored']} rows", c["epistemic_seconds"]],
+          ["members / epistemic", c["members_over_epistemic"]]]),
+        (f"cost on seeded features of {z['rows']} x {z['hidden_size']} ({', '.join(z['decomposition'])}), side by "
+         "side (median of the repeats)", ["what", "seconds"],
+         [["fit, 1 member", z["fit_1_member_seconds"]], ["fit, 8 bootstrap members", z["fit_8_members_seconds"]],
+          ["training: the 8 bootstrap members (the difference)", z["training_8_bootstrap_members_seconds"]],
+          ["training: the posterior factor from the fit's spectrum", z["posterior_factor_seconds"]],
+          ["members / posterior factor", z["members_over_posterior_factor"]],
+          ["at least 5x faster", z["at_least_5x_faster"]],
+          [f"inference: epistemic_std of {z['inference_rows']} rows", z["epistemic_std_seconds"]],
+          [f"inference: the 8 members' scores of {z['inference_rows']} rows", z["8_members_scores_seconds"]]]),
+        ("the number's scale on the held-out rated rows (equal if s^2 and the epistemic variance are both right)",
+         ["attribute", "held-out MSE", "s^2 (leave-one-out MSE)", "mean epistemic var", "s^2 + epistemic var",
+          "mean epistemic var, training rows"],
+         [[a, v["held_out_mse"], v["loo_mse_s2"], v["mean_epistemic_var"], v["s2_plus_epistemic"],
+           v["mean_epistemic_var_train"]] for a, v in r["held_out_scale"].items()]),
+    ]
+
+
 def export_speed(r: dict) -> list[Table]:
     ex, sc = r["export"], r["scoring"]
     return [("export onto the converted SmolLM2 checkpoint (best of the repeats)",
@@ -420,6 +451,7 @@ def overopt(r: dict) -> list[Table]:
 
 LAYOUTS: dict[str, Callable[[dict], list[Table]]] = {
     "cache_read": cache_read, "curate": curate, "demo_clone": demo_clone, "demo_dtype": demo_dtype,
+    "epistemic_shift": epistemic_shift,
     "evaluate_real": evaluate_real, "export_speed": export_speed, "extract_engines": extract_engines,
     "extract_speed": extract_speed, "gating_real": gating_real, "out_of_core": out_of_core,
     "published_gap": published_gap, "serve_load": serve_load, "serve_load_export": serve_load,

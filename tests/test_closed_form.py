@@ -273,11 +273,13 @@ def by_hand_epistemic_variance(x: np.ndarray, labelled: np.ndarray, alpha: float
     return noise * (ch ** 2 / c.dot(c) + (zh * inv).sum(1))
 
 
-@pytest.mark.parametrize("n, d, bias", [(200, 12, False), (30, 40, False), (200, 12, True)])
+@pytest.mark.parametrize("n, d, bias", [(200, 12, False), (30, 40, False), (15, 60, False), (200, 12, True)])
 def test_epistemic_std_is_the_ridge_posterior_computed_by_hand_and_grows_off_the_data(n, d, bias):
     """The heads' epistemic_std against a direct float64 solve on the same rows, per label group (one attribute
     with missing labels fits apart), for more rows than features (primal), fewer (dual) and a plain bias; a point off
-    the span of the rows (or far along the least-seen direction) is less certain than every training row."""
+    the span of the rows (or far along the least-seen direction) is less certain than every training row. The basis is
+    completed to d directions where the span misses fewer than it holds (200 x 12, 30 x 40), else the part outside
+    the span is a residual (15 x 60)."""
     x, y = linear_ratings(n=n, d=d, seed=4)
     y[::4, 2] = float("nan")
     fit = fit_value_head(x, y, build(ValueHeadConfig, dict(device="cpu", ensemble=1, bias=bias)), **QUIET)
@@ -285,9 +287,11 @@ def test_epistemic_std_is_the_ridge_posterior_computed_by_hand_and_grows_off_the
     g = np.random.default_rng(0)
     low = np.linalg.svd(xn - xn.mean(0), full_matrices=True)[2][-1]  # the direction the rows vary least along
     off = xn[:3] + 40 * low * np.sqrt((xn ** 2).sum(1).mean())  # off the data: far along it
-    probe = np.concatenate([xn[:20], off, g.normal(size=(2, d)) * 5])
+    m = min(20, n)
+    probe = np.concatenate([xn[:m], off, g.normal(size=(2, d)) * 5])
     out = fit.heads(torch.tensor(probe, dtype=torch.float32))
     assert set(out) >= {"epistemic_std", "attribute_epistemic_stds"}
+    assert all((g.basis.shape[1] == d) == (n > d / 2) for g in fit.heads.posterior)
     got = out["attribute_epistemic_stds"].detach().double().numpy() ** 2
     for k, name in enumerate(ATTRIBUTES):
         labelled = ~np.isnan(y[:, k].numpy())
@@ -298,8 +302,8 @@ def test_epistemic_std_is_the_ridge_posterior_computed_by_hand_and_grows_off_the
     np.testing.assert_allclose(out["epistemic_std"].detach().numpy(), np.sqrt((w ** 2 * got).sum(1)), rtol=1e-5)
     std = out["epistemic_std"].detach().numpy()
     train = fit.heads(x.float())["epistemic_std"].detach().numpy()
-    assert std[20:23].min() > 3 * train.max()  # grows off the data
-    assert std[20:23].min() > 3 * std[:20].max()
+    assert std[m:m + 3].min() > 3 * train.max()  # grows off the data
+    assert std[m:m + 3].min() > 3 * std[:m].max()
 
 
 def test_a_value_head_without_a_posterior_states_no_epistemic_std():

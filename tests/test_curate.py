@@ -70,6 +70,20 @@ def test_an_ensemble_signal_without_an_ensemble_is_a_clear_error():
 
     with pytest.raises(UserError, match="--signal ensemble needs an ensemble"):
         certainty({"p_chosen": torch.tensor([0.5])}, "ensemble")
+    with pytest.raises(UserError, match="--signal epistemic needs a ridge posterior"):
+        certainty({"p_chosen": torch.tensor([0.5])}, "epistemic")
+
+
+def test_the_epistemic_signal_is_p_chosen_under_the_posterior_of_the_two_scores():
+    from pipeline.eval.curation import judge_pairs
+    from pipeline.eval.evaluation import Scores
+
+    chosen = Scores(torch.tensor([1.0, 0.5]), epistemic_std=torch.tensor([0.3, 2.0]))
+    rejected = Scores(torch.tensor([0.0, 1.0]), epistemic_std=torch.tensor([0.4, 1.5]))
+    judged = judge_pairs(chosen, rejected)
+    # d / sqrt(e_c^2 + e_r^2): 1 / 0.5 = 2 -> Phi(2) = 0.97725; -0.5 / 2.5 = -0.2 -> Phi(-0.2) = 0.42074
+    assert certainty(judged, "epistemic").tolist() == pytest.approx([0.977250, 0.420740], abs=1e-6)
+    assert uncertainty(judged, "epistemic").tolist() == pytest.approx([0.022750, 0.420740], abs=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -116,6 +130,7 @@ def test_curating_40_ultrafeedback_pairs_keeps_the_most_certain_half_as_trl_rows
         assert r["suspect"] == (r["p_chosen"] < 0.45)
         assert r["signal"] == "gaussian" and r["certainty"] == r["p_chosen_gaussian"]
         assert r["ensemble_disagreement"] >= 0  # the demo's value head is an 8-member ensemble
+        assert 0 < r["p_chosen_epistemic"] < 1  # and a ridge posterior
     # the rule: the 20 most certain, less the suspects among them
     ranked = sorted(range(39), key=lambda i: -scored[i]["certainty"])[:20]  # round(0.5 x 39) = 20 most certain
     expected = [scored[i]["id"] for i in sorted(ranked) if not scored[i]["suspect"]]
@@ -249,6 +264,9 @@ def test_the_ensemble_signal_on_a_model_without_one_fails_before_scoring(tmp_pat
     result = curate(str(model), "-i", str(pairs), "-o", str(tmp_path / "out"), "--signal", "ensemble")
     assert result.exit_code == 1 and "--signal ensemble needs an ensemble" in result.output
     assert not (tmp_path / "out").exists()
+    result = curate(str(model), "-i", str(pairs), "-o", str(tmp_path / "out"), "--signal", "epistemic")
+    assert result.exit_code == 1 and "--signal epistemic needs the heads' ridge posterior" in result.output
+    assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
 
 
 def test_the_best_of_n_rules_of_the_benchmark_against_hand_computed_values():

@@ -35,6 +35,8 @@ def test_pair_metrics_on_known_scores():
     signals = uncertainty_signals(chosen, rejected)
     assert signals["ensemble_range"].tolist() == pytest.approx([0.2, 1.0, 0.1, 0.0])
     assert signals["ensemble_z"][0].item() == pytest.approx(-1.1 / torch.tensor([1.0, 1.2]).std().item())  # gap / spread
+    chosen.epistemic_std, rejected.epistemic_std = torch.tensor([0.3, 1.0, 0.0, 0.6]), torch.tensor([0.4, 0.0, 1.0, 0.8])
+    assert uncertainty_signals(chosen, rejected)["epistemic_std"].tolist() == pytest.approx([0.5, 1.0, 1.0, 1.0])
     plain = pair_metrics(Scores(chosen.score), Scores(rejected.score), [None] * 4)
     assert set(plain["signals"]) == {"score_gap"} and "ece_gaussian" not in plain["calibration"]
     assert plain["per_subset"] == {} and "rewardbench_sections" not in plain
@@ -76,13 +78,14 @@ def test_every_baseline_in_one_report(trained):
     assert report["chosen"]["gating"]["chosen"] in ("equal", "global", "urm-warm", "softmax")
     assert set(report["chosen"]["value_head"]["alpha"]) == set(report["models"][0]["attributes"]["per_attribute"])
     shift = report["models"][0]["shift"]["eval_preferences"]
-    assert set(shift["auroc"]) == {"score_std", "mean_sigma", "ensemble_std"}
+    assert set(shift["auroc"]) == {"score_std", "mean_sigma", "ensemble_std", "epistemic_std"}  # ridge: a posterior
+    assert "epistemic_std" in report["models"][0]["pairs"]["eval_preferences"]["signals"]  # the wrong-pair check
     assert shift["rows"] == 2 * report["eval"]["preferences"]["eval_preferences"]["pairs"]  # each side a row
     assert {p.name for p in (root / "eval").iterdir()} == {"report.json", "report.md", "attributes.png",
                                                            "reliability-eval_preferences.png",
                                                            "coverage-eval_preferences.png"}
     markdown = (root / "eval" / "report.md").read_text()
-    assert all(name in markdown for name in names) and "AUROC" in markdown and "cov 90%" in markdown
+    assert all(name in markdown for name in names) and "AUROC epistemic_std" in markdown and "cov 90%" in markdown
     assert "## Chosen automatically" in markdown and "## Off its data? eval_preferences" in markdown
     assert "| URM (these heads) |" in result.output and "report:" in result.output
     # the main row is the heads' own numbers on the held-out caches
@@ -144,12 +147,14 @@ def test_shift_metrics_tell_another_sources_rows_by_the_epistemic_spread():
     def rows(n, spread):
         members = torch.randn(n, 4, generator=g) * spread
         return Scores(members.mean(-1), score_std=torch.ones(n), ensemble_scores=members,
-                      attribute_means=torch.zeros(n, 2), attribute_stds=torch.ones(n, 2))
+                      attribute_means=torch.zeros(n, 2), attribute_stds=torch.ones(n, 2),
+                      epistemic_std=torch.linspace(0, 1, n) + spread)
     ref, other = rows(50, 0.1), rows(60, 1.0)
-    assert set(row_signals(ref)) == {"score_std", "mean_sigma", "ensemble_std"}
+    assert set(row_signals(ref)) == {"score_std", "mean_sigma", "ensemble_std", "epistemic_std"}
     labels = torch.randn(60, 2, generator=g) * 3  # three times the stated sigma: intervals too narrow there
     got = shift_metrics(ref, other, labels, ["a", "b"])
     assert got["rows"] == 60 and got["reference_rows"] == 50
     assert got["auroc"]["ensemble_std"] == pytest.approx(1.0) and got["auroc"]["score_std"] == pytest.approx(0.5)
+    assert 0.9 < got["auroc"]["epistemic_std"] < 1  # 0.1..1.1 against 1..2: they overlap a little
     assert got["attributes"]["coverage90"] < 0.6
     assert "attributes" not in shift_metrics(ref, other)

@@ -137,6 +137,31 @@ def test_heads_folder_round_trip(tmp_path, gate):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_posterior_round_trips_and_heads_saved_before_it_load_without_one(tmp_path):
+    """The ridge posterior's buffers go through the heads folder (epistemic_std the same after loading); a heads.json
+    written before the posterior was kept (no "posterior" in its architecture) loads and scores, stating none."""
+    from tiny_models import RANDOM_POSTERIOR, random_posterior_
+
+    torch.manual_seed(0)
+    heads = Heads(8, 5, members=2, gate="urm", gate_hidden=6, posterior=RANDOM_POSTERIOR)
+    random_posterior_(heads)
+    save_heads(tmp_path / "new", heads, heads_meta(heads, CacheIdentity("cache/x")))
+    loaded, meta = load_heads(tmp_path / "new")
+    assert meta.architecture["posterior"] == RANDOM_POSTERIOR
+    h = torch.randn(3, 8)
+    assert torch.equal(loaded(h)["epistemic_std"], heads(h)["epistemic_std"])
+    assert torch.equal(loaded(h)["attribute_epistemic_stds"], heads(h)["attribute_epistemic_stds"])
+    old = Heads(8, 5, members=2, gate="urm", gate_hidden=6)
+    save_heads(tmp_path / "old", old, heads_meta(old, CacheIdentity("cache/x")))
+    data = json.loads((tmp_path / "old" / "heads.json").read_text())
+    del data["architecture"]["posterior"]  # as heads.json was written before the key existed
+    (tmp_path / "old" / "heads.json").write_text(json.dumps(data))
+    loaded, _ = load_heads(tmp_path / "old")
+    out = loaded(h)
+    assert "epistemic_std" not in out and "attribute_epistemic_stds" not in out
+    assert torch.equal(out["score"], old(h)["score"])
+
+
 def test_missing_heads_folder_says_what_to_run(tmp_path):
     with pytest.raises(HeadsError, match="urm train-value-head"):
         load_heads(tmp_path / "nothing")

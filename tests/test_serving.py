@@ -211,6 +211,11 @@ def test_health_and_results_are_json_of_the_scoring_rows():
     assert got["extra_logs"]["transform_lcb"] == [1.0, 1.0] and got["extra_logs"]["risk"] == [2.0, 2.0]
     # OpenRLHF makes a tensor of every extra_logs value (samples_generator.py): numbers only
     assert all(torch.tensor([v]).dtype.is_floating_point for v in got["extra_logs"].values())
+    epistemic = {**out, "epistemic_std": np.array([0.25, 1.0], dtype=np.float32)}
+    elcb = RewardChoice("elcb", 2.0)  # score - 2 x epistemic_std: 1.5 - 0.5, -2.0 - 2.0
+    assert [r["reward"] for r in results(epistemic, ["a", "b"], [[1], [2]], elcb)] == [1.0, -4.0]
+    got = json.loads(json.dumps(rewards(epistemic, elcb)))
+    assert got["rewards"] == [1.0, -4.0] and got["extra_logs"]["epistemic_std"] == [0.25, 1.0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -224,18 +229,20 @@ def test_a_request_may_name_its_own_transform():
     assert reward_choice({"query": ["a"]}, server, members=1) == server
     assert reward_choice({"query": ["a"], "risk": 2}, server, members=1) == RewardChoice("lcb", 2.0)
     assert reward_choice({"query": ["a"], "reward": "uwo"}, server, members=3) == RewardChoice("uwo", 0.5)
+    assert reward_choice({"query": ["a"], "reward": "elcb"}, server, 1, posterior=True) == RewardChoice("elcb", 0.5)
     assert reward_choice({"query": ["a"], "reward": "mean"}, server, members=1).as_json() == {"reward": "mean",
                                                                                             "risk": None}
 
 
 @pytest.mark.parametrize("payload, says", [
-    ({"reward": "max"}, "'reward' must be one of mean, lcb, min, uwo, got str 'max'"),
+    ({"reward": "max"}, "'reward' must be one of mean, lcb, elcb, min, uwo, got str 'max'"),
     ({"reward": None}, "'reward' must be one of"),
     ({"risk": -1}, "'risk' must be a number from 0 to 1e6, got int -1"),
     ({"risk": "1"}, "'risk' must be a number from 0 to 1e6"),
     ({"risk": True}, "'risk' must be a number from 0 to 1e6"),
     ({"reward": "min"}, "reward 'min' needs an ensemble, and this export has 1 value head"),
     ({"reward": "uwo", "risk": 1}, "reward 'uwo' needs an ensemble"),
+    ({"reward": "elcb"}, "reward 'elcb' needs the heads' ridge posterior (epistemic_std), and this export has none"),
 ])
 def test_a_transform_the_request_cannot_get_is_422(payload, says):
     from pipeline.serve import RewardChoice, reward_choice
@@ -267,7 +274,7 @@ def test_the_right_bearer_key_passes_through_a_constant_time_compare(monkeypatch
 
 
 def test_serve_options_for_rewards_and_keys_are_checked_before_anything_loads(tmp_path):
-    for args, says in ((["--reward", "best"], "--reward must be one of mean, lcb, min, uwo"),
+    for args, says in ((["--reward", "best"], "--reward must be one of mean, lcb, elcb, min, uwo"),
                        (["--risk", "-1"], "--risk must be a number from 0 to 1e6, got -1.0"),
                        (["--risk", "nan"], "--risk must be a number from 0 to 1e6"),
                        (["--risk", "1e308"], "--risk must be a number from 0 to 1e6, got 1e+308"),

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pipeline.configs.options import SCORING_DTYPE_HELP, ConfigError, check, number, one_of, opt, whole
 from pipeline.configs.serve import check_scoring
 
-SIGNALS = ("bt", "gaussian", "ensemble")  # pipeline.eval.curation.SIGNALS (configs import no stage)
+SIGNALS = ("bt", "gaussian", "ensemble", "epistemic")  # pipeline.eval.curation.SIGNALS (configs import no stage)
 
 
 @dataclass
@@ -25,7 +25,8 @@ class CurateConfig:
                                    "side.")
     signal: str = opt("gaussian", "The certainty that ranks pairs: bt (Bradley-Terry P(chosen)), gaussian (P(chosen) "
                       "under the Gaussian scores, the stated std included), ensemble (the members' mean gap over "
-                      "their spread; needs an ensemble). With --select: how close the pair's P is to 1/2 (or the "
+                      "their spread; needs an ensemble), epistemic (P(chosen) under the ridge posterior's epistemic_std; "
+                      "needs the closed-form value head). With --select: how close the pair's P is to 1/2 (or the "
                       "members' disagreement).")
     select: int | None = opt(None, "Instead of curating: the input is unlabelled response pairs (two responses per "
                              "prompt); write the N whose preference the model is least sure of to selected.jsonl.")

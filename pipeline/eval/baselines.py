@@ -43,7 +43,8 @@ def heads_scores(heads: Heads, x: torch.Tensor) -> Scores:
     def cat(name):
         return torch.cat([p[name] for p in parts]).cpu() if name in parts[0] else None
 
-    return Scores(cat("score"), cat("score_std"), cat("ensemble_scores"), cat("attribute_means"), cat("attribute_stds"))
+    return Scores(cat("score"), cat("score_std"), cat("ensemble_scores"), cat("attribute_means"), cat("attribute_stds"),
+                  cat("epistemic_std"))
 
 
 def heads_candidate(name: str, about: str, heads: Heads, pairs=None) -> Candidate:

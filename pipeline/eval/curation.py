@@ -7,12 +7,16 @@ Per labelled pair (s = the scores of chosen c and rejected r, d = s_c - s_r; MET
   p_chosen_gaussian     Phi(d / (T_g sqrt(Var_c + Var_r))): the stated std included
   ensemble_disagreement std over the members m of d_m (with an ensemble)
   ensemble_z            mean_m d_m / std_m d_m: the gap in units of the members' disagreement (signed)
+  p_chosen_epistemic    Phi(d / sqrt(e_c^2 + e_r^2)), e the ridge posterior's epistemic_std (METHOD.md 10): how
+                        sure the model is of the sign of its mean gap, given what its training rows left open
 A pair is **suspect** when p_chosen < the threshold: the model confidently prefers the rejected side. The
 **certainty** that the label is right (``certainty``, larger = surer) under each signal: bt = p_chosen, gaussian =
-p_chosen_gaussian, ensemble = ensemble_z. URME's rule keeps the most certain share and drops the suspects.
+p_chosen_gaussian, ensemble = ensemble_z, epistemic = p_chosen_epistemic. URME's rule keeps the most certain share
+and drops the suspects.
 
 Unlabelled pairs (A, B): the same numbers with A as "chosen"; the **uncertainty** of the preference
-(``uncertainty``, larger = less sure) is 1/2 - |P - 1/2| under bt or gaussian, -|ensemble_z| under ensemble.
+(``uncertainty``, larger = less sure) is 1/2 - |P - 1/2| under bt, gaussian or epistemic, -|ensemble_z| under
+ensemble.
 """
 
 from __future__ import annotations
@@ -22,11 +26,12 @@ import torch
 from pipeline.errors import UserError
 from pipeline.eval.evaluation import Scores, chosen_probabilities, signed_ensemble_z
 
-SIGNALS = ("bt", "gaussian", "ensemble")
+SIGNALS = ("bt", "gaussian", "ensemble", "epistemic")
 SIGNAL_ABOUT = {
     "bt": "P(chosen better) under Bradley-Terry, at the fitted temperature",
     "gaussian": "P(chosen better) under the Gaussian scores (the stated std included), at the fitted temperature",
     "ensemble": "the members' mean score gap over their spread (ensemble_z)",
+    "epistemic": "P(chosen better) under the ridge posterior of the two scores (epistemic_std, closed form)",
 }
 
 
@@ -42,6 +47,9 @@ def judge_pairs(chosen: Scores, rejected: Scores, temperature_bt: float = 1.0,
         member_d = chosen.ensemble_scores.double() - rejected.ensemble_scores.double()  # [N, M]
         out["ensemble_disagreement"] = member_d.std(-1)
         out["ensemble_z"] = signed_ensemble_z(member_d)
+    if chosen.epistemic_std is not None:
+        spread = (chosen.epistemic_std.double().square() + rejected.epistemic_std.double().square()).sqrt()
+        out["p_chosen_epistemic"] = torch.special.ndtr(out["gap"] / spread.clamp(min=1e-12))
     return out
 
 
@@ -49,9 +57,12 @@ def check_signal(judged: dict[str, torch.Tensor], signal: str) -> None:
     """UserError when the model cannot give ``signal`` (an ensemble signal without an ensemble)."""
     if signal not in SIGNALS:
         raise UserError(f"unknown signal {signal!r}: use one of {', '.join(SIGNALS)} (--signal)")
-    need = {"bt": "p_chosen", "gaussian": "p_chosen_gaussian", "ensemble": "ensemble_z"}[signal]
+    need = {"bt": "p_chosen", "gaussian": "p_chosen_gaussian", "ensemble": "ensemble_z",
+            "epistemic": "p_chosen_epistemic"}[signal]
     if need not in judged:
-        what = "an ensemble (train the value head with --ensemble 2 or more)" if signal == "ensemble" else "stds"
+        what = {"ensemble": "an ensemble (train the value head with --ensemble 2 or more)",
+                "epistemic": "a ridge posterior (epistemic_std: train the value head with --loss ridge)"}.get(signal,
+                                                                                                         "stds")
         raise UserError(f"--signal {signal} needs {what}; this model has none: use --signal bt or gaussian")
 
 
@@ -59,7 +70,7 @@ def certainty(judged: dict[str, torch.Tensor], signal: str) -> torch.Tensor:
     """How sure the model is that each pair's label is right (larger = surer), under ``signal``."""
     check_signal(judged, signal)
     return {"bt": judged["p_chosen"], "gaussian": judged.get("p_chosen_gaussian"),
-            "ensemble": judged.get("ensemble_z")}[signal]
+            "ensemble": judged.get("ensemble_z"), "epistemic": judged.get("p_chosen_epistemic")}[signal]
 
 
 def uncertainty(judged: dict[str, torch.Tensor], signal: str) -> torch.Tensor:

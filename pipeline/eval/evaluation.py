@@ -31,6 +31,7 @@ class Scores:
     ensemble_scores: torch.Tensor | None = None  # [N, M]
     attribute_means: torch.Tensor | None = None  # [N, K]
     attribute_stds: torch.Tensor | None = None  # [N, K]
+    epistemic_std: torch.Tensor | None = None  # [N]: the ridge posterior's std of the score (METHOD.md 10)
 
 
 @dataclass
@@ -58,7 +59,9 @@ def uncertainty_signals(chosen: Scores, rejected: Scores) -> dict[str, torch.Ten
     gaussian_p   1 - max(P, 1 - P) of the Gaussian P(chosen): the gap in units of that std
     ensemble_std the members' std of s_c - s_r (METHOD.md 4)
     ensemble_range  the members' max - min of s_c - s_r (URME's signal)
-    ensemble_z   -|mean d| / std(d) over the members: the gap in units of the members' disagreement"""
+    ensemble_z   -|mean d| / std(d) over the members: the gap in units of the members' disagreement
+    epistemic_std  sqrt(e_c^2 + e_r^2) of the two sides' ridge-posterior stds (METHOD.md 10; the sides taken
+                 as independent, as for score_std)"""
     d = chosen.score - rejected.score
     out = {"score_gap": -d.abs()}
     if chosen.score_std is not None:
@@ -71,6 +74,8 @@ def uncertainty_signals(chosen: Scores, rejected: Scores) -> dict[str, torch.Ten
         out["ensemble_std"] = member_d.std(-1)
         out["ensemble_range"] = member_d.max(-1).values - member_d.min(-1).values
         out["ensemble_z"] = -signed_ensemble_z(member_d).abs()
+    if chosen.epistemic_std is not None:
+        out["epistemic_std"] = (chosen.epistemic_std.double().square() + rejected.epistemic_std.double().square()).sqrt()
     return out
 
 
@@ -83,7 +88,8 @@ def row_signals(scores: Scores) -> dict[str, torch.Tensor]:
     """Per row, the model's stated uncertainty (larger = less sure), by kind:
     score_std      sqrt(sum_k w_k^2 sigma_k^2): aleatoric, the noise the ratings carry
     mean_sigma     the mean over attributes of sigma_k: aleatoric
-    ensemble_std   the members' std of the score: epistemic, what the data did not pin down"""
+    ensemble_std   the members' std of the score: epistemic, what the data did not pin down
+    epistemic_std  the ridge posterior's std of the score: epistemic, in closed form (METHOD.md 10)"""
     out = {}
     if scores.score_std is not None:
         out["score_std"] = scores.score_std.double()
@@ -91,6 +97,8 @@ def row_signals(scores: Scores) -> dict[str, torch.Tensor]:
         out["mean_sigma"] = scores.attribute_stds.double().mean(-1)
     if scores.ensemble_scores is not None:
         out["ensemble_std"] = scores.ensemble_scores.double().std(-1)
+    if scores.epistemic_std is not None:
+        out["epistemic_std"] = scores.epistemic_std.double()
     return out
 
 

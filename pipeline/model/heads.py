@@ -183,8 +183,9 @@ class RidgePosterior(nn.Module):
     of each of its attributes' means [B, K_g],
         s_k^2 [ c(h)^2 / cᵀc + sum_j (v_jᵀz)^2 / (lam_j + alpha_k) + |z - V Vᵀz|^2 / alpha_k ],  z = h - c(h) g,
     c(h) = u.h (``direction``; 1 for a head with a bias). Every term is a sum of squares (no difference of large
-    numbers); the last, the part of h outside the span of the training rows, is computed only when the basis is
-    narrower than h (fewer independent rows than features), so inference is one [B, d] x [d, r] product (two then).
+    numbers). The last, the part of h outside the span of the training rows, is a residual only when the basis is
+    narrower than h (``ridge.posterior_factor`` completes it to d directions at 1 / alpha where that is cheaper), so
+    inference is one [B, d] x [d, r] product, and one [B, r] x [r, d] more for the residual.
     Buffers, not parameters: nothing trains them; ``attributes`` are the group's value-head attributes."""
 
     def __init__(self, d: int, rank: int, attributes: list[int], direction: bool = True):

@@ -8,7 +8,8 @@ conversations read back from the source the cache's manifest names), judge every
 ensemble's disagreement), then write OUT_DIR as one atomic folder (pipeline.atomic.atomic_directory):
 
   scored.jsonl    one row per pair: id, subset, score_chosen, score_rejected, p_chosen, p_chosen_gaussian,
-                  ensemble_disagreement (with an ensemble), the certainty under --signal, suspect, kept
+                  ensemble_disagreement (with an ensemble), p_chosen_epistemic (with a ridge posterior), the certainty
+                  under --signal, suspect, kept
   curated.jsonl   the kept pairs as TRL conversational rows ({id, chosen: [messages], rejected: [messages]}),
                   which `urm extract` reads back
   report.md       counts and the rule, with p_chosen.png: the distributions with the thresholds marked
@@ -99,7 +100,7 @@ def side_scores(out: dict[str, np.ndarray], side: int) -> Scores:
         return torch.from_numpy(np.ascontiguousarray(out[name][side::2])) if name in out else None
 
     return Scores(take("score"), take("score_std"), take("ensemble_scores"), take("attribute_means"),
-                  take("attribute_stds"))
+                  take("attribute_stds"), take("epistemic_std"))
 
 
 def score_with_export(model_dir: str, source: str, cfg: CurateConfig, log) -> JudgedInput:
@@ -109,9 +110,12 @@ def score_with_export(model_dir: str, source: str, cfg: CurateConfig, log) -> Ju
     from pipeline.recipes.score import flatten, within_length
     from pipeline.serve import length_limit, load_scorer, score_ids
 
+    from pipeline.serve import export_config
+
+    urm = export_config(model_dir).urm
+    require_members(cfg, urm.get("members", 1), model_dir, bool(urm.get("posterior")))  # before anything loads
     pairs, identical = read_pairs_file(source, cfg, log)
     model, tokenizer = load_scorer(model_dir, cfg.dtype, cfg.device, cfg.verify, log)
-    require_members(cfg, model.config.urm.get("members", 1), model_dir)
     ids = render_ids(tokenizer, flatten("pairs", pairs))
     pairs, ids, dropped = within_length("pairs", pairs, ids, length_limit(model.config, cfg.max_length), log)
     out = score_ids(model, ids, cfg.max_tokens_per_batch, pad_id_of(tokenizer))
@@ -132,7 +136,7 @@ def score_cached(model_dir: str, cache: str, cfg: CurateConfig, log) -> JudgedIn
         raise CurateError(f"{cache}: --select reads unlabelled pairs from a file; a cache holds labelled pairs")
     require_kind(cache, "preferences", "--input")
     heads, meta, what = load_for_evaluation(model_dir)
-    require_members(cfg, heads.architecture["members"], model_dir)
+    require_members(cfg, heads.architecture["members"], model_dir, bool(heads.architecture.get("posterior")))
     cached = read_pairs(cache, verify=cfg.verify)
     check_features(Path(cache), cached.chosen.manifest, meta)
     dataset, read = check_source(cache, cached.chosen.manifest)
@@ -185,11 +189,15 @@ def check_source(cache: str, manifest: dict) -> tuple[str, dict]:
     return dataset, read
 
 
-def require_members(cfg: CurateConfig, members: int, model_dir: str) -> None:
-    """Before anything is scored: --signal ensemble needs an ensemble."""
+def require_members(cfg: CurateConfig, members: int, model_dir: str, posterior: bool = True) -> None:
+    """Before anything is scored: --signal ensemble needs an ensemble, --signal epistemic a ridge posterior."""
     if cfg.signal == "ensemble" and members < 2:
         raise CurateError(f"--signal ensemble needs an ensemble, and {model_dir} has one value head; use --signal "
                           "bt or gaussian, or train the value head with --ensemble 2 or more")
+    if cfg.signal == "epistemic" and not posterior:
+        raise CurateError(f"--signal epistemic needs the heads' ridge posterior (epistemic_std), and {model_dir} has "
+                          "none (an AdamW-trained value head, or one saved before it was kept); use --signal bt or "
+                          "gaussian, or train the value head with --loss ridge (the default)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -217,7 +225,7 @@ def scored_rows(data: JudgedInput, judged: dict, signal: str, name: str, values:
     for i, pair in enumerate(data.pairs):
         row = {"id": pair.pair_id, "subset": pair.subset, "score_chosen": float(data.chosen.score[i]),
                "score_rejected": float(data.rejected.score[i]), "p_chosen": float(judged["p_chosen"][i])}
-        for key in ("p_chosen_gaussian", "ensemble_disagreement"):
+        for key in ("p_chosen_gaussian", "ensemble_disagreement", "p_chosen_epistemic"):
             if key in judged:
                 row[key] = float(judged[key][i])
         row.update(signal=signal, **{name: float(values[i])})

@@ -205,9 +205,23 @@ def posterior_factor(sp: Spectrum, alpha: torch.Tensor, noise: torch.Tensor) -> 
     exactly (Zᵀc = 0, so the two coefficients' posteriors are independent; directions with an eigenvalue below
     ``RANK_RTOL`` of the largest count as outside the span). ``alpha`` [K] absolute, ``noise`` [K] each attribute's
     s^2. Returns basis V [d, r], shrink [K, r] = 1 / (lam + alpha_k), outside [K] = 1 / alpha_k, noise [K],
-    center g [d], direction u [d] (None with a plain bias: c = 1), column [1] = 1 / cᵀc."""
+    center g [d], direction u [d] (None with a plain bias: c = 1), column [1] = 1 / cᵀc.
+
+    When the span misses fewer directions than it holds (more rows than features: with the direction intercept at
+    least u, as Z u = 0), the basis is completed to all d directions (an orthonormal complement, at shrink
+    1 / alpha: seeded random directions with V projected out twice, then a thin QR factor; O(d r (d - r))), so
+    inference is one [B, d] x [d, d] product and the part outside the span needs no second one; otherwise (fewer
+    rows than features) the heads compute that part as |z - V Vᵀz|^2."""
     alpha = alpha.double()
-    return {"basis": sp.V, "shrink": 1.0 / (sp.lam[None, :] + alpha[:, None]), "outside": 1.0 / alpha,
+    basis, shrink = sp.V, 1.0 / (sp.lam[None, :] + alpha[:, None])
+    d, r = basis.shape
+    if 0 < d - r < r:
+        rest = torch.randn(d, d - r, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(basis.device)
+        for _ in range(2):  # twice: one pass leaves round-off along V
+            rest = rest - basis @ (basis.T @ rest)
+        basis = torch.cat([basis, torch.linalg.qr(rest)[0]], 1)
+        shrink = torch.cat([shrink, (1.0 / alpha)[:, None].expand(-1, d - r)], 1)
+    return {"basis": basis, "shrink": shrink, "outside": 1.0 / alpha,
             "noise": noise.double(), "center": sp.g, "direction": sp.u,
             "column": torch.tensor([1.0 / sp.ctc], dtype=torch.float64, device=sp.g.device)}
 
