@@ -37,10 +37,11 @@ The protocol of Gao et al. 2023 and Coste et al. 2023 (METHOD.md 10) on real fea
              conservative reward keeps >= 1.3 x mean's gold gain with the two 90% intervals apart; at 0% the same
              reward keeps >= 0.95 x mean's.
   curation   the default recipe's 25%-flipped pairs: bench.curate's cross-judging (each pair judged by a gate trained on
-             the other half, the math of `urm curate`, pipeline.eval.curation) and signals, with the pair's epistemic
-             std sqrt(e_c^2 + e_r^2) where the heads state it; the AUROC of each for the known flipped pairs (and for
+             the other half, the math of `urm curate`, pipeline.eval.curation) and signals, with `--signal epistemic`'s
+             (1 - P(chosen) under the ridge posterior, epistemic_p) and the pair's unsigned epistemic std
+             sqrt(e_c^2 + e_r^2) under the proxy's heads; the AUROC of each for the known flipped pairs (and for
              labels against the gold order); then the gate (--gate auto, 2 folds as bench.curate) trained on the clean,
-             noisy, curated (`urm curate`'s rules) and random-control pairs, its accuracy on the held-out pairs
+             noisy, curated (`urm curate`'s rules; the default rule also by --signal epistemic) and random-control pairs, its accuracy on the held-out pairs
              ordered by the gold.
 `python -m bench overopt` (10 seeds, sizes 0.5 and 1, both recipes, all curation rules) writes
 bench/results/overopt.json and overopt.png; `--quick` (5 seeds, size 1, the default recipe, the default curation rule;
@@ -465,6 +466,8 @@ def curate_seed(pool: Pool, g_pool, value, fit, cr, flipped, split, seed: int, r
     gen = torch.Generator().manual_seed(5000 + seed)
     j = C.cross_judged(value, xc, xr, seed)
     signals = C.suspicion(j, gen)
+    if "p_chosen_epistemic" in j:  # `urm curate --signal epistemic`: P(chosen) under the ridge posterior (signed)
+        signals["epistemic_p"] = 1 - j["p_chosen_epistemic"]
     oc, orr = outputs(fit.heads, xc), outputs(fit.heads, xr)
     if "epistemic_std" in oc:
         signals["epistemic_std"] = (oc["epistemic_std"].square() + orr["epistemic_std"].square()).sqrt()
@@ -475,6 +478,8 @@ def curate_seed(pool: Pool, g_pool, value, fit, cr, flipped, split, seed: int, r
     runs = {"clean": (clean, torch.ones(len(cr), dtype=torch.bool)), "noisy": (cr, torch.ones(len(cr), dtype=torch.bool))}
     for name in rules:
         runs[name] = (cr, kept_pairs(certainty(j, "gaussian"), suspect, **C.RULES[name]))
+    if "p_chosen_epistemic" in j:  # the default rule (keep the most certain half, drop suspects) by that signal
+        runs[C.DEFAULT + "_epistemic"] = (cr, kept_pairs(certainty(j, "epistemic"), suspect, **C.RULES[C.DEFAULT]))
     control = torch.zeros(len(cr), dtype=torch.bool)
     control[torch.randperm(len(cr), generator=torch.Generator().manual_seed(3000 + seed))[
         : int(runs[C.DEFAULT][1].sum())]] = True

@@ -152,7 +152,9 @@ def test_a_seed_runs_end_to_end_on_a_small_pool(tmp_path, monkeypatch):
         assert v["proxy_gain"][256] >= v["proxy_gain"][4] > 0  # each reward's own gain rises with n
     assert all(r["oracle"][256] >= v["gold_gain"][256] for v in p["rewards"].values())
     c = r["curation"]
-    assert set(c["training"]) == {"clean", "noisy", "keep_certain_0.5", "random_same_size"}
+    assert set(c["training"]) == {"clean", "noisy", "keep_certain_0.5", "keep_certain_0.5_epistemic",
+                                    "random_same_size"}
+    assert {"epistemic_p", "epistemic_std", "bt_p", "random"} <= set(c["auroc_flipped"])
     assert c["training"]["clean"]["flipped_kept"] == 0 and c["training"]["noisy"]["flipped_kept"] == round(0.25 * 105)
     summary = O.summarise(runs, (1.0,), ("default",))
     assert summary["targets"]["best_conservative_under_noise"] in O.CONSERVATIVE
