@@ -41,8 +41,8 @@ The protocol of Gao et al. 2023 and Coste et al. 2023 (METHOD.md 10) on real fea
              (1 - P(chosen) under the ridge posterior, epistemic_p) and the pair's unsigned epistemic std
              sqrt(e_c^2 + e_r^2) under the proxy's heads; the AUROC of each for the known flipped pairs (and for
              labels against the gold order); then the gate (--gate auto, 2 folds as bench.curate) trained on the clean,
-             noisy, curated (`urm curate`'s rules; the default rule also by --signal epistemic) and random-control pairs, its accuracy on the held-out pairs
-             ordered by the gold.
+             noisy, curated (`urm curate`'s rules; the default rule also by --signal epistemic) and random-control
+             pairs, its accuracy on the held-out pairs ordered by the gold.
 `python -m bench overopt` (10 seeds, sizes 0.5 and 1, both recipes, all curation rules) writes
 bench/results/overopt.json and overopt.png; `--quick` (5 seeds, size 1, the default recipe, the default curation rule;
 under 10 minutes on 2 cores with the first extraction) writes overopt_quick.json and .png.
