@@ -7,7 +7,7 @@ import sys
 
 BENCHES = ["cache_read", "extract_speed", "train_heads", "sigma_recovery", "gating_real", "export_speed", "evaluate_real",
            "curate", "demo_dtype", "demo_clone", "serve_load", "out_of_core", "published_gap", "gate_auto_real",
-           "full_shape", "epistemic_shift"]
+           "full_shape", "epistemic_shift", "overopt"]
 # not in `make bench`: gpu needs a CUDA GPU (`make bench-gpu`); extract_engines vLLM (`.venv-vllm/bin/python -m bench
 # extract_engines`); serve_engines .venv-vllm beside .venv (`make test-vllm` builds it) and runs/demo/model (`make demo`);
 # report writes docs/benchmarks.md from the results (bench/report.py), and runs after the benchmarks when

@@ -29,6 +29,7 @@ WRITTEN_BY = {
     "extract_engines": ("extract_engines", ".venv-vllm/bin/python -m bench extract_engines",
                         "vLLM's venv: `make test-vllm` builds it"),
     "gpu": ("gpu", "python -m bench gpu", "needs a CUDA GPU; `make bench-gpu`"),
+    "overopt_quick": ("overopt", "python -m bench overopt --quick", None),
 }
 SKIPPED_KEYS = {"machine", "what", "load_average_before", "load_average_after", "closing_output", "logs", "runs",
                 "flops_model", "all_seconds"}
@@ -377,6 +378,77 @@ def full_shape(r: dict) -> list[Table]:
                                      ["every ratio <= 1.5", r["every_ratio_at_most_1.5"]]])]
 
 
+def _ci(x: dict) -> str:
+    """A statistic over seeds as mean [90% interval]."""
+    return f"{fmt(x['mean'])} [{fmt(x['ci90'][0])}, {fmt(x['ci90'][1])}]"
+
+
+def overopt(r: dict) -> list[Table]:
+    g = r["gold"]
+    top = str(r["ns"][-1])
+    tables = [
+        ("How the experiment runs (bench/overopt.py's docstring, as stored in the result)", ["step", "how"],
+         [[k, v] for k, v in r["method"].items()]),
+        (f"The gold reward: per attribute, kernel ridge on the pool's real labels (RBF length {fmt(g['bandwidth'])}); a "
+         f"linear function of the features reaches {fmt(g['linear_share'])} of the gold's variance on the pool "
+         f"(LOO R^2). {r['pool']['rows']:,} responses; per seed {r['pool']['candidates_per_seed']} best-of-n candidates, "
+         f"{r['pool']['shift_candidates_per_seed']} from the shift sources. {r['seeds']} seeds"
+         + (" (--quick)" if r["quick"] else "") + f"; wall {fmt(r['wall_seconds'])} s, of it extraction "
+         f"{fmt(r['extract_seconds'])} s.",
+         ["attribute", "gold weight", "real labels", "alpha", "LOO R^2 on the real labels"],
+         [[a, w, f["labelled_rows"], f["alpha"], f["loo_r2"]] for (a, w), f in zip(g["weights"].items(), g["attributes"])]),
+        ("The gold by source (pool std units), and the share of each source's real pairs whose chosen side the gold "
+         "prefers", ["source", "rows", "gold mean", "gold std", "real chosen preferred"],
+         [[s, v["rows"], v["mean"], v["std"], g["real_pairs_agreeing"].get(s)] for s, v in g["by_source"].items()]),
+    ]
+    rows = []
+    for k, p in r["proxies"].items():
+        recipe, size, noise = k.split("|")
+        for name, v in p["rewards"].items():
+            rows.append([recipe, f"{float(size):.0%} ({p['pairs']})", f"{float(noise):.0%}", name,
+                         _ci(v["gold_gain"]["4"]), _ci(v["gold_gain"]["16"]), _ci(v["gold_gain"][top]),
+                         v["gain_256_over_mean"], _ci(v["gain_256_minus_mean"]), v["seeds_above_mean_256"],
+                         v["shift_share"][top]["mean"], v["proxy_gain"][top]["mean"]])
+    tables.append((f"Best-of-n: gold gain of the pick over a random pick (gold std units), mean [90% interval] over "
+                   f"seeds; n = {top} is KL_bon {fmt(r['kl_bon'][-1])} nats; the oracle (picking by the gold) gains "
+                   f"{_ci(r['oracle_gold_gain'][top])} at n = {top}. Curves: [{r['plot']}](../{r['plot']})",
+                   ["recipe", "size (pairs)", "flipped", "reward", "gain n = 4", "gain n = 16", f"gain n = {top}",
+                    f"/ mean's at {top} (ratio of means)", f"minus mean's at {top} (paired)",
+                    f"seeds above mean's at {top}", f"picks from shift sources at {top}", f"proxy's own gain at {top}"],
+                   rows))
+    sweep = [[k.split("|")[0], f"{float(k.split('|')[2]):.0%}", t, *(_ci(v) for v in risks.values())]
+             for k, p in r["proxies"].items() if k.split("|")[1] == str(max(r["sizes"]))
+             for t, risks in p["risk_sweep_gain_256"].items()]
+    if sweep:
+        risks = list(next(iter(next(iter(r["proxies"].values()))["risk_sweep_gain_256"].values())))
+        tables.append((f"The risk parameter (k of lcb and elcb, lambda of uwo; the default is 1): gold gain at n = {top}, "
+                       "full size", ["recipe", "flipped", "reward", *(f"risk {k}" for k in risks)], sweep))
+    t = r["targets"]
+    if t:
+        tables.append(("Targets (default recipe, full size, n = 256)", ["what", "value"],
+                       [["best conservative reward under 25% flipped", t["best_conservative_under_noise"]],
+                        ["its gain / mean's at 25% flipped", t["gain_ratio_at_25pct"]],
+                        ["90% intervals apart at 25% flipped", t["intervals_apart_at_25pct"]],
+                        ["its gain minus mean's, paired over seeds, 25% flipped", _ci(t["paired_difference_at_25pct"])],
+                        ["seeds where it beats mean, 25% flipped", t["seeds_above_mean_at_25pct"]],
+                        ["its gain minus mean's, paired over seeds, 0% flipped", _ci(t["paired_difference_at_0pct"])],
+                        ["target: >= 1.3 x mean's gain, intervals apart (25% flipped)", t["target_30pct_more_at_25pct"]],
+                        ["its gain / mean's at 0% flipped", t["gain_ratio_at_0pct"]],
+                        ["target: loses <= 5% of mean's gain (0% flipped)", t["target_loses_le_5pct_at_0pct"]]]))
+    c = r["curation"]
+    tables.append(("Curation, default recipe, 25% flipped: AUROC with which each signal ranks the flipped training "
+                   "pairs first, and the pairs whose label disagrees with the gold order (flips and BT draws)",
+                   ["signal", "AUROC, flipped", "AUROC, label against the gold"],
+                   [[s, _ci(v), _ci(c["auroc_label_against_gold"][s])] for s, v in c["auroc_flipped"].items()]))
+    tables.append((f"Curation: accuracy on the held-out pairs ordered by the gold after training the gate on each set; "
+                   f"curated minus random control: {_ci(c['curated_minus_random_control'])}",
+                   ["training pairs", "pairs", "flipped kept", "held-out gold accuracy", "gates chosen"],
+                   [[n, c["pairs_kept"][n]["mean"], c["flipped_kept"][n]["mean"], _ci(v),
+                     ", ".join(f"{g} {k}" for g, k in c["gates"][n].items())]
+                    for n, v in c["held_out_gold_accuracy"].items()]))
+    return tables
+
+
 LAYOUTS: dict[str, Callable[[dict], list[Table]]] = {
     "cache_read": cache_read, "curate": curate, "demo_clone": demo_clone, "demo_dtype": demo_dtype,
     "epistemic_shift": epistemic_shift,
@@ -384,7 +456,7 @@ LAYOUTS: dict[str, Callable[[dict], list[Table]]] = {
     "extract_speed": extract_speed, "gating_real": gating_real, "out_of_core": out_of_core,
     "published_gap": published_gap, "serve_load": serve_load, "serve_load_export": serve_load,
     "serve_load_rewards": serve_load, "sigma_recovery": sigma_recovery, "train_heads": train_heads,
-    "gate_auto_real": gate_auto_real, "full_shape": full_shape,
+    "gate_auto_real": gate_auto_real, "full_shape": full_shape, "overopt": overopt, "overopt_quick": overopt,
 }
 
 
