@@ -310,8 +310,11 @@ app(["extract", "--backbone", {model!r}, "--cache-dir", {cache!r}, "--device", "
 def test_ctrl_c_stops_cleanly_and_the_next_run_finishes(tiny_dir, tmp_path):
     cache = tmp_path / "cache"
     script = CTRL_C_SCRIPT.format(model=str(tiny_dir), cache=str(cache), ratings=RATINGS)
+    # SIGINT as a terminal sends it: a suite started in the background (`cmd &` in a script) hands its children
+    # SIGINT ignored, and Python then installs no handler for it, so the child must get the default back
     child = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
+                             stderr=subprocess.PIPE, text=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     wait_for_a_complete_part(cache / "ratings" / "_manifest.json")
     child.send_signal(signal.SIGINT)
     _, err = child.communicate(timeout=300)
