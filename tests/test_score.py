@@ -444,3 +444,11 @@ def test_a_score_that_is_not_finite_is_refused_naming_the_row_and_field():
     assert jsonl_lines([good]) == ['{"id": "a", "score": 1.0, "attribute_stds": [0.5, 0.5]}\n']
     with pytest.raises(ScoreError, match=r"row 2 \(id 'b'\): attribute_stds.1 is inf"):
         jsonl_lines([good, {"id": "b", "score": 1.0, "attribute_stds": [0.5, float("inf")]}])
+
+
+def test_the_first_non_finite_number_of_an_answer_is_named_by_its_path():
+    from pipeline.serve import nonfinite_field
+
+    answer = {"rewards": [0.5, 1.0], "extra_logs": {"score_std": [0.1, float("nan")]}, "transform": "mean"}
+    assert nonfinite_field(answer) == ("extra_logs.score_std.1", answer["extra_logs"]["score_std"][1])
+    assert nonfinite_field({"rewards": [0.5], "ok": True, "name": "x"}) == (None, None)

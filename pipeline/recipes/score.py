@@ -32,7 +32,8 @@ from pipeline.atomic import WRITE_CAUSES, WriteError, write_text
 from pipeline.configs import ScoreConfig
 from pipeline.outputs import FILE, check_output
 from pipeline.model import rewards_of
-from pipeline.serve import ScoreError, check_reward_fits, length_hint, length_limit, pair_probabilities, row_scores
+from pipeline.serve import (ScoreError, check_reward_fits, length_hint, length_limit, nonfinite_field, pair_probabilities,
+                            row_scores)
 
 
 def load_input(source: str, cfg: ScoreConfig):
@@ -130,18 +131,6 @@ def jsonl_lines(rows) -> list[str]:
                              "not finite for it, so nothing was written. Its heads overflow on this input (a sigma "
                              "fitted on too few rows?): check heads.json's value_head.val, retrain on more rows") from None
     return lines
-
-
-def nonfinite_field(value, name: str = "") -> tuple[str, float] | tuple[None, None]:
-    """(the dotted name, the value) of the first NaN or infinity in a row (nested dicts and lists), or (None, None)."""
-    if isinstance(value, float) and not np.isfinite(value):
-        return name, value
-    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
-    for key, v in items:
-        found = nonfinite_field(v, f"{name}.{key}" if name else str(key))
-        if found[0] is not None:
-            return found
-    return None, None
 
 
 def earlier_scores(path: Path) -> bool:

@@ -17,14 +17,14 @@ from pipeline.serve.batcher import BatchStats, Batcher
 from pipeline.serve.engine_answer import answer_layout, answer_vectors, read_answer
 from pipeline.serve.requests import (Limits, RequestError, RewardChoice, check_key, check_lengths, parse_json,
                                      read_body, reward_choice, reward_queries, score_items)
-from pipeline.serve.scoring import (ScoreError, check_export, check_reward_fits, export_config,
-                                    length_hint, length_limit, load_scorer, pair_probabilities, reward_missing, row_scores,
-                                    score_ids)
+from pipeline.serve.scoring import (ScoreError, check_export, check_reward_fits, export_config, length_hint,
+                                    length_limit, load_scorer, nonfinite_field, pair_probabilities, reward_missing,
+                                    row_scores, score_ids)
 
 __all__ = [
     "Access", "BatchStats", "Batcher", "Limits", "RequestError", "RewardChoice", "ScoreError", "Service",
     "answer_layout", "answer_vectors", "check_export", "check_key", "check_lengths", "check_reward_fits",
-    "create_app", "export_config", "length_hint", "length_limit", "load_scorer", "reward_missing",
+    "create_app", "export_config", "length_hint", "length_limit", "load_scorer", "nonfinite_field", "reward_missing",
     "pair_probabilities", "parse_json", "read_answer", "read_body", "results", "reward_choice",
     "reward_queries", "rewards", "row_scores", "score_ids", "score_items",
 ]

@@ -55,7 +55,7 @@ from pipeline.model import RISK_TRANSFORMS, SUBTRACTS, rewards_of
 from pipeline.serve.batcher import Batcher, ScoreFn
 from pipeline.serve.requests import (Limits, RequestError, RewardChoice, check_key, check_lengths, parse_json,
                                      read_body, reward_choice, reward_queries, score_items)
-from pipeline.serve.scoring import row_scores
+from pipeline.serve.scoring import nonfinite_field, row_scores
 
 MEAN = RewardChoice()
 
@@ -162,7 +162,12 @@ def create_app(service: Service, limits: Limits, batcher: Batcher | None = None,
         try:
             if access.api_key is not None and not open_route:  # before the body is read: nothing scored
                 check_key(request.headers.get("authorization"), access.api_key)
-            return JSONResponse(await handler())
+            body = await handler()
+            field, value = nonfinite_field(body)
+            if field is not None:  # JSON has no NaN: say which number, not that the encoder failed
+                return error(500, f"the model gave {value} for {field}: its heads overflow on this input (a sigma "
+                                  "fitted on too few rows?); nothing was sent for this request")
+            return JSONResponse(body)
         except RequestError as e:
             return error(e.status, e.message)
         except Exception as e:  # never a traceback to the client, and the server goes on

@@ -9,6 +9,8 @@ P(chosen > rejected) under Bradley-Terry and under the Gaussians (METHOD.md 1).
 
 from __future__ import annotations
 
+import math
+
 from pathlib import Path
 
 import numpy as np
@@ -136,6 +138,18 @@ def nonfinite_parameter(model, chunk: int = 1 << 22) -> str | None:
             if not torch.isfinite(part.float().sum()) and not bool(part.isfinite().all()):
                 return name
     return None
+
+
+def nonfinite_field(value, name: str = "") -> tuple[str, float] | tuple[None, None]:
+    """(the dotted name, the value) of the first NaN or infinity in a row (nested dicts and lists), or (None, None)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return name, value
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, v in items:
+        found = nonfinite_field(v, f"{name}.{key}" if name else str(key))
+        if found[0] is not None:
+            return found
+    return None, None
 
 
 def check_export(path: Path, verify: bool):
