@@ -762,11 +762,13 @@ def writers_case(base: Base, d: Path, rng: random.Random) -> Case:
                 extra={"heads": str(heads), "first": base_argv(first, base, d)})
 
 
-def run_writers_case(case: Case) -> tuple[int, str, list[str]]:
+def training_held_at_its_save(case: Case) -> tuple[int | None, Path]:
+    """Fork the case's first training, held at its first save step (holding the heads folder) until the returned
+    ``go`` file exists: (its pid, go), or (None, go) if it never reached the save."""
     heads = Path(case.extra["heads"])
     ready, go = heads.parent / "first-is-saving", heads.parent / "go-on"
 
-    def pause(n: int) -> None:  # the first training waits at its first save step, holding the folder
+    def pause(n: int) -> None:
         if n == 0:
             ready.touch()
             deadline = time.monotonic() + 120
@@ -779,6 +781,14 @@ def run_writers_case(case: Case) -> tuple[int, str, list[str]]:
         time.sleep(0.02)
     if not ready.exists():
         go.touch()
+        return None, go
+    return first, go
+
+
+def run_writers_case(case: Case) -> tuple[int, str, list[str]]:
+    heads = Path(case.extra["heads"])
+    first, go = training_held_at_its_save(case)
+    if first is None:
         return 1, "", ["the first training did not reach its save"]
     before = snapshot(heads)
     code, output, escaped = invoke(case.argv)
@@ -1508,21 +1518,8 @@ def exporting_case(base: Base, d: Path, rng: random.Random) -> Case:
 
 def run_exporting_case(case: Case) -> tuple[int, str, list[str]]:
     heads = Path(case.extra["heads"])
-    ready, go = heads.parent / "first-is-saving", heads.parent / "go-on"
-
-    def pause(n: int) -> None:
-        if n == 0:
-            ready.touch()
-            deadline = time.monotonic() + 120
-            while not go.exists() and time.monotonic() < deadline:
-                time.sleep(0.01)
-
-    first = forked_cli(case.extra["first"], heads, pause)
-    deadline = time.monotonic() + 120
-    while not ready.exists() and time.monotonic() < deadline and os.waitpid(first, os.WNOHANG) == (0, 0):
-        time.sleep(0.02)
-    if not ready.exists():
-        go.touch()
+    first, go = training_held_at_its_save(case)
+    if first is None:
         return 1, "", ["the training did not reach its save"]
     code, output, escaped = invoke(case.argv)
     case.needles.append(f"(process {first})")
