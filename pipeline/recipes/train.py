@@ -180,7 +180,7 @@ def train_heads(value_cfg: ValueHeadConfig, gating_cfg: GatingConfig, log=print)
 
     for cfg in (value_cfg, gating_cfg):
         check_heads_dir(cfg)
-    with holding_heads(value_cfg, gating_cfg), flush_denormals():
+    with holding_heads(value_cfg, gating_cfg):
         require_cache(value_cfg)
         require_cache(gating_cfg)
         if gating_cfg.run.verify:

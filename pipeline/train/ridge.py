@@ -173,8 +173,8 @@ def loo_path(sp: Spectrum, m: Moments, chunks: Chunks, alphas: torch.Tensor,
              leverages: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Exact leave-one-out mean squared error [A, K] of every alpha [A] (absolute) for every target, in one
     pass over the (unweighted) rows: (t_i - yhat_i) / (1 - h_ii), squared and averaged. With ``leverages`` also
-    every row's h_ii at every alpha [A, n] (what ``loo_residuals`` needs at the chosen one, then without the pass
-    that projects every row on V again)."""
+    every row's h_ii at every alpha [A, n] (what ``loo_residuals_from`` needs at the chosen one, so the residuals
+    need no second pass that projects every row on V)."""
     q, coef = targets_side(sp, m)
     inv = 1.0 / (sp.lam[None, :] + alphas.double()[:, None])  # [A, r]
     qa = inv[:, :, None] * q[None]  # [A, r, K]
@@ -191,20 +191,9 @@ def loo_path(sp: Spectrum, m: Moments, chunks: Chunks, alphas: torch.Tensor,
     return (total / n, torch.cat(levs, 1)) if leverages else total / n
 
 
-def loo_residuals(sp: Spectrum, m: Moments, x: torch.Tensor, t: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
-    """Each row's leave-one-out residual [b, K] at ``alpha`` [K] (rows x [b, d] must be rows of the fit)."""
-    q, coef = targets_side(sp, m)
-    c = sp.c(x)
-    p = (x.double() - c[:, None] * sp.g[None, :]) @ sp.V  # [b, r]
-    inv = 1.0 / (sp.lam[:, None] + alpha.double()[None, :])  # [r, K]
-    pred = p @ (inv * q) + c[:, None] * coef[None, :]
-    lev = p.square() @ inv + (c.square() / sp.ctc)[:, None]  # [b, K]
-    return (t.double() - pred) / (1 - lev)
-
-
 def loo_residuals_from(t: torch.Tensor, pred: torch.Tensor, lev: torch.Tensor) -> torch.Tensor:
     """Leave-one-out residuals [n, K] from the fit's predictions ``pred`` [n, K] and leverages ``lev`` [n, K]
-    (``loo_path``'s at the chosen alphas): (t - yhat) / (1 - h_ii), as ``loo_residuals`` without its pass."""
+    (``loo_path``'s at the chosen alphas): (t - yhat) / (1 - h_ii)."""
     return (t.double() - pred) / (1 - lev)
 
 
