@@ -57,7 +57,7 @@ def _config_params(*stages: str) -> list[inspect.Parameter]:
                 continue
             seen.add(o.name)
             flag = "--" + o.name.replace("_", "-")
-            decls = [f"{flag}/--no-{flag[2:]}"] if _option_type(o.type) == Optional[bool] else [flag]
+            decls = [f"{flag}/--no-{flag[2:]}"] if _option_type(o.type) == Optional[bool] else [flag, *filter(None, [o.short])]
             default = o.shown or o.default
             shown = "" if default in (None, [], {}) else f"  [default: {default}, unless the preset sets it]"
             extra = {"metavar": "<str>"} if typing.get_origin(o.type) is list else {}
@@ -100,16 +100,23 @@ def with_config(*stages: str):
     return decorate
 
 
+def require(config, *names: str) -> None:
+    """Options a command cannot run without (given on the command line or as URM_ variables)."""
+    for name in names:
+        if getattr(config, name) is None:
+            fail(f"missing option --{name.replace('_', '-')} (or URM_{name.upper()})", 2)
+
+
 def run_or_fail(fn, *args, **kwargs):
     """Call a pipeline function: expected failures (bad data, bad config, ...) become one clear line, and so
     does anything unforeseen (its traceback only with --debug or URM_DEBUG=1)."""
-    from pipeline.errors import USER_ERRORS, AlreadyReported
+    from pipeline.errors import AlreadyReported, UserError
 
     try:
         return fn(*args, **kwargs)
     except AlreadyReported:
         raise typer.Exit(1)
-    except USER_ERRORS as e:
+    except UserError as e:
         fail(str(e))
     except KeyboardInterrupt:
         typer.secho("interrupted: complete parts are kept; run the same command again to resume.",
@@ -244,8 +251,6 @@ def evaluate(
 @with_config("score")
 def score(
     model_dir: str = typer.Argument(..., help="Exported model directory."),
-    input: str = typer.Option(..., "--input", "-i", help="Conversations or chosen/rejected pairs."),
-    output: Optional[str] = typer.Option(None, "--output", "-o", help="JSONL output (default: stdout)."),
     configs: dict = None,
 ):
     """Score conversations (or pairs) with an exported model: score, std, per-attribute means/stds.
@@ -262,7 +267,8 @@ def score(
     """
     from pipeline.recipes.score import score_file, summary
 
-    result = run_or_fail(score_file, model_dir, input, output, configs["score"])
+    require(configs["score"], "input")
+    result = run_or_fail(score_file, model_dir, configs["score"])
     typer.echo(summary(result), err=True)
 
 
@@ -270,25 +276,23 @@ def score(
 @with_config("curate")
 def curate(
     model_dir: str = typer.Argument(..., help="Exported model directory (or, for a preference cache, a heads folder)."),
-    input: str = typer.Option(..., "--input", "-i", help="Preference pairs (any format `urm extract` reads), a "
-                              "preference cache, or with --select unlabelled two-response rows."),
-    out_dir: str = typer.Option(..., "--out-dir", "-o", help="Folder to write (replaced atomically as a whole)."),
     configs: dict = None,
 ):
     """Curate preference pairs with the model's uncertainty: flag the pairs it confidently reverses, keep the
     ones it is most certain of; or (--select N) pick the unlabelled pairs to label next.
 
-    Writes OUT_DIR/scored.jsonl (per pair: p_chosen, p_chosen_gaussian, the ensemble's disagreement, suspect,
+    Writes --out-dir's scored.jsonl (per pair: p_chosen, p_chosen_gaussian, the ensemble's disagreement, suspect,
     kept), OUT_DIR/curated.jsonl (the kept pairs, TRL conversational chosen/rejected rows that `urm extract`
     reads), report.md and p_chosen.png. With --select: selected.jsonl instead of curated.jsonl.
 
     \b
-    Example: urm curate runs/demo/model -i ../shared/data/ultrafeedback-binarized-sample-train.jsonl -o curated/
-             urm curate runs/demo/model -i unlabelled.jsonl --select 100 -o to-label/
+    Example: urm curate runs/demo/model -i ../shared/data/ultrafeedback-binarized-sample-train.jsonl --out-dir curated/
+             urm curate runs/demo/model -i unlabelled.jsonl --select 100 --out-dir to-label/
     """
     from pipeline.recipes.curate import run_curate, summary
 
-    typer.echo(summary(run_or_fail(run_curate, model_dir, input, out_dir, configs["curate"])), err=True)
+    require(configs["curate"], "input", "out_dir")
+    typer.echo(summary(run_or_fail(run_curate, model_dir, configs["curate"])), err=True)
 
 
 @app.command()

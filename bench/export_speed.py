@@ -94,7 +94,7 @@ def one_at_a_time(model, ids: list[list[int]]) -> float:
 
 
 def run_scoring(model_dir: Path, pairs, max_tokens: int, root: Path) -> dict:
-    from pipeline.configs import ScoreConfig
+    from pipeline.configs import ScoreConfig, build
     from pipeline.features import pad_id_of, render_ids
     from pipeline.recipes.score import score_file
     from pipeline.serve import load_scorer, score_ids
@@ -113,9 +113,10 @@ def run_scoring(model_dir: Path, pairs, max_tokens: int, root: Path) -> dict:
     source = root / "pairs.jsonl"
     source.write_text("".join(json.dumps({"id": p.pair_id, "chosen": p.chosen, "rejected": p.rejected}) + "\n"
                               for p in pairs))
-    config, holder = ScoreConfig(device="cpu", dtype="float32", max_tokens_per_batch=max_tokens), {}
-    e2e_wall = timed(lambda: holder.update(r=score_file(str(model_dir), str(source), str(root / "scores.jsonl"),
-                                                        config, log=lambda line: None)))
+    config = build(ScoreConfig, dict(input=str(source), output=str(root / "scores.jsonl"), device="cpu",
+                                     dtype="float32", max_tokens_per_batch=max_tokens))
+    holder = {}
+    e2e_wall = timed(lambda: holder.update(r=score_file(str(model_dir), config, log=lambda line: None)))
 
     def rate(seconds):
         return {"seconds": seconds, "rows_per_s": len(ids) / seconds, "tokens_per_s": tokens / seconds}

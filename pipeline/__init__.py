@@ -1,27 +1,14 @@
 """URM pipeline: extract backbone features once, train uncertainty-aware reward heads on them, export.
 
-One subpackage per stage, in the order the data takes (files -> rows -> backbone -> cache -> heads ->
-training -> evaluation -> export -> serving); each ``__init__`` says what its modules own and
-re-exports their public names. What may import what is stated once, in tests/test_layout.py.
+One subpackage per stage, in the order the data takes: data (files -> rows), features (the backbone -> h),
+cache (the Parquet feature cache), model (the heads and the export's own files), train, eval, export, serve;
+then configs (the typed options and presets) and recipes (one per `urm` command, wiring the stages). Each
+subpackage's docstring lists its modules and what each owns: that is the one module map (docs/layout.md links
+them), and tests/test_layout.py checks that it names every module and states what may import what.
 
-  data/      records, sources (files, hub datasets pinned to a commit, fingerprints), nemo_turns, ratings,
-             preferences, conversations, synthetic (the seeded generator), testing (known answers)
-  features/  backbone (loading it), render (chat template -> ids, one BOS), batching (token budgets),
-             embedding (ids -> last-token h), rows (a dataset as cache rows and parts), distributed (torchrun)
-  cache/     layout (format, schema, CacheSpec), columns, manifest, parts, journals, writer, reader,
-             parquet_pages (the fast read path)
-  model/     heads (the heads and the score math: the one scoring module), modeling_urm and
-             configuration_urm (the exported model's code; these three are shipped), heads_io (the heads folder)
-  train/     losses, optimization, calibration, feature_stream (in memory or streamed), trainers
-  eval/      evaluation (the metrics of a model's outputs), baselines, report
-  export/    model_dir (the export's files), model_card
-  serve/     scoring (an export's outputs), requests, batcher, app (`urm serve`)
-  configs/   the typed stage configs and the option system, presets (the TOML files beside them)
-  recipes/   one module per `urm` command, wiring the stages (the stages never import a recipe)
-
-Cross-cutting modules, beside the subpackages: errors (the user-error types), atomic (every write),
-hashing (checksums and fingerprints), device (device and dtype names and resolution), metrics (the
-pure metrics training and evaluation report).
+Cross-cutting modules, beside the subpackages: errors (the user-error types), atomic (every write), locks (one
+writer per folder), hashing (checksums and fingerprints), device (device and dtype names and resolution),
+metrics (the pure metrics training and evaluation report), outputs (the one rule for where a command may write).
 """
 
 __version__ = "0.1.0"

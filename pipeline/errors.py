@@ -32,5 +32,3 @@ class AlreadyReported(UserError):
     while the rank that failed waits for it: torchrun stops every rank once one exits); the CLI exits 1 without
     printing it again."""
 
-
-USER_ERRORS = (UserError,)

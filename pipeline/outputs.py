@@ -1,6 +1,6 @@
 """Where a command may write: the one rule every output path passes (``check_output``), before anything loads.
 
-Every command that writes names its output here: `urm score -o FILE`, `urm curate -o DIR`, `urm evaluate
+Every command that writes names its output here: `urm score -o FILE`, `urm curate --out-dir DIR`, `urm evaluate
 --report-dir DIR`, `urm export --out-dir DIR` (folders written whole, ``pipeline.atomic.atomic_directory``), and
 the folders `urm extract` (``--cache-dir``: one folder per dataset) and the trainings (``--heads-dir``) add their
 own files to. The rule, in the order it is checked:

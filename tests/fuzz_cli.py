@@ -670,9 +670,9 @@ def on_save_steps(folder: Path, at_step: Callable[[int], None]) -> None:
             at_step(count[0])
             count[0] += 1
 
-    def fsync(path, flags):
+    def fsync(path):
         step(path)
-        return real_fsync(path, flags)
+        return real_fsync(path)
 
     def replace(src, dst, **kwargs):
         step(dst)
@@ -1062,7 +1062,7 @@ COUNTS.update({"nosignal": 40, "kind": 30, "layout": 40, "bom": 20, "missing": 2
 
 
 def curate_argv(model: Path, source: Path | str, out: Path, *extra: str) -> list[str]:
-    return ["curate", str(model), "-i", str(source), "-o", str(out), "--device", "cpu", *extra]
+    return ["curate", str(model), "-i", str(source), "--out-dir", str(out), "--device", "cpu", *extra]
 
 
 def single_head(base: Base) -> Path:
@@ -1251,7 +1251,7 @@ def outputs_case(base: Base, d: Path, rng: random.Random) -> Case:
             out.mkdir()
             (out / rng.choice(["notes.txt", "scored.jsonl.bak", "data.parquet"])).write_text("mine\n")
             (out / "report.md").write_text("# an earlier curation\n")
-            argv, needles, folder = curate_argv(base.export, source, out), [f"-o {out}: the folder holds 1 entry",
+            argv, needles, folder = curate_argv(base.export, source, out), [f"--out-dir {out}: the folder holds 1 entry",
                                                                              "--overwrite"], out
         return Case("outputs", how, argv, needles, code=1, unchanged=snapshot(folder))
     if how.startswith("evaluate"):
@@ -1307,7 +1307,7 @@ def oddplace_case(base: Base, d: Path, rng: random.Random) -> Case:
         (d / "mine.txt").write_text("mine\n")
         command = rng.choice(["curate", "evaluate", "export"])
         if command == "curate":
-            argv, flag = curate_argv(base.export, base.files["preferences"], Path(".")), "-o"
+            argv, flag = curate_argv(base.export, base.files["preferences"], Path(".")), "--out-dir"
         elif command == "evaluate":
             argv, flag = base_argv("evaluate", base, d), "--report-dir"
             argv[argv.index(flag) + 1] = "."

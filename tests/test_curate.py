@@ -113,7 +113,7 @@ def test_curating_40_ultrafeedback_pairs_keeps_the_most_certain_half_as_trl_rows
 
     root = tiny_demo[0]
     out = tmp_path / "curated"
-    result = curate(str(root / "model"), "-i", str(uf40), "-o", str(out), "--suspect-threshold", "0.45")
+    result = curate(str(root / "model"), "-i", str(uf40), "--out-dir", str(out), "--suspect-threshold", "0.45")
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in out.iterdir()) == ["curated.jsonl", "p_chosen.png", "report.md", "scored.jsonl"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["curated", "uf40.jsonl"]  # no temp folder left
@@ -141,7 +141,7 @@ def test_curating_40_ultrafeedback_pairs_keeps_the_most_certain_half_as_trl_rows
     lowest = min(r["p_chosen"] for r in scored)
     assert lowest < 0.5  # the model reverses some real pairs
     again = tmp_path / "again"
-    result = curate(str(root / "model"), "-i", str(uf40), "-o", str(again), "--suspect-threshold",
+    result = curate(str(root / "model"), "-i", str(uf40), "--out-dir", str(again), "--suspect-threshold",
                     str((lowest + 0.5) / 2), "--keep-certain", "1")
     assert result.exit_code == 0, result.output
     rescored = read_jsonl(again / "scored.jsonl")
@@ -165,14 +165,14 @@ def test_other_rules_and_the_cache_with_its_heads_give_the_same_judgements(tiny_
     root = tiny_demo[0]
     cache = root / "cache" / "eval_preferences"
     from_cache = tmp_path / "from-cache"
-    result = curate(str(root / "heads"), "-i", str(cache), "-o", str(from_cache), "--drop-suspect-only",
+    result = curate(str(root / "heads"), "-i", str(cache), "--out-dir", str(from_cache), "--drop-suspect-only",
                     "--suspect-threshold", "0.4")
     assert result.exit_code == 0, result.output
     cached = read_jsonl(from_cache / "scored.jsonl")
     assert [r["kept"] for r in cached] == [not r["suspect"] for r in cached]
     assert len(read_jsonl(from_cache / "curated.jsonl")) == sum(r["kept"] for r in cached)
     from_file = tmp_path / "from-file"
-    result = curate(str(root / "model"), "-i", "synthetic:preferences?n=40&seed=3", "-o", str(from_file),
+    result = curate(str(root / "model"), "-i", "synthetic:preferences?n=40&seed=3", "--out-dir", str(from_file),
                     "--drop-suspect-only", "--suspect-threshold", "0.4")
     assert result.exit_code == 0, result.output
     exported = {r["id"]: r for r in read_jsonl(from_file / "scored.jsonl")}
@@ -191,7 +191,7 @@ def test_select_writes_the_pairs_the_model_is_least_sure_of(tiny_demo, write_jso
                  "responses": [[{"role": "assistant", "content": "Paris."}], "Lyon."]})
     out = tmp_path / "to-label"
     result = curate(str(root / "model"), "-i", str(write_jsonl("unlabelled.jsonl", rows)), "--select", "3",
-                    "-o", str(out), "--signal", "bt")
+                    "--out-dir", str(out), "--signal", "bt")
     assert result.exit_code == 0, result.output
     scored, selected = read_jsonl(out / "scored.jsonl"), read_jsonl(out / "selected.jsonl")
     assert len(scored) == 9 and len(selected) == 3
@@ -214,15 +214,15 @@ def test_bad_input_is_one_line_and_leaves_nothing_half_written(tiny_demo, write_
     conversations = write_jsonl("convs.jsonl", [{"messages": [{"role": "user", "content": "hi"},
                                                               {"role": "assistant", "content": "hello"}]}])
     cases = [
-        ((str(root / "model"), "-i", str(conversations), "-o", str(out)), 1, "its rows hold no chosen/rejected pairs"),
-        ((str(root / "model"), "-i", str(uf40), "-o", str(out), "--keep-certain", "0"), 2, "--keep-certain must be"),
-        ((str(root / "model"), "-i", str(uf40), "-o", str(out), "--keep-certain", "1.5"), 2, "--keep-certain must be"),
-        ((str(root / "model"), "-i", str(uf40), "-o", str(out), "--suspect-threshold", "nan"), 2,
+        ((str(root / "model"), "-i", str(conversations), "--out-dir", str(out)), 1, "its rows hold no chosen/rejected pairs"),
+        ((str(root / "model"), "-i", str(uf40), "--out-dir", str(out), "--keep-certain", "0"), 2, "--keep-certain must be"),
+        ((str(root / "model"), "-i", str(uf40), "--out-dir", str(out), "--keep-certain", "1.5"), 2, "--keep-certain must be"),
+        ((str(root / "model"), "-i", str(uf40), "--out-dir", str(out), "--suspect-threshold", "nan"), 2,
          "--suspect-threshold must be"),
-        ((str(root / "model"), "-i", str(uf40), "-o", str(out), "--signal", "ensembel"), 2, "did you mean 'ensemble'"),
+        ((str(root / "model"), "-i", str(uf40), "--out-dir", str(out), "--signal", "ensembel"), 2, "did you mean 'ensemble'"),
         ((str(root / "model"), "-i", str(write_jsonl("one.jsonl", [{"prompt": "p", "responses": ["a"]}])),
-          "--select", "2", "-o", str(out)), 1, "expected a list of two responses"),
-        ((str(root / "eval"), "-i", str(uf40), "-o", str(out)), 1, "not a model directory"),
+          "--select", "2", "--out-dir", str(out)), 1, "expected a list of two responses"),
+        ((str(root / "eval"), "-i", str(uf40), "--out-dir", str(out)), 1, "not a model directory"),
     ]
     for args, code, message in cases:
         result = curate(*args)
@@ -236,19 +236,19 @@ def test_bad_input_is_one_line_and_leaves_nothing_half_written(tiny_demo, write_
 
 @pytest.mark.integration
 def test_an_output_that_is_a_file_and_a_cache_of_ratings_are_refused_naming_them(tiny_demo, uf40, tmp_path):
-    """Found by the fuzz test: an -o that is a file was replaced by the folder (the user's file gone), and a
+    """Found by the fuzz test: an --out-dir that is a file was replaced by the folder (the user's file gone), and a
     ratings cache as --input got the cache reader's own words; now one line each, before anything is scored."""
     root = tiny_demo[0]
     mine = tmp_path / "notes.txt"
     mine.write_text("the user's own file")
-    result = curate(str(root / "model"), "-i", str(uf40), "-o", str(mine))
+    result = curate(str(root / "model"), "-i", str(uf40), "--out-dir", str(mine))
     assert result.exit_code == 1 and result.output.strip().splitlines() == [(
-        f"error: -o {mine}: a file stands there, and the output is a folder (replaced as a whole): give "
+        f"error: --out-dir {mine}: a file stands there, and the output is a folder (replaced as a whole): give "
         "the path of a folder, or move the file away")], result.output
     assert mine.read_text() == "the user's own file"
     ratings = root / "cache" / "eval_ratings"
     for model in ("heads", "model"):
-        result = curate(str(root / model), "-i", str(ratings), "-o", str(tmp_path / "out"))
+        result = curate(str(root / model), "-i", str(ratings), "--out-dir", str(tmp_path / "out"))
         assert result.exit_code == 1 and result.output.strip().splitlines() == [(
             f"error: --input {ratings}: a ratings cache, but --input takes a preferences cache; give it one extracted "
             "with `urm extract --kind preferences`")], result.output
@@ -261,10 +261,10 @@ def test_the_ensemble_signal_on_a_model_without_one_fails_before_scoring(tmp_pat
 
     _, _, model = export_tiny(tmp_path, members=1)
     pairs = write_jsonl("p.jsonl", [{"prompt": "What is 2+2?", "chosen": "4", "rejected": "5"}])
-    result = curate(str(model), "-i", str(pairs), "-o", str(tmp_path / "out"), "--signal", "ensemble")
+    result = curate(str(model), "-i", str(pairs), "--out-dir", str(tmp_path / "out"), "--signal", "ensemble")
     assert result.exit_code == 1 and "--signal ensemble needs an ensemble" in result.output
     assert not (tmp_path / "out").exists()
-    result = curate(str(model), "-i", str(pairs), "-o", str(tmp_path / "out"), "--signal", "epistemic")
+    result = curate(str(model), "-i", str(pairs), "--out-dir", str(tmp_path / "out"), "--signal", "epistemic")
     assert result.exit_code == 1 and "--signal epistemic needs the heads' ridge posterior" in result.output
     assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
 

@@ -17,6 +17,7 @@ violation in a copy of the tree and see them caught.
 from __future__ import annotations
 
 import ast
+import re
 import shutil
 from pathlib import Path
 
@@ -34,7 +35,7 @@ LAYERS = {
     "eval": {TOP, "model", "train"},
     "export": {TOP, "model", "features"},
     "serve": {TOP, "model", "features", "data", "export"},
-    "configs": {TOP, "data", "model", "train"},  # the choices a value is checked against live with the stages
+    "configs": {TOP, "data", "cache", "features", "model", "train", "eval"},  # the choices live with the stages
     "recipes": {TOP, "data", "features", "cache", "model", "train", "eval", "export", "serve", "configs"},
     "cli": {"recipes", "configs", TOP},
 }
@@ -241,6 +242,29 @@ def test_every_subpackage_reexports_its_public_names(tree):
         listed = next(ast.literal_eval(node.value) for node in body if isinstance(node, ast.Assign)
                       and getattr(node.targets[0], "id", None) == "__all__")
         assert sorted(listed) == sorted(bound) and not any(n.startswith("_") for n in listed), name
+
+
+def test_every_subpackage_docstring_names_each_of_its_modules(tree):
+    """The module map is the subpackages' docstrings (docs/layout.md links them): each names every module of its
+    subpackage, so a module added, renamed or removed without its line there fails here."""
+    assert unmapped_modules(tree) == []
+
+
+def unmapped_modules(modules: dict[str, dict]) -> list[str]:
+    out = []
+    for name, m in sorted(modules.items()):
+        if not (m["package"] and name.count(".") == 1):
+            continue
+        doc = ast.get_docstring(m["tree"]) or ""
+        for module in sorted(n for n in modules if n.startswith(name + ".") and n.count(".") == 2):
+            if not re.search(rf"(?<![\w.]){re.escape(module.rsplit('.', 1)[1])}(?![\w])", doc):
+                out.append(f"{name}'s docstring does not name {module}")
+    return out
+
+
+def test_a_module_missing_from_the_map_is_found(copy):
+    (copy / "pipeline" / "eval" / "ranking.py").write_text('"""A new module."""\n')
+    assert unmapped_modules(read_tree(copy)) == ["pipeline.eval's docstring does not name pipeline.eval.ranking"]
 
 
 def test_the_exported_model_files_import_only_torch_transformers_and_each_other(tree):

@@ -1,7 +1,7 @@
 """The one output rule (pipeline.outputs) and what it keeps safe: an output never replaces an input of its run, nor
 what the user has there (unless --overwrite), never goes to `.`, a device, a system file system or a place that cannot
 be written; each refusal is one line naming the option and the path as typed. Then the commands that write, on a tiny
-export: `urm score F -o F`, `urm curate MODEL -i DIR/p.jsonl -o DIR`, evaluate's report folder written as a whole,
+export: `urm score F -o F`, `urm curate MODEL -i DIR/p.jsonl --out-dir DIR`, evaluate's report folder written as a whole,
 an export taken while a training holds the heads, a full stdout."""
 
 from __future__ import annotations
@@ -150,9 +150,9 @@ def test_score_into_its_own_input_and_curate_into_the_folder_of_its_input_change
     (folder / "notes.txt").write_text("mine")
     before = snapshot(tmp_path)
     for extra in ([], ["--overwrite"]):
-        line = one_error(runner.invoke(app, ["curate", str(model), "--input", str(source), "-o", str(folder),
+        line = one_error(runner.invoke(app, ["curate", str(model), "--input", str(source), "--out-dir", str(folder),
                                              "--device", "cpu", *extra]))
-        assert f"-o {folder}: it holds --input {source}" in line
+        assert f"--out-dir {folder}: it holds --input {source}" in line
         assert snapshot(tmp_path) == before
 
 
@@ -173,7 +173,7 @@ def test_an_earlier_output_is_replaced_and_the_users_file_only_with_overwrite(ti
 def test_curate_drops_identical_pairs_as_extract_does(tiny, tmp_path):
     _, _, model = tiny
     source = pairs_file(tmp_path / "p.jsonl", n=6, identical=2)
-    result = runner.invoke(app, ["curate", str(model), "-i", str(source), "-o", str(tmp_path / "c"), "--device", "cpu"])
+    result = runner.invoke(app, ["curate", str(model), "-i", str(source), "--out-dir", str(tmp_path / "c"), "--device", "cpu"])
     assert result.exit_code == 0, result.output
     assert "warning: 2 of 6 pairs dropped: their chosen is identical to their rejected" in result.output
     assert "curated 4 pairs (2 identical pairs dropped)" in result.output
@@ -181,7 +181,7 @@ def test_curate_drops_identical_pairs_as_extract_does(tiny, tmp_path):
     assert scored == ["p2", "p3", "p4", "p5"]
     assert "2 dropped as read: chosen identical to rejected" in (tmp_path / "c" / "report.md").read_text()
     every = pairs_file(tmp_path / "same.jsonl", n=3, identical=3)
-    line = one_error(runner.invoke(app, ["curate", str(model), "-i", str(every), "-o", str(tmp_path / "d"),
+    line = one_error(runner.invoke(app, ["curate", str(model), "-i", str(every), "--out-dir", str(tmp_path / "d"),
                                          "--device", "cpu"]))
     assert "all 3 pairs have chosen identical to rejected" in line and not (tmp_path / "d").exists()
 
@@ -196,12 +196,12 @@ def test_curate_reads_a_cache_only_while_its_source_is_what_was_extracted(tiny, 
     read = json.loads((cache / "pairs" / "_manifest.json").read_text())["info"]["source_read"]
     assert read == {"source": str(source), "split": "train", "format": None, "limit": 5}
     args = ["curate", str(heads), "-i", str(cache / "pairs"), "--device", "cpu"]
-    result = runner.invoke(app, [*args, "-o", str(tmp_path / "a")])
+    result = runner.invoke(app, [*args, "--out-dir", str(tmp_path / "a")])
     assert result.exit_code == 0, result.output  # as extracted (its first 5 rows): curated
     rows = [json.loads(line) for line in source.read_text().splitlines()]
     rows[1]["chosen"], rows[1]["rejected"] = rows[1]["rejected"], rows[1]["chosen"]  # the labels swapped since
     source.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    line = one_error(runner.invoke(app, [*args, "-o", str(tmp_path / "b")]))
+    line = one_error(runner.invoke(app, [*args, "--out-dir", str(tmp_path / "b")]))
     assert f"{cache / 'pairs'}: its source {str(source)!r} is not what the cache was extracted from" in line
     assert not (tmp_path / "b").exists()
 

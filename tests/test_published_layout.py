@@ -293,7 +293,7 @@ def test_a_damaged_published_checkpoint_is_refused_in_one_line_never_scored(publ
     rows = tmp_path / "rows.jsonl"
     rows.write_text("".join(json.dumps({"messages": c}) + "\n" for c in CONVERSATIONS))
     for command in (["score", str(damaged), "-i", str(rows), "-o", str(tmp_path / "s.jsonl")],
-                    ["curate", str(damaged), "-i", str(tmp_path / "p.jsonl"), "-o", str(tmp_path / "c")]):
+                    ["curate", str(damaged), "-i", str(tmp_path / "p.jsonl"), "--out-dir", str(tmp_path / "c")]):
         if command[0] == "curate":
             (tmp_path / "p.jsonl").write_text("".join(json.dumps({"chosen": c, "rejected": c[:-1] + [
                 {"role": "assistant", "content": "no"}]}) + "\n" for c in CONVERSATIONS))
@@ -310,10 +310,10 @@ def test_a_damaged_published_checkpoint_is_refused_in_one_line_never_scored(publ
 
 
 def test_urm_serve_loads_a_published_checkpoint(published):
-    from pipeline.configs import ServeConfig
+    from pipeline.configs import ServeConfig, build
     from pipeline.serve import load_service
 
-    service = load_service(str(published), ServeConfig(device="cpu", dtype="float32"))
+    service = load_service(str(published), build(ServeConfig, dict(device="cpu", dtype="float32")))
     assert service.info["layout"] == "published" and service.info["sigma_calibrated"] is False
     out = service.score_fn(service.encode_conversations(CONVERSATIONS))
     assert out["score"].tolist() == pytest.approx(expected_published(published, CONVERSATIONS).tolist(), abs=1e-5)

@@ -181,13 +181,13 @@ def demo_export(tmp_path_factory) -> Path:
 
 def urm_score_rows(model: Path, conversations, tmp: Path, reward: str = "mean", risk: float = 1.0) -> list[dict]:
     """`urm score`'s rows (the recipe itself, float32 on the CPU) for these conversations."""
-    from pipeline.configs import ScoreConfig
+    from pipeline.configs import ScoreConfig, build
     from pipeline.recipes.score import score_file
 
     source, output = tmp / f"conversations-{reward}.jsonl", tmp / f"scores-{reward}.jsonl"
     source.write_text("".join(json.dumps({"id": f"c{i}", "messages": c}) + "\n" for i, c in enumerate(conversations)))
-    score_file(str(model), str(source), str(output), ScoreConfig(dtype="float32", device="cpu", reward=reward,
-                                                                 risk=risk), log=lambda line: None)
+    score_file(str(model), build(ScoreConfig, dict(input=str(source), output=str(output), dtype="float32", device="cpu",
+                                                   reward=reward, risk=risk)), log=lambda line: None)
     return [json.loads(line) for line in output.read_text().splitlines()]
 
 

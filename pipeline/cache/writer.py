@@ -22,8 +22,9 @@ import json
 import os
 from pathlib import Path
 
-from pipeline.atomic import FolderBusy, atomic_write
-from pipeline.atomic import lock_folder as lock
+from pipeline.atomic import atomic_write
+from pipeline.locks import FolderBusy
+from pipeline.locks import lock_folder as lock
 from pipeline.cache.journals import journal_parts, remove_files
 from pipeline.cache.layout import MANIFEST, CacheError, CacheIncomplete, CacheSpec, json_normal, now, part_name
 from pipeline.cache.manifest import check_compatible, content_fingerprint, new_manifest, part_problem, read_manifest

@@ -7,29 +7,33 @@ the presets that fill them, shipped beside them as TOML (``pipeline/configs/*.to
   train     ``Optimization``, ``TrainingRun``, ``ValueHeadConfig``, ``GatingConfig``
   export    ``ExportConfig``
   evaluate  ``EvaluateConfig``
+  runtime   the groups score, curate and serve share: ``Runtime`` (device, dtype, verify, token budget),
+            ``Reading`` (format, skip-invalid, limit, max length)
   serve     ``ScoreConfig``, ``ServeConfig``
   curate    ``CurateConfig``
   presets   ``STAGES``, reading and checking a preset, ``load_config``
 
 Configs are what the command line reads before anything else, so importing them imports no stage
 (no torch): a value is checked against the choices a stage owns (the losses, the gates, the data
-formats) by importing that stage when a config is built. The stages never import configs (they take
+formats, the cache kinds and storage dtypes, the attention kernels and engines, the curation signals, the
+reward transforms) by importing that stage when a config is built; no list of choices is copied here. The stages never import configs (they take
 a config as an argument; type checkers see the types under ``TYPE_CHECKING``).
 """
 
 from pipeline.configs.curate import CurateConfig
 from pipeline.configs.evaluate import EvaluateConfig
 from pipeline.configs.export import ExportConfig
-from pipeline.configs.extract import ATTENTION, KINDS, SMOLLM2_GGUF, DatasetSpec, ExtractConfig
+from pipeline.configs.extract import SMOLLM2_GGUF, DatasetSpec, ExtractConfig
 from pipeline.configs.options import DTYPE_HELP, VERIFY_HELP, ConfigError, Option, build, options, to_dict
 from pipeline.configs.paths import DEFAULT_PATHS, DEFAULT_PRESET, run_paths
+from pipeline.configs.runtime import Reading, Runtime
 from pipeline.configs.presets import (PRESET_DIR, STAGES, check_preset, check_preset_values, load_config, preset_names,
                                       preset_path, read_preset)
 from pipeline.configs.serve import ScoreConfig, ServeConfig
 from pipeline.configs.train import GatingConfig, Optimization, TrainingRun, ValueHeadConfig
 
 __all__ = [
-    "ATTENTION", "DEFAULT_PATHS", "DEFAULT_PRESET", "DTYPE_HELP", "KINDS", "PRESET_DIR", "SMOLLM2_GGUF", "STAGES",
+    "DEFAULT_PATHS", "DEFAULT_PRESET", "DTYPE_HELP", "PRESET_DIR", "Reading", "Runtime", "SMOLLM2_GGUF", "STAGES",
     "VERIFY_HELP", "ConfigError", "CurateConfig", "DatasetSpec", "EvaluateConfig", "ExportConfig", "ExtractConfig", "GatingConfig",
     "Optimization", "Option", "ScoreConfig", "ServeConfig", "TrainingRun", "ValueHeadConfig", "build",
     "check_preset", "check_preset_values", "load_config", "options", "preset_names", "preset_path", "read_preset",

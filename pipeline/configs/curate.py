@@ -5,10 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline.configs.options import SCORING_DTYPE_HELP, ConfigError, check, number, one_of, opt, whole
-from pipeline.configs.serve import check_scoring
-
-SIGNALS = ("bt", "gaussian", "ensemble", "epistemic")  # pipeline.eval.curation.SIGNALS (configs import no stage)
+from pipeline.configs.options import ConfigError, check, group, number, one_of, opt, whole
+from pipeline.configs.runtime import Reading, Runtime
 
 
 @dataclass
@@ -16,6 +14,9 @@ class CurateConfig:
     """`urm curate`: score both sides of every pair with an export (or cached features with their heads), flag the
     pairs the model confidently reverses, keep the most certain ones; or pick the pairs to label next."""
 
+    input: str | None = opt(None, "Preference pairs (any format `urm extract` reads), a preference cache, or with "
+                            "--select unlabelled two-response rows. Required.", short="-i")
+    out_dir: str | None = opt(None, "The folder to write (replaced atomically as a whole). Required.")
     keep_certain: float = opt(0.5, "Keep this share of the pairs, the ones the model is most certain are labelled "
                               "right (by --signal), dropping suspects too (URME's rule: the most certain half); 1 keeps "
                               "every pair that is not suspect.")
@@ -30,19 +31,10 @@ class CurateConfig:
                       "members' disagreement).")
     select: int | None = opt(None, "Instead of curating: the input is unlabelled response pairs (two responses per "
                              "prompt); write the N whose preference the model is least sure of to selected.jsonl.")
-    max_tokens_per_batch: int = opt(8192, "Token budget per forward pass (padded batch size x longest row).")
-    dtype: str = opt("auto", SCORING_DTYPE_HELP)
-    device: str = opt("auto", "Device: auto (cuda if available, else cpu), cpu, cuda, ...")
-    format: str | None = opt(None, "Input format for pairs (default: detect from the columns).")
-    skip_invalid: bool = opt(False, "Skip malformed input rows (counted) instead of stopping.")
-    limit: int | None = opt(None, "Read only the first N rows (pairs) of the input; pairs whose chosen is identical "
-                            "to their rejected are dropped after that, so fewer may be curated.")
-    overwrite: bool = opt(False, "Replace an OUT_DIR that holds files of its own, not only an earlier `urm curate` "
+    runtime: Runtime = group(Runtime(), "")
+    reading: Reading = group(Reading(), "")
+    overwrite: bool = opt(False, "Replace an --out-dir that holds files of its own, not only an earlier `urm curate` "
                           "output (an earlier output is replaced anyway; a folder holding an input never is).")
-    max_length: int | None = opt(None, "Drop (and count) pairs with a side longer than this many tokens (default: "
-                                 "the longest the heads were trained on, from the export).")
-    verify: bool = opt(True, "Check the export's files (or the cache's parts) against their recorded checksums "
-                       "before use; --no-verify checks sizes only.")
 
     def __post_init__(self):
         check(number(self.keep_certain) and 0 < self.keep_certain <= 1, "keep_certain", self.keep_certain,
@@ -50,9 +42,10 @@ class CurateConfig:
         check(number(self.suspect_threshold) and 0 < self.suspect_threshold < 0.5, "suspect_threshold",
               self.suspect_threshold, "a probability between 0 and 0.5 (exclusive): below 1/2 the model prefers "
               "the rejected side")
+        from pipeline.eval import SIGNALS  # the names live with the curation math
+
         one_of(self.signal, SIGNALS, "signal")
         whole(self.select, "select", allow_none=True)
         if self.select is not None and self.drop_suspect_only:
             raise ConfigError("--select picks unlabelled pairs to label; --drop-suspect-only curates labelled ones: "
                               "give one of them")
-        check_scoring(self)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline.configs.options import VERIFY_HELP, device_name, opt, whole
+from pipeline.configs.options import DEVICE_HELP, VERIFY_HELP, device_name, opt, whole
 from pipeline.configs.paths import DEFAULT_PATHS
 
 
@@ -38,7 +38,7 @@ class EvaluateConfig:
                           "into, as a whole (an earlier report there is replaced).", shown="runs/PRESET/eval")
     overwrite: bool = opt(False, "Replace a --report-dir that holds files of its own, not only an earlier report (a "
                           "folder holding an input of the run never is).")
-    device: str = opt("auto", "Device: auto (cuda if available, else cpu), cpu, cuda, ...")
+    device: str = opt("auto", DEVICE_HELP)
     verify: bool = opt(True, VERIFY_HELP)
 
     def __post_init__(self):

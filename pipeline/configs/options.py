@@ -30,17 +30,20 @@ VERIFY_HELP = ("Check every cache part's checksum before its rows are used (a da
                "`urm extract` rebuilds it); --no-verify checks sizes only.")
 DTYPE_HELP = ("Compute dtype: auto (bf16 on CUDA, fp32 on CPU), auto-bf16 (bf16 on CUDA and on CPUs with native "
               "bf16, AVX-512 BF16 or AMX; fp32 otherwise), float32, bfloat16, float16.")
+DEVICE_HELP = "Device: auto (cuda if available, else cpu), cpu, cuda, cuda:1, ... (or mps, xpu)."
 SCORING_DTYPE_HELP = ("Compute dtype: auto (bf16 on CUDA and on CPUs with native bf16, AVX-512 BF16 or AMX: half the "
                       "memory of fp32; fp32 otherwise, saying first how much memory that takes; auto-bf16 is the same "
                       "here), float32, bfloat16, float16. The weights load straight into it.")
 
 
-def opt(default: Any, help: str, cli: bool = True, shown: str | None = None, secret: bool = False) -> Any:
-    """A config field with its help text; ``cli=False`` keeps it out of the command line; ``shown`` is
+def opt(default: Any, help: str, cli: bool = True, shown: str | None = None, secret: bool = False,
+        short: str | None = None) -> Any:
+    """A config field with its help text; ``cli=False`` keeps it out of the command line; ``short`` is its one-letter
+    flag (``-i``), the same letter meaning the same thing in every command; ``shown`` is
     the default as --help states it (when it depends on the preset); ``secret`` (a key) keeps its value out of
     the config's repr, ``to_dict`` and every message, and makes a blank ``URM_<OPTION>`` count as given (so it is
     refused as the blank option would be, never taken for "not set")."""
-    meta = {"help": help, "cli": cli, "shown": shown, "secret": secret}
+    meta = {"help": help, "cli": cli, "shown": shown, "secret": secret, "short": short}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta, repr=not secret)
@@ -143,6 +146,7 @@ class Option:
     cli: bool
     shown: str | None  # the default as --help states it, when the preset decides it
     secret: bool = False  # a key: never shown (see ``opt``)
+    short: str | None = None  # its one-letter flag, if it has one
 
 
 def options(cls: type) -> list[Option]:
@@ -154,12 +158,13 @@ def options(cls: type) -> list[Option]:
             inner = f.default_factory()
             inner_hints = typing.get_type_hints(type(inner))
             out += [Option(f.metadata["prefix"] + g.name, (f.name, g.name), inner_hints[g.name], getattr(inner, g.name),
-                           g.metadata["help"], g.metadata["cli"], g.metadata["shown"], g.metadata.get("secret", False))
+                           g.metadata["help"], g.metadata["cli"], g.metadata["shown"], g.metadata.get("secret", False),
+                           g.metadata.get("short"))
                     for g in dataclasses.fields(inner)]
         else:
             default = f.default_factory() if f.default is dataclasses.MISSING else f.default
             out.append(Option(f.name, (f.name,), hints[f.name], default, f.metadata["help"], f.metadata["cli"],
-                              f.metadata["shown"], f.metadata.get("secret", False)))
+                              f.metadata["shown"], f.metadata.get("secret", False), f.metadata.get("short")))
     return out
 
 

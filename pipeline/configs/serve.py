@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline.configs.options import SCORING_DTYPE_HELP, ConfigError, check, device_name, number, one_of, opt, whole
-from pipeline.device import AUTO_DTYPES, COMPUTE_DTYPES
+from pipeline.configs.options import ConfigError, check, group, number, one_of, opt, whole
+from pipeline.configs.runtime import Reading, Runtime
 
 REWARD_HELP = ("The reward to give: mean (the score; subtracts no uncertainty), lcb (score - risk x score_std: "
                "aleatoric, the ratings' noise, about the same for every response), elcb (score - risk x epistemic_std: "
@@ -35,57 +35,32 @@ def check_api_key(key: str | None) -> None:
 class ScoreConfig:
     """`urm score`: batched scoring with uncertainty from an exported model directory."""
 
-    max_tokens_per_batch: int = opt(8192, "Token budget per forward pass (padded batch size x longest row).")
-    dtype: str = opt("auto", SCORING_DTYPE_HELP)
-    device: str = opt("auto", "Device: auto (cuda if available, else cpu), cpu, cuda, ...")
-    format: str | None = opt(None, "Input format for pairs (default: detect from the columns).")
-    skip_invalid: bool = opt(False, "Skip malformed input rows (counted) instead of stopping.")
-    limit: int | None = opt(None, "Score only the first N rows (pairs) of the input.")
-    overwrite: bool = opt(False, "Replace an -o file that is there and is not an earlier `urm score` output (an "
+    input: str | None = opt(None, "Conversations or chosen/rejected pairs to score (a file, a hub dataset, "
+                            "synthetic:...). Required.", short="-i")
+    output: str | None = opt(None, "The JSONL file to write (default: stdout).", short="-o")
+    runtime: Runtime = group(Runtime(), "")
+    reading: Reading = group(Reading(), "")
+    overwrite: bool = opt(False, "Replace an --output file that is there and is not an earlier `urm score` output (an "
                           "earlier output is replaced anyway; an input of the run never is).")
-    max_length: int | None = opt(None, "Drop (and count) conversations longer than this many tokens (default: the "
-                                 "longest the heads were trained on, from the export; never more than the backbone's "
-                                 "positions); a pair goes whole.")
-    verify: bool = opt(True, "Check every file of the export against the checksums `urm export` recorded before "
-                       "loading it; --no-verify only checks that they are there (and the heads' own checksum).")
     reward: str = opt("mean", REWARD_HELP + " Each row gets it as `reward` (each side of a pair too).")
     risk: float = opt(1.0, RISK_HELP)
 
     def __post_init__(self):
         check_reward(self.reward, self.risk)
-        check_scoring(self)
-
-
-def check_scoring(cfg) -> None:
-    """The options `urm score` and `urm curate` share: the input's format, dtype, device, token budget, limit and
-    length limit."""
-    if cfg.format is not None:
-        from pipeline.data import PAIR_FORMATS
-
-        one_of(cfg.format, PAIR_FORMATS, "format")
-    one_of(cfg.dtype, (*AUTO_DTYPES, *COMPUTE_DTYPES), "dtype")
-    device_name(cfg.device)
-    whole(cfg.max_tokens_per_batch, "max_tokens_per_batch")
-    whole(cfg.limit, "limit", allow_none=True)
-    whole(cfg.max_length, "max_length", allow_none=True)
 
 
 @dataclass
 class ServeConfig:
-    """`urm serve`: an exported model behind HTTP, requests batched dynamically (pipeline.serve.serving)."""
+    """`urm serve`: an exported model behind HTTP, requests batched dynamically (pipeline.serve)."""
 
     host: str = opt("127.0.0.1", "Address to listen on. Loopback by default: without --api-key the server has no "
                     "authentication, so serving on another address (0.0.0.0, ...) exposes the model to whoever can "
                     "reach it.")
     port: int = opt(8000, "Port to listen on (0 picks a free one; the address is printed).", shown="8000")
-    max_tokens_per_batch: int = opt(8192, "Token budget per forward pass (padded batch size x longest row).")
-    dtype: str = opt("auto", SCORING_DTYPE_HELP)
-    device: str = opt("auto", "Device: auto (cuda if available, else cpu), cpu, cuda, ...")
+    runtime: Runtime = group(Runtime(), "")
     max_length: int | None = opt(None, "Refuse (HTTP 422) conversations longer than this many tokens (default: the "
                                  "longest the heads were trained on, from the export; never more than the backbone's "
                                  "positions).")
-    verify: bool = opt(True, "Check every file of the export against the checksums `urm export` recorded before "
-                       "loading it; --no-verify only checks that they are there (and the heads' own checksum).")
     max_wait_ms: float = opt(5.0, "Dynamic batching: how long the first waiting request waits for others to join its "
                              "batch (milliseconds, 0 to 60000; a batch also starts once it fills the token budget).")
     dynamic_batching: bool = opt(True, "Batch requests that arrive together; --no-dynamic-batching scores one request "
@@ -111,9 +86,6 @@ class ServeConfig:
         check(isinstance(self.host, str) and self.host.strip() != "", "host", self.host, "an address")
         whole(self.port, "port", least=0)
         check(self.port <= 65535, "port", self.port, "at most 65535")
-        one_of(self.dtype, (*AUTO_DTYPES, *COMPUTE_DTYPES), "dtype")
-        device_name(self.device)
-        whole(self.max_tokens_per_batch, "max_tokens_per_batch")
         whole(self.max_length, "max_length", allow_none=True)
         check(number(self.max_wait_ms) and 0 <= self.max_wait_ms <= 60_000, "max_wait_ms", self.max_wait_ms,
               "a number of milliseconds from 0 to 60000 (a minute)")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline.configs.options import (VERIFY_HELP, ConfigError, check, device_name, fraction, group, number, one_of,
+from pipeline.configs.options import (DEVICE_HELP, VERIFY_HELP, ConfigError, check, device_name, fraction, group, number, one_of,
                                       opt, positive, whole)
 from pipeline.configs.paths import DEFAULT_PATHS
 
@@ -43,7 +43,7 @@ class TrainingRun:
     heads_dir: str = opt(DEFAULT_PATHS["heads_dir"], "The heads folder (safetensors + heads.json): stage 1 "
                          "writes the value head there, stage 2 adds the gate.", shown="runs/PRESET/heads")
     seed: int = opt(0, "Random seed (split, init, minibatch order, reparameterisation noise).")
-    device: str = opt("auto", "Device: auto (cuda if available, else cpu), cpu, cuda, ...")
+    device: str = opt("auto", DEVICE_HELP)
     verify: bool = opt(True, VERIFY_HELP)
     memory_budget: float | None = opt(None, "Gigabytes of cached features the trainers may hold in memory (on the "
                                       "device); a cache with more is streamed from its part files, 8 parts at a time "

@@ -7,7 +7,6 @@ TRL and Hugging Face tokenizers); its last turn is the assistant's response bein
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 from pipeline import ATTRIBUTES
@@ -75,7 +74,3 @@ class LoadReport:
         if len(self.skipped) > show:
             lines.append(f"  ... and {len(self.skipped) - show} more skipped rows")
         return "\n".join(lines)
-
-
-def nan_labels() -> list[float]:
-    return [math.nan] * len(ATTRIBUTES)

@@ -6,11 +6,12 @@
   embedding    token ids -> h (and the base reward of a reward-model backbone)
   rows         a dataset's records as cache rows, cut into parts, shared among torchrun ranks
   distributed  torchrun ranks: which rank, its device, the few messages ranks exchange
+  vllm_engine  `urm extract --engine vllm`: the same h from vLLM's pooling runner (imports vllm only when used)
 
 Imports the cross-cutting modules and ``pipeline.model`` (where h is read: ``last_token_index``).
 """
 
-from pipeline.features.backbone import (Backbone, BackboneError, BackboneFiles, checkpoint_dir, checkpoint_identity,
+from pipeline.features.backbone import (ATTENTION, ENGINES, Backbone, BackboneError, BackboneFiles, checkpoint_dir, checkpoint_identity,
                                         is_reward_model, load_backbone, load_weights, open_backbone, weights_fingerprint)
 from pipeline.features.batching import OnBatch, pad_id_of, pad_right, plan_batches, run_batches
 from pipeline.features.distributed import RankError, Ranks, from_main, gather, rank_device, ranks_from_env
@@ -19,7 +20,7 @@ from pipeline.features.render import TemplateError, chat_template_hash, encode_t
 from pipeline.features.rows import Rows, balance_parts, keep_mask, pair_rows, part_bounds, rating_rows
 
 __all__ = [
-    "Backbone", "BackboneError", "BackboneFiles", "checkpoint_dir", "OnBatch", "RankError", "Ranks", "Rows", "TemplateError",
+    "ATTENTION", "ENGINES", "Backbone", "BackboneError", "BackboneFiles", "checkpoint_dir", "OnBatch", "RankError", "Ranks", "Rows", "TemplateError",
     "backbone_forward", "balance_parts", "chat_template_hash", "checkpoint_identity", "embed_all", "encode_texts",
     "from_main", "gather",
     "is_reward_model", "keep_mask", "load_backbone", "load_weights", "open_backbone", "pad_id_of", "pad_right",

@@ -77,6 +77,10 @@ def local_gguf(spec: str) -> Path | None:
     return None
 
 
+ENGINES = ("hf", "vllm")  # what runs the backbone: transformers, or vLLM's pooling runner (pipeline.features.vllm_engine)
+ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")  # transformers' kernels
+
+
 def weights_fingerprint(directory: Path, sample: int = 1 << 16) -> str:
     """A cheap content hash of a local checkpoint: names, sizes, safetensors headers and sampled
     blocks of every weight file (hashing 16 GB in full would cost a minute per run)."""

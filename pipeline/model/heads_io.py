@@ -17,7 +17,7 @@ checksum is the tensors'), so every load finds the old heads or the new ones, an
 that heads.json into place and removes what a killed save left (``recover_heads``). Killed earlier, the old
 pair is untouched. Other files in the folder are never touched.
 
-One writer per folder (``heads_writer``): training holds the folder's lock (``pipeline.atomic.hold_folder``)
+One writer per folder (``heads_writer``): training holds the folder's lock (``pipeline.locks.hold_folder``)
 from before it reads anything until its save, and a second training into the same folder is refused at
 once, naming the holder's pid. Readers that only load take no lock (they take the last complete pair); a reader
 that copies the pair elsewhere, `urm export`, holds the shared lock (``heads_reader``: refused while a training
@@ -40,8 +40,8 @@ import torch
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
-from pipeline.atomic import (FolderBusy, fsync_folder, hold_folder, json_text, named_for, parse_temp, remove_stale_temps,
-                             write_temp)
+from pipeline.atomic import fsync_folder, json_text, named_for, parse_temp, remove_stale_temps, write_temp
+from pipeline.locks import FolderBusy, hold_folder
 from pipeline.errors import UserError
 from pipeline.hashing import file_xxh3
 from pipeline.model.heads import Heads

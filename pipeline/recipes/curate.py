@@ -81,12 +81,12 @@ def read_pairs_file(source: str, cfg: CurateConfig, log) -> tuple[list, int]:
     from pipeline.data import drop_identical, input_kind, load_preferences, load_response_pairs
 
     if cfg.select is not None:
-        pairs, report = load_response_pairs(source, skip_invalid=cfg.skip_invalid, limit=cfg.limit)
+        pairs, report = load_response_pairs(source, skip_invalid=cfg.reading.skip_invalid, limit=cfg.reading.limit)
     else:
-        if cfg.format is None and input_kind(source) != "pairs":
+        if cfg.reading.format is None and input_kind(source) != "pairs":
             raise CurateError(f"{source}: its rows hold no chosen/rejected pairs (conversations to score go to `urm "
                               "score`; unlabelled two-response rows to `urm curate --select N`)")
-        pairs, report = load_preferences(source, format=cfg.format, skip_invalid=cfg.skip_invalid, limit=cfg.limit)
+        pairs, report = load_preferences(source, format=cfg.reading.format, skip_invalid=cfg.reading.skip_invalid, limit=cfg.reading.limit)
         pairs = drop_identical(pairs, report)
     log(report.summary())
     if not pairs:
@@ -112,10 +112,10 @@ def score_with_export(model_dir: str, source: str, cfg: CurateConfig, log) -> Ju
     urm = export_config(model_dir).urm
     require_members(cfg, urm.get("members", 1), model_dir, bool(urm.get("posterior")))  # before anything loads
     pairs, identical = read_pairs_file(source, cfg, log)
-    model, tokenizer = load_scorer(model_dir, cfg.dtype, cfg.device, cfg.verify, log)
+    model, tokenizer = load_scorer(model_dir, cfg.runtime.dtype, cfg.runtime.device, cfg.runtime.verify, log)
     ids = render_ids(tokenizer, flatten("pairs", pairs))
-    pairs, ids, dropped = within_length("pairs", pairs, ids, length_limit(model.config, cfg.max_length), log)
-    out = score_ids(model, ids, cfg.max_tokens_per_batch, pad_id_of(tokenizer))
+    pairs, ids, dropped = within_length("pairs", pairs, ids, length_limit(model.config, cfg.reading.max_length), log)
+    out = score_ids(model, ids, cfg.runtime.max_tokens_per_batch, pad_id_of(tokenizer))
     t = pair_temperatures(model.config)
     return JudgedInput(pairs, side_scores(out, 0), side_scores(out, 1), t["bt"], t["gaussian"], dropped,
                        f"export {model_dir}", identical)
@@ -135,7 +135,7 @@ def score_cached(model_dir: str, cache: str, cfg: CurateConfig, log) -> JudgedIn
     require_kind(cache, "preferences", "--input")
     heads, meta, what = load_for_evaluation(model_dir, checkpoint_identity)
     require_members(cfg, heads.architecture["members"], model_dir, bool(heads.architecture.get("posterior")))
-    cached = read_pairs(cache, verify=cfg.verify)
+    cached = read_pairs(cache, verify=cfg.runtime.verify)
     check_features(Path(cache), cached.chosen.manifest, meta)
     dataset, read = check_source(cache, cached.chosen.manifest)
     try:
@@ -272,10 +272,12 @@ def select(data: JudgedInput, judged: dict, cfg: CurateConfig, folder: Path) -> 
             "outputs": ["scored.jsonl", "selected.jsonl"]}
 
 
-def run_curate(model_dir: str, source: str, out_dir: str, cfg: CurateConfig, log=None) -> dict:
-    """Judge every pair of ``source`` with the model in ``model_dir``; write OUT_DIR atomically (module docstring)."""
+def run_curate(model_dir: str, cfg: CurateConfig, log=None) -> dict:
+    """Judge every pair of ``cfg.input`` with the model in ``model_dir``; write ``cfg.out_dir`` atomically (module
+    docstring)."""
     log = log or (lambda line: print(line, file=sys.stderr))
-    check_output(out_dir, "-o", FOLDER, inputs=curate_inputs(model_dir, source), overwrite=cfg.overwrite,
+    source, out_dir = cfg.input, cfg.out_dir
+    check_output(out_dir, "--out-dir", FOLDER, inputs=curate_inputs(model_dir, source), overwrite=cfg.overwrite,
                  own=OwnFiles(lambda name: name in WRITES))  # before anything is scored
     data = (score_cached if is_cache(source) else score_with_export)(model_dir, source, cfg, log)
     judged = judge_pairs(data.chosen, data.rejected, data.temperature_bt, data.temperature_gaussian)

@@ -74,9 +74,10 @@ def score_sigmoid_example(model_dir: str, cfg: C.ScoreConfig, log=None) -> dict:
     from pipeline.model.modeling_urm import pair_temperatures
     from pipeline.serve import load_scorer, pair_probabilities, row_scores, score_ids
 
-    model, tokenizer = load_scorer(model_dir, cfg.dtype, cfg.device, cfg.verify, log)
+    run = cfg.runtime
+    model, tokenizer = load_scorer(model_dir, run.dtype, run.device, run.verify, log)
     ids = render_ids(tokenizer, sigmoid_example())
-    out = score_ids(model, ids, cfg.max_tokens_per_batch, pad_id_of(tokenizer))
+    out = score_ids(model, ids, run.max_tokens_per_batch, pad_id_of(tokenizer))
     names = list(model.config.urm["attributes"])
     answers = [row_scores(out, i, names) for i in range(2)]
     p = pair_probabilities(answers[1], answers[0], pair_temperatures(model.config))

@@ -27,23 +27,25 @@ from pipeline.serve import (check_reward_fits, earlier_scores, flatten, length_h
                             output_rows, within_length, write_jsonl)
 
 
-def score_file(model_dir: str, source: str, output: str | None, cfg: ScoreConfig, log=None) -> dict:
-    """Score every row of ``source`` with the exported model in ``model_dir``; JSONL to ``output``."""
+def score_file(model_dir: str, cfg: ScoreConfig, log=None) -> dict:
+    """Score every row of ``cfg.input`` with the exported model in ``model_dir``; JSONL to ``cfg.output`` (stdout
+    when None)."""
     from tqdm.auto import tqdm
 
     from pipeline.features import pad_id_of, render_ids
     from pipeline.serve import load_scorer, score_ids
 
     log = log or (lambda line: print(line, file=sys.stderr))
+    source, output = cfg.input, cfg.output
     if output is not None:  # before anything is read: the one output rule (pipeline.outputs)
         check_output(output, "-o", FILE, inputs=[("--input", source), ("MODEL_DIR", model_dir)],
                      overwrite=cfg.overwrite, own=earlier_scores)
     check_reward_fits(model_dir, cfg.reward)  # a transform the export cannot give stops here, before any read
-    kind, items, report = load_input(source, cfg)
+    kind, items, report = load_input(source, cfg.reading)
     log(report.summary())
-    model, tokenizer = load_scorer(model_dir, cfg.dtype, cfg.device, cfg.verify, log)
+    model, tokenizer = load_scorer(model_dir, cfg.runtime.dtype, cfg.runtime.device, cfg.runtime.verify, log)
     ids = render_ids(tokenizer, flatten(kind, items))
-    limit = length_limit(model.config, cfg.max_length)
+    limit = length_limit(model.config, cfg.reading.max_length)
     items, ids, dropped = within_length(kind, items, ids, limit, log, length_hint(model.config, limit))
     pad_id = pad_id_of(tokenizer)
     counts = {"tokens": 0, "padded_tokens": 0}
@@ -56,7 +58,7 @@ def score_file(model_dir: str, source: str, output: str | None, cfg: ScoreConfig
 
     started = time.perf_counter()
     try:
-        out = score_ids(model, ids, cfg.max_tokens_per_batch, pad_id, on_batch)
+        out = score_ids(model, ids, cfg.runtime.max_tokens_per_batch, pad_id, on_batch)
     finally:
         bar.close()
     seconds = time.perf_counter() - started

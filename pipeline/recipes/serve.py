@@ -32,7 +32,7 @@ def run_serve(model_dir: str, cfg: ServeConfig, log=None) -> dict:
         service = load_service(model_dir, cfg, log)
         limits = Limits(max_items=cfg.max_items, max_queue=cfg.max_queue,
                         max_body_bytes=int(cfg.max_body_mb * (1 << 20)))
-        batcher = Batcher(service.score_fn, cfg.max_tokens_per_batch, cfg.max_wait_ms / 1000, cfg.max_queue,
+        batcher = Batcher(service.score_fn, cfg.runtime.max_tokens_per_batch, cfg.max_wait_ms / 1000, cfg.max_queue,
                           batching=cfg.dynamic_batching)
         app = create_app(service, limits, batcher, RewardChoice(cfg.reward, float(cfg.risk)),
                          Access(cfg.api_key, cfg.open_health))

@@ -21,15 +21,15 @@ from pipeline.model import rewards_of
 from pipeline.serve.scoring import ScoreError, nonfinite_field, pair_probabilities, row_scores
 
 
-def load_input(source: str, cfg):
+def load_input(source: str, reading):
     """(kind, items, report): conversations, or preference pairs in any format pipeline.data.preferences reads."""
     from pipeline.data import input_kind, load_conversations, load_preferences
 
-    kind = "pairs" if cfg.format else input_kind(source)
+    kind = "pairs" if reading.format else input_kind(source)
     if kind == "pairs":
-        items, report = load_preferences(source, format=cfg.format, skip_invalid=cfg.skip_invalid, limit=cfg.limit)
+        items, report = load_preferences(source, format=reading.format, skip_invalid=reading.skip_invalid, limit=reading.limit)
     else:
-        items, report = load_conversations(source, skip_invalid=cfg.skip_invalid, limit=cfg.limit)
+        items, report = load_conversations(source, skip_invalid=reading.skip_invalid, limit=reading.limit)
     if not items:
         raise ScoreError(f"{source}: no rows to score ({report.rows_skipped} skipped)")
     return kind, items, report

@@ -18,7 +18,7 @@ def load_service(model_dir: str, cfg: ServeConfig, log=None):
     from pipeline.features import encode_texts, pad_id_of, render_ids
     from pipeline.model import EXPORT_TENSORS, read_meta
 
-    model, tokenizer = load_scorer(model_dir, cfg.dtype, cfg.device, cfg.verify, log)
+    model, tokenizer = load_scorer(model_dir, cfg.runtime.dtype, cfg.runtime.device, cfg.runtime.verify, log)
     pad_id = pad_id_of(tokenizer)
     urm = model.config.urm
     published = urm.get("layout") == "published"  # a published-layout checkpoint: no heads.json
@@ -34,6 +34,6 @@ def load_service(model_dir: str, cfg: ServeConfig, log=None):
             "device": str(model.device), "dtype": str(model.dtype).removeprefix("torch.")}
     return Service(encode_conversations=lambda convs: render_ids(tokenizer, convs),
                    encode_texts=lambda texts: encode_texts(tokenizer, texts),
-                   score_fn=lambda ids: score_ids(model, ids, cfg.max_tokens_per_batch, pad_id),
-                   names=list(urm["attributes"]), max_length=limit, max_tokens=cfg.max_tokens_per_batch, info=info,
+                   score_fn=lambda ids: score_ids(model, ids, cfg.runtime.max_tokens_per_batch, pad_id),
+                   names=list(urm["attributes"]), max_length=limit, max_tokens=cfg.runtime.max_tokens_per_batch, info=info,
                    members=int(urm["members"]), posterior=bool(urm.get("posterior")))
