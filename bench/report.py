@@ -574,11 +574,11 @@ def readme_demo(results: Path = RESULTS) -> list[str]:
         end = next((i for i in range(table, len(lines)) if not lines[i].strip()), len(lines))
         excerpt += ["", *lines[table - 1:end]]
     excerpt += ["...", lines[-1]]
-    return (["```text", *excerpt, "```", "",
-             f"(`make demo` on a fresh clone at commit {r.get('commit', '?')[:12]}, stored by `python -m bench "
-             f"demo_clone` in `bench/results/demo_clone.json`: {fmt(r.get('fresh_clone_seconds'))} s from the clone "
-             f"to this output, install included; a rerun, the caches in place, {fmt(r.get('rerun_seconds'))} s. "
-             f"{machine_line(r)})"])
+    return ["```text", *excerpt, "```", "",
+            f"(`make demo` on a fresh clone at commit {r.get('commit', '?')[:12]}, as `python -m bench demo_clone` stored it",
+            f"in `bench/results/demo_clone.json`: {fmt(r.get('fresh_clone_seconds'))} s from the clone to this output, "
+            f"install included; a rerun, the caches in place, {fmt(r.get('rerun_seconds'))} s.",
+            f"{machine_line(r)})"]
 
 
 def _span(values) -> str:
@@ -594,9 +594,8 @@ def _results_rows(results: Path) -> list[tuple[str, str, Callable[[dict], str]]]
 
     def overopt(r):
         t = r["targets"]
-        return (f"{t['best_conservative_under_noise']}: {fmt(t['gain_ratio_at_25pct'])}x the plain score's gold gain "
-                f"with 25% of labels flipped, {fmt(t['gain_ratio_at_0pct'])}x without; ahead in "
-                f"{t['seeds_above_mean_at_25pct']} of {r['seeds']} seeds")
+        return (f"`{t['best_conservative_under_noise']}`: {fmt(t['gain_ratio_at_25pct'])}x the score's gold gain (25% flipped), "
+                f"{fmt(t['gain_ratio_at_0pct'])}x (none); ahead in {t['seeds_above_mean_at_25pct']} of {r['seeds']} seeds")
 
     return [
         ("`make demo` on a fresh clone, install included (a rerun)", "demo_clone",
@@ -610,14 +609,14 @@ def _results_rows(results: Path) -> list[tuple[str, str, Callable[[dict], str]]]
          shift),
         ("Sigma recovered where the true noise is known: 90% coverage (the default recipe)", "sigma_recovery",
          lambda r: fmt(r["losses"]["ridge + calibration"]["coverage90"])),
-        ("Best-of-n against a gold reward (n the largest measured): the best conservative reward", "overopt",
+        ("Best-of-n against a gold reward: the best conservative reward", "overopt",
          lambda r: f"n = {r['ns'][-1]}, " + overopt(r)),
         ("Extraction: batched vs one conversation at a time (share of the matmul rate)", "extract_speed",
          lambda r: f"{fmt(r['speedup_vs_one_at_a_time'])}x ({fmt(r['ours_fp32']['share_of_fp32_matmul_rate'])})"),
         ("Cache read into torch, checksums verified", "cache_read", lambda r: f"{fmt(r['read_gbps'])} GB/s"),
-        ("Stage 1 in closed form at the 8B's width with its bootstrap members, CPU time on one thread", "train_heads",
-         lambda r: f"{fmt(r['stage1_ridge']['runs']['after_8']['cpu_seconds'])} s for {fmt(r['config']['ratings'])} "
-                   f"rows, d = {r['config']['dim']}, {r['config']['ridge_members']} members"),
+        ("Stage 1 at the 8B's width, closed form with bootstrap members: CPU time", "train_heads",
+         lambda r: f"{fmt(r['stage1_ridge']['runs']['after_8']['cpu_seconds'])} s ({fmt(r['config']['ratings'])} "
+                   f"rows, d = {r['config']['dim']}, {r['config']['ridge_members']} members)"),
         ("Serving: vLLM with the plugin over `urm serve`, requests/s", "serve_engines",
          lambda r: ", ".join(f"{fmt(v)}x at {k} client{'s' * (k != '1')}"
                              for k, v in r["vllm_over_urm_requests_per_s"].items())),
