@@ -15,7 +15,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 FENCE = re.compile(r"^(```|~~~).*?^\1[^\n]*$", re.S | re.M)
 INLINE_CODE = re.compile(r"`+[^`\n]*`+")
-LINK = re.compile(r"(?<!\!)\[(?:[^\]\n]|\][^(\n])*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)|!\[[^\]\n]*\]\(([^)\s]+)\)")
+LINK = re.compile(r"(?<!\!)\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)|!\[[^\]]*\]\(([^)\s]+)\)")
 HEADING = re.compile(r"^#{1,6}\s+(.+?)\s*#*\s*$", re.M)
 EXPLICIT_ANCHOR = re.compile(r"<a\s+(?:id|name)=\"([^\"]+)\"", re.I)
 
@@ -90,7 +90,7 @@ def test_github_anchors():
     assert slug("Without `trust_remote_code`") == "without-trust_remote_code"
     assert slug("Measuring it on a GPU: `make bench-gpu`") == "measuring-it-on-a-gpu-make-bench-gpu"
     assert anchors("# A\n## B c\n```\n# not a heading\n```\n## B c\n<a id=\"x-y\"></a>\n") == {"a", "b-c", "b-c-1", "x-y"}
-    assert links("[a](x.md) `[b](y.md)` ![c](z.png)\n```\n[d](w.md)\n```\n") == ["x.md", "z.png"]
+    assert links("[a](x.md) `[b](y.md)` ![c](z.png)\n```\n[d](w.md)\n```\n[e\nf](v.md#g)") == ["x.md", "z.png", "v.md#g"]
 
 
 @pytest.fixture
