@@ -1,11 +1,14 @@
 """docs/benchmarks.md is generated (`python -m bench report`, bench/report.py): the committed page is exactly what
 the command writes from bench/results/*.json, so no number on it is copied by hand; a result file the generator
-does not know, or a known one whose layout changed, still gets its numbers on the page."""
+does not know, or a known one whose layout changed, still gets its numbers on the page. The same command rewrites
+README.md's generated blocks (the demo's output, the results table), and the committed README is what it writes."""
 
 from __future__ import annotations
 
 import json
 import shutil
+
+import pytest
 
 from bench import RESULTS
 from bench import report as R
@@ -26,9 +29,44 @@ def test_every_result_file_has_a_section_with_its_known_tables():
 
 
 def test_the_command_writes_the_page(tmp_path):
-    out = tmp_path / "benchmarks.md"
-    R.main(["--out", str(out)])
+    out, readme = tmp_path / "benchmarks.md", tmp_path / "README.md"
+    readme.write_text(R.README.read_text())
+    R.main(["--out", str(out), "--readme", str(readme)])
     assert out.read_text() == R.render()
+    assert readme.read_text() == R.render_readme(R.README.read_text())
+
+
+def test_the_committed_readme_blocks_are_what_the_command_writes():
+    text = R.README.read_text()
+    assert R.render_readme(text) == text, (
+        "README.md's generated blocks are stale or edited by hand: run `python -m bench report` and commit README.md")
+    for name in R.README_BLOCKS:
+        assert R.BEGIN.format(name=name) in text
+
+
+def test_the_readme_numbers_come_from_the_result_files(tmp_path):
+    text = R.README.read_text()
+    results = R.readme_results()
+    assert sum(row.startswith("| ") for row in results) >= 8 and "layout not known" not in "\n".join(results)
+    assert all(f"](docs/benchmarks.md#" in row for row in results[2:])
+    demo = json.loads((RESULTS / "demo_clone.json").read_text())
+    block = "\n".join(R.readme_demo())
+    assert demo["closing_output"][-1] in block and R.fmt(demo["fresh_clone_seconds"]) in block
+    # a changed number in a result file changes the README block, and the committed README is then stale
+    for path in RESULTS.glob("*.json"):
+        shutil.copy(path, tmp_path / path.name)
+    changed = json.loads((tmp_path / "cache_read.json").read_text())
+    changed["read_gbps"] = 123.456
+    (tmp_path / "cache_read.json").write_text(json.dumps(changed))
+    rewritten = R.render_readme(text, tmp_path)
+    assert rewritten != text and "| 123.5 GB/s |" in rewritten
+    assert R.render_readme(rewritten) == text  # and back from the committed files
+
+
+def test_a_readme_without_its_markers_is_an_error():
+    with pytest.raises(ValueError, match="results"):
+        R.render_readme(R.README.read_text().replace(R.BEGIN.format(name="results"), ""))
+    assert "absent" in "\n".join(R.readme_results(RESULTS / "no-such-folder"))
 
 
 def test_a_new_result_file_gets_a_generic_section(tmp_path):

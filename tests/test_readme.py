@@ -1,6 +1,5 @@
 """Every command in the README and the pages of docs/ runs as written: each fenced shell block is read line by
-line, and every
-`make` target it names exists in the Makefile (with the variables it sets used there or being URM_
+line, and every `make` target it names exists in the Makefile (with the variables it sets used there or being URM_
 options), every `urm` command line parses with the real CLI (subcommand, options and their values), and
 every `python -m bench NAME` names a benchmark."""
 
@@ -116,6 +115,27 @@ def test_the_readme_has_shell_commands_to_check():
 def test_the_docs_pages_are_checked_too():
     pages = {page for page, _ in PAGE_COMMANDS}
     assert "README.md" in pages and any(page.startswith("docs/") for page in pages), pages
+    for page in PAGES:  # every page with a shell block has its commands checked
+        if SHELL_BLOCK.search(page.read_text()):
+            assert str(page.relative_to(ROOT)) in pages, page
+
+
+FENCE_OPENING = re.compile(r"^```(.*?)\n.*?^```", re.S | re.M)
+NOT_SHELL = {"text", "python", "json", "toml", "yaml"}
+
+
+def fence_languages(markdown: str) -> list[str]:
+    return [lang.strip() for lang in FENCE_OPENING.findall(markdown)]
+
+
+def test_no_shell_block_escapes_the_check():
+    """A fenced block is either a shell block (read above) or names a language that is not a shell: an untagged
+    block, or one tagged `shell-session`, would hide its commands from these tests."""
+    assert fence_languages("```bash\nmake demo\n```\n```\nurm nope\n```\n") == ["bash", ""]
+    for page in PAGES:
+        for lang in fence_languages(page.read_text()):
+            shell = SHELL_BLOCK.match(f"```{lang}\n```")
+            assert shell or lang in NOT_SHELL, f"{page.relative_to(ROOT)}: a ```{lang} block: tag it bash or text"
 
 
 @pytest.mark.parametrize("page, command", commands_where(lambda c: c[0] == "make"))
