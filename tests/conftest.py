@@ -1,9 +1,10 @@
-"""Shared fixtures: the real preference data beside the repo, a small JSON-lines writer, and `urm demo` on a
-tiny model."""
+"""Shared fixtures: the real preference data beside the repo, a small JSON-lines writer, the lines the pipeline
+says, and `urm demo` on a tiny model."""
 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,14 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip("../shared/data not found (real preference data lives beside the repo)")
     return SHARED_DATA
+
+
+@pytest.fixture
+def said(caplog):
+    """``said()`` -> the lines the pipeline's loggers have said so far in the test, INFO and up (what `urm` prints);
+    ``caplog.clear()`` forgets them."""
+    caplog.set_level(logging.INFO, logger="pipeline")
+    return lambda: [r.getMessage() for r in caplog.records if r.name.startswith("pipeline")]
 
 
 @pytest.fixture

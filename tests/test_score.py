@@ -302,10 +302,10 @@ def smollm2(tmp_path_factory):
     x, n = features.embedding, len(features) // 2
     vcfg = build(ValueHeadConfig, dict(loss="nll", epochs=30, patience=30, batch_size=8, lr=1e-3, ensemble=2,
                                        val_fraction=0.25, device="cpu"))
-    value = fit_value_head(x, features.labels, vcfg, **QUIET)
+    value = fit_value_head(x, features.labels, vcfg)
     gcfg = build(GatingConfig, dict(gate="urm", gate_hidden=32, gate_epochs=3, gate_batch_size=4, gate_lr=1e-3,
                                     gate_val_fraction=0.25, device="cpu"))
-    gated = fit_gate(x[:n], x[n:2 * n], value.heads, gcfg, **QUIET)  # any pairs: the gate only has to exist
+    gated = fit_gate(x[:n], x[n:2 * n], value.heads, gcfg)  # any pairs: the gate only has to exist
     meta = HeadsMeta(attributes=list(ATTRIBUTES), hidden_size=gated.heads.d, architecture=gated.heads.architecture,
                      value_head=stage_record(vcfg, value, identity), label_scaling=value.label_scaling,
                      gating=stage_record(gcfg, gated, identity))
@@ -367,24 +367,23 @@ def test_smollm2_export_scores_the_same_under_transformers_457(smollm2, tmp_path
 
 
 @pytest.mark.parametrize("native", [True, False])
-def test_auto_scores_in_bf16_where_the_cpu_has_it_and_says_what_fp32_costs_where_not(tiny, monkeypatch, native):
+def test_auto_scores_in_bf16_where_the_cpu_has_it_and_says_what_fp32_costs_where_not(tiny, monkeypatch, native, said):
     import pipeline.device as device
     from pipeline.serve import load_scorer
 
     monkeypatch.setattr(device, "native_bf16_cpu", lambda: native)
-    said = []
-    model, _ = load_scorer(str(tiny[2]), "auto", "cpu", log=said.append)
+    model, _ = load_scorer(str(tiny[2]), "auto", "cpu")
     backbone = {p.dtype for p in model.model.parameters()}
     heads = {p.dtype for name, p in model.named_parameters() if not name.startswith("model.")}
     assert backbone == {torch.bfloat16 if native else torch.float32} and heads == {torch.float32}  # heads stay fp32
     _, count = device.stored_parameters(tiny[2])
     if native:
-        assert said == []
+        assert said() == []
     else:
-        (note,) = said
+        (note,) = said()
         assert f"about {count * 4 / 1e9:.1f} GB" in note and "--dtype bfloat16 halves" in note
-    model32, _ = load_scorer(str(tiny[2]), "float32", "cpu", log=said.append)  # asked for: no note
-    assert {p.dtype for p in model32.parameters()} == {torch.float32} and len(said) == (0 if native else 1)
+    model32, _ = load_scorer(str(tiny[2]), "float32", "cpu")  # asked for: no note
+    assert {p.dtype for p in model32.parameters()} == {torch.float32} and len(said()) == (0 if native else 1)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])

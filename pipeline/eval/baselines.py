@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from pipeline import unheard
 from pipeline.eval.evaluation import Candidate, Scores
 from pipeline.model import VALUE_PREFIXES, Heads
 from pipeline.train import fit_pair_temperatures, split_rows
@@ -113,14 +114,15 @@ def ridge_value_head(x: torch.Tensor, y: torch.Tensor) -> tuple[Heads, dict]:
     return heads, {"alpha": chosen}
 
 
-def armorm(x: torch.Tensor, y: torch.Tensor, xc: torch.Tensor, xr: torch.Tensor, gating: GatingConfig,
-           log=print) -> tuple[Candidate, dict]:
+def armorm(x: torch.Tensor, y: torch.Tensor, xc: torch.Tensor, xr: torch.Tensor,
+           gating: GatingConfig) -> tuple[Candidate, dict]:
     """Ridge per attribute, then ArmoRM's softmax gate with the BT loss (the value head frozen)."""
     from pipeline.train import fit_gate
 
     value, info = ridge_value_head(x, y)
-    fit = fit_gate(xc, xr, value, dataclasses.replace(gating, gate="softmax", gate_hidden=None, temperature=None,
-                                                      pair_temperature=True), log=log)
+    with unheard("pipeline.train"):  # a baseline's training: not the run's own lines
+        fit = fit_gate(xc, xr, value, dataclasses.replace(gating, gate="softmax", gate_hidden=None, temperature=None,
+                                                          pair_temperature=True))
 
     def scores(rows):
         s = heads_scores(fit.heads, rows.embedding)
@@ -147,11 +149,12 @@ def base_score() -> Candidate:
 
 
 def urm_variant(name: str, about: str, x, y, xc, xr, value_cfg: ValueHeadConfig, gating_cfg: GatingConfig,
-                names, log=print) -> tuple[Candidate, dict]:
+                names) -> tuple[Candidate, dict]:
     """URM heads trained again, both stages, with these configs (another recipe on the same caches)."""
     from pipeline.train import fit_gate, fit_value_head
 
-    value = fit_value_head(x, y, value_cfg, names, log)
-    gated = fit_gate(xc, xr, value.heads, gating_cfg, names, log)
+    with unheard("pipeline.train"):  # a baseline's training: not the run's own lines
+        value = fit_value_head(x, y, value_cfg, names)
+        gated = fit_gate(xc, xr, value.heads, gating_cfg, names)
     return heads_candidate(name, about, gated.heads, gated.calibration), {"value_val": value.val,
                                                                           "gate_val": gated.val}

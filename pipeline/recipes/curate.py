@@ -115,7 +115,7 @@ def score_with_export(model_dir: str, source: str, cfg: CurateConfig, log) -> Ju
     urm = export_config(model_dir).urm
     require_members(cfg, urm.get("members", 1), model_dir, bool(urm.get("posterior")))  # before anything loads
     pairs, identical = read_pairs_file(source, cfg, log)
-    model, tokenizer = load_scorer(model_dir, cfg.dtype, cfg.device, cfg.verify, log)
+    model, tokenizer = load_scorer(model_dir, cfg.dtype, cfg.device, cfg.verify)
     ids = render_ids(tokenizer, flatten("pairs", pairs))
     pairs, ids, dropped = within_length("pairs", pairs, ids, length_limit(model.config, cfg.max_length), log)
     out = score_ids(model, ids, cfg.max_tokens_per_batch, pad_id_of(tokenizer))

@@ -74,7 +74,7 @@ def score_sigmoid_example(model_dir: str, cfg: C.ScoreConfig, log=None) -> dict:
     from pipeline.model.modeling_urm import pair_temperatures
     from pipeline.serve import load_scorer, pair_probabilities, row_scores, score_ids
 
-    model, tokenizer = load_scorer(model_dir, cfg.dtype, cfg.device, cfg.verify, log)
+    model, tokenizer = load_scorer(model_dir, cfg.dtype, cfg.device, cfg.verify)
     ids = render_ids(tokenizer, sigmoid_example())
     out = score_ids(model, ids, cfg.max_tokens_per_batch, pad_id_of(tokenizer))
     names = list(model.config.urm["attributes"])

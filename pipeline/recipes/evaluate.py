@@ -152,7 +152,7 @@ def fit_baselines(cfg: EvaluateConfig, heads, meta: HeadsMeta, eval_pairs: dict,
     val_pairs = pairs.select(val)  # the pairs the gate's early stopping held out: every temperature is fitted there
     x, y, names = ratings.embedding, ratings.labels, list(meta.attributes)
     xc, xr = pairs.chosen.embedding, pairs.rejected.embedding
-    candidates, info, quiet = [], {}, (lambda line: None)
+    candidates, info = [], {}
 
     def add(name, make):
         log(f"baseline: {name} ...")
@@ -163,7 +163,7 @@ def fit_baselines(cfg: EvaluateConfig, heads, meta: HeadsMeta, eval_pairs: dict,
 
     add("linear BT probe", lambda: _with_val(B.linear_probe(xc, xr, gating_cfg.optim.val_fraction, gating_cfg.run.seed),
                                              val_pairs))
-    add("ArmoRM recipe", lambda: B.armorm(x, y, xc, xr, gating_cfg, quiet))
+    add("ArmoRM recipe", lambda: B.armorm(x, y, xc, xr, gating_cfg))
     add("equal weights", lambda: (B.with_temperatures(B.equal_weights(heads), val_pairs.chosen, val_pairs.rejected), {}))
     bases = [pairs.chosen.base_score, pairs.rejected.base_score] + [f.base_score for _, p in eval_pairs.values()
                                                                      for f in (p.chosen, p.rejected)]
@@ -189,7 +189,7 @@ def fit_baselines(cfg: EvaluateConfig, heads, meta: HeadsMeta, eval_pairs: dict,
                 and cfg.train_ratings_cache is None and cfg.train_preferences_cache is None:
             info[name] = {"same_as": "URM (these heads)"}  # their recipe exactly: not trained twice
             continue
-        add(name, lambda: B.urm_variant(name, about, x, y, xc, xr, v_cfg, g_cfg, names, quiet))
+        add(name, lambda: B.urm_variant(name, about, x, y, xc, xr, v_cfg, g_cfg, names))
     return candidates, {"train": {"ratings": str(ratings_path), "preferences": str(pairs_path),
                                   "validation_pairs": len(val)}, "fits": info}
 

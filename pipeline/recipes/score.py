@@ -159,7 +159,7 @@ def score_file(model_dir: str, source: str, output: str | None, cfg: ScoreConfig
     check_reward_fits(model_dir, cfg.reward)  # a transform the export cannot give stops here, before any read
     kind, items, report = load_input(source, cfg)
     log(report.summary())
-    model, tokenizer = load_scorer(model_dir, cfg.dtype, cfg.device, cfg.verify, log)
+    model, tokenizer = load_scorer(model_dir, cfg.dtype, cfg.device, cfg.verify)
     ids = render_ids(tokenizer, flatten(kind, items))
     limit = length_limit(model.config, cfg.max_length)
     items, ids, dropped = within_length(kind, items, ids, limit, log, length_hint(model.config, limit))

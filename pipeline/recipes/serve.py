@@ -55,7 +55,7 @@ def load_service(model_dir: str, cfg: ServeConfig, log=None):
     from pipeline.model import EXPORT_TENSORS, read_meta
     from pipeline.serve import Service, length_limit, load_scorer, score_ids
 
-    model, tokenizer = load_scorer(model_dir, cfg.dtype, cfg.device, cfg.verify, log)
+    model, tokenizer = load_scorer(model_dir, cfg.dtype, cfg.device, cfg.verify)
     pad_id = pad_id_of(tokenizer)
     urm = model.config.urm
     published = urm.get("layout") == "published"  # a published-layout checkpoint: no heads.json

@@ -130,7 +130,7 @@ def train_value_head(cfg: ValueHeadConfig, log=print) -> dict:
     rows, labels, _, manifest = feature_rows(path, cfg.run, pairs=False, log=log)
     names = list(manifest.get("label_names") or ATTRIBUTES)
     t0 = time.perf_counter()
-    fit = fit_value_head(rows, labels, cfg, names, log)
+    fit = fit_value_head(rows, labels, cfg, names)
     meta = HeadsMeta(attributes=names, hidden_size=fit.heads.d, architecture=fit.heads.architecture,
                      value_head=stage_record(cfg, fit, CacheIdentity.of(path, manifest)),
                      label_scaling=fit.label_scaling, sigma_calibration=fit.calibration)
@@ -162,7 +162,7 @@ def train_gating(cfg: GatingConfig, log=print) -> dict:
     margin = pair_margins(path, margin) if cfg.use_margin else None
     t0 = time.perf_counter()
     try:
-        fit = fit_gate(rows, None, value, cfg, meta.attributes, log, margin)
+        fit = fit_gate(rows, None, value, cfg, meta.attributes, margin)
     except NoPreference as e:  # the pairs' own fault: name them
         raise NoPreference(f"{path}: {e}") from None
     save_heads(cfg.run.heads_dir, fit.heads, dataclasses.replace(meta, gating=stage_record(cfg, fit, identity),
