@@ -35,10 +35,11 @@ LAYERS = {
     "export": {TOP, "model", "features"},
     "serve": {TOP, "model", "features", "data", "export"},
     "configs": {TOP, "data", "model", "train"},  # the choices a value is checked against live with the stages
-    "recipes": {TOP, "data", "features", "cache", "model", "train", "eval", "export", "serve", "configs", "recipes"},
+    "recipes": {TOP, "data", "features", "cache", "model", "train", "eval", "export", "serve", "configs"},
     "cli": {"recipes", "configs", TOP},
 }
-TYPE_ONLY = {"train": {"configs"}, "eval": {"configs"}}  # annotations of the config a caller hands in
+RUNS_OTHER_RECIPES = {"pipeline.recipes.demo"}  # `urm demo` runs the other commands; every other recipe only wires stages
+TYPE_ONLY = {"train": {"configs"}, "eval": {"configs"}, "serve": {"configs"}}  # annotations of the config a caller hands in
 SHIPPED = ("heads", "modeling_urm", "configuration_urm")  # pipeline/model/ files copied into every export
 SHIPPED_MAY_IMPORT = {"torch", "transformers", "math", "dataclasses", "typing", "__future__"}
 MAX_TOP_MODULES = 8
@@ -139,6 +140,8 @@ def layering_violations(modules: dict[str, dict]) -> list[str]:
             allowed = LAYERS.get(here, set()) | {here} | (TYPE_ONLY.get(here, set()) if type_only else set())
             if here == "cli":
                 allowed = LAYERS["cli"]
+            if here == "recipes" and name not in RUNS_OTHER_RECIPES and target != "pipeline.recipes":
+                allowed = allowed - {"recipes"}  # a recipe wires stages: what two recipes share lives in a stage
             if there not in allowed:
                 wrong.append(f"{name} ({here}) imports {target} ({there}){' for types' if type_only else ''}")
     return wrong
@@ -298,6 +301,13 @@ def test_a_planted_recipe_import_and_config_import_are_found(copy):
     wrong = layering_violations(read_tree(copy))
     assert any("pipeline.cache.reader (cache) imports pipeline.recipes" in w for w in wrong), wrong
     assert any("pipeline.features.rows (features) imports pipeline.configs" in w for w in wrong), wrong
+
+
+def test_a_planted_recipe_importing_another_recipe_is_found(copy):
+    plant(copy, "pipeline/recipes/curate.py", "from pipeline.recipes.score import score_file")
+    plant(copy, "pipeline/recipes/demo.py", "from pipeline.recipes.score import score_file")
+    wrong = layering_violations(read_tree(copy))
+    assert wrong == ["pipeline.recipes.curate (recipes) imports pipeline.recipes.score (recipes)"], wrong
 
 
 def test_a_type_only_import_is_allowed_only_where_stated(copy):

@@ -311,7 +311,7 @@ def test_a_damaged_published_checkpoint_is_refused_in_one_line_never_scored(publ
 
 def test_urm_serve_loads_a_published_checkpoint(published):
     from pipeline.configs import ServeConfig
-    from pipeline.recipes.serve import load_service
+    from pipeline.serve import load_service
 
     service = load_service(str(published), ServeConfig(device="cpu", dtype="float32"))
     assert service.info["layout"] == "published" and service.info["sigma_calibrated"] is False
@@ -382,7 +382,8 @@ def as_old_export(out: Path, old: Path) -> Path:
 
 
 def test_an_export_made_before_the_published_layout_scores_and_evaluates_the_same(published_export, tmp_path):
-    from pipeline.recipes.evaluate import load_for_evaluation
+    from pipeline.features import checkpoint_identity
+    from pipeline.model import load_for_evaluation
     from pipeline.serve import load_scorer
 
     _, _, out = published_export
@@ -395,7 +396,7 @@ def test_an_export_made_before_the_published_layout_scores_and_evaluates_the_sam
         with torch.no_grad():
             scores[name] = torch.stack([model(torch.tensor([x])).score_std[0] for x in ids] +
                                        [model(torch.tensor([x])).logits[0, 0] for x in ids])
-        heads, _, _ = load_for_evaluation(str(directory))
+        heads, _, _ = load_for_evaluation(str(directory), checkpoint_identity)
         scores[name + " heads"] = heads(last_token_states(out, ids))["score"]
     torch.testing.assert_close(scores["old"], scores["new"], atol=0, rtol=0)
     torch.testing.assert_close(scores["old heads"], scores["new heads"], atol=0, rtol=0)

@@ -174,7 +174,7 @@ def test_pair_probabilities_use_the_temperatures_fitted_with_the_heads(tmp_path,
 def test_conversations_longer_than_the_limit_are_dropped_and_counted(tiny, write_jsonl):
     """The limit is the export's max_length (the longest the heads saw), --max-length, and never more than
     the backbone's positions; a pair with one side too long is dropped whole."""
-    from pipeline.recipes.score import length_hint, length_limit
+    from pipeline.serve import length_hint, length_limit
     from pipeline.serve import ScoreError
 
     out = tiny[2]
@@ -436,7 +436,7 @@ def test_nonfinite_weights_are_found_chunk_by_chunk_and_large_finite_ones_pass()
 
 
 def test_a_score_that_is_not_finite_is_refused_naming_the_row_and_field():
-    from pipeline.recipes.score import jsonl_lines
+    from pipeline.serve import jsonl_lines
     from pipeline.serve import ScoreError
 
     good = {"id": "a", "score": 1.0, "attribute_stds": [0.5, 0.5]}

@@ -5,7 +5,7 @@
   manifest       the manifest: new, read and checked, compared with a run's settings, the fingerprint
   parts          one part file written atomically; the folder's clean-up
   journals       torchrun ranks' journals of the parts they wrote
-  writer         ``open_writer``: create or resume a cache, one writer at a time, ``finish`` it
+  writer         ``open_writer``: create or resume a cache, one writer at a time, ``finish`` it; ``remove_unbegun``
   reader         ``read_features`` / ``read_pairs`` / ``row_index``: a complete, verified cache into tensors
   parquet_pages  the fast path under the reader: PLAIN pages read straight from the file
 
@@ -21,13 +21,13 @@ from pipeline.cache.manifest import manifest_problem, part_problem, read_manifes
 from pipeline.cache.reader import (Features, Pairs, fixed_list_numpy, gather_embeddings, layout_problem,
                                    parts_layout_problems, read_features, read_pairs, row_index, row_location,
                                    verify_cache)
-from pipeline.cache.writer import CacheWriter, open_writer
+from pipeline.cache.writer import CacheWriter, open_writer, remove_unbegun
 
 __all__ = [
     "COMPAT_FIELDS", "FORMAT_VERSION", "KINDS", "MANIFEST", "REBUILD", "SMALL_COLUMNS", "STORAGE_DTYPES",
     "CacheError", "CacheIncomplete", "CacheInputError", "CacheMismatch", "CacheSpec", "CacheWriter", "Features",
     "Pairs", "RankWriter", "arrow_schema", "fixed_list_numpy", "gather_embeddings", "journal_name",
-    "layout_problem", "manifest_problem", "nonfinite_rows", "open_rank_writer", "open_writer", "part_name",
+    "layout_problem", "manifest_problem", "nonfinite_rows", "open_rank_writer", "open_writer", "remove_unbegun", "part_name",
     "part_problem", "parts_layout_problems", "read_features", "read_manifest", "read_pairs", "require_kind",
     "row_index", "row_location", "rows_problem", "verify_cache",
 ]

@@ -174,6 +174,19 @@ class CacheWriter:
         atomic_write(self.folder / MANIFEST, lambda tmp: tmp.write_bytes(data))
 
 
+def remove_unbegun(path: Path) -> None:
+    """Remove the cache folder this run created when it stops before writing any part (the backbone or engine
+    would not load, Ctrl-C while loading): nothing is left behind, where there was nothing before."""
+    import shutil
+
+    try:
+        empty = not (path / MANIFEST).exists() or not read_manifest(path)["parts"]
+    except Exception:  # an unreadable manifest is not this run's to remove
+        return
+    if empty and not any(path.glob("part-*.parquet")):
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def lock_folder(folder: Path) -> int:
     """An open descriptor of ``folder`` holding its exclusive lock; CacheError naming the holder when another
     writer has it."""

@@ -2,6 +2,7 @@
 
   evaluation  ``Scores`` and ``Candidate``; pair, attribute and uncertainty-signal metrics (METHOD.md 6)
   baselines   the models `urm evaluate` fits beside the heads on the same training caches
+  comparison  every model on every held-out cache: the metrics per model, the main model's curves
   report      report.md, report.json and the plots
   curation    `urm curate`'s math: per-pair judgements, suspects, the keep rule, the pairs to label next
   curation_report  its report.md and plot
@@ -9,8 +10,10 @@
 Imports the cross-cutting modules, ``pipeline.model`` and ``pipeline.train`` (baselines are trained).
 """
 
-from pipeline.eval.baselines import (armorm, base_score, equal_weights, heads_candidate, heads_scores, linear_probe,
-                                     ridge_value_head, urm_variant, with_temperatures)
+from pipeline.eval.baselines import (HeadsRecipe, TrainingCaches, armorm, base_score, equal_weights, fit_baselines,
+                                     heads_candidate, heads_scores, linear_probe, ridge_value_head, urm_variant,
+                                     variants, with_temperatures)
+from pipeline.eval.comparison import compare
 from pipeline.eval.curation import (SIGNALS, certainty, check_signal, judge_pairs, keep_cut, kept_pairs, least_certain,
                                     suspects, uncertainty)
 from pipeline.eval.curation_report import curation_markdown, curation_plot, write_curation_report
@@ -23,7 +26,7 @@ from pipeline.eval.report import (attributes_plot, attributes_table, chosen_line
 __all__ = [
     "SIGNALS", "certainty", "check_signal", "curation_markdown", "curation_plot", "judge_pairs", "keep_cut",
     "kept_pairs", "least_certain", "suspects", "uncertainty", "write_curation_report",
-    "Candidate", "Scores", "armorm", "attribute_metrics", "attributes_plot", "attributes_table", "base_score",
+    "Candidate", "HeadsRecipe", "Scores", "TrainingCaches", "armorm", "compare", "fit_baselines", "variants", "attribute_metrics", "attributes_plot", "attributes_table", "base_score",
     "chosen_lines", "chosen_probabilities", "equal_weights", "heads_candidate", "heads_scores", "is_report_file",
     "linear_probe", "pair_metrics",
     "pairs_table", "reliability_plot", "reliability_points", "rewardbench_sections", "shift_caches", "shift_table", "ridge_value_head", "row_signals", "shift_metrics",

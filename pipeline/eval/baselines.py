@@ -18,7 +18,7 @@ that the gate's early stopping held out, so that calibration is compared on equa
 from __future__ import annotations
 
 import dataclasses
-
+import logging
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -31,6 +31,8 @@ from pipeline.train import fit_pair_temperatures, split_rows
 
 if TYPE_CHECKING:  # the configs are the caller's (pipeline.configs)
     from pipeline.configs import GatingConfig, ValueHeadConfig
+
+logger = logging.getLogger(__name__)
 
 EVAL_ROWS = 8192
 PROBE_C = tuple(10.0 ** np.arange(-4, 2))  # inverse regularisation strengths tried on validation
@@ -158,3 +160,79 @@ def urm_variant(name: str, about: str, x, y, xc, xr, value_cfg: ValueHeadConfig,
         gated = fit_gate(xc, xr, value.heads, gating_cfg, names)
     return heads_candidate(name, about, gated.heads, gated.calibration), {"value_val": value.val,
                                                                           "gate_val": gated.val}
+
+
+def variants(ensemble: int, gate: str | None) -> list[tuple[str, str, dict, dict]]:
+    """(name, about, value-head config changes, gate config changes) of every other URM recipe trained on the same
+    caches. The gate is ``gate``, the kind the heads under evaluation chose (not chosen again: the comparison is of
+    stage 1), except in the seed's recipe, whose gate is the URM MLP from a random start."""
+    same_gate = {"gate": gate} if gate else {}
+    return [("URM, the seed's recipe", "reparam means by AdamW, sigma calibrated, the URM gate from a random start",
+             dict(loss="reparam", calibrate=True, ensemble=1), {"gate": "urm"}),
+            ("URM, reparam, sigma as trained", "the seed's loss alone: sigma driven towards 0",
+             dict(loss="reparam", calibrate=False, ensemble=1), same_gate),
+            ("URM, nll", "Gaussian NLL on the training rows by AdamW, no held-out calibration",
+             dict(loss="nll", calibrate=False, ensemble=1), same_gate),
+            (f"URM ensemble of {ensemble}, seeds only", f"the seed's URME: {ensemble} reparam value heads that differ "
+             "in seed only, sigma calibrated", dict(loss="reparam", calibrate=True, ensemble=ensemble), same_gate)]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingCaches:
+    """What the baselines are fitted on: the heads' training ratings and pairs (their features), the pairs the gate's
+    early stopping held out (every pair temperature is fitted there), and whether every cache, held-out ones
+    included, holds the backbone's own reward (then it is a baseline too)."""
+
+    ratings: object  # pipeline.cache Features
+    pairs: object  # pipeline.cache Pairs
+    val_pairs: object
+    base_score: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadsRecipe:
+    """How the heads under evaluation were trained: their stage configs (as heads.json recorded them), the gate kind
+    they chose, and whether they were trained on these very caches (then a variant that is exactly their recipe is
+    their own row, not trained twice)."""
+
+    value: ValueHeadConfig
+    gating: GatingConfig
+    gate: str | None
+    on_these_caches: bool
+
+
+def fit_baselines(heads: Heads, caches: TrainingCaches, recipe: HeadsRecipe, ensemble: int,
+                  names: list[str]) -> tuple[list[Candidate], dict]:
+    """Every baseline above, fitted on ``caches``: (candidates, what each fit found, with its seconds; a variant
+    that is the heads' own recipe gets ``same_as`` instead). ``ensemble``: the members of the seed's URME."""
+    import time
+
+    x, y = caches.ratings.embedding, caches.ratings.labels
+    xc, xr = caches.pairs.chosen.embedding, caches.pairs.rejected.embedding
+    val = caches.val_pairs
+    candidates, info = [], {}
+
+    def add(name, make):
+        logger.info(f"baseline: {name} ...")
+        t0 = time.perf_counter()
+        candidate, found = make()
+        candidates.append(candidate)
+        info[candidate.name] = {**found, "seconds": time.perf_counter() - t0}
+
+    def on_val(fitted):
+        candidate, found = fitted
+        return with_temperatures(candidate, val.chosen, val.rejected), found
+
+    gating = recipe.gating
+    add("linear BT probe", lambda: on_val(linear_probe(xc, xr, gating.optim.val_fraction, gating.run.seed)))
+    add("ArmoRM recipe", lambda: armorm(x, y, xc, xr, gating))
+    add("equal weights", lambda: on_val((equal_weights(heads), {})))
+    if caches.base_score:
+        add("backbone's own score", lambda: on_val((base_score(), {})))
+    for name, about, changes, gate_changes in variants(ensemble, recipe.gate):
+        v_cfg, g_cfg = dataclasses.replace(recipe.value, **changes), dataclasses.replace(gating, **gate_changes)
+        if recipe.on_these_caches and (v_cfg, g_cfg) == (recipe.value, gating):
+            info[name] = {"same_as": "URM (these heads)"}  # their recipe exactly: not trained twice
+            continue
+        add(name, lambda: urm_variant(name, about, x, y, xc, xr, v_cfg, g_cfg, names))
+    return candidates, info

@@ -10,8 +10,8 @@
 Imports the cross-cutting modules and ``pipeline.model`` (where h is read: ``last_token_index``).
 """
 
-from pipeline.features.backbone import (Backbone, BackboneError, BackboneFiles, checkpoint_dir, is_reward_model,
-                                        load_backbone, load_weights, open_backbone, weights_fingerprint)
+from pipeline.features.backbone import (Backbone, BackboneError, BackboneFiles, checkpoint_dir, checkpoint_identity,
+                                        is_reward_model, load_backbone, load_weights, open_backbone, weights_fingerprint)
 from pipeline.features.batching import OnBatch, pad_id_of, pad_right, plan_batches, run_batches
 from pipeline.features.distributed import RankError, Ranks, from_main, gather, rank_device, ranks_from_env
 from pipeline.features.embedding import backbone_forward, embed_all
@@ -20,7 +20,8 @@ from pipeline.features.rows import Rows, balance_parts, keep_mask, pair_rows, pa
 
 __all__ = [
     "Backbone", "BackboneError", "BackboneFiles", "checkpoint_dir", "OnBatch", "RankError", "Ranks", "Rows", "TemplateError",
-    "backbone_forward", "balance_parts", "chat_template_hash", "embed_all", "encode_texts", "from_main", "gather",
+    "backbone_forward", "balance_parts", "chat_template_hash", "checkpoint_identity", "embed_all", "encode_texts",
+    "from_main", "gather",
     "is_reward_model", "keep_mask", "load_backbone", "load_weights", "open_backbone", "pad_id_of", "pad_right",
     "pair_rows", "part_bounds", "plan_batches", "rank_device", "ranks_from_env", "rating_rows", "render_ids",
     "render_texts", "run_batches", "weights_fingerprint",

@@ -92,6 +92,17 @@ def weights_fingerprint(directory: Path, sample: int = 1 << 16) -> str:
     return "sha256-sampled:" + h.hexdigest()[:32]
 
 
+def checkpoint_identity(directory: Path) -> dict:
+    """The features identity of a checkpoint that is its own backbone (one in the published URM layout): its
+    weights' fingerprint and its chat template's hash, as a cache extracted with it records them."""
+    from transformers import AutoTokenizer
+
+    from pipeline.features.render import chat_template_hash
+
+    return {"backbone_revision": weights_fingerprint(directory),
+            "chat_template_hash": chat_template_hash(AutoTokenizer.from_pretrained(directory))}
+
+
 def backbone_cache_dir() -> Path:
     return Path(os.environ.get("URM_BACKBONE_CACHE", Path.home() / ".cache" / "urm" / "backbones"))
 

@@ -4,6 +4,7 @@
   modeling_urm       ``URMForSequenceClassification``, the exported model (shipped)
   configuration_urm  ``URMConfig``, the backbone's config plus the heads' settings (shipped)
   heads_io           the heads folder: safetensors + heads.json (``HeadsMeta``)
+  heads_source       heads from a heads folder, an export or a published checkpoint; the check features fit them
   rewards            reward transforms on the heads' outputs: mean, lcb, elcb, min, uwo (`urm score`, `urm serve`)
   published          checkpoints in the published URM layout (SGLang's) read as heads and settings
 
@@ -20,6 +21,7 @@ from pipeline.model.heads import (GATES, OUTPUTS, VALUE_PREFIXES, Heads, RidgePo
 from pipeline.model.heads_io import (EXPORT_TENSORS, META, TENSORS, CacheIdentity, HeadsError, HeadsMeta, LabelScaling,
                                      PairCalibration, SigmaCalibration, StageRecord, check_tensors, copy_heads,
                                      heads_reader, heads_writer, load_heads, meta_file, read_meta, save_heads)
+from pipeline.model.heads_source import check_features, check_same_backbone, load_for_evaluation
 from pipeline.model.published import (PUBLISHED_ARCHITECTURE, PUBLISHED_LOSS, check_checkpoint_tensors,
                                       checkpoint_settings, is_published_checkpoint, is_published_layout,
                                       published_heads, published_settings, read_config_json)
@@ -32,9 +34,9 @@ __all__ = [
     "LabelScaling", "MAX_RISK", "META", "OUTPUTS", "POSTERIOR_TRANSFORMS", "PUBLISHED_ARCHITECTURE",
     "PUBLISHED_LOSS", "PairCalibration", "RISK_RANGE", "RISK_TRANSFORMS", "RidgePosterior", "SUBTRACTS",
     "SigmaCalibration", "SoftmaxGate", "StageRecord", "TENSORS", "TRANSFORMS", "VALUE_PREFIXES", "ValueEnsemble",
-    "build_heads", "check_checkpoint_tensors", "check_tensors", "checkpoint_settings", "copy_heads",
+    "build_heads", "check_checkpoint_tensors", "check_features", "check_same_backbone", "check_tensors", "checkpoint_settings", "copy_heads",
     "epistemic_variance", "gate_weights", "head_outputs", "heads_reader", "heads_writer", "init_linear_",
-    "is_published_checkpoint", "is_published_layout", "last_token_index", "load_heads", "lower_bound", "meta_file",
+    "is_published_checkpoint", "is_published_layout", "last_token_index", "load_for_evaluation", "load_heads", "lower_bound", "meta_file",
     "needs_ensemble", "needs_posterior", "p_chosen_bt", "p_chosen_gaussian", "published_heads",
     "published_settings", "read_config_json", "read_meta", "reward", "rewards_of", "risk_ok", "save_heads", "score",
     "score_variance", "split_mean_logstd", "uncertainty_weighted", "unstandardize", "urm_gate", "worst_member",

@@ -107,10 +107,7 @@ def score_with_export(model_dir: str, source: str, cfg: CurateConfig, log) -> Ju
     """Both sides of every pair through the export, batched as `urm score` does."""
     from pipeline.features import pad_id_of, render_ids
     from pipeline.model.modeling_urm import pair_temperatures
-    from pipeline.recipes.score import flatten, within_length
-    from pipeline.serve import length_limit, load_scorer, score_ids
-
-    from pipeline.serve import export_config
+    from pipeline.serve import export_config, flatten, length_limit, load_scorer, score_ids, within_length
 
     urm = export_config(model_dir).urm
     require_members(cfg, urm.get("members", 1), model_dir, bool(urm.get("posterior")))  # before anything loads
@@ -130,12 +127,13 @@ def score_cached(model_dir: str, cache: str, cfg: CurateConfig, log) -> JudgedIn
     what the cache was extracted from (``check_source``: an edited file would pair old features with new rows)."""
     from pipeline.cache import read_pairs, require_kind
     from pipeline.eval.baselines import heads_scores
-    from pipeline.recipes.evaluate import check_features, load_for_evaluation
+    from pipeline.features import checkpoint_identity
+    from pipeline.model import check_features, load_for_evaluation
 
     if cfg.select is not None:
         raise CurateError(f"{cache}: --select reads unlabelled pairs from a file; a cache holds labelled pairs")
     require_kind(cache, "preferences", "--input")
-    heads, meta, what = load_for_evaluation(model_dir)
+    heads, meta, what = load_for_evaluation(model_dir, checkpoint_identity)
     require_members(cfg, heads.architecture["members"], model_dir, bool(heads.architecture.get("posterior")))
     cached = read_pairs(cache, verify=cfg.verify)
     check_features(Path(cache), cached.chosen.manifest, meta)
@@ -205,7 +203,7 @@ def require_members(cfg: CurateConfig, members: int, model_dir: str, posterior: 
 
 
 def jsonl(rows) -> str:
-    from pipeline.recipes.score import jsonl_lines
+    from pipeline.serve import jsonl_lines
 
     return "".join(jsonl_lines(rows))
 

@@ -9,7 +9,6 @@ model on every held-out cache (pipeline.eval.evaluation); write report.json, rep
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from pathlib import Path
 
@@ -18,55 +17,14 @@ import torch
 from pipeline import __version__
 from pipeline.atomic import atomic_directory
 from pipeline.configs import ConfigError, EvaluateConfig, build, options
-from pipeline.eval import (Candidate, Scores, attribute_metrics, chosen_probabilities, is_report_file, pair_metrics,
-                           row_signals, shift_metrics, uncertainty_signals)
-from pipeline.model import (EXPORT_TENSORS, PUBLISHED_LOSS, CacheIdentity, HeadsError, HeadsMeta, is_published_checkpoint,
-                            load_heads, published_heads)
+from pipeline.eval import Candidate, compare, is_report_file
+from pipeline.model import PUBLISHED_LOSS, HeadsError, HeadsMeta, check_features, load_for_evaluation
 from pipeline.outputs import FOLDER, OwnFiles, check_output
-
-
-def load_for_evaluation(path: str):
-    """(heads, meta, what was loaded) from a heads folder, an export directory (its copy of the heads), or a
-    checkpoint in the published URM layout (its value head and gate; its caches must come from it as backbone)."""
-    folder = Path(path)
-    if is_published_checkpoint(folder):
-        return (*published_checkpoint(folder), f"published-layout checkpoint {folder} (sigma not calibrated)")
-    if (folder / EXPORT_TENSORS).is_file() or (folder / "urm_export.json").is_file():  # an export: its heads copy
-        heads, meta = load_heads(folder, tensors=EXPORT_TENSORS)
-        return heads, meta, f"export {folder}"
-    if not folder.exists():
-        raise HeadsError(f"{folder}: no such heads folder or export; train heads (`urm train-heads`) or pass one")
-    heads, meta = load_heads(folder)
-    return heads, meta, f"heads {folder}"
-
-
-def published_checkpoint(folder: Path):
-    """A published-layout checkpoint's heads, with the identity of the features they read: the checkpoint is
-    its own backbone (`urm extract --backbone DIR` makes caches that match it)."""
-    from transformers import AutoTokenizer
-
-    from pipeline.features import chat_template_hash, weights_fingerprint
-
-    heads, meta = published_heads(folder)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    identity = dataclasses.replace(meta.value_head.cache, backbone_revision=weights_fingerprint(folder),
-                                   chat_template_hash=chat_template_hash(tokenizer))
-    return heads, dataclasses.replace(meta, value_head=dataclasses.replace(meta.value_head, cache=identity))
 
 
 def cache_path(cfg: EvaluateConfig, name: str) -> Path:
     """A cache given by path, or by name under ``cfg.cache_dir``."""
     return Path(name) if Path(name).exists() else Path(cfg.cache_dir) / name
-
-
-def check_features(path: Path, manifest: dict, meta: HeadsMeta) -> None:
-    """Refuse a cache whose features come from another backbone, template or hidden size than the heads'."""
-    trained = meta.value_head.cache
-    differences = trained.feature_differences(CacheIdentity.of(path, manifest))
-    if differences:
-        key = differences[0]
-        raise HeadsError(f"{path}: its {key} is {manifest.get(key)!r} but the heads were trained on features with "
-                         f"{getattr(trained, key)!r} ({trained.path}); extract it with the heads' backbone")
 
 
 def named_caches(cfg: EvaluateConfig) -> list[tuple[str, str, str]]:
@@ -125,10 +83,10 @@ def read_eval_caches(cfg: EvaluateConfig, meta: HeadsMeta, device):
 # Baselines
 
 
-def fit_baselines(cfg: EvaluateConfig, heads, meta: HeadsMeta, eval_pairs: dict, log) -> tuple[list[Candidate], dict]:
+def baselines_on_training_caches(cfg: EvaluateConfig, heads, meta: HeadsMeta, eval_pairs: dict, log) -> tuple[list[Candidate], dict]:
     """Every baseline of pipeline.eval.baselines, fitted on the training caches; (candidates, what each fit found)."""
     from pipeline.cache import read_features, read_pairs
-    from pipeline.configs import GatingConfig, ValueHeadConfig, to_dict
+    from pipeline.configs import GatingConfig, ValueHeadConfig
     from pipeline.device import resolve_device
     from pipeline.eval import baselines as B
     from pipeline.train import split_rows
@@ -150,46 +108,13 @@ def fit_baselines(cfg: EvaluateConfig, heads, meta: HeadsMeta, eval_pairs: dict,
     gating_cfg = recorded_config(GatingConfig, meta.gating.config if meta.gating else {}, device=cfg.device)
     _, val = split_rows(len(pairs), gating_cfg.optim.val_fraction, gating_cfg.run.seed, "--gate-val-fraction")
     val_pairs = pairs.select(val)  # the pairs the gate's early stopping held out: every temperature is fitted there
-    x, y, names = ratings.embedding, ratings.labels, list(meta.attributes)
-    xc, xr = pairs.chosen.embedding, pairs.rejected.embedding
-    candidates, info = [], {}
-
-    def add(name, make):
-        log(f"baseline: {name} ...")
-        t0 = time.perf_counter()
-        candidate, found = make()
-        candidates.append(candidate)
-        info[candidate.name] = {**found, "seconds": time.perf_counter() - t0}
-
-    add("linear BT probe", lambda: _with_val(B.linear_probe(xc, xr, gating_cfg.optim.val_fraction, gating_cfg.run.seed),
-                                             val_pairs))
-    add("ArmoRM recipe", lambda: B.armorm(x, y, xc, xr, gating_cfg))
-    add("equal weights", lambda: (B.with_temperatures(B.equal_weights(heads), val_pairs.chosen, val_pairs.rejected), {}))
     bases = [pairs.chosen.base_score, pairs.rejected.base_score] + [f.base_score for _, p in eval_pairs.values()
                                                                      for f in (p.chosen, p.rejected)]
-    if all(not torch.isnan(b).any() for b in bases):
-        add("backbone's own score", lambda: (B.with_temperatures(B.base_score(), val_pairs.chosen, val_pairs.rejected), {}))
-    # Other recipes on the same caches. The gate is the kind these heads chose (not chosen again: the comparison
-    # is of stage 1), except in the seed's recipe, whose gate is the URM MLP from a random start.
-    gate = (meta.gating.selection or {}).get("chosen") if meta.gating else None
-    same_gate = {"gate": gate} if gate else {}
-    m = cfg.baseline_ensemble
-    variants = [("URM, the seed's recipe", "reparam means by AdamW, sigma calibrated, the URM gate from a random start",
-                 dict(loss="reparam", calibrate=True, ensemble=1), {"gate": "urm"}),
-                ("URM, reparam, sigma as trained", "the seed's loss alone: sigma driven towards 0",
-                 dict(loss="reparam", calibrate=False, ensemble=1), same_gate),
-                ("URM, nll", "Gaussian NLL on the training rows by AdamW, no held-out calibration",
-                 dict(loss="nll", calibrate=False, ensemble=1), same_gate),
-                (f"URM ensemble of {m}, seeds only", f"the seed's URME: {m} reparam value heads that differ in seed only, "
-                 "sigma calibrated", dict(loss="reparam", calibrate=True, ensemble=m), same_gate)]
-    own = (to_dict(value_cfg), to_dict(gating_cfg))
-    for name, about, changes, gate_changes in variants:
-        v_cfg, g_cfg = dataclasses.replace(value_cfg, **changes), dataclasses.replace(gating_cfg, **gate_changes)
-        if (to_dict(v_cfg), to_dict(g_cfg)) == own and meta.gating is not None \
-                and cfg.train_ratings_cache is None and cfg.train_preferences_cache is None:
-            info[name] = {"same_as": "URM (these heads)"}  # their recipe exactly: not trained twice
-            continue
-        add(name, lambda: B.urm_variant(name, about, x, y, xc, xr, v_cfg, g_cfg, names))
+    caches = B.TrainingCaches(ratings, pairs, val_pairs, base_score=all(not torch.isnan(b).any() for b in bases))
+    recipe = B.HeadsRecipe(value_cfg, gating_cfg, gate=(meta.gating.selection or {}).get("chosen") if meta.gating else None,
+                           on_these_caches=meta.gating is not None and cfg.train_ratings_cache is None
+                           and cfg.train_preferences_cache is None)
+    candidates, info = B.fit_baselines(heads, caches, recipe, cfg.baseline_ensemble, list(meta.attributes))
     return candidates, {"train": {"ratings": str(ratings_path), "preferences": str(pairs_path),
                                   "validation_pairs": len(val)}, "fits": info}
 
@@ -198,13 +123,6 @@ def recorded_config(cls, recorded: dict, **changes):
     """A stage config rebuilt from the flat options heads.json recorded (unknown keys left out)."""
     known = {o.name for o in options(cls)}
     return build(cls, {**{k: v for k, v in recorded.items() if k in known}, **changes})
-
-
-def _with_val(fitted, val_pairs):
-    from pipeline.eval import with_temperatures
-
-    candidate, found = fitted
-    return with_temperatures(candidate, val_pairs.chosen, val_pairs.rejected), found
 
 
 # ----------------------------------------------------------------------------------------------
@@ -231,7 +149,9 @@ def run_evaluate(cfg: EvaluateConfig, model_dir: str | None = None, log=print) -
                                                             named_caches(cfg)]
     check_output(cfg.report_dir, "--report-dir", FOLDER, inputs=inputs, overwrite=cfg.overwrite,
                  own=OwnFiles(is_report_file))  # before anything loads
-    heads, meta, loaded = load_for_evaluation(model_dir or cfg.heads_dir)
+    from pipeline.features import checkpoint_identity
+
+    heads, meta, loaded = load_for_evaluation(model_dir or cfg.heads_dir, checkpoint_identity)
     check_cache_kinds(cfg)  # before any cache is read, and before the baselines train
     if cfg.baselines and not meta.value_head.cache.path and not (cfg.train_ratings_cache and cfg.train_preferences_cache):
         raise ConfigError(f"{loaded} names no training caches for the baselines: give --train-ratings-cache and "
@@ -241,30 +161,12 @@ def run_evaluate(cfg: EvaluateConfig, model_dir: str | None = None, log=print) -
     candidates = [heads_candidate("URM (these heads)", describe(meta), heads, meta.pair_calibration)]
     fitted = {}
     if cfg.baselines:
-        more, fitted = fit_baselines(cfg, heads, meta, eval_pairs, log)
+        more, fitted = baselines_on_training_caches(cfg, heads, meta, eval_pairs, log)
         candidates += more
         same = [name for name, found in fitted["fits"].items() if found.get("same_as")]
         if same:
             candidates[0].about += f"; trained as the baseline '{same[0]}' would be, so that one is this row"
-    models, curves = [], {"pairs": {}}
-    for i, c in enumerate(candidates):
-        entry = {"name": c.name, "about": c.about, "temperature_bt": c.temperature_bt,
-                 "temperature_gaussian": c.temperature_gaussian, "pairs": {}}
-        scored = {}  # each held-out pair cache's (chosen, rejected) scores, for the metrics and the shift check
-        for name, (_, p) in eval_pairs.items():
-            chosen, rejected = scored[name] = c.scores(p.chosen), c.scores(p.rejected)
-            entry["pairs"][name] = pair_metrics(chosen, rejected, p.chosen.subset, c.temperature_bt,
-                                                c.temperature_gaussian)
-            if i == 0:
-                curves["pairs"][name] = pair_curves(chosen, rejected, c)
-        if eval_ratings is not None:
-            scores = c.scores(eval_ratings[1])
-            entry["attributes"] = attribute_metrics(scores, eval_ratings[1].labels.cpu(), meta.attributes)
-            if i == 0 and scores.attribute_means is not None:
-                curves["attributes"] = {"names": list(meta.attributes), "y": eval_ratings[1].labels.cpu().numpy(),
-                                        "mu": scores.attribute_means.numpy(), "sigma": scores.attribute_stds.numpy()}
-            entry["shift"] = shift_checks(c, scores, scored, shift_ratings, meta.attributes)
-        models.append(entry)
+    models, curves = compare(candidates, eval_pairs, eval_ratings, shift_ratings, meta.attributes)
     report = {"format_version": 1, "pipeline_version": __version__, "heads": loaded,
               "backbone": meta.value_head.cache.backbone, "config": _config(cfg, model_dir),
               "eval": {"preferences": {n: {"path": str(path), "pairs": len(p)} for n, (path, p) in eval_pairs.items()},
@@ -279,43 +181,9 @@ def run_evaluate(cfg: EvaluateConfig, model_dir: str | None = None, log=print) -
     return report
 
 
-def shift_checks(c: Candidate, reference: Scores, pair_scores: dict, shift_ratings: dict, names) -> dict:
-    """Whether the model knows when it is off its data (``evaluation.shift_metrics``): the held-out ratings of its
-    training source against every held-out preference cache (``pair_scores``: name -> its (chosen, rejected)
-    scores; each side of a pair a row) and every other rated cache (with coverage there). Empty for a model that
-    states no uncertainty per row."""
-    if not row_signals(reference):
-        return {}
-    out = {name: shift_metrics(reference, concat_scores(*sides)) for name, sides in pair_scores.items()}
-    for name, (_, f) in shift_ratings.items():
-        out[name] = shift_metrics(reference, c.scores(f), f.labels.cpu(), names)
-    return out
-
-
-def concat_scores(a: Scores, b: Scores) -> Scores:
-    """The rows of two ``Scores``, one after the other."""
-    def cat(x, y):
-        return None if x is None else torch.cat([x, y])
-
-    return Scores(*(cat(getattr(a, f.name), getattr(b, f.name)) for f in dataclasses.fields(Scores)))
-
-
 def chosen_automatically(meta: HeadsMeta) -> dict:
     """What training chose by itself, with the numbers that chose it (heads.json's ``selection`` records)."""
     return {"value_head": meta.value_head.selection, "gating": meta.gating.selection if meta.gating else {}}
-
-
-def pair_curves(chosen, rejected, c: Candidate) -> dict:
-    """The main model's raw per-pair values the plots need."""
-    from pipeline import metrics as M
-
-    p_bt, p_g = chosen_probabilities(chosen, rejected, c.temperature_bt, c.temperature_gaussian)
-    out = {"p_bt": p_bt.numpy(), "risk": {}}
-    if p_g is not None:
-        out["p_gaussian"] = p_g.numpy()
-    correct = chosen.score.double() > rejected.score.double()
-    out["risk"] = {name: M.risk_curve(correct, u) for name, u in uncertainty_signals(chosen, rejected).items()}
-    return out
 
 
 def _config(cfg: EvaluateConfig, model_dir) -> dict:

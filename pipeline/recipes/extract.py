@@ -218,6 +218,8 @@ def extract_dataset(backbone: LazyBackbone, spec: DatasetSpec, cfg: ExtractConfi
             return finish(writer, spec, cfg, rows, bounds, stats, path, {**read, **backbone.engine_info})
         except BaseException:
             if not begun:  # this run made the folder, and still holds its lock
+                from pipeline.cache import remove_unbegun
+
                 remove_unbegun(path)
             raise
 
@@ -256,21 +258,6 @@ def extract_on_ranks(backbone: LazyBackbone, spec: DatasetSpec, cfg: ExtractConf
     finally:
         if writer is not None:
             writer.close()
-
-
-def remove_unbegun(path: Path) -> None:
-    """Remove the cache folder this run created when it stops before writing any part (the backbone or engine
-    would not load, Ctrl-C while loading): nothing is left behind, where there was nothing before."""
-    import shutil
-
-    from pipeline.cache import MANIFEST, read_manifest
-
-    try:
-        empty = not (path / MANIFEST).exists() or not read_manifest(path)["parts"]
-    except Exception:  # an unreadable manifest is not this run's to remove
-        return
-    if empty and not any(path.glob("part-*.parquet")):
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def part_tokens(tokenizer, rows, bounds, parts: list[int], max_length: int, paired: bool) -> list[int]:

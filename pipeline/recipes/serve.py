@@ -8,72 +8,12 @@ finish, and return. Scores come from `urm score`'s own path (pipeline.features.r
 
 from __future__ import annotations
 
-import ipaddress
 import signal
-import socket
 import sys
 import time
 
 from pipeline.configs import ServeConfig
-from pipeline.errors import UserError
-
-
-class ServeError(UserError):
-    """The server cannot start (the address is taken or unknown, ...)."""
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def bind(host: str, port: int) -> socket.socket:
-    """A listening socket on host:port (IPv4 or IPv6), or ServeError saying why not."""
-    try:
-        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-    except socket.gaierror as e:
-        raise ServeError(f"--host {host}: not an address this machine can listen on ({e.strerror})") from None
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as e:
-        sock.close()
-        raise ServeError(f"cannot listen on {host}:{port}: {e.strerror} (another server there? pick another "
-                         "--port, or 0 for a free one)") from None
-    sock.listen(2048)
-    return sock
-
-
-def load_service(model_dir: str, cfg: ServeConfig, log=None):
-    """The export loaded once, and how the server tokenises and scores for it (`urm score`'s functions)."""
-    from pipeline.features import encode_texts, pad_id_of, render_ids
-    from pipeline.model import EXPORT_TENSORS, read_meta
-    from pipeline.serve import Service, length_limit, load_scorer, score_ids
-
-    model, tokenizer = load_scorer(model_dir, cfg.dtype, cfg.device, cfg.verify)
-    pad_id = pad_id_of(tokenizer)
-    urm = model.config.urm
-    published = urm.get("layout") == "published"  # a published-layout checkpoint: no heads.json
-    backbone = str(model_dir) if published else read_meta(model_dir, tensors=EXPORT_TENSORS).value_head.cache.backbone
-    limit = length_limit(model.config, cfg.max_length)
-    info = {"model_dir": str(model_dir), "backbone": backbone, "layout": "published" if published else "export",
-            "sigma_calibrated": urm.get("sigma_calibrated"),
-            "model_type": model.config.model_type, "hidden_size": model.config.hidden_size,
-            "attributes": list(urm["attributes"]), "members": urm["members"], "gate": urm["gate"],
-            "base_score": bool(urm.get("base_score")), "epistemic_std": bool(urm.get("posterior")),
-            "max_length": limit,
-            "trained_max_length": urm.get("max_length"), "pair_temperature": urm.get("pair_temperature"),
-            "device": str(model.device), "dtype": str(model.dtype).removeprefix("torch.")}
-    return Service(encode_conversations=lambda convs: render_ids(tokenizer, convs),
-                   encode_texts=lambda texts: encode_texts(tokenizer, texts),
-                   score_fn=lambda ids: score_ids(model, ids, cfg.max_tokens_per_batch, pad_id),
-                   names=list(urm["attributes"]), max_length=limit, max_tokens=cfg.max_tokens_per_batch, info=info,
-                   members=int(urm["members"]), posterior=bool(urm.get("posterior")))
+from pipeline.serve import ServeError, bind, is_loopback, load_service
 
 
 def run_serve(model_dir: str, cfg: ServeConfig, log=None) -> dict:

@@ -21,7 +21,8 @@ from pipeline import ATTRIBUTES
 from pipeline.configs import GatingConfig, ValueHeadConfig, to_dict
 from pipeline.device import resolve_device
 from pipeline.errors import UserError
-from pipeline.model import CacheIdentity, HeadsError, HeadsMeta, StageRecord, heads_writer, load_heads, save_heads
+from pipeline.model import (CacheIdentity, HeadsMeta, StageRecord, check_same_backbone, heads_writer,
+                            load_heads, save_heads)
 from pipeline.outputs import PARTS, check_output
 from pipeline.train import Fit, NoPreference
 from pipeline.train.optimization import flush_denormals
@@ -33,31 +34,17 @@ def stage_record(cfg, fit: Fit, cache: CacheIdentity) -> StageRecord:
                        history=fit.history, val=fit.val, selection=fit.selection)
 
 
-def check_same_backbone(ratings: CacheIdentity, preferences: CacheIdentity, heads_dir: str) -> None:
-    """Refuse a preference cache made with another backbone / template / hidden size (HeadsError)."""
-    differences = ratings.feature_differences(preferences)
-    if differences:
-        key = differences[0]
-        raise HeadsError(
-            f"preference cache {preferences.path} differs from the ratings cache {ratings.path} that the "
-            f"value head in {heads_dir} was trained on: {key} is {getattr(preferences, key)!r} there but "
-            f"{getattr(ratings, key)!r} for the ratings. Extract both caches with the same backbone and chat "
-            "template (`urm extract`), or retrain the value head on a matching ratings cache.")
-
-
 def feature_rows(path: str, run, pairs: bool, log=print):
     """(minibatch source, labels, margin, manifest) of a cache: its features held on the device when they fit
     ``run.memory_budget`` (GB; default half the device's memory), else streamed from the part files
     (``pipeline.train.feature_stream``). Either way the epochs visit the parts in the same seeded order."""
     from pipeline.cache import read_features, read_manifest, read_pairs, row_index
-    from pipeline.train import TensorRows, default_memory_budget, open_streamed
+    from pipeline.train import TensorRows, open_streamed, streams
 
     device = resolve_device(run.device)
     m = read_manifest(path)
-    need = sum(p["rows"] for p in m.get("parts", [])) * m.get("hidden_size", 0) * (
-        2 if m.get("storage_dtype") == "float16" else 4)
-    budget = run.memory_budget * 1e9 if run.memory_budget is not None else default_memory_budget(device)
-    if need > budget:
+    streamed, need, budget = streams(m, run.memory_budget, device)
+    if streamed:
         rows, labels, margin = open_streamed(path, pairs=pairs, device=device, verify=run.verify)
         log(f"{path}: {need / 1e9:.2f} GB of features exceed the memory budget of {budget / 1e9:.2f} GB "
             f"(--memory-budget): streaming them from its {len(m['parts'])} parts")

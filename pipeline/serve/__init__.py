@@ -1,9 +1,12 @@
 """Serving: an exported model's scores with uncertainty, for a file (`urm score`) or over HTTP (`urm serve`).
 
   scoring   an export loaded and checked; its outputs for token ids, as JSON rows; P(chosen better)
+  score_files  a file to score (`urm score`, `urm curate`): its rows read, the length rule, JSON lines written
   requests  the server's request checks (``RequestError``: status + one message), the API key, a request's reward
   batcher   dynamic batching: one queue, one model call at a time, rows routed back
   app       the FastAPI app: /score, /get_reward (OpenRLHF), /health
+  service   an export loaded once as the app's ``Service`` (`urm score`'s tokenising and scoring)
+  listening the server's socket, bound before the model loads (``ServeError`` when it cannot be)
   engine_answer  the whole answer as one vector per response (vLLM's /pooling): its layout, made, read back
   vllm_plugin    the vLLM plugin (entry point ``vllm.general_plugins``): registers the export's architectures
   vllm_model     the export as a vLLM pooling model (imported by vLLM only: it imports vllm; nothing here does)
@@ -15,16 +18,21 @@ Imports the cross-cutting modules, ``pipeline.model``, ``pipeline.features`` (ba
 from pipeline.serve.app import Access, Service, create_app, results, rewards
 from pipeline.serve.batcher import BatchStats, Batcher
 from pipeline.serve.engine_answer import answer_layout, answer_vectors, read_answer
+from pipeline.serve.listening import ServeError, bind, is_loopback
 from pipeline.serve.requests import (Limits, RequestError, RewardChoice, check_key, check_lengths, parse_json,
                                      read_body, reward_choice, reward_queries, score_items)
+from pipeline.serve.score_files import (earlier_scores, flatten, jsonl_lines, load_input, output_rows, within_length,
+                                       write_jsonl, write_stdout)
+from pipeline.serve.service import load_service
 from pipeline.serve.scoring import (ScoreError, check_export, check_reward_fits, export_config, length_hint,
                                     length_limit, load_scorer, nonfinite_field, pair_probabilities, reward_missing,
                                     row_scores, score_ids)
 
 __all__ = [
-    "Access", "BatchStats", "Batcher", "Limits", "RequestError", "RewardChoice", "ScoreError", "Service",
+    "Access", "BatchStats", "Batcher", "Limits", "RequestError", "RewardChoice", "ScoreError", "ServeError", "Service", "bind", "is_loopback", "load_service",
     "answer_layout", "answer_vectors", "check_export", "check_key", "check_lengths", "check_reward_fits",
-    "create_app", "export_config", "length_hint", "length_limit", "load_scorer", "nonfinite_field", "reward_missing",
+    "create_app", "earlier_scores", "export_config", "flatten", "jsonl_lines", "load_input", "output_rows",
+    "within_length", "write_jsonl", "write_stdout", "length_hint", "length_limit", "load_scorer", "nonfinite_field", "reward_missing",
     "pair_probabilities", "parse_json", "read_answer", "read_body", "results", "reward_choice",
     "reward_queries", "rewards", "row_scores", "score_ids", "score_items",
 ]

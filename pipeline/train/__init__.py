@@ -17,6 +17,7 @@ Imports the cross-cutting modules, ``pipeline.model`` and ``pipeline.cache``.
 from pipeline.train.calibration import (calibrate_heads, common_direction, fit_pair_temperatures, fit_scale_offset,
                                         fit_temperature, pair_nll, sigma_report)
 from pipeline.train.feature_stream import (StreamedRows, TensorRows, as_rows, default_memory_budget, open_streamed,
+                                            streams,
                                            part_shuffled, row_chunks)
 from pipeline.train.closed_form import fit_ridge_value_head
 from pipeline.train.gate_selection import choose, select_gate
@@ -32,7 +33,7 @@ __all__ = [
     "GATE_KINDS", "GRADIENT_LOSSES", "STAGE1_LOSSES", "EarlyStopping", "Fit", "NoPreference", "calibrate_pairs",
     "choose", "equal_weights", "fit_gate_kind", "fit_ridge_value_head", "frozen_pair_outputs", "global_weights",
     "pair_report", "pair_scores", "select_gate", "set_constant_gate", "StreamedRows", "TensorRows", "adamw",
-    "as_rows", "bt_loss", "calibrate_heads", "common_direction", "default_memory_budget", "fit_gate",
+    "as_rows", "bt_loss", "calibrate_heads", "common_direction", "default_memory_budget", "streams", "fit_gate",
     "fit_pair_temperatures", "fit_scale_offset", "fit_temperature", "fit_value_head", "frozen_outputs",
     "gate_epoch", "open_streamed", "pair_nll", "part_shuffled", "row_chunks", "sigma_report", "split_rows",
     "stage1_criterion", "stage1_loss", "with_gate",

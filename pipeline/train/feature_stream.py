@@ -192,3 +192,13 @@ def default_memory_budget(device: str) -> float:
     if dev.type == "cuda":
         return torch.cuda.get_device_properties(dev).total_memory / 2
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2
+
+
+def streams(manifest: dict, memory_budget_gb: float | None, device: str) -> tuple[bool, float, float]:
+    """(whether a cache's features are streamed from its parts rather than held, the bytes they take, the budget):
+    held when they fit ``memory_budget_gb`` (GB; None: ``default_memory_budget``)."""
+    need = sum(p["rows"] for p in manifest.get("parts", [])) * manifest.get("hidden_size", 0) * (
+        2 if manifest.get("storage_dtype") == "float16" else 4)
+    budget = memory_budget_gb * 1e9 if memory_budget_gb is not None else default_memory_budget(device)
+    return need > budget, need, budget
+
