@@ -146,14 +146,15 @@ def test_streamed_stage2_equals_in_memory(pairs_cache):
     assert a.val["accuracy"] > a.val["equal_weights"]["accuracy"]
 
 
-def test_recipe_streams_over_the_budget_and_saves_the_same_heads(ratings_cache, pairs_cache, tmp_path):
+def test_recipe_streams_over_the_budget_and_saves_the_same_heads(ratings_cache, pairs_cache, tmp_path, said, caplog):
     heads = {}
     for name, budget in (("memory", None), ("streamed", 1e-6)):
-        lines = []
+        caplog.clear()
         common = dict(heads_dir=str(tmp_path / name), device="cpu", memory_budget=budget)
-        train_value_head(build(ValueHeadConfig, dict(ratings_cache=ratings_cache, epochs=3, **common)), lines.append)
+        train_value_head(build(ValueHeadConfig, dict(ratings_cache=ratings_cache, epochs=3, **common)))
         train_gating(build(GatingConfig, dict(preferences_cache=pairs_cache, gate_hidden=16, gate_epochs=2,
-                                              **common)), lines.append)
+                                              **common)))
+        lines = said()
         streaming = [line for line in lines if "exceed the memory budget" in line]
         assert len(streaming) == (2 if budget else 0), lines
         heads[name] = load_heads(tmp_path / name)[0].state_dict()

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from cli import app
 from pipeline import ATTRIBUTES
 from pipeline.features import render_ids
-from tiny_models import (CONVERSATIONS, QUIET, TF457_VERSION, export_tiny, load_export, require_tf457, scores_here,
+from tiny_models import (CONVERSATIONS, TF457_VERSION, export_tiny, load_export, require_tf457, scores_here,
                          scores_under, tokenizer_of)
 
 pytestmark = pytest.mark.integration  # every test exports (and loads) a model
@@ -153,7 +153,7 @@ def test_pair_probabilities_use_the_temperatures_fitted_with_the_heads(tmp_path,
     heads, meta = load_heads(heads_dir)
     save_heads(heads_dir, heads, dataclasses.replace(meta, pair_calibration=PairCalibration(2.0, 0.5, 10, {}, {})))
     out = tmp_path / "model"
-    export_model(ExportConfig(backbone=str(bb), heads_dir=str(heads_dir), out_dir=str(out)), **QUIET)
+    export_model(ExportConfig(backbone=str(bb), heads_dir=str(heads_dir), out_dir=str(out)))
     assert json.loads((out / "config.json").read_text())["urm"]["pair_temperature"] == {"bt": 2.0, "gaussian": 0.5}
     rows = [{"id": "p", "prompt": "What is 2+2?", "chosen": "4", "rejected": "5"}]
     (got,) = urm_score(out, write_jsonl("pairs.jsonl", rows))
@@ -311,7 +311,7 @@ def smollm2(tmp_path_factory):
                      gating=stage_record(gcfg, gated, identity))
     save_heads(root / "heads", gated.heads, meta)
     out = root / "model"
-    export_model(ExportConfig(heads_dir=str(root / "heads"), out_dir=str(out)), **QUIET)  # backbone from heads.json
+    export_model(ExportConfig(heads_dir=str(root / "heads"), out_dir=str(out)))  # backbone from heads.json
     return SimpleNamespace(root=root, cache=cache, heads=root / "heads", out=out, features=features)
 
 
@@ -323,7 +323,7 @@ def test_smollm2_export_scores_equal_the_heads_on_cached_features(smollm2):
 
     output = smollm2.root / "scores.jsonl"
     score_file(str(smollm2.out), SMOLLM2_ROWS, str(output),
-               ScoreConfig(device="cpu", dtype="float32", max_tokens_per_batch=2048), log=lambda line: None)
+               ScoreConfig(device="cpu", dtype="float32", max_tokens_per_batch=2048))
     got = {r["id"]: r for r in map(json.loads, output.read_text().splitlines())}
     with torch.no_grad():
         expected = load_heads(smollm2.heads)[0](smollm2.features.embedding)

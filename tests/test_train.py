@@ -17,8 +17,6 @@ from pipeline.recipes.train import train_gating, train_value_head
 from pipeline.train import fit_gate, fit_value_head
 from tiny_models import heads_meta
 
-QUIET = dict(log=lambda line: None)
-
 K = len(ATTRIBUTES)
 
 
@@ -200,7 +198,7 @@ def test_nll_recovers_the_noise_std_reparam_shrinks_it_and_calibration_gives_it_
                                   ("reparam+calibration", "reparam", True)):
         cfg = build(ValueHeadConfig, dict(ratings_cache=cache, heads_dir=str(tmp_path / name), loss=loss,
                                           calibrate=calibrate, **STAGE1))
-        per = train_value_head(cfg, **QUIET)["val"]["per_attribute"]
+        per = train_value_head(cfg)["val"]["per_attribute"]
         sigma[name] = torch.tensor([per[a]["mean_sigma"] for a in ATTRIBUTES])
         coverage[name] = torch.tensor([per[a]["coverage90"] for a in ATTRIBUTES])
     # nll: calibrated, every attribute's sigma within 10% of the true noise std (METHOD.md 2).
@@ -240,8 +238,7 @@ def test_train_gating_adds_the_gate_and_keeps_the_value_head(tmp_path):
     prefs = write_cache(tmp_path / "prefs", (chosen, rejected))
     heads_dir = value_head_folder(tmp_path, ratings)
     before = load_heads(heads_dir)[0].score.weight.clone()
-    summary = train_gating(build(GatingConfig, dict(preferences_cache=prefs, heads_dir=heads_dir, gate="urm", **STAGE2)),
-                           **QUIET)
+    summary = train_gating(build(GatingConfig, dict(preferences_cache=prefs, heads_dir=heads_dir, gate="urm", **STAGE2)))
     assert summary["val"]["accuracy"] > 0.94 and summary["val"]["equal_weights"]["accuracy"] < 0.7
     heads, meta = load_heads(heads_dir)
     assert torch.equal(heads.score.weight, before)  # bit-identical after stage 2
@@ -259,7 +256,7 @@ def test_train_gating_refuses_a_cache_from_another_backbone(tmp_path, field, val
     prefs = write_cache(tmp_path / "prefs", (chosen, rejected), **kwargs)
     heads_dir = value_head_folder(tmp_path, ratings)
     with pytest.raises(HeadsError, match=rf"{field} is '{value}' there") as err:
-        train_gating(build(GatingConfig, dict(preferences_cache=prefs, heads_dir=heads_dir, **STAGE2)), **QUIET)
+        train_gating(build(GatingConfig, dict(preferences_cache=prefs, heads_dir=heads_dir, **STAGE2)))
     assert prefs in str(err.value) and ratings in str(err.value)  # names both caches
 
 
@@ -269,8 +266,7 @@ def test_train_gating_with_margins_needs_every_pairs_margin(tmp_path):
     prefs = write_cache(tmp_path / "prefs", (chosen, rejected))  # a dataset without margins
     heads_dir = value_head_folder(tmp_path, ratings)
     with pytest.raises(UserError, match=r"prefs: 50 of 50 pairs have no margin, which --use-margin needs"):
-        train_gating(build(GatingConfig, dict(preferences_cache=prefs, heads_dir=heads_dir, use_margin=True, **STAGE2)),
-                     **QUIET)
+        train_gating(build(GatingConfig, dict(preferences_cache=prefs, heads_dir=heads_dir, use_margin=True, **STAGE2)))
 
 
 def test_train_gating_refuses_another_hidden_size(tmp_path):
@@ -279,7 +275,7 @@ def test_train_gating_refuses_another_hidden_size(tmp_path):
     prefs = write_cache(tmp_path / "prefs", (chosen[:, :8], rejected[:, :8]))
     heads_dir = value_head_folder(tmp_path, ratings)
     with pytest.raises(HeadsError, match="hidden_size is 8 there but 16"):
-        train_gating(build(GatingConfig, dict(preferences_cache=prefs, heads_dir=heads_dir, **STAGE2)), **QUIET)
+        train_gating(build(GatingConfig, dict(preferences_cache=prefs, heads_dir=heads_dir, **STAGE2)))
 
 
 def test_pairs_without_preference_train_no_gate(tmp_path, said):
@@ -300,7 +296,7 @@ def test_pairs_without_preference_train_no_gate(tmp_path, said):
     heads_dir = value_head_folder(tmp_path, ratings)
     before = (tmp_path / "heads" / "heads.json").read_bytes()
     with pytest.raises(NoPreference, match=f"{prefs}: all 300 pairs"):  # names the cache
-        train_gating(build(GatingConfig, dict(preferences_cache=prefs, heads_dir=heads_dir, **STAGE2)), **QUIET)
+        train_gating(build(GatingConfig, dict(preferences_cache=prefs, heads_dir=heads_dir, **STAGE2)))
     assert (tmp_path / "heads" / "heads.json").read_bytes() == before and load_heads(heads_dir)[1].gating is None
 
 
@@ -329,7 +325,7 @@ def test_a_gate_not_better_than_chance_is_flagged_and_one_that_ties_everywhere_r
     heads_dir = value_head_folder(tmp_path, ratings)
     prefs = write_cache(tmp_path / "prefs", (noise_c, noise_r))
     summary = train_gating(build(GatingConfig, dict(preferences_cache=prefs, heads_dir=heads_dir, gate="global",
-                                                    **STAGE2)), **QUIET)
+                                                    **STAGE2)))
     recorded = load_heads(heads_dir)[1].gating.val["chance"]  # saved, but not as if it were a trained gate
     assert recorded["better_than_chance"] is False and recorded == summary["val"]["chance"]
 
@@ -388,7 +384,6 @@ def test_training_stages_run_with_denormals_flushed(tmp_path, monkeypatch):
     ratings = write_cache(tmp_path / "ratings", chosen[:100], torch.zeros(100, K).numpy())
     prefs = write_cache(tmp_path / "prefs", (chosen, rejected))
     heads_dir = value_head_folder(tmp_path, ratings)
-    train_gating(build(GatingConfig, dict(preferences_cache=prefs, heads_dir=heads_dir, gate="global", **STAGE2)),
-                 **QUIET)
+    train_gating(build(GatingConfig, dict(preferences_cache=prefs, heads_dir=heads_dir, gate="global", **STAGE2)))
     assert seen == [0.0]
     assert float(torch.tensor([1e-39]) * 1) == pytest.approx(1e-39, rel=1e-3)
