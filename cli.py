@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 import os
 import sys
 import types
@@ -129,12 +130,40 @@ def run_or_fail(fn, *args, **kwargs):
              "foresaw, or a bug: please report it; --debug or URM_DEBUG=1 shows the traceback)")
 
 
+def speak(ctx: typer.Context, level: int) -> None:
+    """The pipeline's log lines (its "pipeline" loggers) to stderr, each as its words alone, from ``level`` up;
+    undone when the command ends (tests run many commands in one process)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    package = logging.getLogger("pipeline")
+    before = package.level, package.propagate
+    package.setLevel(level)
+    package.propagate = False  # said once, here, whatever a library does to the root logger
+    package.addHandler(handler)
+
+    def undo():
+        package.removeHandler(handler)
+        package.setLevel(before[0])
+        package.propagate = before[1]
+
+    ctx.call_on_close(undo)
+
+
 @app.callback()
-def main(debug: bool = typer.Option(False, "--debug", help="Show the Python traceback of an unexpected error "
-                                    "(also URM_DEBUG=1).")):
+def main(ctx: typer.Context,
+         debug: bool = typer.Option(False, "--debug", help="Show the Python traceback of an unexpected error "
+                                    "(also URM_DEBUG=1)."),
+         quiet: bool = typer.Option(False, "--quiet", "-q", envvar="URM_QUIET",
+                                    help="Warnings and errors only: no progress lines or progress bars (the results "
+                                    "and the error line still print)."),
+         verbose: bool = typer.Option(False, "--verbose", "-v", envvar="URM_VERBOSE",
+                                      help="Also the debug lines (each stage's resolved settings, ...).")):
     """Train uncertainty-aware reward models (URM) on cached LLM embeddings."""
     if debug:
         os.environ["URM_DEBUG"] = "1"
+    if quiet and verbose:
+        fail("--quiet and --verbose ask for opposite things: give one of them", 2)
+    speak(ctx, logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO)
 
 
 def report_training(summary: dict) -> None:
@@ -314,7 +343,7 @@ def demo(preset: str = typer.Option(C.DEFAULT_PRESET, "--preset", "-p", help=PRE
         load_configs(preset)  # every stage's options checked before anything loads
     except C.ConfigError as e:
         fail(str(e), 2)
-    typer.echo(summary(run_or_fail(run_demo, preset, log=typer.echo)))
+    typer.echo(summary(run_or_fail(run_demo, preset)))
 
 
 @app.command()

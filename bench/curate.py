@@ -50,10 +50,6 @@ RULES = {"keep_certain_0.5": dict(keep_fraction=0.5), "drop_suspect_only": dict(
 DEFAULT, CONTROL = "keep_certain_0.5", "random_same_size"
 
 
-def quiet(line):
-    pass
-
-
 # ----------------------------------------------------------------------------------------------
 # Data
 
@@ -94,7 +90,7 @@ def value_head(x, y, seed: int):
     from pipeline.configs import ValueHeadConfig, build
     from pipeline.train import fit_value_head
 
-    return fit_value_head(x, y, build(ValueHeadConfig, dict(device="cpu", seed=seed)), log=quiet).heads
+    return fit_value_head(x, y, build(ValueHeadConfig, dict(device="cpu", seed=seed))).heads
 
 
 GATE_FOLDS = 2  # --gate auto's cross-validation folds (the command's default is 5: 2 keeps the bench in minutes)
@@ -106,7 +102,7 @@ def gate(value, xc, xr, seed: int):
     from pipeline.train import fit_gate
 
     cfg = build(GatingConfig, dict(device="cpu", seed=seed, gate_folds=GATE_FOLDS))
-    fit = fit_gate(xc, xr, value, cfg, log=quiet)
+    fit = fit_gate(xc, xr, value, cfg)
     return fit.heads, fit.calibration, fit.val["gate"]
 
 

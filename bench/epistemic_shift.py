@@ -80,11 +80,9 @@ def cost_at(rows: int, d: int, repeats: int, seed: int) -> dict:
 
     x = random_features(rows, d, seed)
     y = labels(x, "linear", seed + 1)
-    quiet = dict(log=lambda line: None)
-    one_s, _ = median_seconds(lambda: fit_value_head(x, y, build(ValueHeadConfig, dict(device="cpu", ensemble=1)),
-                                                     **quiet), repeats)
+    one_s, _ = median_seconds(lambda: fit_value_head(x, y, build(ValueHeadConfig, dict(device="cpu", ensemble=1))), repeats)
     many_s, fit = median_seconds(lambda: fit_value_head(x, y, build(ValueHeadConfig, dict(device="cpu",
-                                                                                           ensemble=MEMBERS)), **quiet),
+                                                                                           ensemble=MEMBERS))),
                                  repeats)
     _, sp, _ = decomposed(as_rows(x, torch.device("cpu")), torch.arange(rows), y.double(), "common direction")
     alpha = torch.tensor(list(fit.selection["alpha"].values()), dtype=torch.float64)
@@ -155,10 +153,9 @@ def main(argv: list[str] | None = None) -> dict:
     extract_seconds = time.perf_counter() - t0
     train = read_features(cache / "ratings")
     x, y = train.embedding.float(), train.labels.float()
-    quiet = dict(log=lambda line: None)
     cfg = {m: build(ValueHeadConfig, dict(device="cpu", seed=args.seed, ensemble=m)) for m in (1, MEMBERS)}
-    one_s, _ = median_seconds(lambda: fit_value_head(x, y, cfg[1], **quiet), args.repeats)
-    many_s, fit = median_seconds(lambda: fit_value_head(x, y, cfg[MEMBERS], **quiet), args.repeats)
+    one_s, _ = median_seconds(lambda: fit_value_head(x, y, cfg[1]), args.repeats)
+    many_s, fit = median_seconds(lambda: fit_value_head(x, y, cfg[MEMBERS]), args.repeats)
     heads = fit.heads.eval()
     rows = as_rows(x, torch.device("cpu"))
     groups = []

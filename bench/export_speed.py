@@ -61,13 +61,12 @@ def run_exports(root: Path, heads: Path, backbone_dir: Path, repeats: int) -> di
     from pipeline.recipes.export import export_model
     from transformers import AutoConfig
 
-    quiet = dict(log=lambda line: None)
-    export_model(ExportConfig(heads_dir=str(heads), out_dir=str(root / "warm-up")), **quiet)
+    export_model(ExportConfig(heads_dir=str(heads), out_dir=str(root / "warm-up")))
     config = AutoConfig.from_pretrained(root / "warm-up")
 
     def ours(name: str, link: bool):
         cfg = ExportConfig(heads_dir=str(heads), out_dir=str(root / name), link=link, overwrite=True)
-        return lambda: export_model(cfg, **quiet)
+        return lambda: export_model(cfg)
 
     def load_and_save():
         URMForSequenceClassification.from_pretrained(root / "warm-up", config=config).save_pretrained(root / "saved")
@@ -116,7 +115,7 @@ def run_scoring(model_dir: Path, pairs, max_tokens: int, root: Path) -> dict:
     config = build(ScoreConfig, dict(input=str(source), output=str(root / "scores.jsonl"), device="cpu",
                                      dtype="float32", max_tokens_per_batch=max_tokens))
     holder = {}
-    e2e_wall = timed(lambda: holder.update(r=score_file(str(model_dir), config, log=lambda line: None)))
+    e2e_wall = timed(lambda: holder.update(r=score_file(str(model_dir), config)))
 
     def rate(seconds):
         return {"seconds": seconds, "rows_per_s": len(ids) / seconds, "tokens_per_s": tokens / seconds}

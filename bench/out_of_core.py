@@ -76,11 +76,10 @@ def best_of(runs: int, ways: dict, rate) -> dict:
 
 def stage1(path: str, epochs: int, runs: int) -> dict:
     cfg = build(ValueHeadConfig, dict(loss="nll", epochs=epochs, patience=epochs, device="cpu", calibrate=False))
-    quiet = dict(log=lambda line: None)
 
     def fit(source):
         rows, labels = source
-        return rows, fit_value_head(rows, labels, cfg, **quiet)
+        return rows, fit_value_head(rows, labels, cfg)
 
     best = best_of(runs, {"in_memory": lambda: fit(in_memory(path, pairs=False)),
                           "streamed": lambda: fit(open_streamed(path, pairs=False, verify=False)[:2])},
@@ -97,11 +96,10 @@ def stage1(path: str, epochs: int, runs: int) -> dict:
 def stage2(path: str, hidden: int, runs: int) -> dict:
     cfg = build(GatingConfig, dict(gate="urm", gate_hidden=hidden, gate_epochs=1, device="cpu",
                                    pair_temperature=False))
-    quiet = dict(log=lambda line: None)
     values = {}  # one frozen value head for every run
 
     def fit(rows):
-        return rows, fit_gate(rows, None, values.setdefault("value", Heads(rows.d, K)), cfg, **quiet)
+        return rows, fit_gate(rows, None, values.setdefault("value", Heads(rows.d, K)), cfg)
 
     best = best_of(runs, {"in_memory": lambda: fit(in_memory(path, pairs=True)[0]),
                           "streamed": lambda: fit(open_streamed(path, pairs=True, verify=False)[0])},

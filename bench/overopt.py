@@ -336,10 +336,6 @@ RECIPES = {  # name: (stage-1 options, stage-2 options), on top of the command d
 }
 
 
-def quiet(line):
-    pass
-
-
 def rewards_of_outputs(out: dict) -> dict[str, np.ndarray]:
     """Each reward a user can pass to --reward that these heads support, through the package's transforms
     (``pipeline.model.rewards``) at the default risk."""
@@ -356,7 +352,7 @@ def train_value(recipe: str, x_rated, y_rated, seed: int):
     from pipeline.train import fit_value_head
 
     cfg = build(ValueHeadConfig, dict(device="cpu", seed=seed, **RECIPES[recipe][0]))
-    return fit_value_head(x_rated.float(), y_rated.float(), cfg, log=quiet).heads
+    return fit_value_head(x_rated.float(), y_rated.float(), cfg).heads
 
 
 def train_gate(recipe: str, value, xc, xr, seed: int):
@@ -365,7 +361,7 @@ def train_gate(recipe: str, value, xc, xr, seed: int):
     from pipeline.train import fit_gate
 
     cfg = build(GatingConfig, dict(device="cpu", seed=seed, **RECIPES[recipe][1]))
-    return fit_gate(xc.float(), xr.float(), value, cfg, log=quiet)
+    return fit_gate(xc.float(), xr.float(), value, cfg)
 
 
 @torch.no_grad()

@@ -49,12 +49,10 @@ def main(argv: list[str] | None = None) -> dict:
     run_extract(ExtractConfig(backbone=SMOLLM2_GGUF, cache_dir=str(cache), datasets=datasets, storage_dtype="float32",
                               dtype="float32", device="cpu", max_tokens_per_batch=4096))
     ratings, pairs = read_features(cache / "ratings"), read_pairs(cache / "preferences")
-    value = fit_value_head(ratings.embedding, ratings.labels, build(ValueHeadConfig, {"device": "cpu"}),
-                           log=lambda line: None)
+    value = fit_value_head(ratings.embedding, ratings.labels, build(ValueHeadConfig, {"device": "cpu"}))
     n = len(pairs.chosen.embedding) // 2  # the gate on the first half of the pairs, scored on the rest
     chosen, rejected = pairs.chosen.embedding, pairs.rejected.embedding
-    gated = fit_gate(chosen[:n], rejected[:n], value.heads, build(GatingConfig, {"gate": "urm", "device": "cpu"}),
-                     log=lambda line: None)
+    gated = fit_gate(chosen[:n], rejected[:n], value.heads, build(GatingConfig, {"gate": "urm", "device": "cpu"}))
     heads = gated.heads.float().eval()
     with torch.no_grad():
         s32 = {side: heads(x[n:].float())["score"] for side, x in (("chosen", chosen), ("rejected", rejected))}

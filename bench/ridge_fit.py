@@ -59,7 +59,7 @@ def main() -> None:
     y = labels(x, args.labels, seed=1)
     cfg = build(ValueHeadConfig, dict(ensemble=args.members, device="cpu"))
     t0, cpu0 = time.perf_counter(), time.process_time()
-    fit = fit_value_head(x, y, cfg, log=lambda line: None)
+    fit = fit_value_head(x, y, cfg)
     seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     save_file({k: v.contiguous() for k, v in fit.heads.state_dict().items()}, args.out)
     selection = {k: v for k, v in fit.selection.items() if k in ("alpha", "members_solved_by", "decomposition")}

@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> dict:
                 name = loss + (" + calibration" if calibrate else "")
                 cfg = build(ValueHeadConfig, dict(ratings_cache=f"{tmp}/ratings", heads_dir=f"{tmp}/{name}", loss=loss,
                                                   calibrate=calibrate, **LINEAR_RATINGS_TRAINING))
-                val = train_value_head(cfg, log=lambda line: None)["val"]
+                val = train_value_head(cfg)["val"]
                 per = val["per_attribute"]
                 out[name] = {"mean_sigma": {a: per[a]["mean_sigma"] for a in ATTRIBUTES}, "mse": val["mse"],
                              "coverage50": val["coverage50"], "coverage90": val["coverage90"],

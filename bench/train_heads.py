@@ -33,6 +33,7 @@ from bench import machine_info, matmul_gflops, timed, write_result
 from pipeline.configs import GatingConfig, ValueHeadConfig, build
 from pipeline.model import Heads
 from pipeline.train import TensorRows, adamw, fit_value_head, frozen_outputs, gate_epoch, with_gate
+from pipeline.train.gates import GatePairs, PairOutputs
 from bench.ridge_fit import random_features
 
 K = 5
@@ -46,7 +47,7 @@ def bench_stage1(rows: int, d: int, members: int, batch_size: int, device: str =
     cfg = build(ValueHeadConfig, dict(loss="nll", epochs=2, patience=10, batch_size=batch_size, ensemble=members,
                                        device=device))
     t = time.perf_counter()
-    fit = fit_value_head(x, y, cfg, log=lambda line: None)
+    fit = fit_value_head(x, y, cfg)
     total = time.perf_counter() - t
     epoch = fit.history[-1]  # the second epoch: code paths and caches warm
     examples = epoch["examples_per_s"] * epoch["seconds"]  # members x training rows
@@ -117,15 +118,15 @@ def bench_stage2(pairs: int, d: int, hidden: int, batch_size: int, steps: int, w
     cfg = build(GatingConfig, dict(gate="urm", gate_hidden=hidden, gate_batch_size=batch_size, device=device))
     heads = with_gate(value, cfg).to(device)
     t = time.perf_counter()
-    (mu_c, _), (mu_r, _) = frozen_outputs(heads, chosen), frozen_outputs(heads, rejected)
+    (mu_c, ls_c), (mu_r, ls_r) = frozen_outputs(heads, chosen), frozen_outputs(heads, rejected)
     precompute = time.perf_counter() - t
     params = [p for p in heads.parameters() if p.requires_grad]
     opt = adamw(params, cfg.optim)
     order = torch.randperm(pairs, generator=torch.Generator().manual_seed(0)).to(device)
-    rows = TensorRows(chosen, rejected)
-    gate_epoch(heads, opt, rows, mu_c, mu_r, order[:warmup * batch_size], batch_size)
+    pairs_of = GatePairs(TensorRows(chosen, rejected), PairOutputs(mu_c, ls_c, mu_r, ls_r))
+    gate_epoch(heads, opt, pairs_of, order[:warmup * batch_size], batch_size)
     timed_order = order[warmup * batch_size:(warmup + steps) * batch_size]
-    seconds = timed(lambda: (gate_epoch(heads, opt, rows, mu_c, mu_r, timed_order, batch_size),
+    seconds = timed(lambda: (gate_epoch(heads, opt, pairs_of, timed_order, batch_size),
                              torch.cuda.synchronize() if torch.device(device).type == "cuda" else None))
     forward_row = 2 * (d * hidden + hidden * hidden + hidden * K)
     per_pair = 2 * (2 * forward_row + 2 * (hidden * hidden + hidden * K))

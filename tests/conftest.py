@@ -1,9 +1,11 @@
-"""Shared fixtures: the real preference data beside the repo, a small JSON-lines writer, and `urm demo` on a
-tiny model."""
+"""Shared fixtures: the real preference data beside the repo, a small JSON-lines writer, the lines the pipeline
+says, and `urm demo` on a tiny model."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,35 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip("../shared/data not found (real preference data lives beside the repo)")
     return SHARED_DATA
+
+
+@pytest.fixture
+def said(caplog):
+    """``said()`` -> the lines the pipeline's loggers have said so far in the test, INFO and up (what `urm` prints);
+    ``caplog.clear()`` forgets them."""
+    caplog.set_level(logging.INFO, logger="pipeline")
+    return lambda: [r.getMessage() for r in caplog.records if r.name.startswith("pipeline")]
+
+
+@contextlib.contextmanager
+def lines_said():
+    """The lines the pipeline's loggers say in the block, INFO and up, as a list (``said`` for a fixture that outlives
+    one test, where caplog cannot reach)."""
+    lines = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            lines.append(record.getMessage())
+
+    package, handler = logging.getLogger("pipeline"), Collect()
+    before = package.level
+    package.addHandler(handler)
+    package.setLevel(logging.INFO)
+    try:
+        yield lines
+    finally:
+        package.removeHandler(handler)
+        package.setLevel(before)
 
 
 @pytest.fixture
@@ -43,6 +74,6 @@ def tiny_demo(tmp_path_factory):
     model = build_tiny_llama(root / "backbone", reward_model=True)
     preset = root / "tiny-demo.toml"
     preset.write_text(TINY_PRESET.format(model=model, root=root))
-    lines = []
-    result = run_demo(str(preset), log=lines.append)
+    with lines_said() as lines:
+        result = run_demo(str(preset))
     return root, preset, {**result, "log": lines}

@@ -48,7 +48,7 @@ def test_the_readme_numbers_come_from_the_result_files(tmp_path):
     text = R.README.read_text()
     results = R.readme_results()
     assert sum(row.startswith("| ") for row in results) >= 8 and "layout not known" not in "\n".join(results)
-    assert all(f"](docs/benchmarks.md#" in row for row in results[2:])
+    assert all("](docs/benchmarks.md#" in row for row in results[2:])
     demo = json.loads((RESULTS / "demo_clone.json").read_text())
     block = "\n".join(R.readme_demo())
     assert demo["closing_output"][-1] in block and R.fmt(demo["fresh_clone_seconds"]) in block

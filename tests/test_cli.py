@@ -119,8 +119,8 @@ def test_training_options_of_both_stages_reach_their_configs(tmp_path, monkeypat
     import pipeline.recipes.train as recipe
 
     seen = {}
-    monkeypatch.setattr(recipe, "train_value_head", lambda cfg, log: seen.update(value=cfg) or {"val": {}})
-    monkeypatch.setattr(recipe, "train_gating", lambda cfg, log: seen.update(gating=cfg) or {"val": {}})
+    monkeypatch.setattr(recipe, "train_value_head", lambda cfg: seen.update(value=cfg) or {"val": {}})
+    monkeypatch.setattr(recipe, "train_gating", lambda cfg: seen.update(gating=cfg) or {"val": {}})
     monkeypatch.setattr("cli.report_training", lambda summary: None)
     monkeypatch.setattr("pipeline.cache.verify_cache", lambda path: None)
     monkeypatch.setattr("pipeline.cache.require_kind", lambda path, kind, option, typed=None: {})  # no caches here

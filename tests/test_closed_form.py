@@ -15,7 +15,6 @@ from pipeline.train import fit_value_head
 from pipeline.train import ridge as R
 from pipeline.train.closed_form import label_groups
 
-QUIET = dict(log=lambda line: None)
 
 
 def data(n, d, k=2, seed=0):
@@ -105,7 +104,7 @@ def test_closed_form_value_head_recovers_sigma_and_beats_the_noise_floor():
     """Known answer (pipeline.data.testing): y = h A + 2 + noise of std NOISE_k, so MSE -> mean NOISE^2 and
     sigma_k -> NOISE_k. The closed form gets both in seconds, with no learning rate or epochs to choose."""
     h, y = linear_ratings(n=2000, d=32)
-    fit = fit_value_head(h, y, build(ValueHeadConfig, dict(device="cpu", ensemble=1)), **QUIET)
+    fit = fit_value_head(h, y, build(ValueHeadConfig, dict(device="cpu", ensemble=1)))
     assert fit.val["mse"] == pytest.approx(NOISE.square().mean().item(), rel=0.05)
     assert fit.val["estimate"].startswith("leave-one-out")
     sigma = fit.heads(h.float())["attribute_stds"].mean(0).detach()
@@ -117,7 +116,7 @@ def test_closed_form_value_head_recovers_sigma_and_beats_the_noise_floor():
 
 def test_bootstrap_members_differ_and_their_spread_grows_away_from_the_data():
     h, y = linear_ratings(n=400, d=16, seed=1)
-    fit = fit_value_head(h, y, build(ValueHeadConfig, dict(device="cpu", ensemble=6)), **QUIET)
+    fit = fit_value_head(h, y, build(ValueHeadConfig, dict(device="cpu", ensemble=6)))
     members = fit.heads.ensemble.weight.detach()
     assert members.shape == (6, 2 * len(NOISE), 16)
     assert all(not torch.equal(members[i, 0::2], members[j, 0::2]) for i in range(6) for j in range(i + 1, 6))
@@ -127,14 +126,14 @@ def test_bootstrap_members_differ_and_their_spread_grows_away_from_the_data():
     spread_near = fit.heads(near)["ensemble_std"].mean().item()
     spread_far = fit.heads(far)["ensemble_std"].mean().item()
     assert spread_far > 2 * spread_near
-    again = fit_value_head(h, y, build(ValueHeadConfig, dict(device="cpu", ensemble=6)), **QUIET)
+    again = fit_value_head(h, y, build(ValueHeadConfig, dict(device="cpu", ensemble=6)))
     assert torch.equal(again.heads.ensemble.weight, fit.heads.ensemble.weight)  # seeded: the same resamples
 
 
 def test_a_shared_alpha_is_one_alpha_and_missing_labels_fit_apart():
     h, y = linear_ratings(n=300, d=8, seed=2)
     y[::5, 1] = float("nan")
-    fit = fit_value_head(h, y, build(ValueHeadConfig, dict(device="cpu", ensemble=1, ridge_alpha="shared")), **QUIET)
+    fit = fit_value_head(h, y, build(ValueHeadConfig, dict(device="cpu", ensemble=1, ridge_alpha="shared")))
     alphas = fit.selection["alpha"]
     group = [a for i, a in enumerate(ATTRIBUTES) if i != 1]
     assert len({alphas[a] for a in group}) == 1  # shared within the fit of the fully labelled attributes
@@ -239,7 +238,7 @@ def test_the_value_head_solves_its_members_without_another_eigendecomposition(mo
     calls = []
     eigh = torch.linalg.eigh
     monkeypatch.setattr(torch.linalg, "eigh", lambda a: calls.append(a.shape) or eigh(a))
-    fit = fit_value_head(h, y, build(ValueHeadConfig, dict(device="cpu", ensemble=5)), **QUIET)
+    fit = fit_value_head(h, y, build(ValueHeadConfig, dict(device="cpu", ensemble=5)))
     assert calls == [(24, 24), (24, 24)]  # the means' fit and sigma's fit; the members take none
     assert fit.selection["decomposition"] == ["primal (d x d)"]
     alpha = torch.tensor([fit.selection["alpha"][a] for a in ATTRIBUTES], dtype=torch.float64)
@@ -253,7 +252,7 @@ def test_the_value_head_solves_its_members_without_another_eigendecomposition(mo
 
 def test_fewer_rows_than_features_fit_in_the_dual():
     h, y = linear_ratings(n=40, d=64, seed=1)
-    fit = fit_value_head(h, y, build(ValueHeadConfig, dict(device="cpu", ensemble=3)), **QUIET)
+    fit = fit_value_head(h, y, build(ValueHeadConfig, dict(device="cpu", ensemble=3)))
     assert fit.selection["decomposition"] == ["dual (n x n)"]
     assert fit.selection["members_solved_by"][0]["solver"].startswith("the n x n dual")
     x = h.double()
@@ -292,11 +291,11 @@ def test_sigmas_gram_is_the_full_gram_less_the_calibration_rows(monkeypatch):
 
     h, y = linear_ratings(n=400, d=24, seed=5)
     cfg = build(ValueHeadConfig, dict(device="cpu", ensemble=1))
-    fast = fit_value_head(h, y, cfg, **QUIET).heads.score.weight.detach().double()
+    fast = fit_value_head(h, y, cfg).heads.score.weight.detach().double()
     monkeypatch.setattr(closed_form, "gram_of", lambda rows, idx: torch.zeros(()))  # unused below
     real = closed_form.decomposed
     monkeypatch.setattr(closed_form, "decomposed", lambda rows, idx, t, u, gram=None: real(rows, idx, t, u))
-    slow = fit_value_head(h, y, cfg, **QUIET).heads.score.weight.detach().double()
+    slow = fit_value_head(h, y, cfg).heads.score.weight.detach().double()
     assert relative(fast, slow) < 1e-6 and not torch.equal(fast[1::2], torch.zeros_like(fast[1::2]))
 
 
@@ -304,7 +303,7 @@ def test_a_sigma_far_off_the_errors_is_flagged_and_a_sound_one_is_not():
     from pipeline.train.closed_form import sigma_warning
 
     h, y = linear_ratings(n=400, d=24, seed=7)
-    fit = fit_value_head(h, y, build(ValueHeadConfig, dict(device="cpu", ensemble=1)), **QUIET)
+    fit = fit_value_head(h, y, build(ValueHeadConfig, dict(device="cpu", ensemble=1)))
     assert sigma_warning(fit.val, 400, 24) is None and "sigma_warning" not in fit.val
     assert "not to be trusted" in sigma_warning({**fit.val, "mean_sigma": 11 * fit.val["mse"] ** 0.5}, 24, 4096)
     assert "not to be trusted" in sigma_warning({**fit.val, "nll": float("inf")}, 24, 4096)
@@ -336,7 +335,7 @@ def test_epistemic_std_is_the_ridge_posterior_computed_by_hand_and_grows_off_the
     the span is a residual (15 x 60)."""
     x, y = linear_ratings(n=n, d=d, seed=4)
     y[::4, 2] = float("nan")
-    fit = fit_value_head(x, y, build(ValueHeadConfig, dict(device="cpu", ensemble=1, bias=bias)), **QUIET)
+    fit = fit_value_head(x, y, build(ValueHeadConfig, dict(device="cpu", ensemble=1, bias=bias)))
     xn = x.double().numpy()
     g = np.random.default_rng(0)
     low = np.linalg.svd(xn - xn.mean(0), full_matrices=True)[2][-1]  # the direction the rows vary least along
@@ -362,6 +361,6 @@ def test_epistemic_std_is_the_ridge_posterior_computed_by_hand_and_grows_off_the
 
 def test_a_value_head_without_a_posterior_states_no_epistemic_std():
     h, y = linear_ratings(n=200, d=8, seed=5)
-    fit = fit_value_head(h, y, build(ValueHeadConfig, dict(device="cpu", ensemble=1, loss="nll", epochs=2)), **QUIET)
+    fit = fit_value_head(h, y, build(ValueHeadConfig, dict(device="cpu", ensemble=1, loss="nll", epochs=2)))
     out = fit.heads(h.float())
     assert "epistemic_std" not in out and "attribute_epistemic_stds" not in out and fit.heads.posterior is None

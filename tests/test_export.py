@@ -22,7 +22,7 @@ from pipeline.features import embed_all, load_backbone, render_ids
 from pipeline.model import load_heads
 from pipeline.outputs import OutputRefused
 from pipeline.recipes.export import export_model
-from tiny_models import (CONVERSATIONS, QUIET, build_tiny_llama, cache_identity_of, export_tiny, load_export,
+from tiny_models import (CONVERSATIONS, build_tiny_llama, cache_identity_of, export_tiny, load_export,
                          random_heads_dir, tokenizer_of)
 
 pytestmark = pytest.mark.integration  # every test exports (and loads) a model
@@ -292,7 +292,7 @@ def test_sharded_and_bare_checkpoints_export_to_the_same_model(tmp_path):
     for kind, directory in {"single": bb, **sharded_and_bare_copies(tmp_path, bb)}.items():
         heads = random_heads_dir(tmp_path / f"heads-{kind}", directory)
         out = tmp_path / f"model-{kind}"
-        record = export_model(ExportConfig(backbone=str(directory), heads_dir=str(heads), out_dir=str(out)), **QUIET)
+        record = export_model(ExportConfig(backbone=str(directory), heads_dir=str(heads), out_dir=str(out)))
         if kind == "sharded":
             assert len(record["shards"]) > 2 and set(record["shards"].values()) == {"linked"}
             shard = sorted(record["shards"])[0]
@@ -315,7 +315,7 @@ def test_heads_for_another_hidden_size_are_refused(tmp_path):
     bb = build_tiny_llama(tmp_path / "backbone")
     heads = random_heads_dir(tmp_path / "heads", bb, d=32, identity=cache_identity_of(bb, 32))
     with pytest.raises(ExportError, match="hidden size 32 but backbone .* has hidden_size 64"):
-        export_model(ExportConfig(backbone=str(bb), heads_dir=str(heads), out_dir=str(tmp_path / "m")), **QUIET)
+        export_model(ExportConfig(backbone=str(bb), heads_dir=str(heads), out_dir=str(tmp_path / "m")))
     assert not (tmp_path / "m").exists()
 
 
@@ -328,20 +328,20 @@ def test_heads_from_another_backbone_are_refused(tmp_path, field, value, message
     heads = random_heads_dir(tmp_path / "heads", bb, identity=dataclasses.replace(cache_identity_of(bb, 64),
                                                                                   **{field: value}))
     with pytest.raises(ExportError, match=message):
-        export_model(ExportConfig(backbone=str(bb), heads_dir=str(heads), out_dir=str(tmp_path / "m")), **QUIET)
+        export_model(ExportConfig(backbone=str(bb), heads_dir=str(heads), out_dir=str(tmp_path / "m")))
 
 
 def test_an_existing_out_dir_needs_overwrite(tmp_path):
     bb, heads, out = export_tiny(tmp_path)
     cfg = ExportConfig(backbone=str(bb), heads_dir=str(heads), out_dir=str(out))
     with pytest.raises(OutputRefused, match="already exists; pass --overwrite"):
-        export_model(cfg, **QUIET)
+        export_model(cfg)
     (out / "stale.txt").write_text("old export")
-    export_model(ExportConfig(**{**cfg.__dict__, "overwrite": True}), **QUIET)
+    export_model(ExportConfig(**{**cfg.__dict__, "overwrite": True}))
     assert not (out / "stale.txt").exists() and (out / "config.json").is_file()
     assert os.stat(out / "model-backbone.safetensors").st_ino == os.stat(bb / "model.safetensors").st_ino
     with pytest.raises(OutputRefused, match=f"--out-dir {heads}: it is --heads-dir {heads}, an input of this run"):
-        export_model(ExportConfig(backbone=str(bb), heads_dir=str(heads), out_dir=str(heads), overwrite=True), **QUIET)
+        export_model(ExportConfig(backbone=str(bb), heads_dir=str(heads), out_dir=str(heads), overwrite=True))
 
 
 def test_a_failed_export_leaves_nothing_behind(tmp_path, monkeypatch):
@@ -355,7 +355,7 @@ def test_a_failed_export_leaves_nothing_behind(tmp_path, monkeypatch):
 
     monkeypatch.setattr(E, "write_index", broken)
     with pytest.raises(OSError, match="disk full"):
-        export_model(ExportConfig(backbone=str(bb), heads_dir=str(heads), out_dir=str(tmp_path / "m")), **QUIET)
+        export_model(ExportConfig(backbone=str(bb), heads_dir=str(heads), out_dir=str(tmp_path / "m")))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["backbone", "heads"]
 
 
@@ -369,7 +369,7 @@ def test_the_backbone_is_opened_and_its_template_hashed_once_per_export(tmp_path
     real_resolve, real_hash = B.resolve_backbone, F.chat_template_hash
     monkeypatch.setattr(B, "resolve_backbone", lambda *a: opened.append(a) or real_resolve(*a))
     monkeypatch.setattr(F, "chat_template_hash", lambda tok: hashed.append(tok) or real_hash(tok))
-    export_model(ExportConfig(backbone=str(bb), heads_dir=str(heads), out_dir=str(tmp_path / "m")), **QUIET)
+    export_model(ExportConfig(backbone=str(bb), heads_dir=str(heads), out_dir=str(tmp_path / "m")))
     assert len(opened) == 1
     assert len(hashed) == 2  # the backbone's tokenizer, and the exported one (checked to render the same)
 
@@ -378,7 +378,7 @@ def test_copy_instead_of_hardlink_and_backbone_from_heads_json(tmp_path):
     bb = build_tiny_llama(tmp_path / "backbone")
     heads = random_heads_dir(tmp_path / "heads", bb)
     out = tmp_path / "m"
-    record = export_model(ExportConfig(backbone=None, heads_dir=str(heads), out_dir=str(out), link=False), **QUIET)
+    record = export_model(ExportConfig(backbone=None, heads_dir=str(heads), out_dir=str(out), link=False))
     assert record["backbone"]["spec"] == str(bb)  # value_head.cache.backbone
     assert record["shards"] == {"model-backbone.safetensors": "copied"}
     assert os.stat(out / "model-backbone.safetensors").st_ino != os.stat(bb / "model.safetensors").st_ino

@@ -15,7 +15,6 @@ from pipeline.train import TensorRows, feature_stream, fit_gate, fit_value_head,
 from test_train import identity_value_head, prompt_dependent_pairs
 
 K = len(ATTRIBUTES)
-QUIET = dict(log=lambda line: None)
 
 
 def write_parts(path, embedding, labels=None, pair_of=None, part_rows=50):
@@ -117,8 +116,8 @@ def test_streamed_stage1_equals_in_memory(ratings_cache):
     memory, labels = in_memory(ratings_cache, pairs=False)
     streamed, s_labels, _ = open_streamed(ratings_cache, pairs=False)
     assert torch.equal(labels.nan_to_num(9), s_labels.nan_to_num(9)) and labels.isnan().any()
-    a = fit_value_head(memory, labels, cfg, **QUIET)
-    b = fit_value_head(streamed, s_labels, cfg, **QUIET)
+    a = fit_value_head(memory, labels, cfg)
+    b = fit_value_head(streamed, s_labels, cfg)
     assert_same_fit(a, b)
     assert len(torch.unique(memory.part)) == 7 and a.val["pearson"] > 0.5  # it learnt something, over 7 parts
 
@@ -141,20 +140,21 @@ def test_streamed_stage2_equals_in_memory(pairs_cache):
     memory, margin = in_memory(pairs_cache, pairs=True)
     streamed, _, s_margin = open_streamed(pairs_cache, pairs=True)
     assert torch.equal(margin, s_margin)
-    a = fit_gate(memory, None, identity_value_head(), cfg, margin=margin, **QUIET)
-    b = fit_gate(streamed, None, identity_value_head(), cfg, margin=s_margin, **QUIET)
+    a = fit_gate(memory, None, identity_value_head(), cfg, margin=margin)
+    b = fit_gate(streamed, None, identity_value_head(), cfg, margin=s_margin)
     assert_same_fit(a, b)
     assert a.val["accuracy"] > a.val["equal_weights"]["accuracy"]
 
 
-def test_recipe_streams_over_the_budget_and_saves_the_same_heads(ratings_cache, pairs_cache, tmp_path):
+def test_recipe_streams_over_the_budget_and_saves_the_same_heads(ratings_cache, pairs_cache, tmp_path, said, caplog):
     heads = {}
     for name, budget in (("memory", None), ("streamed", 1e-6)):
-        lines = []
+        caplog.clear()
         common = dict(heads_dir=str(tmp_path / name), device="cpu", memory_budget=budget)
-        train_value_head(build(ValueHeadConfig, dict(ratings_cache=ratings_cache, epochs=3, **common)), lines.append)
+        train_value_head(build(ValueHeadConfig, dict(ratings_cache=ratings_cache, epochs=3, **common)))
         train_gating(build(GatingConfig, dict(preferences_cache=pairs_cache, gate_hidden=16, gate_epochs=2,
-                                              **common)), lines.append)
+                                              **common)))
+        lines = said()
         streaming = [line for line in lines if "exceed the memory budget" in line]
         assert len(streaming) == (2 if budget else 0), lines
         heads[name] = load_heads(tmp_path / name)[0].state_dict()

@@ -14,7 +14,6 @@ from pipeline.train import choose, fit_gate, global_weights, set_constant_gate, 
 from test_train import identity_value_head, prompt_dependent_pairs
 
 K = len(ATTRIBUTES)
-QUIET = dict(log=lambda line: None)
 
 
 def global_truth_pairs(n=800, d=16, seed=0, weights=(1.0, 0.5, 0.0, 0.0, -0.5)):
@@ -63,7 +62,7 @@ def test_a_gate_that_should_fall_back_does():
     """Preference is one weight vector for every prompt: auto takes the global gate over equal weights, and the MLP
     gates, which can only fit noise beyond it, do not pay for themselves."""
     chosen, rejected = global_truth_pairs()
-    fit = fit_gate(chosen, rejected, identity_value_head(), auto(), **QUIET)
+    fit = fit_gate(chosen, rejected, identity_value_head(), auto())
     sel = fit.selection
     assert sel["chosen"] == "global", sel["reasons"]
     assert sel["candidates"]["global"]["bt_loss_tempered"] < sel["candidates"]["equal"]["bt_loss_tempered"]
@@ -78,8 +77,7 @@ def test_a_gate_that_the_pairs_need_is_chosen():
     """Which attribute decides depends on the prompt (h[6]): no constant weight vector can rank these pairs, the
     MLP gates can, and auto chooses one of them."""
     chosen, rejected = prompt_dependent_pairs(n=1500)
-    fit = fit_gate(chosen, rejected, identity_value_head(), auto(gate_candidates=["equal", "global", "urm-warm"]),
-                   **QUIET)
+    fit = fit_gate(chosen, rejected, identity_value_head(), auto(gate_candidates=["equal", "global", "urm-warm"]))
     sel = fit.selection
     assert sel["chosen"] == "urm-warm", sel["reasons"]
     assert sel["protocol"].startswith("5-fold cross-validation over all 1500 pairs")
@@ -89,10 +87,9 @@ def test_a_gate_that_the_pairs_need_is_chosen():
 
 def test_the_validation_split_decides_with_one_fold_and_explicit_kinds_need_no_choice():
     chosen, rejected = global_truth_pairs(n=300)
-    fit = fit_gate(chosen, rejected, identity_value_head(), auto(gate_folds=1, gate_candidates=["equal", "global"]),
-                   **QUIET)
+    fit = fit_gate(chosen, rejected, identity_value_head(), auto(gate_folds=1, gate_candidates=["equal", "global"]))
     assert fit.selection["protocol"].startswith("the validation split (30 pairs") and fit.selection["chosen"] == "global"
-    explicit = fit_gate(chosen, rejected, identity_value_head(), auto(gate="equal"), **QUIET)
+    explicit = fit_gate(chosen, rejected, identity_value_head(), auto(gate="equal"))
     assert explicit.selection == {} and explicit.val["gate"] == "equal"
     w = explicit.heads.gate_weights(chosen[:3].float())
     assert torch.allclose(w, torch.full_like(w, 1 / K))
@@ -125,38 +122,37 @@ def test_bad_gate_options_are_clear(bad, needle):
 # The same choice in less time (issue 26): the MLP gates only where the pairs can support them, fits in parallel
 
 
-def test_mlp_gates_are_not_tried_on_fewer_pairs_than_the_features_can_be_interpolated_by():
+def test_mlp_gates_are_not_tried_on_fewer_pairs_than_the_features_can_be_interpolated_by(said):
     """120 pairs at d = 200: each fold's MLP would learn from 86 pairs, 172 feature vectors in 200 dimensions
     (linearly independent: it could give every pair any weights); the same pairs at d = 16 support them."""
     from pipeline.train.gate_selection import mlp_supported
 
     chosen, rejected = prompt_dependent_pairs(n=120, d=200)
-    said = []
-    fit = fit_gate(chosen, rejected, identity_value_head(d=200), auto(), log=said.append)
+    fit = fit_gate(chosen, rejected, identity_value_head(d=200), auto())
     sel = fit.selection
     assert set(sel["not_tried"]) == {"urm-warm", "softmax"} and set(sel["candidates"]) == {"equal", "global"}
-    assert any("not tried" in line and "86 pairs" in line for line in said)
+    assert any("not tried" in line and "86 pairs" in line for line in said())
     assert not mlp_supported(86, 200) and mlp_supported(101, 200)
-    small = fit_gate(chosen[:, :16].contiguous(), rejected[:, :16].contiguous(), identity_value_head(), auto(), **QUIET)
+    small = fit_gate(chosen[:, :16].contiguous(), rejected[:, :16].contiguous(), identity_value_head(), auto())
     assert small.selection["not_tried"] == {} and "softmax" in small.selection["candidates"]
-    only_mlp = fit_gate(chosen, rejected, identity_value_head(d=200), auto(gate_candidates=["urm-warm"]), **QUIET)
+    only_mlp = fit_gate(chosen, rejected, identity_value_head(d=200), auto(gate_candidates=["urm-warm"]))
     assert only_mlp.selection["chosen"] == "urm-warm"  # asked for alone: tried whatever the rule says
 
 
-def test_parallel_fits_give_the_sequential_choice_and_say_how_long_is_left(monkeypatch):
+def test_parallel_fits_give_the_sequential_choice_and_say_how_long_is_left(monkeypatch, said, caplog):
     import pipeline.train.gate_selection as S
 
     chosen, rejected = prompt_dependent_pairs(n=600)
     runs = {}
     for cores in (1, 2):
         monkeypatch.setattr(S, "available_cores", lambda: cores)
-        said = []
-        runs[cores] = fit_gate(chosen, rejected, identity_value_head(), auto(), log=said.append).selection, said
-    (one, _), (two, said) = runs[1], runs[2]
+        caplog.clear()
+        runs[cores] = fit_gate(chosen, rejected, identity_value_head(), auto()).selection, said()
+    (one, _), (two, lines) = runs[1], runs[2]
     assert one["parallel_fits"] == 1 and two["parallel_fits"] == 2 and one["chosen"] == two["chosen"]
     for kind, row in one["candidates"].items():  # the same fits (their own thread counts aside: rounding only)
         assert two["candidates"][kind]["bt_loss"] == pytest.approx(row["bt_loss"], rel=1e-4)
         assert two["candidates"][kind].get("epochs") == row.get("epochs")
-    progress = [line for line in said if " fold " in line and "left)" in line]
+    progress = [line for line in lines if " fold " in line and "left)" in line]
     assert len(progress) == 10 and all(line.lstrip().startswith(("softmax", "urm-warm")) for line in progress)
     assert {line.split(" fold ")[1].split(":")[0] for line in progress} == {f"{i}/5" for i in range(1, 6)}

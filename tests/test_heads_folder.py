@@ -166,7 +166,7 @@ def test_a_second_writer_is_refused_at_once_with_the_holders_pid(tmp_path, monke
                 train()
             assert time.perf_counter() - t0 < 5  # at once, not after a wait
         with pytest.raises(HeadsError, match=rf"process {holder.pid}"):
-            run_demo("demo", log=lambda line: None)
+            run_demo("demo")
         assert not (tmp_path / "cache").exists()  # the demo stopped before extracting anything
         result = CliRunner().invoke(app, ["train-heads", "--heads-dir", str(folder), "--cache-dir", "none",
                                           "--device", "cpu"])

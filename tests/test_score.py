@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from cli import app
 from pipeline import ATTRIBUTES
 from pipeline.features import render_ids
-from tiny_models import (CONVERSATIONS, QUIET, TF457_VERSION, export_tiny, load_export, require_tf457, scores_here,
+from tiny_models import (CONVERSATIONS, TF457_VERSION, export_tiny, load_export, require_tf457, scores_here,
                          scores_under, tokenizer_of)
 
 pytestmark = pytest.mark.integration  # every test exports (and loads) a model
@@ -153,7 +153,7 @@ def test_pair_probabilities_use_the_temperatures_fitted_with_the_heads(tmp_path,
     heads, meta = load_heads(heads_dir)
     save_heads(heads_dir, heads, dataclasses.replace(meta, pair_calibration=PairCalibration(2.0, 0.5, 10, {}, {})))
     out = tmp_path / "model"
-    export_model(ExportConfig(backbone=str(bb), heads_dir=str(heads_dir), out_dir=str(out)), **QUIET)
+    export_model(ExportConfig(backbone=str(bb), heads_dir=str(heads_dir), out_dir=str(out)))
     assert json.loads((out / "config.json").read_text())["urm"]["pair_temperature"] == {"bt": 2.0, "gaussian": 0.5}
     rows = [{"id": "p", "prompt": "What is 2+2?", "chosen": "4", "rejected": "5"}]
     (got,) = urm_score(out, write_jsonl("pairs.jsonl", rows))
@@ -302,16 +302,16 @@ def smollm2(tmp_path_factory):
     x, n = features.embedding, len(features) // 2
     vcfg = build(ValueHeadConfig, dict(loss="nll", epochs=30, patience=30, batch_size=8, lr=1e-3, ensemble=2,
                                        val_fraction=0.25, device="cpu"))
-    value = fit_value_head(x, features.labels, vcfg, **QUIET)
+    value = fit_value_head(x, features.labels, vcfg)
     gcfg = build(GatingConfig, dict(gate="urm", gate_hidden=32, gate_epochs=3, gate_batch_size=4, gate_lr=1e-3,
                                     gate_val_fraction=0.25, device="cpu"))
-    gated = fit_gate(x[:n], x[n:2 * n], value.heads, gcfg, **QUIET)  # any pairs: the gate only has to exist
+    gated = fit_gate(x[:n], x[n:2 * n], value.heads, gcfg)  # any pairs: the gate only has to exist
     meta = HeadsMeta(attributes=list(ATTRIBUTES), hidden_size=gated.heads.d, architecture=gated.heads.architecture,
                      value_head=stage_record(vcfg, value, identity), label_scaling=value.label_scaling,
                      gating=stage_record(gcfg, gated, identity))
     save_heads(root / "heads", gated.heads, meta)
     out = root / "model"
-    export_model(ExportConfig(heads_dir=str(root / "heads"), out_dir=str(out)), **QUIET)  # backbone from heads.json
+    export_model(ExportConfig(heads_dir=str(root / "heads"), out_dir=str(out)))  # backbone from heads.json
     return SimpleNamespace(root=root, cache=cache, heads=root / "heads", out=out, features=features)
 
 
@@ -368,24 +368,23 @@ def test_smollm2_export_scores_the_same_under_transformers_457(smollm2, tmp_path
 
 
 @pytest.mark.parametrize("native", [True, False])
-def test_auto_scores_in_bf16_where_the_cpu_has_it_and_says_what_fp32_costs_where_not(tiny, monkeypatch, native):
+def test_auto_scores_in_bf16_where_the_cpu_has_it_and_says_what_fp32_costs_where_not(tiny, monkeypatch, native, said):
     import pipeline.device as device
     from pipeline.serve import load_scorer
 
     monkeypatch.setattr(device, "native_bf16_cpu", lambda: native)
-    said = []
-    model, _ = load_scorer(str(tiny[2]), "auto", "cpu", log=said.append)
+    model, _ = load_scorer(str(tiny[2]), "auto", "cpu")
     backbone = {p.dtype for p in model.model.parameters()}
     heads = {p.dtype for name, p in model.named_parameters() if not name.startswith("model.")}
     assert backbone == {torch.bfloat16 if native else torch.float32} and heads == {torch.float32}  # heads stay fp32
     _, count = device.stored_parameters(tiny[2])
     if native:
-        assert said == []
+        assert said() == []
     else:
-        (note,) = said
+        (note,) = said()
         assert f"about {count * 4 / 1e9:.1f} GB" in note and "--dtype bfloat16 halves" in note
-    model32, _ = load_scorer(str(tiny[2]), "float32", "cpu", log=said.append)  # asked for: no note
-    assert {p.dtype for p in model32.parameters()} == {torch.float32} and len(said) == (0 if native else 1)
+    model32, _ = load_scorer(str(tiny[2]), "float32", "cpu")  # asked for: no note
+    assert {p.dtype for p in model32.parameters()} == {torch.float32} and len(said()) == (0 if native else 1)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])

@@ -18,7 +18,6 @@ from pipeline.train import fit_gate, fit_value_head
 from tiny_models import heads_meta
 
 K = len(ATTRIBUTES)
-QUIET = dict(log=lambda line: None)
 
 
 def prompt_dependent_pairs(n=4000, d=16, seed=0):
@@ -77,7 +76,7 @@ STAGE2 = dict(gate_lr=1e-2, gate_batch_size=256, gate_epochs=15, gate_patience=5
 def small_fit(**overrides):
     h, y = linear_ratings(n=600, d=8)
     cfg = build(ValueHeadConfig, {**STAGE1, "loss": "reparam", "epochs": 4, "batch_size": 64, **overrides})
-    return fit_value_head(h, y, cfg, **QUIET), h, y
+    return fit_value_head(h, y, cfg), h, y
 
 
 def test_stage1_is_deterministic_on_cpu():
@@ -126,7 +125,7 @@ def test_standardized_labels_are_folded_back_to_the_label_scale():
 @pytest.mark.parametrize("gate", ["urm", "softmax"])
 def test_gate_weights_follow_the_prompt_and_beat_equal_weights(gate):
     chosen, rejected = prompt_dependent_pairs()
-    fit = fit_gate(chosen, rejected, identity_value_head(), build(GatingConfig, dict(gate=gate, **STAGE2)), **QUIET)
+    fit = fit_gate(chosen, rejected, identity_value_head(), build(GatingConfig, dict(gate=gate, **STAGE2)))
     val, equal = fit.val, fit.val["equal_weights"]
     assert equal["accuracy"] < 0.7 and val["accuracy"] > 0.94  # gating wins by a wide margin
     w_std, w_mean = val["weights_std"], val["weights_mean"]
@@ -140,13 +139,13 @@ def test_pair_temperatures_are_fitted_on_the_validation_pairs():
     """Under-confident softmax-gate scores (T < 1) and an identity value head whose sigma = 1 overstates
     the Gaussian's spread: the fitted temperatures cut the ECE of both probabilities."""
     chosen, rejected = prompt_dependent_pairs()
-    fit = fit_gate(chosen, rejected, identity_value_head(), build(GatingConfig, dict(gate="softmax", **STAGE2)), **QUIET)
+    fit = fit_gate(chosen, rejected, identity_value_head(), build(GatingConfig, dict(gate="softmax", **STAGE2)))
     pairs = fit.calibration
     assert pairs.validation_pairs == 400 and pairs.temperature_bt < 1 and pairs.temperature_gaussian < 1
     assert pairs.after["ece"] < 0.5 * pairs.before["ece"] and pairs.after["ece_gaussian"] < 0.5 * pairs.before["ece_gaussian"]
     assert pairs.before["ece"] == pytest.approx(fit.val["ece"])  # T = 1 is the plain report
     off = fit_gate(chosen, rejected, identity_value_head(),
-                   build(GatingConfig, dict(gate="softmax", pair_temperature=False, **STAGE2)), **QUIET).calibration
+                   build(GatingConfig, dict(gate="softmax", pair_temperature=False, **STAGE2))).calibration
     assert (off.temperature_bt, off.temperature_gaussian) == (1.0, 1.0) and off.after == off.before
 
 
@@ -155,7 +154,7 @@ def test_stage2_is_deterministic_and_leaves_the_value_head_alone():
     value = identity_value_head()
     before = {k: v.clone() for k, v in value.state_dict().items()}
     cfg = build(GatingConfig, {"gate": "urm", **STAGE2, "gate_epochs": 3})
-    a, b = fit_gate(chosen, rejected, value, cfg, **QUIET), fit_gate(chosen, rejected, value, cfg, **QUIET)
+    a, b = fit_gate(chosen, rejected, value, cfg), fit_gate(chosen, rejected, value, cfg)
     for (name, x), (_, y) in zip(a.heads.state_dict().items(), b.heads.state_dict().items()):
         assert torch.equal(x, y), name
     assert not a.heads.score.weight.requires_grad
@@ -169,10 +168,10 @@ def test_margin_aware_gate_widens_the_gap_the_margin_asks_for():
     chosen, rejected = prompt_dependent_pairs(n=1000)
     value, n = identity_value_head(), len(chosen)
     cfg = {"gate": "urm", **STAGE2, "gate_epochs": 5}
-    plain = fit_gate(chosen, rejected, value, build(GatingConfig, cfg), **QUIET)
+    plain = fit_gate(chosen, rejected, value, build(GatingConfig, cfg))
     with_margin = build(GatingConfig, {**cfg, "use_margin": True})
-    zero = fit_gate(chosen, rejected, value, with_margin, margin=torch.zeros(n), **QUIET)
-    wide = fit_gate(chosen, rejected, value, with_margin, margin=torch.full((n,), 3.0), **QUIET)
+    zero = fit_gate(chosen, rejected, value, with_margin, margin=torch.zeros(n))
+    wide = fit_gate(chosen, rejected, value, with_margin, margin=torch.full((n,), 3.0))
     assert all(torch.equal(a, b) for a, b in zip(plain.heads.state_dict().values(), zero.heads.state_dict().values()))
 
     def mean_gap(fit):
@@ -183,7 +182,7 @@ def test_margin_aware_gate_widens_the_gap_the_margin_asks_for():
     assert "bt_margin_loss" in wide.val and "bt_margin_loss" not in plain.val
     assert wide.val["bt_margin_loss"] > wide.val["bt_loss"]
     with pytest.raises(UserError, match="--use-margin needs each pair's margin"):
-        fit_gate(chosen, rejected, value, with_margin, **QUIET)
+        fit_gate(chosen, rejected, value, with_margin)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -199,7 +198,7 @@ def test_nll_recovers_the_noise_std_reparam_shrinks_it_and_calibration_gives_it_
                                   ("reparam+calibration", "reparam", True)):
         cfg = build(ValueHeadConfig, dict(ratings_cache=cache, heads_dir=str(tmp_path / name), loss=loss,
                                           calibrate=calibrate, **STAGE1))
-        per = train_value_head(cfg, **QUIET)["val"]["per_attribute"]
+        per = train_value_head(cfg)["val"]["per_attribute"]
         sigma[name] = torch.tensor([per[a]["mean_sigma"] for a in ATTRIBUTES])
         coverage[name] = torch.tensor([per[a]["coverage90"] for a in ATTRIBUTES])
     # nll: calibrated, every attribute's sigma within 10% of the true noise std (METHOD.md 2).
@@ -239,8 +238,7 @@ def test_train_gating_adds_the_gate_and_keeps_the_value_head(tmp_path):
     prefs = write_cache(tmp_path / "prefs", (chosen, rejected))
     heads_dir = value_head_folder(tmp_path, ratings)
     before = load_heads(heads_dir)[0].score.weight.clone()
-    summary = train_gating(build(GatingConfig, dict(preferences_cache=prefs, heads_dir=heads_dir, gate="urm", **STAGE2)),
-                           **QUIET)
+    summary = train_gating(build(GatingConfig, dict(preferences_cache=prefs, heads_dir=heads_dir, gate="urm", **STAGE2)))
     assert summary["val"]["accuracy"] > 0.94 and summary["val"]["equal_weights"]["accuracy"] < 0.7
     heads, meta = load_heads(heads_dir)
     assert torch.equal(heads.score.weight, before)  # bit-identical after stage 2
@@ -258,7 +256,7 @@ def test_train_gating_refuses_a_cache_from_another_backbone(tmp_path, field, val
     prefs = write_cache(tmp_path / "prefs", (chosen, rejected), **kwargs)
     heads_dir = value_head_folder(tmp_path, ratings)
     with pytest.raises(HeadsError, match=rf"{field} is '{value}' there") as err:
-        train_gating(build(GatingConfig, dict(preferences_cache=prefs, heads_dir=heads_dir, **STAGE2)), **QUIET)
+        train_gating(build(GatingConfig, dict(preferences_cache=prefs, heads_dir=heads_dir, **STAGE2)))
     assert prefs in str(err.value) and ratings in str(err.value)  # names both caches
 
 
@@ -268,8 +266,7 @@ def test_train_gating_with_margins_needs_every_pairs_margin(tmp_path):
     prefs = write_cache(tmp_path / "prefs", (chosen, rejected))  # a dataset without margins
     heads_dir = value_head_folder(tmp_path, ratings)
     with pytest.raises(UserError, match=r"prefs: 50 of 50 pairs have no margin, which --use-margin needs"):
-        train_gating(build(GatingConfig, dict(preferences_cache=prefs, heads_dir=heads_dir, use_margin=True, **STAGE2)),
-                     **QUIET)
+        train_gating(build(GatingConfig, dict(preferences_cache=prefs, heads_dir=heads_dir, use_margin=True, **STAGE2)))
 
 
 def test_train_gating_refuses_another_hidden_size(tmp_path):
@@ -278,10 +275,10 @@ def test_train_gating_refuses_another_hidden_size(tmp_path):
     prefs = write_cache(tmp_path / "prefs", (chosen[:, :8], rejected[:, :8]))
     heads_dir = value_head_folder(tmp_path, ratings)
     with pytest.raises(HeadsError, match="hidden_size is 8 there but 16"):
-        train_gating(build(GatingConfig, dict(preferences_cache=prefs, heads_dir=heads_dir, **STAGE2)), **QUIET)
+        train_gating(build(GatingConfig, dict(preferences_cache=prefs, heads_dir=heads_dir, **STAGE2)))
 
 
-def test_pairs_without_preference_train_no_gate(tmp_path):
+def test_pairs_without_preference_train_no_gate(tmp_path, said):
     """Identical features on both sides of every pair: every gate ties on every pair, so none is fitted or saved;
     some such pairs are a warning with their count."""
     from pipeline.train import NoPreference
@@ -289,22 +286,21 @@ def test_pairs_without_preference_train_no_gate(tmp_path):
     chosen, rejected = prompt_dependent_pairs(n=300)
     cfg = build(GatingConfig, dict(gate="global", **STAGE2))
     with pytest.raises(NoPreference, match="all 300 pairs have identical chosen and rejected features"):
-        fit_gate(chosen, chosen.clone(), identity_value_head(), cfg, **QUIET)
+        fit_gate(chosen, chosen.clone(), identity_value_head(), cfg)
     some = rejected.clone()
     some[:30] = chosen[:30]
-    lines = []
-    fit_gate(chosen, some, identity_value_head(), cfg, log=lines.append)
-    assert any(line.startswith("warning: 30 of 300 pairs have identical chosen and rejected") for line in lines)
+    fit_gate(chosen, some, identity_value_head(), cfg)
+    assert any(line.startswith("warning: 30 of 300 pairs have identical chosen and rejected") for line in said())
     ratings = write_cache(tmp_path / "ratings", chosen[:100], torch.zeros(100, K).numpy())
     prefs = write_cache(tmp_path / "prefs", (chosen, chosen))
     heads_dir = value_head_folder(tmp_path, ratings)
     before = (tmp_path / "heads" / "heads.json").read_bytes()
     with pytest.raises(NoPreference, match=f"{prefs}: all 300 pairs"):  # names the cache
-        train_gating(build(GatingConfig, dict(preferences_cache=prefs, heads_dir=heads_dir, **STAGE2)), **QUIET)
+        train_gating(build(GatingConfig, dict(preferences_cache=prefs, heads_dir=heads_dir, **STAGE2)))
     assert (tmp_path / "heads" / "heads.json").read_bytes() == before and load_heads(heads_dir)[1].gating is None
 
 
-def test_a_gate_not_better_than_chance_is_flagged_and_one_that_ties_everywhere_refused(tmp_path):
+def test_a_gate_not_better_than_chance_is_flagged_and_one_that_ties_everywhere_refused(tmp_path, said, caplog):
     """The sign test of the held-out pairs: preferences that do not depend on the features leave the gate at
     chance (a warning, and heads.json says so); real ones give a tiny p; no pair told apart is refused."""
     from pipeline.metrics import sign_test_p
@@ -313,23 +309,23 @@ def test_a_gate_not_better_than_chance_is_flagged_and_one_that_ties_everywhere_r
 
     chosen, rejected = prompt_dependent_pairs(n=2000)
     cfg = build(GatingConfig, dict(gate="global", **STAGE2))
-    real = fit_gate(chosen, rejected, identity_value_head(), cfg, **QUIET).val["chance"]
+    real = fit_gate(chosen, rejected, identity_value_head(), cfg).val["chance"]
     assert real["better_than_chance"] and real["p_value"] < 1e-6
     assert real["p_value"] == sign_test_p(real["wins"], real["untied"]) and real["where"] == "validation"
     coin = torch.rand(len(chosen), generator=torch.Generator().manual_seed(3)) < 0.5  # who "won": a coin
     noise_c, noise_r = torch.where(coin[:, None], chosen, rejected), torch.where(coin[:, None], rejected, chosen)
-    lines = []
-    fit = fit_gate(noise_c, noise_r, identity_value_head(), cfg, log=lines.append)
+    caplog.clear()
+    fit = fit_gate(noise_c, noise_r, identity_value_head(), cfg)
     chance = fit.val["chance"]
     assert not chance["better_than_chance"] and chance["p_value"] >= 0.05 and chance["untied"] == 200
-    assert any(line.startswith("warning: the gate is not shown better than chance") for line in lines)
+    assert any(line.startswith("warning: the gate is not shown better than chance") for line in said())
     with pytest.raises(NoPreference, match="every one of the 4 validation pairs ties"):
-        against_chance(torch.zeros(4), "validation", **QUIET)
+        against_chance(torch.zeros(4), "validation")
     ratings = write_cache(tmp_path / "ratings", chosen[:100], torch.zeros(100, K).numpy())
     heads_dir = value_head_folder(tmp_path, ratings)
     prefs = write_cache(tmp_path / "prefs", (noise_c, noise_r))
     summary = train_gating(build(GatingConfig, dict(preferences_cache=prefs, heads_dir=heads_dir, gate="global",
-                                                    **STAGE2)), **QUIET)
+                                                    **STAGE2)))
     recorded = load_heads(heads_dir)[1].gating.val["chance"]  # saved, but not as if it were a trained gate
     assert recorded["better_than_chance"] is False and recorded == summary["val"]["chance"]
 
@@ -338,8 +334,7 @@ def test_gate_on_an_ensemble_keeps_every_member_frozen():
     chosen, rejected = prompt_dependent_pairs(n=300)
     value = Heads(16, K, members=3)
     before = {k: v.clone() for k, v in value.state_dict().items()}
-    fit = fit_gate(chosen, rejected, value, build(GatingConfig, {"gate": "softmax", **STAGE2, "gate_epochs": 2}),
-                   **QUIET)
+    fit = fit_gate(chosen, rejected, value, build(GatingConfig, {"gate": "softmax", **STAGE2, "gate_epochs": 2}))
     after = fit.heads.state_dict()
     assert all(torch.equal(after[k], v) for k, v in before.items())
     assert not fit.heads.ensemble.weight.requires_grad
@@ -348,14 +343,13 @@ def test_gate_on_an_ensemble_keeps_every_member_frozen():
     assert torch.allclose(out["gating_weights"].sum(-1), fit.heads.softmax_gate.scale)
 
 
-def test_one_step_epochs_are_pointed_out():
-    lines = []
+def test_one_step_epochs_are_pointed_out(said, caplog):
     h, y = linear_ratings(n=300, d=8)
-    fit_value_head(h, y, build(ValueHeadConfig, {**STAGE1, "loss": "reparam", "epochs": 1, "batch_size": 1024}), log=lines.append)
-    assert any("1 optimiser step(s) per epoch" in line and "--batch-size 16" in line for line in lines)
-    quiet = []
-    fit_value_head(h, y, build(ValueHeadConfig, {**STAGE1, "loss": "reparam", "epochs": 1, "batch_size": 32}), log=quiet.append)
-    assert not any(line.startswith("note:") for line in quiet)
+    fit_value_head(h, y, build(ValueHeadConfig, {**STAGE1, "loss": "reparam", "epochs": 1, "batch_size": 1024}))
+    assert any("1 optimiser step(s) per epoch" in line and "--batch-size 16" in line for line in said())
+    caplog.clear()
+    fit_value_head(h, y, build(ValueHeadConfig, {**STAGE1, "loss": "reparam", "epochs": 1, "batch_size": 32}))
+    assert not any(line.startswith("note:") for line in said())
 
 
 def test_denormals_read_as_zero_inside_flush_denormals_blocks_and_again_after():
@@ -390,7 +384,6 @@ def test_training_stages_run_with_denormals_flushed(tmp_path, monkeypatch):
     ratings = write_cache(tmp_path / "ratings", chosen[:100], torch.zeros(100, K).numpy())
     prefs = write_cache(tmp_path / "prefs", (chosen, rejected))
     heads_dir = value_head_folder(tmp_path, ratings)
-    train_gating(build(GatingConfig, dict(preferences_cache=prefs, heads_dir=heads_dir, gate="global", **STAGE2)),
-                 **QUIET)
+    train_gating(build(GatingConfig, dict(preferences_cache=prefs, heads_dir=heads_dir, gate="global", **STAGE2)))
     assert seen == [0.0]
     assert float(torch.tensor([1e-39]) * 1) == pytest.approx(1e-39, rel=1e-3)

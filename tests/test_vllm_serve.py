@@ -28,7 +28,7 @@ import torch
 from pipeline import ATTRIBUTES
 from pipeline.serve.engine_answer import answer_layout, answer_vectors, read_answer
 from bench.serve_engines import free_port, healthy, stop, vllm_serve_args, vllm_server
-from tiny_models import CONVERSATIONS, QUIET, build_tiny_llama, tokenizer_of
+from tiny_models import CONVERSATIONS, build_tiny_llama, tokenizer_of
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_EXPORT = ROOT / "runs" / "demo" / "model"
@@ -110,7 +110,7 @@ def tiny_export(root: Path, name: str, *, members: int, gate_hidden: int, reward
         build_tiny_qwen2(backbone)
     heads = seeded_heads(root / f"heads-{name}", backbone, members=members, gate_hidden=gate_hidden, seed=seed)
     out = root / name
-    export_model(ExportConfig(backbone=str(backbone), heads_dir=str(heads), out_dir=str(out)), **QUIET)
+    export_model(ExportConfig(backbone=str(backbone), heads_dir=str(heads), out_dir=str(out)))
     return out
 
 
@@ -175,7 +175,7 @@ def demo_export(tmp_path_factory) -> Path:
     backbone = convert_gguf(local_gguf(SMOLLM2_GGUF))
     root = tmp_path_factory.mktemp("vllm-demo")
     heads = seeded_heads(root / "heads", backbone, members=3, gate_hidden=576, seed=2, d=576)
-    export_model(ExportConfig(backbone=str(backbone), heads_dir=str(heads), out_dir=str(root / "model")), **QUIET)
+    export_model(ExportConfig(backbone=str(backbone), heads_dir=str(heads), out_dir=str(root / "model")))
     return root / "model"
 
 
@@ -187,7 +187,7 @@ def urm_score_rows(model: Path, conversations, tmp: Path, reward: str = "mean", 
     source, output = tmp / f"conversations-{reward}.jsonl", tmp / f"scores-{reward}.jsonl"
     source.write_text("".join(json.dumps({"id": f"c{i}", "messages": c}) + "\n" for i, c in enumerate(conversations)))
     score_file(str(model), build(ScoreConfig, dict(input=str(source), output=str(output), dtype="float32", device="cpu",
-                                                   reward=reward, risk=risk)), log=lambda line: None)
+                                                   reward=reward, risk=risk)))
     return [json.loads(line) for line in output.read_text().splitlines()]
 
 

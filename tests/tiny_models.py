@@ -21,7 +21,6 @@ from pipeline import ATTRIBUTES
 
 ROOT = Path(__file__).resolve().parents[1]
 K = len(ATTRIBUTES)
-QUIET = dict(log=lambda line: None)
 CONVERSATIONS = [
     [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}],
     [{"role": "user", "content": "Explain gradient descent in simple words."},
@@ -260,7 +259,7 @@ def export_tiny(root: Path, *, reward_model: bool = False, members: int = 1, gat
     heads = random_heads_dir(root / f"heads-{name}", bb, members=members, gate=gate, bias=bias, gate_hidden=gate_hidden,
                              posterior=posterior)
     out = root / name
-    export_model(ExportConfig(backbone=str(bb), heads_dir=str(heads), out_dir=str(out)), **QUIET)
+    export_model(ExportConfig(backbone=str(bb), heads_dir=str(heads), out_dir=str(out)))
     return bb, heads, out
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import re
 import types
 import typing
@@ -24,7 +25,7 @@ from pipeline.configs.curate import CurateConfig
 from pipeline.configs.evaluate import EvaluateConfig
 from pipeline.configs.export import ExportConfig
 from pipeline.configs.extract import DatasetSpec, ExtractConfig
-from pipeline.configs.options import ConfigError, build, machine_checks_off, options
+from pipeline.configs.options import ConfigError, build, machine_checks_off, options, to_dict
 from pipeline.configs.paths import DEFAULT_PRESET, run_paths
 from pipeline.configs.serve import ScoreConfig, ServeConfig
 from pipeline.configs.train import GatingConfig, ValueHeadConfig
@@ -33,6 +34,8 @@ try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
+
+logger = logging.getLogger(__name__)
 
 PRESET_DIR = Path(__file__).resolve().parent
 
@@ -201,4 +204,7 @@ def load_config(stage: str, preset: str | None = DEFAULT_PRESET, overrides: dict
     if any(k in given for k in together):
         values = {k: v for k, v in values.items() if k not in together}
     values.update(given)
-    return build(cls, values)
+    config = build(cls, values)
+    logger.debug(f"{stage} settings (preset {source or 'none'}; given as options or URM_ variables: "
+                 f"{', '.join(sorted(given)) or 'none'}): {to_dict(config)}")
+    return config

@@ -18,18 +18,21 @@ that the gate's early stopping held out, so that calibration is compared on equa
 from __future__ import annotations
 
 import dataclasses
-
+import logging
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
+from pipeline import unheard
 from pipeline.eval.evaluation import Candidate, Scores
 from pipeline.model import VALUE_PREFIXES, Heads
 from pipeline.train import fit_pair_temperatures, split_rows
 
 if TYPE_CHECKING:  # the configs are the caller's (pipeline.configs)
     from pipeline.configs import GatingConfig, ValueHeadConfig
+
+logger = logging.getLogger(__name__)
 
 EVAL_ROWS = 8192
 PROBE_C = tuple(10.0 ** np.arange(-4, 2))  # inverse regularisation strengths tried on validation
@@ -113,14 +116,15 @@ def ridge_value_head(x: torch.Tensor, y: torch.Tensor) -> tuple[Heads, dict]:
     return heads, {"alpha": chosen}
 
 
-def armorm(x: torch.Tensor, y: torch.Tensor, xc: torch.Tensor, xr: torch.Tensor, gating: GatingConfig,
-           log=print) -> tuple[Candidate, dict]:
+def armorm(x: torch.Tensor, y: torch.Tensor, xc: torch.Tensor, xr: torch.Tensor,
+           gating: GatingConfig) -> tuple[Candidate, dict]:
     """Ridge per attribute, then ArmoRM's softmax gate with the BT loss (the value head frozen)."""
     from pipeline.train import fit_gate
 
     value, info = ridge_value_head(x, y)
-    fit = fit_gate(xc, xr, value, dataclasses.replace(gating, gate="softmax", gate_hidden=None, temperature=None,
-                                                      pair_temperature=True), log=log)
+    with unheard("pipeline.train"):  # a baseline's training: not the run's own lines
+        fit = fit_gate(xc, xr, value, dataclasses.replace(gating, gate="softmax", gate_hidden=None, temperature=None,
+                                                          pair_temperature=True))
 
     def scores(rows):
         s = heads_scores(fit.heads, rows.embedding)
@@ -147,12 +151,13 @@ def base_score() -> Candidate:
 
 
 def urm_variant(name: str, about: str, x, y, xc, xr, value_cfg: ValueHeadConfig, gating_cfg: GatingConfig,
-                names, log=print) -> tuple[Candidate, dict]:
+                names) -> tuple[Candidate, dict]:
     """URM heads trained again, both stages, with these configs (another recipe on the same caches)."""
     from pipeline.train import fit_gate, fit_value_head
 
-    value = fit_value_head(x, y, value_cfg, names, log)
-    gated = fit_gate(xc, xr, value.heads, gating_cfg, names, log)
+    with unheard("pipeline.train"):  # a baseline's training: not the run's own lines
+        value = fit_value_head(x, y, value_cfg, names)
+        gated = fit_gate(xc, xr, value.heads, gating_cfg, names)
     return heads_candidate(name, about, gated.heads, gated.calibration), {"value_val": value.val,
                                                                           "gate_val": gated.val}
 
@@ -196,8 +201,8 @@ class HeadsRecipe:
     on_these_caches: bool
 
 
-def fit_baselines(heads: Heads, caches: TrainingCaches, recipe: HeadsRecipe, ensemble: int, names: list[str],
-                  log) -> tuple[list[Candidate], dict]:
+def fit_baselines(heads: Heads, caches: TrainingCaches, recipe: HeadsRecipe, ensemble: int,
+                  names: list[str]) -> tuple[list[Candidate], dict]:
     """Every baseline above, fitted on ``caches``: (candidates, what each fit found, with its seconds; a variant
     that is the heads' own recipe gets ``same_as`` instead). ``ensemble``: the members of the seed's URME."""
     import time
@@ -205,10 +210,10 @@ def fit_baselines(heads: Heads, caches: TrainingCaches, recipe: HeadsRecipe, ens
     x, y = caches.ratings.embedding, caches.ratings.labels
     xc, xr = caches.pairs.chosen.embedding, caches.pairs.rejected.embedding
     val = caches.val_pairs
-    candidates, info, quiet = [], {}, (lambda line: None)
+    candidates, info = [], {}
 
     def add(name, make):
-        log(f"baseline: {name} ...")
+        logger.info(f"baseline: {name} ...")
         t0 = time.perf_counter()
         candidate, found = make()
         candidates.append(candidate)
@@ -220,7 +225,7 @@ def fit_baselines(heads: Heads, caches: TrainingCaches, recipe: HeadsRecipe, ens
 
     gating = recipe.gating
     add("linear BT probe", lambda: on_val(linear_probe(xc, xr, gating.optim.val_fraction, gating.run.seed)))
-    add("ArmoRM recipe", lambda: armorm(x, y, xc, xr, gating, quiet))
+    add("ArmoRM recipe", lambda: armorm(x, y, xc, xr, gating))
     add("equal weights", lambda: on_val((equal_weights(heads), {})))
     if caches.base_score:
         add("backbone's own score", lambda: on_val((base_score(), {})))
@@ -229,5 +234,5 @@ def fit_baselines(heads: Heads, caches: TrainingCaches, recipe: HeadsRecipe, ens
         if recipe.on_these_caches and (v_cfg, g_cfg) == (recipe.value, gating):
             info[name] = {"same_as": "URM (these heads)"}  # their recipe exactly: not trained twice
             continue
-        add(name, lambda: urm_variant(name, about, x, y, xc, xr, v_cfg, g_cfg, names, quiet))
+        add(name, lambda: urm_variant(name, about, x, y, xc, xr, v_cfg, g_cfg, names))
     return candidates, info

@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import datetime as _dt
 import gc
+import logging
 import os
-import sys
 from dataclasses import dataclass
 from typing import Callable, TypeVar
 
 from pipeline.errors import AlreadyReported, UserError
+
+logger = logging.getLogger(__name__)
 
 # How long a rank waits at a collective for the others: the slowest rank's remaining parts (about
 # one part's worth with balanced shares) plus rank 0's resume check of an existing cache.
@@ -131,7 +133,7 @@ def from_main(ranks: Ranks, compute: Callable[[], T]) -> T:
         raise error
     if message[0] is not None:
         stopped = RankError(f"{ranks}: stopped because rank 0 failed (its error line says why)")
-        print(f"error: {stopped}", file=sys.stderr, flush=True)  # the CLI's one line, before rank 0 may leave
+        logger.error(f"error: {stopped}")  # the CLI's one line, before rank 0 may leave
         try:
             _collective(ranks, "barrier")
         except RankError:  # rank 0 is gone already: the line is out, nothing more to say

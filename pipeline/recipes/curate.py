@@ -20,7 +20,7 @@ With ``--select N`` the input is unlabelled pairs (pipeline.data.response_pairs;
 
 from __future__ import annotations
 
-import sys
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +43,8 @@ from pipeline.eval.curation import (
 from pipeline.eval.curation_report import PLOT, curation_plot, write_curation_report
 from pipeline.eval.evaluation import Scores
 from pipeline.outputs import FOLDER, OwnFiles, check_output
+
+logger = logging.getLogger(__name__)
 
 WRITES = ("scored.jsonl", "curated.jsonl", "selected.jsonl", "report.md", PLOT)  # everything OUT_DIR may hold
 
@@ -73,11 +75,11 @@ def is_cache(source: str) -> bool:
     return (Path(source) / "_manifest.json").is_file()
 
 
-def read_pairs_file(source: str, cfg: CurateConfig, log) -> tuple[list, int]:
+def read_pairs_file(source: str, cfg: CurateConfig) -> tuple[list, int]:
     """(labelled pairs (curating) or unlabelled response pairs (``--select``), how many pairs were dropped as
     identical); CurateError when there are none. Pairs whose chosen is identical to their rejected are dropped and
     counted as `urm extract` drops them (``drop_identical``: they carry no preference, and every model is "sure" of
-    them); a file of nothing else is refused. The load report goes to ``log``."""
+    them); a file of nothing else is refused. The load report is logged."""
     from pipeline.data import drop_identical, input_kind, load_preferences, load_response_pairs
 
     if cfg.select is not None:
@@ -88,7 +90,7 @@ def read_pairs_file(source: str, cfg: CurateConfig, log) -> tuple[list, int]:
                               "score`; unlabelled two-response rows to `urm curate --select N`)")
         pairs, report = load_preferences(source, format=cfg.reading.format, skip_invalid=cfg.reading.skip_invalid, limit=cfg.reading.limit)
         pairs = drop_identical(pairs, report)
-    log(report.summary())
+    logger.info(report.summary())
     if not pairs:
         raise CurateError(f"{source}: no pairs to curate ({report.rows_skipped} rows skipped)")
     return pairs, len(report.identical_pairs)
@@ -103,7 +105,7 @@ def side_scores(out: dict[str, np.ndarray], side: int) -> Scores:
                   take("attribute_stds"), take("epistemic_std"))
 
 
-def score_with_export(model_dir: str, source: str, cfg: CurateConfig, log) -> JudgedInput:
+def score_with_export(model_dir: str, source: str, cfg: CurateConfig) -> JudgedInput:
     """Both sides of every pair through the export, batched as `urm score` does."""
     from pipeline.features import pad_id_of, render_ids
     from pipeline.model.modeling_urm import pair_temperatures
@@ -111,17 +113,17 @@ def score_with_export(model_dir: str, source: str, cfg: CurateConfig, log) -> Ju
 
     urm = export_config(model_dir).urm
     require_members(cfg, urm.get("members", 1), model_dir, bool(urm.get("posterior")))  # before anything loads
-    pairs, identical = read_pairs_file(source, cfg, log)
-    model, tokenizer = load_scorer(model_dir, cfg.runtime.dtype, cfg.runtime.device, cfg.runtime.verify, log)
+    pairs, identical = read_pairs_file(source, cfg)
+    model, tokenizer = load_scorer(model_dir, cfg.runtime.dtype, cfg.runtime.device, cfg.runtime.verify)
     ids = render_ids(tokenizer, flatten("pairs", pairs))
-    pairs, ids, dropped = within_length("pairs", pairs, ids, length_limit(model.config, cfg.reading.max_length), log)
+    pairs, ids, dropped = within_length("pairs", pairs, ids, length_limit(model.config, cfg.reading.max_length))
     out = score_ids(model, ids, cfg.runtime.max_tokens_per_batch, pad_id_of(tokenizer))
     t = pair_temperatures(model.config)
     return JudgedInput(pairs, side_scores(out, 0), side_scores(out, 1), t["bt"], t["gaussian"], dropped,
                        f"export {model_dir}", identical)
 
 
-def score_cached(model_dir: str, cache: str, cfg: CurateConfig, log) -> JudgedInput:
+def score_cached(model_dir: str, cache: str, cfg: CurateConfig) -> JudgedInput:
     """A preference cache's pairs scored by the heads on their cached features; the conversations come from the
     source file the manifest names (curated.jsonl needs them), matched by pair id, once the source is checked to be
     what the cache was extracted from (``check_source``: an edited file would pair old features with new rows)."""
@@ -272,14 +274,13 @@ def select(data: JudgedInput, judged: dict, cfg: CurateConfig, folder: Path) -> 
             "outputs": ["scored.jsonl", "selected.jsonl"]}
 
 
-def run_curate(model_dir: str, cfg: CurateConfig, log=None) -> dict:
+def run_curate(model_dir: str, cfg: CurateConfig) -> dict:
     """Judge every pair of ``cfg.input`` with the model in ``model_dir``; write ``cfg.out_dir`` atomically (module
     docstring)."""
-    log = log or (lambda line: print(line, file=sys.stderr))
     source, out_dir = cfg.input, cfg.out_dir
     check_output(out_dir, "--out-dir", FOLDER, inputs=curate_inputs(model_dir, source), overwrite=cfg.overwrite,
                  own=OwnFiles(lambda name: name in WRITES))  # before anything is scored
-    data = (score_cached if is_cache(source) else score_with_export)(model_dir, source, cfg, log)
+    data = (score_cached if is_cache(source) else score_with_export)(model_dir, source, cfg)
     judged = judge_pairs(data.chosen, data.rejected, data.temperature_bt, data.temperature_gaussian)
     check_signal(judged, cfg.signal)
     with atomic_directory(out_dir) as folder:

@@ -10,9 +10,12 @@ numbers, whichever way they come out.
 
 from __future__ import annotations
 
+import logging
 import time
 
 from pipeline import configs as C
+
+logger = logging.getLogger(__name__)
 
 STEPS = ("extract", "train-heads", "export", "evaluate", "score the sigmoid example")
 # Within this band P(answer 2 better) says the model cannot tell the two answers apart.
@@ -27,12 +30,12 @@ def load_configs(preset: str) -> dict:
     return configs
 
 
-def step(i: int, log) -> float:
-    log(f"\n== [{i + 1}/{len(STEPS)}] {STEPS[i]} ==")
+def step(i: int) -> float:
+    logger.info(f"\n== [{i + 1}/{len(STEPS)}] {STEPS[i]} ==")
     return time.perf_counter()
 
 
-def run_demo(preset: str = C.DEFAULT_PRESET, log=print) -> dict:
+def run_demo(preset: str = C.DEFAULT_PRESET) -> dict:
     """Run extract -> train-heads -> export -> evaluate on ``preset`` and score the sigmoid example."""
     from pipeline.recipes.evaluate import run_evaluate
     from pipeline.recipes.export import export_model
@@ -43,21 +46,21 @@ def run_demo(preset: str = C.DEFAULT_PRESET, log=print) -> dict:
     configs = load_configs(preset)
     started, seconds = time.perf_counter(), {}
     with holding_heads(configs["value_head"], configs["gating"]):  # one writer per heads folder, before any load
-        t = step(0, log)
+        t = step(0)
         extracted = run_extract(configs["extract"])
         seconds["extract"] = time.perf_counter() - t
-        t = step(1, log)
-        trained = train_heads(configs["value_head"], configs["gating"], log=log)
+        t = step(1)
+        trained = train_heads(configs["value_head"], configs["gating"])
         seconds["train-heads"] = time.perf_counter() - t
-        t = step(2, log)
-        exported = export_model(configs["export"], log=log)
-        log(export_summary(exported))
+        t = step(2)
+        exported = export_model(configs["export"])
+        logger.info(export_summary(exported))
         seconds["export"] = time.perf_counter() - t
-        t = step(3, log)
-        report = run_evaluate(configs["evaluate"], log=log)
+        t = step(3)
+        report = run_evaluate(configs["evaluate"])
         seconds["evaluate"] = time.perf_counter() - t
-    t = step(4, log)
-    example = score_sigmoid_example(exported["out_dir"], configs["score"], log)
+    t = step(4)
+    example = score_sigmoid_example(exported["out_dir"], configs["score"])
     seconds["score"] = time.perf_counter() - t
     seconds["total"] = time.perf_counter() - started
     result = {"preset": preset, "extracted": extracted, "trained": trained, "export": exported["out_dir"],
@@ -67,7 +70,7 @@ def run_demo(preset: str = C.DEFAULT_PRESET, log=print) -> dict:
     return result
 
 
-def score_sigmoid_example(model_dir: str, cfg: C.ScoreConfig, log=None) -> dict:
+def score_sigmoid_example(model_dir: str, cfg: C.ScoreConfig) -> dict:
     """Both answers of the sigmoid example through the export: their outputs and P(answer 2 better)."""
     from pipeline.export import SIGMOID_ANSWERS, SIGMOID_PROMPT, sigmoid_example
     from pipeline.features import pad_id_of, render_ids
@@ -75,7 +78,7 @@ def score_sigmoid_example(model_dir: str, cfg: C.ScoreConfig, log=None) -> dict:
     from pipeline.serve import load_scorer, pair_probabilities, row_scores, score_ids
 
     run = cfg.runtime
-    model, tokenizer = load_scorer(model_dir, run.dtype, run.device, run.verify, log)
+    model, tokenizer = load_scorer(model_dir, run.dtype, run.device, run.verify)
     ids = render_ids(tokenizer, sigmoid_example())
     out = score_ids(model, ids, run.max_tokens_per_batch, pad_id_of(tokenizer))
     names = list(model.config.urm["attributes"])

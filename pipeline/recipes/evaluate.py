@@ -83,7 +83,7 @@ def read_eval_caches(cfg: EvaluateConfig, meta: HeadsMeta, device):
 # Baselines
 
 
-def baselines_on_training_caches(cfg: EvaluateConfig, heads, meta: HeadsMeta, eval_pairs: dict, log) -> tuple[list[Candidate], dict]:
+def baselines_on_training_caches(cfg: EvaluateConfig, heads, meta: HeadsMeta, eval_pairs: dict) -> tuple[list[Candidate], dict]:
     """Every baseline of pipeline.eval.baselines, fitted on the training caches; (candidates, what each fit found)."""
     from pipeline.cache import read_features, read_pairs
     from pipeline.configs import GatingConfig, ValueHeadConfig
@@ -114,7 +114,7 @@ def baselines_on_training_caches(cfg: EvaluateConfig, heads, meta: HeadsMeta, ev
     recipe = B.HeadsRecipe(value_cfg, gating_cfg, gate=(meta.gating.selection or {}).get("chosen") if meta.gating else None,
                            on_these_caches=meta.gating is not None and cfg.train_ratings_cache is None
                            and cfg.train_preferences_cache is None)
-    candidates, info = B.fit_baselines(heads, caches, recipe, cfg.baseline_ensemble, list(meta.attributes), log)
+    candidates, info = B.fit_baselines(heads, caches, recipe, cfg.baseline_ensemble, list(meta.attributes))
     return candidates, {"train": {"ratings": str(ratings_path), "preferences": str(pairs_path),
                                   "validation_pairs": len(val)}, "fits": info}
 
@@ -138,7 +138,7 @@ def describe(meta: HeadsMeta) -> str:
             f"{meta.architecture.get('members', 1)} member(s)")
 
 
-def run_evaluate(cfg: EvaluateConfig, model_dir: str | None = None, log=print) -> dict:
+def run_evaluate(cfg: EvaluateConfig, model_dir: str | None = None) -> dict:
     """Evaluate the heads in ``model_dir`` (default ``cfg.heads_dir``); write the report; return it."""
     from pipeline.device import resolve_device
     from pipeline.eval import heads_candidate, write_report
@@ -161,7 +161,7 @@ def run_evaluate(cfg: EvaluateConfig, model_dir: str | None = None, log=print) -
     candidates = [heads_candidate("URM (these heads)", describe(meta), heads, meta.pair_calibration)]
     fitted = {}
     if cfg.baselines:
-        more, fitted = baselines_on_training_caches(cfg, heads, meta, eval_pairs, log)
+        more, fitted = baselines_on_training_caches(cfg, heads, meta, eval_pairs)
         candidates += more
         same = [name for name, found in fitted["fits"].items() if found.get("same_as")]
         if same:

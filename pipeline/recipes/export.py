@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -27,8 +28,10 @@ from pipeline.export import (HEADS_SHARD, ExportError, check_heads_fit, check_to
 from pipeline.model import META, HeadsError, copy_heads, heads_reader, load_heads
 from pipeline.outputs import FOLDER, check_output
 
+logger = logging.getLogger(__name__)
 
-def export_model(cfg: ExportConfig, log=print) -> dict:
+
+def export_model(cfg: ExportConfig) -> dict:
     """Write the Hugging Face model directory ``cfg.out_dir``; returns what was done (urm_export.json).
 
     The heads folder is held with its shared lock (``heads_reader``) from the first read of the heads until their
@@ -56,8 +59,8 @@ def export_model(cfg: ExportConfig, log=print) -> dict:
         reward_model = is_reward_model(files.config)
         plan = plan_shards(directory, files.config, reward_model)
         if plan.extra:
-            log(f"not used by the reward model (left in the shards, ignored on load): {', '.join(plan.extra[:5])}"
-                + (" ..." if len(plan.extra) > 5 else ""))
+            logger.info(f"not used by the reward model (left in the shards, ignored on load): "
+                        f"{', '.join(plan.extra[:5])}" + (" ..." if len(plan.extra) > 5 else ""))
         base_bias = any(v == "base_score.bias" for m in plan.files.values() for v in m.values())
         with atomic_directory(out) as tmp:
             copied = copy_heads(heads_dir, tmp / HEADS_SHARD, tmp / META)  # heads.json and its tensors, one pair

@@ -22,16 +22,21 @@ engine on its own GPUs.
 from __future__ import annotations
 
 import dataclasses
+import logging
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from pipeline import progress_shown
 from pipeline.configs import ConfigError, DatasetSpec, ExtractConfig
 from pipeline.errors import DataError
 from pipeline.features import Ranks
 from pipeline.outputs import PARTS, check_output
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -149,7 +154,7 @@ def select_datasets(cfg: ExtractConfig, names=None) -> list[DatasetSpec]:
 
 
 def load_rows(spec: DatasetSpec, skip_invalid: bool, limit: int | None, report: bool = True):
-    """Load a dataset's records, print the load report, flatten them into Rows; returns (rows, the load report).
+    """Load a dataset's records, log the load report, flatten them into Rows; returns (rows, the load report).
 
     Data without signal is refused here, before the backbone loads: pairs whose chosen is identical to their
     rejected are dropped (and counted), a file of nothing else is refused, and so is a ratings file without any
@@ -166,7 +171,7 @@ def load_rows(spec: DatasetSpec, skip_invalid: bool, limit: int | None, report: 
                                            skip_invalid=skip_invalid, limit=limit)
         rows = pair_rows(drop_identical(records, loaded))
     if report:
-        print(loaded.summary())
+        logger.info(loaded.summary())
     return rows, loaded
 
 
@@ -292,7 +297,7 @@ def write_parts(backbone: LazyBackbone, spec: DatasetSpec, cfg: ExtractConfig, r
         started = time.perf_counter()
         desc = f"extract {spec.name}" + (f" ({ranks}, its share)" if ranks.distributed else "")
         bar = tqdm(total=sum(bounds[i][1] - bounds[i][0] for i in todo), unit="row", desc=desc,
-                   dynamic_ncols=True, disable=not ranks.is_main)
+                   dynamic_ncols=True, disable=not (ranks.is_main and progress_shown()))
 
         def on_batch(n, tokens, padded):
             stats.tokens += tokens
@@ -327,13 +332,15 @@ def write_parts(backbone: LazyBackbone, spec: DatasetSpec, cfg: ExtractConfig, r
 
 def finish(writer, spec: DatasetSpec, cfg: ExtractConfig, rows, bounds, stats: ExtractStats, path: Path, info: dict):
     """Mark the cache complete (refusing an empty one), recording ``info`` (how its rows were read, the engine), and
-    print the closing summary."""
+    write the closing summary line."""
     if writer.manifest["rows"] == 0:  # every row longer than max_length: an empty cache would train nothing
         raise DataError(spec.source, None, None, f"all {stats.dropped or len(rows)} rows are longer than max_length="
                         f"{cfg.max_length} tokens: nothing to cache; raise --max-length")
     manifest = writer.finish(len(bounds), info)
     stats.rows, stats.dropped = manifest["rows"], manifest["dropped_rows"]
-    print(summary_line(spec.name, path, stats, cfg.max_length))
+    # The command's own output (what it cached), not a log line: stdout, as soon as the dataset is done, --quiet or not
+    sys.stdout.write(summary_line(spec.name, path, stats, cfg.max_length) + "\n")
+    sys.stdout.flush()
     return stats
 
 
@@ -387,9 +394,9 @@ def warn_positions(config, cfg: ExtractConfig) -> None:
     trained on (they are kept, as asked: a backbone may extrapolate; the heads never see a longer row than this)."""
     positions = getattr(config, "max_position_embeddings", None)
     if isinstance(positions, int) and cfg.max_length > positions:
-        print(f"warning: --max-length {cfg.max_length} is more than the {positions} positions of the backbone "
-              f"(max_position_embeddings): rows between {positions} and {cfg.max_length} tokens run past what it was "
-              f"trained on; --max-length {positions} or less keeps to them")
+        logger.warning(f"warning: --max-length {cfg.max_length} is more than the {positions} positions of the "
+                       f"backbone (max_position_embeddings): rows between {positions} and {cfg.max_length} tokens run "
+                       f"past what it was trained on; --max-length {positions} or less keeps to them")
 
 
 def run_extract(cfg: ExtractConfig, names=None) -> dict[str, ExtractStats]:

@@ -18,16 +18,20 @@ were trained (config.json's ``urm.pair_temperature``).
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 
+from pipeline import progress_shown
 from pipeline.configs import ScoreConfig
 from pipeline.outputs import FILE, check_output
 from pipeline.serve import (check_reward_fits, earlier_scores, flatten, length_hint, length_limit, load_input,
                             output_rows, within_length, write_jsonl)
 
+logger = logging.getLogger(__name__)
 
-def score_file(model_dir: str, cfg: ScoreConfig, log=None) -> dict:
+
+def score_file(model_dir: str, cfg: ScoreConfig) -> dict:
     """Score every row of ``cfg.input`` with the exported model in ``model_dir``; JSONL to ``cfg.output`` (stdout
     when None)."""
     from tqdm.auto import tqdm
@@ -35,21 +39,20 @@ def score_file(model_dir: str, cfg: ScoreConfig, log=None) -> dict:
     from pipeline.features import pad_id_of, render_ids
     from pipeline.serve import load_scorer, score_ids
 
-    log = log or (lambda line: print(line, file=sys.stderr))
     source, output = cfg.input, cfg.output
     if output is not None:  # before anything is read: the one output rule (pipeline.outputs)
         check_output(output, "-o", FILE, inputs=[("--input", source), ("MODEL_DIR", model_dir)],
                      overwrite=cfg.overwrite, own=earlier_scores)
     check_reward_fits(model_dir, cfg.reward)  # a transform the export cannot give stops here, before any read
     kind, items, report = load_input(source, cfg.reading)
-    log(report.summary())
-    model, tokenizer = load_scorer(model_dir, cfg.runtime.dtype, cfg.runtime.device, cfg.runtime.verify, log)
+    logger.info(report.summary())
+    model, tokenizer = load_scorer(model_dir, cfg.runtime.dtype, cfg.runtime.device, cfg.runtime.verify)
     ids = render_ids(tokenizer, flatten(kind, items))
     limit = length_limit(model.config, cfg.reading.max_length)
-    items, ids, dropped = within_length(kind, items, ids, limit, log, length_hint(model.config, limit))
+    items, ids, dropped = within_length(kind, items, ids, limit, length_hint(model.config, limit))
     pad_id = pad_id_of(tokenizer)
     counts = {"tokens": 0, "padded_tokens": 0}
-    bar = tqdm(total=len(ids), unit="row", desc="score", dynamic_ncols=True, file=sys.stderr)
+    bar = tqdm(total=len(ids), unit="row", desc="score", dynamic_ncols=True, file=sys.stderr, disable=not progress_shown())
 
     def on_batch(n, tokens, padded):
         counts["tokens"] += tokens
@@ -67,8 +70,8 @@ def score_file(model_dir: str, cfg: ScoreConfig, log=None) -> dict:
     names = list(model.config.urm["attributes"])
     rows = output_rows(kind, items, out, names, pair_temperatures(model.config), cfg.reward, cfg.risk)
     if model.config.urm.get("layout") == "published":  # its sigma never calibrated: said on every row
-        log(f"{model_dir}: its sigma was never calibrated on held-out data (attribute_stds, score_std and "
-            "p_chosen_gaussian are as the checkpoint gives them); rows carry sigma_calibrated: false")
+        logger.warning(f"{model_dir}: its sigma was never calibrated on held-out data (attribute_stds, score_std and "
+                       "p_chosen_gaussian are as the checkpoint gives them); rows carry sigma_calibrated: false")
         rows = ({**row, "sigma_calibrated": False} for row in rows)
     written = write_jsonl(rows, output)
     return {"kind": kind, "rows": written, "dropped": dropped, "conversations": len(ids), **counts, "seconds": seconds,

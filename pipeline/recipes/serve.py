@@ -8,6 +8,7 @@ finish, and return. Scores come from `urm score`'s own path (pipeline.features.r
 
 from __future__ import annotations
 
+import logging
 import signal
 import sys
 import time
@@ -15,21 +16,22 @@ import time
 from pipeline.configs import ServeConfig
 from pipeline.serve import ServeError, bind, is_loopback, load_service
 
+logger = logging.getLogger(__name__)
 
-def run_serve(model_dir: str, cfg: ServeConfig, log=None) -> dict:
+
+def run_serve(model_dir: str, cfg: ServeConfig) -> dict:
     """Serve ``model_dir`` on cfg.host:cfg.port until SIGTERM / Ctrl-C; returns what was served."""
     import uvicorn
 
     from pipeline.serve import Access, Batcher, Limits, RewardChoice, check_reward_fits, create_app
 
-    log = log or (lambda line: print(line, file=sys.stderr, flush=True))
     if cfg.open_health and cfg.api_key is None:
         raise ServeError("--open-health leaves GET /health open to callers without the key, but no key is set "
                          "(--api-key or URM_API_KEY), so every route is open: set a key, or drop --open-health")
     sock = bind(cfg.host, cfg.port)  # before loading: a taken port fails in a second, not after the model loads
     try:
         check_reward_fits(model_dir, cfg.reward)  # and a --reward the export cannot give, before it loads
-        service = load_service(model_dir, cfg, log)
+        service = load_service(model_dir, cfg)
         limits = Limits(max_items=cfg.max_items, max_queue=cfg.max_queue,
                         max_body_bytes=int(cfg.max_body_mb * (1 << 20)))
         batcher = Batcher(service.score_fn, cfg.runtime.max_tokens_per_batch, cfg.max_wait_ms / 1000, cfg.max_queue,
@@ -39,13 +41,15 @@ def run_serve(model_dir: str, cfg: ServeConfig, log=None) -> dict:
         host, port = sock.getsockname()[:2]
         shown = f"[{host}]" if ":" in host else host
         if not is_loopback(cfg.host) and cfg.api_key is None:
-            log(f"warning: listening on {cfg.host}, not loopback: the server has no authentication; anyone who can "
-                "reach this address can use the model (--api-key or URM_API_KEY requires a key)")
-        # The address line goes to stdout, flushed, so scripts (and the tests) can wait for it.
+            logger.warning(f"warning: listening on {cfg.host}, not loopback: the server has no authentication; anyone "
+                           "who can reach this address can use the model (--api-key or URM_API_KEY requires a key)")
+        # The address line is the command's output, not a log line: stdout, flushed, so scripts (and the tests) can
+        # wait for it, --quiet or not.
         keyed = ("; API key required" + ("" if cfg.open_health else ", /health too")) if cfg.api_key else ""
-        print(f"urm serve: listening on http://{shown}:{port} ({service.info['device']}, "
-              f"{service.info['dtype']}; POST /score, POST /get_reward, GET /health; reward {cfg.reward}{keyed})",
-              flush=True)
+        sys.stdout.write(f"urm serve: listening on http://{shown}:{port} ({service.info['device']}, "
+                         f"{service.info['dtype']}; POST /score, POST /get_reward, GET /health; reward "
+                         f"{cfg.reward}{keyed})\n")
+        sys.stdout.flush()
         config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=60,
                                 limit_concurrency=max(64, 2 * cfg.max_queue), timeout_keep_alive=30)
         server = uvicorn.Server(config)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import logging
 import os
 import time
 
@@ -27,6 +28,8 @@ from pipeline.outputs import PARTS, check_output
 from pipeline.train import Fit, NoPreference
 from pipeline.train.optimization import flush_denormals
 
+logger = logging.getLogger(__name__)
+
 
 def stage_record(cfg, fit: Fit, cache: CacheIdentity) -> StageRecord:
     """The heads.json section of one stage: config, cache, per-epoch history, final metrics."""
@@ -34,7 +37,7 @@ def stage_record(cfg, fit: Fit, cache: CacheIdentity) -> StageRecord:
                        history=fit.history, val=fit.val, selection=fit.selection)
 
 
-def feature_rows(path: str, run, pairs: bool, log=print):
+def feature_rows(path: str, run, pairs: bool):
     """(minibatch source, labels, margin, manifest) of a cache: its features held on the device when they fit
     ``run.memory_budget`` (GB; default half the device's memory), else streamed from the part files
     (``pipeline.train.feature_stream``). Either way the epochs visit the parts in the same seeded order."""
@@ -46,8 +49,8 @@ def feature_rows(path: str, run, pairs: bool, log=print):
     streamed, need, budget = streams(m, run.memory_budget, device)
     if streamed:
         rows, labels, margin = open_streamed(path, pairs=pairs, device=device, verify=run.verify)
-        log(f"{path}: {need / 1e9:.2f} GB of features exceed the memory budget of {budget / 1e9:.2f} GB "
-            f"(--memory-budget): streaming them from its {len(m['parts'])} parts")
+        logger.info(f"{path}: {need / 1e9:.2f} GB of features exceed the memory budget of {budget / 1e9:.2f} GB "
+                    f"(--memory-budget): streaming them from its {len(m['parts'])} parts")
         return rows, labels, margin, rows.manifest
     if pairs:
         p = read_pairs(path, device=device, verify=run.verify)
@@ -108,16 +111,16 @@ def check_heads_dir(cfg) -> None:
 
 
 @holds_heads
-def train_value_head(cfg: ValueHeadConfig, log=print) -> dict:
+def train_value_head(cfg: ValueHeadConfig) -> dict:
     """Stage 1 from the ratings cache into ``cfg.run.heads_dir``; returns a summary dict."""
     from pipeline.train import fit_value_head
 
     path = ratings_cache(cfg)
     require_cache(cfg)
-    rows, labels, _, manifest = feature_rows(path, cfg.run, pairs=False, log=log)
+    rows, labels, _, manifest = feature_rows(path, cfg.run, pairs=False)
     names = list(manifest.get("label_names") or ATTRIBUTES)
     t0 = time.perf_counter()
-    fit = fit_value_head(rows, labels, cfg, names, log)
+    fit = fit_value_head(rows, labels, cfg, names)
     meta = HeadsMeta(attributes=names, hidden_size=fit.heads.d, architecture=fit.heads.architecture,
                      value_head=stage_record(cfg, fit, CacheIdentity.of(path, manifest)),
                      label_scaling=fit.label_scaling, sigma_calibration=fit.calibration)
@@ -136,7 +139,7 @@ def pair_margins(path: str, margin: torch.Tensor) -> torch.Tensor:
 
 
 @holds_heads
-def train_gating(cfg: GatingConfig, log=print) -> dict:
+def train_gating(cfg: GatingConfig) -> dict:
     """Stage 2 from the preference cache; adds the gate to the heads in ``cfg.run.heads_dir``."""
     from pipeline.train import fit_gate
 
@@ -145,11 +148,11 @@ def train_gating(cfg: GatingConfig, log=print) -> dict:
     value, meta = load_heads(cfg.run.heads_dir)
     identity = CacheIdentity.of(path, manifest)
     check_same_backbone(meta.value_head.cache, identity, cfg.run.heads_dir)
-    rows, _, margin, _ = feature_rows(path, cfg.run, pairs=True, log=log)
+    rows, _, margin, _ = feature_rows(path, cfg.run, pairs=True)
     margin = pair_margins(path, margin) if cfg.use_margin else None
     t0 = time.perf_counter()
     try:
-        fit = fit_gate(rows, None, value, cfg, meta.attributes, log, margin)
+        fit = fit_gate(rows, None, value, cfg, meta.attributes, margin)
     except NoPreference as e:  # the pairs' own fault: name them
         raise NoPreference(f"{path}: {e}") from None
     save_heads(cfg.run.heads_dir, fit.heads, dataclasses.replace(meta, gating=stage_record(cfg, fit, identity),
@@ -159,7 +162,7 @@ def train_gating(cfg: GatingConfig, log=print) -> dict:
             "seconds": time.perf_counter() - t0, "val": fit.val}
 
 
-def train_heads(value_cfg: ValueHeadConfig, gating_cfg: GatingConfig, log=print) -> list[dict]:
+def train_heads(value_cfg: ValueHeadConfig, gating_cfg: GatingConfig) -> list[dict]:
     """Stage 1 then stage 2 (`urm train-heads`), the heads folder(s) held throughout, so that no other training
     comes between; both caches' kinds and the preference cache's checksums are checked first, so a wrong or
     damaged one stops the run before stage 1 spends its time."""
@@ -172,7 +175,7 @@ def train_heads(value_cfg: ValueHeadConfig, gating_cfg: GatingConfig, log=print)
         require_cache(gating_cfg)
         if gating_cfg.run.verify:
             verify_cache(preferences_cache(gating_cfg))
-        return [train_value_head(value_cfg, log), train_gating(gating_cfg, log)]
+        return [train_value_head(value_cfg), train_gating(gating_cfg)]
 
 
 @contextlib.contextmanager

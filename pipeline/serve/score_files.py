@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -19,6 +20,8 @@ import numpy as np
 from pipeline.atomic import WRITE_CAUSES, WriteError, write_text
 from pipeline.model import rewards_of
 from pipeline.serve.scoring import ScoreError, nonfinite_field, pair_probabilities, row_scores
+
+logger = logging.getLogger(__name__)
 
 
 def load_input(source: str, reading):
@@ -61,7 +64,7 @@ def output_rows(kind: str, items, out: dict[str, np.ndarray], names: list[str], 
                **pair_probabilities(chosen, rejected, temperature)}
 
 
-def within_length(kind: str, items, ids: list[list[int]], limit: int, log, hint: str = "--max-length raises the limit"):
+def within_length(kind: str, items, ids: list[list[int]], limit: int, hint: str = "--max-length raises the limit"):
     """Drop (and count) the conversations longer than ``limit`` tokens, a pair with either side whole, as
     extraction does: the heads never saw such lengths (and the backbone may not fit them)."""
     from pipeline.features import keep_mask
@@ -74,8 +77,8 @@ def within_length(kind: str, items, ids: list[list[int]], limit: int, log, hint:
     names = [getattr(item, "pair_id", None) or item.id for item in dropped[:3]]
     if len(dropped) == len(items):
         raise ScoreError(f"all {len(items)} rows are longer than max_length={limit} tokens: nothing to score; {hint}")
-    log(f"dropped {len(dropped)} {kind} longer than max_length={limit} tokens (e.g. {', '.join(map(str, names))}); "
-        f"{hint}")
+    logger.warning(f"dropped {len(dropped)} {kind} longer than max_length={limit} tokens (e.g. "
+                   f"{', '.join(map(str, names))}); {hint}")
     return [i for i, k in zip(items, per_item) if k], [x for x, k in zip(ids, keep) if k], len(dropped)
 
 

@@ -9,6 +9,7 @@ P(chosen > rejected) under Bradley-Terry and under the Gaussians (METHOD.md 1).
 
 from __future__ import annotations
 
+import logging
 import math
 
 from pathlib import Path
@@ -19,6 +20,8 @@ import torch
 from pipeline.errors import UserError
 from pipeline.features import OnBatch, run_batches
 from pipeline.model import OUTPUTS, needs_ensemble, needs_posterior, p_chosen_bt, p_chosen_gaussian
+
+logger = logging.getLogger(__name__)
 
 # [B, K]: keyed by attribute name
 PER_ATTRIBUTE = ("attribute_means", "attribute_stds", "gating_weights", "attribute_epistemic_stds")
@@ -74,14 +77,14 @@ def check_reward_fits(model_dir: str, transform: str) -> None:
         raise ScoreError(f"--{why}")
 
 
-def load_scorer(model_dir: str, dtype: str = "auto", device: str = "auto", verify: bool = True, log=None):
+def load_scorer(model_dir: str, dtype: str = "auto", device: str = "auto", verify: bool = True):
     """An exported model (pipeline's own copy of modeling_urm: no remote code runs) and its tokenizer;
     its files are checked against the checksums the export recorded (``verify``; the heads' always). A
     checkpoint in the published layout has no heads.json to check against.
 
     The weights load straight into the compute dtype (``pipeline.device.load_in_dtype``: no second full copy);
     ``auto`` is bf16 where the hardware runs it natively (``pipeline.device.scoring_dtype``), and where it resolves
-    to fp32 on a CPU, ``log`` says first how much memory that takes and that --dtype bfloat16 halves it."""
+    to fp32 on a CPU, a note says first how much memory that takes and that --dtype bfloat16 halves it."""
     from transformers import AutoTokenizer
 
     from pipeline.device import load_in_dtype, resolve_device, resolve_dtype, scoring_dtype, stored_parameters
@@ -94,10 +97,11 @@ def load_scorer(model_dir: str, dtype: str = "auto", device: str = "auto", verif
     check_weights(path, config)
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(scoring_dtype(dtype), dev)
-    if dtype in ("auto", "auto-bf16") and dev.type == "cpu" and torch_dtype == torch.float32 and log is not None:
+    if dtype in ("auto", "auto-bf16") and dev.type == "cpu" and torch_dtype == torch.float32:
         _, count = stored_parameters(path)
-        log(f"note: this CPU has no native bf16, so --dtype {dtype} scores in float32: the weights take about "
-            f"{count * 4 / 1e9:.1f} GB of memory; --dtype bfloat16 halves that (bf16 is emulated here, so slower)")
+        logger.info(f"note: this CPU has no native bf16, so --dtype {dtype} scores in float32: the weights take about "
+                    f"{count * 4 / 1e9:.1f} GB of memory; --dtype bfloat16 halves that (bf16 is emulated here, so "
+                    "slower)")
     keep = tuple(f"{name}." for name in URMForSequenceClassification.HEAD_MODULES)  # the heads stay fp32
     try:
         model = load_in_dtype(lambda dt: URMForSequenceClassification.from_pretrained(

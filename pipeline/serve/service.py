@@ -13,12 +13,12 @@ if TYPE_CHECKING:  # the config is the caller's (pipeline.configs)
     from pipeline.configs import ServeConfig
 
 
-def load_service(model_dir: str, cfg: ServeConfig, log=None):
+def load_service(model_dir: str, cfg: ServeConfig):
     """The export loaded once, and how the server tokenises and scores for it (`urm score`'s functions)."""
     from pipeline.features import encode_texts, pad_id_of, render_ids
     from pipeline.model import EXPORT_TENSORS, read_meta
 
-    model, tokenizer = load_scorer(model_dir, cfg.runtime.dtype, cfg.runtime.device, cfg.runtime.verify, log)
+    model, tokenizer = load_scorer(model_dir, cfg.runtime.dtype, cfg.runtime.device, cfg.runtime.verify)
     pad_id = pad_id_of(tokenizer)
     urm = model.config.urm
     published = urm.get("layout") == "published"  # a published-layout checkpoint: no heads.json

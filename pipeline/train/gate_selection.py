@@ -35,6 +35,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import dataclasses
+import logging
 import math
 import os
 import time
@@ -43,16 +44,19 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from pipeline import ATTRIBUTES
+from pipeline import unheard
 from pipeline.train.calibration import fit_temperature
 from pipeline.train.feature_stream import TensorRows
-from pipeline.train.gates import GATE_KINDS, TRAINED_KINDS, fit_gate_kind, pair_scores
+from pipeline.train.gates import GATE_KINDS, TRAINED_KINDS, GatePairs, HeldPairs, fit_gate_kind, pair_scores
 from pipeline.train.optimization import split_rows
 
 if TYPE_CHECKING:  # the configs are the caller's (pipeline.configs)
     from pipeline.configs import GatingConfig
 
+logger = logging.getLogger(__name__)
+
 CV_MAX_PAIRS = 20_000
+FIT_SPEAKERS = ("pipeline.train.gates", "pipeline.train.optimization")  # what a fold's fit says is not heard
 Z = {"equal": 0.0, "global": 0.0, "urm-warm": 1.0, "urm": 1.0, "softmax": 1.0}
 
 
@@ -130,27 +134,27 @@ def torch_threads(n: int):
 @dataclasses.dataclass
 class Fold:
     """One split of `--gate auto`'s plan: the pairs a candidate is fitted on (``train``, stopping early on
-    ``val_pairs``, a split of them) and the pairs it is scored on (``scored``, with their features ``xs``)."""
+    ``val``, a split of them) and the pairs it is scored on (``scored``, held in memory as ``judged``)."""
 
     index: int
     train: torch.Tensor
-    val_pairs: tuple
+    val: HeldPairs
     scored: torch.Tensor
-    xs: list
+    judged: HeldPairs
 
 
-def select_gate(rows, value, frozen: tuple, train: torch.Tensor, val: torch.Tensor, cfg: GatingConfig, margin=None,
-                names=ATTRIBUTES, log=print) -> tuple[str, dict, tuple[torch.Tensor, torch.Tensor]]:
-    """The gate kind for these pairs (``rows``, a minibatch source; ``frozen`` the value head's (mu_c, ls_c, mu_r,
-    ls_r) of every pair), the record of how it was chosen (for heads.json), and the chosen kind's out-of-fold
-    (s_c - s_r, Var_c + Var_r) of every scored pair: what its pair temperatures are best fitted on.
+def select_gate(value, pairs: GatePairs, train: torch.Tensor, val: torch.Tensor,
+                cfg: GatingConfig) -> tuple[str, dict, tuple[torch.Tensor, torch.Tensor]]:
+    """The gate kind for these pairs (``train`` and ``val`` their training and validation split), the record of how
+    it was chosen (for heads.json), and the chosen kind's out-of-fold (s_c - s_r, Var_c + Var_r) of every scored
+    pair: what its pair temperatures are best fitted on.
 
     The fits of the trained kinds run in parallel over the folds on a CPU with more than one core (each on its
     own share of the cores; their numbers do not depend on how many run at once), and a line per finished fit
     says which candidate and fold, and how long is left."""
     t0 = time.perf_counter()
-    mu_c, ls_c, mu_r, ls_r = frozen
-    device = mu_c.device
+    rows = pairs.rows
+    device = pairs.outputs.mu_chosen.device
     kinds = [k for k in GATE_KINDS if k in cfg.gate_candidates]
     cv = cfg.gate_folds > 1 and rows.n <= CV_MAX_PAIRS
     if cv:
@@ -168,18 +172,16 @@ def select_gate(rows, value, frozen: tuple, train: torch.Tensor, val: torch.Tens
         inner_train, inner_val = (fit_idx[j] for j in split_rows(len(fit_idx), cfg.optim.val_fraction, cfg.run.seed,
                                                                 "--gate-val-fraction"))
         inner_train, inner_val, score_idx = inner_train.to(device), inner_val.to(device), score_idx.to(device)
-        xv = rows.take(inner_val)
-        val_pairs = (*xv, mu_c[inner_val], ls_c[inner_val], mu_r[inner_val], ls_r[inner_val],
-                     None if margin is None else margin[inner_val])
-        splits.append(Fold(i, inner_train, val_pairs, score_idx, rows.take(score_idx)))
+        splits.append(Fold(i, inner_train, pairs.held(inner_val), score_idx, pairs.held(score_idx)))
     fitted = min(len(f.train) for f in splits)
     not_tried = {}
     if not mlp_supported(fitted, rows.d) and any(k not in TRAINED_KINDS for k in kinds):
         not_tried = {k: (f"not tried: fitted on {fitted} pairs, 2 x {fitted} feature vectors are no more than the "
                          f"features' width d = {rows.d}, so it would interpolate them") for k in kinds if k in TRAINED_KINDS}
         kinds = [k for k in kinds if k not in not_tried]
-        log(f"gate: {', '.join(not_tried)} not tried: each fit would learn from {fitted} pairs, whose {2 * fitted} "
-            f"feature vectors do not outnumber the features' width ({rows.d}); an MLP gate would interpolate them")
+        logger.info(f"gate: {', '.join(not_tried)} not tried: each fit would learn from {fitted} pairs, whose "
+                    f"{2 * fitted} feature vectors do not outnumber the features' width ({rows.d}); an MLP gate would "
+                    "interpolate them")
     oof = {k: torch.empty(rows.n, dtype=torch.float64) for k in kinds}  # s_c - s_r of the gate that did not see it
     oof_var = {k: torch.empty(rows.n, dtype=torch.float64) for k in kinds}  # Var_c + Var_r under its weights
     seconds = dict.fromkeys(kinds, 0.0)
@@ -188,11 +190,8 @@ def select_gate(rows, value, frozen: tuple, train: torch.Tensor, val: torch.Tens
     def fit(kind: str, fold: Fold) -> tuple[str, Fold, float, int, torch.Tensor, torch.Tensor]:
         """``kind`` fitted on ``fold``: (kind, fold, seconds, epochs, s_c - s_r and Var_c + Var_r of its scored pairs)."""
         t1 = time.perf_counter()
-        heads, history, _ = fit_gate_kind(kind, rows, value, mu_c, mu_r, fold.train, fold.val_pairs, quiet, margin,
-                                          names, log=lambda line: None)
-        idx = fold.scored
-        s_c, s_r, var_c, var_r, _ = pair_scores(heads.gate_weights, *fold.xs, mu_c[idx], ls_c[idx], mu_r[idx],
-                                                ls_r[idx])
+        heads, history, _ = fit_gate_kind(kind, value, pairs, fold.train, fold.val, quiet)
+        s_c, s_r, var_c, var_r, _ = pair_scores(heads.gate_weights, fold.judged)
         return kind, fold, time.perf_counter() - t1, len(history), (s_c - s_r).double().cpu(), \
             (var_c + var_r).double().cpu()
 
@@ -209,19 +208,19 @@ def select_gate(rows, value, frozen: tuple, train: torch.Tensor, val: torch.Tens
             record(fit(kind, fold))
     tasks = [(kind, fold) for kind in sorted(trained, key=TRAINED_KINDS.index, reverse=True) for fold in splits]
     workers = max(1, min(len(tasks), available_cores())) if device.type == "cpu" and isinstance(rows, TensorRows) else 1
-    log(f"gate: choosing among {', '.join(kinds)} by {protocol}: {len(tasks)} trained fits"
-        + (f", {workers} at a time" if workers > 1 else "") + " ...")
+    logger.info(f"gate: choosing among {', '.join(kinds)} by {protocol}: {len(tasks)} trained fits"
+                + (f", {workers} at a time" if workers > 1 else "") + " ...")
     done, started = 0, time.perf_counter()
     with torch_threads(max(1, available_cores() // workers)) if workers > 1 else contextlib.nullcontext(), \
-            concurrent.futures.ThreadPoolExecutor(workers) as pool:
+            concurrent.futures.ThreadPoolExecutor(workers) as pool, unheard(*FIT_SPEAKERS):
         try:
             for future in concurrent.futures.as_completed([pool.submit(fit, kind, fold) for kind, fold in tasks]):
                 kind, fold, took, ran = record(future.result())
                 epochs[kind][fold.index] = ran
                 done += 1
                 left = (time.perf_counter() - started) / done * (len(tasks) - done)
-                log(f"  {kind} fold {fold.index + 1}/{len(splits)}: {ran} epochs, {took:.1f}s ({done}/{len(tasks)} "
-                    f"fits; about {left:.0f}s left)")
+                logger.info(f"  {kind} fold {fold.index + 1}/{len(splits)}: {ran} epochs, {took:.1f}s "
+                            f"({done}/{len(tasks)} fits; about {left:.0f}s left)")
         except BaseException:  # an error, or Ctrl-C: the fits not started yet are dropped, not waited for
             pool.shutdown(wait=False, cancel_futures=True)
             raise
@@ -235,8 +234,8 @@ def select_gate(rows, value, frozen: tuple, train: torch.Tensor, val: torch.Tens
                        "seconds": seconds[kind], **({"epochs": epochs[kind]} if kind in epochs else {})}
     chosen, reasons = choose(tempered, kinds)
     for line in reasons:
-        log(f"  {line}")
-    log(f"gate: {chosen} (chosen by {protocol}, {time.perf_counter() - t0:.1f}s)")
+        logger.info(f"  {line}")
+    logger.info(f"gate: {chosen} (chosen by {protocol}, {time.perf_counter() - t0:.1f}s)")
     return chosen, {"chosen": chosen, "protocol": protocol, "scored_pairs": len(scored), "candidates": table,
                     "criterion": "per-pair BT loss at each candidate's own temperature",
                     "rule": "simplest first; a candidate must beat every simpler one, the best of them by more than z "

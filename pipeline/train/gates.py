@@ -17,6 +17,8 @@ so every choice exports in the published layout (``weights.*``) or as ArmoRM's (
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import time
 from typing import TYPE_CHECKING
 
@@ -36,6 +38,8 @@ from pipeline.train.optimization import EarlyStopping, adamw, stop_if_diverged, 
 
 if TYPE_CHECKING:  # the configs are the caller's (pipeline.configs)
     from pipeline.configs import GatingConfig
+
+logger = logging.getLogger(__name__)
 
 GATE_KINDS = ("equal", "global", "urm-warm", "urm", "softmax")  # simplest first
 TRAINED_KINDS = ("urm-warm", "urm", "softmax")  # fitted by AdamW with early stopping (the others in closed form)
@@ -68,23 +72,67 @@ def frozen_outputs(heads: Heads, x: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return split_mean_logstd(torch.cat([heads.score(x[rows].float()) for rows in row_chunks(len(x))]))
 
 
+@dataclasses.dataclass(frozen=True)
+class PairOutputs:
+    """The frozen value head's outputs on pairs, computed once: each side's means and log-sigmas [N, K]."""
+
+    mu_chosen: torch.Tensor
+    log_sigma_chosen: torch.Tensor
+    mu_rejected: torch.Tensor
+    log_sigma_rejected: torch.Tensor
+
+    def take(self, idx: torch.Tensor) -> PairOutputs:
+        """The outputs of the pairs ``idx``."""
+        return PairOutputs(self.mu_chosen[idx], self.log_sigma_chosen[idx], self.mu_rejected[idx],
+                           self.log_sigma_rejected[idx])
+
+
+@dataclasses.dataclass(frozen=True)
+class HeldPairs:
+    """Pairs held in memory to judge a gate on: both sides' features [n, d], the frozen value head's outputs on
+    them, and each pair's margin [n] (None: the plain BT loss)."""
+
+    chosen: torch.Tensor
+    rejected: torch.Tensor
+    outputs: PairOutputs
+    margin: torch.Tensor | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class GatePairs:
+    """What a gate is fitted on: the pairs (``rows``, a minibatch source of (chosen, rejected) features,
+    ``pipeline.train.feature_stream``), the frozen value head's outputs on every pair, each pair's margin [N]
+    (None: the plain BT loss) and the attributes' names."""
+
+    rows: object
+    outputs: PairOutputs
+    margin: torch.Tensor | None = None
+    names: tuple = ATTRIBUTES
+
+    def held(self, idx: torch.Tensor) -> HeldPairs:
+        """The pairs ``idx``, their features read into memory."""
+        xc, xr = self.rows.take(idx)
+        return HeldPairs(xc, xr, self.outputs.take(idx), None if self.margin is None else self.margin[idx])
+
+
 @torch.no_grad()
-def frozen_pair_outputs(heads: Heads, rows) -> tuple[torch.Tensor, ...]:
-    """(mu_c, ls_c, mu_r, ls_r) [N, K] of the frozen value head for every pair of ``rows``, computed once."""
+def frozen_pair_outputs(heads: Heads, rows) -> PairOutputs:
+    """The frozen value head's outputs on every pair of ``rows``, computed once."""
     out = [[], [], [], []]
     for _, (xc, xr) in rows.chunks():
         for i, x in enumerate((xc, xr)):
             mu, log_sigma = split_mean_logstd(heads.score(x.float()))
             out[2 * i].append(mu)
             out[2 * i + 1].append(log_sigma)
-    return tuple(torch.cat(o) for o in out)
+    return PairOutputs(*(torch.cat(o) for o in out))
 
 
-def gate_epoch(heads: Heads, opt, rows, mu_c, mu_r, order, batch_size: int, margin=None) -> float:
-    """One pass over the pairs in ``order`` of ``rows`` (a minibatch source of (chosen, rejected));
-    returns the mean BT loss (margin-aware with ``margin`` [N])."""
+def gate_epoch(heads: Heads, opt, pairs: GatePairs, order, batch_size: int) -> float:
+    """One pass over the pairs in ``order`` of ``pairs``; returns the mean BT loss (margin-aware when the pairs have
+    a margin)."""
+    mu_c, mu_r, margin = pairs.outputs.mu_chosen, pairs.outputs.mu_rejected, pairs.margin
     total = torch.zeros((), device=mu_c.device)
-    for idx, (xc, xr) in rows.batches(order, batch_size):
+    for idx, (xc, xr) in pairs.rows.batches(order, batch_size):
         idx = idx.to(mu_c.device)
         w = heads.gate_weights(torch.cat([xc, xr]).float())  # one pass for both sides
         s_chosen, s_rejected = score(w, torch.cat([mu_c[idx], mu_r[idx]])).chunk(2)
@@ -97,12 +145,13 @@ def gate_epoch(heads: Heads, opt, rows, mu_c, mu_r, order, batch_size: int, marg
 
 
 @torch.no_grad()
-def pair_scores(weights_fn, xc, xr, mu_c, ls_c, mu_r, ls_r):
+def pair_scores(weights_fn, pairs: HeldPairs):
     """(s_c, s_r, Var_c, Var_r, w_c) of gate ``weights_fn`` (h -> w [B, K]) over pairs."""
+    xc, xr, out = pairs.chosen, pairs.rejected, pairs.outputs
     w_c = torch.cat([weights_fn(xc[rows].float()) for rows in row_chunks(len(xc))])
     w_r = torch.cat([weights_fn(xr[rows].float()) for rows in row_chunks(len(xr))])
-    return (score(w_c, mu_c), score(w_r, mu_r), score_variance(w_c, ls_c.exp()), score_variance(w_r, ls_r.exp()),
-            w_c)
+    return (score(w_c, out.mu_chosen), score(w_r, out.mu_rejected), score_variance(w_c, out.log_sigma_chosen.exp()),
+            score_variance(w_r, out.log_sigma_rejected.exp()), w_c)
 
 
 def probability_report(s_c, s_r, var_c, var_r, temperature_bt: float = 1.0, temperature_gaussian: float = 1.0) -> dict:
@@ -114,10 +163,11 @@ def probability_report(s_c, s_r, var_c, var_r, temperature_bt: float = 1.0, temp
 
 
 @torch.no_grad()
-def pair_report(weights_fn, xc, xr, mu_c, ls_c, mu_r, ls_r, margin=None, names=ATTRIBUTES) -> dict:
+def pair_report(weights_fn, pairs: HeldPairs, names=ATTRIBUTES) -> dict:
     """Stage-2 metrics of gate ``weights_fn`` (h -> w [B, K]) on pairs, and its weights' spread;
-    with ``margin`` [N] also the margin-aware BT loss (``bt_margin_loss``)."""
-    s_c, s_r, var_c, var_r, w_c = pair_scores(weights_fn, xc, xr, mu_c, ls_c, mu_r, ls_r)
+    with the pairs' margin also the margin-aware BT loss (``bt_margin_loss``)."""
+    margin = pairs.margin
+    s_c, s_r, var_c, var_r, w_c = pair_scores(weights_fn, pairs)
     spread = w_c.std(0) if len(w_c) > 1 else torch.zeros_like(w_c[0])  # across prompts (chosen side)
     return {"accuracy": M.pairwise_accuracy(s_c, s_r), "bt_loss": losses.bt_loss(s_c, s_r).item(),
             **probability_report(s_c, s_r, var_c, var_r),
@@ -175,54 +225,55 @@ def set_constant_gate(heads: Heads, w: torch.Tensor) -> Heads:
     return heads
 
 
-def train_gate(heads: Heads, rows, mu_c, mu_r, train: torch.Tensor, val_pairs: tuple, cfg: GatingConfig,
-               margin=None, names=ATTRIBUTES, log=print, count_start: bool = False) -> tuple[list[dict], list[int]]:
-    """AdamW on the gate of ``heads`` over the ``train`` pairs of ``rows``, early stopping on ``val_pairs`` (the
-    BT loss, margin-aware with ``margin``); the best epoch's weights are kept. With ``count_start`` the starting
+def train_gate(heads: Heads, pairs: GatePairs, train: torch.Tensor, val: HeldPairs, cfg: GatingConfig,
+               count_start: bool = False) -> tuple[list[dict], list[int]]:
+    """AdamW on the gate of ``heads`` over the ``train`` pairs of ``pairs``, early stopping on ``val`` (the BT loss,
+    margin-aware when the pairs have a margin); the best epoch's weights are kept. With ``count_start`` the starting
     point is epoch 0 of the early stopping (a warm start then never ends worse on validation than it began).
     Returns (history, best epoch)."""
-    criterion = "bt_loss" if margin is None else "bt_margin_loss"
+    criterion = "bt_loss" if pairs.margin is None else "bt_margin_loss"
     params = [p for p in heads.parameters() if p.requires_grad]
     opt = adamw(params, cfg.optim)
     order_gen = torch.Generator().manual_seed(cfg.run.seed)
     stopper = EarlyStopping(params, cfg.optim.patience)
     if count_start:
-        stopper.update(torch.tensor([pair_report(heads.gate_weights, *val_pairs, names=names)[criterion]]), 0)
-    warn_few_steps(log, len(train), cfg.optim.batch_size, "--gate-batch-size")
+        stopper.update(torch.tensor([pair_report(heads.gate_weights, val, pairs.names)[criterion]]), 0)
+    warn_few_steps(len(train), cfg.optim.batch_size, "--gate-batch-size")
     history = []
     for epoch in range(1, cfg.optim.epochs + 1):
         t0 = time.perf_counter()
-        order = part_shuffled(train, rows.part, [order_gen], order_gen)[0]
-        train_loss = gate_epoch(heads, opt, rows, mu_c, mu_r, order, cfg.optim.batch_size, margin)
+        order = part_shuffled(train, pairs.rows.part, [order_gen], order_gen)[0]
+        train_loss = gate_epoch(heads, opt, pairs, order, cfg.optim.batch_size)
         seconds = time.perf_counter() - t0
-        report = pair_report(heads.gate_weights, *val_pairs, names=names)
+        report = pair_report(heads.gate_weights, val, pairs.names)
         stop_if_diverged(epoch, train_loss, torch.tensor([report[criterion]]), "gate", "--gate-lr", cfg.optim.lr)
         better = stopper.update(torch.tensor([report[criterion]]), epoch)
         history.append({"epoch": epoch, "train_loss": train_loss, "seconds": seconds,
                         "pairs_per_s": len(order) / seconds, **report})
-        log(f"gate epoch {epoch:3d}  train bt {train_loss:.4f}  val bt {report[criterion]:.4f}  "
-            f"acc {report['accuracy']:.4f}  w std {sum(report['weights_std'].values()) / heads.k:.3f}  "
-            f"{seconds:.1f}s{'  *' if better.any() else ''}")
+        logger.info(f"gate epoch {epoch:3d}  train bt {train_loss:.4f}  val bt {report[criterion]:.4f}  "
+                    f"acc {report['accuracy']:.4f}  w std {sum(report['weights_std'].values()) / heads.k:.3f}  "
+                    f"{seconds:.1f}s{'  *' if better.any() else ''}")
         if stopper.done:
             break
     stopper.restore()
     return history, stopper.best_epoch.tolist()
 
 
-def fit_gate_kind(kind: str, rows, value: Heads, mu_c, mu_r, train: torch.Tensor, val_pairs: tuple, cfg: GatingConfig,
-                  margin=None, names=ATTRIBUTES, log=print) -> tuple[Heads, list[dict], list[int]]:
-    """A gate of ``kind`` (``GATE_KINDS``) on ``value``, fitted on the ``train`` pairs (``val_pairs``: the early
-    stopping of the trained kinds); returns (heads, history, best epoch)."""
-    device = mu_c.device
+def fit_gate_kind(kind: str, value: Heads, pairs: GatePairs, train: torch.Tensor, val: HeldPairs,
+                  cfg: GatingConfig) -> tuple[Heads, list[dict], list[int]]:
+    """A gate of ``kind`` (``GATE_KINDS``) on ``value``, fitted on the ``train`` pairs of ``pairs`` (``val``: the
+    early stopping of the trained kinds); returns (heads, history, best epoch)."""
+    out, margin = pairs.outputs, pairs.margin
+    device = out.mu_chosen.device
     if kind not in GATE_KINDS:
         raise UserError(f"unknown gate {kind!r}: use one of {', '.join(('auto',) + GATE_KINDS)} (--gate)")
     if kind in ("urm", "softmax"):
         heads = with_gate(value, cfg, kind).to(device)
-        return (heads, *train_gate(heads, rows, mu_c, mu_r, train, val_pairs, cfg, margin, names, log))
+        return (heads, *train_gate(heads, pairs, train, val, cfg))
     k = value.k
     w = (torch.full((k,), 1.0 / k) if kind == "equal" else
-         global_weights(mu_c[train], mu_r[train], None if margin is None else margin[train]))
+         global_weights(out.mu_chosen[train], out.mu_rejected[train], None if margin is None else margin[train]))
     heads = set_constant_gate(with_gate(value, cfg, "urm"), w.cpu()).to(device)
     if kind != "urm-warm":
         return heads, [], []
-    return (heads, *train_gate(heads, rows, mu_c, mu_r, train, val_pairs, cfg, margin, names, log, count_start=True))
+    return (heads, *train_gate(heads, pairs, train, val, cfg, count_start=True))

@@ -6,6 +6,7 @@ weights kept. The two stages (pipeline.train.trainers) and sigma calibration (pi
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import threading
 
@@ -17,6 +18,8 @@ from pipeline.errors import UserError
 
 if TYPE_CHECKING:
     from pipeline.configs import Optimization
+
+logger = logging.getLogger(__name__)
 
 
 def split_rows(n: int, val_fraction: float, seed: int,
@@ -78,12 +81,12 @@ def stop_if_diverged(epoch: int, train_loss: float, criterion: torch.Tensor, wha
                         f"{criterion.tolist()}; nothing was saved. Lower {option} (now {lr:g})")
 
 
-def warn_few_steps(log, rows: int, batch_size: int, option: str) -> None:
+def warn_few_steps(rows: int, batch_size: int, option: str) -> None:
     """Early stopping counts epochs: with one or two steps per epoch it stops long before convergence."""
     steps = math.ceil(rows / batch_size)
     if steps < 4:
-        log(f"note: {rows} training rows in batches of {batch_size} = {steps} optimiser step(s) per epoch; "
-            f"early stopping may end training too soon: consider {option} {max(16, rows // 16)}")
+        logger.info(f"note: {rows} training rows in batches of {batch_size} = {steps} optimiser step(s) per epoch; "
+                    f"early stopping may end training too soon: consider {option} {max(16, rows // 16)}")
 
 
 class EarlyStopping:

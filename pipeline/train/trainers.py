@@ -15,6 +15,7 @@ caches and writing the heads folder is the recipe's (pipeline.recipes.train).
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import TYPE_CHECKING
 
@@ -34,6 +35,8 @@ from pipeline.train.optimization import EarlyStopping, adamw, split_off, split_r
 
 if TYPE_CHECKING:  # the configs are the caller's: a stage never imports them (pipeline.configs)
     from pipeline.configs import GatingConfig, ValueHeadConfig
+
+logger = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -88,15 +91,14 @@ def value_heads(model: ValueEnsemble, mean, std, bias: bool) -> Heads:
     return heads
 
 
-def fit_value_head(features, labels: torch.Tensor, cfg: ValueHeadConfig,
-                   names=ATTRIBUTES, log=print) -> Fit:
+def fit_value_head(features, labels: torch.Tensor, cfg: ValueHeadConfig, names=ATTRIBUTES) -> Fit:
     """Stage 1: fit ``cfg.ensemble`` Gaussian value heads on features [N, d] (a tensor, or a minibatch
     source of ``pipeline.train.feature_stream``) and labels [N, K] (NaN = missing). ``--loss ridge`` (the
     default) solves it in closed form (``pipeline.train.closed_form``); the other losses train by AdamW."""
     if cfg.loss == "ridge":
         from pipeline.train.closed_form import fit_ridge_value_head
 
-        return fit_ridge_value_head(features, labels, cfg, names, log)
+        return fit_ridge_value_head(features, labels, cfg, names)
     if cfg.loss not in losses.STAGE1_LOSSES:
         raise UserError(f"unknown loss {cfg.loss!r}: use one of {losses.STAGE1_LOSSES} (--loss)")
     device = resolve_device(cfg.run.device)
@@ -119,7 +121,7 @@ def fit_value_head(features, labels: torch.Tensor, cfg: ValueHeadConfig,
     stopper = EarlyStopping(list(model.parameters()), cfg.optim.patience, members)
     (x_val,), y_val = rows.take(val), y[val]  # validation and calibration rows are held in memory
     part_gen = torch.Generator().manual_seed(cfg.run.seed)  # the parts' order, shared by the members
-    warn_few_steps(log, len(train), cfg.optim.batch_size, "--batch-size")
+    warn_few_steps(len(train), cfg.optim.batch_size, "--batch-size")
     history = []
     for epoch in range(1, cfg.optim.epochs + 1):
         t0 = time.perf_counter()
@@ -134,9 +136,9 @@ def fit_value_head(features, labels: torch.Tensor, cfg: ValueHeadConfig,
         report = M.regression_report(mu.mean(0), log_sigma.mean(0), y_val, names)
         history.append({"epoch": epoch, "train_loss": train_loss, "val_criterion": criterion.mean().item(),
                         "seconds": seconds, "examples_per_s": order.numel() / seconds, **report})
-        log(f"value head epoch {epoch:3d}  train {train_loss:.4f}  val {cfg.loss} {criterion.mean():.4f}  "
-            f"mse {report['mse']:.4f}  r {report['pearson']:.3f}  nll {report['nll']:.3f}  "
-            f"sigma {report['mean_sigma']:.3f}  {seconds:.1f}s{'  *' if better.any() else ''}")
+        logger.info(f"value head epoch {epoch:3d}  train {train_loss:.4f}  val {cfg.loss} {criterion.mean():.4f}  "
+                    f"mse {report['mse']:.4f}  r {report['pearson']:.3f}  nll {report['nll']:.3f}  "
+                    f"sigma {report['mean_sigma']:.3f}  {seconds:.1f}s{'  *' if better.any() else ''}")
         if stopper.done:
             break
     stopper.restore()
@@ -148,9 +150,9 @@ def fit_value_head(features, labels: torch.Tensor, cfg: ValueHeadConfig,
         fitted = calibrate_heads(heads, rows.take(cal)[0], y[cal])
         calibration = SigmaCalibration("calibrated", cfg.loss, len(cal), before,
                                        sigma_report(heads, x_val, y_val, names), fitted)
-        log(f"sigma calibrated on {len(cal)} held-out rows: validation 90% coverage "
-            f"{before['coverage90']:.3f} -> {calibration.after['coverage90']:.3f}, NLL {before['nll']:.3f} -> "
-            f"{calibration.after['nll']:.3f}")
+        logger.info(f"sigma calibrated on {len(cal)} held-out rows: validation 90% coverage "
+                    f"{before['coverage90']:.3f} -> {calibration.after['coverage90']:.3f}, NLL {before['nll']:.3f} -> "
+                    f"{calibration.after['nll']:.3f}")
     return Fit(heads, history, evaluate_value_head(heads, x_val, y_val, names),
                stopper.best_epoch.tolist(), scaling, calibration)
 
@@ -174,7 +176,7 @@ CHANCE_LEVEL = 0.05  # a gate not better than a coin at this one-sided level is 
 
 
 @torch.no_grad()
-def check_preference(rows, mu_c: torch.Tensor, mu_r: torch.Tensor, log=print) -> int:
+def check_preference(rows, mu_c: torch.Tensor, mu_r: torch.Tensor) -> int:
     """How many pairs have the same features on both sides (checked where the frozen value head already ties:
     identical features give identical outputs). Such a pair carries no preference: every gate scores its
     two sides the same. Some are a warning; all of them ``NoPreference``, before any gate is fitted."""
@@ -188,12 +190,12 @@ def check_preference(rows, mu_c: torch.Tensor, mu_r: torch.Tensor, log=print) ->
                            "preference, so no gate can be trained on them (every gate ties on every pair); extract "
                            "pairs whose two sides differ (`urm extract` drops identical ones)")
     if same:
-        log(f"warning: {same} of {rows.n} pairs have identical chosen and rejected features: they carry no "
-            "preference (every gate ties on them; counted as wrong)")
+        logger.warning(f"warning: {same} of {rows.n} pairs have identical chosen and rejected features: they carry no "
+                       "preference (every gate ties on them; counted as wrong)")
     return same
 
 
-def against_chance(d: torch.Tensor, where: str, log=print, level: float = CHANCE_LEVEL) -> dict:
+def against_chance(d: torch.Tensor, where: str, level: float = CHANCE_LEVEL) -> dict:
     """Whether held-out pairs show the gate better than a coin, from its score differences d = s_c - s_r on them
     (``where``: "out-of-fold" when --gate auto cross-validated, each pair judged by a gate that did not see it;
     else "validation"): a one-sided exact sign test of its wins among the untied pairs against 1/2
@@ -208,16 +210,16 @@ def against_chance(d: torch.Tensor, where: str, log=print, level: float = CHANCE
     p = M.sign_test_p(wins, n)
     better = p < level
     if not better:
-        log(f"warning: the gate is not shown better than chance: {wins} of {n} untied {where} pairs right, one-sided "
-            f"sign test against 1/2 p = {p:.3g} (>= {level}); it is saved, and heads.json records it "
-            "(gating.val.chance). With few pairs that may be noise; with many, the pairs may carry no preference the "
-            "value head's attributes see")
+        logger.warning(f"warning: the gate is not shown better than chance: {wins} of {n} untied {where} pairs right, "
+                       f"one-sided sign test against 1/2 p = {p:.3g} (>= {level}); it is saved, and heads.json records "
+                       "it (gating.val.chance). With few pairs that may be noise; with many, the pairs may carry no "
+                       "preference the value head's attributes see")
     return {"pairs": len(d), "where": where, "untied": n, "wins": wins, "p_value": p, "level": level,
             "better_than_chance": better}
 
 
 def fit_gate(chosen, rejected: torch.Tensor | None, value: Heads, cfg: GatingConfig,
-             names=ATTRIBUTES, log=print, margin: torch.Tensor | None = None) -> Fit:
+             names=ATTRIBUTES, margin: torch.Tensor | None = None) -> Fit:
     """Stage 2: fit a gate with the BT loss on pairs (chosen, rejected [N, d]; or ``chosen`` a minibatch
     source of both sides from ``pipeline.train.feature_stream`` and ``rejected`` None); ``value`` stays frozen.
 
@@ -227,8 +229,8 @@ def fit_gate(chosen, rejected: torch.Tensor | None, value: Heads, cfg: GatingCon
     ``margin`` [N] (METHOD.md 3), and early stopping watches that loss on validation.
     """
     from pipeline.train.gate_selection import select_gate
-    from pipeline.train.gates import (calibrate_pairs, equal_weights, fit_gate_kind, frozen_pair_outputs, pair_report,
-                                      pair_scores)
+    from pipeline.train.gates import (GatePairs, calibrate_pairs, equal_weights, fit_gate_kind, frozen_pair_outputs,
+                                      pair_report, pair_scores)
 
     device = resolve_device(cfg.run.device)
     rows = as_rows(chosen if rejected is None else (chosen, rejected), device)
@@ -238,35 +240,34 @@ def fit_gate(chosen, rejected: torch.Tensor | None, value: Heads, cfg: GatingCon
     if cfg.use_margin and margin is None:
         raise UserError("--use-margin needs each pair's margin; these pairs have none")
     value = value.to(device)
-    m = margin.to(device, torch.float32) if cfg.use_margin else None
-    frozen = frozen_pair_outputs(value, rows)
-    mu_c, ls_c, mu_r, ls_r = frozen
-    check_preference(rows, mu_c, mu_r, log)
+    outputs = frozen_pair_outputs(value, rows)
+    check_preference(rows, outputs.mu_chosen, outputs.mu_rejected)
+    pairs = GatePairs(rows, outputs, margin.to(device, torch.float32) if cfg.use_margin else None, names)
     train, val = (i.to(device) for i in split_rows(rows.n, cfg.optim.val_fraction, cfg.run.seed,
                                                    "--gate-val-fraction"))
-    xc_val, xr_val = rows.take(val)  # the validation pairs are held in memory
-    val_pairs = (xc_val, xr_val, mu_c[val], ls_c[val], mu_r[val], ls_r[val], None if m is None else m[val])
-    equal = pair_report(lambda h: equal_weights(h, value.k), *val_pairs, names=names)
-    log(f"equal weights (w_k = 1/K): val accuracy {equal['accuracy']:.4f}  bt {equal['bt_loss']:.4f}")
+    held = pairs.held(val)  # the validation pairs are held in memory
+    equal = pair_report(lambda h: equal_weights(h, value.k), held, names)
+    logger.info(f"equal weights (w_k = 1/K): val accuracy {equal['accuracy']:.4f}  bt {equal['bt_loss']:.4f}")
     kind, selection, oof = cfg.gate, {}, None
     if kind == "auto":
-        kind, selection, oof = select_gate(rows, value, frozen, train, val, cfg, m, names, log)
-    heads, history, best_epoch = fit_gate_kind(kind, rows, value, mu_c, mu_r, train, val_pairs, cfg, m, names, log)
-    val_report = pair_report(heads.gate_weights, *val_pairs, names=names)
-    log(f"gate {kind}: val accuracy {val_report['accuracy']:.4f} (equal weights {equal['accuracy']:.4f}), "
-        f"BT loss {val_report['bt_loss']:.4f}")
+        kind, selection, oof = select_gate(value, pairs, train, val, cfg)
+    heads, history, best_epoch = fit_gate_kind(kind, value, pairs, train, held, cfg)
+    val_report = pair_report(heads.gate_weights, held, names)
+    logger.info(f"gate {kind}: val accuracy {val_report['accuracy']:.4f} (equal weights {equal['accuracy']:.4f}), "
+                f"BT loss {val_report['bt_loss']:.4f}")
     if oof is not None and len(oof[0]) > len(val):  # cross-validated: every pair judged by a gate that did not see it
         d, var_sum = (t.to(device).float() for t in oof)
-        pairs = calibrate_pairs(d, torch.zeros_like(d), var_sum, torch.zeros_like(var_sum), cfg.pair_temperature)
+        calibration = calibrate_pairs(d, torch.zeros_like(d), var_sum, torch.zeros_like(var_sum), cfg.pair_temperature)
         where = "out-of-fold"
     else:
-        s_c, s_r, var_c, var_r, _ = pair_scores(heads.gate_weights, *val_pairs[:6])
-        pairs = calibrate_pairs(s_c, s_r, var_c, var_r, cfg.pair_temperature)
+        s_c, s_r, var_c, var_r, _ = pair_scores(heads.gate_weights, held)
+        calibration = calibrate_pairs(s_c, s_r, var_c, var_r, cfg.pair_temperature)
         d, where = s_c - s_r, "validation"
-    val_report["chance"] = against_chance(d, where, log)
+    val_report["chance"] = against_chance(d, where)
     if cfg.pair_temperature:
-        log(f"pair temperatures on {pairs.validation_pairs} {where} pairs: BT {pairs.temperature_bt:.3g} "
-            f"(ECE {pairs.before['ece']:.3f} -> {pairs.after['ece']:.3f}), Gaussian {pairs.temperature_gaussian:.3g} "
-            f"(ECE {pairs.before['ece_gaussian']:.3f} -> {pairs.after['ece_gaussian']:.3f})")
-    return Fit(heads, history, {**val_report, "equal_weights": equal, "gate": kind}, best_epoch, calibration=pairs,
+        logger.info(f"pair temperatures on {calibration.validation_pairs} {where} pairs: BT "
+                    f"{calibration.temperature_bt:.3g} (ECE {calibration.before['ece']:.3f} -> "
+                    f"{calibration.after['ece']:.3f}), Gaussian {calibration.temperature_gaussian:.3g} "
+                    f"(ECE {calibration.before['ece_gaussian']:.3f} -> {calibration.after['ece_gaussian']:.3f})")
+    return Fit(heads, history, {**val_report, "equal_weights": equal, "gate": kind}, best_epoch, calibration=calibration,
                selection=selection)
