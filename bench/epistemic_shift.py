@@ -7,7 +7,7 @@ up to ``--max-length`` tokens: shorter than evaluate_real's 2048, so the run tak
 held-out SteerLM rows, the other sources both sides of the shortest UltraFeedback eval pairs and of the shortest
 hh-rlhf harmless pairs. For each row signal, stage 1 only (equal gate weights), the AUROC with which it tells the
 other source's rows from the reference rows (``pipeline.eval.shift_metrics``): ``epistemic_std`` (the ridge
-posterior, METHOD.md 10), ``ensemble_std`` (the bootstrap members' spread, METHOD.md 4) and ``score_std``
+posterior, docs/method.md 10), ``ensemble_std`` (the bootstrap members' spread, docs/method.md 4) and ``score_std``
 (aleatoric), with a 90% bootstrap interval (rows resampled) of the epistemic_std - ensemble_std difference. Cost, each the median of ``--repeats`` runs in this process: the fit with 8 members less the fit with 1
 (training 8 bootstrap members) against building the posterior factor from the fit's spectrum plus epistemic_std on
 every scored row, on these rows (a few hundred: both take milliseconds); and on seeded features of a size where a fit

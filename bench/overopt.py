@@ -1,6 +1,6 @@
 """Over-optimisation with a known gold reward: does a conservative reward keep more gold in best-of-n? SmolLM2 features.
 
-The protocol of Gao et al. 2023 and Coste et al. 2023 (METHOD.md 10) on real features, seeded, on a CPU in minutes:
+The protocol of Gao et al. 2023 and Coste et al. 2023 (docs/method.md 10) on real features, seeded, on a CPU in minutes:
   pool       SmolLM2-135M-Instruct features (the offline backbone, its default dtype on CPU, float32 cache) of real
              responses from ../shared/data: the shortest pairs of hh-rlhf harmless (150) and UltraFeedback (70), the
              "training" sources; of RMB (120, answers of many LLMs), PandaLM (100) and anthropic-helpful (50), the

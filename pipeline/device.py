@@ -2,8 +2,8 @@
 checkpoint into one.
 
 ``auto`` is cuda when torch sees a GPU, else cpu; dtype ``auto`` is bf16 on CUDA and fp32 elsewhere
-(METHOD.md 5), ``auto-bf16`` bf16 wherever the hardware runs it natively (CUDA, CPUs with AVX-512
-BF16 or AMX) and fp32 elsewhere (on AVX2-only CPUs bf16 is emulated, ~6x slower than fp32; METHOD.md 8).
+(docs/method.md 5), ``auto-bf16`` bf16 wherever the hardware runs it natively (CUDA, CPUs with AVX-512
+BF16 or AMX) and fp32 elsewhere (on AVX2-only CPUs bf16 is emulated, ~6x slower than fp32; docs/method.md 8).
 Scoring with an export (`urm score`, `urm serve`, `urm curate`) reads ``auto`` as ``auto-bf16``
 (``scoring_dtype``): there memory decides, and fp32 doubles it. Extraction, training, scoring and serving all
 resolve here. torch is imported only when a name is resolved, so the option checks that use the names
@@ -50,7 +50,7 @@ def resolve_device(device: str = "auto") -> "torch.device":
 
 def native_bf16_cpu() -> bool:
     """Whether this CPU runs bf16 matmuls natively (AVX-512 BF16 or AMX): there bf16 extraction is ~2-3x
-    faster than fp32; on AVX2-only CPUs it is emulated and ~6x slower (METHOD.md section 8)."""
+    faster than fp32; on AVX2-only CPUs it is emulated and ~6x slower (docs/method.md section 8)."""
     import torch
 
     checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
@@ -67,7 +67,7 @@ def native_bf16_cpu() -> bool:
 
 
 def resolve_dtype(dtype: str, device: "torch.device") -> "torch.dtype":
-    """auto = bf16 on CUDA, fp32 elsewhere (METHOD.md section 5); auto-bf16 = bf16 on CUDA and on CPUs with
+    """auto = bf16 on CUDA, fp32 elsewhere (docs/method.md section 5); auto-bf16 = bf16 on CUDA and on CPUs with
     native bf16, fp32 elsewhere; a name of ``COMPUTE_DTYPES`` as it is.
 
     >>> import torch; resolve_dtype("auto", torch.device("cpu"))

@@ -1,4 +1,4 @@
-"""Evaluation metrics as pure functions (METHOD.md 6): regression, intervals, pairs, calibration, and
+"""Evaluation metrics as pure functions (docs/method.md 6): regression, intervals, pairs, calibration, and
 whether an uncertainty signal predicts errors.
 
 Per-attribute metrics take [N, K] tensors with labels NaN where missing and return [K] tensors

@@ -1,4 +1,4 @@
-"""Calibration on held-out data (pipeline.train.calibration, METHOD.md 2): sigma refit with the means frozen, and
+"""Calibration on held-out data (pipeline.train.calibration, docs/method.md 2): sigma refit with the means frozen, and
 the temperatures of pair probabilities, on data whose right answer is known."""
 
 from __future__ import annotations

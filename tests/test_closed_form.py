@@ -1,4 +1,4 @@
-"""Stage 1 in closed form (METHOD.md 2, 4): ridge from one eigendecomposition against scikit-learn and brute force,
+"""Stage 1 in closed form (docs/method.md 2, 4): ridge from one eigendecomposition against scikit-learn and brute force,
 alpha by exact leave-one-out, sigma recovered, bootstrap members that differ where the data is thin."""
 
 from __future__ import annotations
@@ -313,7 +313,7 @@ def by_hand_epistemic_variance(x: np.ndarray, labelled: np.ndarray, alpha: float
                                bias: bool) -> np.ndarray:
     """s^2 [c(h)^2 / cᵀc + zᵀ (ZᵀZ + alpha I)^-1 z] for rows h, from the labelled rows of x in float64 by a direct
     solve: the intercept column c = x.u (u = mean / |mean|^2, or 1 with a bias) and Z = X - c gᵀ, as the fit
-    centres (METHOD.md 10)."""
+    centres (docs/method.md 10)."""
     xs = x[labelled]
     mean = xs.mean(0)
     u = None if bias else mean / mean.dot(mean)

@@ -81,7 +81,7 @@ def test_a_bad_preset_stops_before_anything_runs(tmp_path):
 def test_urm_score_on_the_demo_export_prints_epistemic_std_per_row_as_the_closed_form_by_hand(tiny_demo, tmp_path):
     """Each row of `urm score` states epistemic_std and its per-attribute parts, equal to the ridge posterior
     s_k^2 [c^2 / cᵀc + zᵀ (ZᵀZ + alpha_k I)^-1 z] solved directly in float64 on the demo's own ratings cache, at the
-    alpha and leave-one-out MSE heads.json records (METHOD.md 10)."""
+    alpha and leave-one-out MSE heads.json records (docs/method.md 10)."""
     import json
 
     import numpy as np

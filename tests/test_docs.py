@@ -1,4 +1,4 @@
-"""The docs the code points at exist: every "METHOD.md N" citation in the code (pipeline/, cli.py, bench/,
+"""The docs the code points at exist: every "docs/method.md N" citation in the code (pipeline/, cli.py, bench/,
 tests/) names a numbered section of docs/method.md, the page that holds the method in the repository."""
 
 from __future__ import annotations
@@ -11,8 +11,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 METHOD = ROOT / "docs" / "method.md"
 CITED_IN = [ROOT / "pipeline", ROOT / "cli.py", ROOT / "bench", ROOT / "tests"]
-# "METHOD.md 5", "METHOD.md section 5", "METHOD.md 1, 4", "METHOD.md 2-4", "METHOD 4"
-CITATION = re.compile(r"METHOD(?:\.md)?\b(?:\s+section)?(?P<sections>(?:[ \t,]*\d+(?: *- *\d+)?)*)")
+# "docs/method.md 5", "docs/method.md section 5", "docs/method.md 1, 4", "docs/method.md 2-4"
+CITATION = re.compile(r"docs/method\.md\b(?:\s+section)?(?P<sections>(?:[ \t,]*\d+(?: *- *\d+)?)*)")
+OUTSIDE = re.compile(r"METHOD\.md")  # the seed's copy of the method, outside the repository: never cited
 SECTION = re.compile(r"^## (\d+)\. \S", re.M)
 
 
@@ -57,8 +58,17 @@ def test_every_citation_names_a_section_of_docs_method(where, line, sections):
 
 
 def test_a_citation_of_a_missing_section_is_caught():
-    assert cited_sections('x  # METHOD.md 2-4\n"(METHOD.md section 5)" and METHOD 1, 4; METHOD.md.') == [
-        (1, [2, 3, 4]), (2, [5]), (2, [1, 4]), (2, [])]
-    planted = cited_sections('"""See METHOD.md 11 and METHOD.md section 3."""')
+    assert cited_sections('x  # docs/method.md 2-4\n"(docs/method.md section 5)" and docs/method.md 1, 4; '
+                          'docs/method.md.') == [(1, [2, 3, 4]), (2, [5]), (2, [1, 4]), (2, [])]
+    planted = cited_sections('"""See docs/method.md 11 and docs/method.md section 3."""')
     assert [s for _, s in planted] == [[11], [3]]
     assert 11 not in method_sections() and 3 in method_sections()
+
+
+def test_no_citation_points_outside_the_repository():
+    """The method lives in docs/method.md: a citation of a METHOD.md (the seed's copy, beside the repository) is one
+    a user's clone cannot follow."""
+    files = [p for root in CITED_IN for p in ([root] if root.is_file() else sorted(root.rglob("*.py")))]
+    outside = [f"{p.relative_to(ROOT)}:{p.read_text().count(chr(10), 0, m.start()) + 1}" for p in files
+               if p.name != "test_docs.py" for m in OUTSIDE.finditer(p.read_text())]
+    assert outside == []

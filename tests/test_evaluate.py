@@ -1,4 +1,4 @@
-"""`urm evaluate` (METHOD.md 6): the metrics of a model's outputs on pairs and ratings, and the command end
+"""`urm evaluate` (docs/method.md 6): the metrics of a model's outputs on pairs and ratings, and the command end
 to end on a tiny model: every baseline in one report, the same numbers from an export as from its heads,
 and caches from another backbone refused."""
 

@@ -145,7 +145,7 @@ def test_base_score_equals_the_checkpoints_own_classifier(tiny_rm_dir):
     assert backbone.score_head is not None
     reference = AutoModelForSequenceClassification.from_pretrained(tiny_rm_dir, dtype=torch.float32).eval()
     # One unpadded sequence at a time; without a pad id the classifier pools the last token. (With
-    # pad == EOS it would pool the token *before* the final EOS: the trap METHOD.md section 5 names.)
+    # pad == EOS it would pool the token *before* the final EOS: the trap docs/method.md section 5 names.)
     reference.config.pad_token_id = None
     ids = render_ids(backbone.tokenizer, conversations(8))
     _, scores = embed_all(backbone, ids, max_tokens=300)
@@ -245,7 +245,7 @@ def test_auto_bf16_is_bf16_only_where_the_cpu_runs_it_natively(monkeypatch, nati
     monkeypatch.setattr(B, "native_bf16_cpu", lambda: native)
     assert B.resolve_dtype("auto-bf16", torch.device("cpu")) == expected
     assert B.resolve_dtype("auto-bf16", torch.device("cuda")) == torch.bfloat16
-    assert B.resolve_dtype("auto", torch.device("cpu")) == torch.float32  # METHOD.md 5: fp32 on CPU unless asked
+    assert B.resolve_dtype("auto", torch.device("cpu")) == torch.float32  # docs/method.md 5: fp32 on CPU unless asked
 
 
 SLOW_EMBED = slow_forward(0.15)

@@ -1,4 +1,4 @@
-"""`--gate auto` (METHOD.md 3): the gate chosen by cross-validation on pairs with a known answer, never one that
+"""`--gate auto` (docs/method.md 3): the gate chosen by cross-validation on pairs with a known answer, never one that
 loses to a simpler gate; the constant gates stored in the URM gate's layout."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The heads (METHOD.md 1, 4): layout, score math, gates, and the heads folder round trip."""
+"""The heads (docs/method.md 1, 4): layout, score math, gates, and the heads folder round trip."""
 
 from __future__ import annotations
 

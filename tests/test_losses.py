@@ -14,7 +14,7 @@ NAN = math.nan
 
 
 def test_reparam_expectation_is_mse_plus_variance():
-    # METHOD.md 2: E[(mu + eps sigma - y)^2] = (mu - y)^2 + sigma^2, so reparam pushes sigma to 0.
+    # docs/method.md 2: E[(mu + eps sigma - y)^2] = (mu - y)^2 + sigma^2, so reparam pushes sigma to 0.
     mu, log_sigma, y = torch.tensor([[0.5, -1.0]]), torch.tensor([[math.log(0.7), math.log(2.0)]]), torch.tensor([[1.5, 0.0]])
     g = torch.Generator().manual_seed(0)
     draws = torch.stack([losses.reparam_loss(mu.expand(4000, 2), log_sigma.expand(4000, 2), y.expand(4000, 2), g)

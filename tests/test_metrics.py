@@ -1,4 +1,4 @@
-"""The evaluation metrics (pipeline.metrics, METHOD.md 6) against scikit-learn, SciPy and hand-computed
+"""The evaluation metrics (pipeline.metrics, docs/method.md 6) against scikit-learn, SciPy and hand-computed
 values, with the edge cases: every pair right, ties, a constant uncertainty, one subset only."""
 
 from __future__ import annotations

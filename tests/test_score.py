@@ -109,7 +109,7 @@ def test_batched_scores_equal_the_model_one_conversation_at_a_time(tiny, write_j
         assert list(row["attribute_epistemic_stds"]) == list(ATTRIBUTES)
         assert list(row["attribute_epistemic_stds"].values()) == pytest.approx(
             one.attribute_epistemic_stds[0].tolist(), rel=1e-5)
-    # the score's std is sqrt(sum_k w_k^2 sigma_k^2) of the row's own numbers (METHOD.md 1)
+    # the score's std is sqrt(sum_k w_k^2 sigma_k^2) of the row's own numbers (docs/method.md 1)
     r = got[0]
     var = sum(r["gating_weights"][a] ** 2 * r["attribute_stds"][a] ** 2 for a in ATTRIBUTES)
     assert r["score_std"] == pytest.approx(math.sqrt(var), rel=1e-4)

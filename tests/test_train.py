@@ -1,4 +1,4 @@
-"""The two training stages on synthetic caches with a known answer (METHOD.md 2-4)."""
+"""The two training stages on synthetic caches with a known answer (docs/method.md 2-4)."""
 
 from __future__ import annotations
 
@@ -164,7 +164,7 @@ def test_stage2_is_deterministic_and_leaves_the_value_head_alone():
 
 def test_margin_aware_gate_widens_the_gap_the_margin_asks_for():
     """-log sigmoid(s_c - s_r - margin): margin 0 trains exactly as plain BT; a margin of 3 asks each
-    chosen score to clear the rejected one by 3, and the gate learns wider gaps (METHOD.md 3)."""
+    chosen score to clear the rejected one by 3, and the gate learns wider gaps (docs/method.md 3)."""
     chosen, rejected = prompt_dependent_pairs(n=1000)
     value, n = identity_value_head(), len(chosen)
     cfg = {"gate": "urm", **STAGE2, "gate_epochs": 5}
@@ -201,7 +201,7 @@ def test_nll_recovers_the_noise_std_reparam_shrinks_it_and_calibration_gives_it_
         per = train_value_head(cfg)["val"]["per_attribute"]
         sigma[name] = torch.tensor([per[a]["mean_sigma"] for a in ATTRIBUTES])
         coverage[name] = torch.tensor([per[a]["coverage90"] for a in ATTRIBUTES])
-    # nll: calibrated, every attribute's sigma within 10% of the true noise std (METHOD.md 2).
+    # nll: calibrated, every attribute's sigma within 10% of the true noise std (docs/method.md 2).
     assert torch.allclose(sigma["nll"], NOISE, rtol=0.10), sigma["nll"]
     # reparam: E[loss] = (mu - y)^2 + sigma^2 drives sigma towards 0, whatever the true noise.
     assert (sigma["reparam"] < 0.5 * sigma["nll"]).all(), sigma["reparam"]

@@ -1,6 +1,6 @@
 """Evaluation: a model's outputs on held-out caches -> accuracy, calibration and uncertainty, beside baselines.
 
-  evaluation  ``Scores`` and ``Candidate``; pair, attribute and uncertainty-signal metrics (METHOD.md 6)
+  evaluation  ``Scores`` and ``Candidate``; pair, attribute and uncertainty-signal metrics (docs/method.md 6)
   baselines   the models `urm evaluate` fits beside the heads on the same training caches
   comparison  every model on every held-out cache: the metrics per model, the main model's curves
   report      report.md, report.json and the plots

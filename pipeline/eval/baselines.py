@@ -1,5 +1,5 @@
 """The models `urm evaluate` sets beside the URM heads, fitted in the same run on the same training
-caches (METHOD.md 6), each as an ``evaluation.Candidate``:
+caches (docs/method.md 6), each as an ``evaluation.Candidate``:
 
 - ``linear_probe``     a linear Bradley-Terry probe: logistic regression (scikit-learn) on
                        h_chosen - h_rejected, no intercept, its C chosen by log loss on validation pairs

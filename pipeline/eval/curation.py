@@ -2,12 +2,12 @@
 label is right, which pairs it confidently reverses (suspects), which are kept, and which unlabelled pairs it is
 least sure of (what to label next). Pure functions on ``Scores``; no I/O.
 
-Per labelled pair (s = the scores of chosen c and rejected r, d = s_c - s_r; METHOD.md 1, 4):
+Per labelled pair (s = the scores of chosen c and rejected r, d = s_c - s_r; docs/method.md 1, 4):
   p_chosen              sigmoid(d / T_bt), Bradley-Terry at the temperature fitted on validation pairs
   p_chosen_gaussian     Phi(d / (T_g sqrt(Var_c + Var_r))): the stated std included
   ensemble_disagreement std over the members m of d_m (with an ensemble)
   ensemble_z            mean_m d_m / std_m d_m: the gap in units of the members' disagreement (signed)
-  p_chosen_epistemic    Phi(d / sqrt(e_c^2 + e_r^2)), e the ridge posterior's epistemic_std (METHOD.md 10): how
+  p_chosen_epistemic    Phi(d / sqrt(e_c^2 + e_r^2)), e the ridge posterior's epistemic_std (docs/method.md 10): how
                         sure the model is of the sign of its mean gap, given what its training rows left open
 A pair is **suspect** when p_chosen < the threshold: the model confidently prefers the rejected side. The
 **certainty** that the label is right (``certainty``, larger = surer) under each signal: bt = p_chosen, gaussian =

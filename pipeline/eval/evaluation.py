@@ -1,4 +1,4 @@
-"""What a reward model's outputs say on held-out data (METHOD.md 6): pair accuracy (overall, per subset,
+"""What a reward model's outputs say on held-out data (docs/method.md 6): pair accuracy (overall, per subset,
 RewardBench's sections), whether P(chosen) is calibrated, whether each uncertainty signal predicts the
 wrong pairs, and the attribute regression with its intervals.
 
@@ -31,7 +31,7 @@ class Scores:
     ensemble_scores: torch.Tensor | None = None  # [N, M]
     attribute_means: torch.Tensor | None = None  # [N, K]
     attribute_stds: torch.Tensor | None = None  # [N, K]
-    epistemic_std: torch.Tensor | None = None  # [N]: the ridge posterior's std of the score (METHOD.md 10)
+    epistemic_std: torch.Tensor | None = None  # [N]: the ridge posterior's std of the score (docs/method.md 10)
 
 
 @dataclass
@@ -55,12 +55,12 @@ def rewardbench_sections() -> tuple[dict[str, list[str]], dict[str, int]]:
 def uncertainty_signals(chosen: Scores, rejected: Scores) -> dict[str, torch.Tensor]:
     """Per pair, every uncertainty the model gives (larger = less sure):
     score_gap    -|s_c - s_r| (any reward model: how close the two scores are)
-    score_std    sqrt(Var_c + Var_r), the Gaussian std of s_c - s_r (METHOD.md 1)
+    score_std    sqrt(Var_c + Var_r), the Gaussian std of s_c - s_r (docs/method.md 1)
     gaussian_p   1 - max(P, 1 - P) of the Gaussian P(chosen): the gap in units of that std
-    ensemble_std the members' std of s_c - s_r (METHOD.md 4)
+    ensemble_std the members' std of s_c - s_r (docs/method.md 4)
     ensemble_range  the members' max - min of s_c - s_r (URME's signal)
     ensemble_z   -|mean d| / std(d) over the members: the gap in units of the members' disagreement
-    epistemic_std  sqrt(e_c^2 + e_r^2) of the two sides' ridge-posterior stds (METHOD.md 10; the sides taken
+    epistemic_std  sqrt(e_c^2 + e_r^2) of the two sides' ridge-posterior stds (docs/method.md 10; the sides taken
                  as independent, as for score_std)"""
     d = chosen.score - rejected.score
     out = {"score_gap": -d.abs()}
@@ -89,7 +89,7 @@ def row_signals(scores: Scores) -> dict[str, torch.Tensor]:
     score_std      sqrt(sum_k w_k^2 sigma_k^2): aleatoric, the noise the ratings carry
     mean_sigma     the mean over attributes of sigma_k: aleatoric
     ensemble_std   the members' std of the score: epistemic, what the data did not pin down
-    epistemic_std  the ridge posterior's std of the score: epistemic, in closed form (METHOD.md 10)"""
+    epistemic_std  the ridge posterior's std of the score: epistemic, in closed form (docs/method.md 10)"""
     out = {}
     if scores.score_std is not None:
         out["score_std"] = scores.score_std.double()

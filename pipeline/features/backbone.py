@@ -3,7 +3,7 @@
 The base model is loaded without any head (``AutoModel``). When the checkpoint is itself a reward
 model (``*ForSequenceClassification`` with one label, like Skywork-Reward-Llama-3.1-8B), its own
 ``score`` head is kept beside the base model so extraction can store the checkpoint's own reward
-(``base_score``): a free baseline and a check that h is the right vector (METHOD.md section 5).
+(``base_score``): a free baseline and a check that h is the right vector (docs/method.md section 5).
 
 A GGUF file is dequantised once into a safetensors directory (``model.*`` keys, as in Llama
 checkpoints) under ``$URM_BACKBONE_CACHE`` (default ``~/.cache/urm/backbones``) and loaded from

@@ -1,7 +1,7 @@
 """Token-budget batching: length-sorted batches, right padding, one device-to-host copy per batch.
 
 Extraction (the backbone's hidden states) and scoring (an exported model's outputs) both run token
-id lists through a model this way (METHOD.md 5): ``run_batches`` plans the batches, pads each,
+id lists through a model this way (docs/method.md 5): ``run_batches`` plans the batches, pads each,
 calls the model, copies its outputs to the host once and puts them back in the input order.
 """
 

@@ -1,7 +1,7 @@
 """The backbone's forward pass: token ids -> last-token hidden states h, and the base reward.
 
 h is the final layer's hidden state (after the final norm) at the last position the attention mask
-attends (METHOD.md 1, 5): ``use_cache=False``, the base model only (no ``output_hidden_states``).
+attends (docs/method.md 1, 5): ``use_cache=False``, the base model only (no ``output_hidden_states``).
 When the backbone is itself a reward model, its own head's score on the same h comes along
 (``base_score``). Rows are batched by ``pipeline.features.batching``.
 """

@@ -1,6 +1,6 @@
 """Rendering conversations into the token ids the backbone reads: chat template, then one BOS.
 
-METHOD.md section 5: render with the tokenizer's chat template to text, tokenise that text with
+docs/method.md section 5: render with the tokenizer's chat template to text, tokenise that text with
 ``add_special_tokens=False`` (the template already wrote the special tokens), and make sure the ids
 start with exactly one BOS when the tokenizer has one. Extraction, scoring and the exported model
 all go through this one function, so the vector the heads see at training time is the one they see

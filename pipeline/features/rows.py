@@ -1,5 +1,5 @@
 """A dataset's records as the rows of its cache: one per rating row, chosen then rejected per pair,
-and how they are cut into parts, shared among torchrun ranks and filtered by length (METHOD.md 5)."""
+and how they are cut into parts, shared among torchrun ranks and filtered by length (docs/method.md 5)."""
 
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 vLLM gets the token ids ``pipeline.features.render`` made (exactly one BOS), never text, and returns the final
 layer's normed hidden state at the last token (``PoolerConfig(pooling_type="LAST", use_activation=False)``: no
 normalisation, no activation), the vector ``pipeline.features.embedding`` reads off our own forward pass
-(METHOD.md 5). It batches continuously (no padding) and, with prefix caching, computes a prompt shared by a
+(docs/method.md 5). It batches continuously (no padding) and, with prefix caching, computes a prompt shared by a
 pair's chosen and rejected answers once.
 
 Everything here imports ``vllm`` lazily: nothing else in ``pipeline`` does, so `urm --help` and the HF engine

@@ -1,4 +1,4 @@
-"""The reward heads on a last-token hidden state h, and the score math (METHOD.md 1, 4).
+"""The reward heads on a last-token hidden state h, and the score math (docs/method.md 1, 4).
 
 The one scoring module: training and `urm score` import it from this package, and `urm export`
 copies this file into every export, where ``modeling_urm.py`` imports it as a sibling file of the
@@ -7,7 +7,7 @@ model repo. So it imports only torch.
 Parameter names are the export's tensor names: ``score.weight`` [2K, d] (rows interleaved
 mu_1, s_1, mu_2, s_2, ...), ``ensemble.weight`` [M, 2K, d] for an ensemble, ``weights.fc.*`` for the
 URM gate (the published checkpoint's names), ``softmax_gate.*`` for the ArmoRM-style gate, and
-``posterior.{g}.*`` for the closed-form ridge posterior of a label group's attributes (frozen, METHOD.md 10).
+``posterior.{g}.*`` for the closed-form ridge posterior of a label group's attributes (frozen, docs/method.md 10).
 ``build_heads`` gives any module these submodules (``Heads`` here, ``URMForSequenceClassification``
 in an export) and ``head_outputs`` is the whole score math on them, under the output names used
 everywhere (``OUTPUTS``).
@@ -36,13 +36,13 @@ VALUE_PREFIXES = ("score.", "ensemble.", "posterior.")  # the value head's tenso
 
 
 # ----------------------------------------------------------------------------------------------
-# Pure functions (METHOD.md 1, 5)
+# Pure functions (docs/method.md 1, 5)
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     """Position of the last 1 in each row of the mask: right or left padding, holes allowed.
 
-    h is read there, never at a position found from the pad id (which may equal EOS, METHOD.md 5).
+    h is read there, never at a position found from the pad id (which may equal EOS, docs/method.md 5).
     """
     positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
     return (attention_mask.to(positions.dtype) * positions).argmax(dim=1)
@@ -64,7 +64,7 @@ def score_variance(w: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
 
 
 def p_chosen_bt(s_a: torch.Tensor, s_b: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """P(A > B) under Bradley-Terry: sigmoid((s_A - s_B) / T), T fitted on validation pairs (METHOD.md 2)."""
+    """P(A > B) under Bradley-Terry: sigmoid((s_A - s_B) / T), T fitted on validation pairs (docs/method.md 2)."""
     return torch.sigmoid((s_a - s_b) / temperature)
 
 
@@ -74,7 +74,7 @@ def p_chosen_gaussian(s_a, s_b, var_a, var_b, temperature: float = 1.0) -> torch
 
 
 def unstandardize(weight, bias, mean, std) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fold label standardisation into a value head trained on (y - mean) / std (METHOD.md 2).
+    """Fold label standardisation into a value head trained on (y - mean) / std (docs/method.md 2).
 
     mu = std * (W_mu h + b_mu) + mean and log sigma = (W_s h + b_s) + log std, so the mu rows of the
     weight scale by std, the mu biases become std * b_mu + mean, the log-sigma biases gain log std.
@@ -107,7 +107,7 @@ class ValueEnsemble(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(members, 2 * k, d))
         self.bias = nn.Parameter(torch.zeros(members, 2 * k)) if bias else None
-        for m, g in enumerate(generators or [None] * members):  # member m: its own seed (METHOD.md 4)
+        for m, g in enumerate(generators or [None] * members):  # member m: its own seed (docs/method.md 4)
             layer = init_linear_(nn.Linear(d, 2 * k, bias=bias), g)
             with torch.no_grad():
                 self.weight[m] = layer.weight
@@ -165,7 +165,7 @@ class SoftmaxGate(nn.Module):
     """ArmoRM-style gate: ReLU MLP, softmax(x / T) over the ATTRIBUTE axis, times a learned scale.
 
     The softmax runs over dim -1 (attributes), never over chosen/rejected (ArmoRM's trainer bug,
-    METHOD.md 3), so each row's weights sum to ``scale``.
+    docs/method.md 3), so each row's weights sum to ``scale``.
     """
 
     def __init__(self, d: int, k: int, hidden: int | None = None, temperature: float | None = None):
@@ -179,7 +179,7 @@ class SoftmaxGate(nn.Module):
 
 
 class RidgePosterior(nn.Module):
-    """The closed-form posterior of one label group's ridge fit (METHOD.md 10): h [B, d] -> the epistemic variance
+    """The closed-form posterior of one label group's ridge fit (docs/method.md 10): h [B, d] -> the epistemic variance
     of each of its attributes' means [B, K_g],
         s_k^2 [ c(h)^2 / cᵀc + sum_j (v_jᵀz)^2 / (lam_j + alpha_k) + |z - V Vᵀz|^2 / alpha_k ],  z = h - c(h) g,
     c(h) = u.h (``direction``; 1 for a head with a bias). Every term is a sum of squares (no difference of large
@@ -268,9 +268,9 @@ def gate_weights(heads: nn.Module, h: torch.Tensor) -> torch.Tensor:
 
 def head_outputs(heads: nn.Module, h: torch.Tensor) -> dict[str, torch.Tensor]:
     """h [B, d] -> ``OUTPUTS``: the score, its std, per-attribute means, stds and gate weights, with an
-    ensemble each member's score under the same weights and their std (METHOD.md 1, 4), and with a ridge
+    ensemble each member's score under the same weights and their std (docs/method.md 1, 4), and with a ridge
     posterior the epistemic std of each attribute's mean and of the score under the same weights, the
-    attributes taken as independent as for sigma (METHOD.md 10)."""
+    attributes taken as independent as for sigma (docs/method.md 10)."""
     h = h.to(heads.score.weight.dtype)
     mu, log_sigma = split_mean_logstd(heads.score(h))
     sigma = log_sigma.exp()
@@ -294,8 +294,8 @@ class Heads(nn.Module):
     Without a gate (stage 1 only) the weights are equal, w_k = 1/K. With an ensemble (M > 1)
     ``score.weight`` is the member average, so mu is exactly the ensemble-mean mu (the head is
     linear) and sigma the members' geometric mean; ``ensemble_std`` is the std (unbiased, over M)
-    of the members' scores under the same weights: the epistemic part (METHOD.md 4). A closed-form
-    value head also carries its ridge posterior (``posterior``), which gives ``epistemic_std`` (METHOD.md 10).
+    of the members' scores under the same weights: the epistemic part (docs/method.md 4). A closed-form
+    value head also carries its ridge posterior (``posterior``), which gives ``epistemic_std`` (docs/method.md 10).
     """
 
     def __init__(self, d: int, k: int, members: int = 1, bias: bool = False, gate: str | None = None,

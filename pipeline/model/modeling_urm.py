@@ -14,7 +14,7 @@ the gate under ``weights.fc.*``. ``model_type`` is "urm" (``configuration_urm.UR
 plain ``LlamaForSequenceClassification`` whose first logit would be one attribute's mean. The
 backbone's own type is ``urm["backbone_model_type"]``.
 
-The math (METHOD.md section 1; ``heads.head_outputs``, on tensors named as in training):
+The math (docs/method.md section 1; ``heads.head_outputs``, on tensors named as in training):
   h                  last-token hidden state of the backbone (final layer, after the final norm)
   score(h)           value head [2K, d], rows interleaved: mu_k = row 2k, log sigma_k = row 2k+1
   w(h)               gate: ``weights`` (URM: SELU MLP, unnormalised), ``softmax_gate`` (ArmoRM:
@@ -24,14 +24,14 @@ The math (METHOD.md section 1; ``heads.head_outputs``, on tensors named as in tr
 With an ensemble (``ensemble.weight`` [M, 2K, d]) each member's score under the same weights gives
 ``ensemble_scores`` [B, M] and their std ``ensemble_std`` [B] (epistemic spread). With a ridge posterior
 (``posterior.{g}.*`` tensors, a closed-form value head; ``urm["posterior"]`` gives their shapes)
-``attribute_epistemic_stds`` [B, K] and ``epistemic_std`` [B] = sqrt(sum_k w_k^2 Var_epi,k) (METHOD.md 10);
+``attribute_epistemic_stds`` [B, K] and ``epistemic_std`` [B] = sqrt(sum_k w_k^2 Var_epi,k) (docs/method.md 10);
 an export without it (older, or AdamW-trained heads) returns neither.
 
 Which token is "last": the position of the LAST 1 in ``attention_mask`` (callers pad on either
 side; RewardBench zeroes a doubled BOS's mask entry, leaving a hole). Position ids come from the
 mask (cumsum - 1), so left padding and holes see the positions of the unpadded sequence. A doubled
 leading BOS (tokenising already-templated text adds a second one on Llama 3) is masked out the same
-way, so such input scores the same as the rendering used for training (METHOD.md section 5).
+way, so such input scores the same as the rendering used for training (docs/method.md section 5).
 """
 
 from dataclasses import dataclass
@@ -163,7 +163,7 @@ class URMForSequenceClassification(PreTrainedModel):
 
     def p_chosen(self, chosen: URMOutput, rejected: URMOutput) -> dict:
         """P(chosen > rejected) for each row of two outputs, under Bradley-Terry and under the Gaussian
-        scores, at the temperatures fitted on validation pairs (METHOD.md 1, 2)."""
+        scores, at the temperatures fitted on validation pairs (docs/method.md 1, 2)."""
         t = pair_temperatures(self.config)
         s_c, s_r = chosen.logits[:, 0], rejected.logits[:, 0]
         return {"p_chosen_bt": p_chosen_bt(s_c, s_r, t["bt"]),

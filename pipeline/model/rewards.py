@@ -1,5 +1,5 @@
 """Reward transforms: the number an RL loop (or a best-of-n pick) optimises, made from a row's scores and
-their uncertainty (METHOD.md 9).
+their uncertainty (docs/method.md 9).
 
   mean  s                                   the score (the default); subtracts no uncertainty
   lcb   s - k * score_std                   a lower bound under the model's own sigma of the score: ALEATORIC
@@ -7,7 +7,7 @@ their uncertainty (METHOD.md 9).
                                             same for every response), so it hardly reorders responses
   elcb  s - k * epistemic_std               a lower bound under the ridge posterior's std of the score:
                                             EPISTEMIC (what the training rows left open; it grows for responses
-                                            unlike them, where a policy can exploit the reward model: METHOD.md 10)
+                                            unlike them, where a policy can exploit the reward model: docs/method.md 10)
   min   min_m s_m                           the worst ensemble member (Coste et al. 2023's WCO)
   uwo   mean_m s_m - lambda * var_m s_m     the members' mean less lambda times their variance (Coste et
                                             al. 2023's UWO, arXiv 2310.02743); the variance is the one

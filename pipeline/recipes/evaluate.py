@@ -1,4 +1,4 @@
-"""`urm evaluate`: trained heads on held-out caches, beside baselines fitted in the same run (METHOD.md 6).
+"""`urm evaluate`: trained heads on held-out caches, beside baselines fitted in the same run (docs/method.md 6).
 
 The wiring: load the heads (a heads folder, or an export's copy of them), read the held-out
 preference caches (and a ratings cache when given) and refuse any made with another backbone or

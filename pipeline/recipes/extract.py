@@ -1,6 +1,6 @@
 """`urm extract`: run the frozen backbone once over the datasets and cache last-token hidden states.
 
-The wiring (METHOD.md 5): resolve the datasets (the preset's, or one ``--source``), open the backbone
+The wiring (docs/method.md 5): resolve the datasets (the preset's, or one ``--source``), open the backbone
 once (config and tokenizer: cheap), open each dataset's cache (refusing one made with other
 settings), and only when some part is still missing load the weights; then per missing part:
 render, drop too-long rows, embed in token-budget batches, write the part atomically. A run killed

@@ -12,7 +12,7 @@ an ensemble ``ensemble_scores`` and ``ensemble_std``; with a ridge posterior ``e
 model), and ``reward``: the --reward transform of them (pipeline.model.rewards; ``score`` itself under
 mean). One line per pair: ``id``, ``subset``, ``chosen`` and ``rejected`` (each as above, without
 id), ``p_chosen_bt`` = sigmoid(s_c - s_r) and ``p_chosen_gaussian`` = Phi((s_c - s_r) /
-sqrt(var_c + var_r)) (METHOD.md 1), each at the temperature fitted on validation pairs when the heads
+sqrt(var_c + var_r)) (docs/method.md 1), each at the temperature fitted on validation pairs when the heads
 were trained (config.json's ``urm.pair_temperature``).
 """
 

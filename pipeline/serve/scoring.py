@@ -4,7 +4,7 @@
 returns the heads' outputs under their one set of names (``pipeline.model.heads.OUTPUTS``, plus
 ``base_score`` when the backbone was a reward model); ``row_scores`` turns one row of them into a
 JSON object (per-attribute values keyed by attribute name) and ``pair_probabilities`` adds
-P(chosen > rejected) under Bradley-Terry and under the Gaussians (METHOD.md 1).
+P(chosen > rejected) under Bradley-Terry and under the Gaussians (docs/method.md 1).
 """
 
 from __future__ import annotations
@@ -243,7 +243,7 @@ def row_scores(out: dict[str, np.ndarray], i: int, names: list[str]) -> dict:
 
 
 def pair_probabilities(chosen: dict, rejected: dict, temperature: dict | None = None) -> dict:
-    """P(chosen > rejected) under Bradley-Terry and under the Gaussian scores (METHOD.md 1), at the
+    """P(chosen > rejected) under Bradley-Terry and under the Gaussian scores (docs/method.md 1), at the
     export's temperatures (``{"bt": T, "gaussian": T}``, fitted on validation pairs)."""
     t = temperature or {"bt": 1.0, "gaussian": 1.0}
     s_c, s_r = torch.tensor(chosen["score"], dtype=torch.float64), torch.tensor(rejected["score"], dtype=torch.float64)

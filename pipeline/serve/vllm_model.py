@@ -117,7 +117,7 @@ def check_files(model: str, config, verify: bool) -> None:
 class LastTokenPool(LastPool):
     """vLLM's last-token pooling, watching for input that starts with two BOS tokens.
 
-    `urm score` and the exported model read ``[BOS, BOS, x...]`` as ``[BOS, x...]`` (METHOD.md 5: templated text
+    `urm score` and the exported model read ``[BOS, BOS, x...]`` as ``[BOS, x...]`` (docs/method.md 5: templated text
     tokenised again adds a second BOS on Llama 3); vLLM has computed the backbone over both by the time the pooler
     runs, so such a row is scored as given, and a warning says so (at the 1st, 10th, 100th, ... such row)."""
 

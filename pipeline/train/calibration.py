@@ -1,6 +1,6 @@
 """Calibration on held-out data: the value head's sigma, and a temperature for pair probabilities.
 
-A stated uncertainty is useful only if it is the size of the error (METHOD.md 2):
+A stated uncertainty is useful only if it is the size of the error (docs/method.md 2):
 
 - **sigma.** With the mean rows of a value head frozen, each attribute's log-sigma row is fitted
   again by Gaussian NLL on a calibration split that the means never saw (recalibration in the

@@ -1,4 +1,4 @@
-"""Stage 2's gates and how each is fitted on pairs, the value head frozen (METHOD.md 3).
+"""Stage 2's gates and how each is fitted on pairs, the value head frozen (docs/method.md 3).
 
 A gate gives each row its attribute weights w(h) [K]; the score is sum_k w_k mu_k(h). The kinds
 (``GATE_KINDS``, simplest first; `--gate auto` chooses among them, ``pipeline.train.gate_selection``):

@@ -1,4 +1,4 @@
-"""Training losses: stage-1 attribute regression (METHOD.md 2) and the stage-2 Bradley-Terry loss (3).
+"""Training losses: stage-1 attribute regression (docs/method.md 2) and the stage-2 Bradley-Terry loss (3).
 
 Regression losses take mu, log_sigma, y of shape [..., B, K] (y NaN where a rating is missing) and
 average over the labelled cells of the last two axes: a scalar for [B, K], one value per member
@@ -77,6 +77,6 @@ def stage1_criterion(name: str, mu, log_sigma, y) -> torch.Tensor:
 
 def bt_loss(s_chosen: torch.Tensor, s_rejected: torch.Tensor, margin: torch.Tensor | None = None) -> torch.Tensor:
     """Bradley-Terry loss: mean over pairs of -log sigmoid(s_chosen - s_rejected), or with ``margin``
-    TRL's margin-aware form -log sigmoid(s_chosen - s_rejected - margin) (METHOD.md 3)."""
+    TRL's margin-aware form -log sigmoid(s_chosen - s_rejected - margin) (docs/method.md 3)."""
     diff = s_chosen - s_rejected
     return -F.logsigmoid(diff if margin is None else diff - margin).mean()

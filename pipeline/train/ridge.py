@@ -1,5 +1,5 @@
 """Closed-form ridge for the value head's rows: least squares plus an L2 penalty, its alpha per attribute by
-exact leave-one-out, from one eigendecomposition of the features' Gram matrix (METHOD.md 2); bootstrap
+exact leave-one-out, from one eigendecomposition of the features' Gram matrix (docs/method.md 2); bootstrap
 members solved at the chosen alphas without another one.
 
 Ridge is the minimiser of the mean part of the reparam objective plus an L2 term, so it is what stage 1
@@ -198,7 +198,7 @@ def loo_residuals_from(t: torch.Tensor, pred: torch.Tensor, lev: torch.Tensor) -
 
 
 def posterior_factor(sp: Spectrum, alpha: torch.Tensor, noise: torch.Tensor) -> dict:
-    """The ridge posterior of this fit (METHOD.md 10) as the tensors ``heads.RidgePosterior`` keeps, float64:
+    """The ridge posterior of this fit (docs/method.md 10) as the tensors ``heads.RidgePosterior`` keeps, float64:
     with prior beta ~ N(0, s^2 / alpha I), a flat prior on the unpenalised column's coefficient and noise s^2, the
     epistemic variance of the fitted mean at h is
         s^2 [ c(h)^2 / cᵀc + sum_j (v_jᵀz)^2 / (lam_j + alpha) + |z - V Vᵀz|^2 / alpha ],   z = h - c(h) g,

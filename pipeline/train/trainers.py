@@ -1,8 +1,8 @@
 """The two stages' trainers: plain loops, no framework.
 
-``fit_value_head`` fits the Gaussian value head(s) on features and labels (METHOD.md 2, 4): in closed form
+``fit_value_head`` fits the Gaussian value head(s) on features and labels (docs/method.md 2, 4): in closed form
 for ``--loss ridge`` (the default, ``pipeline.train.closed_form``), else by AdamW (reparam, nll, beta-nll);
-``fit_gate`` fits the gate with the Bradley-Terry loss on pairs, value head frozen (METHOD.md 3): the kind
+``fit_gate`` fits the gate with the Bradley-Terry loss on pairs, value head frozen (docs/method.md 3): the kind
 given, or with ``--gate auto`` the one cross-validation picks (``pipeline.train.gate_selection``).
 Features come from a minibatch source (``pipeline.train.feature_stream``): held on the device in their
 stored dtype (float16 halves the memory), or streamed from the cache's parts when they exceed the
@@ -40,7 +40,7 @@ logger = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------------------------
-# Stage 1: value head(s) on ratings (METHOD.md 2, 4)
+# Stage 1: value head(s) on ratings (docs/method.md 2, 4)
 
 
 def label_scaling(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,7 +114,7 @@ def fit_value_head(features, labels: torch.Tensor, cfg: ValueHeadConfig, names=A
     k, members = y.shape[1], cfg.ensemble
     mean, std = label_scaling(y[train]) if cfg.standardize_labels else (y.new_zeros(k), y.new_ones(k))
     y_train = (y - mean) / std  # NaN stays NaN
-    gens = [torch.Generator().manual_seed(cfg.run.seed + m) for m in range(members)]  # METHOD.md 4
+    gens = [torch.Generator().manual_seed(cfg.run.seed + m) for m in range(members)]  # docs/method.md 4
     model = ValueEnsemble(rows.d, k, members, cfg.bias, gens).to(device)
     opt = adamw(model.parameters(), cfg.optim)
     noise = torch.Generator(device=device).manual_seed(cfg.run.seed)
@@ -165,7 +165,7 @@ def evaluate_value_head(heads: Heads, x: torch.Tensor, y: torch.Tensor, names=AT
 
 
 # ----------------------------------------------------------------------------------------------
-# Stage 2: gate on preference pairs, value head frozen (METHOD.md 3; the gates: pipeline.train.gates)
+# Stage 2: gate on preference pairs, value head frozen (docs/method.md 3; the gates: pipeline.train.gates)
 
 
 class NoPreference(UserError):
@@ -226,7 +226,7 @@ def fit_gate(chosen, rejected: torch.Tensor | None, value: Heads, cfg: GatingCon
     ``--gate auto`` (the default) first chooses the kind (``pipeline.train.gate_selection``); the kind is then
     fitted on the training split (early stopping, and the pair temperatures, on the validation split). With
     ``cfg.use_margin`` the loss is TRL's margin-aware -log sigmoid(s_c - s_r - margin) over each pair's
-    ``margin`` [N] (METHOD.md 3), and early stopping watches that loss on validation.
+    ``margin`` [N] (docs/method.md 3), and early stopping watches that loss on validation.
     """
     from pipeline.train.gate_selection import select_gate
     from pipeline.train.gates import (GatePairs, calibrate_pairs, equal_weights, fit_gate_kind, frozen_pair_outputs,
