@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -29,8 +28,6 @@ from pipeline.eval.evaluation import Candidate, Scores
 from pipeline.model import VALUE_PREFIXES, Heads
 from pipeline.train import fit_pair_temperatures, split_rows
 
-if TYPE_CHECKING:  # the configs are the caller's (pipeline.configs)
-    from pipeline.configs import GatingConfig, ValueHeadConfig
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +114,7 @@ def ridge_value_head(x: torch.Tensor, y: torch.Tensor) -> tuple[Heads, dict]:
 
 
 def armorm(x: torch.Tensor, y: torch.Tensor, xc: torch.Tensor, xr: torch.Tensor,
-           gating: GatingConfig) -> tuple[Candidate, dict]:
+           gating) -> tuple[Candidate, dict]:
     """Ridge per attribute, then ArmoRM's softmax gate with the BT loss (the value head frozen)."""
     from pipeline.train import fit_gate
 
@@ -150,7 +147,7 @@ def base_score() -> Candidate:
                      lambda rows: Scores(rows.base_score.float().cpu()))
 
 
-def urm_variant(name: str, about: str, x, y, xc, xr, value_cfg: ValueHeadConfig, gating_cfg: GatingConfig,
+def urm_variant(name: str, about: str, x, y, xc, xr, value_cfg, gating_cfg,
                 names) -> tuple[Candidate, dict]:
     """URM heads trained again, both stages, with these configs (another recipe on the same caches)."""
     from pipeline.train import fit_gate, fit_value_head
@@ -195,8 +192,8 @@ class HeadsRecipe:
     they chose, and whether they were trained on these very caches (then a variant that is exactly their recipe is
     their own row, not trained twice)."""
 
-    value: ValueHeadConfig
-    gating: GatingConfig
+    value: object  # the value head's config as heads.json recorded it (pipeline.configs.ValueHeadConfig)
+    gating: object  # the gate's (pipeline.configs.GatingConfig)
     gate: str | None
     on_these_caches: bool
 

@@ -4,16 +4,13 @@ own functions (``pipeline.features.render``, ``pipeline.serve.scoring``), and wh
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
 
 from pipeline.serve.app import Service
 from pipeline.serve.scoring import length_limit, load_scorer, score_ids
 
-if TYPE_CHECKING:  # the config is the caller's (pipeline.configs)
-    from pipeline.configs import ServeConfig
 
 
-def load_service(model_dir: str, cfg: ServeConfig):
+def load_service(model_dir: str, cfg):
     """The export loaded once, and how the server tokenises and scores for it (`urm score`'s functions)."""
     from pipeline.features import encode_texts, pad_id_of, render_ids
     from pipeline.model import EXPORT_TENSORS, read_meta

@@ -26,7 +26,6 @@ import dataclasses
 import logging
 import math
 import time
-from typing import TYPE_CHECKING
 
 import torch
 
@@ -41,8 +40,6 @@ from pipeline.train.feature_stream import as_rows
 from pipeline.train.fit import Fit
 from pipeline.train.optimization import split_off
 
-if TYPE_CHECKING:  # the configs are the caller's (pipeline.configs)
-    from pipeline.configs import ValueHeadConfig
 
 logger = logging.getLogger(__name__)
 
@@ -162,7 +159,7 @@ def bootstrap_members(rows, groups: list[GroupFit], members: int, seed: int, nam
     return out, solved
 
 
-def calibration_split(n: int, cfg: ValueHeadConfig, device) -> tuple[torch.Tensor, torch.Tensor]:
+def calibration_split(n: int, cfg, device) -> tuple[torch.Tensor, torch.Tensor]:
     """(the rows sigma's ridge is fitted on, the calibration rows sigma's (a, b) are fitted on), each sorted; every row
     and none without ``cfg.calibrate``. The means use every row either way."""
     every = torch.arange(n, device=device)
@@ -173,7 +170,7 @@ def calibration_split(n: int, cfg: ValueHeadConfig, device) -> tuple[torch.Tenso
 
 
 def fit_label_group(rows, y: torch.Tensor, columns: list[int], labelled: torch.Tensor, sigma_rows: torch.Tensor,
-                    cfg: ValueHeadConfig) -> GroupFit:
+                    cfg) -> GroupFit:
     """The means and the (uncalibrated) log-sigma rows of the attributes ``columns``, on their ``labelled`` rows;
     sigma's ridge sees only those of them in ``sigma_rows`` (the calibration rows are kept for its (a, b))."""
     t = y[labelled][:, columns]
@@ -227,7 +224,7 @@ def leave_one_out_report(rows, y: torch.Tensor, residuals: torch.Tensor, ls_w: t
             "estimate": "leave-one-out over every rated row (sigma as calibrated)"}
 
 
-def fit_ridge_value_head(features, labels: torch.Tensor, cfg: ValueHeadConfig, names=ATTRIBUTES) -> Fit:
+def fit_ridge_value_head(features, labels: torch.Tensor, cfg, names=ATTRIBUTES) -> Fit:
     """Stage 1 in closed form on features [N, d] (a tensor, or a minibatch source) and labels [N, K] (NaN =
     missing): see the module docstring. Returns the heads, their leave-one-out validation metrics and, in
     ``selection``, every alpha chosen and the criterion that chose it."""

@@ -39,7 +39,6 @@ import logging
 import math
 import os
 import time
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -50,8 +49,6 @@ from pipeline.train.feature_stream import TensorRows
 from pipeline.train.gates import GATE_KINDS, TRAINED_KINDS, GatePairs, HeldPairs, fit_gate_kind, pair_scores
 from pipeline.train.optimization import split_rows
 
-if TYPE_CHECKING:  # the configs are the caller's (pipeline.configs)
-    from pipeline.configs import GatingConfig
 
 logger = logging.getLogger(__name__)
 
@@ -144,7 +141,7 @@ class Fold:
 
 
 def select_gate(value, pairs: GatePairs, train: torch.Tensor, val: torch.Tensor,
-                cfg: GatingConfig) -> tuple[str, dict, tuple[torch.Tensor, torch.Tensor]]:
+                cfg) -> tuple[str, dict, tuple[torch.Tensor, torch.Tensor]]:
     """The gate kind for these pairs (``train`` and ``val`` their training and validation split), the record of how
     it was chosen (for heads.json), and the chosen kind's out-of-fold (s_c - s_r, Var_c + Var_r) of every scored
     pair: what its pair temperatures are best fitted on.

@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -36,8 +35,6 @@ from pipeline.train.calibration import fit_pair_temperatures
 from pipeline.train.feature_stream import part_shuffled, row_chunks
 from pipeline.train.optimization import EarlyStopping, adamw, stop_if_diverged, warn_few_steps
 
-if TYPE_CHECKING:  # the configs are the caller's (pipeline.configs)
-    from pipeline.configs import GatingConfig
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +42,7 @@ GATE_KINDS = ("equal", "global", "urm-warm", "urm", "softmax")  # simplest first
 TRAINED_KINDS = ("urm-warm", "urm", "softmax")  # fitted by AdamW with early stopping (the others in closed form)
 
 
-def with_gate(value: Heads, cfg: GatingConfig, gate: str | None = None) -> Heads:
+def with_gate(value: Heads, cfg, gate: str | None = None) -> Heads:
     """A copy of ``value`` with a fresh seeded gate of module type ``gate`` (default ``cfg.gate``: urm or
     softmax); the value-head parameters are frozen."""
     gate = gate or cfg.gate
@@ -225,7 +222,7 @@ def set_constant_gate(heads: Heads, w: torch.Tensor) -> Heads:
     return heads
 
 
-def train_gate(heads: Heads, pairs: GatePairs, train: torch.Tensor, val: HeldPairs, cfg: GatingConfig,
+def train_gate(heads: Heads, pairs: GatePairs, train: torch.Tensor, val: HeldPairs, cfg,
                count_start: bool = False) -> tuple[list[dict], list[int]]:
     """AdamW on the gate of ``heads`` over the ``train`` pairs of ``pairs``, early stopping on ``val`` (the BT loss,
     margin-aware when the pairs have a margin); the best epoch's weights are kept. With ``count_start`` the starting
@@ -260,7 +257,7 @@ def train_gate(heads: Heads, pairs: GatePairs, train: torch.Tensor, val: HeldPai
 
 
 def fit_gate_kind(kind: str, value: Heads, pairs: GatePairs, train: torch.Tensor, val: HeldPairs,
-                  cfg: GatingConfig) -> tuple[Heads, list[dict], list[int]]:
+                  cfg) -> tuple[Heads, list[dict], list[int]]:
     """A gate of ``kind`` (``GATE_KINDS``) on ``value``, fitted on the ``train`` pairs of ``pairs`` (``val``: the
     early stopping of the trained kinds); returns (heads, history, best epoch)."""
     out, margin = pairs.outputs, pairs.margin

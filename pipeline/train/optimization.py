@@ -10,14 +10,11 @@ import logging
 import math
 import threading
 
-from typing import TYPE_CHECKING
 
 import torch
 
 from pipeline.errors import UserError
 
-if TYPE_CHECKING:
-    from pipeline.configs import Optimization
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +41,7 @@ def split_off(rows: torch.Tensor, n: int, seed: int) -> tuple[torch.Tensor, torc
     return rows[perm[n:]], rows[perm[:n]]
 
 
-def adamw(params, optim: Optimization) -> torch.optim.AdamW:
+def adamw(params, optim) -> torch.optim.AdamW:
     """AdamW from a config, fused (one kernel a step for all its tensors, not a dozen per tensor: on CPU the
     elementwise update of a 1024-wide gate cost more than its forward and backward) where the parameters allow."""
     params = list(params)

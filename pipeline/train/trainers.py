@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING
 
 import torch
 
@@ -33,8 +32,6 @@ from pipeline.train.feature_stream import as_rows, part_shuffled, row_chunks
 from pipeline.train.fit import Fit
 from pipeline.train.optimization import EarlyStopping, adamw, split_off, split_rows, stop_if_diverged, warn_few_steps
 
-if TYPE_CHECKING:  # the configs are the caller's: a stage never imports them (pipeline.configs)
-    from pipeline.configs import GatingConfig, ValueHeadConfig
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +55,7 @@ def predict_members(model: ValueEnsemble, x: torch.Tensor, mean, std) -> tuple[t
     return mu * std + mean, log_sigma + std.log()
 
 
-def stage1_epoch(model, opt, rows, y, order, cfg: ValueHeadConfig, noise) -> float:
+def stage1_epoch(model, opt, rows, y, order, cfg, noise) -> float:
     """One pass over ``order`` [M, n] (each member's own shuffle) of the features ``rows`` (a minibatch
     source); returns the mean member loss."""
     total = torch.zeros((), device=y.device)
@@ -91,7 +88,7 @@ def value_heads(model: ValueEnsemble, mean, std, bias: bool) -> Heads:
     return heads
 
 
-def fit_value_head(features, labels: torch.Tensor, cfg: ValueHeadConfig, names=ATTRIBUTES) -> Fit:
+def fit_value_head(features, labels: torch.Tensor, cfg, names=ATTRIBUTES) -> Fit:
     """Stage 1: fit ``cfg.ensemble`` Gaussian value heads on features [N, d] (a tensor, or a minibatch
     source of ``pipeline.train.feature_stream``) and labels [N, K] (NaN = missing). ``--loss ridge`` (the
     default) solves it in closed form (``pipeline.train.closed_form``); the other losses train by AdamW."""
@@ -218,7 +215,7 @@ def against_chance(d: torch.Tensor, where: str, level: float = CHANCE_LEVEL) -> 
             "better_than_chance": better}
 
 
-def fit_gate(chosen, rejected: torch.Tensor | None, value: Heads, cfg: GatingConfig,
+def fit_gate(chosen, rejected: torch.Tensor | None, value: Heads, cfg,
              names=ATTRIBUTES, margin: torch.Tensor | None = None) -> Fit:
     """Stage 2: fit a gate with the BT loss on pairs (chosen, rejected [N, d]; or ``chosen`` a minibatch
     source of both sides from ``pipeline.train.feature_stream`` and ``rejected`` None); ``value`` stays frozen.
