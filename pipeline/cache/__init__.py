@@ -13,21 +13,17 @@ Imports only the cross-cutting modules of ``pipeline`` (errors, atomic, hashing)
 """
 
 from pipeline.cache.columns import nonfinite_rows
-from pipeline.cache.journals import RankWriter, open_rank_writer
-from pipeline.cache.layout import (COMPAT_FIELDS, FORMAT_VERSION, KINDS, MANIFEST, REBUILD, SMALL_COLUMNS,
-                                   STORAGE_DTYPES, CacheError, CacheIncomplete, CacheInputError, CacheMismatch,
-                                   CacheSpec, arrow_schema, journal_name, part_name)
-from pipeline.cache.manifest import manifest_problem, part_problem, read_manifest, require_kind, rows_problem
-from pipeline.cache.reader import (Features, Pairs, fixed_list_numpy, gather_embeddings, layout_problem,
-                                   parts_layout_problems, read_features, read_pairs, row_index, row_location,
-                                   verify_cache)
+from pipeline.cache.journals import open_rank_writer
+from pipeline.cache.layout import (KINDS, MANIFEST, REBUILD, STORAGE_DTYPES, CacheError, CacheIncomplete,
+                                   CacheInputError, CacheMismatch, CacheSpec, arrow_schema, journal_name)
+from pipeline.cache.manifest import part_problem, read_manifest, require_kind, rows_problem
+from pipeline.cache.reader import (fixed_list_numpy, gather_embeddings, parts_layout_problems, read_features,
+                                   read_pairs, row_index, row_location, verify_cache)
 from pipeline.cache.writer import CacheWriter, open_writer, remove_unbegun
 
 __all__ = [
-    "COMPAT_FIELDS", "FORMAT_VERSION", "KINDS", "MANIFEST", "REBUILD", "SMALL_COLUMNS", "STORAGE_DTYPES",
-    "CacheError", "CacheIncomplete", "CacheInputError", "CacheMismatch", "CacheSpec", "CacheWriter", "Features",
-    "Pairs", "RankWriter", "arrow_schema", "fixed_list_numpy", "gather_embeddings", "journal_name",
-    "layout_problem", "manifest_problem", "nonfinite_rows", "open_rank_writer", "open_writer", "remove_unbegun", "part_name",
-    "part_problem", "parts_layout_problems", "read_features", "read_manifest", "read_pairs", "require_kind",
-    "row_index", "row_location", "rows_problem", "verify_cache",
+    "arrow_schema", "CacheError", "CacheIncomplete", "CacheInputError", "CacheMismatch", "CacheSpec", "CacheWriter",
+    "fixed_list_numpy", "gather_embeddings", "journal_name", "KINDS", "MANIFEST", "nonfinite_rows", "open_rank_writer",
+    "open_writer", "part_problem", "parts_layout_problems", "read_features", "read_manifest", "read_pairs", "REBUILD",
+    "remove_unbegun", "require_kind", "row_index", "row_location", "rows_problem", "STORAGE_DTYPES", "verify_cache",
 ]

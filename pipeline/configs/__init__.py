@@ -24,18 +24,14 @@ from pipeline.configs.curate import CurateConfig
 from pipeline.configs.evaluate import EvaluateConfig
 from pipeline.configs.export import ExportConfig
 from pipeline.configs.extract import SMOLLM2_GGUF, DatasetSpec, ExtractConfig
-from pipeline.configs.options import DTYPE_HELP, VERIFY_HELP, ConfigError, Option, build, options, to_dict
-from pipeline.configs.paths import DEFAULT_PATHS, DEFAULT_PRESET, run_paths
-from pipeline.configs.runtime import Reading, Runtime
-from pipeline.configs.presets import (PRESET_DIR, STAGES, check_preset, check_preset_values, load_config, preset_names,
-                                      preset_path, read_preset)
+from pipeline.configs.options import VERIFY_HELP, ConfigError, build, options, to_dict
+from pipeline.configs.paths import DEFAULT_PRESET
+from pipeline.configs.presets import STAGES, check_preset, load_config, preset_names
 from pipeline.configs.serve import ScoreConfig, ServeConfig
-from pipeline.configs.train import GatingConfig, Optimization, TrainingRun, ValueHeadConfig
+from pipeline.configs.train import GatingConfig, TrainingRun, ValueHeadConfig
 
 __all__ = [
-    "DEFAULT_PATHS", "DEFAULT_PRESET", "DTYPE_HELP", "PRESET_DIR", "Reading", "Runtime", "SMOLLM2_GGUF", "STAGES",
-    "VERIFY_HELP", "ConfigError", "CurateConfig", "DatasetSpec", "EvaluateConfig", "ExportConfig", "ExtractConfig", "GatingConfig",
-    "Optimization", "Option", "ScoreConfig", "ServeConfig", "TrainingRun", "ValueHeadConfig", "build",
-    "check_preset", "check_preset_values", "load_config", "options", "preset_names", "preset_path", "read_preset",
-    "run_paths", "to_dict",
+    "build", "check_preset", "ConfigError", "CurateConfig", "DatasetSpec", "DEFAULT_PRESET", "EvaluateConfig",
+    "ExportConfig", "ExtractConfig", "GatingConfig", "load_config", "options", "preset_names", "ScoreConfig",
+    "ServeConfig", "SMOLLM2_GGUF", "STAGES", "to_dict", "TrainingRun", "ValueHeadConfig", "VERIFY_HELP",
 ]

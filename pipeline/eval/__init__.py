@@ -14,25 +14,22 @@ the baselines) and reads its fields. This stage never imports ``pipeline.configs
 the configs import the stages' lists of allowed values, and that way alone (tests/test_layout.py).
 """
 
-from pipeline.eval.baselines import (HeadsRecipe, TrainingCaches, armorm, base_score, equal_weights, fit_baselines,
-                                     heads_candidate, heads_scores, linear_probe, ridge_value_head, urm_variant,
-                                     variants, with_temperatures)
+from pipeline.eval.baselines import (HeadsRecipe, TrainingCaches, fit_baselines, heads_candidate, heads_scores,
+                                     linear_probe)
 from pipeline.eval.comparison import compare
 from pipeline.eval.curation import (SIGNALS, certainty, check_signal, judge_pairs, keep_cut, kept_pairs, least_certain,
                                     suspects, uncertainty)
-from pipeline.eval.curation_report import curation_markdown, curation_plot, write_curation_report
+from pipeline.eval.curation_report import curation_plot, write_curation_report
 from pipeline.eval.evaluation import (Candidate, Scores, attribute_metrics, chosen_probabilities, pair_metrics,
-                                      rewardbench_sections, row_signals, shift_metrics, uncertainty_signals)
+                                      row_signals, shift_metrics, uncertainty_signals)
 from pipeline.eval.report import (attributes_plot, attributes_table, chosen_lines, is_report_file, pairs_table,
-                                  reliability_plot,
-                                  reliability_points, shift_caches, shift_table, write_report)
+                                  reliability_plot, reliability_points, shift_caches, shift_table, write_report)
 
 __all__ = [
-    "SIGNALS", "certainty", "check_signal", "curation_markdown", "curation_plot", "judge_pairs", "keep_cut",
-    "kept_pairs", "least_certain", "suspects", "uncertainty", "write_curation_report",
-    "Candidate", "HeadsRecipe", "Scores", "TrainingCaches", "armorm", "compare", "fit_baselines", "variants", "attribute_metrics", "attributes_plot", "attributes_table", "base_score",
-    "chosen_lines", "chosen_probabilities", "equal_weights", "heads_candidate", "heads_scores", "is_report_file",
-    "linear_probe", "pair_metrics",
-    "pairs_table", "reliability_plot", "reliability_points", "rewardbench_sections", "shift_caches", "shift_table", "ridge_value_head", "row_signals", "shift_metrics",
-    "uncertainty_signals", "urm_variant", "with_temperatures", "write_report",
+    "attribute_metrics", "attributes_plot", "attributes_table", "Candidate", "certainty", "check_signal",
+    "chosen_lines", "chosen_probabilities", "compare", "curation_plot", "fit_baselines", "heads_candidate",
+    "heads_scores", "HeadsRecipe", "is_report_file", "judge_pairs", "keep_cut", "kept_pairs", "least_certain",
+    "linear_probe", "pair_metrics", "pairs_table", "reliability_plot", "reliability_points", "row_signals", "Scores",
+    "shift_caches", "shift_metrics", "shift_table", "SIGNALS", "suspects", "TrainingCaches", "uncertainty",
+    "uncertainty_signals", "write_curation_report", "write_report",
 ]

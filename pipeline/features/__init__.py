@@ -11,19 +11,18 @@
 Imports the cross-cutting modules and ``pipeline.model`` (where h is read: ``last_token_index``).
 """
 
-from pipeline.features.backbone import (ATTENTION, ENGINES, Backbone, BackboneError, BackboneFiles, checkpoint_dir, checkpoint_identity,
-                                        is_reward_model, load_backbone, load_weights, open_backbone, weights_fingerprint)
+from pipeline.features.backbone import (ATTENTION, ENGINES, checkpoint_dir, checkpoint_identity, is_reward_model,
+                                        load_backbone, load_weights, open_backbone, weights_fingerprint)
 from pipeline.features.batching import OnBatch, pad_id_of, pad_right, plan_batches, run_batches
 from pipeline.features.distributed import RankError, Ranks, from_main, gather, rank_device, ranks_from_env
 from pipeline.features.embedding import backbone_forward, embed_all
-from pipeline.features.render import TemplateError, chat_template_hash, encode_texts, render_ids, render_texts
-from pipeline.features.rows import Rows, balance_parts, keep_mask, pair_rows, part_bounds, rating_rows
+from pipeline.features.render import chat_template_hash, encode_texts, render_ids, render_texts
+from pipeline.features.rows import balance_parts, keep_mask, pair_rows, part_bounds, rating_rows
 
 __all__ = [
-    "ATTENTION", "ENGINES", "Backbone", "BackboneError", "BackboneFiles", "checkpoint_dir", "OnBatch", "RankError", "Ranks", "Rows", "TemplateError",
-    "backbone_forward", "balance_parts", "chat_template_hash", "checkpoint_identity", "embed_all", "encode_texts",
-    "from_main", "gather",
-    "is_reward_model", "keep_mask", "load_backbone", "load_weights", "open_backbone", "pad_id_of", "pad_right",
-    "pair_rows", "part_bounds", "plan_batches", "rank_device", "ranks_from_env", "rating_rows", "render_ids",
-    "render_texts", "run_batches", "weights_fingerprint",
+    "ATTENTION", "backbone_forward", "balance_parts", "chat_template_hash", "checkpoint_dir", "checkpoint_identity",
+    "embed_all", "encode_texts", "ENGINES", "from_main", "gather", "is_reward_model", "keep_mask", "load_backbone",
+    "load_weights", "OnBatch", "open_backbone", "pad_id_of", "pad_right", "pair_rows", "part_bounds", "plan_batches",
+    "rank_device", "RankError", "Ranks", "ranks_from_env", "rating_rows", "render_ids", "render_texts", "run_batches",
+    "weights_fingerprint",
 ]

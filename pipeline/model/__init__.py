@@ -14,30 +14,26 @@ imported by module (``pipeline.model.modeling_urm``) so that this package does n
 ``heads_io`` may import the cross-cutting modules (errors, atomic, hashing).
 """
 
-from pipeline.model.heads import (GATES, OUTPUTS, VALUE_PREFIXES, Heads, RidgePosterior, SoftmaxGate, ValueEnsemble,
-                                  build_heads, epistemic_variance, gate_weights, head_outputs, init_linear_,
-                                  last_token_index, p_chosen_bt, p_chosen_gaussian, score, score_variance,
-                                  split_mean_logstd, unstandardize, urm_gate)
-from pipeline.model.heads_io import (EXPORT_TENSORS, META, TENSORS, CacheIdentity, HeadsError, HeadsMeta, LabelScaling,
+from pipeline.model.heads import (GATES, OUTPUTS, VALUE_PREFIXES, Heads, SoftmaxGate, ValueEnsemble, build_heads,
+                                  epistemic_variance, head_outputs, init_linear_, last_token_index, p_chosen_bt,
+                                  p_chosen_gaussian, score, score_variance, split_mean_logstd, unstandardize, urm_gate)
+from pipeline.model.heads_io import (EXPORT_TENSORS, META, CacheIdentity, HeadsError, HeadsMeta, LabelScaling,
                                      PairCalibration, SigmaCalibration, StageRecord, check_tensors, copy_heads,
                                      heads_reader, heads_writer, load_heads, meta_file, read_meta, save_heads)
 from pipeline.model.heads_source import check_features, check_same_backbone, load_for_evaluation
 from pipeline.model.published import (PUBLISHED_ARCHITECTURE, PUBLISHED_LOSS, check_checkpoint_tensors,
-                                      checkpoint_settings, is_published_checkpoint, is_published_layout,
-                                      published_heads, published_settings, read_config_json)
-from pipeline.model.rewards import (ENSEMBLE_TRANSFORMS, MAX_RISK, POSTERIOR_TRANSFORMS, RISK_RANGE, RISK_TRANSFORMS,
-                                    SUBTRACTS, TRANSFORMS, lower_bound, needs_ensemble, needs_posterior, reward,
-                                    rewards_of, risk_ok, uncertainty_weighted, worst_member)
+                                      checkpoint_settings, is_published_layout, published_heads, published_settings)
+from pipeline.model.rewards import (RISK_RANGE, RISK_TRANSFORMS, SUBTRACTS, TRANSFORMS, lower_bound, needs_ensemble,
+                                    needs_posterior, reward, rewards_of, risk_ok, uncertainty_weighted, worst_member)
 
 __all__ = [
-    "CacheIdentity", "ENSEMBLE_TRANSFORMS", "EXPORT_TENSORS", "GATES", "Heads", "HeadsError", "HeadsMeta",
-    "LabelScaling", "MAX_RISK", "META", "OUTPUTS", "POSTERIOR_TRANSFORMS", "PUBLISHED_ARCHITECTURE",
-    "PUBLISHED_LOSS", "PairCalibration", "RISK_RANGE", "RISK_TRANSFORMS", "RidgePosterior", "SUBTRACTS",
-    "SigmaCalibration", "SoftmaxGate", "StageRecord", "TENSORS", "TRANSFORMS", "VALUE_PREFIXES", "ValueEnsemble",
-    "build_heads", "check_checkpoint_tensors", "check_features", "check_same_backbone", "check_tensors", "checkpoint_settings", "copy_heads",
-    "epistemic_variance", "gate_weights", "head_outputs", "heads_reader", "heads_writer", "init_linear_",
-    "is_published_checkpoint", "is_published_layout", "last_token_index", "load_for_evaluation", "load_heads", "lower_bound", "meta_file",
-    "needs_ensemble", "needs_posterior", "p_chosen_bt", "p_chosen_gaussian", "published_heads",
-    "published_settings", "read_config_json", "read_meta", "reward", "rewards_of", "risk_ok", "save_heads", "score",
-    "score_variance", "split_mean_logstd", "uncertainty_weighted", "unstandardize", "urm_gate", "worst_member",
+    "build_heads", "CacheIdentity", "check_checkpoint_tensors", "check_features", "check_same_backbone",
+    "check_tensors", "checkpoint_settings", "copy_heads", "epistemic_variance", "EXPORT_TENSORS", "GATES",
+    "head_outputs", "Heads", "heads_reader", "heads_writer", "HeadsError", "HeadsMeta", "init_linear_",
+    "is_published_layout", "LabelScaling", "last_token_index", "load_for_evaluation", "load_heads", "lower_bound",
+    "META", "meta_file", "needs_ensemble", "needs_posterior", "OUTPUTS", "p_chosen_bt", "p_chosen_gaussian",
+    "PairCalibration", "PUBLISHED_ARCHITECTURE", "published_heads", "PUBLISHED_LOSS", "published_settings", "read_meta",
+    "reward", "rewards_of", "risk_ok", "RISK_RANGE", "RISK_TRANSFORMS", "save_heads", "score", "score_variance",
+    "SigmaCalibration", "SoftmaxGate", "split_mean_logstd", "StageRecord", "SUBTRACTS", "TRANSFORMS",
+    "uncertainty_weighted", "unstandardize", "urm_gate", "VALUE_PREFIXES", "ValueEnsemble", "worst_member",
 ]

@@ -18,24 +18,24 @@ A config is the caller's: a function here takes the one a recipe hands it (``Ser
 the configs import the stages' lists of allowed values, and that way alone (tests/test_layout.py).
 """
 
-from pipeline.serve.app import Access, Service, create_app, results, rewards
-from pipeline.serve.batcher import BatchStats, Batcher
+from pipeline.serve.app import Access, create_app, results, rewards
+from pipeline.serve.batcher import Batcher
 from pipeline.serve.engine_answer import answer_layout, answer_vectors, read_answer
 from pipeline.serve.listening import ServeError, bind, is_loopback
 from pipeline.serve.requests import (Limits, RequestError, RewardChoice, check_key, check_lengths, parse_json,
-                                     read_body, reward_choice, reward_queries, score_items)
+                                     reward_choice, reward_queries, score_items)
 from pipeline.serve.score_files import (earlier_scores, flatten, jsonl_lines, load_input, output_rows, within_length,
-                                       write_jsonl, write_stdout)
+                                        write_jsonl)
 from pipeline.serve.service import load_service
 from pipeline.serve.scoring import (ScoreError, check_export, check_reward_fits, export_config, length_hint,
-                                    length_limit, load_scorer, nonfinite_field, pair_probabilities, reward_missing,
-                                    row_scores, score_ids)
+                                    length_limit, load_scorer, nonfinite_field, pair_probabilities, row_scores,
+                                    score_ids)
 
 __all__ = [
-    "Access", "BatchStats", "Batcher", "Limits", "RequestError", "RewardChoice", "ScoreError", "ServeError", "Service", "bind", "is_loopback", "load_service",
-    "answer_layout", "answer_vectors", "check_export", "check_key", "check_lengths", "check_reward_fits",
-    "create_app", "earlier_scores", "export_config", "flatten", "jsonl_lines", "load_input", "output_rows",
-    "within_length", "write_jsonl", "write_stdout", "length_hint", "length_limit", "load_scorer", "nonfinite_field", "reward_missing",
-    "pair_probabilities", "parse_json", "read_answer", "read_body", "results", "reward_choice",
-    "reward_queries", "rewards", "row_scores", "score_ids", "score_items",
+    "Access", "answer_layout", "answer_vectors", "Batcher", "bind", "check_export", "check_key", "check_lengths",
+    "check_reward_fits", "create_app", "earlier_scores", "export_config", "flatten", "is_loopback", "jsonl_lines",
+    "length_hint", "length_limit", "Limits", "load_input", "load_scorer", "load_service", "nonfinite_field",
+    "output_rows", "pair_probabilities", "parse_json", "read_answer", "RequestError", "results", "reward_choice",
+    "reward_queries", "RewardChoice", "rewards", "row_scores", "score_ids", "score_items", "ScoreError", "ServeError",
+    "within_length", "write_jsonl",
 ]

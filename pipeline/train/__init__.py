@@ -19,26 +19,18 @@ the configs import the stages' lists of allowed values, and that way alone (test
 """
 
 from pipeline.train.calibration import (calibrate_heads, common_direction, fit_pair_temperatures, fit_scale_offset,
-                                        fit_temperature, pair_nll, sigma_report)
-from pipeline.train.feature_stream import (StreamedRows, TensorRows, as_rows, default_memory_budget, open_streamed,
-                                            streams,
-                                           part_shuffled, row_chunks)
-from pipeline.train.closed_form import fit_ridge_value_head
-from pipeline.train.gate_selection import choose, select_gate
-from pipeline.train.gates import (GATE_KINDS, calibrate_pairs, equal_weights, fit_gate_kind, frozen_outputs,
-                                  frozen_pair_outputs, gate_epoch, global_weights, pair_report, pair_scores,
-                                  set_constant_gate, with_gate)
-from pipeline.train.losses import GRADIENT_LOSSES, STAGE1_LOSSES, bt_loss, stage1_criterion, stage1_loss
-from pipeline.train.optimization import EarlyStopping, adamw, split_rows
+                                        fit_temperature, pair_nll)
+from pipeline.train.feature_stream import TensorRows, as_rows, open_streamed, streams, part_shuffled
+from pipeline.train.gate_selection import choose
+from pipeline.train.gates import GATE_KINDS, frozen_outputs, gate_epoch, global_weights, set_constant_gate, with_gate
+from pipeline.train.losses import STAGE1_LOSSES
+from pipeline.train.optimization import adamw, split_rows
 from pipeline.train.fit import Fit
 from pipeline.train.trainers import NoPreference, fit_gate, fit_value_head
 
 __all__ = [
-    "GATE_KINDS", "GRADIENT_LOSSES", "STAGE1_LOSSES", "EarlyStopping", "Fit", "NoPreference", "calibrate_pairs",
-    "choose", "equal_weights", "fit_gate_kind", "fit_ridge_value_head", "frozen_pair_outputs", "global_weights",
-    "pair_report", "pair_scores", "select_gate", "set_constant_gate", "StreamedRows", "TensorRows", "adamw",
-    "as_rows", "bt_loss", "calibrate_heads", "common_direction", "default_memory_budget", "streams", "fit_gate",
-    "fit_pair_temperatures", "fit_scale_offset", "fit_temperature", "fit_value_head", "frozen_outputs",
-    "gate_epoch", "open_streamed", "pair_nll", "part_shuffled", "row_chunks", "sigma_report", "split_rows",
-    "stage1_criterion", "stage1_loss", "with_gate",
+    "adamw", "as_rows", "calibrate_heads", "choose", "common_direction", "Fit", "fit_gate", "fit_pair_temperatures",
+    "fit_scale_offset", "fit_temperature", "fit_value_head", "frozen_outputs", "gate_epoch", "GATE_KINDS",
+    "global_weights", "NoPreference", "open_streamed", "pair_nll", "part_shuffled", "set_constant_gate", "split_rows",
+    "STAGE1_LOSSES", "streams", "TensorRows", "with_gate",
 ]
