@@ -1172,11 +1172,11 @@ def curate_case(base: Base, d: Path, rng: random.Random) -> Case:
         what = "--signal ensemble, heads without an ensemble"
         argv = curate_argv(heads, base.cache / "preferences", out, "--signal", "ensemble")
         needles = ["--signal ensemble needs an ensemble", str(heads)]
-    else:  # a valid run whose -o is a file, or is under one
+    else:  # a valid run whose --out-dir is a file, or is under one
         holder = d / "a-file"
         holder.write_text("not a folder\n")
         out = rng.choice([holder, holder / "curated"])
-        what = f"-o {'is a file' if out == holder else 'under a file'}"
+        what = f"--out-dir {'is a file' if out == holder else 'under a file'}"
         argv = curate_argv(base.export, pairs, out)
         needles = [str(out), "a file stands there" if out == holder else "a file stands where a folder"]
         return Case("curate", what, argv, needles, code=1, unchanged={str(holder): checksum(holder)},
@@ -1245,7 +1245,7 @@ def outputs_case(base: Base, d: Path, rng: random.Random) -> Case:
         (folder / "notes.txt").write_text("mine\n")
         if how == "curate into the input's folder":
             argv = curate_argv(base.export, source, folder, *overwrite)
-            needles = [f"-o {folder}: it holds --input {source}"]
+            needles = [f"--out-dir {folder}: it holds --input {source}"]
         else:
             out = d / "out"
             out.mkdir()

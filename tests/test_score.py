@@ -323,8 +323,7 @@ def test_smollm2_export_scores_equal_the_heads_on_cached_features(smollm2):
 
     output = smollm2.root / "scores.jsonl"
     score_file(str(smollm2.out), build(ScoreConfig, dict(input=SMOLLM2_ROWS, output=str(output), device="cpu",
-                                                          dtype="float32", max_tokens_per_batch=2048)),
-               log=lambda line: None)
+                                                          dtype="float32", max_tokens_per_batch=2048)))
     got = {r["id"]: r for r in map(json.loads, output.read_text().splitlines())}
     with torch.no_grad():
         expected = load_heads(smollm2.heads)[0](smollm2.features.embedding)
