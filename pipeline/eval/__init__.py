@@ -5,6 +5,7 @@
   comparison  every model on every held-out cache: the metrics per model, the main model's curves
   report      report.md, report.json and the plots
   curation    `urm curate`'s math: per-pair judgements, suspects, the keep rule, the pairs to label next
+  curation_rows    what it writes, as rows: scored.jsonl, curated.jsonl or selected.jsonl, the plot's values
   curation_report  its report.md and plot
 
 Imports the cross-cutting modules, ``pipeline.model`` and ``pipeline.train`` (baselines are trained).
@@ -19,13 +20,15 @@ from pipeline.eval.baselines import (HeadsRecipe, TrainingCaches, fit_baselines,
 from pipeline.eval.comparison import compare
 from pipeline.eval.curation import (SIGNALS, certainty, check_signal, judge_pairs, keep_cut, kept_pairs, least_certain,
                                     suspects, uncertainty)
-from pipeline.eval.curation_report import curation_plot, write_curation_report
+from pipeline.eval.curation_rows import Curation, JudgedPairs, curated, selected, side_scores
+from pipeline.eval.curation_report import PLOT, curation_plot, write_curation_report
 from pipeline.eval.evaluation import (Candidate, Scores, attribute_metrics, chosen_probabilities, pair_metrics,
                                       row_signals, shift_metrics, uncertainty_signals)
 from pipeline.eval.report import (attributes_plot, attributes_table, chosen_lines, is_report_file, pairs_table,
                                   reliability_plot, reliability_points, shift_caches, shift_table, write_report)
 
 __all__ = [
+    "Curation", "JudgedPairs", "PLOT", "curated", "selected", "side_scores",
     "attribute_metrics", "attributes_plot", "attributes_table", "Candidate", "certainty", "check_signal",
     "chosen_lines", "chosen_probabilities", "compare", "curation_plot", "fit_baselines", "heads_candidate",
     "heads_scores", "HeadsRecipe", "is_report_file", "judge_pairs", "keep_cut", "kept_pairs", "least_certain",

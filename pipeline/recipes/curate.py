@@ -21,27 +21,15 @@ With ``--select N`` the input is unlabelled pairs (pipeline.data.response_pairs;
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from pipeline.atomic import atomic_directory, write_text
 from pipeline.configs import CurateConfig
 from pipeline.errors import UserError
-from pipeline.eval.curation import (
-    certainty,
-    check_signal,
-    judge_pairs,
-    keep_cut,
-    kept_pairs,
-    least_certain,
-    suspects,
-    uncertainty,
-)
-from pipeline.eval.curation_report import PLOT, curation_plot, write_curation_report
-from pipeline.eval.evaluation import Scores
+from pipeline.eval import (PLOT, JudgedPairs, check_signal, curated, curation_plot, judge_pairs, selected, side_scores,
+                           write_curation_report)
 from pipeline.outputs import FOLDER, OwnFiles, check_output
 
 logger = logging.getLogger(__name__)
@@ -51,20 +39,6 @@ WRITES = ("scored.jsonl", "curated.jsonl", "selected.jsonl", "report.md", PLOT) 
 
 class CurateError(UserError):
     """The pairs or the model cannot be curated."""
-
-
-@dataclass
-class JudgedInput:
-    """The pairs read, the model's scores for both sides, and what the summary says about where they came from."""
-
-    pairs: list  # PreferencePair, in input order (those scored)
-    chosen: Scores
-    rejected: Scores
-    temperature_bt: float
-    temperature_gaussian: float
-    dropped: int
-    model: str
-    identical: int = 0  # pairs dropped as read: their chosen is identical to their rejected
 
 
 # ----------------------------------------------------------------------------------------------
@@ -96,16 +70,7 @@ def read_pairs_file(source: str, cfg: CurateConfig) -> tuple[list, int]:
     return pairs, len(report.identical_pairs)
 
 
-def side_scores(out: dict[str, np.ndarray], side: int) -> Scores:
-    """The outputs of every pair's chosen (side 0) or rejected (side 1) conversation as ``Scores``."""
-    def take(name):
-        return torch.from_numpy(np.ascontiguousarray(out[name][side::2])) if name in out else None
-
-    return Scores(take("score"), take("score_std"), take("ensemble_scores"), take("attribute_means"),
-                  take("attribute_stds"), take("epistemic_std"))
-
-
-def score_with_export(model_dir: str, source: str, cfg: CurateConfig) -> JudgedInput:
+def score_with_export(model_dir: str, source: str, cfg: CurateConfig) -> JudgedPairs:
     """Both sides of every pair through the export, batched as `urm score` does."""
     from pipeline.features import pad_id_of, render_ids
     from pipeline.model.modeling_urm import pair_temperatures
@@ -119,11 +84,11 @@ def score_with_export(model_dir: str, source: str, cfg: CurateConfig) -> JudgedI
     pairs, ids, dropped = within_length("pairs", pairs, ids, length_limit(model.config, cfg.reading.max_length))
     out = score_ids(model, ids, cfg.runtime.max_tokens_per_batch, pad_id_of(tokenizer))
     t = pair_temperatures(model.config)
-    return JudgedInput(pairs, side_scores(out, 0), side_scores(out, 1), t["bt"], t["gaussian"], dropped,
+    return JudgedPairs(pairs, side_scores(out, 0), side_scores(out, 1), t["bt"], t["gaussian"], dropped,
                        f"export {model_dir}", identical)
 
 
-def score_cached(model_dir: str, cache: str, cfg: CurateConfig) -> JudgedInput:
+def score_cached(model_dir: str, cache: str, cfg: CurateConfig) -> JudgedPairs:
     """A preference cache's pairs scored by the heads on their cached features; the conversations come from the
     source file the manifest names (curated.jsonl needs them), matched by pair id, once the source is checked to be
     what the cache was extracted from (``check_source``: an edited file would pair old features with new rows)."""
@@ -155,7 +120,7 @@ def score_cached(model_dir: str, cache: str, cfg: CurateConfig) -> JudgedInput:
     with torch.no_grad():
         chosen, rejected = (heads_scores(heads, side.embedding) for side in (cached.chosen, cached.rejected))
     p = meta.pair_calibration
-    return JudgedInput([by_id[i] for i in cached.chosen.pair_id], chosen, rejected,
+    return JudgedPairs([by_id[i] for i in cached.chosen.pair_id], chosen, rejected,
                        p.temperature_bt if p else 1.0, p.temperature_gaussian if p else 1.0, 0, what)
 
 
@@ -200,91 +165,23 @@ def require_members(cfg: CurateConfig, members: int, model_dir: str, posterior: 
                           "gaussian, or train the value head with --loss ridge (the default)")
 
 
-# ----------------------------------------------------------------------------------------------
-# Writing
-
-
-def jsonl(rows) -> str:
-    from pipeline.serve import jsonl_lines
-
-    return "".join(jsonl_lines(rows))
-
-
-def trl_row(pair) -> dict:
-    """A pair in TRL's conversational format (whole conversations on both sides), as `urm extract` reads it."""
-    row = {"id": pair.pair_id, "chosen": pair.chosen, "rejected": pair.rejected}
-    if pair.subset is not None:
-        row["subset"] = pair.subset
-    return row
-
-
-def scored_rows(data: JudgedInput, judged: dict, signal: str, name: str, values: torch.Tensor,
-                extra: dict) -> list[dict]:
-    """One row per pair: its scores, probabilities, the signal's value under ``name``, and the ``extra`` flags."""
-    rows = []
-    for i, pair in enumerate(data.pairs):
-        row = {"id": pair.pair_id, "subset": pair.subset, "score_chosen": float(data.chosen.score[i]),
-               "score_rejected": float(data.rejected.score[i]), "p_chosen": float(judged["p_chosen"][i])}
-        for key in ("p_chosen_gaussian", "ensemble_disagreement", "p_chosen_epistemic"):
-            if key in judged:
-                row[key] = float(judged[key][i])
-        row.update(signal=signal, **{name: float(values[i])})
-        rows.append({**row, **{k: bool(v[i]) for k, v in extra.items()}})
-    return rows
-
-
-def curate(data: JudgedInput, judged: dict, cfg: CurateConfig, folder: Path) -> dict:
-    """scored.jsonl, curated.jsonl, the plot; the numbers for report.md."""
-    certain = certainty(judged, cfg.signal)
-    suspect = suspects(judged["p_chosen"], cfg.suspect_threshold)
-    keep = kept_pairs(certain, suspect, cfg.keep_certain, cfg.drop_suspect_only)
-    write_text(folder / "scored.jsonl", jsonl(scored_rows(data, judged, cfg.signal, "certainty", certain,
-                                                          {"suspect": suspect, "kept": keep})))
-    write_text(folder / "curated.jsonl", jsonl(trl_row(p) for p, k in zip(data.pairs, keep.tolist()) if k))
-    cut = None if cfg.drop_suspect_only else keep_cut(certain, keep)
-    curation_plot(folder / PLOT, judged["p_chosen"].numpy(), keep.numpy(), cfg.suspect_threshold,
-                  certain.numpy(), cfg.signal, cut)
-    rule = ("every pair but the suspects" if cfg.drop_suspect_only else
-            f"the most certain {cfg.keep_certain:.0%} of the pairs, less the suspects")
-    return {"mode": "curate", "suspects": int(suspect.sum()), "kept": int(keep.sum()), "rule": rule, "cut": cut,
-            "suspect_threshold": cfg.suspect_threshold, "mean_p_chosen": float(judged["p_chosen"].mean()),
-            "agreement": float((judged["gap"] > 0).double().mean()), "outputs": ["scored.jsonl", "curated.jsonl"]}
-
-
-def select(data: JudgedInput, judged: dict, cfg: CurateConfig, folder: Path) -> dict:
-    """selected.jsonl (the N least certain pairs, least certain first), scored.jsonl, the plot."""
-    unsure = uncertainty(judged, cfg.signal)
-    picked = least_certain(unsure, cfg.select)
-    chosen = torch.zeros(len(unsure), dtype=torch.bool)
-    chosen[picked] = True
-    rows = scored_rows(data, judged, cfg.signal, "uncertainty", unsure, {"selected": chosen})
-    for row in rows:
-        row["p_a_better"] = row.pop("p_chosen")
-        row["score_a"], row["score_b"] = row.pop("score_chosen"), row.pop("score_rejected")
-        if "p_chosen_gaussian" in row:
-            row["p_a_better_gaussian"] = row.pop("p_chosen_gaussian")
-    write_text(folder / "scored.jsonl", jsonl(rows))
-    selected = [{"id": data.pairs[i].pair_id, "signal": cfg.signal, "uncertainty": float(unsure[i]),
-                 "p_a_better": float(judged["p_chosen"][i]), "a": data.pairs[i].chosen, "b": data.pairs[i].rejected}
-                for i in picked.tolist()]
-    write_text(folder / "selected.jsonl", jsonl(selected))
-    curation_plot(folder / PLOT, judged["p_chosen"].numpy(), chosen.numpy(), None, unsure.numpy(), cfg.signal, None)
-    values = unsure[picked]
-    return {"mode": "select", "selected": len(selected), "uncertainty_range": (float(values.min()), float(values.max())),
-            "outputs": ["scored.jsonl", "selected.jsonl"]}
-
-
 def run_curate(model_dir: str, cfg: CurateConfig) -> dict:
     """Judge every pair of ``cfg.input`` with the model in ``model_dir``; write ``cfg.out_dir`` atomically (module
     docstring)."""
+    from pipeline.serve import jsonl_lines
+
     source, out_dir = cfg.input, cfg.out_dir
     check_output(out_dir, "--out-dir", FOLDER, inputs=curate_inputs(model_dir, source), overwrite=cfg.overwrite,
                  own=OwnFiles(lambda name: name in WRITES))  # before anything is scored
     data = (score_cached if is_cache(source) else score_with_export)(model_dir, source, cfg)
     judged = judge_pairs(data.chosen, data.rejected, data.temperature_bt, data.temperature_gaussian)
     check_signal(judged, cfg.signal)
+    made = (selected if cfg.select is not None else curated)(data, judged, cfg)
     with atomic_directory(out_dir) as folder:
-        result = (select if cfg.select is not None else curate)(data, judged, cfg, folder)
+        for name, rows in made.files.items():
+            write_text(folder / name, "".join(jsonl_lines(rows)))
+        curation_plot(folder / PLOT, **made.plot)
+        result = made.summary
         result.update(input=source, model=data.model, pairs=len(data.pairs), dropped=data.dropped, signal=cfg.signal,
                       temperature_bt=data.temperature_bt, identical=data.identical)
         write_curation_report(folder, result)
