@@ -1,4 +1,4 @@
-"""`urm serve`: an exported model behind HTTP for RLHF loops (pipeline.serve.serving), under uvicorn.
+"""`urm serve`: an exported model behind HTTP for RLHF loops (pipeline.serve), under uvicorn.
 
 The wiring: check the options and the export, load it once (GPU when there is one: --device auto),
 bind the address (a port in use is one clear error; port 0 picks a free one), print the address,
