@@ -58,7 +58,8 @@ def _config_params(*stages: str) -> list[inspect.Parameter]:
                 continue
             seen.add(o.name)
             flag = "--" + o.name.replace("_", "-")
-            decls = [f"{flag}/--no-{flag[2:]}"] if _option_type(o.type) == Optional[bool] else [flag, *filter(None, [o.short])]
+            short = [o.short] if o.short else []
+            decls = [f"{flag}/--no-{flag[2:]}"] if _option_type(o.type) == Optional[bool] else [flag, *short]
             default = o.shown or o.default
             shown = "" if default in (None, [], {}) else f"  [default: {default}, unless the preset sets it]"
             extra = {"metavar": "<str>"} if typing.get_origin(o.type) is list else {}

@@ -16,8 +16,9 @@ the presets that fill them, shipped beside them as TOML (``pipeline/configs/*.to
 Configs are what the command line reads before anything else, so importing them imports no stage
 (no torch): a value is checked against the choices a stage owns (the losses, the gates, the data
 formats, the cache kinds and storage dtypes, the attention kernels and engines, the curation signals, the
-reward transforms) by importing that stage when a config is built; no list of choices is copied here. The stages never import configs, not even for
-types (they take a config as an argument and read its fields): the import goes one way only.
+reward transforms) by importing that stage when a config is built; no list of choices is copied here. The
+stages never import configs, not even for types (they take a config as an argument and read its fields): the
+import goes one way only.
 """
 
 from pipeline.configs.curate import CurateConfig

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline.configs.options import (DEVICE_HELP, DTYPE_HELP, VERIFY_HELP, ConfigError, check, device_name, fraction, one_of, opt,
-                                      whole)
+from pipeline.configs.options import (DEVICE_HELP, DTYPE_HELP, VERIFY_HELP, ConfigError, check, device_name, fraction,
+                                      one_of, opt, whole)
 from pipeline.configs.paths import DEFAULT_PATHS
 from pipeline.device import AUTO_DTYPES, COMPUTE_DTYPES
 

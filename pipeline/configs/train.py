@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline.configs.options import (DEVICE_HELP, VERIFY_HELP, ConfigError, check, device_name, fraction, group, number, one_of,
-                                      opt, positive, whole)
+from pipeline.configs.options import (DEVICE_HELP, VERIFY_HELP, ConfigError, check, device_name, fraction, group,
+                                      number, one_of, opt, positive, whole)
 from pipeline.configs.paths import DEFAULT_PATHS
 
 

@@ -10,9 +10,10 @@
 
 Imports the cross-cutting modules, ``pipeline.model`` and ``pipeline.train`` (baselines are trained).
 
-A config is the caller's: a function here takes the one a recipe hands it (``ValueHeadConfig`` / ``GatingConfig`` from ``pipeline.configs``, for
-the baselines) and reads its fields. This stage never imports ``pipeline.configs``, not even for types:
-the configs import the stages' lists of allowed values, and that way alone (tests/test_layout.py).
+A config is the caller's: a function here takes the one a recipe hands it (``ValueHeadConfig`` / ``GatingConfig``
+from ``pipeline.configs``, for the baselines) and reads its fields. This stage never imports ``pipeline.configs``,
+not even for types: the configs import the stages' lists of allowed values, and that way alone
+(tests/test_layout.py).
 """
 
 from pipeline.eval.baselines import (HeadsRecipe, TrainingCaches, fit_baselines, heads_candidate, heads_scores,

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 
 import numpy as np
 import torch
@@ -202,8 +203,6 @@ def fit_baselines(heads: Heads, caches: TrainingCaches, recipe: HeadsRecipe, ens
                   names: list[str]) -> tuple[list[Candidate], dict]:
     """Every baseline above, fitted on ``caches``: (candidates, what each fit found, with its seconds; a variant
     that is the heads' own recipe gets ``same_as`` instead). ``ensemble``: the members of the seed's URME."""
-    import time
-
     x, y = caches.ratings.embedding, caches.ratings.labels
     xc, xr = caches.pairs.chosen.embedding, caches.pairs.rejected.embedding
     val = caches.val_pairs

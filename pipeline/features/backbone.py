@@ -77,7 +77,7 @@ def local_gguf(spec: str) -> Path | None:
     return None
 
 
-ENGINES = ("hf", "vllm")  # what runs the backbone: transformers, or vLLM's pooling runner (pipeline.features.vllm_engine)
+ENGINES = ("hf", "vllm")  # what runs the backbone: transformers, or vLLM's pooling runner (features.vllm_engine)
 ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")  # transformers' kernels
 
 

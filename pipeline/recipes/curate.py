@@ -62,7 +62,8 @@ def read_pairs_file(source: str, cfg: CurateConfig) -> tuple[list, int]:
         if cfg.reading.format is None and input_kind(source) != "pairs":
             raise CurateError(f"{source}: its rows hold no chosen/rejected pairs (conversations to score go to `urm "
                               "score`; unlabelled two-response rows to `urm curate --select N`)")
-        pairs, report = load_preferences(source, format=cfg.reading.format, skip_invalid=cfg.reading.skip_invalid, limit=cfg.reading.limit)
+        pairs, report = load_preferences(source, format=cfg.reading.format, skip_invalid=cfg.reading.skip_invalid,
+                                         limit=cfg.reading.limit)
         pairs = drop_identical(pairs, report)
     logger.info(report.summary())
     if not pairs:

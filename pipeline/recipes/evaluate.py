@@ -83,7 +83,8 @@ def read_eval_caches(cfg: EvaluateConfig, meta: HeadsMeta, device):
 # Baselines
 
 
-def baselines_on_training_caches(cfg: EvaluateConfig, heads, meta: HeadsMeta, eval_pairs: dict) -> tuple[list[Candidate], dict]:
+def baselines_on_training_caches(cfg: EvaluateConfig, heads, meta: HeadsMeta,
+                                 eval_pairs: dict) -> tuple[list[Candidate], dict]:
     """Every baseline of pipeline.eval.baselines, fitted on the training caches; (candidates, what each fit found)."""
     from pipeline.cache import read_features, read_pairs
     from pipeline.configs import GatingConfig, ValueHeadConfig
@@ -111,7 +112,8 @@ def baselines_on_training_caches(cfg: EvaluateConfig, heads, meta: HeadsMeta, ev
     bases = [pairs.chosen.base_score, pairs.rejected.base_score] + [f.base_score for _, p in eval_pairs.values()
                                                                      for f in (p.chosen, p.rejected)]
     caches = B.TrainingCaches(ratings, pairs, val_pairs, base_score=all(not torch.isnan(b).any() for b in bases))
-    recipe = B.HeadsRecipe(value_cfg, gating_cfg, gate=(meta.gating.selection or {}).get("chosen") if meta.gating else None,
+    chosen_gate = (meta.gating.selection or {}).get("chosen") if meta.gating else None
+    recipe = B.HeadsRecipe(value_cfg, gating_cfg, gate=chosen_gate,
                            on_these_caches=meta.gating is not None and cfg.train_ratings_cache is None
                            and cfg.train_preferences_cache is None)
     candidates, info = B.fit_baselines(heads, caches, recipe, cfg.baseline_ensemble, list(meta.attributes))

@@ -52,7 +52,8 @@ def score_file(model_dir: str, cfg: ScoreConfig) -> dict:
     items, ids, dropped = within_length(kind, items, ids, limit, length_hint(model.config, limit))
     pad_id = pad_id_of(tokenizer)
     counts = {"tokens": 0, "padded_tokens": 0}
-    bar = tqdm(total=len(ids), unit="row", desc="score", dynamic_ncols=True, file=sys.stderr, disable=not progress_shown())
+    bar = tqdm(total=len(ids), unit="row", desc="score", dynamic_ncols=True, file=sys.stderr,
+               disable=not progress_shown())
 
     def on_batch(n, tokens, padded):
         counts["tokens"] += tokens

@@ -14,8 +14,9 @@
 Imports the cross-cutting modules, ``pipeline.model``, ``pipeline.features`` (batching), ``pipeline.data``
 (message checks) and ``pipeline.export`` (an export's checksums).
 
-A config is the caller's: a function here takes the one a recipe hands it (``ServeConfig`` from ``pipeline.configs``, for ``load_service``) and reads its fields. This stage never imports ``pipeline.configs``, not even for types:
-the configs import the stages' lists of allowed values, and that way alone (tests/test_layout.py).
+A config is the caller's: a function here takes the one a recipe hands it (``ServeConfig`` from
+``pipeline.configs``, for ``load_service``) and reads its fields. This stage never imports ``pipeline.configs``, not
+even for types: the configs import the stages' lists of allowed values, and that way alone (tests/test_layout.py).
 """
 
 from pipeline.serve.app import Access, create_app, results, rewards

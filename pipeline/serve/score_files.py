@@ -30,7 +30,8 @@ def load_input(source: str, reading):
 
     kind = "pairs" if reading.format else input_kind(source)
     if kind == "pairs":
-        items, report = load_preferences(source, format=reading.format, skip_invalid=reading.skip_invalid, limit=reading.limit)
+        items, report = load_preferences(source, format=reading.format, skip_invalid=reading.skip_invalid,
+                                         limit=reading.limit)
     else:
         items, report = load_conversations(source, skip_invalid=reading.skip_invalid, limit=reading.limit)
     if not items:

@@ -32,5 +32,6 @@ def load_service(model_dir: str, cfg):
     return Service(encode_conversations=lambda convs: render_ids(tokenizer, convs),
                    encode_texts=lambda texts: encode_texts(tokenizer, texts),
                    score_fn=lambda ids: score_ids(model, ids, cfg.runtime.max_tokens_per_batch, pad_id),
-                   names=list(urm["attributes"]), max_length=limit, max_tokens=cfg.runtime.max_tokens_per_batch, info=info,
+                   names=list(urm["attributes"]), max_length=limit, max_tokens=cfg.runtime.max_tokens_per_batch,
+                   info=info,
                    members=int(urm["members"]), posterior=bool(urm.get("posterior")))

@@ -14,8 +14,8 @@
 Imports the cross-cutting modules, ``pipeline.model`` and ``pipeline.cache``.
 
 A config is the caller's: a function here takes the one a recipe hands it (``cfg``: ``ValueHeadConfig`` /
-``GatingConfig`` from ``pipeline.configs``) and reads its fields. This stage never imports ``pipeline.configs``, not even for types:
-the configs import the stages' lists of allowed values, and that way alone (tests/test_layout.py).
+``GatingConfig`` from ``pipeline.configs``) and reads its fields. This stage never imports ``pipeline.configs``, not
+even for types: the configs import the stages' lists of allowed values, and that way alone (tests/test_layout.py).
 """
 
 from pipeline.train.calibration import (calibrate_heads, common_direction, fit_pair_temperatures, fit_scale_offset,
